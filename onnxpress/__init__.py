@@ -1,0 +1,59 @@
+"""onnxpress: a graph-rewriting compression compiler for ONNX models."""
+
+from onnxpress.api import optimize
+from onnxpress.calibration import CalibrationData
+from onnxpress.context import PassContext, TensorShapes
+from onnxpress.errors import (
+    CalibrationError,
+    InvalidModelError,
+    ModelLoadError,
+    ModelSaveError,
+    OnnxpressError,
+    PassError,
+    PipelineError,
+    PluginError,
+    VerificationError,
+)
+from onnxpress.io import load_model, save_model
+from onnxpress.manager import PassManager, VerifyConfig, bisect
+from onnxpress.pass_base import NoOptions, Pass, PassResult, Refusal
+from onnxpress.pipeline import load_recipe, parse_pipeline
+from onnxpress.registry import all_passes, get_pass, load_plugin_file, register_pass
+from onnxpress.report import Report
+from onnxpress.stats import model_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationData",
+    "CalibrationError",
+    "InvalidModelError",
+    "ModelLoadError",
+    "ModelSaveError",
+    "NoOptions",
+    "OnnxpressError",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "PipelineError",
+    "PluginError",
+    "Refusal",
+    "Report",
+    "TensorShapes",
+    "VerificationError",
+    "VerifyConfig",
+    "__version__",
+    "all_passes",
+    "bisect",
+    "get_pass",
+    "load_model",
+    "load_plugin_file",
+    "load_recipe",
+    "model_stats",
+    "optimize",
+    "parse_pipeline",
+    "register_pass",
+    "save_model",
+]

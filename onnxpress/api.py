@@ -1,0 +1,79 @@
+"""The Python entry point: ``onnxpress.optimize(model_or_path, passes=..., calibration=...)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpress.calibration import CalibrationData
+from onnxpress.io import load_model
+from onnxpress.ir import ensure_acyclic_sorted
+from onnxpress.manager import PassManager, ProgressCallback, VerifyConfig
+from onnxpress.pass_base import Pass
+from onnxpress.pipeline import DEFAULT_LOSSLESS, DEFAULT_WITH_CALIBRATION, parse_pipeline
+from onnxpress.report import Report
+
+CalibrationLike = CalibrationData | str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | None
+
+
+def default_pipeline(with_calibration: bool) -> str:
+    return DEFAULT_WITH_CALIBRATION if with_calibration else DEFAULT_LOSSLESS
+
+
+def resolve_passes(passes: str | list[Pass[Any]] | None, with_calibration: bool) -> list[Pass[Any]]:
+    if passes is None:
+        return parse_pipeline(default_pipeline(with_calibration))
+    if isinstance(passes, str):
+        return parse_pipeline(passes)
+    return list(passes)
+
+
+def prepare_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx.ModelProto, str]:
+    """Load (if a path) and check the input model; returns it with a name for messages."""
+    if isinstance(model, onnx.ModelProto):
+        source = "<model>"
+        loaded = onnx.ModelProto()
+        loaded.CopyFrom(model)
+    else:
+        source = str(model)
+        loaded = load_model(model)
+    ensure_acyclic_sorted(loaded, source)
+    from onnxpress.errors import InvalidModelError
+
+    try:
+        onnx.checker.check_model(loaded, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InvalidModelError(f"{source}: fails the ONNX checker: {first}") from None
+    return loaded, source
+
+
+def optimize(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    passes: str | list[Pass[Any]] | None = None,
+    calibration: CalibrationLike = None,
+    *,
+    verify: VerifyConfig | str = "numeric",
+    seed: int = 0,
+    on_progress: ProgressCallback | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Run a pipeline over a model and return the optimized model and its report.
+
+    ``passes`` is pipeline text (``"fold-constants,svd{energy=0.9}"``), a list of Pass
+    instances, or None for the default pipeline. ``calibration`` is a CalibrationData, an
+    ``.npz`` file or folder, or an iterable of input dicts. The input is never modified.
+    """
+    calib = CalibrationData.coerce(
+        Path(calibration) if isinstance(calibration, os.PathLike) else calibration  # type: ignore[arg-type]
+    )
+    pass_list = resolve_passes(passes, calib is not None)
+    config = VerifyConfig(level=verify) if isinstance(verify, str) else verify  # type: ignore[arg-type]
+    loaded, source = prepare_model(model)
+    result, report = PassManager(pass_list, config, calib, seed, on_progress).run(loaded)
+    report.input_path = None if source == "<model>" else source
+    return result, report

@@ -1,0 +1,135 @@
+"""The working IR: convert between onnx.ModelProto and onnx-graphsurgeon's Graph.
+
+``to_graph`` imports a model; ``to_model`` exports a graph in topological order and carries
+over what graphsurgeon drops (metadata_props, doc strings, model version, custom opset
+imports, training info) from the model it came from. Small helpers for passes live here too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxpress.errors import InvalidModelError
+
+logger = logging.getLogger(__name__)
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export ``graph``, keeping the model-level fields of ``template``."""
+    graph.toposort()
+    opsets = {op.domain: op.version for op in template.opset_import}
+    for node in graph.nodes:
+        if node.domain and node.domain not in opsets:
+            opsets[node.domain] = 1
+    model = gs.export_onnx(
+        graph,
+        do_type_check=False,
+        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
+    )
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    model.graph.doc_string = template.graph.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    del model.training_info[:]
+    model.training_info.extend(template.training_info)
+    if not graph.functions and template.functions:
+        del model.functions[:]
+        model.functions.extend(template.functions)
+    return model
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def dependency_graph(nodes: Iterable[onnx.NodeProto]) -> nx.DiGraph:
+    """Node-index DiGraph with an edge producer -> consumer for every tensor."""
+    node_list = list(nodes)
+    producers: dict[str, int] = {}
+    for i, node in enumerate(node_list):
+        for out in node.output:
+            if out:
+                producers[out] = i
+    dg = nx.DiGraph()
+    dg.add_nodes_from(range(len(node_list)))
+    for i, node in enumerate(node_list):
+        for name in node.input:
+            j = producers.get(name)
+            if j is not None:
+                dg.add_edge(j, i)
+    return dg
+
+
+def ensure_acyclic_sorted(model: onnx.ModelProto, source: str) -> bool:
+    """Raise InvalidModelError naming a cycle; sort the nodes in place if out of order.
+
+    Returns True when the node order was changed.
+    """
+    nodes = list(model.graph.node)
+    seen: set[str] = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    in_order = True
+    for node in nodes:
+        if any(name and name not in seen for name in node.input):
+            in_order = False
+            break
+        seen.update(node.output)
+    if in_order:
+        return False
+    dg = dependency_graph(nodes)
+    try:
+        cycle = nx.find_cycle(dg)
+    except nx.NetworkXNoCycle:
+        cycle = []
+    if cycle:
+        names = [nodes[u].name or f"#{u}({nodes[u].op_type})" for u, _ in cycle]
+        names.append(names[0])
+        raise InvalidModelError(f"{source}: graph has a cycle: {' -> '.join(names)}")
+    order = list(nx.lexicographical_topological_sort(dg))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[i] for i in order)
+    logger.info("%s: nodes were not in topological order; sorted them", source)
+    return True
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The array behind a gs.Constant, or None for variables."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def single_consumer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.outputs[0] if len(tensor.outputs) == 1 else None
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.outputs)
+
+
+def unique_name(graph: gs.Graph, base: str, taken: set[str] | None = None) -> str:
+    """A tensor/node name not yet used in ``graph`` (pass ``taken`` to amortise lookups)."""
+    names = taken if taken is not None else set(graph.tensors()) | {n.name for n in graph.nodes}
+    candidate = base
+    i = 1
+    while candidate in names:
+        candidate = f"{base}_{i}"
+        i += 1
+    names.add(candidate)
+    return candidate

@@ -1,0 +1,227 @@
+"""The pass manager: run a pipeline over one model, verifying after every pass.
+
+After each pass the graph is exported and checked (checker + strict shape inference); at
+the ``numeric`` level it is also run on onnxruntime against the original model: lossless
+passes within a tight relative tolerance, lossy passes by their metric and budget. A
+failure raises VerificationError naming the pass; nothing is returned, so nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from onnxpress.calibration import CalibrationData
+from onnxpress.context import PassContext
+from onnxpress.errors import OnnxpressError, PassError, PipelineError, VerificationError
+from onnxpress.ir import copy_model, to_graph, to_model
+from onnxpress.pass_base import Pass, PassResult
+from onnxpress.pipeline import format_pipeline
+from onnxpress.report import PassRecord, Report, VerifyOutcome
+from onnxpress.stats import model_stats
+from onnxpress.verify import (
+    LOSSLESS_TOLERANCE,
+    METRICS,
+    Runner,
+    check_structure,
+    compare_lossless,
+    compare_metric,
+    run_all,
+    verification_inputs,
+)
+
+logger = logging.getLogger(__name__)
+
+VerifyLevel = Literal["off", "structure", "numeric"]
+# on_progress(event, index, total, pass_name); event is "start" or "done".
+ProgressCallback = Callable[[str, int, int, str], None]
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    level: VerifyLevel = "numeric"
+    metric: str | None = None  # overrides each lossy pass's own metric
+    budget: float | None = None  # overrides each lossy pass's default budget
+    tolerance: float = LOSSLESS_TOLERANCE
+
+    def __post_init__(self) -> None:
+        if self.level not in ("off", "structure", "numeric"):
+            raise PipelineError(f"verify level must be off, structure or numeric, not {self.level!r}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise PipelineError(f"unknown metric '{self.metric}' (metrics: {', '.join(METRICS)})")
+        if self.budget is not None and not self.budget >= 0:
+            raise PipelineError(f"budget must be >= 0, not {self.budget}")
+        if not self.tolerance >= 0:
+            raise PipelineError(f"tolerance must be >= 0, not {self.tolerance}")
+
+
+class PassManager:
+    def __init__(
+        self,
+        passes: list[Pass[Any]],
+        verify: VerifyConfig | None = None,
+        calibration: CalibrationData | None = None,
+        seed: int = 0,
+        on_progress: ProgressCallback | None = None,
+    ) -> None:
+        if not passes:
+            raise PipelineError("empty pipeline")
+        self.passes = passes
+        self.verify = verify or VerifyConfig()
+        self.calibration = calibration
+        self.seed = seed
+        self.on_progress = on_progress
+
+    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, Report]:
+        """Run every pass on a copy of ``model``; return the result and its report."""
+        started = time.perf_counter()
+        original = copy_model(model)
+        level = self.verify.level
+        if self.calibration is not None:
+            self.calibration.validate(original)
+        stats = model_stats(original)
+        report = Report(
+            pipeline=format_pipeline(self.passes), before=stats, after=stats, verify_level=level
+        )
+        feeds: list[dict[str, np.ndarray]] = []
+        reference: list[list[np.ndarray]] = []
+        output_names: list[str] = []
+        if level == "numeric":
+            feeds = verification_inputs(original, self.calibration, self.seed)
+            runner = Runner(original)
+            output_names = runner.output_names
+            reference = run_all(runner, feeds)
+        previous = reference
+        lossy_seen = False
+        ctx = PassContext(template=original, original=original, calibration=self.calibration, seed=self.seed)
+        graph = to_graph(copy_model(original))
+        current = original
+        total = len(self.passes)
+        for index, pass_ in enumerate(self.passes):
+            name = pass_.name
+            self._progress("start", index, total, name)
+            t0 = time.perf_counter()
+            result = self._run_pass(pass_, graph, ctx)
+            seconds = time.perf_counter() - t0
+            ctx.invalidate(pass_.preserves)
+            try:
+                current = to_model(graph, original)
+            except OnnxpressError:
+                raise
+            except Exception as exc:
+                raise VerificationError(name, f"graph cannot be exported: {exc}") from exc
+            outcome = VerifyOutcome(level=level)
+            if level != "off":
+                try:
+                    check_structure(current)
+                except Exception as exc:
+                    raise VerificationError(name, _first_line(exc)) from exc
+            if level == "numeric":
+                try:
+                    outputs = run_all(Runner(current), feeds)
+                except Exception as exc:
+                    raise VerificationError(name, f"onnxruntime cannot run the result: {_first_line(exc)}") from exc
+                if pass_.lossless:
+                    baseline = previous if lossy_seen else reference
+                    cmp = compare_lossless(output_names, baseline, outputs, self.verify.tolerance)
+                else:
+                    lossy_seen = True
+                    metric = self.verify.metric or pass_.metric
+                    budget = self.verify.budget if self.verify.budget is not None else pass_.default_budget
+                    cmp = compare_metric(output_names, reference, outputs, metric, budget)
+                outcome = VerifyOutcome(level, cmp.metric, cmp.value, cmp.limit, cmp.output)
+                if not cmp.ok:
+                    raise VerificationError(
+                        name,
+                        f"output '{cmp.output}' differs from the original model: "
+                        f"{cmp.metric} {cmp.value:.3g} > {cmp.limit:.3g}",
+                    )
+                previous = outputs
+            after = model_stats(current)
+            report.passes.append(
+                PassRecord(name, pass_.spec(), pass_.lossless, seconds, report.after, after, result, outcome)
+            )
+            report.after = after
+            logger.info("pass %s: %s in %.3fs", name, result.counts, seconds)
+            self._progress("done", index, total, name)
+        report.seconds = time.perf_counter() - started
+        return current, report
+
+    def _run_pass(self, pass_: Pass[Any], graph: Any, ctx: PassContext) -> PassResult:
+        try:
+            result = pass_.run(graph, ctx)
+        except (KeyboardInterrupt, OnnxpressError):
+            raise
+        except Exception as exc:
+            raise PassError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, PassResult):
+            raise PassError(pass_.name, f"run() returned {type(result).__name__}, not PassResult")
+        return result
+
+    def _progress(self, event: str, index: int, total: int, name: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(event, index, total, name)
+
+
+def bisect(
+    model: onnx.ModelProto,
+    passes: list[Pass[Any]],
+    verify: VerifyConfig,
+    calibration: CalibrationData | None = None,
+    seed: int = 0,
+) -> int | None:
+    """Index of the first pass whose prefix of the pipeline breaks the model, or None.
+
+    Each probe runs a prefix with per-pass verification off and checks only its end result
+    against the original, so a pipeline of n passes needs about log2(n) runs.
+    """
+    feeds = verification_inputs(model, calibration, seed)
+    runner = Runner(model)
+    reference = run_all(runner, feeds)
+
+    def fails(prefix: int) -> bool:
+        head = passes[:prefix]
+        try:
+            candidate, _ = PassManager(
+                head, VerifyConfig(level="off"), calibration=calibration, seed=seed
+            ).run(model)
+            check_structure(candidate)
+            if verify.level != "numeric":
+                return False
+            outputs = run_all(Runner(candidate), feeds)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            logger.info("bisect: prefix of %d passes fails: %s", prefix, _first_line(exc))
+            return True
+        lossy = [p for p in head if not p.lossless]
+        if not lossy:
+            cmp = compare_lossless(runner.output_names, reference, outputs, verify.tolerance)
+        else:
+            metric = verify.metric or lossy[0].metric
+            budget = verify.budget if verify.budget is not None else max(p.default_budget for p in lossy)
+            cmp = compare_metric(runner.output_names, reference, outputs, metric, budget)
+        logger.info("bisect: prefix of %d passes: %s %.3g", prefix, cmp.metric, cmp.value)
+        return not cmp.ok
+
+    if not fails(len(passes)):
+        return None
+    low, high = 1, len(passes)
+    while low < high:
+        mid = (low + high) // 2
+        if fails(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low - 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] if "\n" in text else text

@@ -1,0 +1,171 @@
+"""Model statistics: op histogram, parameters, MACs per op type and serialized bytes.
+
+MACs are counted from shapes given by ONNX shape inference; a symbolic dimension counts as 1
+(batch size 1). Parameters are the elements of all initializers and Constant nodes' values,
+counted once each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelStats:
+    nodes: int
+    params: int
+    macs: int
+    bytes: int
+    op_histogram: dict[str, int] = field(default_factory=dict)
+    macs_by_op: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodes": self.nodes,
+            "params": self.params,
+            "macs": self.macs,
+            "bytes": self.bytes,
+            "op_histogram": dict(self.op_histogram),
+            "macs_by_op": dict(self.macs_by_op),
+        }
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int] | None:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+
+
+def _initializer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            attr = node.attribute[0]
+            if attr.type == onnx.AttributeProto.TENSOR:
+                shapes[node.output[0]] = list(attr.t.dims)
+    return shapes
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(s, dtype=np.int64)) for s in _initializer_shapes(model).values())
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Tensor name -> shape (symbolic dims as 1) for every tensor shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    except Exception as exc:  # shape inference is best effort for statistics
+        logger.debug("shape inference failed for stats: %s", exc)
+        inferred = model
+    shapes: dict[str, list[int]] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        dims = _dims(vi)
+        if dims is not None:
+            shapes[vi.name] = dims
+    shapes.update(_initializer_shapes(model))
+    return shapes
+
+
+def _prod(values: list[int]) -> int:
+    return int(np.prod(values, dtype=np.int64)) if values else 1
+
+
+def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """Multiply-accumulates of one node, 0 when unknown or not a contraction."""
+    op = node.op_type
+    ins = [shapes.get(name) if name else None for name in node.input]
+    outs = [shapes.get(name) for name in node.output]
+    try:
+        if op in ("Conv", "ConvInteger", "QLinearConv"):
+            w = ins[3] if op == "QLinearConv" else ins[1]
+            y = outs[0]
+            if w is None or y is None:
+                return 0
+            # y: N, M, spatial...; w: M, C/group, k...
+            return _prod(y) * _prod(w[1:])
+        if op == "ConvTranspose":
+            x, w = ins[0], ins[1]
+            if x is None or w is None:
+                return 0
+            # every input element is scattered through a C/group x (M/group) x k kernel
+            return _prod(x) * _prod(w[1:])
+        if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
+            y = outs[0]
+            a = ins[3] if op == "QLinearMatMul" else ins[0]
+            if y is None or a is None or not a:
+                return 0
+            return _prod(y) * a[-1]
+        if op == "Gemm":
+            a, y = ins[0], outs[0]
+            if a is None or y is None or len(a) != 2:
+                return 0
+            trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+            k = a[0] if trans_a else a[1]
+            return _prod(y) * k
+        if op in ("GRU", "LSTM", "RNN"):
+            x, w = ins[0], ins[1]
+            if x is None or w is None:
+                return 0
+            gates = {"GRU": 3, "LSTM": 4, "RNN": 1}[op]
+            directions, gh, inp = w
+            hidden = gh // gates
+            layout = next((at.i for at in node.attribute if at.name == "layout"), 0)
+            seq, batch = (x[1], x[0]) if layout else (x[0], x[1])
+            return seq * batch * directions * gates * hidden * (inp + hidden)
+    except (IndexError, TypeError, ValueError):
+        return 0
+    return 0
+
+
+def model_stats(model: onnx.ModelProto, with_macs: bool = True) -> ModelStats:
+    histogram = Counter(node.op_type for node in model.graph.node)
+    macs_by_op: Counter[str] = Counter()
+    if with_macs:
+        shapes = infer_shapes(model)
+        for node in model.graph.node:
+            macs = node_macs(node, shapes)
+            if macs:
+                macs_by_op[node.op_type] += macs
+    return ModelStats(
+        nodes=len(model.graph.node),
+        params=count_params(model),
+        macs=int(sum(macs_by_op.values())),
+        bytes=int(model.ByteSize()),
+        op_histogram=dict(histogram.most_common()),
+        macs_by_op=dict(macs_by_op.most_common()),
+    )
+
+
+def describe_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs with dtype and shape (symbolic dims by name)."""
+    initializers = {t.name for t in model.graph.initializer}
+
+    def entry(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "?"
+        shape: list[Any] | None = None
+        if t.HasField("shape"):
+            shape = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+            ]
+        return {"name": vi.name, "dtype": dtype, "shape": shape}
+
+    return {
+        "inputs": [entry(vi) for vi in model.graph.input if vi.name not in initializers],
+        "outputs": [entry(vi) for vi in model.graph.output],
+    }
+
+
+def constant_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -1,0 +1,6 @@
+"""Built-in passes. Each module registers one pass with @register_pass; importing this
+package (done lazily by the registry on first lookup) makes them all available."""
+
+from onnxpress.passes import cleanup, toposort
+
+__all__ = ["cleanup", "toposort"]

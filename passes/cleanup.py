@@ -1,0 +1,83 @@
+"""Dead-node and Identity clean-up.
+
+Identity(x) -> x: every consumer of an Identity's output reads its input instead. When the
+Identity output is a graph output, the producer's output tensor is renamed to it so that
+the graph's interface keeps its names. Then nodes whose outputs reach no graph output, and
+unused initializers, are removed. Graph inputs are kept (the interface never changes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from onnxpress.context import PassContext
+from onnxpress.pass_base import Pass, PassResult
+from onnxpress.registry import register_pass
+
+
+@dataclass(frozen=True)
+class CleanupOptions:
+    identity: bool = True  # remove Identity nodes
+    dead_nodes: bool = True  # remove nodes that no graph output depends on
+
+
+@register_pass("cleanup")
+class Cleanup(Pass[CleanupOptions]):
+    """Remove Identity nodes, dead nodes and unused initializers."""
+
+    options_type = CleanupOptions
+    lossless = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        if self.options.identity:
+            result.count("identity_removed", self._remove_identities(graph, result))
+        if self.options.dead_nodes:
+            nodes_before = len(graph.nodes)
+            consts_before = sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
+            graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+            consts_after = sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
+            result.count("dead_nodes_removed", nodes_before - len(graph.nodes))
+            result.count("initializers_removed", consts_before - consts_after)
+        return result
+
+    @staticmethod
+    def _remove_identities(graph: gs.Graph, result: PassResult) -> int:
+        outputs = {id(t) for t in graph.outputs}
+        inputs = {id(t) for t in graph.inputs}
+        removed: set[int] = set()
+        for node in graph.nodes:
+            if node.op != "Identity" or len(node.inputs) != 1 or len(node.outputs) != 1:
+                continue
+            src, dst = node.inputs[0], node.outputs[0]
+            if id(dst) in outputs:
+                # Keep the graph output's name: the producer now writes the output tensor.
+                if (
+                    isinstance(src, gs.Constant)
+                    or id(src) in inputs
+                    or id(src) in outputs
+                    or len(src.outputs) != 1
+                    or len(src.inputs) != 1
+                ):
+                    result.refuse(
+                        node.name,
+                        "output is a graph output fed by an input, a constant or a shared tensor",
+                    )
+                    continue
+                producer = src.inputs[0]
+                node.inputs.clear()
+                node.outputs.clear()
+                producer.outputs[producer.outputs.index(src)] = dst
+            else:
+                for consumer in list(dst.outputs):
+                    for i, tensor in enumerate(consumer.inputs):
+                        if tensor is dst:
+                            consumer.inputs[i] = src
+                node.inputs.clear()
+                node.outputs.clear()
+            removed.add(id(node))
+        if removed:
+            graph.nodes = [n for n in graph.nodes if id(n) not in removed]
+        return len(removed)
