@@ -18,7 +18,9 @@ from onnxpress.pass_base import Pass
 from onnxpress.pipeline import DEFAULT_LOSSLESS, DEFAULT_WITH_CALIBRATION, parse_pipeline
 from onnxpress.report import Report
 
-CalibrationLike = CalibrationData | str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | None
+CalibrationLike = (
+    CalibrationData | str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | None
+)
 
 
 def default_pipeline(with_calibration: bool) -> str:
@@ -69,7 +71,7 @@ def optimize(
     ``.npz`` file or folder, or an iterable of input dicts. The input is never modified.
     """
     calib = CalibrationData.coerce(
-        Path(calibration) if isinstance(calibration, os.PathLike) else calibration  # type: ignore[arg-type]
+        Path(calibration) if isinstance(calibration, os.PathLike) else calibration
     )
     pass_list = resolve_passes(passes, calib is not None)
     config = VerifyConfig(level=verify) if isinstance(verify, str) else verify  # type: ignore[arg-type]

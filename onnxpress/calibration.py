@@ -113,7 +113,9 @@ def _check_array(where: str, name: str, array: np.ndarray, info: onnx.ValueInfoP
     ttype = info.type.tensor_type
     want = helper.tensor_dtype_to_np_dtype(ttype.elem_type) if ttype.elem_type else None
     if want is not None and array.dtype != want:
-        raise CalibrationError(f"{where}: input '{name}' has dtype {array.dtype}, model expects {want}")
+        raise CalibrationError(
+            f"{where}: input '{name}' has dtype {array.dtype}, model expects {want}"
+        )
     if array.dtype == object:
         raise CalibrationError(f"{where}: input '{name}' is an object array")
     if ttype.HasField("shape"):

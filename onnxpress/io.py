@@ -48,7 +48,9 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, source: Path) ->
         if rel.is_absolute() or location.startswith(("/", "\\")) or ":" in location:
             raise ModelLoadError(f"{where}: external data path '{location}' is absolute")
         if ".." in rel.parts:
-            raise ModelLoadError(f"{where}: external data path '{location}' leaves the model folder")
+            raise ModelLoadError(
+                f"{where}: external data path '{location}' leaves the model folder"
+            )
         target = (root / rel).resolve()
         if target != root and root not in target.parents:
             raise ModelLoadError(

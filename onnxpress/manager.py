@@ -52,7 +52,9 @@ class VerifyConfig:
 
     def __post_init__(self) -> None:
         if self.level not in ("off", "structure", "numeric"):
-            raise PipelineError(f"verify level must be off, structure or numeric, not {self.level!r}")
+            raise PipelineError(
+                f"verify level must be off, structure or numeric, not {self.level!r}"
+            )
         if self.metric is not None and self.metric not in METRICS:
             raise PipelineError(f"unknown metric '{self.metric}' (metrics: {', '.join(METRICS)})")
         if self.budget is not None and not self.budget >= 0:
@@ -99,7 +101,9 @@ class PassManager:
             reference = run_all(runner, feeds)
         previous = reference
         lossy_seen = False
-        ctx = PassContext(template=original, original=original, calibration=self.calibration, seed=self.seed)
+        ctx = PassContext(
+            template=original, original=original, calibration=self.calibration, seed=self.seed
+        )
         graph = to_graph(copy_model(original))
         current = original
         total = len(self.passes)
@@ -126,14 +130,20 @@ class PassManager:
                 try:
                     outputs = run_all(Runner(current), feeds)
                 except Exception as exc:
-                    raise VerificationError(name, f"onnxruntime cannot run the result: {_first_line(exc)}") from exc
+                    raise VerificationError(
+                        name, f"onnxruntime cannot run the result: {_first_line(exc)}"
+                    ) from exc
                 if pass_.lossless:
                     baseline = previous if lossy_seen else reference
                     cmp = compare_lossless(output_names, baseline, outputs, self.verify.tolerance)
                 else:
                     lossy_seen = True
                     metric = self.verify.metric or pass_.metric
-                    budget = self.verify.budget if self.verify.budget is not None else pass_.default_budget
+                    budget = (
+                        self.verify.budget
+                        if self.verify.budget is not None
+                        else pass_.default_budget
+                    )
                     cmp = compare_metric(output_names, reference, outputs, metric, budget)
                 outcome = VerifyOutcome(level, cmp.metric, cmp.value, cmp.limit, cmp.output)
                 if not cmp.ok:
@@ -145,7 +155,16 @@ class PassManager:
                 previous = outputs
             after = model_stats(current)
             report.passes.append(
-                PassRecord(name, pass_.spec(), pass_.lossless, seconds, report.after, after, result, outcome)
+                PassRecord(
+                    name,
+                    pass_.spec(),
+                    pass_.lossless,
+                    seconds,
+                    report.after,
+                    after,
+                    result,
+                    outcome,
+                )
             )
             report.after = after
             logger.info("pass %s: %s in %.3fs", name, result.counts, seconds)
@@ -205,7 +224,9 @@ def bisect(
             cmp = compare_lossless(runner.output_names, reference, outputs, verify.tolerance)
         else:
             metric = verify.metric or lossy[0].metric
-            budget = verify.budget if verify.budget is not None else max(p.default_budget for p in lossy)
+            budget = (
+                verify.budget if verify.budget is not None else max(p.default_budget for p in lossy)
+            )
             cmp = compare_metric(runner.output_names, reference, outputs, metric, budget)
         logger.info("bisect: prefix of %d passes: %s %.3g", prefix, cmp.metric, cmp.value)
         return not cmp.ok

@@ -75,7 +75,9 @@ def _convert(value: Any, tp: Any) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
-        if type(None) in args and (value is None or (isinstance(value, str) and value in {"none", "None", ""})):
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value in {"none", "None", ""})
+        ):
             return None
         errors = []
         for arg in args:
@@ -166,7 +168,9 @@ def build_options(pass_name: str, options_type: type, values: dict[str, Any]) ->
         key = raw_key.strip().replace("_", "-")
         if key not in known:
             valid = ", ".join(sorted(known)) or "none"
-            raise PipelineError(f"pass '{pass_name}': unknown option '{raw_key}' (options: {valid})")
+            raise PipelineError(
+                f"pass '{pass_name}': unknown option '{raw_key}' (options: {valid})"
+            )
         try:
             kwargs[key.replace("-", "_")] = _convert(raw_value, known[key])
         except ValueError as exc:
@@ -209,8 +213,14 @@ def format_options(options: Any) -> str:
     parts = []
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (
+                f.default_factory()
+                if f.default_factory is not dataclasses.MISSING
+                else dataclasses.MISSING
+            )
         )
         if value != default:
             parts.append(f"{f.name.replace('_', '-')}={_format_value(value)}")

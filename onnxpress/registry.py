@@ -79,7 +79,9 @@ def load_entry_points() -> None:
         try:
             obj = ep.load()
         except Exception as exc:
-            raise PluginError(f"entry point '{ep.name}' ({ep.value}) failed to load: {exc}") from exc
+            raise PluginError(
+                f"entry point '{ep.name}' ({ep.value}) failed to load: {exc}"
+            ) from exc
         if isinstance(obj, type) and issubclass(obj, Pass) and obj.name not in _PASSES:
             _register(ep.name, obj)
         logger.debug("loaded pass plugin entry point %s = %s", ep.name, ep.value)

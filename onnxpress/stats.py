@@ -157,7 +157,8 @@ def describe_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
         shape: list[Any] | None = None
         if t.HasField("shape"):
             shape = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in t.shape.dim
             ]
         return {"name": vi.name, "dtype": dtype, "shape": shape}
 

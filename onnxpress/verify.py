@@ -105,9 +105,7 @@ class Runner:
         return [np.asarray(x) for x in self.session.run(None, feed)]
 
 
-def _random_array(
-    rng: np.random.Generator, dtype: np.dtype, shape: list[int]
-) -> np.ndarray:
+def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         return rng.standard_normal(shape).astype(dtype)
     if dtype == np.bool_:
@@ -168,9 +166,13 @@ def compare_lossless(
     for ref_outs, new_outs in zip(reference, candidate, strict=True):
         for name, ref, new in zip(names, ref_outs, new_outs, strict=True):
             if ref.shape != new.shape:
-                return Comparison("shape", float("inf"), f"{name} {ref.shape} vs {new.shape}", tolerance)
+                return Comparison(
+                    "shape", float("inf"), f"{name} {ref.shape} vs {new.shape}", tolerance
+                )
             if ref.dtype != new.dtype:
-                return Comparison("dtype", float("inf"), f"{name} {ref.dtype} vs {new.dtype}", tolerance)
+                return Comparison(
+                    "dtype", float("inf"), f"{name} {ref.dtype} vs {new.dtype}", tolerance
+                )
             if np.issubdtype(ref.dtype, np.floating):
                 ref_nan, new_nan = np.isnan(ref), np.isnan(new)
                 if not np.array_equal(ref_nan, new_nan):
@@ -195,9 +197,13 @@ def compare_metric(
     for ref_outs, new_outs in zip(reference, candidate, strict=True):
         for name, ref, new in zip(names, ref_outs, new_outs, strict=True):
             if ref.shape != new.shape:
-                return Comparison("shape", float("inf"), f"{name} {ref.shape} vs {new.shape}", budget)
-            value = fn(ref, new) if np.issubdtype(ref.dtype, np.floating) else (
-                0.0 if np.array_equal(ref, new) else float(np.mean(ref != new))
+                return Comparison(
+                    "shape", float("inf"), f"{name} {ref.shape} vs {new.shape}", budget
+                )
+            value = (
+                fn(ref, new)
+                if np.issubdtype(ref.dtype, np.floating)
+                else (0.0 if np.array_equal(ref, new) else float(np.mean(ref != new)))
             )
             if not np.isfinite(value) or value > worst.value or not worst.output:
                 worst = Comparison(metric, float(value), name, budget)

@@ -32,15 +32,19 @@ class Cleanup(Pass[CleanupOptions]):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
+        nodes_before = len(graph.nodes)
+        consts_before = _count_constants(graph)
+        if self.options.dead_nodes:
+            # Dead consumers first, so that an Identity feeding a graph output is often the
+            # only consumer of its input and can be removed.
+            graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
         if self.options.identity:
             result.count("identity_removed", self._remove_identities(graph, result))
         if self.options.dead_nodes:
-            nodes_before = len(graph.nodes)
-            consts_before = sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
             graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
-            consts_after = sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))
-            result.count("dead_nodes_removed", nodes_before - len(graph.nodes))
-            result.count("initializers_removed", consts_before - consts_after)
+            removed = nodes_before - len(graph.nodes) - result.counts.get("identity_removed", 0)
+            result.count("dead_nodes_removed", removed)
+            result.count("initializers_removed", consts_before - _count_constants(graph))
         return result
 
     @staticmethod
@@ -81,3 +85,7 @@ class Cleanup(Pass[CleanupOptions]):
         if removed:
             graph.nodes = [n for n in graph.nodes if id(n) not in removed]
         return len(removed)
+
+
+def _count_constants(graph: gs.Graph) -> int:
+    return sum(1 for t in graph.tensors().values() if isinstance(t, gs.Constant))

@@ -1,0 +1,292 @@
+"""The ``onnxpress`` command: optimize, passes, inspect.
+
+Errors are one line on stderr with a non-zero exit (1 for bad input or a failed pass, 2 for
+bad usage, 130 on Ctrl-C); ``--debug`` shows tracebacks. Nothing is written unless the whole
+pipeline passed verification, and the output is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from onnxpress import __version__
+from onnxpress.api import default_pipeline, prepare_model
+from onnxpress.calibration import CalibrationData
+from onnxpress.errors import ModelSaveError, OnnxpressError, PipelineError, VerificationError
+from onnxpress.io import same_file, save_model
+from onnxpress.manager import PassManager, VerifyConfig, bisect
+from onnxpress.options import describe_type, option_fields
+from onnxpress.pipeline import load_recipe, parse_pipeline
+from onnxpress.registry import all_passes, load_plugin_file
+from onnxpress.render import Progress, human, render_report, table
+from onnxpress.stats import describe_io, model_stats
+from onnxpress.verify import METRICS
+
+logger = logging.getLogger("onnxpress")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxpress", description="Compress and optimize ONNX models with verified passes."
+    )
+    parser.add_argument("--version", action="version", version=f"onnxpress {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Python file that registers passes (repeatable)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    opt = sub.add_parser("optimize", help="run a pipeline of passes and write the optimized model")
+    opt.add_argument("model", help="input .onnx file")
+    opt.add_argument("-o", "--output", help="output .onnx file (default: MODEL.opt.onnx)")
+    source = opt.add_mutually_exclusive_group()
+    source.add_argument("--passes", help='pipeline text, e.g. "fold-constants,svd{energy=0.95}"')
+    source.add_argument("--recipe", help="TOML recipe with [[pass]] tables and [verify]")
+    opt.add_argument(
+        "--calibration", help=".npz file or folder of .npz batches keyed by input name"
+    )
+    opt.add_argument("--verify", choices=["off", "structure", "numeric"], help="default: numeric")
+    opt.add_argument("--metric", choices=sorted(METRICS), help="metric for lossy passes")
+    opt.add_argument("--budget", type=float, help="largest metric value a lossy pass may reach")
+    opt.add_argument("--tolerance", type=float, help="relative tolerance for lossless passes")
+    opt.add_argument("--seed", type=int, default=0, help="seed for random verification inputs")
+    opt.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    opt.add_argument("--in-place", action="store_true", help="allow overwriting the input model")
+    opt.add_argument(
+        "--bisect",
+        action="store_true",
+        help="on a verification failure, find the first pass of the pipeline that breaks the model",
+    )
+    opt.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        dest="plugin_sub",
+        help=argparse.SUPPRESS,
+    )
+
+    ps = sub.add_parser("passes", help="list registered passes and their options")
+    ps.add_argument("--json", action="store_true")
+    ps.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        dest="plugin_sub",
+        help=argparse.SUPPRESS,
+    )
+
+    ins = sub.add_parser("inspect", help="show a model's interface, ops, params and MACs")
+    ins.add_argument("model")
+    ins.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        for plugin in [*args.plugin, *getattr(args, "plugin_sub", [])]:
+            load_plugin_file(plugin)
+        if args.command == "optimize":
+            return _optimize(args)
+        if args.command == "passes":
+            return _passes(args)
+        if args.command == "inspect":
+            return _inspect(args)
+    except KeyboardInterrupt:
+        print("\nonnxpress: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OnnxpressError as exc:
+        if args.debug:
+            raise
+        print(f"onnxpress: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"onnxpress: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def _default_output(model: str) -> Path:
+    path = Path(model)
+    return path.with_name(path.stem + ".opt.onnx")
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    # Everything that can be checked without the model is checked first.
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    calibration_path = args.calibration or (recipe.calibration if recipe else None)
+    if recipe is not None:
+        passes = recipe.passes
+    else:
+        passes = parse_pipeline(args.passes or default_pipeline(calibration_path is not None))
+    settings = recipe.verify if recipe else None
+    verify = VerifyConfig(
+        level=args.verify or (settings.level if settings and settings.level else "numeric"),  # type: ignore[arg-type]
+        metric=args.metric or (settings.metric if settings else None),
+        budget=args.budget if args.budget is not None else (settings.budget if settings else None),
+        tolerance=args.tolerance
+        if args.tolerance is not None
+        else (settings.tolerance if settings and settings.tolerance is not None else 1e-5),
+    )
+    output = Path(args.output) if args.output else _default_output(args.model)
+    if Path(args.model).exists() and same_file(output, args.model) and not args.in_place:
+        raise ModelSaveError(
+            f"{output}: output path is the input model (use --in-place to overwrite)"
+        )
+    if not (output.parent if str(output.parent) else Path(".")).is_dir():
+        raise ModelSaveError(f"{output}: folder '{output.parent}' does not exist")
+    if args.report and not Path(args.report).resolve().parent.is_dir():
+        raise PipelineError(f"{args.report}: report folder does not exist")
+
+    model, source = prepare_model(args.model)
+    calibration = CalibrationData.from_path(calibration_path) if calibration_path else None
+    if args.bisect:
+        # Run each prefix of the pipeline and check only its end result: names the first
+        # pass that breaks the model even when per-pass checks are relaxed.
+        index = bisect(model, passes, verify, calibration, args.seed)
+        if index is not None:
+            raise VerificationError(
+                passes[index].name,
+                f"bisect: pass #{index + 1} '{passes[index].spec()}' is the first whose "
+                "pipeline prefix fails verification against the original model",
+            )
+        logger.info("bisect: every prefix of the pipeline passes verification")
+    progress = Progress(enabled=not args.json)
+    manager = PassManager(passes, verify, calibration, args.seed, on_progress=progress)
+    try:
+        result, report = manager.run(model)
+    except BaseException:
+        progress.clear()
+        raise
+    report.input_path = source
+    report.output_path = str(output)
+    save_model(result, output, protect=None if args.in_place else args.model)
+    if args.report:
+        report.write(args.report)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(render_report(report))
+        print(f"\nwrote {output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def _passes(args: argparse.Namespace) -> int:
+    registry = all_passes()
+    entries: list[dict[str, Any]] = []
+    for name, cls in registry.items():
+        options = [
+            {
+                "name": opt_name,
+                "type": describe_type(tp),
+                "default": None if default is _MISSING else default,
+            }
+            for opt_name, tp, default in option_fields(cls.options_type)
+        ]
+        entries.append(
+            {
+                "name": name,
+                "description": cls.description(),
+                "lossless": cls.lossless,
+                "metric": None if cls.lossless else cls.metric,
+                "options": options,
+            }
+        )
+    if args.json:
+        print(json.dumps(entries, indent=2, default=str))
+        return 0
+    for entry in entries:
+        kind = "lossless" if entry["lossless"] else f"lossy, judged by {entry['metric']}"
+        print(f"{entry['name']}  ({kind})")
+        print(f"    {entry['description']}")
+        for opt in entry["options"]:
+            print(f"    {opt['name']}: {opt['type']} = {_fmt_default(opt['default'])}")
+        print()
+    return 0
+
+
+_MISSING: Any = __import__("dataclasses").MISSING
+
+
+def _fmt_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "none" if value is None else str(value)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model, source = prepare_model(args.model)
+    stats = model_stats(model)
+    io = describe_io(model)
+    info = {
+        "file": source,
+        "file_bytes": os.path.getsize(source),
+        "ir_version": model.ir_version,
+        "opsets": {op.domain or "ai.onnx": op.version for op in model.opset_import},
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        **io,
+        **stats.to_json(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    opsets = ", ".join(f"{d} {v}" for d, v in info["opsets"].items())
+    print(f"{source}: {human(info['file_bytes'], 'B')}, IR {model.ir_version}, opset {opsets}")
+    if info["producer"]:
+        print(f"producer: {info['producer']}")
+    print()
+    rows = [["input", e["name"], e["dtype"], _shape(e["shape"])] for e in io["inputs"]]
+    rows += [["output", e["name"], e["dtype"], _shape(e["shape"])] for e in io["outputs"]]
+    print(table(["", "name", "dtype", "shape"], rows))
+    print()
+    print(
+        f"nodes {stats.nodes}, params {human(stats.params)} ({stats.params}), "
+        f"MACs {human(stats.macs)} at batch 1"
+    )
+    print()
+    op_rows = [
+        [op, count, human(stats.macs_by_op.get(op, 0)) if op in stats.macs_by_op else ""]
+        for op, count in stats.op_histogram.items()
+    ]
+    print(table(["op", "count", "MACs"], op_rows, right=(1, 2)))
+    return 0
+
+
+def _shape(shape: list[Any] | None) -> str:
+    return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
