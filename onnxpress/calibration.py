@@ -25,6 +25,9 @@ Batch = dict[str, np.ndarray]
 
 
 def _read_npz(file: Path) -> Batch:
+    if not zipfile.is_zipfile(file):
+        # np.load would try to unpickle a non-archive; never get that far.
+        raise CalibrationError(f"{file}: not a readable .npz file (not a zip archive)")
     try:
         with np.load(file, allow_pickle=False) as data:
             return {key: np.asarray(data[key]) for key in data.files}

@@ -147,8 +147,9 @@ def save_model(
                 location=tmp_data.name,
                 size_threshold=1024,
             )
-            _rename_external_location(tmp, tmp_data.name, data_name)
-            os.replace(tmp_data, folder / data_name)
+            if tmp_data.exists():
+                _rename_external_location(tmp, tmp_data.name, data_name)
+                os.replace(tmp_data, folder / data_name)
         else:
             if size > PROTOBUF_LIMIT:
                 raise ModelSaveError(f"{out}: model is {size} bytes; save it with external data")

@@ -29,6 +29,7 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _PASSES: dict[str, type[Pass[Any]]] = {}
 _loaded_builtins = False
 _loaded_entry_points = False
+_loaded_files: dict[Path, list[str]] = {}
 
 PassT = TypeVar("PassT", bound=type)
 
@@ -92,6 +93,9 @@ def load_plugin_file(path: str | Path) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise PluginError(f"{file}: plugin file not found")
+    key = file.resolve()
+    if key in _loaded_files:
+        return list(_loaded_files[key])
     before = set(_PASSES)
     module_name = f"onnxpress_plugin_{re.sub(r'[^0-9a-zA-Z_]', '_', file.stem)}"
     spec = importlib.util.spec_from_file_location(module_name, file)
@@ -107,6 +111,7 @@ def load_plugin_file(path: str | Path) -> list[str]:
         sys.modules.pop(module_name, None)
         raise PluginError(f"{file}: plugin raised {type(exc).__name__}: {exc}") from exc
     added = sorted(set(_PASSES) - before)
+    _loaded_files[key] = added
     logger.debug("plugin %s registered %s", file, added)
     return added
 

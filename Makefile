@@ -1,0 +1,35 @@
+# The two set-up commands: `make demo` (optimize the bundled default model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p out
+	$(BIN)/onnxpress inspect models/cnn_mnist.onnx
+	$(BIN)/onnxpress optimize models/cnn_mnist.onnx -o out/cnn_mnist.opt.onnx \
+		--calibration models/data/cnn_mnist_calib.npz --report out/cnn_mnist.report.json
+	$(BIN)/python models/evaluate.py out/cnn_mnist.opt.onnx
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check onnxpress passes
+	$(BIN)/mypy
+
+check: test lint
+
+clean:
+	rm -rf out build *.egg-info .pytest_cache .mypy_cache .ruff_cache

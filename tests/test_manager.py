@@ -1,0 +1,114 @@
+"""The pass manager verifies every pass and names the one that breaks the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from helpers import make_mlp
+
+import onnxpress
+from onnxpress import PassContext, PassResult, TensorShapes, VerifyConfig
+from onnxpress.errors import PassError, VerificationError
+from onnxpress.manager import PassManager, bisect
+from onnxpress.pipeline import parse_pipeline
+from onnxpress.verify import random_inputs
+
+DATA = Path(__file__).parent / "data"
+onnxpress.load_plugin_file(DATA / "bad_plugins.py")
+onnxpress.load_plugin_file(DATA / "scale_plugin.py")
+
+
+def test_report_records_every_pass(mlp_model: onnx.ModelProto) -> None:
+    model, report = onnxpress.optimize(mlp_model, passes="cleanup,toposort")
+    assert [p.name for p in report.passes] == ["cleanup", "toposort"]
+    first = report.passes[0]
+    assert first.before.nodes == 5 and first.after.nodes == 4
+    assert first.before.params == 8 * 16 + 16 + 16 * 4 + 3 and first.after.params == 8 * 16 + 16 + 16 * 4
+    assert first.before.macs == first.after.macs == 8 * 16 + 16 * 4
+    assert first.verification.metric == "max-rel" and first.verification.value is not None
+    assert first.verification.value <= 1e-5
+    assert report.after.nodes == len(model.graph.node) == 4
+    data = report.to_json()
+    # The unused initializer never reaches the working IR, so no pass counts it; it is gone.
+    assert data["passes"][0]["counts"] == {"identity_removed": 1, "dead_nodes_removed": 0,
+                                          "initializers_removed": 0}
+    assert "unused" not in {t.name for t in model.graph.initializer}
+
+
+def test_input_model_is_not_modified(mlp_model: onnx.ModelProto) -> None:
+    before = mlp_model.SerializeToString()
+    onnxpress.optimize(mlp_model, passes="cleanup")
+    assert mlp_model.SerializeToString() == before
+
+
+def test_lossless_pass_that_changes_values_is_caught(mlp_model: onnx.ModelProto) -> None:
+    with pytest.raises(VerificationError, match="after pass 'wrong-values': output 'y' differs"):
+        onnxpress.optimize(mlp_model, passes="cleanup,wrong-values,toposort")
+
+
+def test_invalid_graph_is_caught_by_structure_check(mlp_model: onnx.ModelProto) -> None:
+    with pytest.raises(VerificationError, match="after pass 'break-graph'"):
+        onnxpress.optimize(mlp_model, passes="break-graph", verify="structure")
+
+
+def test_raising_pass_is_named(mlp_model: onnx.ModelProto) -> None:
+    with pytest.raises(PassError, match="pass 'explode' failed: RuntimeError: boom"):
+        onnxpress.optimize(mlp_model, passes="cleanup,explode")
+
+
+def test_lossy_pass_is_judged_by_its_budget(mlp_model: onnx.ModelProto) -> None:
+    # Doubling the output is a max-rel error of 1.0: inside the default budget of 10 ...
+    _, report = onnxpress.optimize(mlp_model, passes="scale-outputs{alpha=2}")
+    verdict = report.passes[0].verification
+    assert verdict.metric == "max-rel" and verdict.value == pytest.approx(1.0, rel=1e-5)
+    # ... but outside a budget set by the user, and a lossless pass after it is compared with
+    # its own input, not with the original.
+    with pytest.raises(VerificationError, match="max-rel 1 > 0.5"):
+        onnxpress.optimize(mlp_model, passes="scale-outputs{alpha=2}",
+                           verify=VerifyConfig(budget=0.5))
+    _, report = onnxpress.optimize(mlp_model, passes="scale-outputs{alpha=2},cleanup")
+    assert report.passes[1].verification.value == 0.0
+
+
+def test_verification_uses_calibration_batches(mlp_model: onnx.ModelProto) -> None:
+    # Inputs that are all zero make the output bias-only; the metric must come from them.
+    batches = [{"x": np.zeros((4, 8), np.float32)}]
+    _, report = onnxpress.optimize(mlp_model, passes="cleanup", calibration=batches)
+    assert report.passes[0].verification.value == 0.0
+
+
+def test_random_inputs_cover_two_batch_sizes_and_signs(mlp_model: onnx.ModelProto) -> None:
+    feeds = random_inputs(mlp_model, seed=3)
+    assert [f["x"].shape for f in feeds] == [(1, 8), (3, 8)]
+    values = np.concatenate([f["x"].ravel() for f in feeds])
+    assert values.min() < 0 < values.max()
+
+
+def test_bisect_finds_the_first_breaking_pass(mlp_model: onnx.ModelProto) -> None:
+    passes = parse_pipeline("cleanup,toposort,wrong-values,cleanup")
+    assert bisect(mlp_model, passes, VerifyConfig()) == 2
+    assert bisect(mlp_model, parse_pipeline("cleanup,toposort"), VerifyConfig()) is None
+
+
+def test_analyses_are_cached_and_invalidated(mlp_model: onnx.ModelProto) -> None:
+    seen: list[TensorShapes] = []
+
+    class Probe(onnxpress.Pass[onnxpress.NoOptions]):
+        name = "probe"
+        preserves = (TensorShapes,)
+
+        def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+            shapes = ctx.analysis(TensorShapes, graph)
+            assert ctx.analysis(TensorShapes, graph) is shapes
+            assert shapes.get("h1") == [None, 16]
+            seen.append(shapes)
+            return PassResult()
+
+    toposort = parse_pipeline("toposort")[0]  # preserves TensorShapes
+    cleanup = parse_pipeline("cleanup")[0]  # does not
+    PassManager([Probe(), toposort, Probe(), cleanup, Probe()]).run(make_mlp())
+    assert seen[0] is seen[1] and seen[1] is not seen[2]
