@@ -14,7 +14,6 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -77,6 +76,13 @@ def check_structure(model: onnx.ModelProto) -> None:
             path = os.path.join(tmp, "model.onnx")
             onnx.save_model(model, path, save_as_external_data=True, location="model.data")
             onnx.checker.check_model(path, full_check=True)
+            onnx.shape_inference.infer_shapes_path(
+                path,
+                os.path.join(tmp, "inferred.onnx"),
+                check_type=True,
+                strict_mode=True,
+                data_prop=True,
+            )
         return
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
@@ -208,9 +214,3 @@ def compare_metric(
             if not np.isfinite(value) or value > worst.value or not worst.output:
                 worst = Comparison(metric, float(value), name, budget)
     return worst
-
-
-def write_temp_model(model: onnx.ModelProto, folder: Path) -> Path:
-    path = folder / "model.onnx"
-    onnx.save_model(model, str(path))
-    return path
