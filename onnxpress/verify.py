@@ -20,8 +20,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from onnxpress import io as model_io
 from onnxpress.calibration import Batch, CalibrationData
-from onnxpress.io import EXTERNAL_DATA_THRESHOLD
+from onnxpress.ir import copy_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,17 @@ class Comparison:
         return bool(self.value <= self.limit)
 
 
+def _save_with_external_data(model: onnx.ModelProto, path: str) -> None:
+    """Save a copy (onnx's external-data save rewrites the proto it is given)."""
+    onnx.save_model(copy_model(model), path, save_as_external_data=True, location="model.data")
+
+
 def check_structure(model: onnx.ModelProto) -> None:
     """Raise onnx's checker / shape-inference errors for an invalid model."""
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+    if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.data")
+            _save_with_external_data(model, path)
             onnx.checker.check_model(path, full_check=True)
             onnx.shape_inference.infer_shapes_path(
                 path,
@@ -96,10 +102,10 @@ class Runner:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
         options.intra_op_num_threads = min(4, os.cpu_count() or 1)
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
             self._tmp = tempfile.TemporaryDirectory()
             path = os.path.join(self._tmp.name, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.data")
+            _save_with_external_data(model, path)
             self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         else:
             self.session = ort.InferenceSession(

@@ -88,6 +88,7 @@ def test_inspect(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_passes_listing(capsys: pytest.CaptureFixture[str]) -> None:
     code, stdout, _ = _run(capsys, "passes", "--json")
+    assert code == 0
     entries = {e["name"]: e for e in json.loads(stdout)}
     assert {"cleanup", "toposort", "fold-constants", "fold-batchnorm"} <= set(entries)
     assert entries["cleanup"]["options"][0] == {"name": "identity", "type": "bool", "default": True}

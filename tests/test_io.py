@@ -85,7 +85,7 @@ def test_offset_and_length_outside_the_file_are_refused(tmp_path: Path) -> None:
     fresh.mkdir()
     path = _external_model(fresh)
     _set_location(path, "weights.bin", offset=0, length=size + 1)
-    with pytest.raises(ModelLoadError, match="outside 'weights.bin'"):
+    with pytest.raises(ModelLoadError, match=r"outside 'weights\.bin'"):
         load_model(path)
 
 
@@ -153,3 +153,21 @@ def test_optimize_keeps_metadata_functions_and_custom_opsets() -> None:
     assert [f.name for f in out.functions] == ["Twice"]
     assert {o.domain: o.version for o in out.opset_import}["custom.ops"] == 1
     assert "Identity" not in [n.op_type for n in out.graph.node]
+
+
+def test_large_model_path_uses_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models over the protobuf limit are checked, run and saved through files on disk.
+
+    The threshold is lowered so that a small model takes the same code path as a 2 GB one.
+    """
+    import onnxpress.io as model_io
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    model = make_mlp(hidden=64)
+    assert model.ByteSize() > 1000
+    optimized, report = onnxpress.optimize(model, passes="cleanup")
+    assert report.passes[0].verification.value == 0.0
+    out = save_model(optimized, tmp_path / "large.onnx")
+    assert (tmp_path / "large.onnx.data").exists()
+    reloaded = load_model(out)
+    assert len(reloaded.graph.node) == 4

@@ -12,13 +12,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from helpers import REPO, run_cli
 
 import onnxpress
 from onnxpress.errors import PluginError
 from onnxpress.pass_base import NoOptions, Pass
 from onnxpress.registry import all_passes, register_pass, unregister
-
-from helpers import REPO, run_cli
 
 DATA = Path(__file__).parent / "data"
 
