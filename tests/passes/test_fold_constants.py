@@ -1,0 +1,284 @@
+"""fold-constants: constant subgraphs and static shapes become initializers; bombs are refused."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxpress.passes import fold_constants
+from onnxpress.passes.fold_constants import FoldConstants, FoldConstantsOptions
+
+import onnxpress
+from onnxpress import PassContext
+from onnxpress.errors import PipelineError
+from onnxpress.pipeline import parse_pipeline
+
+node = helper.make_node
+
+
+def test_constant_chain_folds_to_one_initializer(kit: SimpleNamespace) -> None:
+    # y = x + sqrt(a * b) - concat(split(c)), where a is a Constant node: only x's ops stay.
+    model = kit.model(
+        [
+            kit.const("a", [1.0, 4.0, 9.0, 16.0]),
+            node("Mul", ["a", "b"], ["ab"], name="mul"),
+            node("Sqrt", ["ab"], ["root"], name="sqrt"),  # reference evaluator path
+            node("Add", ["x", "root"], ["xr"], name="add_x"),
+            node("Split", ["c", "sizes"], ["c0", "c1"], axis=0, name="split"),
+            node("Concat", ["c1", "c0"], ["cc"], axis=0, name="concat"),
+            node("Sub", ["xr", "cc"], ["y"], name="sub_x"),
+        ],
+        inputs={"x": [2, 4]},
+        outputs={"y": [2, 4]},
+        initializers={
+            "b": np.full(4, 4.0, np.float32),
+            "c": np.arange(4, dtype=np.float32),
+            "sizes": np.array([1, 3], np.int64),
+        },
+    )
+    folded, report = onnxpress.optimize(model, passes="fold-constants")  # verified on ORT
+    result = report.passes[0].result
+    assert kit.ops(folded) == ["Add", "Sub"]
+    assert result.counts == {"constant_nodes": 1, "folded": 4}
+    assert result.refusals == []
+    np.testing.assert_allclose(kit.initializer(folded, "root"), [2.0, 4.0, 6.0, 8.0])
+    np.testing.assert_array_equal(kit.initializer(folded, "cc"), [1.0, 2.0, 3.0, 0.0])
+    kit.same_outputs(model, folded)
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_shape_chain_folds_into_reshape(kit: SimpleNamespace, opset: int) -> None:
+    # Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])) with x of static shape [2, 3, 4].
+    unsqueeze = (
+        node("Unsqueeze", ["d0"], ["d0u"], axes=[0], name="unsqueeze")
+        if opset < 13
+        else node("Unsqueeze", ["d0", "axes"], ["d0u"], name="unsqueeze")
+    )
+    model = kit.model(
+        [
+            node("Shape", ["x"], ["shape"], name="shape"),
+            node("Gather", ["shape", "zero"], ["d0"], axis=0, name="gather"),
+            unsqueeze,
+            node("Concat", ["d0u", "minus_one"], ["target"], axis=0, name="concat"),
+            node("Reshape", ["x", "target"], ["y"], name="reshape"),
+        ],
+        inputs={"x": [2, 3, 4]},
+        outputs={"y": [2, 12]},
+        initializers={"zero": np.array(0, np.int64), "minus_one": np.array([-1], np.int64)}
+        | ({"axes": np.array([0], np.int64)} if opset >= 13 else {}),
+        opset=opset,
+    )
+    folded, report = onnxpress.optimize(model, passes="fold-constants")
+    assert kit.ops(folded) == ["Reshape"]
+    assert report.passes[0].result.counts == {"shapes_folded": 1, "folded": 3}
+    np.testing.assert_array_equal(kit.initializer(folded, "target"), [2, -1])
+    inferred = onnx.shape_inference.infer_shapes(folded, data_prop=True)
+    dims = inferred.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 12]
+    kit.same_outputs(model, folded)
+
+
+def test_dynamic_batch_folds_only_the_static_slice(kit: SimpleNamespace) -> None:
+    # Shape(x, start=1) of x[N, 3, 4] is static; the full Shape(x) is not and is left quietly.
+    model = kit.model(
+        [
+            node("Shape", ["x"], ["tail"], start=1, name="tail_shape"),
+            node("ReduceProd", ["tail"], ["features"], keepdims=1, name="prod"),
+            node("Concat", ["minus_one", "features"], ["target"], axis=0, name="concat"),
+            node("Reshape", ["x", "target"], ["y"], name="reshape"),
+            node("Shape", ["x"], ["full"], name="full_shape"),
+            node("Cast", ["full"], ["full_float"], to=TensorProto.FLOAT, name="cast"),
+            node("ReduceSum", ["full_float"], ["z"], keepdims=0, name="sum"),
+        ],
+        inputs={"x": ["N", 3, 4]},
+        outputs={"y": None, "z": None},
+        initializers={"minus_one": np.array([-1], np.int64)},
+    )
+    folded, report = onnxpress.optimize(model, passes="fold-constants")
+    result = report.passes[0].result
+    assert sorted(kit.ops(folded)) == ["Cast", "ReduceSum", "Reshape", "Shape"]
+    assert result.counts == {"shapes_folded": 1, "folded": 2}
+    assert result.refusals == []
+    np.testing.assert_array_equal(kit.initializer(folded, "target"), [-1, 12])
+    kit.same_outputs(model, folded)
+
+
+def test_folded_graph_output_keeps_its_name(kit: SimpleNamespace) -> None:
+    model = kit.model(
+        [
+            kit.const("c1", [1.0, 2.0]),
+            node("Add", ["x", "c1"], ["y"], name="add_x"),
+            node("Mul", ["c1", "c2"], ["z"], name="mul_consts"),
+        ],
+        inputs={"x": [2]},
+        outputs={"y": [2], "z": [2]},
+        initializers={"c2": np.array([3.0, 5.0], np.float32)},
+    )
+    folded, report = onnxpress.optimize(model, passes="fold-constants")
+    assert kit.ops(folded) == ["Add"]
+    assert [o.name for o in folded.graph.output] == ["y", "z"]
+    np.testing.assert_array_equal(kit.initializer(folded, "z"), [3.0, 10.0])
+    assert report.passes[0].result.counts == {"constant_nodes": 1, "folded": 1}
+    kit.same_outputs(model, folded)
+
+
+def test_constant_node_attribute_forms_become_initializers(kit: SimpleNamespace) -> None:
+    model = kit.model(
+        [
+            node("Constant", [], ["ints"], value_ints=[2, 2], name="k_ints"),
+            node("Constant", [], ["scalar"], value_float=0.5, name="k_float"),
+            node("Reshape", ["x", "ints"], ["x22"], name="reshape"),
+            node("Mul", ["x22", "scalar"], ["y"], name="scale"),
+        ],
+        inputs={"x": [4]},
+        outputs={"y": [2, 2]},
+    )
+    folded, report = onnxpress.optimize(model, passes="fold-constants")
+    assert kit.ops(folded) == ["Reshape", "Mul"]
+    assert report.passes[0].result.counts == {"constant_nodes": 2}
+    assert kit.initializer(folded, "ints").dtype == np.int64
+    assert (
+        kit.initializer(folded, "scalar").dtype == np.float32
+        and kit.initializer(folded, "scalar") == 0.5
+    )
+    kit.same_outputs(model, folded)
+
+
+BOMBS = {
+    "ConstantOfShape": (
+        [node("ConstantOfShape", ["dims"], ["big"], name="bomb")],
+        {"dims": np.array([100_000, 100_000], np.int64)},
+        10**10,
+    ),
+    "Expand": (
+        [node("Expand", ["one", "dims"], ["big"], name="bomb")],
+        {"one": np.ones((1, 1), np.float32), "dims": np.array([50_000, 50_000], np.int64)},
+        50_000**2,
+    ),
+    "Tile": (
+        [node("Tile", ["one", "dims"], ["big"], name="bomb")],
+        {"one": np.ones((2, 2), np.float32), "dims": np.array([30_000, 30_000], np.int64)},
+        60_000**2,
+    ),
+    "Range": (
+        [node("Range", ["start", "limit", "delta"], ["big"], name="bomb")],
+        {
+            "start": np.array(0, np.int64),
+            "limit": np.array(10**11, np.int64),
+            "delta": np.array(3, np.int64),
+        },
+        -(-(10**11) // 3),
+    ),
+}  # op -> (nodes, initializers, predicted element count)
+
+
+@pytest.mark.parametrize("op", sorted(BOMBS))
+def test_size_bombs_are_refused_without_allocating(
+    kit: SimpleNamespace, op: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*args: object) -> None:  # a bomb must be refused before it is evaluated
+        raise AssertionError(f"{op} reached the evaluator")
+
+    monkeypatch.setattr(fold_constants, "ReferenceEvaluator", never)
+    nodes, initializers, elements = BOMBS[op]
+    model = kit.model(nodes, inputs={}, outputs={"big": None}, initializers=initializers)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        folded, report = onnxpress.optimize(model, passes="fold-constants", verify="structure")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 5.0 and peak < 64 << 20
+    assert kit.ops(folded) == [op]
+    [refusal] = report.passes[0].result.refusals
+    assert refusal.node == "bomb"
+    assert f"({elements} elements of" in refusal.reason
+    assert refusal.reason.endswith("> max-bytes 64.0 MiB")
+
+
+def test_growth_budget_refuses_then_allows_a_large_fill(kit: SimpleNamespace) -> None:
+    # ConstantOfShape([1024, 1024]) is 4 MiB from 16 bytes of input: over the 1 MiB default.
+    model = kit.model(
+        [
+            node("ConstantOfShape", ["dims"], ["fill"], name="fill",
+                 value=numpy_helper.from_array(np.array([2.0], np.float32))),
+            node("Mul", ["x", "fill"], ["y"], name="scale"),
+        ],
+        inputs={"x": [1024, 1024]},
+        outputs={"y": None},
+        initializers={"dims": np.array([1024, 1024], np.int64)},
+    )  # fmt: skip
+    kept, report = onnxpress.optimize(model, passes="fold-constants")
+    assert kit.ops(kept) == ["ConstantOfShape", "Mul"]
+    [refusal] = report.passes[0].result.refusals
+    assert refusal.node == "fill" and "max-growth-bytes 1.0 MiB" in refusal.reason
+    folded, report = onnxpress.optimize(model, passes="fold-constants{max-growth-bytes=8388608}")
+    assert kit.ops(folded) == ["Mul"] and report.passes[0].result.refusals == []
+    assert kit.initializer(folded, "fill").shape == (1024, 1024)
+    kit.same_outputs(model, folded)
+
+
+def test_random_and_dequantize_are_refused_with_reasons(kit: SimpleNamespace) -> None:
+    model = kit.model(
+        [
+            node("RandomNormalLike", ["c"], ["noise"], name="noise"),
+            node("DequantizeLinear", ["q", "q_scale"], ["w"], name="dq"),
+            node("Add", ["x", "noise"], ["xn"], name="add_noise"),
+            node("Mul", ["xn", "w"], ["y"], name="mul_w"),
+        ],
+        inputs={"x": [3]},
+        outputs={"y": [3]},
+        initializers={
+            "c": np.zeros(3, np.float32),
+            "q": np.array([1, 2, 3], np.int8),
+            "q_scale": np.array(0.5, np.float32),
+        },
+    )
+    folded, result = kit.run_pass(FoldConstants(), model)
+    assert kit.ops(folded) == kit.ops(model)
+    reasons = {r.node: r.reason for r in result.refusals}
+    assert set(reasons) == {"noise", "dq"}  # no refusal for nodes reading variables
+    assert "non-deterministic" in reasons["noise"]
+    assert "quantized weight" in reasons["dq"]
+
+
+def test_options_are_validated_and_parsed(kit: SimpleNamespace) -> None:
+    with pytest.raises(ValueError, match="max-bytes"):
+        FoldConstantsOptions(max_bytes=-1)
+    with pytest.raises(PipelineError, match="max-growth-bytes"):
+        parse_pipeline("fold-constants{max-growth-bytes=-5}")
+    [pass_] = parse_pipeline("fold-constants{max-bytes=1024,fold-shapes=false}")
+    assert pass_.options == FoldConstantsOptions(max_bytes=1024, fold_shapes=False)
+    assert pass_.spec() == "fold-constants{max-bytes=1024,fold-shapes=false}"
+
+
+def test_large_graph_is_linear() -> None:
+    # 80k nodes: 40k foldable Adds that all read one shared constant, and a 40k-node chain of
+    # Adds on the input that reads their results. A quadratic pass would take minutes.
+    count = 40_000
+    one, x = gs.Constant("one", np.array(1.0, np.float32)), gs.Variable("x", np.float32, [1])
+    nodes, prev = [], x
+    for i in range(count):
+        k, folded = gs.Constant(f"k{i}", np.array(float(i), np.float32)), gs.Variable(f"c{i}")
+        nodes.append(gs.Node("Add", f"fold{i}", inputs=[one, k], outputs=[folded]))
+        out = gs.Variable(f"h{i}", np.float32, [1])
+        nodes.append(gs.Node("Add", f"chain{i}", inputs=[prev, folded], outputs=[out]))
+        prev = out
+    graph = gs.Graph(nodes=nodes, inputs=[x], outputs=[prev], opset=17)
+    template = helper.make_model(
+        helper.make_graph([], "template", [], []), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    started = time.perf_counter()
+    result = FoldConstants().run(graph, PassContext(template=template, original=template))
+    assert time.perf_counter() - started < 30.0  # measured ~3 s; quadratic takes hours
+    assert result.counts == {"folded": count} and result.refusals == []
+    assert [n.name for n in graph.nodes] == [f"chain{i}" for i in range(count)]
+    assert one.outputs == [] and all(len(n.inputs[1].outputs) == 1 for n in graph.nodes)
+    assert graph.nodes[-1].inputs[1].values == count
