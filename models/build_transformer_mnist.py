@@ -1,0 +1,153 @@
+"""Train and export ``transformer_mnist.onnx``: a two-layer transformer encoder over MNIST rows.
+
+Each 28x28 digit is read as a sequence of 28 rows of 28 pixels.
+    embed   Linear(28->64) per row + learned positional embedding [28,64]
+    2 x     pre-norm encoder layer: x + MHA(LN(x)), then x + FFN(LN(x))
+            MHA: 4 heads of 16, separate q/k/v/out Linear, Softmax(q k^T / 4) v
+            FFN: Linear(64->128)-ReLU-Linear(128->64)
+    head    LayerNorm, mean over the 28 rows (ReduceMean), Linear(64->10)
+
+The attention is written out by hand (no ``nn.MultiheadAttention``) so that the exported
+graph is plain MatMul / Add / Reshape / Transpose / Softmax / LayerNormalization ops,
+with no fused fast-path kernels. Data and split as ``cnn_mnist`` (1000 held out).
+Input ``input`` float32 [batch,28,28] in [0,1]; output ``logits`` float32 [batch,10].
+
+Usage: python models/build_transformer_mnist.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from _common import (
+    CALIBRATION_SIZE,
+    DATA_DIR,
+    MODELS_DIR,
+    assert_close,
+    check_dynamic_batch,
+    check_model,
+    export,
+    make_deterministic,
+    mnist_split,
+    predict,
+    report,
+    run_onnx,
+    save_calibration,
+    save_npz,
+    shift_augment,
+    train_classifier,
+)
+from torch import nn
+
+NAME = "transformer_mnist"
+ROWS = 28
+D_MODEL = 64
+HEADS = 4
+FFN = 128
+LAYERS = 2
+EPOCHS = 30
+BATCH_SIZE = 64
+LEARNING_RATE = 2e-3
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with explicit q/k/v/out projections."""
+
+    def __init__(self, d_model: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = d_model // heads
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B,T,D] -> [B,H,T,D/H]; the batch axis is inferred (-1) to stay dynamic."""
+        return x.reshape(-1, ROWS, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.split_heads(self.query(x))
+        key = self.split_heads(self.key(x))
+        value = self.split_heads(self.value(x))
+        scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        context = torch.matmul(torch.softmax(scores, dim=-1), value)
+        merged = context.transpose(1, 2).reshape(-1, ROWS, self.heads * self.head_dim)
+        return self.out(merged)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer encoder layer: attention and ReLU feed-forward, each residual."""
+
+    def __init__(self, d_model: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attention = SelfAttention(d_model, heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn), nn.ReLU(), nn.Linear(ffn, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class RowTransformer(nn.Module):
+    """Transformer encoder reading MNIST digits row by row (transformer_mnist)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(ROWS, D_MODEL)
+        self.position = nn.Parameter(torch.randn(1, ROWS, D_MODEL) * 0.02)
+        self.layers = nn.Sequential(*(EncoderLayer(D_MODEL, HEADS, FFN) for _ in range(LAYERS)))
+        self.norm = nn.LayerNorm(D_MODEL)
+        self.classifier = nn.Linear(D_MODEL, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.layers(self.embed(x) + self.position)
+        return self.classifier(self.norm(hidden).mean(dim=1))
+
+
+def to_input(images: np.ndarray) -> np.ndarray:
+    """uint8 [N,28,28] -> float32 [N,28,28] in [0,1], exactly as the model expects."""
+    return images.astype(np.float32) / np.float32(255.0)
+
+
+def main() -> None:
+    generator = make_deterministic()
+    train_images, train_labels, test_images, test_labels = mnist_split()
+    train_x = torch.from_numpy(to_input(train_images))
+    test_x = to_input(test_images)
+
+    model = RowTransformer()
+    print(f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
+          f"{len(train_x)} train / {len(test_x)} held out")
+    train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=EPOCHS,
+                     batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=1e-2,
+                     generator=generator, augment=shift_augment(generator))
+
+    torch_logits = predict(model, torch.from_numpy(test_x))
+    path = MODELS_DIR / f"{NAME}.onnx"
+    export(model, torch.from_numpy(test_x[:2]), path)
+    onnx_model = check_model(path)
+    check_dynamic_batch(onnx_model)
+    onnx_logits = run_onnx(path, {"input": test_x})
+    assert_close(f"{NAME} onnxruntime vs torch", torch_logits, onnx_logits)
+
+    accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
+    eval_path = DATA_DIR / f"{NAME}_eval.npz"
+    save_npz(eval_path, {
+        "task": np.array("classification"),
+        "images": test_images,
+        "labels": test_labels,
+        "divisor": np.float32(255.0),
+        "input_shape": np.array([ROWS, ROWS], dtype=np.int64),
+        "accuracy": np.float64(accuracy),
+    })
+    calib_path = save_calibration(NAME, "input", to_input(train_images[:CALIBRATION_SIZE]))
+    report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Measure a bundled model (or an optimized version of it) on its held-out data with onnxruntime.
+
+    python models/evaluate.py models/cnn_mnist.onnx
+    python models/evaluate.py out/cnn_mnist.opt.onnx --data models/data/cnn_mnist_eval.npz
+    python models/evaluate.py out/model.onnx --kind gru_sunspots --json
+
+Classification sets report top-1 accuracy; the sunspots set reports RMSE in sunspot
+numbers (and the naive "same as last year" RMSE for comparison). Without ``--data`` the
+data set is chosen from ``--kind`` or, failing that, from the file name: the longest known
+model name that the file name starts with (``cnn_mnist.opt.onnx`` -> ``cnn_mnist``).
+Needs only numpy and onnxruntime. Inputs are cast to the dtype the model declares, so
+float16 models work too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# model name -> name of its evaluation set in DATA_DIR (<set>_eval.npz)
+EVAL_SETS = {
+    "cnn_mnist": "cnn_mnist",
+    "mlp_digits": "mlp_digits",
+    "transformer_mnist": "transformer_mnist",
+    "gru_sunspots": "gru_sunspots",
+    "gru_sunspots_unrolled": "gru_sunspots",
+}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(double)": np.float64}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One model measured on one held-out set."""
+
+    model: str
+    data: str
+    metric: str
+    value: float
+    samples: int
+    reference: float | None = None
+    naive_rmse: float | None = None
+
+    def describe(self) -> str:
+        text = f"{self.model}: {self.metric} {self.value:.4f} on {self.samples} held-out samples"
+        if self.reference is not None:
+            text += f" (as built: {self.reference:.4f})"
+        if self.naive_rmse is not None:
+            text += f"; naive same-as-last-year RMSE {self.naive_rmse:.4f}"
+        return text
+
+
+def infer_kind(model_path: Path) -> str:
+    """The longest known model name that the file name starts with."""
+    name = model_path.name
+    matches = [kind for kind in EVAL_SETS if name.startswith(kind)]
+    if not matches:
+        raise ValueError(f"{name}: cannot tell the model kind from the file name; "
+                         f"pass --kind ({', '.join(EVAL_SETS)}) or --data")
+    return max(matches, key=len)
+
+
+def default_data(kind: str) -> Path:
+    if kind not in EVAL_SETS:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(EVAL_SETS)}")
+    return DATA_DIR / f"{EVAL_SETS[kind]}_eval.npz"
+
+
+def load_eval_set(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+
+
+def model_inputs(eval_set: dict[str, np.ndarray]) -> np.ndarray:
+    """The held-out inputs as float32, exactly as the original model expects them."""
+    if "input" in eval_set:
+        return eval_set["input"].astype(np.float32)
+    images = eval_set["images"].astype(np.float32) / np.float32(eval_set["divisor"])
+    return images.reshape(len(images), *(int(d) for d in eval_set["input_shape"]))
+
+
+def run_batched(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run the first input/output of ``session`` over ``inputs`` in batches."""
+    feed = session.get_inputs()[0]
+    dtype = ORT_DTYPES.get(feed.type)
+    if dtype is None:
+        raise ValueError(f"input {feed.name!r} has type {feed.type}; expected a float tensor")
+    outputs = [
+        np.asarray(session.run(None, {feed.name: inputs[start:start + batch_size].astype(dtype)})[0])
+        for start in range(0, len(inputs), batch_size)
+    ]
+    return np.concatenate(outputs).astype(np.float64)
+
+
+def evaluate(model_path: str | Path, data_path: str | Path | None = None, *,
+             kind: str | None = None, batch_size: int = 256, threads: int = 2) -> Evaluation:
+    """Run ``model_path`` on its held-out set and compute accuracy or RMSE."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: no such model file")
+    if data_path is None:
+        data_path = default_data(kind or infer_kind(model_path))
+    data_path = Path(data_path)
+    eval_set = load_eval_set(data_path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    outputs = run_batched(session, model_inputs(eval_set), batch_size)
+    task = str(eval_set["task"])
+    if task == "classification":
+        labels = eval_set["labels"]
+        accuracy = float((outputs.reshape(len(labels), -1).argmax(axis=1) == labels).mean())
+        reference = float(eval_set["accuracy"]) if "accuracy" in eval_set else None
+        return Evaluation(str(model_path), str(data_path), "accuracy", accuracy, len(labels),
+                          reference)
+    if task == "regression":
+        target = eval_set["target"].astype(np.float64)
+        predicted = outputs.reshape(len(target)) * float(eval_set["std"]) + float(eval_set["mean"])
+        rmse = float(np.sqrt(np.mean((predicted - target) ** 2)))
+        naive = float(np.sqrt(np.mean((eval_set["naive"].astype(np.float64) - target) ** 2)))
+        reference = float(eval_set["rmse"]) if "rmse" in eval_set else None
+        return Evaluation(str(model_path), str(data_path), "rmse", rmse, len(target),
+                          reference, naive)
+    raise ValueError(f"{data_path}: unknown task {task!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="an .onnx file")
+    parser.add_argument("--data", type=Path, help="held-out .npz (default: from --kind)")
+    parser.add_argument("--kind", choices=sorted(EVAL_SETS),
+                        help="model kind (default: inferred from the file name)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args.model, args.data, kind=args.kind, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result)) if args.json else result.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The bundled models in models/ are valid, keep their structure and still meet their metrics.
+
+No torch needed: every check runs the committed .onnx files on onnxruntime against the
+committed held-out sets in models/data/, through models/evaluate.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+DATA_DIR = MODELS_DIR / "data"
+# model file stem -> (metric, bound): accuracy must exceed it, RMSE must stay below it
+EXPECTED = {
+    "cnn_mnist": ("accuracy", 0.95),
+    "mlp_digits": ("accuracy", 0.95),
+    "transformer_mnist": ("accuracy", 0.90),
+    "gru_sunspots": ("rmse", 25.0),
+    "gru_sunspots_unrolled": ("rmse", 25.0),
+}
+CALIBRATED = ["cnn_mnist", "mlp_digits", "transformer_mnist", "gru_sunspots"]
+
+
+def load_evaluate() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("models_evaluate", MODELS_DIR / "evaluate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_module = load_evaluate()
+
+
+def ops(name: str) -> Counter[str]:
+    model = onnx.load(str(MODELS_DIR / f"{name}.onnx"))
+    return Counter(node.op_type for node in model.graph.node)
+
+
+def session(name: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(MODELS_DIR / f"{name}.onnx"),
+                                providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_model_passes_full_check_with_dynamic_batch(name: str) -> None:
+    model = onnx.load(str(MODELS_DIR / f"{name}.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["input"]
+    for value in [*model.graph.input, *model.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value.name
+    assert all(opset.version == 17 for opset in model.opset_import if opset.domain == "")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_model_meets_its_held_out_metric(name: str) -> None:
+    metric, bound = EXPECTED[name]
+    result = evaluate_module.evaluate(MODELS_DIR / f"{name}.onnx")
+    assert result.metric == metric
+    assert result.reference is not None and result.value == pytest.approx(result.reference,
+                                                                           abs=1e-4)
+    if metric == "accuracy":
+        assert result.value > bound
+    else:
+        assert result.naive_rmse is not None
+        assert result.value < min(bound, result.naive_rmse)
+
+
+def test_cnn_keeps_batchnorm_and_residual_add() -> None:
+    counts = ops("cnn_mnist")
+    assert counts["BatchNormalization"] >= 4
+    assert counts["Conv"] == counts["BatchNormalization"]
+    assert counts["Add"] >= 1
+    assert (MODELS_DIR / "cnn_mnist.onnx").stat().st_size < 1_000_000
+
+
+def test_transformer_has_attention_and_layernorm() -> None:
+    counts = ops("transformer_mnist")
+    assert counts["Softmax"] == 2
+    assert counts["LayerNormalization"] == 5
+    assert counts["MatMul"] >= 12
+
+
+def test_gru_model_uses_a_real_gru_op() -> None:
+    counts = ops("gru_sunspots")
+    assert counts["GRU"] == 1
+    assert counts["MatMul"] == 0
+
+
+def test_unrolled_gru_has_no_gru_op_and_matches_the_gru_model() -> None:
+    counts = ops("gru_sunspots_unrolled")
+    assert counts["GRU"] == 0
+    assert counts["Tanh"] == 24 and counts["Sigmoid"] == 48
+    with np.load(DATA_DIR / "gru_sunspots_eval.npz", allow_pickle=False) as eval_set:
+        inputs = eval_set["input"]
+    fused = session("gru_sunspots").run(None, {"input": inputs})[0]
+    unrolled = session("gru_sunspots_unrolled").run(None, {"input": inputs})[0]
+    np.testing.assert_allclose(unrolled, fused, atol=1e-4, rtol=0)
+    single = session("gru_sunspots_unrolled").run(None, {"input": inputs[:1]})[0]
+    np.testing.assert_allclose(single, fused[:1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", CALIBRATED)
+def test_calibration_batch_matches_the_model_input(name: str) -> None:
+    model_input = session(name).get_inputs()[0]
+    with np.load(DATA_DIR / f"{name}_calib.npz", allow_pickle=False) as calibration:
+        assert calibration.files == [model_input.name]
+        batch = calibration[model_input.name]
+    assert batch.dtype == np.float32
+    assert batch.shape[0] == 64
+    assert list(batch.shape[1:]) == model_input.shape[1:]
+    assert np.isfinite(batch).all()
+
+
+@pytest.mark.parametrize(
+    ("file_name", "kind"),
+    [
+        ("cnn_mnist.opt.onnx", "cnn_mnist"),
+        ("gru_sunspots_unrolled.fused.onnx", "gru_sunspots_unrolled"),
+        ("gru_sunspots-int8.onnx", "gru_sunspots"),
+    ],
+)
+def test_evaluate_infers_the_kind_from_the_file_name(file_name: str, kind: str) -> None:
+    assert evaluate_module.infer_kind(Path(file_name)) == kind
+
+
+def test_evaluate_cli_on_a_renamed_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "cnn_mnist.opt.onnx"
+    copy.write_bytes((MODELS_DIR / "cnn_mnist.onnx").read_bytes())
+    assert evaluate_module.main([str(copy), "--data", str(DATA_DIR / "cnn_mnist_eval.npz")]) == 0
+    assert "accuracy 0.98" in capsys.readouterr().out
+    unknown = tmp_path / "model.onnx"
+    unknown.write_bytes(copy.read_bytes())
+    assert evaluate_module.main([str(unknown)]) == 2
