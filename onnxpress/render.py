@@ -48,6 +48,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
     return "\n".join(out)
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 10:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.1f} s"
+
+
 def _change(before: float, after: float, unit: str = "") -> str:
     if before == after:
         return human(after, unit)
@@ -73,7 +81,7 @@ def render_report(report: Report) -> str:
         rows.append(
             [
                 record.spec,
-                f"{record.seconds * 1000:.0f} ms",
+                _duration(record.seconds),
                 _change(record.before.nodes, record.after.nodes),
                 _change(record.before.params, record.after.params),
                 _change(record.before.macs, record.after.macs),

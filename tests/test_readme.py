@@ -1,0 +1,62 @@
+"""The README's commands work: the demo recipe in the Makefile, and the documented examples."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from onnxpress.pipeline import load_recipe, parse_pipeline
+
+
+def _make_recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target, with continuation lines joined."""
+    text = (REPO / "Makefile").read_text()
+    body = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", text, re.M)
+    assert body, f"no '{target}' target in the Makefile"
+    joined = body.group(1).replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines() if line.strip()]
+
+
+def test_demo_commands_run(tmp_path: Path) -> None:
+    """Run every command of `make demo` with the current interpreter, writing into tmp."""
+    bin_dir = Path(sys.executable).parent
+    for line in _make_recipe("demo"):
+        if line.startswith("mkdir"):
+            continue
+        line = line.replace("$(BIN)/", f"{bin_dir}/").replace("out/", f"{tmp_path}/")
+        proc = subprocess.run(shlex.split(line), capture_output=True, text=True, cwd=REPO,
+                              timeout=300)
+        assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
+    report = json.loads((tmp_path / "cnn_mnist.report.json").read_text())
+    assert report["before"]["op_histogram"]["BatchNormalization"] == 6
+    assert "BatchNormalization" not in report["after"]["op_histogram"]
+    assert report["after"]["nodes"] < report["before"]["nodes"]
+
+
+def test_demo_and_test_targets_exist() -> None:
+    assert any("onnxpress optimize" in line for line in _make_recipe("demo"))
+    assert any("pytest" in line for line in _make_recipe("test"))
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
+
+
+def test_readme_examples_parse(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    for pipeline in re.findall(r'--passes "([^"]+)"', readme):
+        if "scale-outputs" not in pipeline:  # the plugin example registers that one
+            assert parse_pipeline(pipeline)
+    recipe = re.search(r"```toml\n(calibration.*?)```", readme, re.S)
+    assert recipe
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe.group(1))
+    loaded = load_recipe(path)
+    assert [p.name for p in loaded.passes] == ["fold-batchnorm", "cleanup"]
+    assert loaded.verify.budget == pytest.approx(0.02)
