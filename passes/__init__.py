@@ -1,6 +1,6 @@
 """Built-in passes. Each module registers one pass with @register_pass; importing this
 package (done lazily by the registry on first lookup) makes them all available."""
 
-from onnxpress.passes import cleanup, fold_batchnorm, fold_constants, toposort
+from onnxpress.passes import cleanup, fold_batchnorm, fold_constants, prune_channels, toposort
 
-__all__ = ["cleanup", "fold_batchnorm", "fold_constants", "toposort"]
+__all__ = ["cleanup", "fold_batchnorm", "fold_constants", "prune_channels", "toposort"]
