@@ -1,6 +1,20 @@
 """Built-in passes. Each module registers one pass with @register_pass; importing this
 package (done lazily by the registry on first lookup) makes them all available."""
 
-from onnxpress.passes import cleanup, fold_batchnorm, fold_constants, prune_channels, toposort
+from onnxpress.passes import (
+    cleanup,
+    fold_batchnorm,
+    fold_constants,
+    fuse_gru,
+    prune_channels,
+    toposort,
+)
 
-__all__ = ["cleanup", "fold_batchnorm", "fold_constants", "prune_channels", "toposort"]
+__all__ = [
+    "cleanup",
+    "fold_batchnorm",
+    "fold_constants",
+    "fuse_gru",
+    "prune_channels",
+    "toposort",
+]
