@@ -3,18 +3,22 @@ package (done lazily by the registry on first lookup) makes them all available."
 
 from onnxpress.passes import (
     cleanup,
+    equalize,
     fold_batchnorm,
     fold_constants,
     fuse_gru,
     prune_channels,
+    qdq,
     toposort,
 )
 
 __all__ = [
     "cleanup",
+    "equalize",
     "fold_batchnorm",
     "fold_constants",
     "fuse_gru",
     "prune_channels",
+    "qdq",
     "toposort",
 ]

@@ -1,0 +1,267 @@
+"""Static int8 quantization to standard QDQ ONNX: annotate -> observe -> calibrate -> convert.
+
+    Conv(x, W, b)  ->  Conv(DQ(Q(x)), DQ(W_int8, axis=0), DQ(b_int32))  ->  Q -> DQ -> ...
+    GRU(x, W, R)   ->  GRU(x, DQ(W_int8, axis=1), DQ(R_int8, axis=1))    (weight-only)
+
+1. annotate (``_qdq_annotate``): choose the tensors to quantize and where the pairs go so
+   that onnxruntime fuses them (QLinearConv with the Relu folded in, MatMulIntegerToFloat,
+   QLinearAdd, int8 MaxPool/Reshape/Concat with shared parameters);
+2. observe (``_qdq_calibrate``): stream the float model over the calibration batches into
+   fixed-size observers (memory does not grow with the number of batches);
+3. calibrate: one clipping range per tensor by ``method`` (minmax, percentile, entropy, mse;
+   see ``onnxpress.observers``), unioned over tensors that share parameters;
+4. recover: ``bias-correction`` (on by default) adds E[x].(W - Wq) to each bias; ``max-drop``
+   keeps the most sensitive layers in float until the quality metric is within budget
+   (``_qdq_recover``; a Python metric is registered with ``register_metric``);
+5. convert (``_qdq_convert``): int8 weights, int32 biases, uint8/int8 activation pairs.
+
+Per-channel weights need DequantizeLinear's ``axis`` (opset 13); on an older model the pass
+refuses and says so (upgrade with ``onnx.version_converter`` or use ``per-channel=false``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import onnx_graphsurgeon as gs
+from onnxpress.passes._qdq_annotate import DEFAULT_OPS, Annotation, Scope, annotate
+from onnxpress.passes._qdq_calibrate import (
+    Observations,
+    add_zero_biases,
+    apply_bias_deltas,
+    bias_deltas,
+    float_tensor_names,
+    mean_axes_for,
+    observe,
+    tensor_ranges,
+)
+from onnxpress.passes._qdq_convert import ConvertSummary, convert
+from onnxpress.passes._qdq_recover import (
+    Evaluator,
+    FallbackResult,
+    MetricInputs,
+    QualityMetric,
+    get_metric,
+    greedy_fallback,
+    register_metric,
+)
+
+from onnxpress.context import PassContext
+from onnxpress.errors import CalibrationError
+from onnxpress.observers import RANGE_METHODS
+from onnxpress.pass_base import Pass, PassResult
+from onnxpress.registry import register_pass
+
+__all__ = ["MetricInputs", "Qdq", "QdqOptions", "QualityMetric", "register_metric"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QdqOptions:
+    method: Literal["minmax", "percentile", "entropy", "mse"] = "mse"  # activation ranges
+    percentile: float = 99.99  # for method=percentile
+    bins: int = 2048  # histogram bins (percentile, entropy, mse)
+    per_channel: bool = True  # int8 weights per output channel (else per tensor)
+    activations: Literal["uint8", "int8"] = "uint8"  # asymmetric uint8 or symmetric int8
+    reduce_range: bool = False  # 7-bit weights: no int16 saturation in u8s8 AVX2 kernels
+    bias_correction: bool = True  # remove the mean output shift of weight quantization
+    max_drop: float | None = None  # accuracy-aware fallback budget on `metric`
+    metric: str = "agreement"  # quality metric for max-drop (see register_metric)
+    extra_ops: tuple[str, ...] = ()  # op types to quantize besides the defaults (e.g. Softmax)
+    include: tuple[str, ...] = ()  # only these nodes: name, op type or re:REGEX on the name
+    exclude: tuple[str, ...] = ()  # never these nodes (same forms)
+    calibration_batches: int = 0  # 0 = every batch
+    fallback_batches: int = 8  # calibration batches that score fallback candidates
+
+    def __post_init__(self) -> None:
+        if self.method not in RANGE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(RANGE_METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], not {self.percentile}")
+        if self.bins < 256:
+            raise ValueError(f"bins must be >= 256, not {self.bins}")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise ValueError(f"max-drop must be >= 0, not {self.max_drop}")
+        if self.calibration_batches < 0 or self.fallback_batches < 1:
+            raise ValueError("calibration-batches must be >= 0 and fallback-batches >= 1")
+
+
+@register_pass("qdq")
+class Qdq(Pass[QdqOptions]):
+    """Static int8 quantization to QDQ ONNX (calibrated; per-channel weights, uint8 activations)."""
+
+    options_type = QdqOptions
+    lossless = False
+    # Judged on every output, classifier or not; 8-bit models land at 0.5-5% relative L2.
+    metric = "rel-l2"
+    default_budget = 0.1
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        opts = self.options
+        result = PassResult()
+        if ctx.calibration is None:
+            raise CalibrationError(
+                "pass 'qdq' needs calibration data (--calibration FILE|DIR, or calibration= in "
+                "onnxpress.optimize)"
+            )
+        metric = get_metric(opts.metric) if opts.max_drop is not None else None
+        opset = int(graph.opset or 0)
+        if (opset < 13 and opts.per_channel) or opset < 10:
+            result.refuse(
+                "<model>",
+                (
+                    f"opset {opset}: per-channel DequantizeLinear needs opset 13; upgrade the model "
+                    "(onnx.version_converter.convert_version(model, 13)) or use per-channel=false"
+                )
+                if opset >= 10
+                else f"opset {opset}: QuantizeLinear needs opset 10",
+            )
+            return result
+        _detach_dead_nodes(graph)
+        _name_nodes(graph)
+        floats = float_tensor_names(ctx.export(graph))
+        scope = Scope(
+            frozenset(DEFAULT_OPS) | frozenset(opts.extra_ops), opts.include, opts.exclude
+        )
+        full = self._annotate(graph, scope, floats, frozenset())
+        if opts.bias_correction and add_zero_biases(graph, {k[0] for k in full.weights}):
+            full = self._annotate(graph, scope, floats, frozenset())  # now with those biases
+        float_model = ctx.export(graph)
+        obs = observe(
+            float_model,
+            full.activations,
+            mean_axes_for(graph, full) if opts.bias_correction else {},
+            ctx.calibration,
+            None if opts.method == "minmax" else opts.bins,
+            opts.calibration_batches or None,
+        )
+        symmetric = opts.activations == "int8"
+        ranges = tensor_ranges(
+            full, obs, opts.method, symmetric, opts.percentile, {t.name for t in graph.outputs}
+        )
+        deltas = bias_deltas(graph, full, obs, opts.reduce_range) if opts.bias_correction else {}
+
+        def materialize(
+            target: gs.Graph, excluded: frozenset[str]
+        ) -> tuple[Annotation, ConvertSummary, int]:
+            ann = self._annotate(target, scope, floats, excluded)
+            corrected = apply_bias_deltas(target, deltas, set(ann.quantized_nodes))
+            summary = convert(target, ann, ranges, symmetric, opts.reduce_range)
+            return ann, summary, corrected
+
+        fallback: FallbackResult | None = None
+        if metric is not None and opts.max_drop is not None:
+            batches = list(ctx.calibration.batches(opts.fallback_batches))
+            evaluator = Evaluator(float_model, batches, metric)
+
+            def build(excluded: frozenset[str]) -> Any:
+                candidate = graph.copy()
+                materialize(candidate, excluded)
+                return ctx.export(candidate)
+
+            fallback = greedy_fallback(full.quantized_nodes, build, evaluator, opts.max_drop)
+        excluded = frozenset(fallback.excluded if fallback else ())
+        ann, summary, corrected = materialize(graph, excluded)
+        self._report(result, ann, summary, corrected, obs, fallback, opts)
+        return result
+
+    def _annotate(
+        self, graph: gs.Graph, scope: Scope, floats: set[str], excluded: frozenset[str]
+    ) -> Annotation:
+        ann = annotate(graph, scope, floats, excluded)
+        if not self.options.per_channel:
+            ann.weights = {k: replace(v, axis=None) for k, v in ann.weights.items()}
+            ann.biases = {
+                k: replace(v, weight=replace(v.weight, axis=None)) for k, v in ann.biases.items()
+            }
+            ann.tied = {k: replace(v, axis=None) for k, v in ann.tied.items()}
+        return ann
+
+    @staticmethod
+    def _report(
+        result: PassResult,
+        ann: Annotation,
+        summary: ConvertSummary,
+        corrected: int,
+        obs: Observations,
+        fallback: FallbackResult | None,
+        opts: QdqOptions,
+    ) -> None:
+        result.count("nodes_quantized", len(ann.quantized_nodes))
+        result.count("activation_qdq_pairs", summary.activations)
+        result.count("weights_int8", summary.weights)
+        result.count("weights_int8_weight_only", summary.weight_only)
+        result.count("biases_int32", summary.biases)
+        result.count("biases_corrected", corrected)
+        result.count("fallback_layers", len(fallback.excluded) if fallback else 0)
+        for node, reason in ann.refusals:
+            if reason.endswith("accuracy fallback"):
+                continue
+            result.refuse(node, reason)
+        result.details.append(
+            {
+                "calibration": {
+                    "method": opts.method,
+                    "batches": obs.batches,
+                    "tensors": len(obs.ranges),
+                    "observer_bytes": obs.nbytes,
+                }
+            }
+        )
+        if fallback is not None:
+            result.details.append(
+                {
+                    "fallback": {
+                        "metric": opts.metric,
+                        "max_drop": opts.max_drop,
+                        "initial_drop": fallback.initial_drop,
+                        "final_drop": fallback.final_drop,
+                        "within_budget": fallback.within_budget,
+                    }
+                }
+            )
+            for step in fallback.steps:
+                reason = (
+                    f"accuracy fallback: alone in float it recovers {step.gain:.4f} of "
+                    f"{opts.metric}; drop {step.drop_after:.4f} with it and the layers "
+                    f"before it in float (budget {opts.max_drop})"
+                )
+                result.refuse(step.node, reason)
+                result.details.append(
+                    {
+                        "node": step.node,
+                        "op": step.op,
+                        "fallback": True,
+                        "sensitivity": step.gain,
+                        "drop_after": step.drop_after,
+                    }
+                )
+        for name, op in ann.quantized_nodes.items():
+            result.details.append({"node": name, "op": op, "quantized": True})
+
+
+def _detach_dead_nodes(graph: gs.Graph) -> None:
+    """Disconnect nodes that an earlier pass removed from graph.nodes but left wired to live
+    tensors, so that ``tensor.outputs`` lists live consumers only."""
+    live = {id(n) for n in graph.nodes}
+    for tensor in graph.tensors().values():
+        for node in list(tensor.outputs):
+            if id(node) not in live:
+                node.inputs.clear()
+                node.outputs.clear()
+
+
+def _name_nodes(graph: gs.Graph) -> None:
+    """Give unnamed or duplicate-named nodes unique names (annotations key on them)."""
+    seen: set[str] = set()
+    for index, node in enumerate(graph.nodes):
+        if not node.name or node.name in seen:
+            base = f"{node.op}_{index}"
+            name = base
+            while name in seen:
+                name += "_"
+            node.name = name
+        seen.add(node.name)
