@@ -21,10 +21,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_LOSSLESS = "fold-constants,fold-batchnorm,cleanup,toposort"
-# With calibration data the default pipeline may add lossy passes; the lossless clean-ups
-# always come first. Lossy passes join this list as they become available.
-DEFAULT_WITH_CALIBRATION = DEFAULT_LOSSLESS
+DEFAULT_LOSSLESS = "fold-constants,fold-batchnorm,fuse-gru,cleanup,toposort"
+# With calibration data the default adds post-training int8 quantization (the one lossy
+# step that needs no accuracy trade-off chosen by the user); the lossless clean-ups run first.
+DEFAULT_WITH_CALIBRATION = "fold-constants,fold-batchnorm,fuse-gru,cleanup,qdq,toposort"
 
 
 @dataclass
