@@ -21,6 +21,8 @@ from onnxpress.pipeline import load_recipe, parse_pipeline
 from onnxpress.registry import all_passes, get_pass, load_plugin_file, register_pass
 from onnxpress.report import Report
 from onnxpress.stats import model_stats
+from onnxpress.tvm_backend import compile_model as compile  # imports TVM lazily
+from onnxpress.tvm_backend import run_compiled
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,7 @@ __all__ = [
     "__version__",
     "all_passes",
     "bisect",
+    "compile",
     "get_pass",
     "load_model",
     "load_plugin_file",
@@ -55,5 +58,6 @@ __all__ = [
     "optimize",
     "parse_pipeline",
     "register_pass",
+    "run_compiled",
     "save_model",
 ]

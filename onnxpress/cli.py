@@ -1,4 +1,4 @@
-"""The ``onnxpress`` command: optimize, passes, inspect.
+"""The ``onnxpress`` command: optimize, passes, inspect, compile, run (TVM; tvm_cli).
 
 Errors are one line on stderr with a non-zero exit (1 for bad input or a failed pass, 2 for
 bad usage, 130 on Ctrl-C); ``--debug`` shows tracebacks. Nothing is written unless the whole
@@ -97,6 +97,35 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show a model's interface, ops, params and MACs")
     ins.add_argument("model")
     ins.add_argument("--json", action="store_true")
+
+    comp = sub.add_parser("compile", help="compile a model with Apache TVM into a library")
+    comp.add_argument("model", help="input .onnx file")
+    comp.add_argument(
+        "--target", default="x86", help="x86 (this CPU), x86-64, arm64-linux, cuda[:sm_XX]"
+    )
+    comp.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="static shape of an input (repeatable; default: the model's, symbolic batch = 1)",
+    )
+    comp.add_argument("-o", "--output", required=True, help="output folder")
+    comp.add_argument(
+        "--no-default-schedules",
+        action="store_true",
+        help="compile CPU kernels without onnxpress's untuned parallel/vector schedules",
+    )
+    comp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    comp.add_argument("--seed", type=int, default=0, help="seed for verification inputs")
+    comp.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    run = sub.add_parser("run", help="run a compiled folder on inputs from an .npz file")
+    run.add_argument("folder", help="output folder of 'onnxpress compile'")
+    run.add_argument("--inputs", required=True, help=".npz file keyed by input name")
+    run.add_argument("--verify", metavar="MODEL", help="compare with onnxruntime on this model")
+    run.add_argument("--tolerance", type=float, default=1e-4, help="max-rel limit for --verify")
+    run.add_argument("-o", "--output", metavar="FILE", help="write the outputs to this .npz")
     return parser
 
 
@@ -116,6 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _passes(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "compile":
+            from onnxpress.tvm_cli import compile_command
+
+            return compile_command(args)
+        if args.command == "run":
+            from onnxpress.tvm_cli import run_command
+
+            return run_command(args)
     except KeyboardInterrupt:
         print("\nonnxpress: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
