@@ -10,6 +10,7 @@ from onnxpress.passes import (
     lower_gru,
     prune_channels,
     qdq,
+    svd,
     toposort,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "lower_gru",
     "prune_channels",
     "qdq",
+    "svd",
     "toposort",
 ]
