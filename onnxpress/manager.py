@@ -8,6 +8,7 @@ failure raises VerificationError naming the pass; nothing is returned, so nothin
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxpress import io as model_io
 from onnxpress.calibration import CalibrationData
 from onnxpress.context import PassContext
 from onnxpress.errors import OnnxpressError, PassError, PipelineError, VerificationError
@@ -106,6 +108,7 @@ class PassManager:
         )
         graph = to_graph(copy_model(original))
         current = original
+        last_digest: bytes | None = None  # of the model the previous pass left
         total = len(self.passes)
         for index, pass_ in enumerate(self.passes):
             name = pass_.name
@@ -120,15 +123,20 @@ class PassManager:
                 raise
             except Exception as exc:
                 raise VerificationError(name, f"graph cannot be exported: {exc}") from exc
+            # A model byte-identical to the one the previous pass left (and that passed its
+            # checks) keeps that model's verification, outputs and statistics.
+            digest = _digest(current)
+            unchanged = digest is not None and digest == last_digest
+            last_digest = digest
             outcome = VerifyOutcome(level=level)
-            if level != "off":
+            if level != "off" and not unchanged:
                 try:
                     check_structure(current)
                 except Exception as exc:
                     raise VerificationError(name, _first_line(exc)) from exc
             if level == "numeric":
                 try:
-                    outputs = run_all(Runner(current), feeds)
+                    outputs = previous if unchanged else run_all(Runner(current), feeds)
                 except Exception as exc:
                     raise VerificationError(
                         name, f"onnxruntime cannot run the result: {_first_line(exc)}"
@@ -153,7 +161,7 @@ class PassManager:
                         f"{cmp.metric} {cmp.value:.3g} > {cmp.limit:.3g}",
                     )
                 previous = outputs
-            after = model_stats(current)
+            after = report.after if unchanged else model_stats(current)
             report.passes.append(
                 PassRecord(
                     name,
@@ -240,6 +248,13 @@ def bisect(
         else:
             low = mid + 1
     return low - 1
+
+
+def _digest(model: onnx.ModelProto) -> bytes | None:
+    """SHA-256 of the serialized model; None when it is too large to serialize in one piece."""
+    if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
+        return None
+    return hashlib.sha256(model.SerializeToString()).digest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -8,7 +8,9 @@ counted once each.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,22 +48,27 @@ def _dims(vi: onnx.ValueInfoProto) -> list[int] | None:
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
 
 
-def _initializer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+def _constant_dims(model: onnx.ModelProto) -> Iterator[tuple[str, Sequence[int]]]:
+    """(name, dims) of every initializer and Constant node value; a later one wins."""
+    for t in model.graph.initializer:
+        yield t.name, t.dims
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute:
             attr = node.attribute[0]
             if attr.type == onnx.AttributeProto.TENSOR:
-                shapes[node.output[0]] = list(attr.t.dims)
-    return shapes
+                yield node.output[0], attr.t.dims
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(s, dtype=np.int64)) for s in _initializer_shapes(model).values())
+    sizes = {name: math.prod(dims) for name, dims in _constant_dims(model)}
+    return sum(sizes.values())
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    """Tensor name -> shape (symbolic dims as 1) for every tensor shape inference can type."""
+def infer_shapes(
+    model: onnx.ModelProto, names: Collection[str] | None = None
+) -> dict[str, list[int]]:
+    """Tensor name -> shape (symbolic dims as 1) for every tensor shape inference can type,
+    or only for ``names`` (reading every inferred shape costs seconds at 80k nodes)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
     except Exception as exc:  # shape inference is best effort for statistics
@@ -70,10 +77,14 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
-        dims = _dims(vi)
-        if dims is not None:
-            shapes[vi.name] = dims
-    shapes.update(_initializer_shapes(model))
+        if names is not None and vi.name not in names:
+            continue
+        inferred_dims = _dims(vi)
+        if inferred_dims is not None:
+            shapes[vi.name] = inferred_dims
+    for name, dims in _constant_dims(model):
+        if names is None or name in names:
+            shapes[name] = list(dims)
     return shapes
 
 
@@ -81,9 +92,18 @@ def _prod(values: list[int]) -> int:
     return int(np.prod(values, dtype=np.int64)) if values else 1
 
 
+# The op types node_macs counts; every other node has 0 MACs.
+MAC_OPS = frozenset(
+    {"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MatMul", "MatMulInteger"}
+    | {"QLinearMatMul", "Gemm", "GRU", "LSTM", "RNN"}
+)
+
+
 def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     """Multiply-accumulates of one node, 0 when unknown or not a contraction."""
     op = node.op_type
+    if op not in MAC_OPS:
+        return 0
     ins = [shapes.get(name) if name else None for name in node.input]
     outs = [shapes.get(name) for name in node.output]
     try:
@@ -131,9 +151,11 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
 def model_stats(model: onnx.ModelProto, with_macs: bool = True) -> ModelStats:
     histogram = Counter(node.op_type for node in model.graph.node)
     macs_by_op: Counter[str] = Counter()
-    if with_macs:
-        shapes = infer_shapes(model)
-        for node in model.graph.node:
+    counted = [node for node in model.graph.node if node.op_type in MAC_OPS]
+    if with_macs and counted:
+        names = {name for node in counted for name in (*node.input, *node.output)}
+        shapes = infer_shapes(model, names)
+        for node in counted:
             macs = node_macs(node, shapes)
             if macs:
                 macs_by_op[node.op_type] += macs

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from onnxpress.context import PassContext, TensorShapes
+from onnxpress.ir import toposort
 from onnxpress.pass_base import Pass, PassResult
 from onnxpress.registry import register_pass
 
@@ -31,7 +32,7 @@ class Toposort(Pass[ToposortOptions]):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         before = [id(n) for n in graph.nodes]
-        graph.toposort()
+        toposort(graph)
         moved = sum(1 for a, b in zip(before, (id(n) for n in graph.nodes), strict=True) if a != b)
         result.count("moved", moved)
         return result

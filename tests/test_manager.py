@@ -112,3 +112,42 @@ def test_analyses_are_cached_and_invalidated(mlp_model: onnx.ModelProto) -> None
     cleanup = parse_pipeline("cleanup")[0]  # does not
     PassManager([Probe(), toposort, Probe(), cleanup, Probe()]).run(make_mlp())
     assert seen[0] is seen[1] and seen[1] is not seen[2]
+
+
+def test_an_unchanged_model_keeps_its_verification(
+    mlp_model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxpress.manager as manager
+
+    sessions: list[onnx.ModelProto] = []
+
+    class CountingRunner(manager.Runner):
+        def __init__(self, model: onnx.ModelProto) -> None:
+            sessions.append(model)
+            super().__init__(model)
+
+    monkeypatch.setattr(manager, "Runner", CountingRunner)
+    # toposort leaves the cleaned model byte-identical: no checker, session or stats again.
+    _, report = onnxpress.optimize(mlp_model, passes="cleanup,toposort")
+    assert len(sessions) == 2  # the original and the cleaned model
+    cleanup, toposort = report.passes
+    assert toposort.verification == cleanup.verification and toposort.after is cleanup.after
+
+
+def test_random_inputs_keep_named_dims_consistent() -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GRU", ["x", "W", "R", "", "", "h0"], ["", "y"], hidden_size=2)],
+        "gru",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "batch", 3]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [1, 6, 3]),
+         helper.make_tensor_value_info("R", TensorProto.FLOAT, [1, 6, 2]),
+         helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "batch", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = random_inputs(model, seed=0)
+    # "T" heads x's shape, so it varies; "batch" is the same size in x and h0.
+    assert [f["x"].shape for f in feeds] == [(1, 8, 3), (3, 8, 3)]
+    assert all(f["h0"].shape == (1, 8, 2) for f in feeds)
