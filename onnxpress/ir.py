@@ -186,3 +186,28 @@ def unique_name(graph: gs.Graph, base: str, taken: set[str] | None = None) -> st
         i += 1
     names.add(candidate)
     return candidate
+
+
+def detach_removed_nodes(graph: gs.Graph) -> int:
+    """Drop links from live tensors to nodes that are no longer in ``graph.nodes``.
+
+    A pass that removes a node by rebuilding ``graph.nodes`` leaves the node in its tensors'
+    producer/consumer lists; later passes would then see phantom consumers. Returns the
+    number of stale links removed. Linear in the graph size.
+    """
+    live = {id(node) for node in graph.nodes}
+    removed = 0
+    seen: set[int] = set()
+    for node in graph.nodes:
+        for tensor in [*node.inputs, *node.outputs]:
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            for links in (tensor.inputs, tensor.outputs):
+                kept = [n for n in links if id(n) in live]
+                if len(kept) != len(links):
+                    removed += len(links) - len(kept)
+                    # Plain list operations: the dead nodes must not be touched.
+                    list.clear(links)
+                    list.extend(links, kept)
+    return removed

@@ -22,7 +22,7 @@ from onnxpress import io as model_io
 from onnxpress.calibration import CalibrationData
 from onnxpress.context import PassContext
 from onnxpress.errors import OnnxpressError, PassError, PipelineError, VerificationError
-from onnxpress.ir import copy_model, to_graph, to_model
+from onnxpress.ir import copy_model, detach_removed_nodes, to_graph, to_model
 from onnxpress.pass_base import Pass, PassResult
 from onnxpress.pipeline import format_pipeline
 from onnxpress.report import PassRecord, Report, VerifyOutcome
@@ -189,6 +189,9 @@ class PassManager:
             raise PassError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(result, PassResult):
             raise PassError(pass_.name, f"run() returned {type(result).__name__}, not PassResult")
+        stale = detach_removed_nodes(graph)
+        if stale:
+            logger.debug("pass %s left %d links to removed nodes; detached", pass_.name, stale)
         return result
 
     def _progress(self, event: str, index: int, total: int, name: str) -> None:

@@ -80,3 +80,22 @@ def test_cycle_is_an_error() -> None:
     )
     with pytest.raises(ValueError, match="cycle"):
         toposort(graph)
+
+
+def test_detach_removed_nodes_drops_phantom_consumers() -> None:
+    import onnx_graphsurgeon as gs
+
+    from onnxpress.ir import detach_removed_nodes
+
+    x = gs.Variable("x", dtype=np.float32, shape=[2])
+    a = gs.Variable("a", dtype=np.float32, shape=[2])
+    y = gs.Variable("y", dtype=np.float32, shape=[2])
+    relu = gs.Node("Relu", "relu", inputs=[x], outputs=[a])
+    dead = gs.Node("Sigmoid", "dead", inputs=[a], outputs=[gs.Variable("d", dtype=np.float32)])
+    neg = gs.Node("Neg", "neg", inputs=[a], outputs=[y])
+    graph = gs.Graph(nodes=[relu, dead, neg], inputs=[x], outputs=[y])
+    graph.nodes = [relu, neg]  # removed the way passes do: rebuilding the list
+    assert [n.name for n in a.outputs] == ["dead", "neg"]
+    assert detach_removed_nodes(graph) == 1
+    assert [n.name for n in a.outputs] == ["neg"]
+    assert detach_removed_nodes(graph) == 0
