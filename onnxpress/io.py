@@ -128,9 +128,7 @@ def save_model(
     if not folder.is_dir():
         raise ModelSaveError(f"{out}: folder '{folder}' does not exist")
     size = model_size(model)
-    use_external = (
-        external_data if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
-    )
+    use_external = external_data if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -290,9 +290,7 @@ def compile_model(
             notes.append(f"not run here: this machine cannot load a {spec.name} library")
         manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        (staging / "README.md").write_text(
-            _readme(spec, library.name, manifest), encoding="utf-8"
-        )
+        (staging / "README.md").write_text(_readme(spec, library.name, manifest), encoding="utf-8")
         out_dir.mkdir(exist_ok=True)
         for item in staging.iterdir():
             os.replace(item, out_dir / item.name)
@@ -376,4 +374,6 @@ def reference_outputs(
 def compare_outputs(
     expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
 ) -> dict[str, float]:
-    return {name: _max_rel(np.asarray(ref), np.asarray(got[name])) for name, ref in expected.items()}
+    return {
+        name: _max_rel(np.asarray(ref), np.asarray(got[name])) for name, ref in expected.items()
+    }

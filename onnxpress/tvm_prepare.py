@@ -1,13 +1,13 @@
 """Make a model TVM-ready: static input shapes, verified lowering passes, an op coverage check.
 
-  specialise:  every graph input gets a static shape (``--input-shape name=1,3,224,224``,
-               else the model's own static dims; a symbolic leading axis becomes 1), stale
-               value_info is dropped and shapes are inferred again;
-  lower:       the pipeline ``PREPARE_PIPELINE`` (GRU -> primitive ops, constant folding of
-               the now-static shape arithmetic, dead-node clean-up) runs under the pass
-               manager, so each pass is verified on onnxruntime and reported;
-  coverage:    every op the Relax ONNX importer cannot take is listed, with node names, in
-               one UnsupportedOpsError before TVM sees the model.
+specialise:  every graph input gets a static shape (``--input-shape name=1,3,224,224``,
+             else the model's own static dims; a symbolic leading axis becomes 1), stale
+             value_info is dropped and shapes are inferred again;
+lower:       the pipeline ``PREPARE_PIPELINE`` (GRU -> primitive ops, constant folding of
+             the now-static shape arithmetic, dead-node clean-up) runs under the pass
+             manager, so each pass is verified on onnxruntime and reported;
+coverage:    every op the Relax ONNX importer cannot take is listed, with node names, in
+             one UnsupportedOpsError before TVM sees the model.
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ class UnsupportedOpsError(OnnxpressError):
             shown = ", ".join(f"'{n}'" for n in nodes[:5])
             more = f" and {len(nodes) - 5} more" if len(nodes) > 5 else ""
             parts.append(f"{op} ({len(nodes)}: {shown}{more})")
-        super().__init__(
-            "TVM's ONNX importer cannot convert these ops: " + "; ".join(parts)
-        )
+        super().__init__("TVM's ONNX importer cannot convert these ops: " + "; ".join(parts))
         self.missing = dict(missing)
 
 
@@ -140,7 +138,9 @@ def specialise_shapes(
         inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True, data_prop=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"shape inference fails at the given input shapes: {first}") from None
+        raise InvalidModelError(
+            f"shape inference fails at the given input shapes: {first}"
+        ) from None
     inferred_outputs = {vi.name: vi for vi in inferred.graph.output}
     for vi in out.graph.output:
         new = inferred_outputs.get(vi.name)

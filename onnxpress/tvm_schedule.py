@@ -125,7 +125,9 @@ def cpu_pipeline(target: Any) -> Any:
                 [
                     *cpu_generic.library_dispatch_passes(target),
                     *cpu_generic.legalize_passes(target),
-                    dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), _loop_parallel_rule()),
+                    dl.ApplyDefaultSchedule(
+                        dl.cpu.GEMV(), dl.cpu.Reduction(), _loop_parallel_rule()
+                    ),
                     *cpu_generic.dataflow_lower_passes(target),
                     *cpu_generic.finalize_passes(target),
                 ]

@@ -89,7 +89,9 @@ def parse_target(text: str) -> TargetSpec:
         notes = []
         config = _host_config()
         if "mcpu" in config:
-            notes.append(f"built for this CPU ({config['mcpu']}); use x86-64 for a portable library")
+            notes.append(
+                f"built for this CPU ({config['mcpu']}); use x86-64 for a portable library"
+            )
         return TargetSpec("x86", config, ".so", notes=notes)
     if name in ("x86-64", "x86_64"):
         return TargetSpec("x86-64", {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, ".so")
