@@ -3,6 +3,7 @@
 from onnxpress.api import optimize
 from onnxpress.calibration import CalibrationData
 from onnxpress.context import PassContext, TensorShapes
+from onnxpress.distill import DistillOptions, DistillReport, distill  # imports torch lazily
 from onnxpress.errors import (
     CalibrationError,
     InvalidModelError,
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationData",
     "CalibrationError",
+    "DistillOptions",
+    "DistillReport",
     "InvalidModelError",
     "ModelLoadError",
     "ModelSaveError",
@@ -50,6 +53,7 @@ __all__ = [
     "all_passes",
     "bisect",
     "compile",
+    "distill",
     "get_pass",
     "load_model",
     "load_plugin_file",

@@ -1,4 +1,4 @@
-"""The ``onnxpress`` command: optimize, passes, inspect, compile, run (TVM; tvm_cli).
+"""The ``onnxpress`` command: optimize, passes, inspect, distill, compile, run (TVM; tvm_cli).
 
 Errors are one line on stderr with a non-zero exit (1 for bad input or a failed pass, 2 for
 bad usage, 130 on Ctrl-C); ``--debug`` shows tracebacks. Nothing is written unless the whole
@@ -120,6 +120,27 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--seed", type=int, default=0, help="seed for verification inputs")
     comp.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
+    dist = sub.add_parser("distill", help="fine-tune a compressed model against its original")
+    dist.add_argument("model", help="student .onnx file (the compressed model)")
+    dist.add_argument("--teacher", required=True, help="teacher .onnx file (the original)")
+    dist.add_argument("--data", required=True, help=".npz file or folder of .npz input batches")
+    dist.add_argument("-o", "--output", help="output .onnx file (default: MODEL.distilled.onnx)")
+    dist.add_argument("--labels", help=".npz holding 'labels' (int), one per sample, in order")
+    dist.add_argument("--epochs", type=int, default=10)
+    dist.add_argument("--lr", type=float, default=1e-3)
+    dist.add_argument("--temperature", type=float, default=4.0)
+    dist.add_argument("--alpha", type=float, default=0.5, help="hard-label loss weight")
+    dist.add_argument("--batch-size", type=int, default=32)
+    dist.add_argument(
+        "--feature-loss", metavar="S:T,...", help="MSE between student:teacher tensor pairs"
+    )
+    dist.add_argument("--holdout", type=float, default=0.1, help="held-out fraction")
+    dist.add_argument("--patience", type=int, default=3, help="early-stopping patience")
+    dist.add_argument("--freeze-scales", action="store_true", help="do not learn QDQ scales")
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--json", action="store_true", help="print the report as JSON")
+    dist.add_argument("--in-place", action="store_true", help="allow overwriting the input")
+
     run = sub.add_parser("run", help="run a compiled folder on inputs from an .npz file")
     run.add_argument("folder", help="output folder of 'onnxpress compile'")
     run.add_argument("--inputs", required=True, help=".npz file keyed by input name")
@@ -145,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _passes(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "distill":
+            return _distill(args)
         if args.command == "compile":
             from onnxpress.tvm_cli import compile_command
 
@@ -235,6 +258,72 @@ def _optimize(args: argparse.Namespace) -> int:
     else:
         print(render_report(report))
         print(f"\nwrote {output}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from onnxpress.distill import DistillOptions, distill, require_torch
+
+    pairs: list[tuple[str, str]] = []
+    for item in (args.feature_loss or "").split(","):
+        if item.strip():
+            student, sep, teacher = item.strip().partition(":")
+            if not sep or not student or not teacher:
+                raise PipelineError(f"--feature-loss: expected student:teacher, not {item!r}")
+            pairs.append((student, teacher))
+    options = DistillOptions(
+        epochs=args.epochs,
+        lr=args.lr,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        feature_losses=tuple(pairs),
+        holdout=args.holdout,
+        patience=args.patience,
+        learn_scales=not args.freeze_scales,
+        seed=args.seed,
+    )
+    path = Path(args.model)
+    output = Path(args.output) if args.output else path.with_name(path.stem + ".distilled.onnx")
+    if path.exists() and same_file(output, args.model) and not args.in_place:
+        raise ModelSaveError(
+            f"{output}: output path is the input model (use --in-place to overwrite)"
+        )
+    if not (output.parent if str(output.parent) else Path(".")).is_dir():
+        raise ModelSaveError(f"{output}: folder '{output.parent}' does not exist")
+    require_torch()
+    started = [0.0]
+
+    def progress(epoch: int, epochs: int, train_loss: float, holdout_loss: float) -> None:
+        if args.json:
+            return
+        bar = "#" * epoch + "." * (epochs - epoch)
+        text = f"[{bar}] epoch {epoch}/{epochs} loss {train_loss:.4f} held-out {holdout_loss:.4f}"
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[2K" + text + ("\n" if epoch == epochs else ""))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        started[0] = epoch
+
+    tuned, report = distill(
+        args.model,
+        args.teacher,
+        args.data,
+        labels=args.labels,
+        options=options,
+        on_progress=progress,
+    )
+    if sys.stderr.isatty() and not args.json and started[0] != options.epochs:
+        sys.stderr.write("\n")
+    save_model(tuned, output, protect=None if args.in_place else args.model)
+    if args.json:
+        print(json.dumps({**asdict(report), "output_path": str(output)}, indent=2))
+    else:
+        print(report.describe())
+        print(f"\nwrote {output}")
     return 0
 
 

@@ -136,11 +136,17 @@ class _Lowering:
         return gs.Constant(self._name(base), np.asarray(value))
 
     def op(
-        self, op: str, base: str, inputs: list[gs.Tensor], attrs: dict[str, Any] | None = None,
+        self,
+        op: str,
+        base: str,
+        inputs: list[gs.Tensor],
+        attrs: dict[str, Any] | None = None,
         outputs: int = 1,
     ) -> list[gs.Variable]:
-        outs = [gs.Variable(self._name(f"{base}_out{i}" if outputs > 1 else base))
-                for i in range(outputs)]
+        outs = [
+            gs.Variable(self._name(f"{base}_out{i}" if outputs > 1 else base))
+            for i in range(outputs)
+        ]
         node = gs.Node(op, self._name(base), attrs or {}, list(inputs), list(outs))
         self.graph.nodes.append(node)
         return outs
@@ -163,8 +169,11 @@ class _Lowering:
         w = np.asarray(constant_value(node.inputs[1]))
         r = np.asarray(constant_value(node.inputs[2]))
         has_b = len(node.inputs) > 3 and node.inputs[3].name
-        b = (np.asarray(constant_value(node.inputs[3])) if has_b
-             else np.zeros((len(directions), 6 * hidden), self.dtype))
+        b = (
+            np.asarray(constant_value(node.inputs[3]))
+            if has_b
+            else np.zeros((len(directions), 6 * hidden), self.dtype)
+        )
         init = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5].name else None
         states_by_dir: list[list[gs.Variable]] = []
         last_by_dir: list[gs.Tensor] = []
@@ -178,21 +187,28 @@ class _Lowering:
             stacked = []
             for d, states in enumerate(states_by_dir):
                 axes = self.const(f"d{d}/y_axes", np.array([0, 1], np.int64))
-                parts = [self.op("Unsqueeze", f"d{d}/t{t}/y", [s, axes])[0]
-                         for t, s in enumerate(states)]
+                parts = [
+                    self.op("Unsqueeze", f"d{d}/t{t}/y", [s, axes])[0] for t, s in enumerate(states)
+                ]
                 stacked.append(self.op("Concat", f"d{d}/y", parts, {"axis": 0})[0])
-            y = stacked[0] if len(stacked) == 1 else \
-                self.op("Concat", "y_dirs", stacked, {"axis": 1})[0]
+            y = (
+                stacked[0]
+                if len(stacked) == 1
+                else self.op("Concat", "y_dirs", stacked, {"axis": 1})[0]
+            )
             perm = {"perm": [2, 0, 1, 3]}
             self._write(self.op("Transpose", "y_layout", [y], perm)[0] if self.layout else y, y_out)
         if self._needed(yh_out):
             axes = self.const("yh_axes", np.array([0], np.int64))
-            lasts = [self.op("Unsqueeze", f"d{d}/yh", [last, axes])[0]
-                     for d, last in enumerate(last_by_dir)]
+            lasts = [
+                self.op("Unsqueeze", f"d{d}/yh", [last, axes])[0]
+                for d, last in enumerate(last_by_dir)
+            ]
             yh = lasts[0] if len(lasts) == 1 else self.op("Concat", "yh", lasts, {"axis": 0})[0]
             perm = {"perm": [1, 0, 2]}
-            self._write(self.op("Transpose", "yh_layout", [yh], perm)[0] if self.layout else yh,
-                        yh_out)
+            self._write(
+                self.op("Transpose", "yh_layout", [yh], perm)[0] if self.layout else yh, yh_out
+            )
         return self.steps * len(directions)
 
     def _needed(self, tensor: gs.Tensor | None) -> bool:
@@ -206,7 +222,13 @@ class _Lowering:
         producer.outputs = [target if o is value else o for o in producer.outputs]
 
     def _direction(
-        self, d: int, kind: str, x: gs.Tensor, w: np.ndarray, r: np.ndarray, b: np.ndarray,
+        self,
+        d: int,
+        kind: str,
+        x: gs.Tensor,
+        w: np.ndarray,
+        r: np.ndarray,
+        b: np.ndarray,
         init: gs.Tensor | None,
     ) -> tuple[list[gs.Variable], gs.Tensor]:
         """Emit one direction; returns the step states in time order (Y[t]) and Y_h."""
@@ -238,8 +260,12 @@ class _Lowering:
             raise ValueError("a GRU over 0 steps")
         for t in order:
             s = f"{p}/t{t}"
-            xt = self.op("Gather", f"{s}/x", [xw, self.const(f"{s}/index", np.array(t, np.int64))],
-                         {"axis": 0})[0]
+            xt = self.op(
+                "Gather",
+                f"{s}/x",
+                [xw, self.const(f"{s}/index", np.array(t, np.int64))],
+                {"axis": 0},
+            )[0]
             x_zr, x_h = self.op("Split", f"{s}/x_split", [xt, split_x], {"axis": 1}, outputs=2)
             if self.lbr:
                 hr = self.op("MatMul", f"{s}/hr", [state, r_t])[0]

@@ -1,0 +1,1 @@
+"""Importers that turn models from other frameworks into checked ONNX (``frontends.torch``)."""
