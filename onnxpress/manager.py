@@ -30,12 +30,12 @@ from onnxpress.stats import model_stats
 from onnxpress.verify import (
     LOSSLESS_TOLERANCE,
     METRICS,
-    Runner,
     check_structure,
     compare_lossless,
     compare_metric,
     run_all,
     verification_inputs,
+    verification_runner,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class PassManager:
         output_names: list[str] = []
         if level == "numeric":
             feeds = verification_inputs(original, self.calibration, self.seed)
-            runner = Runner(original)
+            runner = verification_runner(original)
             output_names = runner.output_names
             reference = run_all(runner, feeds)
         previous = reference
@@ -136,7 +136,9 @@ class PassManager:
                     raise VerificationError(name, _first_line(exc)) from exc
             if level == "numeric":
                 try:
-                    outputs = previous if unchanged else run_all(Runner(current), feeds)
+                    outputs = (
+                        previous if unchanged else run_all(verification_runner(current), feeds)
+                    )
                 except Exception as exc:
                     raise VerificationError(
                         name, f"onnxruntime cannot run the result: {_first_line(exc)}"
@@ -213,7 +215,7 @@ def bisect(
     pipeline of n passes needs about log2(n) runs.
     """
     feeds = verification_inputs(model, calibration, seed)
-    runner = Runner(model)
+    runner = verification_runner(model)
     reference = run_all(runner, feeds)
 
     def fails(prefix: int) -> bool:
@@ -223,7 +225,7 @@ def bisect(
                 head, VerifyConfig(level="off"), calibration=calibration, seed=seed
             ).run(model)
             check_structure(candidate)
-            outputs = run_all(Runner(candidate), feeds)
+            outputs = run_all(verification_runner(candidate), feeds)
         except KeyboardInterrupt:
             raise
         except Exception as exc:

@@ -23,6 +23,7 @@ from onnx import helper
 from onnxpress import io as model_io
 from onnxpress.calibration import Batch, CalibrationData
 from onnxpress.ir import copy_model
+from onnxpress.partition import CHUNK_NODES, NotPartitionable, PartitionedRunner
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,24 @@ def verification_inputs(
     return random_inputs(model, seed)
 
 
-def run_all(runner: Runner, feeds: list[Batch]) -> list[list[np.ndarray]]:
+def verification_runner(model: onnx.ModelProto) -> Runner | PartitionedRunner:
+    """A Runner, or for very large graphs a PartitionedRunner with the same outputs.
+
+    onnxruntime's session creation is superlinear in graph size; chunking keeps the
+    verifier's cost linear (docs/BENCHMARKS.md, "Scale").
+    """
+    if (
+        len(model.graph.node) > 2 * CHUNK_NODES
+        and model.ByteSize() <= model_io.EXTERNAL_DATA_THRESHOLD
+    ):
+        try:
+            return PartitionedRunner(model, Runner, chunk_nodes=CHUNK_NODES)
+        except NotPartitionable as exc:
+            logger.debug("running the model in one session: %s", exc)
+    return Runner(model)
+
+
+def run_all(runner: Runner | PartitionedRunner, feeds: list[Batch]) -> list[list[np.ndarray]]:
     return [runner(feed) for feed in feeds]
 
 
