@@ -211,3 +211,43 @@ def detach_removed_nodes(graph: gs.Graph) -> int:
                     list.clear(links)
                     list.extend(links, kept)
     return removed
+
+
+def remove_dead_nodes(graph: gs.Graph) -> int:
+    """Remove nodes that no graph output depends on; return how many were removed.
+
+    Linear in the graph (graphsurgeon's cleanup unlinks node by node with value
+    comparisons, quadratic in the readers of a shared weight). Graphs whose nodes hold
+    subgraphs, which may read outer tensors implicitly, go to graphsurgeon's cleanup.
+    """
+    if any(isinstance(v, gs.Graph) for node in graph.nodes for v in node.attrs.values()):
+        before = len(graph.nodes)
+        graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+        return before - len(graph.nodes)
+    live: set[int] = set()
+    stack = [t for t in graph.outputs]
+    seen: set[int] = set()
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        for node in tensor.inputs:
+            if id(node) not in live:
+                live.add(id(node))
+                stack.extend(node.inputs)
+    dead = [n for n in graph.nodes if id(n) not in live]
+    if not dead:
+        return 0
+    dead_ids = {id(n) for n in dead}
+    for node in dead:
+        for tensor in node.inputs:
+            kept = [c for c in tensor.outputs if id(c) not in dead_ids]
+            list.clear(tensor.outputs)
+            list.extend(tensor.outputs, kept)
+        for tensor in node.outputs:
+            list.clear(tensor.inputs)
+        list.clear(node.inputs)
+        list.clear(node.outputs)
+    graph.nodes = [n for n in graph.nodes if id(n) in live]
+    return len(dead)

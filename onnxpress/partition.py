@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 logger = logging.getLogger(__name__)
 
-CHUNK_NODES = 2000
+CHUNK_NODES = 1000
 
 
 class NotPartitionable(Exception):

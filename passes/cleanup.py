@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from onnxpress.context import PassContext
+from onnxpress.ir import remove_dead_nodes
 from onnxpress.pass_base import Pass, PassResult
 from onnxpress.registry import register_pass
 
@@ -37,11 +38,11 @@ class Cleanup(Pass[CleanupOptions]):
         if self.options.dead_nodes:
             # Dead consumers first, so that an Identity feeding a graph output is often the
             # only consumer of its input and can be removed.
-            graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+            remove_dead_nodes(graph)
         if self.options.identity:
             result.count("identity_removed", self._remove_identities(graph, result))
         if self.options.dead_nodes:
-            graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+            remove_dead_nodes(graph)
             removed = nodes_before - len(graph.nodes) - result.counts.get("identity_removed", 0)
             result.count("dead_nodes_removed", removed)
             result.count("initializers_removed", consts_before - _count_constants(graph))

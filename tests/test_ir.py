@@ -99,3 +99,27 @@ def test_detach_removed_nodes_drops_phantom_consumers() -> None:
     assert detach_removed_nodes(graph) == 1
     assert [n.name for n in a.outputs] == ["neg"]
     assert detach_removed_nodes(graph) == 0
+
+
+def test_remove_dead_nodes_is_linear_with_a_widely_shared_weight() -> None:
+    """20k dead readers of one weight: graphsurgeon's cleanup is quadratic here."""
+    import time
+
+    import onnx_graphsurgeon as gs
+
+    from onnxpress.ir import remove_dead_nodes
+
+    x = gs.Variable("x", dtype=np.float32, shape=[2])
+    w = gs.Constant("w", np.ones(2, np.float32))
+    y = gs.Variable("y", dtype=np.float32, shape=[2])
+    live = gs.Node("Add", "live", inputs=[x, w], outputs=[y])
+    dead = [
+        gs.Node("Mul", f"dead{i}", inputs=[x, w], outputs=[gs.Variable(f"d{i}", dtype=np.float32)])
+        for i in range(20_000)
+    ]
+    graph = gs.Graph(nodes=[live, *dead], inputs=[x], outputs=[y])
+    start = time.perf_counter()
+    assert remove_dead_nodes(graph) == 20_000
+    assert time.perf_counter() - start < 5
+    assert [n.name for n in graph.nodes] == ["live"]
+    assert [n.name for n in w.outputs] == ["live"] and [n.name for n in x.outputs] == ["live"]
