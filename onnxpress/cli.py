@@ -72,27 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument(
         "--bisect",
         action="store_true",
-        help="on a verification failure, find the first pass of the pipeline that breaks the model",
+        help="first check prefixes of the pipeline against the original model and name the "
+        "first pass that breaks it (even with --verify structure)",
     )
-    opt.add_argument(
-        "--plugin",
-        action="append",
-        default=[],
-        metavar="FILE",
-        dest="plugin_sub",
-        help=argparse.SUPPRESS,
-    )
+    _add_plugin_option(opt)
 
     ps = sub.add_parser("passes", help="list registered passes and their options")
     ps.add_argument("--json", action="store_true")
-    ps.add_argument(
-        "--plugin",
-        action="append",
-        default=[],
-        metavar="FILE",
-        dest="plugin_sub",
-        help=argparse.SUPPRESS,
-    )
+    _add_plugin_option(ps)
 
     ins = sub.add_parser("inspect", help="show a model's interface, ops, params and MACs")
     ins.add_argument("model")
@@ -148,6 +135,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tolerance", type=float, default=1e-4, help="max-rel limit for --verify")
     run.add_argument("-o", "--output", metavar="FILE", help="write the outputs to this .npz")
     return parser
+
+
+def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    """--plugin is also accepted after the subcommand (``onnxpress optimize --plugin f.py``)."""
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        dest="plugin_sub",
+        help=argparse.SUPPRESS,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
