@@ -19,6 +19,7 @@ from pathlib import Path
 MODELS_DIR = Path(__file__).resolve().parent
 BUILDS = {
     "cnn_mnist": ["cnn_mnist.onnx"],
+    "cnn_wide_mnist": ["cnn_wide_mnist.onnx"],
     "mlp_digits": ["mlp_digits.onnx"],
     "transformer_mnist": ["transformer_mnist.onnx"],
     "gru_sunspots": ["gru_sunspots.onnx", "gru_sunspots_unrolled.onnx"],

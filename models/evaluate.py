@@ -27,6 +27,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 # model name -> name of its evaluation set in DATA_DIR (<set>_eval.npz)
 EVAL_SETS = {
     "cnn_mnist": "cnn_mnist",
+    "cnn_wide_mnist": "cnn_wide_mnist",
     "mlp_digits": "mlp_digits",
     "transformer_mnist": "transformer_mnist",
     "gru_sunspots": "gru_sunspots",

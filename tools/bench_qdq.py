@@ -1,6 +1,7 @@
 """QDQ benchmark: onnxpress's ``qdq`` pass side by side with onnxruntime's ``quantize_static``.
 
-For each bundled model (trained CNN, transformer encoder, GRU) and each quantizer variant:
+For each bundled model (trained CNN, transformer encoder, GRU; the wide-range CNN without
+BatchNorm, ``cnn_wide_mnist``, on request with ``--models``) and each quantizer variant:
 held-out accuracy (or RMSE) and agreement with the float model, model bytes, onnxruntime
 latency relative to the float model (interleaved rounds, medians, one session per model,
 same process), and calibration peak memory (ru_maxrss of a fresh subprocess) and time with
@@ -11,6 +12,7 @@ uint8 activations (U8S8, its fast x86 form) and with its defaults (S8S8).
 
     python tools/bench_qdq.py --json qdq.json --markdown qdq.md
     python tools/bench_qdq.py --models cnn_mnist --memory-batches 50,500
+    python tools/bench_qdq.py --models cnn_wide_mnist --memory-batches 50   # wide-range CNN
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ def bench_model(
         {"tool": "fp32", "variant": "float", "bytes": base.ByteSize(), **evaluate(base, name, None)}
     )
     for label, passes in ONNXPRESS_VARIANTS.items():
-        if label.startswith("CLE") and name != "cnn_mnist":
+        if label.startswith("CLE") and not name.startswith("cnn"):
             continue
         model, seconds, info = onnxpress_variant(name, passes)
         models[f"onnxpress {label}"] = model

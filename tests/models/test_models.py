@@ -22,12 +22,13 @@ DATA_DIR = MODELS_DIR / "data"
 # model file stem -> (metric, bound): accuracy must exceed it, RMSE must stay below it
 EXPECTED = {
     "cnn_mnist": ("accuracy", 0.95),
+    "cnn_wide_mnist": ("accuracy", 0.95),
     "mlp_digits": ("accuracy", 0.95),
     "transformer_mnist": ("accuracy", 0.90),
     "gru_sunspots": ("rmse", 25.0),
     "gru_sunspots_unrolled": ("rmse", 25.0),
 }
-CALIBRATED = ["cnn_mnist", "mlp_digits", "transformer_mnist", "gru_sunspots"]
+CALIBRATED = ["cnn_mnist", "cnn_wide_mnist", "mlp_digits", "transformer_mnist", "gru_sunspots"]
 
 
 def load_evaluate() -> ModuleType:
@@ -84,6 +85,15 @@ def test_cnn_keeps_batchnorm_and_residual_add() -> None:
     assert (MODELS_DIR / "cnn_mnist.onnx").stat().st_size < 1_000_000
 
 
+def test_wide_cnn_has_no_batchnorm_and_raw_pixel_inputs() -> None:
+    counts = ops("cnn_wide_mnist")
+    assert counts["BatchNormalization"] == 0
+    assert counts["Conv"] == 6 and counts["Relu"] == 6 and counts["Add"] == 2
+    assert (MODELS_DIR / "cnn_wide_mnist.onnx").stat().st_size < 300_000
+    with np.load(DATA_DIR / "cnn_wide_mnist_calib.npz", allow_pickle=False) as calibration:
+        assert float(calibration["input"].max()) > 100.0  # pixels 0..255, not scaled
+
+
 def test_transformer_has_attention_and_layernorm() -> None:
     counts = ops("transformer_mnist")
     assert counts["Softmax"] == 2
@@ -126,6 +136,7 @@ def test_calibration_batch_matches_the_model_input(name: str) -> None:
     ("file_name", "kind"),
     [
         ("cnn_mnist.opt.onnx", "cnn_mnist"),
+        ("cnn_wide_mnist.qdq.onnx", "cnn_wide_mnist"),
         ("gru_sunspots_unrolled.fused.onnx", "gru_sunspots_unrolled"),
         ("gru_sunspots-int8.onnx", "gru_sunspots"),
     ],

