@@ -38,8 +38,10 @@ MIB = 1 << 20
 _MAX_ROUNDS = 4  # infer shapes again after folding, at most this many rounds in all
 _SMALL_INT_INPUT = 1024  # integer inputs up to this size reach shape inference as values
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")  # graphsurgeon reads the default as None
-_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike"}
-_RANDOM |= {"Multinomial", "Bernoulli"}
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}  # fmt: skip
+# Ops whose output shape depends on the values of an input: a new constant there is the
+# only way a fold can make more shapes static and another round of inference worthwhile.
+_SHAPE_ARGS = {"Reshape", "Expand", "ConstantOfShape", "Tile", "Slice", "Pad", "Resize", "Upsample", "Squeeze", "Unsqueeze", "Split", "Range", "OneHot", "TopK", "CenterCropPad"}  # fmt: skip
 _NOT_TENSORS = {"Optional", "OptionalGetElement", "OptionalHasElement", "SplitToSequence"}
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
 _FAST = {"Identity", "Cast", "Concat", "Gather", "Unsqueeze", *_BINARY}
@@ -76,7 +78,7 @@ class FoldConstants(Pass[FoldConstantsOptions]):
         for round_index in range(_MAX_ROUNDS):
             if round_index:
                 # Folding may have made more shapes static; infer again only if it can help.
-                if not folder.progress or not folder.dynamic_shape_nodes:
+                if not (folder.progress and folder.dynamic_shape_nodes and folder.new_shape_args):
                     break
                 ctx.invalidate()
             folder.fold_round(folder.static_shapes())
@@ -98,6 +100,7 @@ class _Folder:
         self.touched: dict[int, gs.Tensor] = {}
         self.progress = False  # whether the last round folded anything
         self.dynamic_shape_nodes = 0  # Shape/Size nodes kept because their input is dynamic
+        self.new_shape_args = False  # a fold fed a value-dependent-shape op (see _SHAPE_ARGS)
 
     def static_shapes(self) -> TensorShapes | None:
         """Inferred shapes, computed only when some Shape/Size still reads a variable."""
@@ -106,7 +109,7 @@ class _Folder:
         return None
 
     def fold_round(self, shapes: TensorShapes | None) -> None:
-        self.dynamic_shape_nodes = 0
+        self.dynamic_shape_nodes, self.new_shape_args = 0, False
         if not _is_sorted(self.graph.nodes):
             self.graph.toposort(recurse_subgraphs=False, recurse_functions=False)
         for node in self.graph.nodes:
@@ -206,6 +209,9 @@ class _Folder:
             list.clear(tensor.inputs)
         for tensor, value in zip(named, values, strict=True):
             tensor.to_constant(np.asarray(value))
+            self.new_shape_args |= any(
+                c.op in _SHAPE_ARGS or c.op.startswith("Reduce") for c in tensor.outputs
+            )
         list.clear(node.outputs)
         for tensor in node.inputs:
             self.touched[id(tensor)] = tensor

@@ -282,3 +282,34 @@ def test_large_graph_is_linear() -> None:
     assert [n.name for n in graph.nodes] == [f"chain{i}" for i in range(count)]
     assert one.outputs == [] and all(len(n.inputs[1].outputs) == 1 for n in graph.nodes)
     assert graph.nodes[-1].inputs[1].values == count
+
+
+def test_a_fold_that_makes_a_shape_static_triggers_another_round() -> None:
+    """Max(consts) folds into Reshape's shape; only then is Shape(reshaped) static."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxpress
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Max", ["c1", "c2"], ["shp"]),
+            helper.make_node("Reshape", ["x", "shp"], ["r"]),
+            helper.make_node("Shape", ["r"], ["s"]),
+            helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT),
+            helper.make_node("Relu", ["r"], ["z"]),
+        ],
+        "rounds",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.array([2, 1], np.int64), "c1"),
+         numpy_helper.from_array(np.array([1, 3], np.int64), "c2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, report = onnxpress.optimize(model, passes="fold-constants")
+    counts = report.passes[0].result.counts
+    assert counts["folded"] == 2 and counts["shapes_folded"] == 1  # Max, Cast; Shape
+    assert [n.op_type for n in out.graph.node] == ["Reshape", "Relu"]
+    y = next(t for t in out.graph.initializer if t.name == "y")
+    np.testing.assert_array_equal(numpy_helper.to_array(y), [2.0, 3.0])
