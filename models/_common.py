@@ -186,6 +186,21 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     np.savez_compressed(path, **named)
 
 
+def save_mnist_eval(name: str, images: np.ndarray, labels: np.ndarray, *, divisor: float,
+                    input_shape: Sequence[int], accuracy: float) -> Path:
+    """Write ``data/<name>_eval.npz`` for a digit classifier (read by models/evaluate.py)."""
+    path = DATA_DIR / f"{name}_eval.npz"
+    save_npz(path, {
+        "task": np.array("classification"),
+        "images": images,
+        "labels": labels,
+        "divisor": np.float32(divisor),
+        "input_shape": np.array(list(input_shape), dtype=np.int64),
+        "accuracy": np.float64(accuracy),
+    })
+    return path
+
+
 def save_calibration(name: str, input_name: str, batch: np.ndarray) -> Path:
     """Write ``data/<name>_calib.npz``: one training batch keyed by the model's input name."""
     path = DATA_DIR / f"{name}_calib.npz"

@@ -16,11 +16,12 @@ Usage: python models/build_cnn_mnist.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from _common import (
     CALIBRATION_SIZE,
-    DATA_DIR,
     MODELS_DIR,
     assert_close,
     check_dynamic_batch,
@@ -32,7 +33,7 @@ from _common import (
     report,
     run_onnx,
     save_calibration,
-    save_npz,
+    save_mnist_eval,
     shift_augment,
     train_classifier,
 )
@@ -52,13 +53,17 @@ def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequenti
     )
 
 
-class ResidualBlock(nn.Module):
-    """Two Conv-BN layers with an identity shortcut: relu(x + bn(conv(relu(bn(conv(x))))))."""
+ConvFactory = Callable[..., nn.Module]
 
-    def __init__(self, channels: int) -> None:
+
+class ResidualBlock(nn.Module):
+    """Two conv layers with an identity shortcut: relu(x + conv(relu(conv(x)))), where a
+    conv layer is Conv-BN (cnn_mnist) or a plain biased Conv (cnn_wide_mnist)."""
+
+    def __init__(self, channels: int, layer: ConvFactory = conv_bn) -> None:
         super().__init__()
-        self.first = conv_bn(channels, channels)
-        self.second = conv_bn(channels, channels)
+        self.first = layer(channels, channels)
+        self.second = layer(channels, channels)
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,15 +71,15 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualCNN(nn.Module):
-    """Residual CNN with BatchNorm for 28x28 MNIST digits (cnn_mnist)."""
+    """Residual CNN for 28x28 MNIST digits; with BatchNorm unless another layer is given."""
 
-    def __init__(self, classes: int = 10) -> None:
+    def __init__(self, classes: int = 10, layer: ConvFactory = conv_bn) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            conv_bn(1, 16), nn.ReLU(), nn.MaxPool2d(2),
-            ResidualBlock(16),
-            conv_bn(16, 32, stride=2), nn.ReLU(),
-            ResidualBlock(32),
+            layer(1, 16), nn.ReLU(), nn.MaxPool2d(2),
+            ResidualBlock(16, layer),
+            layer(16, 32, stride=2), nn.ReLU(),
+            ResidualBlock(32, layer),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.classifier = nn.Linear(32, classes)
@@ -113,15 +118,8 @@ def main() -> None:
     assert_close(f"{NAME} onnxruntime vs torch", torch_logits, onnx_logits)
 
     accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
-    eval_path = DATA_DIR / f"{NAME}_eval.npz"
-    save_npz(eval_path, {
-        "task": np.array("classification"),
-        "images": test_images,
-        "labels": test_labels,
-        "divisor": np.float32(255.0),
-        "input_shape": np.array([1, 28, 28], dtype=np.int64),
-        "accuracy": np.float64(accuracy),
-    })
+    eval_path = save_mnist_eval(NAME, test_images, test_labels, divisor=255.0,
+                                input_shape=(1, 28, 28), accuracy=accuracy)
     calib_path = save_calibration(NAME, "input", to_input(train_images[:CALIBRATION_SIZE]))
     report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
 

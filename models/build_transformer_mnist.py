@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from _common import (
     CALIBRATION_SIZE,
-    DATA_DIR,
     MODELS_DIR,
     assert_close,
     check_dynamic_batch,
@@ -35,7 +34,7 @@ from _common import (
     report,
     run_onnx,
     save_calibration,
-    save_npz,
+    save_mnist_eval,
     shift_augment,
     train_classifier,
 )
@@ -136,15 +135,8 @@ def main() -> None:
     assert_close(f"{NAME} onnxruntime vs torch", torch_logits, onnx_logits)
 
     accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
-    eval_path = DATA_DIR / f"{NAME}_eval.npz"
-    save_npz(eval_path, {
-        "task": np.array("classification"),
-        "images": test_images,
-        "labels": test_labels,
-        "divisor": np.float32(255.0),
-        "input_shape": np.array([ROWS, ROWS], dtype=np.int64),
-        "accuracy": np.float64(accuracy),
-    })
+    eval_path = save_mnist_eval(NAME, test_images, test_labels, divisor=255.0,
+                                input_shape=(ROWS, ROWS), accuracy=accuracy)
     calib_path = save_calibration(NAME, "input", to_input(train_images[:CALIBRATION_SIZE]))
     report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
 
