@@ -26,6 +26,7 @@ import networkx as nx
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxpress.activations import Moments, regularized_cholesky, with_outputs
 from onnxpress.calibration import Batch
@@ -195,3 +196,37 @@ def layer_waves(graph: gs.Graph, layers: Sequence[Sequence[gs.Node]]) -> list[li
         sorted(i for c in generation for i in condensed.nodes[c]["members"])
         for generation in nx.topological_generations(condensed)
     ]
+
+
+def conv_patches(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[int],
+    auto_pad: str = "NOTSET",
+) -> np.ndarray:
+    """im2col of an N×C×spatial input: one row per output position, C·Πkernel wide, features
+    ordered (channel, kernel positions) like a Conv weight [M, C, k...] flattened per filter.
+
+    ``pads`` is ONNX's [begin..., end...]; ``auto_pad`` SAME_UPPER/SAME_LOWER/VALID override it.
+    """
+    dims = len(kernel)
+    if auto_pad == "VALID":
+        pads = [0] * 2 * dims
+    elif auto_pad.startswith("SAME"):
+        pads = [0] * 2 * dims
+        for i, (size, k, s, d) in enumerate(
+            zip(x.shape[2:], kernel, strides, dilations, strict=True)
+        ):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            low = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            pads[i], pads[i + dims] = low, total - low
+    x = np.pad(x, [(0, 0), (0, 0), *zip(pads[:dims], pads[dims:], strict=True)])
+    window = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    view = sliding_window_view(x, window, axis=tuple(range(2, 2 + dims)))
+    steps = [*strides, *dilations]
+    view = view[tuple([slice(None), slice(None), *(slice(None, None, s) for s in steps)])]
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    rows = x.shape[1] * int(np.prod(kernel))
+    return np.ascontiguousarray(np.transpose(view, order)).reshape(-1, rows)

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxpress.calibration import Batch
 from onnxpress.channel_groups import ChannelGroups, node_key
 from onnxpress.channel_trace import constant_array, topological_nodes
 from onnxpress.ir import to_model, unique_name
 from onnxpress.refit import Tap, collect_moments, refit_right, squared_output_error
+from onnxpress.refit import conv_patches as patches_of
 from onnxpress.stats import infer_shapes
 
 if TYPE_CHECKING:
@@ -39,31 +39,15 @@ ROWS_PER_BATCH = 4096  # im2col rows kept per calibration batch (evenly strided)
 
 
 def conv_patches(x: np.ndarray, node: gs.Node, kernel: list[int]) -> np.ndarray:
-    """im2col: one row per output position, features ordered (channel, kernel positions)."""
+    """im2col for ``node``'s attributes (onnxpress.refit.conv_patches)."""
     dims = len(kernel)
-    strides = [int(s) for s in node.attrs.get("strides", [1] * dims)]
-    dilations = [int(d) for d in node.attrs.get("dilations", [1] * dims)]
-    pads = [int(p) for p in node.attrs.get("pads", [0] * 2 * dims)]
-    auto_pad = str(node.attrs.get("auto_pad", "NOTSET"))
-    if auto_pad == "VALID":
-        pads = [0] * 2 * dims
-    elif auto_pad.startswith("SAME"):
-        pads = [0] * 2 * dims
-        for i, (size, k, s, d) in enumerate(
-            zip(x.shape[2:], kernel, strides, dilations, strict=True)
-        ):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            low = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
-            pads[i], pads[i + dims] = low, total - low
-    x = np.pad(x, [(0, 0), (0, 0), *zip(pads[:dims], pads[dims:], strict=True)])
-    window = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
-    view = sliding_window_view(x, window, axis=tuple(range(2, 2 + dims)))
-    every = [slice(None)] * (2 + dims)
-    steps = tuple(every + [slice(None, None, d) for d in dilations])
-    view = view[tuple([*every[:2], *(slice(None, None, s) for s in strides)])][steps]
-    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
-    return np.ascontiguousarray(np.transpose(view, order)).reshape(
-        -1, x.shape[1] * math.prod(kernel)
+    return patches_of(
+        x,
+        kernel,
+        [int(s) for s in node.attrs.get("strides", [1] * dims)],
+        [int(d) for d in node.attrs.get("dilations", [1] * dims)],
+        [int(p) for p in node.attrs.get("pads", [0] * 2 * dims)],
+        str(node.attrs.get("auto_pad", "NOTSET")),
     )
 
 

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from numpy.lib.stride_tricks import sliding_window_view
 
 from onnxpress.ir import unique_name
+from onnxpress.refit import conv_patches
 
 
 class LinearForm:
@@ -194,32 +194,11 @@ class ConvChannel(LinearForm):
             self.auto_pad,
         )
 
-    def _pads(self, spatial: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        dims = len(self.kernel)
-        if self.auto_pad in ("NOTSET", "VALID"):
-            pads = self.pads if self.auto_pad == "NOTSET" else [0] * 2 * dims
-            return pads[:dims], pads[dims:]
-        begin, end = [], []
-        for size, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations, strict=True):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            low = total // 2 if self.auto_pad == "SAME_UPPER" else total - total // 2
-            begin.append(low)
-            end.append(total - low)
-        return begin, end
-
     def rows(self, x: np.ndarray, group: int) -> np.ndarray:
         """im2col: one row per output position, Cg·Πkernel wide, in the weight's order."""
         channels = x.shape[1] // self.groups
         x = x[:, group * channels : (group + 1) * channels]
-        begin, end = self._pads(tuple(x.shape[2:]))
-        x = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)])
-        dims = len(self.kernel)
-        window = [(k - 1) * d + 1 for k, d in zip(self.kernel, self.dilations, strict=True)]
-        view = sliding_window_view(x, window, axis=tuple(range(2, 2 + dims)))
-        steps = [*self.strides, *self.dilations]
-        view = view[tuple([slice(None), slice(None), *(slice(None, None, s) for s in steps)])]
-        order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
-        return np.ascontiguousarray(np.transpose(view, order)).reshape(-1, self.row_dim)
+        return conv_patches(x, self.kernel, self.strides, self.dilations, self.pads, self.auto_pad)
 
     def targets(self, y: np.ndarray, group: int) -> np.ndarray:
         if self.bias is not None:
