@@ -103,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile CPU kernels without onnxpress's untuned parallel/vector schedules",
     )
+    comp.add_argument(
+        "--int8",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: run a QDQ model's convs/matmuls as int8 x int8 -> int32 (default); "
+        "off: TVM's float fake-quant",
+    )
     comp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     comp.add_argument("--seed", type=int, default=0, help="seed for verification inputs")
     comp.add_argument("--json", action="store_true", help="print the manifest as JSON")

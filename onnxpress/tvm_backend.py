@@ -34,7 +34,9 @@ from onnxpress.ir import copy_model
 from onnxpress.report import Report
 from onnxpress.tvm_prepare import Prepared, check_coverage, graph_inputs, prepare
 from onnxpress.tvm_targets import TargetSpec, parse_target, tvm_target
-from onnxpress.verify import Runner, random_inputs
+from onnxpress.tvm_verify import differential_check, has_qdq
+from onnxpress.tvm_verify import max_rel as _max_rel
+from onnxpress.verify import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -156,28 +158,6 @@ class CompiledModel:
         return [np.asarray(item.numpy()) for item in items]
 
 
-def _max_rel(ref: np.ndarray, new: np.ndarray) -> float:
-    if ref.shape != new.shape:
-        return float("inf")
-    if not np.issubdtype(ref.dtype, np.floating):
-        return 0.0 if np.array_equal(ref, new) else float("inf")
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    diff = float(np.max(np.abs(ref.astype(np.float64) - new))) if ref.size else 0.0
-    return diff / max(scale, 1e-12)
-
-
-def differential_check(
-    library: Path, reference_model: onnx.ModelProto, seed: int = 0
-) -> dict[str, float]:
-    """Output name -> max-rel error of the library against onnxruntime on seeded inputs."""
-    feed = random_inputs(reference_model, seed)[0]
-    expected = Runner(reference_model)(feed)
-    compiled = CompiledModel(library)
-    got = compiled(*[feed[vi.name] for vi in graph_inputs(reference_model)])
-    names = [o.name for o in reference_model.graph.output]
-    return {n: _max_rel(r, g) for n, r, g in zip(names, expected, got, strict=True)}
-
-
 def _sha256(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()
 
@@ -210,6 +190,7 @@ def compile_model(
     default_schedules: bool = True,
     verify: bool = True,
     seed: int = 0,
+    int8: str = "auto",
 ) -> CompileResult:
     """Compile an ONNX model with TVM into the folder ``output`` (library, manifest.json,
     README.md); ``onnxpress.compile`` is this function, mirroring ``onnxpress compile``.
@@ -218,6 +199,9 @@ def compile_model(
     to static shapes (default: the model's, a symbolic leading axis set to 1). Nothing is
     written unless every step, including the check against onnxruntime on targets that run
     here, succeeded. Existing files of the same names in ``output`` are replaced.
+    ``int8="auto"`` turns a QDQ model's quantized convolutions and matmuls into integer
+    compute (tvm_int8), verified within one quantization step; ``"off"`` keeps Relax's
+    float (fake-quant) computation.
     """
     from onnxpress import __version__
     from onnxpress.api import prepare_model
@@ -235,6 +219,15 @@ def compile_model(
     t0 = time.perf_counter()
     mod = import_relax(prepared)
     seconds["import"] = time.perf_counter() - t0
+    if int8 not in ("auto", "off"):
+        raise CompileError(f"int8 must be 'auto' or 'off', not {int8!r}")
+    lowering = None
+    if int8 == "auto" and has_qdq(prepared.model):
+        from onnxpress.tvm_int8 import lower_qdq_to_integer
+
+        t0 = time.perf_counter()
+        mod, lowering = lower_qdq_to_integer(mod, tvm_target(spec))
+        seconds["int8"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     executable = build(mod, spec, default_schedules=default_schedules)
     seconds["compile"] = time.perf_counter() - t0
@@ -261,6 +254,7 @@ def compile_model(
         },
         "schedules": "onnxpress-default" if default_schedules and spec.kind == "llvm" else "tvm",
         "tuning": None,
+        "int8": lowering.to_json() if lowering is not None else None,
         "verification": None,
         "notes": notes,
     }
@@ -272,19 +266,28 @@ def compile_model(
         seconds["export"] = time.perf_counter() - t0
         if verify and spec.runs_here() and spec.library_suffix == ".so":
             t0 = time.perf_counter()
-            errors = differential_check(library, prepared.model, seed)
+            checks = differential_check(
+                library,
+                prepared.model,
+                seed=seed,
+                in_steps=lowering is not None,
+                tolerance=COMPILE_TOLERANCE,
+            )
             seconds["verify"] = time.perf_counter() - t0
-            worst = max(errors, key=lambda k: errors[k])
+            errors = {name: check["error"] for name, check in checks.items()}
             manifest["verification"] = {
                 "against": "onnxruntime",
-                "metric": "max-rel",
+                "metric": ", ".join(sorted({c["metric"] for c in checks.values()})),
                 "errors": errors,
-                "limit": COMPILE_TOLERANCE,
+                "limits": {name: check["limit"] for name, check in checks.items()},
+                "limit": max(check["limit"] for check in checks.values()),
             }
-            if not errors[worst] <= COMPILE_TOLERANCE:
+            failed = [n for n, c in checks.items() if not c["error"] <= c["limit"]]
+            if failed:
+                check = checks[failed[0]]
                 raise CompileError(
-                    f"compiled output '{worst}' differs from onnxruntime: max-rel "
-                    f"{errors[worst]:.3g} > {COMPILE_TOLERANCE:g}"
+                    f"compiled output '{failed[0]}' differs from onnxruntime: "
+                    f"{check['metric']} {check['error']:.3g} > {check['limit']:g}"
                 )
         elif verify:
             notes.append(f"not run here: this machine cannot load a {spec.name} library")

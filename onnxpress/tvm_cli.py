@@ -34,6 +34,7 @@ def compile_command(args: argparse.Namespace) -> int:
         default_schedules=not args.no_default_schedules,
         verify=not args.no_verify,
         seed=args.seed,
+        int8=args.int8,
     )
     if args.json:
         print(json.dumps(result.manifest, indent=2))
@@ -43,10 +44,19 @@ def compile_command(args: argparse.Namespace) -> int:
         print()
     for note in result.notes:
         print(f"note: {note}")
+    lowering = result.manifest.get("int8")
+    if lowering:
+        done = ", ".join(f"{n} {op}" for op, n in lowering["lowered"].items()) or "nothing"
+        print(f"int8 ({lowering['kernel']} kernels): lowered {done}")
+        for reason, n in lowering["kept_float"].items():
+            print(f"  kept in float: {n} x {reason}")
     check = result.manifest.get("verification")
     if check:
-        worst = max(check["errors"].values())
-        print(f"verified against onnxruntime: max-rel {worst:.2g} <= {check['limit']:g}")
+        worst = max(check["errors"], key=lambda k: check["errors"][k] / check["limits"][k])
+        print(
+            f"verified against onnxruntime: {check['metric']} {check['errors'][worst]:.2g} "
+            f"<= {check['limits'][worst]:g} (output '{worst}')"
+        )
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
     print(f"target {spec.name} {json.dumps(spec.config)}; {times}")
     print(f"wrote {result.library}, manifest.json and README.md in {result.output_dir}")

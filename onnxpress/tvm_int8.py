@@ -1,0 +1,373 @@
+"""QDQ to integer compute on TVM: Relax computes an imported QDQ model in float; this rewrite
+makes its convolutions and matmuls integer.
+
+  conv2d(dequantize(xq, sx, zx), dequantize(Wq, sw[oc], 0))            (float, fake quant)
+      -> float(conv2d_int32(pad(xq, zx), Wq) - zx * sum(Wq[oc])) * (sx * sw[oc])
+  matmul(dequantize(aq, sa, za), dequantize(Wq, sw[n], 0) [permute_dims])
+      -> float(matmul_int32(aq, Wq) - za * sum_k Wq[k, n]) * (sa * sw[n])
+  matmul(dequantize(aq, sa, za), dequantize(bq, sb, zb))               (two activations)
+      -> float(matmul_int32(aq - za, bq - zb)) * (sa * sb)              (int16 operands)
+  quantize(max_pool2d(dequantize(q, s, z)), s, z) -> max_pool2d(q)
+
+The integer accumulation is exact; the float epilogue (bias, activation, the next quantize)
+is what onnxruntime's QLinear kernels do too, so results match onnxruntime's QDQ run within
+one quantization step. Padding uses the zero point (the integer image of float 0).
+On x86 with AVX512-VNNI (tvm_int8_kernels.has_vnni) the u8 x s8 products run in a
+vpdpbusd kernel (convolutions through im2col; signed activations shifted by 128 to u8);
+elsewhere in Relax's own integer conv2d/matmul. Patterns that do not fit (per-channel
+activation scales, weights with a zero point, non-NCHW layouts) stay in float, with the
+reason counted in the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxpress.tvm_int8_kernels import (
+    GROUP,
+    LANES,
+    ROW_TILE,
+    has_vnni,
+    im2col_te,
+    pack_weight,
+    packed_gemm,
+    round_up,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Int8Lowering:
+    """What the rewrite did: counts of lowered ops and of refusals by reason."""
+
+    kernel: str  # "vnni" or "relax"
+    lowered: Counter[str] = field(default_factory=Counter)
+    kept_float: Counter[str] = field(default_factory=Counter)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kernel": self.kernel,
+            "lowered": dict(self.lowered),
+            "kept_float": dict(self.kept_float),
+        }
+
+
+@dataclass
+class _Dq:
+    data: Any  # the integer relax expression
+    dtype: str
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+    constant: np.ndarray | None  # the integer values when data is a constant (permuted)
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.size == 1 and self.zero_point.size == 1
+
+
+def _op_name(expr: Any) -> str:
+    from tvm import relax
+
+    if isinstance(expr, relax.Call) and hasattr(expr.op, "name"):
+        return str(expr.op.name)
+    return ""
+
+
+def _const(expr: Any) -> np.ndarray | None:
+    from tvm import ir
+
+    return expr.value.numpy() if isinstance(expr, ir.expr.Constant) else None
+
+
+def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
+    """Rewrite every fitting quantized conv2d/matmul of ``mod['main']``; returns the new module
+    (dead float dequantizes removed) and what was done."""
+    from tvm import relax
+
+    vnni = has_vnni(target)
+    result = Int8Lowering("vnni" if vnni else "relax")
+
+    @relax.expr_functor.mutator
+    class Lowering(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = self.visit_expr_post_order(call)
+            name = _op_name(call)
+            try:
+                rule = {
+                    "relax.nn.conv2d": self._conv2d,
+                    "relax.matmul": self._matmul,
+                    "relax.quantize": self._pool,
+                }.get(name)
+                new = rule(call) if rule is not None else None
+                if new is not None:
+                    return new
+            except _Refused as refused:
+                result.kept_float[f"{name.removeprefix('relax.')}: {refused}"] += 1
+            return call
+
+        def _producer(self, expr: Any) -> Any:
+            if isinstance(expr, relax.Var):
+                bound = self.lookup_binding(expr)
+                return bound if bound is not None else expr
+            return expr
+
+        def _dequantized(self, expr: Any) -> _Dq | None:
+            value = self._producer(expr)
+            permutation: list[int] | None = None
+            if _op_name(value) == "relax.permute_dims":
+                axes = value.attrs.axes
+                permutation = [int(a) for a in axes] if axes is not None else None
+                value = self._producer(value.args[0])
+                if permutation is None:
+                    permutation = list(range(len(value.ty.shape)))[::-1]
+            if _op_name(value) != "relax.dequantize":
+                return None
+            data, scale, zero_point = value.args
+            scale_np, zero_np = _const(scale), _const(zero_point)
+            if scale_np is None or zero_np is None:
+                raise _Refused("non-constant scale or zero point")
+            constant = _const(self._producer(data))
+            axis = int(value.attrs.axis)
+            rank = len(data.ty.shape)
+            axis = axis % rank if rank else 0
+            if permutation is not None:
+                if constant is None:
+                    return None  # a transposed activation: leave it
+                constant = np.transpose(constant, permutation)
+                axis = permutation.index(axis)
+            return _Dq(data, str(data.ty.dtype), scale_np, zero_np, axis, constant)
+
+        def _activation(self, expr: Any) -> _Dq:
+            dq = self._dequantized(expr)
+            if dq is None:
+                raise _Refused("input is not dequantized")
+            if not dq.per_tensor:
+                raise _Refused("per-channel activation scale")
+            if dq.dtype not in ("uint8", "int8"):
+                raise _Refused(f"{dq.dtype} activation")
+            return dq
+
+        def _weight(self, expr: Any, out_axis: int) -> _Dq:
+            dq = self._dequantized(expr)
+            if dq is None or dq.constant is None:
+                raise _Refused("weight is not a dequantized constant")
+            if dq.dtype != "int8":
+                raise _Refused(f"{dq.dtype} weight")
+            if np.any(dq.zero_point != 0):
+                raise _Refused("weight zero point is not 0")
+            if dq.scale.size > 1 and dq.axis != out_axis:
+                raise _Refused("weight scale is not per output channel")
+            return dq
+
+        def _as_u8(self, act: _Dq) -> tuple[Any, int]:
+            """The activation as uint8 and its zero point (int8 is shifted by 128)."""
+            zero = int(act.zero_point.reshape(-1)[0])
+            if act.dtype == "uint8":
+                return act.data, zero
+            wide = self.builder_.emit(relax.op.astype(act.data, "int16"))
+            shifted = relax.op.add(wide, relax.const(128, "int16"))
+            return self.builder_.emit(relax.op.astype(shifted, "uint8")), zero + 128
+
+        def _gemm(self, rows_expr: Any, rows: int, depth: int, weight_kn: np.ndarray) -> Any:
+            """int32 [rows, n] = rows_expr (uint8 [rows, depth]) . weight_kn (int8 [depth, n])."""
+            cols = weight_kn.shape[1]
+            rows_p, depth_p, cols_p = (
+                round_up(rows, ROW_TILE),
+                round_up(depth, GROUP),
+                round_up(cols, LANES),
+            )
+            if (rows_p, depth_p) != (rows, depth):
+                pad = [0, rows_p - rows, 0, depth_p - depth]
+                rows_expr = self.builder_.emit(relax.op.nn.pad(rows_expr, pad, pad_value=0.0))
+            func = packed_gemm(rows_p, depth_p, cols_p)
+            gvar = self.builder_.add_func(func, "onnxpress_int8_gemm")
+            acc = self.builder_.emit(
+                relax.call_tir(
+                    gvar,
+                    [rows_expr, relax.const(pack_weight(weight_kn))],
+                    relax.TensorType((rows_p, cols_p), "int32"),
+                )
+            )
+            if (rows_p, cols_p) != (rows, cols):
+                acc = self.builder_.emit(
+                    relax.op.strided_slice(acc, axes=[0, 1], begin=[0, 0], end=[rows, cols])
+                )
+            return acc
+
+        def _epilogue(self, acc: Any, correction: np.ndarray, scale: np.ndarray) -> Any:
+            if np.any(correction != 0):
+                acc = self.builder_.emit(
+                    relax.op.subtract(acc, relax.const(correction.astype(np.int32)))
+                )
+            as_float = self.builder_.emit(relax.op.astype(acc, "float32"))
+            return relax.op.multiply(as_float, relax.const(scale.astype(np.float32)))
+
+        def _matmul(self, call: Any) -> Any:
+            a_expr, b_expr = call.args
+            if self._dequantized(a_expr) is None or self._dequantized(b_expr) is None:
+                return None
+            act = self._activation(a_expr)
+            b_dq = self._dequantized(b_expr)
+            assert b_dq is not None
+            if b_dq.constant is None:
+                other = self._activation(b_expr)
+                operands = [
+                    self.builder_.emit(
+                        relax.op.subtract(
+                            relax.op.astype(dq.data, "int16"),
+                            relax.const(int(dq.zero_point.reshape(-1)[0]), "int16"),
+                        )
+                    )
+                    for dq in (act, other)
+                ]
+                acc = self.builder_.emit(relax.op.matmul(*operands, out_dtype="int32"))
+                result.lowered["matmul (two activations)"] += 1
+                scale = np.float32(act.scale.reshape(-1)[0] * other.scale.reshape(-1)[0])
+                return self._epilogue(acc, np.zeros(1, np.int32), np.asarray(scale))
+            if b_dq.constant.ndim != 2:
+                raise _Refused("weight is not 2-D")
+            weight = self._weight(b_expr, out_axis=1)
+            assert weight.constant is not None
+            w_kn = weight.constant.astype(np.int8)
+            depth, cols = w_kn.shape
+            shape = [int(d) for d in act.data.ty.shape]
+            zero = int(act.zero_point.reshape(-1)[0])
+            if vnni:
+                data, zero = self._as_u8(act)
+                rows = int(np.prod(shape[:-1]))
+                flat = self.builder_.emit(relax.op.reshape(data, [rows, depth]))
+                acc = self._gemm(flat, rows, depth, w_kn)
+                acc = self.builder_.emit(relax.op.reshape(acc, [*shape[:-1], cols]))
+            else:
+                acc = self.builder_.emit(
+                    relax.op.matmul(act.data, relax.const(w_kn), out_dtype="int32")
+                )
+            correction = zero * w_kn.astype(np.int64).sum(axis=0)
+            scale = act.scale.reshape(-1)[0] * np.broadcast_to(weight.scale.reshape(-1), (cols,))
+            result.lowered["matmul"] += 1
+            return self._epilogue(acc, correction, scale)
+
+        def _conv2d(self, call: Any) -> Any:
+            attrs = call.attrs
+            if self._dequantized(call.args[0]) is None:
+                return None
+            if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
+                "NCHW",
+                "OIHW",
+                "NCHW",
+            ):
+                raise _Refused("layout is not NCHW/OIHW")
+            act = self._activation(call.args[0])
+            weight = self._weight(call.args[1], out_axis=0)
+            assert weight.constant is not None
+            w = weight.constant.astype(np.int8)
+            out_channels = w.shape[0]
+            padding = tuple(int(p) for p in attrs.padding)
+            strides = (int(attrs.strides[0]), int(attrs.strides[1]))
+            dilation = (int(attrs.dilation[0]), int(attrs.dilation[1]))
+            groups = int(attrs.groups)
+            out_shape = [int(d) for d in call.ty.shape]
+            if vnni and groups == 1:
+                data, zero = self._as_u8(act)
+                batch, _, out_h, out_w = out_shape
+                rows, depth = batch * out_h * out_w, int(np.prod(w.shape[1:]))
+                rows_p, depth_p = round_up(rows, ROW_TILE), round_up(depth, GROUP)
+                patches = self.builder_.emit_te(
+                    im2col_te,
+                    data,
+                    (w.shape[2], w.shape[3]),
+                    strides,
+                    padding,
+                    dilation,
+                    zero,
+                    rows_p,
+                    depth_p,
+                    primfunc_name_hint="onnxpress_int8_im2col",
+                )
+                w_kn = w.reshape(out_channels, depth).T
+                acc = self._gemm(
+                    patches, rows_p, depth_p, np.pad(w_kn, ((0, depth_p - depth), (0, 0)))
+                )
+                if rows_p != rows:
+                    acc = self.builder_.emit(
+                        relax.op.strided_slice(acc, axes=[0], begin=[0], end=[rows])
+                    )
+                acc = self.builder_.emit(relax.op.reshape(acc, [batch, out_h, out_w, out_channels]))
+                acc = self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2]))
+            else:
+                zero = int(act.zero_point.reshape(-1)[0])
+                top, left, bottom, right = padding
+                padded = act.data
+                if any(padding):
+                    padded = self.builder_.emit(
+                        relax.op.nn.pad(
+                            act.data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero)
+                        )
+                    )
+                acc = self.builder_.emit(
+                    relax.op.nn.conv2d(
+                        padded,
+                        relax.const(w),
+                        strides=strides,
+                        padding=(0, 0),
+                        dilation=dilation,
+                        groups=groups,
+                        out_dtype="int32",
+                    )
+                )
+            shape = (1, out_channels, 1, 1)
+            correction = (zero * w.astype(np.int64).sum(axis=(1, 2, 3))).reshape(shape)
+            scale = act.scale.reshape(-1)[0] * np.broadcast_to(
+                weight.scale.reshape(-1), (out_channels,)
+            )
+            result.lowered["conv2d" if groups == 1 else "conv2d (grouped)"] += 1
+            return self._epilogue(acc, correction, scale.reshape(shape))
+
+        def _pool(self, call: Any) -> Any:
+            pooled = self._producer(call.args[0])
+            if _op_name(pooled) != "relax.nn.max_pool2d":
+                return None
+            source = self._dequantized(pooled.args[0])
+            scale, zero = _const(call.args[1]), _const(call.args[2])
+            if source is None or scale is None or zero is None or not source.per_tensor:
+                return None
+            if str(call.attrs.out_dtype) != source.dtype or not (
+                np.array_equal(scale.reshape(-1), source.scale.reshape(-1))
+                and np.array_equal(zero.reshape(-1), source.zero_point.reshape(-1))
+            ):
+                return None
+            attrs = pooled.attrs
+            result.lowered["max_pool2d"] += 1
+            return relax.op.nn.max_pool2d(
+                source.data,
+                pool_size=[int(v) for v in attrs.pool_size],
+                strides=[int(v) for v in attrs.strides],
+                padding=[int(v) for v in attrs.padding],
+                dilation=[int(v) for v in attrs.dilation],
+                ceil_mode=bool(attrs.ceil_mode),
+                count_include_pad=bool(attrs.count_include_pad),
+                layout=str(attrs.layout),
+                out_layout=str(attrs.out_layout),
+            )
+
+        def run(self) -> Any:
+            for gvar, func in list(self.builder_.get().functions.items()):
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gvar, self.visit_expr(func))
+            return self.builder_.get()
+
+    lowered = Lowering(mod).run()
+    lowered = relax.transform.DeadCodeElimination()(lowered)
+    logger.info("int8 lowering (%s): %s", result.kernel, dict(result.lowered))
+    return lowered, result
+
+
+class _Refused(Exception):
+    """A quantized op that this rewrite leaves in float (the message is the reason)."""
