@@ -93,6 +93,48 @@ class CalibrationData:
                 return
             yield batch
 
+    def fitted_to(self, model: onnx.ModelProto) -> CalibrationData:
+        """These batches, split along axis 0 where the model's inputs have a static batch
+        size that divides the arrays' first axis (a 1000-sample .npz for a batch-1 model
+        becomes 1000 batches); unchanged otherwise. Checked again by ``validate``."""
+        initializers = {t.name for t in model.graph.initializer}
+        sizes = {}
+        for info in model.graph.input:
+            dims = info.type.tensor_type.shape.dim if info.name not in initializers else []
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+                sizes[info.name] = dims[0].dim_value
+        if not sizes:
+            return self
+
+        def pieces(batch: Batch) -> int:
+            counts = {
+                name: len(array) // sizes[name]
+                for name, array in batch.items()
+                if name in sizes and array.ndim and len(array) % sizes[name] == 0
+            }
+            return (
+                counts.popitem()[1]
+                if len(counts) == len(sizes) and len(set(counts.values())) == 1
+                else 1
+            )
+
+        def source() -> Iterator[Batch]:
+            for batch in self._source():
+                count = pieces(batch)
+                for index in range(count):
+                    yield {
+                        name: array[index * sizes[name] : (index + 1) * sizes[name]]
+                        if name in sizes and count > 1
+                        else array
+                        for name, array in batch.items()
+                    }
+
+        total = sum(pieces(batch) for batch in self._source())
+        if total == self._size:
+            return self
+        logger.info("calibration %s: split into %d batches of the model's size", self.origin, total)
+        return CalibrationData(source, total, self.origin)
+
     def validate(self, model: onnx.ModelProto) -> None:
         """Raise CalibrationError if a batch does not fit the model's inputs."""
         initializers = {t.name for t in model.graph.initializer}

@@ -88,6 +88,7 @@ class PassManager:
         original = copy_model(model)
         level = self.verify.level
         if self.calibration is not None:
+            self.calibration = self.calibration.fitted_to(original)
             self.calibration.validate(original)
         stats = model_stats(original)
         report = Report(

@@ -5,8 +5,8 @@ makes its convolutions and matmuls integer.
       -> float(conv2d_int32(pad(xq, zx), Wq) - zx * sum(Wq[oc])) * (sx * sw[oc])
   matmul(dequantize(aq, sa, za), dequantize(Wq, sw[n], 0) [permute_dims])
       -> float(matmul_int32(aq, Wq) - za * sum_k Wq[k, n]) * (sa * sw[n])
-  matmul(dequantize(aq, sa, za), dequantize(bq, sb, zb))               (two activations)
-      -> float(matmul_int32(aq - za, bq - zb)) * (sa * sb)              (int16 operands)
+  matmul of two dequantized activations (attention scores) stays float: without a packed
+      integer kernel for a runtime right-hand side it is faster that way
   quantize(max_pool2d(dequantize(q, s, z)), s, z) -> max_pool2d(q)
 
 The integer accumulation is exact; the float epilogue (bias, activation, the next quantize)
@@ -33,7 +33,7 @@ from onnxpress.tvm_int8_kernels import (
     LANES,
     ROW_TILE,
     has_vnni,
-    im2col_te,
+    im2col,
     pack_weight,
     packed_gemm,
     round_up,
@@ -217,20 +217,10 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             b_dq = self._dequantized(b_expr)
             assert b_dq is not None
             if b_dq.constant is None:
-                other = self._activation(b_expr)
-                operands = [
-                    self.builder_.emit(
-                        relax.op.subtract(
-                            relax.op.astype(dq.data, "int16"),
-                            relax.const(int(dq.zero_point.reshape(-1)[0]), "int16"),
-                        )
-                    )
-                    for dq in (act, other)
-                ]
-                acc = self.builder_.emit(relax.op.matmul(*operands, out_dtype="int32"))
-                result.lowered["matmul (two activations)"] += 1
-                scale = np.float32(act.scale.reshape(-1)[0] * other.scale.reshape(-1)[0])
-                return self._epilogue(acc, np.zeros(1, np.int32), np.asarray(scale))
+                # Both operands are activations (attention scores): an int16 Relax matmul is
+                # several times slower than the float one here, so Relax's float (dequantized)
+                # form stays; its error against an integer run is far below one step.
+                raise _Refused("two activations (kept in float: faster)")
             if b_dq.constant.ndim != 2:
                 raise _Refused("weight is not 2-D")
             weight = self._weight(b_expr, out_axis=1)
@@ -275,32 +265,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             groups = int(attrs.groups)
             out_shape = [int(d) for d in call.ty.shape]
             if vnni and groups == 1:
-                data, zero = self._as_u8(act)
-                batch, _, out_h, out_w = out_shape
-                rows, depth = batch * out_h * out_w, int(np.prod(w.shape[1:]))
-                rows_p, depth_p = round_up(rows, ROW_TILE), round_up(depth, GROUP)
-                patches = self.builder_.emit_te(
-                    im2col_te,
-                    data,
-                    (w.shape[2], w.shape[3]),
-                    strides,
-                    padding,
-                    dilation,
-                    zero,
-                    rows_p,
-                    depth_p,
-                    primfunc_name_hint="onnxpress_int8_im2col",
-                )
-                w_kn = w.reshape(out_channels, depth).T
-                acc = self._gemm(
-                    patches, rows_p, depth_p, np.pad(w_kn, ((0, depth_p - depth), (0, 0)))
-                )
-                if rows_p != rows:
-                    acc = self.builder_.emit(
-                        relax.op.strided_slice(acc, axes=[0], begin=[0], end=[rows])
-                    )
-                acc = self.builder_.emit(relax.op.reshape(acc, [batch, out_h, out_w, out_channels]))
-                acc = self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2]))
+                acc = self._conv_gemm(act, w, padding, strides, dilation, out_shape)
+                zero = int(act.zero_point.reshape(-1)[0]) + (128 if act.dtype == "int8" else 0)
             else:
                 zero = int(act.zero_point.reshape(-1)[0])
                 top, left, bottom, right = padding
@@ -329,6 +295,56 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             )
             result.lowered["conv2d" if groups == 1 else "conv2d (grouped)"] += 1
             return self._epilogue(acc, correction, scale.reshape(shape))
+
+        def _conv_gemm(
+            self,
+            act: _Dq,
+            w: np.ndarray,
+            padding: tuple[int, ...],
+            strides: tuple[int, int],
+            dilation: tuple[int, int],
+            out_shape: list[int],
+        ) -> Any:
+            """int32 NCHW conv output through pad -> im2col -> packed VNNI GEMM."""
+            data, zero = self._as_u8(act)
+            top, left, bottom, right = padding
+            if any(padding):
+                data = self.builder_.emit(
+                    relax.op.nn.pad(
+                        data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero)
+                    )
+                )
+            batch, out_channels, out_h, out_w = out_shape
+            _, in_channels, kh, kw = w.shape
+            channels = next(
+                c for c in range(in_channels, in_channels + GROUP + 1) if c * kh * kw % GROUP == 0
+            )
+            rows = batch * out_h * out_w
+            rows_p, depth = round_up(rows, ROW_TILE), channels * kh * kw
+            n, c, h, w_ = (int(d) for d in data.ty.shape)
+            kernel = im2col(
+                (n, c, h, w_),
+                (kh, kw),
+                strides,
+                dilation,
+                (out_h, out_w),
+                rows_p,
+                channels,
+            )
+            gvar = self.builder_.add_func(kernel, "onnxpress_int8_im2col")
+            patches = self.builder_.emit(
+                relax.call_tir(gvar, [data], relax.TensorType((rows_p, channels, kh, kw), "uint8"))
+            )
+            flat = self.builder_.emit(relax.op.reshape(patches, [rows_p, depth]))
+            padded_w = np.zeros((out_channels, channels, kh, kw), np.int8)
+            padded_w[:, :in_channels] = w
+            acc = self._gemm(flat, rows_p, depth, padded_w.reshape(out_channels, depth).T)
+            if rows_p != rows:
+                acc = self.builder_.emit(
+                    relax.op.strided_slice(acc, axes=[0], begin=[0], end=[rows])
+                )
+            acc = self.builder_.emit(relax.op.reshape(acc, [batch, out_h, out_w, out_channels]))
+            return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2]))
 
         def _pool(self, call: Any) -> Any:
             pooled = self._producer(call.args[0])

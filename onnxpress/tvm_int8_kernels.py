@@ -25,7 +25,7 @@ LANES = 16  # int32 lanes of a 512-bit register
 GROUP = 4  # u8 x s8 products summed per lane by one vpdpbusd
 ROW_TILE = 4  # rows sharing one depth loop (independent accumulators)
 INTRIN = "onnxpress_vnni_16x4"
-MIN_PARALLEL_MACS = 1 << 16
+MIN_PARALLEL_MACS = 1 << 22  # below this a kernel runs faster than a thread pool wakes
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -138,46 +138,40 @@ def packed_gemm(rows: int, depth: int, cols: int) -> Any:
     return func.without_attr("global_symbol")
 
 
-def im2col_te(
-    data: Any,
+def im2col(
+    padded_shape: tuple[int, int, int, int],
     kernel: tuple[int, int],
     strides: tuple[int, int],
-    padding: tuple[int, int, int, int],
     dilation: tuple[int, int],
-    pad_value: int,
+    out_hw: tuple[int, int],
     rows: int,
-    depth: int,
+    channels: int,
 ) -> Any:
-    """TE: x[n, c, h, w] (uint8) -> patches[rows, depth] with row = (n, oh, ow) and column
-    = (c, kh, kw); out-of-image taps read ``pad_value`` (the zero point: float 0), padded
-    rows/columns read 0."""
+    """PrimFunc: x[n, c, h, w] (uint8, already padded with the zero point) ->
+    patches[rows, channels, kh, kw] with row = (n, oh, ow). ``rows`` and ``channels`` may
+    exceed the real counts (padding to the GEMM's multiples): those entries repeat a real
+    value, which the zero rows of the padded weight (or the discarded output rows) cancel.
+    Marked opaque so that Relax does not fuse it into the producer's epilogue (which would
+    recompute every requantization once per kernel tap)."""
     from tvm import te, tirx
 
-    batch, channels, height, width = (int(d) for d in data.shape)
+    batch, in_channels, _, _ = padded_shape
     kh, kw = kernel
-    top, left, bottom, right = padding
-    out_h = (height + top + bottom - dilation[0] * (kh - 1) - 1) // strides[0] + 1
-    out_w = (width + left + right - dilation[1] * (kw - 1) - 1) // strides[1] + 1
-    used_rows, used_depth = batch * out_h * out_w, channels * kh * kw
+    out_h, out_w = out_hw
+    data = te.placeholder(padded_shape, "uint8", name="x")
+    used_rows = batch * out_h * out_w
 
-    def patch(row: Any, col: Any) -> Any:
-        n, rest = row // (out_h * out_w), row % (out_h * out_w)
-        oh, ow = rest // out_w, rest % out_w
-        c, tap = col // (kh * kw), col % (kh * kw)
-        y = oh * strides[0] + (tap // kw) * dilation[0] - top
-        x = ow * strides[1] + (tap % kw) * dilation[1] - left
-        inside = tirx.all(y >= 0, y < height, x >= 0, x < width)
-        value = tirx.if_then_else(
-            inside,
-            data[
-                tirx.min(n, batch - 1),
-                c,
-                tirx.max(tirx.min(y, height - 1), 0),
-                tirx.max(tirx.min(x, width - 1), 0),
-            ],
-            tirx.const(pad_value, "uint8"),
-        )
-        valid = tirx.all(row < used_rows, col < used_depth)
-        return tirx.if_then_else(valid, value, tirx.const(0, "uint8"))
+    def patch(row: Any, c: Any, i: Any, j: Any) -> Any:
+        real = tirx.min(row, used_rows - 1)
+        n, oh, ow = real // (out_h * out_w), (real // out_w) % out_h, real % out_w
+        return data[
+            n,
+            tirx.min(c, in_channels - 1),
+            oh * strides[0] + i * dilation[0],
+            ow * strides[1] + j * dilation[1],
+        ]
 
-    return te.compute((rows, depth), patch, name="im2col")
+    patches = te.compute((rows, channels, kh, kw), patch, name="patches")
+    func = te.create_prim_func([data, patches])
+    func = func.with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True)
+    return func.without_attr("global_symbol")

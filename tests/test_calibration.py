@@ -79,3 +79,20 @@ def test_unreadable_files(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(CalibrationError, match="holds no .npz"):
         CalibrationData.from_path(empty)
+
+
+def test_samples_are_split_to_a_static_batch_size(tmp_path: Path) -> None:
+    from helpers import make_mlp
+
+    model = make_mlp()  # input x: [N, 8] with a symbolic N
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # static batch of 2
+    samples = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=samples)
+    data = CalibrationData.from_path(tmp_path / "c.npz").fitted_to(model)
+    data.validate(model)
+    batches = list(data.batches())
+    assert len(data) == 3 and [b["x"].shape for b in batches] == [(2, 8)] * 3
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), samples)
+    odd = CalibrationData.from_batches([{"x": samples[:5]}]).fitted_to(model)
+    with pytest.raises(CalibrationError, match=r"shape \[5, 8\], model expects \[2"):
+        odd.validate(model)
