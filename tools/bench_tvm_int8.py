@@ -1,7 +1,7 @@
 """Benchmark int8 on TVM: the QDQ-to-integer lowering (onnxpress.tvm_int8) against TVM fp32,
 TVM's float fake-quant of the same QDQ model, and onnxruntime (fp32 and its QDQ int8 kernels).
 
-  python tools/bench_tvm_int8.py [--models cnn_mnist,transformer_mnist,cnn_wide_mnist,mlp_digits]
+  python tools/bench_tvm_int8.py [--models cnn_mnist,transformer_mnist,cnn_wide_mnist,mlp_digits,resnet112]
                                  [--rounds 9] [--target x86] [--markdown]
 
 Per bundled model: fp32 = the default lossless pipeline; int8 = the default calibrated
@@ -9,7 +9,8 @@ pipeline (qdq) on models/data/<model>_calib.npz. Both are compiled at batch 1 fo
 target: fp32; the QDQ model with ``int8="off"`` (Relax's float fake-quant) and with the
 integer lowering. All five runners are timed in interleaved rounds (each round takes a
 ~0.2 s sample of every runner, order reversed every other round); the median per runner is
-reported and the ratios are taken within the run. Quality on the held-out set: top-1
+reported and the ratios are taken within the run. ``resnet112`` is built here with random
+weights (speed only; calibrated and compared on random inputs). Quality on the held-out set: top-1
 accuracy of each TVM library (batch-1 calls over the 1000 digits) and of onnxruntime's QDQ
 run, and the fraction of digits where TVM int8 and onnxruntime QDQ predict the same class.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,26 +30,18 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
 from onnxpress.pipeline import DEFAULT_LOSSLESS
 from onnxpress.tvm_backend import CompiledModel, compile_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "models"))
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "models")]
+from _timing import interleaved_ms  # noqa: E402
 from evaluate import load_eval_set, model_inputs  # noqa: E402
 
-DEFAULT_MODELS = "cnn_mnist,transformer_mnist,cnn_wide_mnist,mlp_digits"
-SAMPLE_S = 0.2
-
-
-def _sample(run: Callable[[], Any]) -> float:
-    run()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < SAMPLE_S:
-        run()
-        calls += 1
-    return (time.perf_counter() - start) / calls
+DEFAULT_MODELS = "cnn_mnist,transformer_mnist,cnn_wide_mnist,mlp_digits,resnet112"
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -58,10 +50,53 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def resnet112() -> onnx.ModelProto:
+    """Speed only: a plain ResNet-style conv stack at 1x3x112x112 with random He weights
+    (stem 3->32 /2, then 32->64, 64->128, 128->256 stages of two 3x3 convs, the first /2)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, previous, channels = [], [], "x", 3
+    plan = [(32, 2)] + [(c, s) for c in (64, 128, 256) for s in (2, 1)]
+    for index, (out, stride) in enumerate(plan):
+        weight = rng.normal(0, np.sqrt(2 / (channels * 9)), (out, channels, 3, 3))
+        inits += [
+            numpy_helper.from_array(weight.astype(np.float32), f"w{index}"),
+            numpy_helper.from_array(rng.normal(0, 0.05, out).astype(np.float32), f"b{index}"),
+        ]
+        nodes += [
+            helper.make_node("Conv", [previous, f"w{index}", f"b{index}"], [f"c{index}"],
+                             pads=[1, 1, 1, 1], strides=[stride, stride]),
+            helper.make_node("Relu", [f"c{index}"], [f"r{index}"]),
+        ]
+        previous, channels = f"r{index}", out
+    inits.append(numpy_helper.from_array(rng.normal(0, 0.06, (100, 256)).astype(np.float32), "fc"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [previous], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "resnet112",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 112, 112])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _sources(name: str) -> tuple[Any, Any, np.ndarray, np.ndarray | None]:
+    """(model, calibration, held-out inputs, labels or None) of a bundled or synthetic model."""
+    if name == "resnet112":
+        rng = np.random.default_rng(1)
+        calibration = [{"x": rng.standard_normal((1, 3, 112, 112)).astype(np.float32)} for _ in range(8)]
+        return resnet112(), calibration, rng.standard_normal((50, 3, 112, 112)).astype(np.float32), None
+    eval_set = load_eval_set(ROOT / "models" / "data" / f"{name}_eval.npz")
+    calibration = ROOT / "models" / "data" / f"{name}_calib.npz"
+    return ROOT / "models" / f"{name}.onnx", calibration, model_inputs(eval_set), eval_set["labels"]
+
+
 def bench_model(name: str, target: str, rounds: int, folder: Path) -> dict[str, Any]:
-    source = ROOT / "models" / f"{name}.onnx"
+    source, calibration, inputs, labels = _sources(name)
     fp32, _ = onnxpress.optimize(source, DEFAULT_LOSSLESS)
-    int8, _ = onnxpress.optimize(source, calibration=ROOT / "models" / "data" / f"{name}_calib.npz")
+    int8, _ = onnxpress.optimize(source, calibration=calibration)
     libraries: dict[str, CompiledModel] = {}
     row: dict[str, Any] = {"model": name}
     for label, model, mode in (("tvm_fp32", fp32, "off"), ("tvm_fakequant", int8, "off"), ("tvm_int8", int8, "auto")):
@@ -73,8 +108,6 @@ def bench_model(name: str, target: str, rounds: int, folder: Path) -> dict[str, 
             row["lowered"] = result.manifest["int8"]
             row["verification"] = result.manifest["verification"]["errors"]
     sessions = {"ort_fp32": _session(fp32), "ort_qdq": _session(int8)}
-    eval_set = load_eval_set(ROOT / "models" / "data" / f"{name}_eval.npz")
-    inputs = model_inputs(eval_set)
     input_name = fp32.graph.input[0].name
     x = inputs[:1]
     runners: dict[str, Callable[[], Any]] = {
@@ -82,28 +115,29 @@ def bench_model(name: str, target: str, rounds: int, folder: Path) -> dict[str, 
     }
     for label, sess in sessions.items():
         runners[label] = lambda sess=sess: sess.run(None, {input_name: x})
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    for round_index in range(rounds):
-        order = list(runners) if round_index % 2 == 0 else list(reversed(runners))
-        for label in order:
-            samples[label].append(_sample(runners[label]))
-    for label, values in samples.items():
-        row[f"{label}_ms"] = statistics.median(values) * 1e3
+    for label, ms in interleaved_ms(runners, rounds).items():
+        row[f"{label}_ms"] = ms
     row["int8_vs_fp32_tvm"] = row["tvm_int8_ms"] / row["tvm_fp32_ms"]
     row["int8_vs_fakequant_tvm"] = row["tvm_int8_ms"] / row["tvm_fakequant_ms"]
     row["tvm_int8_vs_ort_fp32"] = row["tvm_int8_ms"] / row["ort_fp32_ms"]
-    labels = eval_set["labels"]
     predictions = {
         label: np.array([lib(inputs[i : i + 1])[0].argmax() for i in range(len(inputs))])
         for label, lib in libraries.items()
     }
-    predictions["ort_qdq"] = np.concatenate(
-        [sessions["ort_qdq"].run(None, {input_name: inputs[i : i + 100]})[0].argmax(axis=-1) for i in range(0, len(inputs), 100)]
+    predictions["ort_qdq"] = np.array(
+        [sessions["ort_qdq"].run(None, {input_name: inputs[i : i + 1]})[0].argmax() for i in range(len(inputs))]
     )
     for label, predicted in predictions.items():
-        row[f"{label}_accuracy"] = float(np.mean(predicted == labels))
+        row[f"{label}_accuracy"] = float(np.mean(predicted == labels)) if labels is not None else None
     row["int8_agrees_with_ort_qdq"] = float(np.mean(predictions["tvm_int8"] == predictions["ort_qdq"]))
     return row
+
+
+def _accuracies(row: dict[str, Any]) -> str:
+    if row["tvm_fp32_accuracy"] is None:
+        return "- (random weights)"
+    keys = ("tvm_fp32_accuracy", "ort_qdq_accuracy", "tvm_int8_accuracy")
+    return " / ".join(f"{row[k]:.3f}" for k in keys)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -115,8 +149,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['ort_fp32_ms']:.3f} | {r['ort_qdq_ms']:.3f} | {r['tvm_fp32_ms']:.3f} | "
             f"{r['tvm_fakequant_ms']:.3f} | {r['tvm_int8_ms']:.3f} | {r['int8_vs_fp32_tvm']:.2f} | "
-            f"{r['tvm_int8_vs_ort_fp32']:.2f} | {r['tvm_fp32_accuracy']:.3f} / {r['ort_qdq_accuracy']:.3f} / "
-            f"{r['tvm_int8_accuracy']:.3f} | {r['int8_agrees_with_ort_qdq']:.3f} |"
+            f"{r['tvm_int8_vs_ort_fp32']:.2f} | {_accuracies(r)} | {r['int8_agrees_with_ort_qdq']:.3f} |"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,32 @@
+"""Interleaved timing for the tools/bench_* scripts: every runner is sampled once per round,
+the order reversed every other round, so that a noisy machine slows all runners alike;
+the median per runner is reported (ratios are then taken within one run)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+SAMPLE_S = 0.2
+
+
+def sample(run: Callable[[], Any], seconds: float = SAMPLE_S) -> float:
+    """Seconds per call of ``run``: one warm-up call, then as many calls as fit ``seconds``."""
+    run()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run()
+        calls += 1
+    return (time.perf_counter() - start) / max(calls, 1)
+
+
+def interleaved_ms(runners: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median milliseconds per call of each runner over ``rounds`` interleaved rounds."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for index in range(rounds):
+        order = list(runners) if index % 2 == 0 else list(reversed(list(runners)))
+        for name in order:
+            samples[name].append(sample(runners[name]))
+    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
