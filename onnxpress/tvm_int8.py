@@ -12,8 +12,9 @@ makes its convolutions and matmuls integer.
 The integer accumulation is exact; the float epilogue (bias, activation, the next quantize)
 is what onnxruntime's QLinear kernels do too, so results match onnxruntime's QDQ run within
 one quantization step. Padding uses the zero point (the integer image of float 0).
-On x86 with AVX512-VNNI (tvm_int8_kernels.has_vnni) the u8 x s8 products run in a
-vpdpbusd kernel (convolutions through im2col; signed activations shifted by 128 to u8);
+Where the target has a dot-product instruction (tvm_int8_kernels.dot_isa: x86 AVX512-VNNI
+vpdpbusd, u8 x s8; aarch64 +dotprod sdot, s8 x s8) the products run in a packed kernel
+(convolutions through im2col; activations shifted by 128 to the operand's signedness);
 elsewhere in Relax's own integer conv2d/matmul. Patterns that do not fit (per-channel
 activation scales, weights with a zero point, non-NCHW layouts) stay in float, with the
 reason counted in the result.
@@ -30,9 +31,9 @@ import numpy as np
 
 from onnxpress.tvm_int8_kernels import (
     GROUP,
-    LANES,
     ROW_TILE,
-    has_vnni,
+    DotIsa,
+    dot_isa,
     im2col,
     pack_weight,
     packed_gemm,
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 class Int8Lowering:
     """What the rewrite did: counts of lowered ops and of refusals by reason."""
 
-    kernel: str  # "vnni" or "relax"
+    kernel: str  # "vnni", "sdot" or "relax"
     lowered: Counter[str] = field(default_factory=Counter)
     kept_float: Counter[str] = field(default_factory=Counter)
 
@@ -91,8 +92,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
     (dead float dequantizes removed) and what was done."""
     from tvm import relax
 
-    vnni = has_vnni(target)
-    result = Int8Lowering("vnni" if vnni else "relax")
+    isa: DotIsa | None = dot_isa(target)
+    result = Int8Lowering(isa.name if isa else "relax")
 
     @relax.expr_functor.mutator
     class Lowering(relax.PyExprMutator):
@@ -166,32 +167,36 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 raise _Refused("weight scale is not per output channel")
             return dq
 
-        def _as_u8(self, act: _Dq) -> tuple[Any, int]:
-            """The activation as uint8 and its zero point (int8 is shifted by 128)."""
+        def _as_operand(self, act: _Dq, dtype: str) -> tuple[Any, int]:
+            """The activation in the kernel's operand type and its zero point (uint8 <->
+            int8 by a shift of 128, which moves the zero point with it)."""
             zero = int(act.zero_point.reshape(-1)[0])
-            if act.dtype == "uint8":
+            if act.dtype == dtype:
                 return act.data, zero
+            shift = 128 if dtype == "uint8" else -128
             wide = self.builder_.emit(relax.op.astype(act.data, "int16"))
-            shifted = relax.op.add(wide, relax.const(128, "int16"))
-            return self.builder_.emit(relax.op.astype(shifted, "uint8")), zero + 128
+            shifted = relax.op.add(wide, relax.const(shift, "int16"))
+            return self.builder_.emit(relax.op.astype(shifted, dtype)), zero + shift
 
         def _gemm(self, rows_expr: Any, rows: int, depth: int, weight_kn: np.ndarray) -> Any:
-            """int32 [rows, n] = rows_expr (uint8 [rows, depth]) . weight_kn (int8 [depth, n])."""
+            """int32 [rows, n] = rows_expr ([rows, depth], the ISA's operand type) . weight_kn
+            (int8 [depth, n]), in the packed dot-product kernel."""
+            assert isa is not None
             cols = weight_kn.shape[1]
             rows_p, depth_p, cols_p = (
                 round_up(rows, ROW_TILE),
                 round_up(depth, GROUP),
-                round_up(cols, LANES),
+                round_up(cols, isa.lanes),
             )
             if (rows_p, depth_p) != (rows, depth):
                 pad = [0, rows_p - rows, 0, depth_p - depth]
                 rows_expr = self.builder_.emit(relax.op.nn.pad(rows_expr, pad, pad_value=0.0))
-            func = packed_gemm(rows_p, depth_p, cols_p)
+            func = packed_gemm(isa, rows_p, depth_p, cols_p)
             gvar = self.builder_.add_func(func, "onnxpress_int8_gemm")
             acc = self.builder_.emit(
                 relax.call_tir(
                     gvar,
-                    [rows_expr, relax.const(pack_weight(weight_kn))],
+                    [rows_expr, relax.const(pack_weight(isa, weight_kn))],
                     relax.TensorType((rows_p, cols_p), "int32"),
                 )
             )
@@ -229,8 +234,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             depth, cols = w_kn.shape
             shape = [int(d) for d in act.data.ty.shape]
             zero = int(act.zero_point.reshape(-1)[0])
-            if vnni:
-                data, zero = self._as_u8(act)
+            if isa is not None:
+                data, zero = self._as_operand(act, isa.a_dtype)
                 rows = int(np.prod(shape[:-1]))
                 flat = self.builder_.emit(relax.op.reshape(data, [rows, depth]))
                 acc = self._gemm(flat, rows, depth, w_kn)
@@ -264,9 +269,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             dilation = (int(attrs.dilation[0]), int(attrs.dilation[1]))
             groups = int(attrs.groups)
             out_shape = [int(d) for d in call.ty.shape]
-            if vnni and groups == 1:
-                acc = self._conv_gemm(act, w, padding, strides, dilation, out_shape)
-                zero = int(act.zero_point.reshape(-1)[0]) + (128 if act.dtype == "int8" else 0)
+            if isa is not None and groups == 1:
+                acc, zero = self._conv_gemm(act, w, padding, strides, dilation, out_shape)
             else:
                 zero = int(act.zero_point.reshape(-1)[0])
                 top, left, bottom, right = padding
@@ -304,9 +308,11 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             strides: tuple[int, int],
             dilation: tuple[int, int],
             out_shape: list[int],
-        ) -> Any:
-            """int32 NCHW conv output through pad -> im2col -> packed VNNI GEMM."""
-            data, zero = self._as_u8(act)
+        ) -> tuple[Any, int]:
+            """int32 NCHW conv output through pad -> im2col -> packed dot-product GEMM, and
+            the zero point of the operand it multiplied."""
+            assert isa is not None
+            data, zero = self._as_operand(act, isa.a_dtype)
             top, left, bottom, right = padding
             if any(padding):
                 data = self.builder_.emit(
@@ -330,10 +336,13 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 (out_h, out_w),
                 rows_p,
                 channels,
+                isa.a_dtype,
             )
             gvar = self.builder_.add_func(kernel, "onnxpress_int8_im2col")
             patches = self.builder_.emit(
-                relax.call_tir(gvar, [data], relax.TensorType((rows_p, channels, kh, kw), "uint8"))
+                relax.call_tir(
+                    gvar, [data], relax.TensorType((rows_p, channels, kh, kw), isa.a_dtype)
+                )
             )
             flat = self.builder_.emit(relax.op.reshape(patches, [rows_p, depth]))
             padded_w = np.zeros((out_channels, channels, kh, kw), np.int8)
@@ -344,7 +353,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                     relax.op.strided_slice(acc, axes=[0], begin=[0], end=[rows])
                 )
             acc = self.builder_.emit(relax.op.reshape(acc, [batch, out_h, out_w, out_channels]))
-            return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2]))
+            return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
 
         def _pool(self, call: Any) -> Any:
             pooled = self._producer(call.args[0])

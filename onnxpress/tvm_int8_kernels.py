@@ -1,72 +1,103 @@
 # mypy: disable-error-code="valid-type"
 """Integer kernels for the QDQ-to-integer lowering (onnxpress.tvm_int8).
 
-  packed_gemm(rows, depth, cols):  C[m, n] = sum_k A[m, k] * B[n // 16, k // 4, n % 16, k % 4]
-      A uint8 [rows, depth], B int8 packed 16x4 blocks, C int32 [rows, cols];
-      rows % 4 == 0, depth % 4 == 0, cols % 16 == 0 (callers pad).
-  pack_weight(w[k, n]) -> the [n/16, k/4, 16, 4] int8 blocks, zero-padded.
-  im2col(x[n, c, h, w] uint8, pad value = the zero point) -> A[n*oh*ow (padded), c*kh*kw (padded)].
+  packed_gemm(isa, rows, depth, cols):
+      C[m, n] = sum_k A[m, k] * B[n // L, k // 4, n % L, k % 4]    (L = isa.lanes)
+      A [rows, depth] (uint8 for VNNI, int8 for SDOT), B int8 packed Lx4 blocks,
+      C int32 [rows, cols]; rows % 4 == 0, depth % 4 == 0, cols % L == 0 (callers pad).
+  pack_weight(isa, w[k, n]) -> the [n/L, k/4, L, 4] int8 blocks, zero-padded.
+  im2col(x[n, c, h, w] padded with the zero point) -> A[rows, c, kh, kw].
 
-On x86 CPUs with AVX512-VNNI the 16x4 inner block is one ``vpdpbusd`` (u8 x s8 -> s32,
-four products summed per lane, no saturation). The intrinsic is registered here with the
-operand types of current LLVM (<64 x i8> sources); TVM's own registration still uses the
-older <16 x i32> signature, which LLVM 22 rejects. The schedule keeps a 4-row x up-to-4-block
-tile of accumulators in registers around the depth loop and parallelizes the outer tiles.
+The L x 4 inner block is one dot-product instruction (four 8-bit products summed into each
+int32 lane, no saturation):
+  VNNI  x86 AVX512-VNNI  vpdpbusd  u8 x s8, 16 lanes
+  SDOT  aarch64 +dotprod sdot      s8 x s8, 4 lanes
+The intrinsics are registered here with the operand types of current LLVM (byte vectors);
+TVM's own VNNI registration still uses the older <16 x i32> signature, which LLVM 22
+rejects. The schedule keeps a 4-row x up-to-4-block tile of accumulators in registers
+around the depth loop and parallelizes the outer tiles of large GEMMs only.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
 
-LANES = 16  # int32 lanes of a 512-bit register
-GROUP = 4  # u8 x s8 products summed per lane by one vpdpbusd
+GROUP = 4  # 8-bit products summed per int32 lane by one instruction
 ROW_TILE = 4  # rows sharing one depth loop (independent accumulators)
-INTRIN = "onnxpress_vnni_16x4"
 MIN_PARALLEL_MACS = 1 << 22  # below this a kernel runs faster than a thread pool wakes
+
+
+@dataclass(frozen=True)
+class DotIsa:
+    """A dot-product instruction: lanes of int32, the A operand's type, the LLVM intrinsic."""
+
+    name: str
+    lanes: int
+    a_dtype: str  # "uint8" or "int8"
+    intrinsic: str
+    features: tuple[str, ...]
+
+
+VNNI = DotIsa("vnni", 16, "uint8", "llvm.x86.avx512.vpdpbusd.512", ("avx512vnni", "avx512bw"))
+SDOT = DotIsa("sdot", 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", ("dotprod",))
 
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def has_vnni(target: Any) -> bool:
-    """Whether an llvm target can run the vpdpbusd kernel (x86 with AVX512-VNNI)."""
+def dot_isa(target: Any) -> DotIsa | None:
+    """The dot-product instruction an llvm target has (VNNI, SDOT), or None."""
     from tvm.target import codegen
 
     if str(target.kind.name) != "llvm":
-        return False
+        return None
     with target:
-        return bool(codegen.target_has_features(["avx512vnni", "avx512bw"]))
+        for isa in (VNNI, SDOT):
+            if codegen.target_has_features(list(isa.features)):
+                return isa
+    return None
 
 
-def pack_weight(weight: np.ndarray) -> np.ndarray:
-    """w[k, n] int8 -> [ceil(n/16), ceil(k/4), 16, 4] int8 with zero padding."""
+def has_vnni(target: Any) -> bool:
+    """Whether an llvm target can run the vpdpbusd kernel (x86 with AVX512-VNNI)."""
+    return dot_isa(target) == VNNI
+
+
+def pack_weight(isa: DotIsa, weight: np.ndarray) -> np.ndarray:
+    """w[k, n] int8 -> [ceil(n/L), ceil(k/4), L, 4] int8 with zero padding."""
     depth, cols = weight.shape
-    padded = np.zeros((round_up(depth, GROUP), round_up(cols, LANES)), dtype=np.int8)
+    lanes = isa.lanes
+    padded = np.zeros((round_up(depth, GROUP), round_up(cols, lanes)), dtype=np.int8)
     padded[:depth, :cols] = weight
-    k_blocks, n_blocks = padded.shape[0] // GROUP, padded.shape[1] // LANES
-    blocks = padded.reshape(k_blocks, GROUP, n_blocks, LANES).transpose(2, 0, 3, 1)
+    k_blocks, n_blocks = padded.shape[0] // GROUP, padded.shape[1] // lanes
+    blocks = padded.reshape(k_blocks, GROUP, n_blocks, lanes).transpose(2, 0, 3, 1)
     return np.ascontiguousarray(blocks)
 
 
-@lru_cache(maxsize=1)
-def _register_intrinsic() -> str:
+@cache
+def _register_intrinsic(isa: DotIsa) -> str:
     from tvm import s_tir
     from tvm.script import tirx as T
 
+    lanes, a_dtype, intrinsic = isa.lanes, isa.a_dtype, isa.intrinsic
+    acc_type, byte_type = f"int32x{lanes}", f"{a_dtype}x{lanes * 4}"
+    weight_type, quad_type = f"int8x{lanes * 4}", f"{a_dtype}x4"
+
     @T.prim_func(s_tir=True)
     def desc(
-        a: T.Buffer((4,), "uint8", offset_factor=1),
-        b: T.Buffer((16, 4), "int8", offset_factor=1),
-        c: T.Buffer((16,), "int32", offset_factor=1),
+        a: T.Buffer((4,), a_dtype, offset_factor=1),
+        b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        c: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-            T.writes(c[0:16])
-            for i in T.serial(0, 16):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
@@ -74,44 +105,46 @@ def _register_intrinsic() -> str:
 
     @T.prim_func(s_tir=True)
     def impl(
-        a: T.Buffer((4,), "uint8", offset_factor=1),
-        b: T.Buffer((16, 4), "int8", offset_factor=1),
-        c: T.Buffer((16,), "int32", offset_factor=1),
+        a: T.Buffer((4,), a_dtype, offset_factor=1),
+        b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        c: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-            T.writes(c[0:16])
-            quad = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
-            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                c.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(quad, 16), dtype="uint8x64"),
-                b.vload([0, 0], dtype="int8x64"),
-                dtype="int32x16",
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            quad = T.reinterpret(a.vload([0], quad_type), dtype="int32")
+            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrinsic),
+                c.vload([0], dtype=acc_type),
+                T.reinterpret(T.broadcast(quad, lanes), dtype=byte_type),
+                b.vload([0, 0], dtype=weight_type),
+                dtype=acc_type,
             )
 
+    name = f"onnxpress_{isa.name}_{lanes}x4"
     try:
-        s_tir.TensorIntrin.get(INTRIN)
+        s_tir.TensorIntrin.get(name)
     except Exception:
-        s_tir.TensorIntrin.register(INTRIN, desc, impl)
-    return INTRIN
+        s_tir.TensorIntrin.register(name, desc, impl)
+    return name
 
 
-def packed_gemm(rows: int, depth: int, cols: int) -> Any:
-    """The scheduled (VNNI-tensorized) PrimFunc for C = A . B on padded sizes."""
+def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
+    """The scheduled (dot-product-tensorized) PrimFunc for C = A . B on padded sizes."""
     from tvm import s_tir, te
 
-    if rows % ROW_TILE or depth % GROUP or cols % LANES:
+    lanes = isa.lanes
+    if rows % ROW_TILE or depth % GROUP or cols % lanes:
         raise ValueError(f"packed_gemm needs padded sizes, got {rows}x{depth}x{cols}")
-    intrin = _register_intrinsic()
-    a = te.placeholder((rows, depth), "uint8", name="A")
-    b = te.placeholder((cols // LANES, depth // GROUP, LANES, GROUP), "int8", name="B")
+    intrin = _register_intrinsic(isa)
+    a = te.placeholder((rows, depth), isa.a_dtype, name="A")
+    b = te.placeholder((cols // lanes, depth // GROUP, lanes, GROUP), "int8", name="B")
     k = te.reduce_axis((0, depth), name="k")
     c = te.compute(
         (rows, cols),
         lambda m, n: te.sum(
             a[m, k].astype("int32")
-            * b[n // LANES, k // GROUP, n % LANES, k % GROUP].astype("int32"),
+            * b[n // lanes, k // GROUP, n % lanes, k % GROUP].astype("int32"),
             axis=k,
         ),
         name="C",
@@ -119,10 +152,10 @@ def packed_gemm(rows: int, depth: int, cols: int) -> Any:
     sch = s_tir.Schedule(te.create_prim_func([a, b, c]))
     block = sch.get_sblock("C")
     m, n, kk = sch.get_loops(block)
-    n_blocks = cols // LANES
+    n_blocks = cols // lanes
     block_tile = next(t for t in (4, 2, 1) if n_blocks % t == 0)
     m_outer, m_inner = sch.split(m, [None, ROW_TILE])
-    n_outer, n_lanes = sch.split(n, [None, LANES])
+    n_outer, n_lanes = sch.split(n, [None, lanes])
     n_tile, n_inner = sch.split(n_outer, [None, block_tile])
     k_outer, k_inner = sch.split(kk, [None, GROUP])
     sch.reorder(m_outer, n_tile, k_outer, m_inner, n_inner, n_lanes, k_inner)
@@ -146,8 +179,9 @@ def im2col(
     out_hw: tuple[int, int],
     rows: int,
     channels: int,
+    dtype: str = "uint8",
 ) -> Any:
-    """PrimFunc: x[n, c, h, w] (uint8, already padded with the zero point) ->
+    """PrimFunc: x[n, c, h, w] (``dtype``, already padded with the zero point) ->
     patches[rows, channels, kh, kw] with row = (n, oh, ow). ``rows`` and ``channels`` may
     exceed the real counts (padding to the GEMM's multiples): those entries repeat a real
     value, which the zero rows of the padded weight (or the discarded output rows) cancel.
@@ -158,7 +192,7 @@ def im2col(
     batch, in_channels, _, _ = padded_shape
     kh, kw = kernel
     out_h, out_w = out_hw
-    data = te.placeholder(padded_shape, "uint8", name="x")
+    data = te.placeholder(padded_shape, dtype, name="x")
     used_rows = batch * out_h * out_w
 
     def patch(row: Any, c: Any, i: Any, j: Any) -> Any:

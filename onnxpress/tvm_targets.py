@@ -2,8 +2,9 @@
 
   x86 | host              -> {"kind": "llvm", "mcpu": <this CPU>, "num-cores": n}   (.so, g++)
   x86-64                  -> {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}         (portable)
-  arm | arm64-linux | aarch64
+  arm | arm64-linux | aarch64  [+dotprod]
                           -> {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+                             (+dotprod adds the Armv8.2 dot-product instructions to mattr)
                              .so linked by aarch64-linux-gnu-g++, or a .tar of objects when
                              that cross compiler is missing
   cuda[:sm_XX]            -> {"kind": "cuda", "arch": "sm_XX", "host": <x86 host>} (default sm_90)
@@ -26,7 +27,16 @@ from onnxpress.errors import OnnxpressError
 ARM_CROSS_CXX = "aarch64-linux-gnu-g++"
 DEFAULT_CUDA_ARCH = "sm_90"
 _CUDA_RE = re.compile(r"^cuda(?::(sm_\d{2,3}[a-z]?))?$")
-TARGET_NAMES = ("x86", "host", "x86-64", "arm", "arm64-linux", "aarch64", "cuda[:sm_XX]")
+TARGET_NAMES = (
+    "x86",
+    "host",
+    "x86-64",
+    "arm",
+    "arm64-linux",
+    "aarch64",
+    "arm64-linux+dotprod",
+    "cuda[:sm_XX]",
+)
 
 
 class TargetError(OnnxpressError):
@@ -95,8 +105,16 @@ def parse_target(text: str) -> TargetSpec:
         return TargetSpec("x86", config, ".so", notes=notes)
     if name in ("x86-64", "x86_64"):
         return TargetSpec("x86-64", {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, ".so")
-    if name in ("arm", "arm64", "arm64-linux", "aarch64", "aarch64-linux"):
-        config = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    base, _, extra = name.partition("+")
+    if base in ("arm", "arm64", "arm64-linux", "aarch64", "aarch64-linux") and extra in (
+        "",
+        "dotprod",
+    ):
+        config = {
+            "kind": "llvm",
+            "mtriple": "aarch64-linux-gnu",
+            "mattr": ["+neon", "+dotprod"] if extra else ["+neon"],
+        }
         if shutil.which(ARM_CROSS_CXX):
             return TargetSpec("arm64-linux", config, ".so", cross_compiler=ARM_CROSS_CXX)
         return TargetSpec(

@@ -72,12 +72,22 @@ def test_float_mlp_runs_on_aarch64(tmp_path: Path) -> None:
     assert result["ok"] and result["errors"]["y"] <= 1e-4
 
 
-def test_int8_lowered_conv_runs_on_aarch64(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("target", "kernel"), [("arm64-linux", "relax"), ("arm64-linux+dotprod", "sdot")]
+)
+def test_int8_lowered_conv_runs_on_aarch64(tmp_path: Path, target: str, kernel: str) -> None:
     from test_tvm_int8 import conv_model
 
     qdq, _ = quantize(conv_model())
-    compiled = compile_model(qdq, "arm64-linux", tmp_path / "int8")
+    compiled = compile_model(qdq, target, tmp_path / "int8")
     assert compiled.manifest["int8"]["lowered"]["conv2d"] == 2
+    assert compiled.manifest["int8"]["kernel"] == kernel
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump and kernel == "sdot":
+        listing = subprocess.run(
+            [objdump, "-d", str(compiled.library)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "\tsdot\t" in listing
     x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 9, 9)).astype(np.float32)
     result = _emulate(tmp_path / "int8", qdq, {"x": x})
     assert result["ok"] and result["errors"]["y"] <= 1e-4

@@ -17,14 +17,14 @@ tvm = pytest.importorskip("tvm")
 
 from onnxpress.tvm_backend import compile_model, import_relax  # noqa: E402
 from onnxpress.tvm_int8 import lower_qdq_to_integer  # noqa: E402
-from onnxpress.tvm_int8_kernels import has_vnni, pack_weight, packed_gemm  # noqa: E402
+from onnxpress.tvm_int8_kernels import SDOT, VNNI, dot_isa, pack_weight, packed_gemm  # noqa: E402
 from onnxpress.tvm_prepare import prepare  # noqa: E402
 from onnxpress.tvm_targets import parse_target, tvm_target  # noqa: E402
 from onnxpress.tvm_verify import quantization_steps  # noqa: E402
 
 HOST = parse_target("x86")
 PORTABLE = parse_target("x86-64")  # no VNNI: Relax's own integer conv2d/matmul
-VNNI = has_vnni(tvm_target(HOST))
+HAS_VNNI = dot_isa(tvm_target(HOST)) == VNNI
 node = helper.make_node
 
 
@@ -100,7 +100,7 @@ def test_conv_model_lowers_and_matches_onnxruntime(tmp_path: Path, activations: 
         check = result.manifest["verification"]
         assert check["metric"] in ("max-abs/step", "max-abs/step, max-rel")
         assert check["errors"]["y"] <= 1.0  # within one quantization step of onnxruntime
-        assert result.manifest["int8"]["kernel"] == ("vnni" if spec is HOST and VNNI else "relax")
+        assert result.manifest["int8"]["kernel"] == ("vnni" if spec is HOST and HAS_VNNI else "relax")
 
 
 def test_lowered_module_has_no_float_conv_and_int8_kernels() -> None:
@@ -115,20 +115,22 @@ def test_lowered_module_has_no_float_conv_and_int8_kernels() -> None:
     assert all('dtype="float32") = R.nn.conv2d(' in line for line in float_convs)
 
 
-@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX512-VNNI")
+@pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX512-VNNI")
 def test_vnni_kernel_is_exact_and_uses_vpdpbusd(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     rows, depth, cols = 8, 36, 32
     a = rng.integers(0, 256, (rows, depth), dtype=np.uint8)
     w = rng.integers(-128, 128, (depth, cols), dtype=np.int8)
-    func = packed_gemm(rows, depth, cols)
+    func = packed_gemm(VNNI, rows, depth, cols)
     assert "vpdpbusd" in func.script()
     signature = func.script().split("):")[0]
     assert '(8, 36), "uint8"' in signature and '(2, 9, 16, 4), "int8"' in signature
     assert '(8, 32), "int32"' in signature
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm_target(HOST))
+    lib = tvm.compile(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm_target(HOST)
+    )
     out = tvm.runtime.tensor(np.zeros((rows, cols), np.int32))
-    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weight(w)), out)
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weight(VNNI, w)), out)
     np.testing.assert_array_equal(out.numpy(), a.astype(np.int64) @ w.astype(np.int64))
     qdq, _ = quantize(conv_model())
     result = compile_model(qdq, HOST, tmp_path / "vnni")
