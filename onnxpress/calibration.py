@@ -135,6 +135,30 @@ class CalibrationData:
         logger.info("calibration %s: split into %d batches of the model's size", self.origin, total)
         return CalibrationData(source, total, self.origin)
 
+    def split(self, held_out: int) -> tuple[CalibrationData, CalibrationData]:
+        """(the first len - held_out batches, the last held_out batches), as lazy views."""
+        if not 0 < held_out < self._size:
+            raise CalibrationError(
+                f"{self.origin}: cannot hold out {held_out} of {self._size} calibration batches"
+            )
+        keep = self._size - held_out
+
+        def head() -> Iterator[Batch]:
+            for index, batch in enumerate(self._source()):
+                if index >= keep:
+                    return
+                yield batch
+
+        def tail() -> Iterator[Batch]:
+            for index, batch in enumerate(self._source()):
+                if index >= keep:
+                    yield batch
+
+        return (
+            CalibrationData(head, keep, self.origin),
+            CalibrationData(tail, held_out, f"{self.origin} (held out)"),
+        )
+
     def validate(self, model: onnx.ModelProto) -> None:
         """Raise CalibrationError if a batch does not fit the model's inputs."""
         initializers = {t.name for t in model.graph.initializer}

@@ -51,6 +51,7 @@ class VerifyConfig:
     metric: str | None = None  # overrides each lossy pass's own metric
     budget: float | None = None  # overrides each lossy pass's default budget
     tolerance: float = LOSSLESS_TOLERANCE
+    holdout: int = 0  # last calibration batches kept from the passes, used only to verify
 
     def __post_init__(self) -> None:
         if self.level not in ("off", "structure", "numeric"):
@@ -63,6 +64,8 @@ class VerifyConfig:
             raise PipelineError(f"budget must be >= 0, not {self.budget}")
         if not self.tolerance >= 0:
             raise PipelineError(f"tolerance must be >= 0, not {self.tolerance}")
+        if self.holdout < 0:
+            raise PipelineError(f"holdout must be >= 0, not {self.holdout}")
 
 
 class PassManager:
@@ -87,9 +90,13 @@ class PassManager:
         started = time.perf_counter()
         original = copy_model(model)
         level = self.verify.level
+        verification_data = self.calibration
         if self.calibration is not None:
             self.calibration = self.calibration.fitted_to(original)
             self.calibration.validate(original)
+            verification_data = self.calibration
+            if self.verify.holdout:
+                self.calibration, verification_data = self.calibration.split(self.verify.holdout)
         stats = model_stats(original)
         report = Report(
             pipeline=format_pipeline(self.passes), before=stats, after=stats, verify_level=level
@@ -98,7 +105,7 @@ class PassManager:
         reference: list[list[np.ndarray]] = []
         output_names: list[str] = []
         if level == "numeric":
-            feeds = verification_inputs(original, self.calibration, self.seed)
+            feeds = verification_inputs(original, verification_data, self.seed)
             runner = verification_runner(original)
             output_names = runner.output_names
             reference = run_all(runner, feeds)
@@ -215,7 +222,10 @@ def bisect(
     against the original (structure and numerics, whatever ``verify.level`` says), so a
     pipeline of n passes needs about log2(n) runs.
     """
-    feeds = verification_inputs(model, calibration, seed)
+    verification_data = calibration
+    if calibration is not None and verify.holdout:
+        calibration, verification_data = calibration.fitted_to(model).split(verify.holdout)
+    feeds = verification_inputs(model, verification_data, seed)
     runner = verification_runner(model)
     reference = run_all(runner, feeds)
 

@@ -35,6 +35,7 @@ class VerifySettings:
     metric: str | None = None
     budget: float | None = None
     tolerance: float | None = None
+    holdout: int | None = None
 
 
 @dataclass
@@ -115,13 +116,17 @@ def load_recipe(path: str | Path) -> Recipe:
             values = {k: v for k, v in table.items() if k != "name"}
             passes.append(_instantiate(str(table["name"]), values))
     verify = data.get("verify", {})
-    if not isinstance(verify, dict) or set(verify) - {"level", "metric", "budget", "tolerance"}:
-        raise PipelineError(f"{file}: [verify] accepts level, metric, budget and tolerance")
+    keys = {"level", "metric", "budget", "tolerance", "holdout"}
+    if not isinstance(verify, dict) or set(verify) - keys:
+        raise PipelineError(
+            f"{file}: [verify] accepts level, metric, budget, tolerance and holdout"
+        )
     settings = VerifySettings(
         level=verify.get("level"),
         metric=verify.get("metric"),
         budget=None if verify.get("budget") is None else float(verify["budget"]),
         tolerance=None if verify.get("tolerance") is None else float(verify["tolerance"]),
+        holdout=None if verify.get("holdout") is None else int(verify["holdout"]),
     )
     calibration = data.get("calibration")
     if calibration is not None:

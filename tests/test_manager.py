@@ -151,3 +151,43 @@ def test_random_inputs_keep_named_dims_consistent() -> None:
     # "T" heads x's shape, so it varies; "batch" is the same size in x and h0.
     assert [f["x"].shape for f in feeds] == [(1, 8, 3), (3, 8, 3)]
     assert all(f["h0"].shape == (1, 8, 2) for f in feeds)
+
+
+def test_holdout_batches_are_verified_on_but_not_seen_by_passes(
+    mlp_model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxpress import NoOptions, Pass, register_pass
+    from onnxpress import manager as manager_module
+
+    seen: list[float] = []
+    verified: list[float] = []
+
+    @register_pass("record-calibration-test")
+    class RecordCalibration(Pass[NoOptions]):
+        """Records the first input value of every calibration batch it is given."""
+
+        def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+            assert ctx.calibration is not None
+            seen.extend(float(batch["x"][0, 0]) for batch in ctx.calibration.batches())
+            return PassResult()
+
+    real_inputs = manager_module.verification_inputs
+
+    def recording_inputs(model: onnx.ModelProto, calibration: object, seed: int) -> list:
+        feeds = real_inputs(model, calibration, seed)  # type: ignore[arg-type]
+        verified.extend(float(feed["x"][0, 0]) for feed in feeds)
+        return feeds
+
+    monkeypatch.setattr(manager_module, "verification_inputs", recording_inputs)
+    batches = [{"x": np.full((2, 8), float(k), np.float32)} for k in range(1, 8)]
+    onnxpress.optimize(
+        mlp_model,
+        passes="record-calibration-test,scale-outputs{alpha=2}",
+        calibration=batches,
+        verify=VerifyConfig(holdout=2),
+    )
+    assert seen == [1.0, 2.0, 3.0, 4.0, 5.0] and verified == [6.0, 7.0]
+    with pytest.raises(onnxpress.errors.CalibrationError, match="cannot hold out 7 of 7"):
+        onnxpress.optimize(
+            mlp_model, passes="cleanup", calibration=batches, verify=VerifyConfig(holdout=7)
+        )
