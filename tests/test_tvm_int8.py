@@ -17,7 +17,7 @@ tvm = pytest.importorskip("tvm")
 
 from onnxpress.tvm_backend import compile_model, import_relax  # noqa: E402
 from onnxpress.tvm_int8 import lower_qdq_to_integer  # noqa: E402
-from onnxpress.tvm_int8_kernels import SDOT, VNNI, dot_isa, pack_weight, packed_gemm  # noqa: E402
+from onnxpress.tvm_int8_kernels import VNNI, dot_isa, pack_weight, packed_gemm  # noqa: E402
 from onnxpress.tvm_prepare import prepare  # noqa: E402
 from onnxpress.tvm_targets import parse_target, tvm_target  # noqa: E402
 from onnxpress.tvm_verify import quantization_steps  # noqa: E402

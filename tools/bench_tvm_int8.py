@@ -18,6 +18,7 @@ run, and the fraction of digits where TVM int8 and onnxruntime QDQ predict the s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -86,11 +87,12 @@ def _sources(name: str) -> tuple[Any, Any, np.ndarray, np.ndarray | None]:
     """(model, calibration, held-out inputs, labels or None) of a bundled or synthetic model."""
     if name == "resnet112":
         rng = np.random.default_rng(1)
-        calibration = [{"x": rng.standard_normal((1, 3, 112, 112)).astype(np.float32)} for _ in range(8)]
-        return resnet112(), calibration, rng.standard_normal((50, 3, 112, 112)).astype(np.float32), None
+        batches = [{"x": rng.standard_normal((1, 3, 112, 112)).astype(np.float32)} for _ in range(8)]
+        return resnet112(), batches, rng.standard_normal((50, 3, 112, 112)).astype(np.float32), None
     eval_set = load_eval_set(ROOT / "models" / "data" / f"{name}_eval.npz")
     calibration = ROOT / "models" / "data" / f"{name}_calib.npz"
     return ROOT / "models" / f"{name}.onnx", calibration, model_inputs(eval_set), eval_set["labels"]
+
 
 
 def bench_model(name: str, target: str, rounds: int, folder: Path) -> dict[str, Any]:
@@ -111,10 +113,10 @@ def bench_model(name: str, target: str, rounds: int, folder: Path) -> dict[str, 
     input_name = fp32.graph.input[0].name
     x = inputs[:1]
     runners: dict[str, Callable[[], Any]] = {
-        label: (lambda lib=lib: lib(x)) for label, lib in libraries.items()
+        label: functools.partial(lib, x) for label, lib in libraries.items()
     }
     for label, sess in sessions.items():
-        runners[label] = lambda sess=sess: sess.run(None, {input_name: x})
+        runners[label] = functools.partial(sess.run, None, {input_name: x})
     for label, ms in interleaved_ms(runners, rounds).items():
         row[f"{label}_ms"] = ms
     row["int8_vs_fp32_tvm"] = row["tvm_int8_ms"] / row["tvm_fp32_ms"]
