@@ -23,7 +23,7 @@ from onnxpress.registry import all_passes, get_pass, load_plugin_file, register_
 from onnxpress.report import Report
 from onnxpress.stats import model_stats
 from onnxpress.tvm_backend import compile_model as compile  # imports TVM lazily
-from onnxpress.tvm_backend import run_compiled
+from onnxpress.tvm_runtime import run_compiled
 
 __version__ = "0.1.0"
 

@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--metric", choices=sorted(METRICS), help="metric for lossy passes")
     opt.add_argument("--budget", type=float, help="largest metric value a lossy pass may reach")
     opt.add_argument("--tolerance", type=float, help="relative tolerance for lossless passes")
+    opt.add_argument(
+        "--holdout",
+        type=int,
+        metavar="N",
+        help="keep the last N calibration batches from the passes and verify on them only",
+    )
     opt.add_argument("--seed", type=int, default=0, help="seed for random verification inputs")
     opt.add_argument("--report", metavar="FILE", help="write the JSON report here")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -109,6 +115,32 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: run a QDQ model's convs/matmuls as int8 x int8 -> int32 (default); "
         "off: TVM's float fake-quant",
+    )
+    comp.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tune the kernels with MetaSchedule: about N measured trials, N/kernels each; "
+        "kernels the database already tuned with that share are reused (default 0: no tuning)",
+    )
+    comp.add_argument(
+        "--tuning-db",
+        metavar="DIR",
+        help="tuning database reused across runs and models "
+        "(default: $ONNXPRESS_TUNING_DB or ~/.cache/onnxpress/tuning)",
+    )
+    comp.add_argument(
+        "--rpc",
+        metavar="TRACKER:PORT:KEY",
+        help="measure tuning candidates on the device registered under KEY at a TVM RPC tracker",
+    )
+    comp.add_argument(
+        "--gru",
+        choices=("loop", "unroll"),
+        default="loop",
+        help="loop: each GRU op is one recurrence kernel (default); unroll: lower-gru's "
+        "per-step ops",
     )
     comp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     comp.add_argument("--seed", type=int, default=0, help="seed for verification inputs")
@@ -223,6 +255,9 @@ def _optimize(args: argparse.Namespace) -> int:
         tolerance=args.tolerance
         if args.tolerance is not None
         else (settings.tolerance if settings and settings.tolerance is not None else 1e-5),
+        holdout=args.holdout
+        if args.holdout is not None
+        else (settings.holdout if settings and settings.holdout is not None else 0),
     )
     output = Path(args.output) if args.output else _default_output(args.model)
     if Path(args.model).exists() and same_file(output, args.model) and not args.in_place:

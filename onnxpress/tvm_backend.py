@@ -14,6 +14,7 @@ TvmMissingError that says how to install it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,49 +22,37 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
-from onnxpress.errors import OnnxpressError
-from onnxpress.ir import copy_model
 from onnxpress.report import Report
-from onnxpress.tvm_prepare import Prepared, check_coverage, graph_inputs, prepare
+from onnxpress.tvm_prepare import (
+    LOOP_GRU_PIPELINE,
+    PREPARE_PIPELINE,
+    Prepared,
+    check_coverage,
+    graph_inputs,
+    prepare,
+)
+from onnxpress.tvm_runtime import (  # re-exported: the runtime half of compile/run
+    MANIFEST,
+    MANIFEST_FORMAT,
+    CompileError,
+    require_tvm,
+)
 from onnxpress.tvm_targets import TargetSpec, parse_target, tvm_target
+from onnxpress.tvm_tune import TuneOptions, TuningProgress
 from onnxpress.tvm_verify import differential_check, has_qdq
-from onnxpress.tvm_verify import max_rel as _max_rel
-from onnxpress.verify import Runner
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "onnxpress-tvm/1"
 LIBRARY_STEM = "model"
 # Compiled vs onnxruntime: max |diff| / max |ref| per output (float reassociation only).
 COMPILE_TOLERANCE = 1e-4
-
-
-class TvmMissingError(OnnxpressError):
-    """Apache TVM is not installed."""
-
-
-class CompileError(OnnxpressError):
-    """TVM could not import, compile or export the model, or the result is wrong."""
-
-
-def require_tvm() -> Any:
-    """Import and return the ``tvm`` module, or raise TvmMissingError."""
-    try:
-        import tvm
-    except ImportError as exc:
-        raise TvmMissingError(
-            f"Apache TVM is not installed ({exc}): pip install onnxpress[tvm]"
-        ) from None
-    return tvm
 
 
 @dataclass
@@ -97,28 +86,41 @@ def _interface(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[
     return [entry(vi) for vi in graph_inputs(model)], [entry(vi) for vi in model.graph.output]
 
 
-def import_relax(prepared: Prepared) -> Any:
-    """The Relax IRModule of a prepared model (coverage is checked first)."""
+def import_relax(prepared: Prepared, *, loop_rnn: bool = True) -> Any:
+    """The Relax IRModule of a prepared model (coverage is checked first); ``loop_rnn``
+    converts GRU and LSTM ops to the loop-form CPU kernels of onnxpress.tvm_rnn."""
     require_tvm()
-    check_coverage(prepared.model)
+    check_coverage(prepared.model, loop_rnn=loop_rnn)
     from tvm.relax.frontend.onnx import from_onnx
 
+    from onnxpress.tvm_rnn import importer_with_rnn
+
     try:
-        return from_onnx(
-            prepared.model,
-            shape_dict=dict(prepared.input_shapes),
-            dtype_dict=dict(prepared.input_dtypes),
-        )
+        with importer_with_rnn() if loop_rnn else contextlib.nullcontext():
+            return from_onnx(
+                prepared.model,
+                shape_dict=dict(prepared.input_shapes),
+                dtype_dict=dict(prepared.input_dtypes),
+            )
     except Exception as exc:
         raise CompileError(f"TVM's ONNX importer failed: {_first_line(exc)}") from exc
 
 
-def build(mod: Any, spec: TargetSpec, *, default_schedules: bool = True) -> Any:
+def build(
+    mod: Any, spec: TargetSpec, *, default_schedules: bool = True, database: Any = None
+) -> Any:
     """``tvm.compile`` for a target: the relax default pipeline (dlight on CUDA), plus
-    onnxpress's untuned CPU schedules (tvm_schedule) when ``default_schedules``."""
+    onnxpress's untuned CPU schedules (tvm_schedule) when ``default_schedules``.
+
+    With a MetaSchedule ``database`` (tvm_tune), the module is fused and every kernel with a
+    tuning record gets its best schedule first; the default schedules skip those kernels."""
     tvm = require_tvm()
     target = tvm_target(spec)
     try:
+        if database is not None:
+            from onnxpress.tvm_tune import apply_database, fuse
+
+            mod = apply_database(fuse(mod, target, default_schedules), target, database)
         if spec.kind == "llvm" and default_schedules:
             from onnxpress.tvm_schedule import cpu_pipeline
 
@@ -138,24 +140,6 @@ def export(executable: Any, spec: TargetSpec, folder: Path) -> Path:
     except Exception as exc:
         raise CompileError(f"exporting the {spec.name} library failed: {_first_line(exc)}") from exc
     return path
-
-
-class CompiledModel:
-    """A compiled library loaded with the TVM runtime: call it with numpy arrays."""
-
-    def __init__(self, library: str | os.PathLike[str], device: str = "cpu") -> None:
-        tvm = require_tvm()
-        from tvm import relax
-
-        self._tvm = tvm
-        self.device = tvm.device(device, 0)
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
-
-    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        args = [self._tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in arrays]
-        out = self.vm["main"](*args)
-        items = [out] if hasattr(out, "numpy") else list(out)
-        return [np.asarray(item.numpy()) for item in items]
 
 
 def _sha256(model: onnx.ModelProto) -> str:
@@ -191,6 +175,9 @@ def compile_model(
     verify: bool = True,
     seed: int = 0,
     int8: str = "auto",
+    gru: str = "loop",
+    tuning: TuneOptions | None = None,
+    on_tuning_progress: Callable[[TuningProgress], None] | None = None,
 ) -> CompileResult:
     """Compile an ONNX model with TVM into the folder ``output`` (library, manifest.json,
     README.md); ``onnxpress.compile`` is this function, mirroring ``onnxpress compile``.
@@ -201,7 +188,11 @@ def compile_model(
     here, succeeded. Existing files of the same names in ``output`` are replaced.
     ``int8="auto"`` turns a QDQ model's quantized convolutions and matmuls into integer
     compute (tvm_int8), verified within one quantization step; ``"off"`` keeps Relax's
-    float (fake-quant) computation.
+    float (fake-quant) computation. ``tuning`` runs MetaSchedule first (tvm_tune: trials,
+    persistent database, optional RPC device), reporting to ``on_tuning_progress``.
+    ``gru="loop"`` compiles each ONNX GRU as one recurrence kernel (tvm_gru); ``"unroll"``
+    runs lower-gru first (one set of ops per step). LSTMs always compile as loops
+    (tvm_lstm), on CPU targets.
     """
     from onnxpress import __version__
     from onnxpress.api import prepare_model
@@ -214,10 +205,17 @@ def compile_model(
     loaded, source = prepare_model(model)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    prepared = prepare(loaded, input_shapes, seed=seed)
+    if gru not in ("loop", "unroll"):
+        raise CompileError(f"gru must be 'loop' or 'unroll', not {gru!r}")
+    gru_notes = []
+    if gru == "loop" and spec.is_gpu:
+        gru = "unroll"  # the recurrence kernel is a CPU loop nest; GPUs get dlight's schedules
+        gru_notes.append("GRU ops unrolled by lower-gru on GPU targets (no GPU loop kernel)")
+    pipeline = LOOP_GRU_PIPELINE if gru == "loop" else PREPARE_PIPELINE
+    prepared = prepare(loaded, input_shapes, pipeline=pipeline, seed=seed)
     seconds["prepare"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mod = import_relax(prepared)
+    mod = import_relax(prepared, loop_rnn=not spec.is_gpu)
     seconds["import"] = time.perf_counter() - t0
     if int8 not in ("auto", "off"):
         raise CompileError(f"int8 must be 'auto' or 'off', not {int8!r}")
@@ -228,11 +226,25 @@ def compile_model(
         t0 = time.perf_counter()
         mod, lowering = lower_qdq_to_integer(mod, tvm_target(spec))
         seconds["int8"] = time.perf_counter() - t0
+    tuned = None
+    if tuning is not None:
+        from onnxpress.tvm_tune import tune_module
+
+        t0 = time.perf_counter()
+        tuned = tune_module(
+            mod, spec, tuning, on_tuning_progress, default_schedules=default_schedules
+        )
+        seconds["tune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    executable = build(mod, spec, default_schedules=default_schedules)
+    executable = build(
+        mod,
+        spec,
+        default_schedules=default_schedules,
+        database=tuned.database if tuned is not None else None,
+    )
     seconds["compile"] = time.perf_counter() - t0
     inputs, outputs = _interface(prepared.model)
-    notes = [*prepared.notes, *spec.notes]
+    notes = [*prepared.notes, *spec.notes, *gru_notes]
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "source": {
@@ -253,7 +265,7 @@ def compile_model(
             ],
         },
         "schedules": "onnxpress-default" if default_schedules and spec.kind == "llvm" else "tvm",
-        "tuning": None,
+        "tuning": tuned.summary.to_json() if tuned is not None else None,
         "int8": lowering.to_json() if lowering is not None else None,
         "verification": None,
         "notes": notes,
@@ -291,6 +303,8 @@ def compile_model(
                 )
         elif verify:
             notes.append(f"not run here: this machine cannot load a {spec.name} library")
+        if tuned is not None and tuning is not None and tuning.rpc is not None:
+            _time_on_device(library, spec, tuning, manifest, notes)
         manifest["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(_readme(spec, library.name, manifest), encoding="utf-8")
@@ -302,81 +316,15 @@ def compile_model(
     return CompileResult(out_dir, out_dir / library.name, manifest, prepared.report, seconds, notes)
 
 
-def load_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise CompileError(f"{folder}: no {MANIFEST} (not an onnxpress compile output)")
-    manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise CompileError(f"{path}: unknown format {manifest.get('format')!r}")
-    return manifest
+def _time_on_device(
+    library: Path, spec: TargetSpec, tuning: TuneOptions, manifest: dict[str, Any], notes: list[str]
+) -> None:
+    """Time the compiled library on the RPC device it was tuned on (manifest "tuning")."""
+    from onnxpress.tvm_rpc import time_library
 
-
-def run_compiled(
-    folder: str | os.PathLike[str], inputs: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Run a compiled folder on named inputs; returns outputs by name.
-
-    An input with more rows on axis 0 than the compiled shape (a multiple of it) is run in
-    compiled-size chunks and the outputs are concatenated on axis 0.
-    """
-    manifest = load_manifest(folder)
-    spec = manifest["target"]
-    if spec["tvm"]["kind"] != "llvm":
-        raise CompileError(f"{folder}: a {spec['name']} library cannot run on this machine")
-    arrays, chunks = _check_inputs(manifest, inputs)
-    compiled = CompiledModel(Path(folder) / manifest["library"])
-    names = [o["name"] for o in manifest["outputs"]]
-    results: list[list[np.ndarray]] = []
-    for chunk in range(chunks):
-        part = [
-            a[chunk * len(a) // chunks : (chunk + 1) * len(a) // chunks] if chunks > 1 else a
-            for a in arrays
-        ]
-        results.append(compiled(*part))
-    if chunks == 1:
-        return dict(zip(names, results[0], strict=True))
-    return {n: np.concatenate([r[i] for r in results], axis=0) for i, n in enumerate(names)}
-
-
-def _check_inputs(
-    manifest: dict[str, Any], inputs: Mapping[str, np.ndarray]
-) -> tuple[list[np.ndarray], int]:
-    arrays: list[np.ndarray] = []
-    chunks = 1
-    for entry in manifest["inputs"]:
-        name, shape, dtype = entry["name"], list(entry["shape"]), np.dtype(entry["dtype"])
-        if name not in inputs:
-            raise CompileError(f"input '{name}' is missing (inputs: {sorted(inputs)})")
-        array = np.asarray(inputs[name])
-        if array.dtype != dtype:
-            array = array.astype(dtype)
-        got = list(array.shape)
-        if got != shape:
-            rows = got[0] // shape[0] if got and shape and shape[0] else 0
-            if not (got[1:] == shape[1:] and rows and got[0] == rows * shape[0]):
-                raise CompileError(
-                    f"input '{name}' has shape {got}; the library was compiled for {shape}"
-                )
-            if chunks not in (1, rows):
-                raise CompileError("inputs disagree on the number of rows")
-            chunks = rows
-        arrays.append(array)
-    return arrays, chunks
-
-
-def reference_outputs(
-    model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """onnxruntime outputs of ``model`` (used by ``run --verify``)."""
-    runner = Runner(copy_model(model))
-    feed = {vi.name: np.asarray(inputs[vi.name]) for vi in graph_inputs(model)}
-    return dict(zip(runner.output_names, runner(feed), strict=True))
-
-
-def compare_outputs(
-    expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]
-) -> dict[str, float]:
-    return {
-        name: _max_rel(np.asarray(ref), np.asarray(got[name])) for name, ref in expected.items()
-    }
+    if spec.library_suffix != ".so" or tuning.rpc is None:
+        notes.append(f"not timed over RPC: a {spec.library_suffix} library must be linked first")
+        return
+    device = "cuda" if spec.is_gpu else "cpu"
+    timing = time_library(library, tuning.rpc, manifest["inputs"], device)
+    manifest["tuning"]["library_timing"] = timing

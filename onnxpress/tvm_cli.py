@@ -5,17 +5,96 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from onnxpress.errors import CalibrationError, OnnxpressError
 from onnxpress.render import render_report, table
 
+if TYPE_CHECKING:
+    from onnxpress.tvm_tune import TuneOptions, TuningProgress
+
 
 class OutputMismatchError(OnnxpressError):
     """``run --verify``: the compiled library disagrees with onnxruntime."""
+
+
+class TrialBar:
+    """Tuning progress on stderr: a redrawn bar on a TTY, a line per 10% otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO = sys.stderr, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = stream.isatty()
+        self.started = time.perf_counter()
+        self.shown_tenths = -1
+
+    def __call__(self, progress: TuningProgress) -> None:
+        if not self.enabled:
+            return
+        done, total = progress.trials_done, max(1, progress.trials_total)
+        filled = self.WIDTH * done // total
+        elapsed = time.perf_counter() - self.started
+        text = (
+            f"tuning [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} trials "
+            f"{elapsed:.0f}s"
+        ) + (f"  kernel {progress.kernels_done + 1}: {progress.task}" if progress.task else "")
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+        elif 10 * done // total > self.shown_tenths:
+            self.shown_tenths = 10 * done // total
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()
+
+
+def _tune_options(args: argparse.Namespace) -> TuneOptions | None:
+    from onnxpress.tvm_rpc import parse_rpc
+    from onnxpress.tvm_tune import TuneOptions, TuningError, default_database
+
+    rpc = parse_rpc(args.rpc) if args.rpc else None
+    if not args.tune_trials:
+        if rpc is not None or args.tuning_db:
+            raise TuningError("--rpc and --tuning-db need --tune-trials N")
+        return None
+    database = Path(args.tuning_db).expanduser() if args.tuning_db else default_database()
+    return TuneOptions(args.tune_trials, database, rpc, args.seed)
+
+
+def _tuning_line(tuning: dict[str, Any]) -> str:
+    tasks = tuning["tasks"]
+    tuned = sum(1 for t in tasks if not t["reused"])
+    line = (
+        f"tuned {tuned} of {len(tasks)} kernels: {tuning['trials_run']} trials "
+        f"({tuning['measured_on']}, {tuning['cost_model'] or 'no search'}) in "
+        f"{tuning['seconds']:.0f}s; reused {len(tasks) - tuned} kernels "
+        f"({tuning['records_reused']} records) from {tuning['database']}\n"
+        f"{tuning['kernels_applied']} of {len(tasks)} kernels use their best tuned schedule; "
+        "the others keep the default schedule (faster, or never measured)"
+    )
+    model_ms = tuning.get("model_ms")
+    if model_ms:
+        kept = "tuned" if tuning["kernels_applied"] else "untuned (tuning did not pay off)"
+        line += (
+            f"\nwhole model at compile time: tuned {model_ms['tuned']:.3f} ms, untuned "
+            f"{model_ms['default']:.3f} ms; kept {kept}"
+        )
+    for kernel, reason in tuning.get("skipped", {}).items():
+        line += f"\n  not tuned: {kernel}: {reason}"
+    timing = tuning.get("library_timing")
+    if timing:
+        line += f"\nlatency on the RPC device: {timing['median_ms']:.3f} ms (median)"
+    return line
 
 
 def compile_command(args: argparse.Namespace) -> int:
@@ -25,17 +104,24 @@ def compile_command(args: argparse.Namespace) -> int:
 
     shapes = parse_input_shapes(args.input_shape)
     spec = parse_target(args.target)
+    tuning = _tune_options(args)
     require_tvm()
-    result = compile_model(
-        args.model,
-        spec,
-        args.output,
-        input_shapes=shapes,
-        default_schedules=not args.no_default_schedules,
-        verify=not args.no_verify,
-        seed=args.seed,
-        int8=args.int8,
-    )
+    bar = TrialBar(enabled=not args.json)
+    try:
+        result = compile_model(
+            args.model,
+            spec,
+            args.output,
+            input_shapes=shapes,
+            default_schedules=not args.no_default_schedules,
+            verify=not args.no_verify,
+            seed=args.seed,
+            int8=args.int8,
+            tuning=tuning,
+            on_tuning_progress=bar,
+        )
+    finally:
+        bar.close()
     if args.json:
         print(json.dumps(result.manifest, indent=2))
         return 0
@@ -57,6 +143,8 @@ def compile_command(args: argparse.Namespace) -> int:
             f"verified against onnxruntime: {check['metric']} {check['errors'][worst]:.2g} "
             f"<= {check['limits'][worst]:g} (output '{worst}')"
         )
+    if result.manifest.get("tuning"):
+        print(_tuning_line(result.manifest["tuning"]))
     times = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
     print(f"target {spec.name} {json.dumps(spec.config)}; {times}")
     print(f"wrote {result.library}, manifest.json and README.md in {result.output_dir}")
@@ -74,7 +162,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from onnxpress.tvm_backend import (
+    from onnxpress.tvm_runtime import (
         compare_outputs,
         load_manifest,
         reference_outputs,

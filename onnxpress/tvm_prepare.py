@@ -27,6 +27,8 @@ from onnxpress.report import Report
 logger = logging.getLogger(__name__)
 
 PREPARE_PIPELINE = "lower-gru,fold-constants,cleanup,toposort"
+# GRUs kept for the loop-form converter (onnxpress.tvm_rnn) instead of unrolled.
+LOOP_GRU_PIPELINE = "fold-constants,cleanup,toposort"
 # Handled by the importer outside its converter table.
 _IMPORTER_BUILTINS = {"Constant", "If"}
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -201,8 +203,21 @@ def unsupported_ops(model: onnx.ModelProto, supported: set[str]) -> dict[str, li
     return missing
 
 
-def check_coverage(model: onnx.ModelProto) -> None:
-    """Raise UnsupportedOpsError listing every op the importer cannot take."""
-    missing = unsupported_ops(model, importer_ops())
+def check_coverage(model: onnx.ModelProto, *, loop_rnn: bool = False) -> None:
+    """Raise UnsupportedOpsError listing every op the importer cannot take (with
+    ``loop_rnn``, GRUs and LSTMs that onnxpress.tvm_rnn converts count as supported)."""
+    from onnxpress.tvm_rnn import LOOP_OPS, loop_supported
+
+    supported = importer_ops()
+    if loop_rnn:
+        supported.update(LOOP_OPS)
+    missing = unsupported_ops(model, supported)
+    if loop_rnn:
+        for node in model.graph.node:
+            reason = loop_supported(node) if node.op_type in LOOP_OPS else None
+            if reason:
+                missing.setdefault(f"{node.op_type} ({reason})", []).append(
+                    node.name or node.op_type
+                )
     if missing:
         raise UnsupportedOpsError(missing)

@@ -75,7 +75,7 @@ def differential_check(
     """Per output: the error of the library against onnxruntime on seeded inputs, its metric
     and its limit. ``in_steps`` (integer-lowered models): max-abs in quantization steps, limit
     one step, for every output with a step; otherwise max-rel, limit ``tolerance``."""
-    from onnxpress.tvm_backend import CompiledModel
+    from onnxpress.tvm_runtime import CompiledModel
 
     feed = random_inputs(reference_model, seed)[0]
     expected = Runner(reference_model)(feed)

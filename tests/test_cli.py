@@ -229,3 +229,15 @@ def test_ctrl_c_exits_130_and_writes_nothing(mlp_path: Path) -> None:
     assert proc.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     assert files_in(mlp_path.parent) == before | {"started"}
+
+
+def test_holdout_needs_more_batches_than_it_holds(
+    mlp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calib = mlp_path.with_name("calib.npz")
+    np.savez(calib, x=np.ones((2, 8), np.float32))
+    before = files_in(mlp_path.parent)
+    code, _, err = _run(
+        capsys, "optimize", str(mlp_path), "--calibration", str(calib), "--holdout", "1"
+    )
+    _assert_clean_failure(code, err, mlp_path.parent, before, "cannot hold out 1 of 1")

@@ -18,18 +18,14 @@ from onnx import TensorProto, helper
 
 tvm = pytest.importorskip("tvm")
 
-from onnxpress.tvm_backend import (  # noqa: E402
-    CompileError,
-    compile_model,
-    load_manifest,
-    run_compiled,
-)
+from onnxpress.tvm_backend import CompileError, compile_model  # noqa: E402
 from onnxpress.tvm_prepare import (  # noqa: E402
     UnsupportedOpsError,
     check_coverage,
     parse_input_shapes,
     specialise_shapes,
 )
+from onnxpress.tvm_runtime import load_manifest, run_compiled  # noqa: E402
 from onnxpress.tvm_targets import ARM_CROSS_CXX, TargetError, parse_target  # noqa: E402
 
 MODELS = REPO / "models"
@@ -44,7 +40,7 @@ def test_mlp_compiles_runs_and_matches_onnxruntime(tmp_path: Path) -> None:
     assert manifest["outputs"] == [{"name": "y", "dtype": "float32", "shape": [2, 4]}]
     assert manifest["versions"]["tvm"] == str(tvm.__version__)
     assert manifest["verification"]["errors"]["y"] <= 1e-4
-    assert result.report is not None and result.report.passes[0].name == "lower-gru"
+    assert result.report is not None and result.report.passes[0].name == "fold-constants"
     x = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
     got = run_compiled(out, {"x": x})["y"]  # 6 rows: three runs of the compiled batch of 2
     w1, b1, w2 = (onnx.numpy_helper.to_array(t) for t in make_mlp().graph.initializer[:3])
@@ -55,7 +51,7 @@ def test_mlp_compiles_runs_and_matches_onnxruntime(tmp_path: Path) -> None:
 
 
 def test_gru_sunspots_compiles_through_lower_gru(tmp_path: Path) -> None:
-    result = compile_model(MODELS / "gru_sunspots.onnx", "x86", tmp_path / "gru")
+    result = compile_model(MODELS / "gru_sunspots.onnx", "x86", tmp_path / "gru", gru="unroll")
     passes = {p["name"]: p["counts"] for p in result.manifest["prepare"]["passes"]}
     assert passes["lower-gru"] == {"gru_lowered": 1, "steps_unrolled": 24}
     assert result.manifest["verification"]["errors"]["prediction"] <= 1e-4
@@ -70,7 +66,7 @@ def test_cli_compile_and_run_verify(tmp_path: Path) -> None:
     done = run_cli("compile", str(model), "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert "verified against onnxruntime" in done.stdout
-    assert "lower-gru" in done.stdout  # the prepare passes are reported
+    assert "fold-constants" in done.stdout  # the prepare passes are reported
     inputs = MODELS / "data" / "mlp_digits_eval.npz"
     done = run_cli("run", str(out), "--inputs", str(inputs), "--verify", str(model))
     assert done.returncode == 0, done.stderr
@@ -100,22 +96,22 @@ def test_coverage_check_lists_every_unsupported_op_once() -> None:
 def test_cli_reports_unsupported_ops_in_one_line(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     weights = {
-        "W": rng.standard_normal((1, 12, 2)).astype(np.float32),
-        "R": rng.standard_normal((1, 12, 3)).astype(np.float32),
+        "W": rng.standard_normal((1, 3, 2)).astype(np.float32),
+        "R": rng.standard_normal((1, 3, 3)).astype(np.float32),
     }
-    lstm = helper.make_node("LSTM", ["x", "W", "R"], ["", "y"], name="enc", hidden_size=3)
+    rnn = helper.make_node("RNN", ["x", "W", "R"], ["", "y"], name="enc", hidden_size=3)
     graph = helper.make_graph(
-        [lstm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1, 2])],
+        [rnn], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 3])],
         [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()],
     )
-    path = tmp_path / "lstm.onnx"
+    path = tmp_path / "rnn.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     done = run_cli("compile", str(path), "-o", str(tmp_path / "out"))
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("onnxpress: error: TVM's ONNX importer cannot convert")
-    assert "LSTM (1: 'enc')" in lines[-1] and "Traceback" not in done.stderr
+    assert "RNN (1: 'enc')" in lines[-1] and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -1,13 +1,16 @@
-"""Benchmark ``onnxpress compile`` (TVM, untuned) against onnxruntime on the bundled models.
+"""Benchmark ``onnxpress compile`` (TVM, untuned and tuned) against onnxruntime.
 
   python tools/bench_tvm.py [--models cnn_mnist,transformer_mnist,gru_sunspots,mlp_digits]
                             [--rounds 7] [--iters 50] [--markdown]
+                            [--tune-trials N [--tuning-db DIR]]
 
 For each model at batch 1: compile for this CPU twice (TVM's plain CPU pipeline, and with
-onnxpress's default parallel/vector schedules), then time the two TVM libraries and an
-onnxruntime session (all graph optimizations, threads = CPU count) in interleaved rounds on
-the same input; report each round's mean per call and the median over rounds, and the
-TVM / ORT ratio (> 1: TVM is slower).
+onnxpress's default parallel/vector schedules), with --tune-trials a third time with N
+MetaSchedule trials (into a fresh database unless --tuning-db is given, so the tuning time
+is that of N trials), then time the TVM libraries and an onnxruntime session (all graph
+optimizations, threads = CPU count) in interleaved rounds on the same input; report each
+round's mean per call and the median over rounds, and the TVM / ORT ratio (> 1: TVM is
+slower).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from onnxpress.tvm_backend import CompiledModel, compile_model
+from onnxpress.tvm_backend import compile_model
+from onnxpress.tvm_runtime import CompiledModel
+from onnxpress.tvm_tune import TuneOptions
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_MODELS = "cnn_mnist,transformer_mnist,gru_sunspots,mlp_digits"
@@ -43,16 +48,30 @@ def _caller(lib: CompiledModel, arrays: list[np.ndarray]) -> Callable[[], Any]:
     return lambda: lib(*arrays)
 
 
-def bench_model(name: str, rounds: int, iters: int, folder: Path) -> dict[str, Any]:
+def bench_model(
+    name: str, rounds: int, iters: int, folder: Path, tuning: TuneOptions | None = None
+) -> dict[str, Any]:
     path = MODELS / f"{name}.onnx"
     row: dict[str, Any] = {"model": name}
     libraries: dict[str, CompiledModel] = {}
     feed: dict[str, np.ndarray] = {}
-    for label, schedules in (("tvm_plain", False), ("tvm_default", True)):
+    variants: list[tuple[str, bool, TuneOptions | None]] = [
+        ("tvm_plain", False, None),
+        ("tvm_default", True, None),
+    ]
+    if tuning is not None:
+        variants.append(("tvm_tuned", True, tuning))
+    for label, schedules, options in variants:
         start = time.perf_counter()
         result = compile_model(path, "x86", folder / f"{name}-{label}",
-                               default_schedules=schedules)
+                               default_schedules=schedules, tuning=options)
         row[f"{label}_compile_s"] = time.perf_counter() - start
+        if options is not None:
+            summary = result.manifest["tuning"]
+            row["tune_trials"] = summary["trials_run"]
+            row["tune_min"] = summary["seconds"] / 60
+            row["tune_tasks"] = len(summary["tasks"])
+            row["tune_applied"] = summary["kernels_applied"]
         libraries[label] = CompiledModel(result.library)
         rng = np.random.default_rng(0)
         feed = {e["name"]: rng.standard_normal(e["shape"]).astype(e["dtype"])
@@ -74,6 +93,8 @@ def bench_model(name: str, rounds: int, iters: int, folder: Path) -> dict[str, A
         row[f"{label}_ms"] = statistics.median(values) * 1e3
     row["ratio_plain"] = row["tvm_plain_ms"] / row["ort_ms"]
     row["ratio_default"] = row["tvm_default_ms"] / row["ort_ms"]
+    if tuning is not None:
+        row["ratio_tuned"] = row["tvm_tuned_ms"] / row["ort_ms"]
     return row
 
 
@@ -88,6 +109,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{r['ratio_plain']:.1f}× | {r['tvm_default_ms']:.3f} | {r['ratio_default']:.1f}× | "
             f"{r['tvm_default_compile_s']:.1f} |"
         )
+    if all("tvm_tuned_ms" in r for r in rows):
+        lines += [
+            "",
+            "| model (batch 1) | ORT ms | TVM untuned ms | ratio | TVM tuned ms | ratio "
+            "| trials | kernels tuned / all | tuning min |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['ort_ms']:.3f} | {r['tvm_default_ms']:.3f} | "
+            f"{r['ratio_default']:.2f}× | {r['tvm_tuned_ms']:.3f} | {r['ratio_tuned']:.2f}× | "
+            f"{r['tune_trials']} | {r['tune_applied']} / {r['tune_tasks']} | {r['tune_min']:.1f} |"
+            for r in rows
+        ]
     return "\n".join(lines)
 
 
@@ -97,11 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--tune-trials", type=int, default=0, help="also compile tuned")
+    parser.add_argument("--tuning-db", help="reuse this tuning database (default: a fresh one)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        database = Path(args.tuning_db) if args.tuning_db else Path(tmp) / "tuning-db"
+        tuning = TuneOptions(args.tune_trials, database) if args.tune_trials else None
         for name in args.models.split(","):
-            rows.append(bench_model(name.strip(), args.rounds, args.iters, Path(tmp)))
+            rows.append(bench_model(name.strip(), args.rounds, args.iters, Path(tmp), tuning))
             print(f"done {name}", file=sys.stderr)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"medians of {args.rounds} interleaved rounds of {args.iters} calls")

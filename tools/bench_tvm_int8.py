@@ -35,7 +35,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
 from onnxpress.pipeline import DEFAULT_LOSSLESS
-from onnxpress.tvm_backend import CompiledModel, compile_model
+from onnxpress.tvm_backend import compile_model
+from onnxpress.tvm_runtime import CompiledModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "models")]
