@@ -201,6 +201,31 @@ def save_mnist_eval(name: str, images: np.ndarray, labels: np.ndarray, *, diviso
     return path
 
 
+def export_mnist_classifier(name: str, model: nn.Module, test_images: np.ndarray,
+                            test_x: np.ndarray, test_labels: np.ndarray, *, divisor: float,
+                            input_shape: Sequence[int], fold_constants: bool = True,
+                            rtol: float = 0.0) -> tuple[Path, onnx.ModelProto, float, Path]:
+    """Export a trained digit classifier to ``<name>.onnx``, check it (full checker, dynamic
+    batch, onnxruntime vs torch within max(ATOL, ``rtol`` * max |logit|)) and write its
+    held-out set.
+
+    ``test_x`` is the model input made from the uint8 ``test_images`` (``images / divisor``
+    reshaped to ``input_shape``). Returns (path, ONNX model, held-out accuracy, eval path).
+    """
+    torch_logits = predict(model, torch.from_numpy(test_x))
+    path = MODELS_DIR / f"{name}.onnx"
+    export(model, torch.from_numpy(test_x[:2]), path, fold_constants=fold_constants)
+    onnx_model = check_model(path)
+    check_dynamic_batch(onnx_model)
+    onnx_logits = run_onnx(path, {"input": test_x})
+    atol = max(ATOL, rtol * float(np.abs(torch_logits).max()))
+    assert_close(f"{name} onnxruntime vs torch", torch_logits, onnx_logits, atol=atol)
+    accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
+    eval_path = save_mnist_eval(name, test_images, test_labels, divisor=divisor,
+                                input_shape=input_shape, accuracy=accuracy)
+    return path, onnx_model, accuracy, eval_path
+
+
 def save_calibration(name: str, input_name: str, batch: np.ndarray) -> Path:
     """Write ``data/<name>_calib.npz``: one training batch keyed by the model's input name."""
     path = DATA_DIR / f"{name}_calib.npz"

@@ -20,6 +20,7 @@ MODELS_DIR = Path(__file__).resolve().parent
 BUILDS = {
     "cnn_mnist": ["cnn_mnist.onnx"],
     "cnn_wide_mnist": ["cnn_wide_mnist.onnx"],
+    "mobilenet_mnist": ["mobilenet_mnist.onnx"],
     "mlp_digits": ["mlp_digits.onnx"],
     "transformer_mnist": ["transformer_mnist.onnx"],
     "gru_sunspots": ["gru_sunspots.onnx", "gru_sunspots_unrolled.onnx"],

@@ -22,18 +22,11 @@ import numpy as np
 import torch
 from _common import (
     CALIBRATION_SIZE,
-    MODELS_DIR,
-    assert_close,
-    check_dynamic_batch,
-    check_model,
-    export,
+    export_mnist_classifier,
     make_deterministic,
     mnist_split,
-    predict,
     report,
-    run_onnx,
     save_calibration,
-    save_mnist_eval,
     shift_augment,
     train_classifier,
 )
@@ -106,20 +99,12 @@ def main() -> None:
                      batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=1e-4,
                      generator=generator, augment=shift_augment(generator))
 
-    torch_logits = predict(model, torch.from_numpy(test_x))
-    path = MODELS_DIR / f"{NAME}.onnx"
-    export(model, torch.from_numpy(test_x[:2]), path, fold_constants=False)
-    onnx_model = check_model(path)
-    check_dynamic_batch(onnx_model)
+    path, onnx_model, accuracy, eval_path = export_mnist_classifier(
+        NAME, model, test_images, test_x, test_labels, divisor=255.0, input_shape=(1, 28, 28),
+        fold_constants=False)
     ops = {node.op_type for node in onnx_model.graph.node}
     if not {"BatchNormalization", "Add", "Conv"} <= ops:
         raise AssertionError(f"{NAME}: expected Conv, BatchNormalization and Add, got {ops}")
-    onnx_logits = run_onnx(path, {"input": test_x})
-    assert_close(f"{NAME} onnxruntime vs torch", torch_logits, onnx_logits)
-
-    accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
-    eval_path = save_mnist_eval(NAME, test_images, test_labels, divisor=255.0,
-                                input_shape=(1, 28, 28), accuracy=accuracy)
     calib_path = save_calibration(NAME, "input", to_input(train_images[:CALIBRATION_SIZE]))
     report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
 

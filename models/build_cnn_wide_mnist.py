@@ -27,18 +27,11 @@ import onnx
 import torch
 from _common import (
     CALIBRATION_SIZE,
-    MODELS_DIR,
-    assert_close,
-    check_dynamic_batch,
-    check_model,
-    export,
+    export_mnist_classifier,
     make_deterministic,
     mnist_split,
-    predict,
     report,
-    run_onnx,
     save_calibration,
-    save_mnist_eval,
     shift_augment,
     train_classifier,
 )
@@ -89,22 +82,12 @@ def main() -> None:
                      batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=0.0,
                      generator=generator, augment=shift_augment(generator))
 
-    torch_logits = predict(model, torch.from_numpy(test_x))
-    path = MODELS_DIR / f"{NAME}.onnx"
-    export(model, torch.from_numpy(test_x[:2]), path)
-    onnx_model = check_model(path)
-    check_dynamic_batch(onnx_model)
+    path, onnx_model, accuracy, eval_path = export_mnist_classifier(
+        NAME, model, test_images, test_x, test_labels, divisor=1.0, input_shape=(1, 28, 28),
+        rtol=1e-5)
     ops = {node.op_type for node in onnx_model.graph.node}
     if "BatchNormalization" in ops or not {"Add", "Conv", "Gemm"} <= ops:
         raise AssertionError(f"{NAME}: expected Conv, Add and Gemm without BatchNorm, got {ops}")
-    onnx_logits = run_onnx(path, {"input": test_x})
-    scale = float(np.abs(torch_logits).max())
-    assert_close(f"{NAME} onnxruntime vs torch", torch_logits, onnx_logits,
-                 atol=max(1e-4, 1e-5 * scale))
-
-    accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
-    eval_path = save_mnist_eval(NAME, test_images, test_labels, divisor=1.0,
-                                input_shape=(1, 28, 28), accuracy=accuracy)
     calibration = to_input(train_images[:CALIBRATION_SIZE])
     calib_path = save_calibration(NAME, "input", calibration)
     print(f"{NAME}: activation ranges on the calibration batch "

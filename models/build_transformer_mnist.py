@@ -23,18 +23,11 @@ import numpy as np
 import torch
 from _common import (
     CALIBRATION_SIZE,
-    MODELS_DIR,
-    assert_close,
-    check_dynamic_batch,
-    check_model,
-    export,
+    export_mnist_classifier,
     make_deterministic,
     mnist_split,
-    predict,
     report,
-    run_onnx,
     save_calibration,
-    save_mnist_eval,
     shift_augment,
     train_classifier,
 )
@@ -126,17 +119,8 @@ def main() -> None:
                      batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=1e-2,
                      generator=generator, augment=shift_augment(generator))
 
-    torch_logits = predict(model, torch.from_numpy(test_x))
-    path = MODELS_DIR / f"{NAME}.onnx"
-    export(model, torch.from_numpy(test_x[:2]), path)
-    onnx_model = check_model(path)
-    check_dynamic_batch(onnx_model)
-    onnx_logits = run_onnx(path, {"input": test_x})
-    assert_close(f"{NAME} onnxruntime vs torch", torch_logits, onnx_logits)
-
-    accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
-    eval_path = save_mnist_eval(NAME, test_images, test_labels, divisor=255.0,
-                                input_shape=(ROWS, ROWS), accuracy=accuracy)
+    path, _, accuracy, eval_path = export_mnist_classifier(
+        NAME, model, test_images, test_x, test_labels, divisor=255.0, input_shape=(ROWS, ROWS))
     calib_path = save_calibration(NAME, "input", to_input(train_images[:CALIBRATION_SIZE]))
     report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
 

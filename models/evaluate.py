@@ -28,6 +28,7 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 EVAL_SETS = {
     "cnn_mnist": "cnn_mnist",
     "cnn_wide_mnist": "cnn_wide_mnist",
+    "mobilenet_mnist": "mobilenet_mnist",
     "mlp_digits": "mlp_digits",
     "transformer_mnist": "transformer_mnist",
     "gru_sunspots": "gru_sunspots",

@@ -1,4 +1,5 @@
-"""Accuracy-aware fallback for the ``qdq`` pass, and the quality metrics it is judged by.
+"""Accuracy-aware fallback and calibration selection for the ``qdq`` pass, and the quality
+metrics they are judged by.
 
 Given a budget ``max_drop`` on a quality metric (higher is better; the float model's score
 is the reference), fallback measures the drop of the fully quantized model; if it is over
@@ -10,6 +11,8 @@ batches, its outputs and the float model's outputs on them) that returns a score
 built-in ``agreement`` is the mean, over outputs, of top-1 agreement with the float model
 (outputs whose last axis has 2+ entries) or 1 - relative L2 error (other outputs). Register
 your own with ``register_metric("name", fn)`` and select it with ``qdq{metric=name}``.
+The built-in ``fidelity`` is 1 - relative L2 error of every output (mean over outputs); it
+ranks the calibration settings that ``method=auto`` tries (``select_calibration``).
 """
 
 from __future__ import annotations
@@ -65,7 +68,17 @@ def agreement(inputs: MetricInputs) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
-_METRICS: dict[str, QualityMetric] = {"agreement": agreement}
+def fidelity(inputs: MetricInputs) -> float:
+    """1 - relative L2 error of each output over all batches, mean over outputs."""
+    errors = []
+    for index in range(len(inputs.output_names)):
+        ref = np.concatenate([batch[index].ravel() for batch in inputs.reference])
+        new = np.concatenate([batch[index].ravel() for batch in inputs.outputs])
+        errors.append(_rel_l2(ref, new))
+    return 1.0 - float(np.mean(errors)) if errors else 1.0
+
+
+_METRICS: dict[str, QualityMetric] = {"agreement": agreement, "fidelity": fidelity}
 
 
 def register_metric(name: str, metric: QualityMetric) -> None:
@@ -164,3 +177,28 @@ def greedy_fallback(
         if drop <= max_drop:
             break
     return FallbackResult(excluded, steps, initial, drop, drop <= max_drop)
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    method: str  # activation range method
+    bias_correction: bool
+    error: float  # 1 - fidelity on the scoring batches: mean relative L2 error of the outputs
+
+
+def select_calibration(
+    settings: list[tuple[str, bool]],
+    build: Callable[[str, bool], onnx.ModelProto],
+    evaluator: Evaluator,
+) -> list[CalibrationChoice]:
+    """Score each (method, bias correction) setting's quantized model against the float model;
+    return every score, best (lowest error, then the earliest setting) first."""
+    scored = []
+    for method, corrected in settings:
+        error, _ = evaluator.drop(build(method, corrected))
+        scored.append(CalibrationChoice(method, corrected, error))
+        logger.info(
+            "qdq auto: method=%s bias-correction=%s -> rel-L2 %.5f", method, corrected, error
+        )
+    order = sorted(range(len(scored)), key=lambda i: (scored[i].error, i))
+    return [scored[i] for i in order]

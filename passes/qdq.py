@@ -9,7 +9,10 @@
 2. observe (``_qdq_calibrate``): stream the float model over the calibration batches into
    fixed-size observers (memory does not grow with the number of batches);
 3. calibrate: one clipping range per tensor by ``method`` (minmax, percentile, entropy, mse;
-   see ``onnxpress.observers``), unioned over tensors that share parameters;
+   see ``onnxpress.observers``), unioned over tensors that share parameters; ``auto`` (the
+   default) quantizes with minmax, percentile and mse, each with and without bias
+   correction, and keeps the one whose outputs on calibration batches are closest to the
+   float model's (relative L2);
 4. recover: ``bias-correction`` (on by default) adds E[x].(W - Wq) to each bias; ``max-drop``
    keeps the most sensitive layers in float until the quality metric is within budget
    (``_qdq_recover``; a Python metric is registered with ``register_metric``);
@@ -43,9 +46,11 @@ from onnxpress.passes._qdq_recover import (
     FallbackResult,
     MetricInputs,
     QualityMetric,
+    fidelity,
     get_metric,
     greedy_fallback,
     register_metric,
+    select_calibration,
 )
 
 from onnxpress.context import PassContext
@@ -58,27 +63,31 @@ __all__ = ["MetricInputs", "Qdq", "QdqOptions", "QualityMetric", "register_metri
 
 logger = logging.getLogger(__name__)
 
+# what method=auto tries, in order of preference on ties (entropy needs far more data)
+AUTO_METHODS = ("mse", "minmax", "percentile")
+
 
 @dataclass(frozen=True)
 class QdqOptions:
-    method: Literal["minmax", "percentile", "entropy", "mse"] = "mse"  # activation ranges
+    # activation ranges: auto = the best of minmax/percentile/mse (+- bias correction)
+    method: Literal["auto", "minmax", "percentile", "entropy", "mse"] = "auto"
     percentile: float = 99.99  # for method=percentile
     bins: int = 2048  # histogram bins (percentile, entropy, mse)
     per_channel: bool = True  # int8 weights per output channel (else per tensor)
     activations: Literal["uint8", "int8"] = "uint8"  # asymmetric uint8 or symmetric int8
     reduce_range: bool = False  # 7-bit weights: no int16 saturation in u8s8 AVX2 kernels
-    bias_correction: bool = True  # remove the mean output shift of weight quantization
+    bias_correction: bool = True  # remove the mean output shift (auto: try with and without)
     max_drop: float | None = None  # accuracy-aware fallback budget on `metric`
     metric: str = "agreement"  # quality metric for max-drop (see register_metric)
     extra_ops: tuple[str, ...] = ()  # op types to quantize besides the defaults (e.g. Softmax)
     include: tuple[str, ...] = ()  # only these nodes: name, op type or re:REGEX on the name
     exclude: tuple[str, ...] = ()  # never these nodes (same forms)
     calibration_batches: int = 0  # 0 = every batch
-    fallback_batches: int = 8  # calibration batches that score fallback candidates
+    fallback_batches: int = 8  # calibration batches that score auto and fallback candidates
 
     def __post_init__(self) -> None:
-        if self.method not in RANGE_METHODS:
-            raise ValueError(f"method must be one of {', '.join(RANGE_METHODS)}")
+        if self.method != "auto" and self.method not in RANGE_METHODS:
+            raise ValueError(f"method must be auto or one of {', '.join(RANGE_METHODS)}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], not {self.percentile}")
         if self.bins < 256:
@@ -139,33 +148,53 @@ class Qdq(Pass[QdqOptions]):
             opts.calibration_batches or None,
         )
         symmetric = opts.activations == "int8"
-        ranges = tensor_ranges(
-            full, obs, opts.method, symmetric, opts.percentile, {t.name for t in graph.outputs}
+        outputs = {t.name for t in graph.outputs}
+        all_deltas = (
+            bias_deltas(graph, full, obs, opts.reduce_range) if opts.bias_correction else {}
         )
-        deltas = bias_deltas(graph, full, obs, opts.reduce_range) if opts.bias_correction else {}
+        method, corrected_biases = opts.method, opts.bias_correction
 
         def materialize(
-            target: gs.Graph, excluded: frozenset[str]
+            target: gs.Graph, excluded: frozenset[str], method: str, correct: bool
         ) -> tuple[Annotation, ConvertSummary, int]:
             ann = self._annotate(target, scope, floats, excluded)
+            ranges = tensor_ranges(full, obs, method, symmetric, opts.percentile, outputs)
+            deltas = all_deltas if correct else {}
             corrected = apply_bias_deltas(target, deltas, set(ann.quantized_nodes))
             summary = convert(target, ann, ranges, symmetric, opts.reduce_range)
             return ann, summary, corrected
 
+        def build(excluded: frozenset[str], method: str, correct: bool) -> Any:
+            candidate = graph.copy()
+            materialize(candidate, excluded, method, correct)
+            return ctx.export(candidate)
+
+        if opts.method == "auto":
+            scoring = list(ctx.calibration.batches(opts.fallback_batches))
+            corrections = (True, False) if opts.bias_correction else (False,)
+            settings = [(m, c) for m in AUTO_METHODS for c in corrections]
+            choices = select_calibration(
+                settings,
+                lambda m, c: build(frozenset(), m, c),
+                Evaluator(float_model, scoring, fidelity),
+            )
+            method, corrected_biases = choices[0].method, choices[0].bias_correction
+            result.details.append({"auto": [vars(choice) for choice in choices]})
         fallback: FallbackResult | None = None
         if metric is not None and opts.max_drop is not None:
             batches = list(ctx.calibration.batches(opts.fallback_batches))
             evaluator = Evaluator(float_model, batches, metric)
-
-            def build(excluded: frozenset[str]) -> Any:
-                candidate = graph.copy()
-                materialize(candidate, excluded)
-                return ctx.export(candidate)
-
-            fallback = greedy_fallback(full.quantized_nodes, build, evaluator, opts.max_drop)
+            fallback = greedy_fallback(
+                full.quantized_nodes,
+                lambda excluded: build(excluded, method, corrected_biases),
+                evaluator,
+                opts.max_drop,
+            )
         excluded = frozenset(fallback.excluded if fallback else ())
-        ann, summary, corrected = materialize(graph, excluded)
-        self._report(result, ann, summary, corrected, obs, fallback, opts)
+        ann, summary, corrected = materialize(graph, excluded, method, corrected_biases)
+        self._report(
+            result, ann, summary, corrected, obs, fallback, opts, (method, corrected_biases)
+        )
         return result
 
     def _annotate(
@@ -189,6 +218,7 @@ class Qdq(Pass[QdqOptions]):
         obs: Observations,
         fallback: FallbackResult | None,
         opts: QdqOptions,
+        chosen: tuple[str, bool],
     ) -> None:
         result.count("nodes_quantized", len(ann.quantized_nodes))
         result.count("activation_qdq_pairs", summary.activations)
@@ -204,7 +234,9 @@ class Qdq(Pass[QdqOptions]):
         result.details.append(
             {
                 "calibration": {
-                    "method": opts.method,
+                    "method": chosen[0],
+                    "bias_correction": chosen[1],
+                    "requested": opts.method,
                     "batches": obs.batches,
                     "tensors": len(obs.ranges),
                     "observer_bytes": obs.nbytes,

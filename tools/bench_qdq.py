@@ -1,18 +1,16 @@
 """QDQ benchmark: onnxpress's ``qdq`` pass side by side with onnxruntime's ``quantize_static``.
 
-For each bundled model (trained CNN, transformer encoder, GRU; the wide-range CNN without
-BatchNorm, ``cnn_wide_mnist``, on request with ``--models``) and each quantizer variant:
-held-out accuracy (or RMSE) and agreement with the float model, model bytes, onnxruntime
-latency relative to the float model (interleaved rounds, medians, one session per model,
-same process), and calibration peak memory (ru_maxrss of a fresh subprocess) and time with
-many calibration batches. Every quantizer starts from the same float model (the lossless
-onnxpress pipeline: constants folded, BatchNorm folded) and sees the same calibration set.
-onnxruntime runs QDQ with per-channel weights for each of its calibration methods, with
-uint8 activations (U8S8, its fast x86 form) and with its defaults (S8S8).
+For each bundled model (residual CNN, the same CNN without BatchNorm on raw pixels, a
+MobileNetV3-style CNN, transformer encoder, GRU) and each quantizer variant: held-out accuracy
+(or RMSE) and agreement with the float model, model bytes, onnxruntime latency relative to the
+float model (interleaved rounds, medians, one session per model, same process), and
+calibration peak memory (VmHWM of a fresh subprocess) and time with many calibration batches.
+Every quantizer starts from the same float model (constants and BatchNorm folded) and sees the
+same calibration set. onnxruntime runs QDQ with per-channel weights for each of its calibration
+methods, with uint8 activations (U8S8, its fast x86 form) and with its defaults (S8S8).
 
     python tools/bench_qdq.py --json qdq.json --markdown qdq.md
-    python tools/bench_qdq.py --models cnn_mnist --memory-batches 50,500
-    python tools/bench_qdq.py --models cnn_wide_mnist --memory-batches 50   # wide-range CNN
+    python tools/bench_qdq.py --models mobilenet_mnist --memory-batches 50
 """
 
 from __future__ import annotations
@@ -45,8 +43,9 @@ FLOAT_PIPELINE = "fold-constants,fold-batchnorm,cleanup"
 CALIBRATION_BATCH = 16
 MEMORY_BATCH = 8
 ONNXPRESS_VARIANTS: dict[str, list[str]] = {
-    "default (mse, bias correction)": ["qdq"],
-    "mse, no bias correction": ["qdq{bias-correction=false}"],
+    "default (auto)": ["qdq"],
+    "mse (bias correction)": ["qdq{method=mse}"],
+    "mse, no bias correction": ["qdq{method=mse,bias-correction=false}"],
     "minmax": ["qdq{method=minmax}"],
     "percentile": ["qdq{method=percentile}"],
     "entropy": ["qdq{method=entropy}"],
@@ -54,6 +53,7 @@ ONNXPRESS_VARIANTS: dict[str, list[str]] = {
     "default + fallback(max-drop=0.01)": ["qdq{max-drop=0.01}"],
 }
 ORT_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
+DEFAULT_MODELS = "cnn_mnist,cnn_wide_mnist,mobilenet_mnist,transformer_mnist,gru_sunspots"
 
 
 def float_model(name: str) -> onnx.ModelProto:
@@ -98,12 +98,15 @@ def onnxpress_variant(
     )
     seconds = time.perf_counter() - t0
     qdq = next(p for p in report.passes if p.name == "qdq")
+    chosen = next(d["calibration"] for d in qdq.result.details if "calibration" in d)
     return (
         model,
         seconds,
         {
             "spec": spec,
             "counts": qdq.result.counts,
+            "method": chosen["method"],
+            "bias_correction": chosen["bias_correction"],
             "fallback": [
                 r.node for r in qdq.result.refusals if r.reason.startswith("accuracy fallback")
             ],
@@ -339,6 +342,9 @@ def markdown(results: dict[str, Any], command: str) -> str:
             variant = row["variant"] + (
                 f" (float: {', '.join(row['fallback'])})" if row.get("fallback") else ""
             )
+            if row["variant"].startswith("default"):
+                bias = "bias correction" if row["bias_correction"] else "no bias correction"
+                variant += f": {row['method']}, {bias}"
             agreement = f"{row['agreement']:.4f}" if "agreement" in row else "-"
             lines.append(
                 f"| {row['tool']} | {variant} | {quality} | {agreement} | "
@@ -364,7 +370,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="cnn_mnist,transformer_mnist,gru_sunspots")
+    parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--sample-ms", type=float, default=40.0)
     parser.add_argument("--memory-batches", default="50,500")

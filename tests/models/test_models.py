@@ -23,12 +23,14 @@ DATA_DIR = MODELS_DIR / "data"
 EXPECTED = {
     "cnn_mnist": ("accuracy", 0.95),
     "cnn_wide_mnist": ("accuracy", 0.95),
+    "mobilenet_mnist": ("accuracy", 0.95),
     "mlp_digits": ("accuracy", 0.95),
     "transformer_mnist": ("accuracy", 0.90),
     "gru_sunspots": ("rmse", 25.0),
     "gru_sunspots_unrolled": ("rmse", 25.0),
 }
-CALIBRATED = ["cnn_mnist", "cnn_wide_mnist", "mlp_digits", "transformer_mnist", "gru_sunspots"]
+CALIBRATED = ["cnn_mnist", "cnn_wide_mnist", "mobilenet_mnist", "mlp_digits", "transformer_mnist",
+              "gru_sunspots"]
 
 
 def load_evaluate() -> ModuleType:
@@ -92,6 +94,17 @@ def test_wide_cnn_has_no_batchnorm_and_raw_pixel_inputs() -> None:
     assert (MODELS_DIR / "cnn_wide_mnist.onnx").stat().st_size < 300_000
     with np.load(DATA_DIR / "cnn_wide_mnist_calib.npz", allow_pickle=False) as calibration:
         assert float(calibration["input"].max()) > 100.0  # pixels 0..255, not scaled
+
+
+def test_mobilenet_has_depthwise_squeeze_excite_and_hardswish() -> None:
+    model = onnx.load(str(MODELS_DIR / "mobilenet_mnist.onnx"))
+    counts = Counter(node.op_type for node in model.graph.node)
+    assert counts["BatchNormalization"] == 13 and counts["HardSwish"] == 9
+    assert counts["HardSigmoid"] == 4 and counts["Mul"] == 4 and counts["Add"] == 2
+    groups = [next((a.i for a in n.attribute if a.name == "group"), 1)
+              for n in model.graph.node if n.op_type == "Conv"]
+    assert sorted(g for g in groups if g > 1) == [64, 128, 128, 256]  # depthwise
+    assert (MODELS_DIR / "mobilenet_mnist.onnx").stat().st_size < 1_000_000
 
 
 def test_transformer_has_attention_and_layernorm() -> None:

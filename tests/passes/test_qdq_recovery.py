@@ -86,6 +86,27 @@ def test_fallback_keeps_the_sensitive_layer_in_float(kit: SimpleNamespace) -> No
     assert summary["initial_drop"] > 0.2 and summary["within_budget"]
 
 
+def test_auto_keeps_the_setting_closest_to_float(kit: SimpleNamespace) -> None:
+    model = conv_relu_model(kit)
+    calib = batches(model, count=4, seed=1)
+    _, record = quantize(model, calibration=calib)  # qdq defaults: method=auto
+    tried = next(d["auto"] for d in record.result.details if "auto" in d)
+    chosen = next(d["calibration"] for d in record.result.details if "calibration" in d)
+    assert {(t["method"], t["bias_correction"]) for t in tried} == {
+        (m, c) for m in ("mse", "minmax", "percentile") for c in (True, False)
+    }
+    assert [t["error"] for t in tried] == sorted(t["error"] for t in tried)
+    assert (chosen["method"], chosen["bias_correction"]) == (
+        tried[0]["method"],
+        tried[0]["bias_correction"],
+    )
+    assert chosen["requested"] == "auto" and 0 < tried[0]["error"] < tried[-1]["error"]
+    assert record.verification.value < 0.1
+    _, plain = quantize(model, "qdq{bias-correction=false}", calibration=calib)
+    tried = next(d["auto"] for d in plain.result.details if "auto" in d)
+    assert len(tried) == 3 and not any(t["bias_correction"] for t in tried)
+
+
 def test_a_registered_python_metric_drives_fallback(kit: SimpleNamespace) -> None:
     calls: list[int] = []
 
