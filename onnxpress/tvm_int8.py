@@ -31,13 +31,13 @@ import numpy as np
 
 from onnxpress.tvm_int8_kernels import (
     GROUP,
-    ROW_TILE,
     DotIsa,
     dot_isa,
     im2col,
     pack_weight,
     packed_gemm,
     round_up,
+    tiles,
 )
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             assert isa is not None
             cols = weight_kn.shape[1]
             rows_p, depth_p, cols_p = (
-                round_up(rows, ROW_TILE),
+                round_up(rows, tiles(isa, cols)[0]),
                 round_up(depth, GROUP),
                 round_up(cols, isa.lanes),
             )
@@ -313,40 +313,32 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             the zero point of the operand it multiplied."""
             assert isa is not None
             data, zero = self._as_operand(act, isa.a_dtype)
-            top, left, bottom, right = padding
-            if any(padding):
-                data = self.builder_.emit(
-                    relax.op.nn.pad(
-                        data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero)
-                    )
-                )
             batch, out_channels, out_h, out_w = out_shape
             _, in_channels, kh, kw = w.shape
-            channels = next(
-                c for c in range(in_channels, in_channels + GROUP + 1) if c * kh * kw % GROUP == 0
-            )
+            channels = round_up(in_channels, GROUP)
+            # NHWC, padded spatially and on channels with the zero point (float 0; the extra
+            # channels meet zero weights); fused by Relax into the producer's epilogue.
+            top, left, bottom, right = padding
+            data = self.builder_.emit(relax.op.permute_dims(data, [0, 2, 3, 1]))
+            if any(padding) or channels != in_channels:
+                widths = [0, 0, top, bottom, left, right, 0, channels - in_channels]
+                data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
             rows = batch * out_h * out_w
-            rows_p, depth = round_up(rows, ROW_TILE), channels * kh * kw
-            n, c, h, w_ = (int(d) for d in data.ty.shape)
+            rows_p = round_up(rows, tiles(isa, out_channels)[0])
+            depth = kh * kw * channels
+            n, h, w_, c = (int(d) for d in data.ty.shape)
             kernel = im2col(
-                (n, c, h, w_),
-                (kh, kw),
-                strides,
-                dilation,
-                (out_h, out_w),
-                rows_p,
-                channels,
-                isa.a_dtype,
+                (n, h, w_, c), (kh, kw), strides, dilation, (out_h, out_w), rows_p, isa.a_dtype
             )
             gvar = self.builder_.add_func(kernel, "onnxpress_int8_im2col")
             patches = self.builder_.emit(
                 relax.call_tir(
-                    gvar, [data], relax.TensorType((rows_p, channels, kh, kw), isa.a_dtype)
+                    gvar, [data], relax.TensorType((rows_p, kh, kw, channels), isa.a_dtype)
                 )
             )
             flat = self.builder_.emit(relax.op.reshape(patches, [rows_p, depth]))
-            padded_w = np.zeros((out_channels, channels, kh, kw), np.int8)
-            padded_w[:, :in_channels] = w
+            padded_w = np.zeros((out_channels, kh, kw, channels), np.int8)
+            padded_w[..., :in_channels] = w.transpose(0, 2, 3, 1)
             acc = self._gemm(flat, rows_p, depth, padded_w.reshape(out_channels, depth).T)
             if rows_p != rows:
                 acc = self.builder_.emit(

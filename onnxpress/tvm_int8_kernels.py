@@ -14,7 +14,7 @@ int32 lane, no saturation):
   SDOT  aarch64 +dotprod sdot      s8 x s8, 4 lanes
 The intrinsics are registered here with the operand types of current LLVM (byte vectors);
 TVM's own VNNI registration still uses the older <16 x i32> signature, which LLVM 22
-rejects. The schedule keeps a 4-row x up-to-4-block tile of accumulators in registers
+rejects. The schedule keeps 16 accumulators (rows x up to 4 column blocks) in registers
 around the depth loop and parallelizes the outer tiles of large GEMMs only.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 GROUP = 4  # 8-bit products summed per int32 lane by one instruction
-ROW_TILE = 4  # rows sharing one depth loop (independent accumulators)
+ACCUMULATORS = 16  # independent accumulator registers per depth loop (latency x throughput)
 MIN_PARALLEL_MACS = 1 << 22  # below this a kernel runs faster than a thread pool wakes
 
 
@@ -48,6 +48,14 @@ SDOT = DotIsa("sdot", 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", ("dotprod
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def tiles(isa: DotIsa, cols: int) -> tuple[int, int]:
+    """(rows, column blocks) of the register tile for a GEMM with ``cols`` (padded) columns:
+    up to 4 blocks of ``lanes`` columns, and as many rows as keep ACCUMULATORS in flight."""
+    blocks = round_up(cols, isa.lanes) // isa.lanes
+    block_tile = next(t for t in (4, 2, 1) if blocks % t == 0)
+    return ACCUMULATORS // block_tile, block_tile
 
 
 def dot_isa(target: Any) -> DotIsa | None:
@@ -134,7 +142,8 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
     from tvm import s_tir, te
 
     lanes = isa.lanes
-    if rows % ROW_TILE or depth % GROUP or cols % lanes:
+    row_tile, block_tile = tiles(isa, cols)
+    if rows % row_tile or depth % GROUP or cols % lanes:
         raise ValueError(f"packed_gemm needs padded sizes, got {rows}x{depth}x{cols}")
     intrin = _register_intrinsic(isa)
     a = te.placeholder((rows, depth), isa.a_dtype, name="A")
@@ -153,14 +162,13 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
     block = sch.get_sblock("C")
     m, n, kk = sch.get_loops(block)
     n_blocks = cols // lanes
-    block_tile = next(t for t in (4, 2, 1) if n_blocks % t == 0)
-    m_outer, m_inner = sch.split(m, [None, ROW_TILE])
+    m_outer, m_inner = sch.split(m, [None, row_tile])
     n_outer, n_lanes = sch.split(n, [None, lanes])
     n_tile, n_inner = sch.split(n_outer, [None, block_tile])
     k_outer, k_inner = sch.split(kk, [None, GROUP])
     sch.reorder(m_outer, n_tile, k_outer, m_inner, n_inner, n_lanes, k_inner)
     outer = sch.fuse(m_outer, n_tile)
-    if rows * depth * cols >= MIN_PARALLEL_MACS and rows // ROW_TILE * (n_blocks // block_tile) > 1:
+    if rows * depth * cols >= MIN_PARALLEL_MACS and rows // row_tile * (n_blocks // block_tile) > 1:
         sch.parallel(outer)
     init = sch.decompose_reduction(block, k_outer)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -178,34 +186,34 @@ def im2col(
     dilation: tuple[int, int],
     out_hw: tuple[int, int],
     rows: int,
-    channels: int,
     dtype: str = "uint8",
 ) -> Any:
-    """PrimFunc: x[n, c, h, w] (``dtype``, already padded with the zero point) ->
-    patches[rows, channels, kh, kw] with row = (n, oh, ow). ``rows`` and ``channels`` may
-    exceed the real counts (padding to the GEMM's multiples): those entries repeat a real
-    value, which the zero rows of the padded weight (or the discarded output rows) cancel.
+    """PrimFunc: x[n, h, w, c] (NHWC, ``dtype``, already padded with the zero point, spatially
+    and up to the GEMM's channel multiple) -> patches[rows, kh, kw, c] with row = (n, oh, ow):
+    the innermost copy runs over contiguous channels. Rows past the real count (padding to
+    the register tile) repeat the last real row; their outputs are discarded.
     Marked opaque so that Relax does not fuse it into the producer's epilogue (which would
     recompute every requantization once per kernel tap)."""
-    from tvm import te, tirx
+    from tvm import s_tir, te, tirx
 
-    batch, in_channels, _, _ = padded_shape
+    batch, _, _, channels = padded_shape
     kh, kw = kernel
     out_h, out_w = out_hw
     data = te.placeholder(padded_shape, dtype, name="x")
     used_rows = batch * out_h * out_w
 
-    def patch(row: Any, c: Any, i: Any, j: Any) -> Any:
+    def patch(row: Any, i: Any, j: Any, c: Any) -> Any:
         real = tirx.min(row, used_rows - 1)
         n, oh, ow = real // (out_h * out_w), (real // out_w) % out_h, real % out_w
-        return data[
-            n,
-            tirx.min(c, in_channels - 1),
-            oh * strides[0] + i * dilation[0],
-            ow * strides[1] + j * dilation[1],
-        ]
+        return data[n, oh * strides[0] + i * dilation[0], ow * strides[1] + j * dilation[1], c]
 
-    patches = te.compute((rows, channels, kh, kw), patch, name="patches")
-    func = te.create_prim_func([data, patches])
-    func = func.with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True)
+    patches = te.compute((rows, kh, kw, channels), patch, name="patches")
+    sch = s_tir.Schedule(te.create_prim_func([data, patches]))
+    row_loop, _, _, channel_loop = sch.get_loops(sch.get_sblock("patches"))
+    if channels % 16 == 0:
+        _, lanes = sch.split(channel_loop, [None, 16])
+        sch.vectorize(lanes)
+    if rows * kh * kw * channels >= MIN_PARALLEL_MACS // 4:
+        sch.parallel(row_loop)
+    func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True)
     return func.without_attr("global_symbol")
