@@ -7,8 +7,11 @@ tunes through them; it needs tornado (the tracker's event loop), a dev dependenc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -160,8 +163,9 @@ def _free_port() -> int:
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT
+        return subprocess.Popen(  # own session: its popen workers go with it
+            [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -192,7 +196,8 @@ def rpc_device(tmp_path: Path) -> Iterator[tuple[RpcSpec, Path]]:
         yield RpcSpec("127.0.0.1", port, RPC_KEY), server_log
     finally:
         for process in (server, tracker):
-            process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=10)
 
 
