@@ -23,8 +23,6 @@ reason counted in the result.
 from __future__ import annotations
 
 import logging
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,52 +37,15 @@ from onnxpress.tvm_int8_kernels import (
     round_up,
     tiles,
 )
+from onnxpress.tvm_int8_patterns import (
+    Dequantized,
+    Int8Lowering,
+    Refused,
+    constant_value,
+    op_name,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Int8Lowering:
-    """What the rewrite did: counts of lowered ops and of refusals by reason."""
-
-    kernel: str  # "vnni", "sdot" or "relax"
-    lowered: Counter[str] = field(default_factory=Counter)
-    kept_float: Counter[str] = field(default_factory=Counter)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "kernel": self.kernel,
-            "lowered": dict(self.lowered),
-            "kept_float": dict(self.kept_float),
-        }
-
-
-@dataclass
-class _Dq:
-    data: Any  # the integer relax expression
-    dtype: str
-    scale: np.ndarray
-    zero_point: np.ndarray
-    axis: int
-    constant: np.ndarray | None  # the integer values when data is a constant (permuted)
-
-    @property
-    def per_tensor(self) -> bool:
-        return self.scale.size == 1 and self.zero_point.size == 1
-
-
-def _op_name(expr: Any) -> str:
-    from tvm import relax
-
-    if isinstance(expr, relax.Call) and hasattr(expr.op, "name"):
-        return str(expr.op.name)
-    return ""
-
-
-def _const(expr: Any) -> np.ndarray | None:
-    from tvm import ir
-
-    return expr.value.numpy() if isinstance(expr, ir.expr.Constant) else None
 
 
 def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
@@ -99,7 +60,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
     class Lowering(relax.PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
             call = self.visit_expr_post_order(call)
-            name = _op_name(call)
+            name = op_name(call)
             try:
                 rule = {
                     "relax.nn.conv2d": self._conv2d,
@@ -109,7 +70,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 new = rule(call) if rule is not None else None
                 if new is not None:
                     return new
-            except _Refused as refused:
+            except Refused as refused:
                 result.kept_float[f"{name.removeprefix('relax.')}: {refused}"] += 1
             return call
 
@@ -119,22 +80,22 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 return bound if bound is not None else expr
             return expr
 
-        def _dequantized(self, expr: Any) -> _Dq | None:
+        def _dequantized(self, expr: Any) -> Dequantized | None:
             value = self._producer(expr)
             permutation: list[int] | None = None
-            if _op_name(value) == "relax.permute_dims":
+            if op_name(value) == "relax.permute_dims":
                 axes = value.attrs.axes
                 permutation = [int(a) for a in axes] if axes is not None else None
                 value = self._producer(value.args[0])
                 if permutation is None:
                     permutation = list(range(len(value.ty.shape)))[::-1]
-            if _op_name(value) != "relax.dequantize":
+            if op_name(value) != "relax.dequantize":
                 return None
             data, scale, zero_point = value.args
-            scale_np, zero_np = _const(scale), _const(zero_point)
+            scale_np, zero_np = constant_value(scale), constant_value(zero_point)
             if scale_np is None or zero_np is None:
-                raise _Refused("non-constant scale or zero point")
-            constant = _const(self._producer(data))
+                raise Refused("non-constant scale or zero point")
+            constant = constant_value(self._producer(data))
             axis = int(value.attrs.axis)
             rank = len(data.ty.shape)
             axis = axis % rank if rank else 0
@@ -143,31 +104,31 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                     return None  # a transposed activation: leave it
                 constant = np.transpose(constant, permutation)
                 axis = permutation.index(axis)
-            return _Dq(data, str(data.ty.dtype), scale_np, zero_np, axis, constant)
+            return Dequantized(data, str(data.ty.dtype), scale_np, zero_np, axis, constant)
 
-        def _activation(self, expr: Any) -> _Dq:
+        def _activation(self, expr: Any) -> Dequantized:
             dq = self._dequantized(expr)
             if dq is None:
-                raise _Refused("input is not dequantized")
+                raise Refused("input is not dequantized")
             if not dq.per_tensor:
-                raise _Refused("per-channel activation scale")
+                raise Refused("per-channel activation scale")
             if dq.dtype not in ("uint8", "int8"):
-                raise _Refused(f"{dq.dtype} activation")
+                raise Refused(f"{dq.dtype} activation")
             return dq
 
-        def _weight(self, expr: Any, out_axis: int) -> _Dq:
+        def _weight(self, expr: Any, out_axis: int) -> Dequantized:
             dq = self._dequantized(expr)
             if dq is None or dq.constant is None:
-                raise _Refused("weight is not a dequantized constant")
+                raise Refused("weight is not a dequantized constant")
             if dq.dtype != "int8":
-                raise _Refused(f"{dq.dtype} weight")
+                raise Refused(f"{dq.dtype} weight")
             if np.any(dq.zero_point != 0):
-                raise _Refused("weight zero point is not 0")
+                raise Refused("weight zero point is not 0")
             if dq.scale.size > 1 and dq.axis != out_axis:
-                raise _Refused("weight scale is not per output channel")
+                raise Refused("weight scale is not per output channel")
             return dq
 
-        def _as_operand(self, act: _Dq, dtype: str) -> tuple[Any, int]:
+        def _as_operand(self, act: Dequantized, dtype: str) -> tuple[Any, int]:
             """The activation in the kernel's operand type and its zero point (uint8 <->
             int8 by a shift of 128, which moves the zero point with it)."""
             zero = int(act.zero_point.reshape(-1)[0])
@@ -225,9 +186,9 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 # Both operands are activations (attention scores): an int16 Relax matmul is
                 # several times slower than the float one here, so Relax's float (dequantized)
                 # form stays; its error against an integer run is far below one step.
-                raise _Refused("two activations (kept in float: faster)")
+                raise Refused("two activations (kept in float: faster)")
             if b_dq.constant.ndim != 2:
-                raise _Refused("weight is not 2-D")
+                raise Refused("weight is not 2-D")
             weight = self._weight(b_expr, out_axis=1)
             assert weight.constant is not None
             w_kn = weight.constant.astype(np.int8)
@@ -258,7 +219,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 "OIHW",
                 "NCHW",
             ):
-                raise _Refused("layout is not NCHW/OIHW")
+                raise Refused("layout is not NCHW/OIHW")
             act = self._activation(call.args[0])
             weight = self._weight(call.args[1], out_axis=0)
             assert weight.constant is not None
@@ -271,6 +232,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             out_shape = [int(d) for d in call.ty.shape]
             if isa is not None and groups == 1:
                 acc, zero = self._conv_gemm(act, w, padding, strides, dilation, out_shape)
+            elif isa is not None and groups == out_channels == w.shape[0] and w.shape[1] == 1:
+                acc, zero = self._depthwise_nhwc(act, w, padding, strides, dilation)
             else:
                 zero = int(act.zero_point.reshape(-1)[0])
                 top, left, bottom, right = padding
@@ -302,7 +265,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
 
         def _conv_gemm(
             self,
-            act: _Dq,
+            act: Dequantized,
             w: np.ndarray,
             padding: tuple[int, ...],
             strides: tuple[int, int],
@@ -347,12 +310,43 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             acc = self.builder_.emit(relax.op.reshape(acc, [batch, out_h, out_w, out_channels]))
             return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
 
+        def _depthwise_nhwc(
+            self,
+            act: Dequantized,
+            w: np.ndarray,
+            padding: tuple[int, ...],
+            strides: tuple[int, int],
+            dilation: tuple[int, int],
+        ) -> tuple[Any, int]:
+            """Depthwise int32 conv in NHWC (channels contiguous, like the GEMM path's
+            activations, so the transposes around it fuse away); NCHW int32 out."""
+            data = self.builder_.emit(relax.op.permute_dims(act.data, [0, 2, 3, 1]))
+            zero = int(act.zero_point.reshape(-1)[0])
+            top, left, bottom, right = padding
+            if any(padding):
+                widths = [0, 0, top, bottom, left, right, 0, 0]
+                data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
+            acc = self.builder_.emit(
+                relax.op.nn.conv2d(
+                    data,
+                    relax.const(np.ascontiguousarray(w.transpose(2, 3, 0, 1))),  # HWOI
+                    strides=strides,
+                    padding=(0, 0),
+                    dilation=dilation,
+                    groups=w.shape[0],
+                    data_layout="NHWC",
+                    kernel_layout="HWOI",
+                    out_dtype="int32",
+                )
+            )
+            return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
+
         def _pool(self, call: Any) -> Any:
             pooled = self._producer(call.args[0])
-            if _op_name(pooled) != "relax.nn.max_pool2d":
+            if op_name(pooled) != "relax.nn.max_pool2d":
                 return None
             source = self._dequantized(pooled.args[0])
-            scale, zero = _const(call.args[1]), _const(call.args[2])
+            scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
             if source is None or scale is None or zero is None or not source.per_tensor:
                 return None
             if str(call.attrs.out_dtype) != source.dtype or not (
@@ -384,7 +378,3 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
     lowered = relax.transform.DeadCodeElimination()(lowered)
     logger.info("int8 lowering (%s): %s", result.kernel, dict(result.lowered))
     return lowered, result
-
-
-class _Refused(Exception):
-    """A quantized op that this rewrite leaves in float (the message is the reason)."""

@@ -1,7 +1,7 @@
 """Benchmark int8 on TVM: the QDQ-to-integer lowering (onnxpress.tvm_int8) against TVM fp32,
 TVM's float fake-quant of the same QDQ model, and onnxruntime (fp32 and its QDQ int8 kernels).
 
-  python tools/bench_tvm_int8.py [--models cnn_mnist,transformer_mnist,cnn_wide_mnist,mlp_digits,resnet112]
+  python tools/bench_tvm_int8.py [--models cnn_mnist,transformer_mnist,cnn_wide_mnist,mobilenet_mnist,mlp_digits,resnet112]
                                  [--rounds 9] [--target x86] [--markdown]
 
 Per bundled model: fp32 = the default lossless pipeline; int8 = the default calibrated
@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "models")]
 from _timing import interleaved_ms  # noqa: E402
 from evaluate import load_eval_set, model_inputs  # noqa: E402
 
-DEFAULT_MODELS = "cnn_mnist,transformer_mnist,cnn_wide_mnist,mlp_digits,resnet112"
+DEFAULT_MODELS = "cnn_mnist,transformer_mnist,cnn_wide_mnist,mobilenet_mnist,mlp_digits,resnet112"
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
