@@ -23,7 +23,7 @@ reason counted in the result.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -46,6 +46,14 @@ from onnxpress.tvm_int8_patterns import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class Window(NamedTuple):
+    """A convolution's sliding window: padding (top, left, bottom, right), strides, dilation."""
+
+    padding: tuple[int, ...]
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
 
 
 def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
@@ -231,9 +239,9 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             groups = int(attrs.groups)
             out_shape = [int(d) for d in call.ty.shape]
             if isa is not None and groups == 1:
-                acc, zero = self._conv_gemm(act, w, padding, strides, dilation, out_shape)
+                acc, zero = self._conv_gemm(act, w, Window(padding, strides, dilation), out_shape)
             elif isa is not None and groups == out_channels == w.shape[0] and w.shape[1] == 1:
-                acc, zero = self._depthwise_nhwc(act, w, padding, strides, dilation)
+                acc, zero = self._depthwise_nhwc(act, w, Window(padding, strides, dilation))
             else:
                 zero = int(act.zero_point.reshape(-1)[0])
                 top, left, bottom, right = padding
@@ -264,13 +272,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             return self._epilogue(acc, correction, scale.reshape(shape))
 
         def _conv_gemm(
-            self,
-            act: Dequantized,
-            w: np.ndarray,
-            padding: tuple[int, ...],
-            strides: tuple[int, int],
-            dilation: tuple[int, int],
-            out_shape: list[int],
+            self, act: Dequantized, w: np.ndarray, window: Window, out_shape: list[int]
         ) -> tuple[Any, int]:
             """int32 NCHW conv output through pad -> im2col -> packed dot-product GEMM, and
             the zero point of the operand it multiplied."""
@@ -281,9 +283,9 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             channels = round_up(in_channels, GROUP)
             # NHWC, padded spatially and on channels with the zero point (float 0; the extra
             # channels meet zero weights); fused by Relax into the producer's epilogue.
-            top, left, bottom, right = padding
+            top, left, bottom, right = window.padding
             data = self.builder_.emit(relax.op.permute_dims(data, [0, 2, 3, 1]))
-            if any(padding) or channels != in_channels:
+            if any(window.padding) or channels != in_channels:
                 widths = [0, 0, top, bottom, left, right, 0, channels - in_channels]
                 data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
             rows = batch * out_h * out_w
@@ -291,7 +293,13 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             depth = kh * kw * channels
             n, h, w_, c = (int(d) for d in data.ty.shape)
             kernel = im2col(
-                (n, h, w_, c), (kh, kw), strides, dilation, (out_h, out_w), rows_p, isa.a_dtype
+                (n, h, w_, c),
+                (kh, kw),
+                window.strides,
+                window.dilation,
+                (out_h, out_w),
+                rows_p,
+                isa.a_dtype,
             )
             gvar = self.builder_.add_func(kernel, "onnxpress_int8_im2col")
             patches = self.builder_.emit(
@@ -311,28 +319,23 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
 
         def _depthwise_nhwc(
-            self,
-            act: Dequantized,
-            w: np.ndarray,
-            padding: tuple[int, ...],
-            strides: tuple[int, int],
-            dilation: tuple[int, int],
+            self, act: Dequantized, w: np.ndarray, window: Window
         ) -> tuple[Any, int]:
             """Depthwise int32 conv in NHWC (channels contiguous, like the GEMM path's
             activations, so the transposes around it fuse away); NCHW int32 out."""
             data = self.builder_.emit(relax.op.permute_dims(act.data, [0, 2, 3, 1]))
             zero = int(act.zero_point.reshape(-1)[0])
-            top, left, bottom, right = padding
-            if any(padding):
+            top, left, bottom, right = window.padding
+            if any(window.padding):
                 widths = [0, 0, top, bottom, left, right, 0, 0]
                 data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
             acc = self.builder_.emit(
                 relax.op.nn.conv2d(
                     data,
                     relax.const(np.ascontiguousarray(w.transpose(2, 3, 0, 1))),  # HWOI
-                    strides=strides,
+                    strides=window.strides,
                     padding=(0, 0),
-                    dilation=dilation,
+                    dilation=window.dilation,
                     groups=w.shape[0],
                     data_layout="NHWC",
                     kernel_layout="HWOI",
