@@ -15,6 +15,7 @@ import collections
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,59 @@ def export_mnist_classifier(name: str, model: nn.Module, test_images: np.ndarray
     eval_path = save_mnist_eval(name, test_images, test_labels, divisor=divisor,
                                 input_shape=input_shape, accuracy=accuracy)
     return path, onnx_model, accuracy, eval_path
+
+
+@dataclass(frozen=True)
+class MnistTraining:
+    """How one digit classifier is trained and fed: input = images / divisor, reshaped to
+    [N, *input_shape]; export options for ``export_mnist_classifier``."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    divisor: float = 255.0
+    input_shape: tuple[int, ...] = (1, 28, 28)
+    batch_size: int = 64
+    fold_constants: bool = True
+    rtol: float = 0.0
+
+    def inputs(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,28,28] -> the float32 model input."""
+        scaled = images.astype(np.float32) / np.float32(self.divisor)
+        return scaled.reshape(len(images), *self.input_shape)
+
+
+def build_mnist_classifier(name: str, make_model: Callable[[], nn.Module],
+                           training: MnistTraining, required_ops: set[str],
+                           forbidden_ops: set[str] = frozenset()
+                           ) -> tuple[onnx.ModelProto, np.ndarray, Path, float, list[Path]]:
+    """Seed, train ``make_model()`` on the mnist_split training digits (shift augmentation),
+    export and check it, write its held-out set and calibration batch.
+
+    Returns (ONNX model, calibration batch, model path, held-out accuracy, written data files).
+    The model is created after seeding, so its initial weights are reproducible.
+    """
+    generator = make_deterministic()
+    train_images, train_labels, test_images, test_labels = mnist_split()
+    train_x = torch.from_numpy(training.inputs(train_images))
+    model = make_model()
+    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, "
+          f"{len(train_x)} train / {len(test_images)} held out")
+    train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=training.epochs,
+                     batch_size=training.batch_size, lr=training.lr,
+                     weight_decay=training.weight_decay, generator=generator,
+                     augment=shift_augment(generator))
+    path, onnx_model, accuracy, eval_path = export_mnist_classifier(
+        name, model, test_images, training.inputs(test_images), test_labels,
+        divisor=training.divisor, input_shape=training.input_shape,
+        fold_constants=training.fold_constants, rtol=training.rtol)
+    ops = {node.op_type for node in onnx_model.graph.node}
+    if not required_ops <= ops or forbidden_ops & ops:
+        raise AssertionError(f"{name}: expected {sorted(required_ops)} and none of "
+                             f"{sorted(forbidden_ops)}, got {sorted(ops)}")
+    calibration = training.inputs(train_images[:CALIBRATION_SIZE])
+    calib_path = save_calibration(name, "input", calibration)
+    return onnx_model, calibration, path, accuracy, [eval_path, calib_path]
 
 
 def save_calibration(name: str, input_name: str, batch: np.ndarray) -> Path:

@@ -18,18 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from _common import (
-    CALIBRATION_SIZE,
-    export_mnist_classifier,
-    make_deterministic,
-    mnist_split,
-    report,
-    save_calibration,
-    shift_augment,
-    train_classifier,
-)
+from _common import MnistTraining, build_mnist_classifier, report
 from torch import nn
 
 NAME = "cnn_mnist"
@@ -81,32 +71,14 @@ class ResidualCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 [N,28,28] -> float32 [N,1,28,28] in [0,1], exactly as the model expects."""
-    return (images.astype(np.float32) / 255.0)[:, None, :, :]
+TRAINING = MnistTraining(epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=1e-4,
+                         batch_size=BATCH_SIZE, fold_constants=False)
 
 
 def main() -> None:
-    generator = make_deterministic()
-    train_images, train_labels, test_images, test_labels = mnist_split()
-    train_x = torch.from_numpy(to_input(train_images))
-    test_x = to_input(test_images)
-
-    model = ResidualCNN()
-    print(f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{len(train_x)} train / {len(test_x)} held out")
-    train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=EPOCHS,
-                     batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=1e-4,
-                     generator=generator, augment=shift_augment(generator))
-
-    path, onnx_model, accuracy, eval_path = export_mnist_classifier(
-        NAME, model, test_images, test_x, test_labels, divisor=255.0, input_shape=(1, 28, 28),
-        fold_constants=False)
-    ops = {node.op_type for node in onnx_model.graph.node}
-    if not {"BatchNormalization", "Add", "Conv"} <= ops:
-        raise AssertionError(f"{NAME}: expected Conv, BatchNormalization and Add, got {ops}")
-    calib_path = save_calibration(NAME, "input", to_input(train_images[:CALIBRATION_SIZE]))
-    report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
+    _, _, path, accuracy, files = build_mnist_classifier(
+        NAME, ResidualCNN, TRAINING, required_ops={"BatchNormalization", "Add", "Conv"})
+    report(NAME, path, {"held-out accuracy": accuracy}, files)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
-from _common import (
-    CALIBRATION_SIZE,
-    export_mnist_classifier,
-    make_deterministic,
-    mnist_split,
-    report,
-    save_calibration,
-    shift_augment,
-    train_classifier,
-)
+from _common import MnistTraining, build_mnist_classifier, report
 from build_cnn_mnist import ResidualCNN
 from torch import nn
 
@@ -51,11 +41,6 @@ def conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
-def to_input(images: np.ndarray) -> np.ndarray:
-    """uint8 [N,28,28] -> float32 [N,1,28,28] in [0,255]: raw pixels, no scaling."""
-    return images.astype(np.float32)[:, None, :, :]
-
-
 def activation_ranges(model: onnx.ModelProto, batch: np.ndarray) -> list[tuple[str, str, float,
                                                                                float]]:
     """(node, op, max |x|, 99.9th percentile of |x|) of every Conv/Relu/Add/Gemm output."""
@@ -69,33 +54,21 @@ def activation_ranges(model: onnx.ModelProto, batch: np.ndarray) -> list[tuple[s
     return rows
 
 
+# Raw 0..255 pixels (divisor 1): wide activation ranges, the case static int8 finds hard.
+TRAINING = MnistTraining(epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=0.0,
+                         batch_size=BATCH_SIZE, divisor=1.0, rtol=1e-5)
+
+
 def main() -> None:
-    generator = make_deterministic()
-    train_images, train_labels, test_images, test_labels = mnist_split()
-    train_x = torch.from_numpy(to_input(train_images))
-    test_x = to_input(test_images)
-
-    model = ResidualCNN(layer=conv)  # the cnn_mnist layout without BatchNorm
-    print(f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{len(train_x)} train / {len(test_x)} held out")
-    train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=EPOCHS,
-                     batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=0.0,
-                     generator=generator, augment=shift_augment(generator))
-
-    path, onnx_model, accuracy, eval_path = export_mnist_classifier(
-        NAME, model, test_images, test_x, test_labels, divisor=1.0, input_shape=(1, 28, 28),
-        rtol=1e-5)
-    ops = {node.op_type for node in onnx_model.graph.node}
-    if "BatchNormalization" in ops or not {"Add", "Conv", "Gemm"} <= ops:
-        raise AssertionError(f"{NAME}: expected Conv, Add and Gemm without BatchNorm, got {ops}")
-    calibration = to_input(train_images[:CALIBRATION_SIZE])
-    calib_path = save_calibration(NAME, "input", calibration)
+    onnx_model, calibration, path, accuracy, files = build_mnist_classifier(
+        NAME, lambda: ResidualCNN(layer=conv), TRAINING,  # cnn_mnist's layout, no BatchNorm
+        required_ops={"Add", "Conv", "Gemm"}, forbidden_ops={"BatchNormalization"})
     print(f"{NAME}: activation ranges on the calibration batch "
           "(max |x|, 99.9th percentile |x|, ratio)")
     for node, op, peak, p999 in activation_ranges(onnx_model, calibration):
         print(f"  {node:<28s} {op:<5s} max {peak:10.1f}  p99.9 {p999:10.1f}  "
               f"ratio {peak / max(p999, 1e-12):6.2f}")
-    report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
+    report(NAME, path, {"held-out accuracy": accuracy}, files)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import _common as common
 import numpy as np
 import onnx
 import torch
-from build_cnn_mnist import to_input
 from torch import nn
 
 from onnxpress.activations import stream_activations
@@ -126,31 +125,18 @@ def channel_spread(model: onnx.ModelProto, batch: np.ndarray) -> list[tuple[str,
     return rows
 
 
+TRAINING = common.MnistTraining(epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=0.0,
+                                batch_size=BATCH_SIZE, fold_constants=False)
+
+
 def main() -> None:
-    generator = common.make_deterministic()
-    train_images, train_labels, test_images, test_labels = common.mnist_split()
-    train_x = torch.from_numpy(to_input(train_images))
-
-    model = MobileNetMNIST()
-    print(f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{len(train_x)} train / {len(test_images)} held out")
-    common.train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=EPOCHS,
-                            batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=0.0,
-                            generator=generator, augment=common.shift_augment(generator))
-
-    path, onnx_model, accuracy, eval_path = common.export_mnist_classifier(
-        NAME, model, test_images, to_input(test_images), test_labels, divisor=255.0,
-        input_shape=(1, 28, 28), fold_constants=False)
-    ops = {node.op_type for node in onnx_model.graph.node}
-    expected = {"BatchNormalization", "Conv", "HardSwish", "HardSigmoid", "Mul", "Add", "Gemm"}
-    if not expected <= ops:
-        raise AssertionError(f"{NAME}: expected {sorted(expected)}, got {sorted(ops)}")
-    calibration = to_input(train_images[:common.CALIBRATION_SIZE])
-    calib_path = common.save_calibration(NAME, "input", calibration)
+    required = {"BatchNormalization", "Conv", "HardSwish", "HardSigmoid", "Mul", "Add", "Gemm"}
+    onnx_model, calibration, path, accuracy, files = common.build_mnist_classifier(
+        NAME, MobileNetMNIST, TRAINING, required_ops=required)
     print(f"{NAME}: per-channel max |x| on the calibration batch (largest, median, smallest)")
     for name, peak, median, smallest in channel_spread(onnx_model, calibration):
         print(f"  {name:<48s} {peak:8.3f} {median:8.3f} {smallest:8.4f}")
-    common.report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
+    common.report(NAME, path, {"held-out accuracy": accuracy}, files)
 
 
 if __name__ == "__main__":

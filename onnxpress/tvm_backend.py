@@ -197,6 +197,10 @@ def compile_model(
     from onnxpress import __version__
     from onnxpress.api import prepare_model
 
+    if gru not in ("loop", "unroll"):
+        raise CompileError(f"gru must be 'loop' or 'unroll', not {gru!r}")
+    if int8 not in ("auto", "off"):
+        raise CompileError(f"int8 must be 'auto' or 'off', not {int8!r}")
     tvm = require_tvm()
     spec = target if isinstance(target, TargetSpec) else parse_target(target)
     out_dir = Path(output)
@@ -205,8 +209,6 @@ def compile_model(
     loaded, source = prepare_model(model)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    if gru not in ("loop", "unroll"):
-        raise CompileError(f"gru must be 'loop' or 'unroll', not {gru!r}")
     gru_notes = []
     if gru == "loop" and spec.is_gpu:
         gru = "unroll"  # the recurrence kernel is a CPU loop nest; GPUs get dlight's schedules
@@ -217,8 +219,6 @@ def compile_model(
     t0 = time.perf_counter()
     mod = import_relax(prepared, loop_rnn=not spec.is_gpu)
     seconds["import"] = time.perf_counter() - t0
-    if int8 not in ("auto", "off"):
-        raise CompileError(f"int8 must be 'auto' or 'off', not {int8!r}")
     lowering = None
     if int8 == "auto" and has_qdq(prepared.model):
         from onnxpress.tvm_int8 import lower_qdq_to_integer

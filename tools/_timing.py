@@ -12,21 +12,25 @@ from typing import Any
 SAMPLE_S = 0.2
 
 
-def sample(run: Callable[[], Any], seconds: float = SAMPLE_S) -> float:
-    """Seconds per call of ``run``: one warm-up call, then as many calls as fit ``seconds``."""
+def sample(run: Callable[[], Any], seconds: float = SAMPLE_S, calls: int | None = None) -> float:
+    """Seconds per call of ``run``: one warm-up call, then ``calls`` calls or, without it, as
+    many calls as fit ``seconds``."""
     run()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    done, start = 0, time.perf_counter()
+    while (done < calls) if calls else (time.perf_counter() - start < seconds):
         run()
-        calls += 1
-    return (time.perf_counter() - start) / max(calls, 1)
+        done += 1
+    return (time.perf_counter() - start) / max(done, 1)
 
 
-def interleaved_ms(runners: Mapping[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median milliseconds per call of each runner over ``rounds`` interleaved rounds."""
+def interleaved_ms(
+    runners: Mapping[str, Callable[[], Any]], rounds: int, calls: int | None = None
+) -> dict[str, float]:
+    """Median milliseconds per call of each runner over ``rounds`` interleaved rounds (each
+    sample ``calls`` calls, or ~SAMPLE_S seconds)."""
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for index in range(rounds):
         order = list(runners) if index % 2 == 0 else list(reversed(list(runners)))
         for name in order:
-            samples[name].append(sample(runners[name]))
+            samples[name].append(sample(runners[name], calls=calls))
     return {name: statistics.median(values) * 1e3 for name, values in samples.items()}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -34,14 +33,10 @@ from onnxpress.tvm_runtime import CompiledModel
 from onnxpress.tvm_tune import TuneOptions
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
+sys.path.insert(0, str(MODELS.parent / "tools"))
+from _timing import interleaved_ms  # noqa: E402
+
 DEFAULT_MODELS = "cnn_mnist,transformer_mnist,gru_sunspots,mlp_digits"
-
-
-def _time(fn: Callable[[], Any], iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
 
 
 def _caller(lib: CompiledModel, arrays: list[np.ndarray]) -> Callable[[], Any]:
@@ -83,14 +78,8 @@ def bench_model(
     runners: dict[str, Callable[[], Any]] = {"ort": lambda: session.run(None, feed)}
     for label, lib in libraries.items():
         runners[label] = _caller(lib, arrays)
-    for run in runners.values():  # warm up
-        run()
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for label, run in runners.items():
-            samples[label].append(_time(run, iters))
-    for label, values in samples.items():
-        row[f"{label}_ms"] = statistics.median(values) * 1e3
+    for label, ms in interleaved_ms(runners, rounds, calls=iters).items():
+        row[f"{label}_ms"] = ms
     row["ratio_plain"] = row["tvm_plain_ms"] / row["ort_ms"]
     row["ratio_default"] = row["tvm_default_ms"] / row["ort_ms"]
     if tuning is not None:
