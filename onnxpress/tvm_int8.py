@@ -185,11 +185,9 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
 
         def _matmul(self, call: Any) -> Any:
             a_expr, b_expr = call.args
-            if self._dequantized(a_expr) is None or self._dequantized(b_expr) is None:
-                return None
-            act = self._activation(a_expr)
             b_dq = self._dequantized(b_expr)
-            assert b_dq is not None
+            if b_dq is None or self._dequantized(a_expr) is None:
+                return None
             if b_dq.constant is None:
                 # Both operands are activations (attention scores): an int16 Relax matmul is
                 # several times slower than the float one here, so Relax's float (dequantized)
@@ -197,6 +195,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 raise Refused("two activations (kept in float: faster)")
             if b_dq.constant.ndim != 2:
                 raise Refused("weight is not 2-D")
+            act = self._activation(a_expr)
             weight = self._weight(b_expr, out_axis=1)
             assert weight.constant is not None
             w_kn = weight.constant.astype(np.int8)

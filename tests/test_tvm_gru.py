@@ -55,9 +55,12 @@ def test_batch_first_layout(tmp_path: Path) -> None:
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
 
 
-def test_long_sequence_compiles_quickly(tmp_path: Path) -> None:
-    result = compile_model(gru_model(steps=200, lbr=1), "x86", tmp_path / "long")
-    assert result.seconds["compile"] < 15  # unrolled: ~30 s for 200 steps
+def test_long_sequence_stays_one_loop(tmp_path: Path) -> None:
+    # Compile time is in tools/bench_tvm_gru.py; here: 200 steps are one kernel, not 200.
+    model = gru_model(steps=200, lbr=1)
+    text = import_relax(prepare(model, pipeline=LOOP_GRU_PIPELINE)).script()
+    assert text.count("R.call_tir(") == 1 and "for step in range(200)" in text
+    result = compile_model(model, "x86", tmp_path / "long")
     assert result.manifest["verification"]["errors"]["Y"] <= 1e-4
 
 
