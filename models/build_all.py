@@ -24,6 +24,7 @@ BUILDS = {
     "mlp_digits": ["mlp_digits.onnx"],
     "transformer_mnist": ["transformer_mnist.onnx"],
     "gru_sunspots": ["gru_sunspots.onnx", "gru_sunspots_unrolled.onnx"],
+    "digit_detector": ["digit_detector.onnx"],
 }
 
 

@@ -5,7 +5,8 @@
     python models/evaluate.py out/model.onnx --kind gru_sunspots --json
 
 Classification sets report top-1 accuracy; the sunspots set reports RMSE in sunspot
-numbers (and the naive "same as last year" RMSE for comparison). Without ``--data`` the
+numbers (and the naive "same as last year" RMSE for comparison); the detection set reports
+COCO-style mAP (IoU 0.50:0.95) and mAP@0.5 (``detection.py``). Without ``--data`` the
 data set is chosen from ``--kind`` or, failing that, from the file name: the longest known
 model name that the file name starts with (``cnn_mnist.opt.onnx`` -> ``cnn_mnist``).
 Needs only numpy and onnxruntime. Inputs are cast to the dtype the model declares, so
@@ -15,10 +16,12 @@ float16 models work too.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -33,6 +36,7 @@ EVAL_SETS = {
     "transformer_mnist": "transformer_mnist",
     "gru_sunspots": "gru_sunspots",
     "gru_sunspots_unrolled": "gru_sunspots",
+    "digit_detector": "digit_detector",
 }
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64}
@@ -49,11 +53,14 @@ class Evaluation:
     samples: int
     reference: float | None = None
     naive_rmse: float | None = None
+    map50: float | None = None
 
     def describe(self) -> str:
         text = f"{self.model}: {self.metric} {self.value:.4f} on {self.samples} held-out samples"
         if self.reference is not None:
             text += f" (as built: {self.reference:.4f})"
+        if self.map50 is not None:
+            text += f"; mAP@0.5 {self.map50:.4f}"
         if self.naive_rmse is not None:
             text += f"; naive same-as-last-year RMSE {self.naive_rmse:.4f}"
         return text
@@ -131,7 +138,23 @@ def evaluate(model_path: str | Path, data_path: str | Path | None = None, *,
         reference = float(eval_set["rmse"]) if "rmse" in eval_set else None
         return Evaluation(str(model_path), str(data_path), "rmse", rmse, len(target),
                           reference, naive)
+    if task == "detection":
+        scores = _detection().mean_average_precision(outputs, eval_set["boxes"], eval_set["labels"])
+        reference = float(eval_set["map"]) if "map" in eval_set else None
+        return Evaluation(str(model_path), str(data_path), "mAP", scores["map"],
+                          len(eval_set["labels"]), reference, map50=scores["map50"])
     raise ValueError(f"{data_path}: unknown task {task!r}")
+
+
+def _detection() -> Any:
+    """``detection.py`` from this folder (evaluate.py is also loaded by file path)."""
+    name = "models_detection"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("detection.py"))
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,14 +6,15 @@ Rules, chosen so that onnxruntime fuses the result into its integer kernels:
 * Conv, ConvTranspose, MatMul, Gemm: activation inputs are quantized, constant weights become
   int8 (per output channel: axis 0 for Conv and Gemm with transB=1, axis 1 for ConvTranspose
   and Gemm with transB=0, the last axis for MatMul) and biases int32 (scale = s_x * s_w).
-  Conv outputs are always quantized, graph outputs included (DQ -> Conv -> Q is QLinearConv);
+  Conv outputs are quantized, graph outputs included (DQ -> Conv -> Q is QLinearConv), except
+  under ``float_heads`` when no quantized node reads them;
   MatMul and Gemm outputs only when a quantized consumer reads them (DQ -> MatMul -> float is
   MatMulIntegerToFloat, DQ -> Gemm -> float is QGemm). A MatMul's bias Add(b) gets an int32 b
   so that onnxruntime's MatMul+Add -> Gemm rewrite still ends in QGemm.
 * An output read only by Relu or Clip is quantized *after* that activation (onnxruntime then
   drops the activation into the Q: Conv+Relu becomes one QLinearConv).
-* Pooling, Resize, Gather and Concat: input and output quantized; MaxPool, Resize, Gather,
-  Concat and shape-only ops (Reshape, Transpose, Flatten, Squeeze, Unsqueeze) share one set
+* Pooling, Resize, Gather, Concat, DepthToSpace and SpaceToDepth: input and output quantized;
+  MaxPool, Resize, Gather, Concat, DepthToSpace, SpaceToDepth and shape-only ops (Reshape, Transpose, Flatten, Squeeze, Unsqueeze) share one set
   of parameters across input and output so that onnxruntime runs them on int8 directly.
   Gather from a constant table: the table becomes int8 and the output reuses its parameters.
 * Add and Mul of two activations whose output is quantized anyway: both inputs are quantized
@@ -41,12 +42,16 @@ DEFAULT_OPS = (
     "Concat",
     "Resize",
     "Gather",
+    "DepthToSpace",
+    "SpaceToDepth",
     "Add",
     "Mul",
     *WEIGHT_ONLY_OPS,
 )
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 SHARED_PARAM_OPS = (
+    "DepthToSpace",
+    "SpaceToDepth",
     "MaxPool",
     "GlobalMaxPool",
     "Resize",
@@ -149,10 +154,19 @@ def _attr(node: gs.Node, name: str, default: int) -> int:
 
 
 def annotate(
-    graph: gs.Graph, scope: Scope, float_tensors: set[str], excluded: frozenset[str] = frozenset()
+    graph: gs.Graph,
+    scope: Scope,
+    float_tensors: set[str],
+    excluded: frozenset[str] = frozenset(),
+    float_heads: bool = False,
 ) -> Annotation:
-    """Decide what to quantize; ``excluded`` node names stay float (accuracy fallback)."""
-    return _Annotator(graph, scope, float_tensors, excluded).run()
+    """Decide what to quantize; ``excluded`` node names stay float (accuracy fallback).
+    ``float_heads``: a Conv output that no quantized node reads (a detection, segmentation or
+    super-resolution head, a graph output) is not quantized: the layer runs in float on
+    dequantized int8 inputs and weights and keeps its full output precision."""
+    annotator = _Annotator(graph, scope, float_tensors, excluded)
+    annotator.float_heads = float_heads
+    return annotator.run()
 
 
 class _Annotator:
@@ -169,6 +183,7 @@ class _Annotator:
         self.wanted: list[str] = []  # activation tensors, in discovery order
         self.graph_outputs = {t.name for t in graph.outputs}
         self.conv_outputs: set[str] = set()  # quantized even as graph outputs (QLinearConv)
+        self.float_heads = False
 
     def is_float_var(self, t: gs.Tensor) -> bool:
         return isinstance(t, gs.Variable) and t.name in self.float_tensors
@@ -218,6 +233,12 @@ class _Annotator:
             and (tensors[n].outputs or (n in self.graph_outputs and n in self.conv_outputs))
         }
         self._claim_binary_inputs(quantized)
+        if self.float_heads:
+            quantized -= {
+                n
+                for n in quantized & self.conv_outputs
+                if not any(c.name in self.ann.quantized_nodes for c in tensors[n].outputs)
+            }
         self.ann.activations = [
             n for n in dict.fromkeys(self.wanted + sorted(quantized)) if n in quantized
         ]

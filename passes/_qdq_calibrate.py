@@ -132,6 +132,31 @@ def tensor_ranges(
     return ranges
 
 
+def mixed_range_concats(
+    graph: gs.Graph, ann: Annotation, obs: Observations, symmetric: bool, spread: float
+) -> dict[str, str]:
+    """Quantized Concats whose inputs' observed ranges differ by more than ``spread`` -> why
+    they stay float. One scale shared across such inputs (a detector's pixel boxes beside its
+    0..1 scores) would leave the narrowest input log2(ratio) bits short."""
+    reasons: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "Concat" or node.name not in ann.quantized_nodes:
+            continue
+        observers = [obs.ranges.get(t.name) for t in node.inputs]
+        if any(o is None for o in observers):
+            continue
+        widths = [r.hi - r.lo for r in (minmax_range(o, symmetric) for o in observers if o)]
+        narrow, wide = min(widths), max(widths)
+        if wide > 0 and wide > spread * narrow:
+            ratio = wide / narrow if narrow > 0 else float("inf")
+            reasons[node.name] = (
+                f"input ranges differ {ratio:.0f}x (widths {narrow:.3g} to {wide:.3g}; "
+                f"concat-spread {spread:g}): one shared scale would cost the narrowest input "
+                f"{np.log2(ratio):.1f} bits, so the Concat stays float"
+            )
+    return reasons
+
+
 # --- bias correction -------------------------------------------------------------------------
 
 

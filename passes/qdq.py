@@ -37,6 +37,7 @@ from onnxpress.passes._qdq_calibrate import (
     bias_deltas,
     float_tensor_names,
     mean_axes_for,
+    mixed_range_concats,
     observe,
     tensor_ranges,
 )
@@ -84,6 +85,8 @@ class QdqOptions:
     exclude: tuple[str, ...] = ()  # never these nodes (same forms)
     calibration_batches: int = 0  # 0 = every batch
     fallback_batches: int = 8  # calibration batches that score auto and fallback candidates
+    float_heads: bool = True  # Conv outputs that no quantized node reads stay float
+    concat_spread: float = 8.0  # a Concat whose input ranges differ more than this stays float
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in RANGE_METHODS:
@@ -96,6 +99,8 @@ class QdqOptions:
             raise ValueError(f"max-drop must be >= 0, not {self.max_drop}")
         if self.calibration_batches < 0 or self.fallback_batches < 1:
             raise ValueError("calibration-batches must be >= 0 and fallback-batches >= 1")
+        if not self.concat_spread >= 1.0:
+            raise ValueError(f"concat-spread must be >= 1, not {self.concat_spread}")
 
 
 @register_pass("qdq")
@@ -153,11 +158,12 @@ class Qdq(Pass[QdqOptions]):
             bias_deltas(graph, full, obs, opts.reduce_range) if opts.bias_correction else {}
         )
         method, corrected_biases = opts.method, opts.bias_correction
+        mixed = mixed_range_concats(graph, full, obs, symmetric, opts.concat_spread)
 
         def materialize(
             target: gs.Graph, excluded: frozenset[str], method: str, correct: bool
         ) -> tuple[Annotation, ConvertSummary, int]:
-            ann = self._annotate(target, scope, floats, excluded)
+            ann = self._annotate(target, scope, floats, excluded | frozenset(mixed))
             ranges = tensor_ranges(full, obs, method, symmetric, opts.percentile, outputs)
             deltas = all_deltas if correct else {}
             corrected = apply_bias_deltas(target, deltas, set(ann.quantized_nodes))
@@ -185,7 +191,7 @@ class Qdq(Pass[QdqOptions]):
             batches = list(ctx.calibration.batches(opts.fallback_batches))
             evaluator = Evaluator(float_model, batches, metric)
             fallback = greedy_fallback(
-                full.quantized_nodes,
+                {k: v for k, v in full.quantized_nodes.items() if k not in mixed},
                 lambda excluded: build(excluded, method, corrected_biases),
                 evaluator,
                 opts.max_drop,
@@ -195,12 +201,15 @@ class Qdq(Pass[QdqOptions]):
         self._report(
             result, ann, summary, corrected, obs, fallback, opts, (method, corrected_biases)
         )
+        for name, reason in mixed.items():
+            result.refuse(name, reason)
+        result.count("concats_kept_float", len(mixed))
         return result
 
     def _annotate(
         self, graph: gs.Graph, scope: Scope, floats: set[str], excluded: frozenset[str]
     ) -> Annotation:
-        ann = annotate(graph, scope, floats, excluded)
+        ann = annotate(graph, scope, floats, excluded, self.options.float_heads)
         if not self.options.per_channel:
             ann.weights = {k: replace(v, axis=None) for k, v in ann.weights.items()}
             ann.biases = {

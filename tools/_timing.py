@@ -9,7 +9,21 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import onnx
+import onnxruntime as ort
+
 SAMPLE_S = 0.2
+
+
+def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    """A CPU onnxruntime session on ``threads`` intra-op threads, warnings silenced."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def sample(run: Callable[[], Any], seconds: float = SAMPLE_S, calls: int | None = None) -> float:

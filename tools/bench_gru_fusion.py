@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from _timing import session
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
@@ -167,16 +168,6 @@ class Row:
     before_ms: float
     after_ms: float
     speedup: float  # median over pairs of before/after, measured in the same pair
-
-
-def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def paired_ms(

@@ -1,8 +1,8 @@
 """QDQ benchmark: onnxpress's ``qdq`` pass side by side with onnxruntime's ``quantize_static``.
 
 For each bundled model (residual CNN, the same CNN without BatchNorm on raw pixels, a
-MobileNetV3-style CNN, transformer encoder, GRU) and each quantizer variant: held-out accuracy
-(or RMSE) and agreement with the float model, model bytes, onnxruntime latency relative to the
+MobileNetV3-style CNN, a YOLO-style digit detector, transformer encoder, GRU) and each quantizer
+variant: held-out accuracy, mAP or RMSE (``_qdq_quality``) and agreement with the float model, model bytes, onnxruntime latency relative to the
 float model (interleaved rounds, medians, one session per model, same process), and
 calibration peak memory (VmHWM of a fresh subprocess) and time with many calibration batches.
 Every quantizer starts from the same float model (constants and BatchNorm folded) and sees the
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from _qdq_quality import eval_set, evaluate, quality_text, session
 
 import onnxpress
 from onnxpress.calibration import CalibrationData
@@ -53,7 +54,10 @@ ONNXPRESS_VARIANTS: dict[str, list[str]] = {
     "default + fallback(max-drop=0.01)": ["qdq{max-drop=0.01}"],
 }
 ORT_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
-DEFAULT_MODELS = "cnn_mnist,cnn_wide_mnist,mobilenet_mnist,transformer_mnist,gru_sunspots"
+DEFAULT_MODELS = (
+    "cnn_mnist,cnn_wide_mnist,mobilenet_mnist,digit_detector,transformer_mnist,gru_sunspots"
+)
+CLE_MODELS = ("cnn_mnist", "cnn_wide_mnist", "digit_detector")  # Conv-ReLU chains
 
 
 def float_model(name: str) -> onnx.ModelProto:
@@ -69,23 +73,6 @@ def calibration_inputs(name: str) -> np.ndarray:
 def calibration_batches(name: str) -> list[dict[str, np.ndarray]]:
     x = calibration_inputs(name)
     return [{"input": x[i : i + CALIBRATION_BATCH]} for i in range(0, len(x), CALIBRATION_BATCH)]
-
-
-def eval_set(name: str) -> tuple[np.ndarray, np.ndarray, str]:
-    with np.load(MODELS / "data" / f"{name}_eval.npz") as data:
-        if "labels" in data.files:
-            images = data["images"].astype(np.float32) / data["divisor"]
-            return images.reshape(-1, *data["input_shape"]), data["labels"], "classify"
-        return data["input"].astype(np.float32), data["target"], "regress"
-
-
-def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def onnxpress_variant(
@@ -152,21 +139,6 @@ def ort_variant(
             )
         seconds = time.perf_counter() - t0
         return onnx.load(out), seconds
-
-
-def evaluate(model: onnx.ModelProto, name: str, reference: np.ndarray | None) -> dict[str, float]:
-    inputs, targets, task = eval_set(name)
-    out = session(model, threads=2).run(None, {"input": inputs})[0]
-    result: dict[str, float] = {}
-    if task == "classify":
-        result["accuracy"] = float(np.mean(out.argmax(1) == targets))
-        if reference is not None:
-            result["agreement"] = float(np.mean(out.argmax(1) == reference.argmax(1)))
-    else:
-        result["rmse"] = float(np.sqrt(np.mean((out.ravel() - targets) ** 2)))
-    if reference is not None:
-        result["rel_l2"] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
-    return result
 
 
 def latencies(
@@ -261,7 +233,7 @@ def bench_model(
         {"tool": "fp32", "variant": "float", "bytes": base.ByteSize(), **evaluate(base, name, None)}
     )
     for label, passes in ONNXPRESS_VARIANTS.items():
-        if label.startswith("CLE") and not name.startswith("cnn"):
+        if label.startswith("CLE") and name not in CLE_MODELS:
             continue
         model, seconds, info = onnxpress_variant(name, passes)
         models[f"onnxpress {label}"] = model
@@ -331,13 +303,13 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines += [
             f"#### {name}",
             "",
-            "| tool | variant | accuracy / RMSE | agreement | rel-L2 vs fp32 | bytes | "
+            "| tool | variant | accuracy / mAP / RMSE | agreement | rel-L2 vs fp32 | bytes | "
             "latency b=1 (ratio) | latency b=64 (ratio) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for row in res["rows"]:
             key = "fp32" if row["tool"] == "fp32" else f"{row['tool']} {row['variant']}"
-            quality = f"{row['accuracy']:.4f}" if "accuracy" in row else f"{row['rmse']:.3f}"
+            quality = quality_text(row)
             lat = [res["latency"][b][key] for b in (1, 64)]
             variant = row["variant"] + (
                 f" (float: {', '.join(row['fallback'])})" if row.get("fallback") else ""

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from _timing import session
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
@@ -51,15 +52,6 @@ METHODS = {
 }
 VOCAB, LAYERS, D_MODEL, HEADS, FFN, SEQ, CLASSES = 30522, 6, 384, 6, 1536, 128, 2
 MEMORY_SAMPLES, MEMORY_BATCH = 256, 16
-
-
-def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
 
 
 def logits(model: onnx.ModelProto, images: np.ndarray) -> np.ndarray:

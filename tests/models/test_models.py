@@ -28,9 +28,10 @@ EXPECTED = {
     "transformer_mnist": ("accuracy", 0.90),
     "gru_sunspots": ("rmse", 25.0),
     "gru_sunspots_unrolled": ("rmse", 25.0),
+    "digit_detector": ("mAP", 0.7),
 }
 CALIBRATED = ["cnn_mnist", "cnn_wide_mnist", "mobilenet_mnist", "mlp_digits", "transformer_mnist",
-              "gru_sunspots"]
+              "gru_sunspots", "digit_detector"]
 
 
 def load_evaluate() -> ModuleType:
@@ -74,6 +75,8 @@ def test_model_meets_its_held_out_metric(name: str) -> None:
                                                                            abs=1e-4)
     if metric == "accuracy":
         assert result.value > bound
+    elif metric == "mAP":
+        assert result.value > bound and result.map50 is not None and result.map50 > 0.9
     else:
         assert result.naive_rmse is not None
         assert result.value < min(bound, result.naive_rmse)
@@ -105,6 +108,15 @@ def test_mobilenet_has_depthwise_squeeze_excite_and_hardswish() -> None:
               for n in model.graph.node if n.op_type == "Conv"]
     assert sorted(g for g in groups if g > 1) == [64, 128, 128, 256]  # depthwise
     assert (MODELS_DIR / "mobilenet_mnist.onnx").stat().st_size < 1_000_000
+
+
+def test_detector_concatenates_pixel_boxes_and_scores() -> None:
+    counts = ops("digit_detector")
+    assert counts["Conv"] == 10 and counts["BatchNormalization"] == 8
+    assert counts["Sigmoid"] == 2 and counts["Exp"] == 1
+    out = session("digit_detector").run(None, {"input": np.zeros((2, 1, 64, 64), np.float32)})[0]
+    assert out.shape == (2, 14, 64)  # (cx, cy, w, h) in pixels + 10 scores, per 8x8 grid cell
+    assert out[:, :4].max() > 8 and 0 <= out[:, 4:].min() and out[:, 4:].max() <= 1
 
 
 def test_transformer_has_attention_and_layernorm() -> None:

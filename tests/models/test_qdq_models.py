@@ -1,11 +1,15 @@
-"""The default calibrated pipeline (``onnxpress optimize MODEL --calibration CALIB``) on the
-bundled MobileNetV3-style CNN: BatchNorm folded, every Conv int8 behind QDQ pairs, the
-Hardswish/Hardsigmoid gates float, the calibration setting chosen by ``method=auto``, and a
-held-out accuracy floor (docs/BENCHMARKS.md, QDQ quantization: 0.9880 there, float 0.9880).
+"""The default calibrated pipeline (``onnxpress optimize MODEL --calibration CALIB``) on two
+bundled CNNs. The MobileNetV3-style CNN: BatchNorm folded, every Conv int8 behind QDQ pairs,
+the Hardswish/Hardsigmoid gates float, the calibration setting chosen by ``method=auto``, and
+a held-out accuracy floor (docs/BENCHMARKS.md, QDQ quantization: 0.9880 there, float 0.9880).
+The digit detector: held-out mAP floor, its box/class Convs float heads, its output Concat of
+pixel boxes and 0..1 scores left float.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -69,3 +73,49 @@ def test_default_pipeline_structure(quantized: tuple[onnx.ModelProto, onnxpress.
         tried[0]["bias_correction"],
     )
     assert chosen["requested"] == "auto"
+
+
+# --- the YOLO-style digit detector: pixel boxes and 0..1 scores in one output ----------------
+
+DETECTOR = "digit_detector"
+MAP_FLOOR = 0.775  # float: 0.7831 on 500 held-out scenes (docs/BENCHMARKS.md: 0.7841 there)
+
+
+@pytest.fixture(scope="module")
+def detector() -> tuple[onnx.ModelProto, onnxpress.Report]:
+    return onnxpress.optimize(
+        MODELS_DIR / f"{DETECTOR}.onnx", calibration=DATA_DIR / f"{DETECTOR}_calib.npz"
+    )
+
+
+def test_detector_keeps_its_map_with_a_float_head(
+    detector: tuple[onnx.ModelProto, onnxpress.Report],
+) -> None:
+    model, report = detector
+    spec = importlib.util.spec_from_file_location("models_evaluate", MODELS_DIR / "evaluate.py")
+    assert spec is not None and spec.loader is not None
+    evaluate_module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_module)
+    with np.load(DATA_DIR / f"{DETECTOR}_eval.npz", allow_pickle=False) as data:
+        inputs = evaluate_module.model_inputs(dict(data))
+        boxes, labels = data["boxes"], data["labels"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    scores = evaluate_module._detection().mean_average_precision(
+        session.run(None, {"input": inputs})[0], boxes, labels
+    )
+    assert scores["map"] >= MAP_FLOOR
+    # the box and class Convs are float heads: their outputs feed Sigmoid/Exp, not Q/DQ pairs
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = Counter(i for n in model.graph.node for i in n.input)
+    heads = [n for n in model.graph.node if n.name in ("/box/Conv", "/cls/Conv")]
+    assert len(heads) == 2
+    for head in heads:
+        assert producer[head.input[0]].op_type == "DequantizeLinear"  # int8 input and weights
+        assert producer[head.input[1]].op_type == "DequantizeLinear"
+        consumers = [n.op_type for n in model.graph.node if head.output[0] in n.input]
+        assert "QuantizeLinear" not in consumers and readers[head.output[0]] >= 1
+    final = next(n for n in model.graph.node if n.output[0] == "detections")
+    assert final.op_type == "Concat"
+    assert all(producer[i].op_type != "DequantizeLinear" for i in final.input)
+    qdq = next(p for p in report.passes if p.name == "qdq")
+    assert qdq.result.counts["nodes_quantized"] >= 8

@@ -13,18 +13,19 @@ from onnx import helper
 from qdq_helpers import View, conv_relu_model, fused, quantize, weights
 
 import onnxpress
-from onnxpress.errors import CalibrationError
+from onnxpress.errors import CalibrationError, PipelineError
+from onnxpress.pipeline import parse_pipeline
 
 node = helper.make_node
 
 
 def test_conv_relu_quantizes_after_the_relu_and_fuses(kit: SimpleNamespace, tmp_path: Path) -> None:
-    model, record = quantize(conv_relu_model(kit))
+    model, record = quantize(conv_relu_model(kit), "qdq{float-heads=false}")
     view = View(model)
     assert view.ops_reading("x") == ["QuantizeLinear"]
     assert view.ops_reading("c1") == ["Relu"]  # no pair between Conv and Relu
     assert view.ops_reading("r1") == ["QuantizeLinear"]
-    # a Conv's graph output is quantized too (QLinearConv), and keeps its name
+    # without float heads a Conv's graph output is quantized too (QLinearConv), keeping its name
     assert view.producer["y"].op_type == "DequantizeLinear"
     assert view.by_name["conv2"].output[0] != "y"
     q, scale, axis = view.dq("conv1", 1)
@@ -40,6 +41,69 @@ def test_conv_relu_quantizes_after_the_relu_and_fuses(kit: SimpleNamespace, tmp_
     assert record.verification.value < 0.05
     ops = fused(model, tmp_path)
     assert ops["QLinearConv"] == 2 and ops["Relu"] == 0
+
+
+def test_float_heads_keep_a_conv_output_that_nothing_quantized_reads(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Default: the last Conv (a graph output) and a Conv feeding only Sigmoid/Exp run in float
+    on int8 inputs and weights; a Conv read by a quantized Conv keeps its output pair."""
+    w1, w2, w3 = weights(7, (4, 3, 3, 3), (2, 4, 1, 1), (3, 4, 1, 1))
+    model = kit.model(
+        [
+            node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+            node("Relu", ["c1"], ["r1"], name="relu1"),
+            node("Conv", ["r1", "W2"], ["box"], name="box"),
+            node("Exp", ["box"], ["size"], name="exp"),
+            node("Conv", ["r1", "W3"], ["y"], name="head"),
+        ],
+        {"x": [1, 3, 6, 6]},
+        {"y": None, "size": None},
+        {"W1": w1, "W2": w2, "W3": w3},
+    )
+    result, record = quantize(model)
+    view = View(result)
+    assert view.producer["y"].op_type == "Conv" and view.by_name["head"].output[0] == "y"
+    assert view.ops_reading("box") == ["Exp"]
+    assert view.ops_reading("r1") == ["QuantizeLinear"]
+    for layer in ("conv1", "box", "head"):
+        assert view.dq(layer, 1)[0].dtype == np.int8  # weights still int8
+    assert record.result.counts["activation_qdq_pairs"] == 2  # x and r1
+    ops = fused(result, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["Conv"] == 2
+    unfused, _ = quantize(model, "qdq{float-heads=false}")
+    assert View(unfused).ops_reading("box") == ["QuantizeLinear"]
+    assert fused(unfused, tmp_path)["QLinearConv"] == 3
+
+
+def test_concat_of_wide_and_narrow_inputs_stays_float(kit: SimpleNamespace) -> None:
+    """A YOLO-style output: pixel boxes (0..64) beside 0..1 scores. One shared scale would
+    quantize the scores in steps of 0.25, so the Concat stays float; 3x apart still shares."""
+    w1, w2 = weights(8, (2, 3, 1, 1), (3, 3, 1, 1))
+    model = kit.model(
+        [
+            node("Conv", ["x", "W1"], ["a"], name="a"),
+            node("Mul", ["a", "k"], ["boxes"], name="scale"),
+            node("Conv", ["x", "W2"], ["b"], name="b"),
+            node("Sigmoid", ["b"], ["scores"], name="sigmoid"),
+            node("Concat", ["boxes", "scores"], ["cat"], name="cat", axis=1),
+            node("MaxPool", ["cat"], ["y"], name="pool", kernel_shape=[2, 2]),
+        ],
+        {"x": [1, 3, 4, 4]},
+        {"y": None},
+        {"W1": w1, "W2": w2, "k": np.array(64.0, np.float32)},
+    )
+    result, record = quantize(model)
+    view = View(result)
+    assert view.ops_reading("scores") == ["Concat"] and view.ops_reading("boxes") == ["Concat"]
+    reasons = [r.reason for r in record.result.refusals if r.node == "cat"]
+    assert len(reasons) == 1 and "stays float" in reasons[0]
+    assert record.result.counts["concats_kept_float"] == 1
+    shared, shared_record = quantize(model, "qdq{concat-spread=1000}")
+    assert View(shared).ops_reading("scores") == ["QuantizeLinear"]
+    assert shared_record.result.counts["concats_kept_float"] == 0
+    with pytest.raises(PipelineError, match="concat-spread must be >= 1"):
+        parse_pipeline("qdq{concat-spread=0.5}")
 
 
 def test_matmul_weight_per_column_and_float_output(kit: SimpleNamespace, tmp_path: Path) -> None:
@@ -126,7 +190,7 @@ def test_concat_inputs_and_output_share_parameters(kit: SimpleNamespace, tmp_pat
     view = View(result)
     params = {view.activation_scale("cat", i) for i in (0, 1)} | {view.activation_scale("c", 0)}
     assert len(params) == 1  # one scale and zero point across the Concat
-    assert fused(result, tmp_path)["QLinearConv"] == 3
+    assert fused(result, tmp_path)["QLinearConv"] == 2  # c, a float head, runs in float
 
 
 def test_residual_add_and_maxpool(kit: SimpleNamespace, tmp_path: Path) -> None:
@@ -152,7 +216,8 @@ def test_residual_add_and_maxpool(kit: SimpleNamespace, tmp_path: Path) -> None:
     assert view.producer[view.by_name["residual"].input[1]].op_type == "DequantizeLinear"
     assert view.ops_reading("s") == ["Relu"] and view.ops_reading("r2") == ["QuantizeLinear"]
     ops = fused(result, tmp_path)
-    assert ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 3 and ops["Relu"] == 0
+    # the head Conv, a graph output, is a float head
+    assert ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 2 and ops["Relu"] == 0
 
 
 def softmax_model(kit: SimpleNamespace) -> onnx.ModelProto:
