@@ -196,10 +196,10 @@ def refit_layers(
         tap = Tap(
             key="layer",
             student=node.inputs[0].name,
-            rows=_RowsWithOnes(layer),
+            rows=RowsWithOnes(layer),
             dim=initial.shape[0],
             teacher=out,
-            targets=_Targets(layer, item.kept_outputs, w0.shape[0]),
+            targets=Targets(layer, item.kept_outputs, w0.shape[0]),
             target_dim=initial.shape[1],
         )
         moments = collect_moments(export(graph), teacher, [tap], batches())["layer"]
@@ -257,7 +257,7 @@ def _thin(rows: np.ndarray, features: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _RowsWithOnes:
+class RowsWithOnes:
     layer: LinearLayer
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -267,7 +267,7 @@ class _RowsWithOnes:
 
 
 @dataclass(frozen=True)
-class _Targets:
+class Targets:
     layer: LinearLayer
     kept: np.ndarray | None
     features: int

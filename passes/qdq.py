@@ -16,6 +16,9 @@
 4. recover: ``bias-correction`` (on by default) adds E[x].(W - Wq) to each bias; ``max-drop``
    keeps the most sensitive layers in float until the quality metric is within budget
    (``_qdq_recover``; a Python metric is registered with ``register_metric``);
+   ``refit=on|auto`` refits each quantized Conv/Gemm/MatMul by least squares against the
+   float model's layer outputs on its quantized inputs (``_qdq_refit``; auto keeps the refit
+   only when the outputs get closer to the float model's);
 5. convert (``_qdq_convert``): int8 weights, int32 biases, uint8/int8 activation pairs.
 
 Per-channel weights need DequantizeLinear's ``axis`` (opset 13); on an older model the pass
@@ -53,6 +56,7 @@ from onnxpress.passes._qdq_recover import (
     register_metric,
     select_calibration,
 )
+from onnxpress.passes._qdq_refit import LINEAR_OPS, apply_solutions, refit_quantized
 
 from onnxpress.context import PassContext
 from onnxpress.errors import CalibrationError
@@ -85,6 +89,9 @@ class QdqOptions:
     exclude: tuple[str, ...] = ()  # never these nodes (same forms)
     calibration_batches: int = 0  # 0 = every batch
     fallback_batches: int = 8  # calibration batches that score auto and fallback candidates
+    # least-squares refit of each quantized layer against the float model: auto = keep it when
+    # the outputs on the scoring batches get closer to the float model's
+    refit: Literal["auto", "on", "off"] = "off"
     float_heads: bool = True  # Conv outputs that no quantized node reads stay float
     concat_spread: float = 8.0  # a Concat whose input ranges differ more than this stays float
 
@@ -170,8 +177,10 @@ class Qdq(Pass[QdqOptions]):
             summary = convert(target, ann, ranges, symmetric, opts.reduce_range)
             return ann, summary, corrected
 
-        def build(excluded: frozenset[str], method: str, correct: bool) -> Any:
-            candidate = graph.copy()
+        def build(
+            excluded: frozenset[str], method: str, correct: bool, source: gs.Graph | None = None
+        ) -> Any:
+            candidate = (graph if source is None else source).copy()
             materialize(candidate, excluded, method, correct)
             return ctx.export(candidate)
 
@@ -186,6 +195,40 @@ class Qdq(Pass[QdqOptions]):
             )
             method, corrected_biases = choices[0].method, choices[0].bias_correction
             result.details.append({"auto": [vars(choice) for choice in choices]})
+        if opts.refit != "off":
+            trial = graph.copy()
+            records, solutions = refit_quantized(
+                trial,
+                [n for n in trial.nodes if n.name in full.quantized_nodes and n.op in LINEAR_OPS],
+                lambda g: build(frozenset(), method, False, g),
+                float_model,
+                lambda: ctx.calibration.batches(opts.calibration_batches or None),
+                opts.per_channel,
+                opts.reduce_range,
+            )
+            deltas = {}
+            if corrected_biases:  # the refit set exact biases; correct the other layers only
+                rest = bias_deltas(
+                    trial, self._annotate(trial, scope, floats, frozenset()), obs, opts.reduce_range
+                )
+                deltas = {k: v for k, v in rest.items() if k not in solutions}
+            keep, scores = bool(solutions), {}
+            if opts.refit == "auto" and solutions:
+                judge = Evaluator(
+                    float_model, list(ctx.calibration.batches(opts.fallback_batches)), fidelity
+                )
+                scores["error_before"] = judge.drop(build(frozenset(), method, corrected_biases))[0]
+                kept_deltas, all_deltas = all_deltas, deltas
+                scores["error_after"] = judge.drop(
+                    build(frozenset(), method, corrected_biases, trial)
+                )[0]
+                all_deltas = kept_deltas
+                keep = scores["error_after"] < scores["error_before"]
+            if keep:
+                apply_solutions(graph, solutions)
+                all_deltas = deltas
+            result.count("layers_refit", len(solutions) if keep else 0)
+            result.details.append({"refit": {"kept": keep, **scores, "layers": records}})
         fallback: FallbackResult | None = None
         if metric is not None and opts.max_drop is not None:
             batches = list(ctx.calibration.batches(opts.fallback_batches))

@@ -51,6 +51,7 @@ ONNXPRESS_VARIANTS: dict[str, list[str]] = {
     "percentile": ["qdq{method=percentile}"],
     "entropy": ["qdq{method=entropy}"],
     "CLE + default": ["cross-layer-equalization", "qdq"],
+    "default + refit=on": ["qdq{refit=on}"],
     "default + fallback(max-drop=0.01)": ["qdq{max-drop=0.01}"],
 }
 ORT_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
