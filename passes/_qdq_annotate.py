@@ -7,7 +7,7 @@ Rules, chosen so that onnxruntime fuses the result into its integer kernels:
   int8 (per output channel: axis 0 for Conv and Gemm with transB=1, axis 1 for ConvTranspose
   and Gemm with transB=0, the last axis for MatMul) and biases int32 (scale = s_x * s_w).
   Conv outputs are quantized, graph outputs included (DQ -> Conv -> Q is QLinearConv), except
-  under ``float_heads`` when no quantized node reads them;
+  under ``float_heads`` when no quantized node lies anywhere downstream (a head);
   MatMul and Gemm outputs only when a quantized consumer reads them (DQ -> MatMul -> float is
   MatMulIntegerToFloat, DQ -> Gemm -> float is QGemm). A MatMul's bias Add(b) gets an int32 b
   so that onnxruntime's MatMul+Add -> Gemm rewrite still ends in QGemm.
@@ -161,9 +161,10 @@ def annotate(
     float_heads: bool = False,
 ) -> Annotation:
     """Decide what to quantize; ``excluded`` node names stay float (accuracy fallback).
-    ``float_heads``: a Conv output that no quantized node reads (a detection, segmentation or
-    super-resolution head, a graph output) is not quantized: the layer runs in float on
-    dequantized int8 inputs and weights and keeps its full output precision."""
+    ``float_heads``: the output of a Conv with no quantized node anywhere downstream (a
+    detection, segmentation or super-resolution head, a graph output) is not quantized: the
+    layer runs in float on dequantized int8 inputs and weights and keeps its full output
+    precision."""
     annotator = _Annotator(graph, scope, float_tensors, excluded)
     annotator.float_heads = float_heads
     return annotator.run()
@@ -234,11 +235,7 @@ class _Annotator:
         }
         self._claim_binary_inputs(quantized)
         if self.float_heads:
-            quantized -= {
-                n
-                for n in quantized & self.conv_outputs
-                if not any(c.name in self.ann.quantized_nodes for c in tensors[n].outputs)
-            }
+            quantized -= (quantized & self.conv_outputs) - self._upstream_of_int8()
         self.ann.activations = [
             n for n in dict.fromkeys(self.wanted + sorted(quantized)) if n in quantized
         ]
@@ -349,6 +346,19 @@ class _Annotator:
         ):
             return add, index
         return None
+
+    def _upstream_of_int8(self) -> set[str]:
+        """Names of the tensors from which some quantized node can be reached."""
+        stack = [
+            t for n in self.graph.nodes if n.name in self.ann.quantized_nodes for t in n.inputs
+        ]
+        seen: set[str] = set()
+        while stack:
+            tensor = stack.pop()
+            if tensor.name not in seen:
+                seen.add(tensor.name)
+                stack.extend(t for producer in tensor.inputs for t in producer.inputs)
+        return seen
 
     def _claim_binary_inputs(self, quantized: set[str]) -> None:
         """Add/Mul of two activations whose (post-activation) output is quantized: quantize both

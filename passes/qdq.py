@@ -92,7 +92,7 @@ class QdqOptions:
     # least-squares refit of each quantized layer against the float model: auto = keep it when
     # the outputs on the scoring batches get closer to the float model's
     refit: Literal["auto", "on", "off"] = "off"
-    float_heads: bool = True  # Conv outputs that no quantized node reads stay float
+    float_heads: bool = True  # a Conv with no quantized node downstream keeps a float output
     concat_spread: float = 8.0  # a Concat whose input ranges differ more than this stays float
 
     def __post_init__(self) -> None:
