@@ -46,9 +46,11 @@ def test_conv_relu_quantizes_after_the_relu_and_fuses(kit: SimpleNamespace, tmp_
 def test_float_heads_keep_a_conv_output_that_nothing_quantized_reads(
     kit: SimpleNamespace, tmp_path: Path
 ) -> None:
-    """Default: the last Conv (a graph output) and a Conv feeding only Sigmoid/Exp run in float
-    on int8 inputs and weights; a Conv read by a quantized Conv keeps its output pair."""
-    w1, w2, w3 = weights(7, (4, 3, 3, 3), (2, 4, 1, 1), (3, 4, 1, 1))
+    """Default: the last Conv (a graph output) and a Conv feeding only Exp run in float on int8
+    inputs and weights; a Conv followed by a float Sigmoid and then a quantized Conv is not a
+    head and keeps its output pair (as does a Conv read by a quantized Conv)."""
+    w1, w2, w3, w4, w5 = weights(7, (4, 3, 3, 3), (2, 4, 1, 1), (3, 4, 1, 1), (4, 4, 1, 1),
+                                 (2, 4, 1, 1))
     model = kit.model(
         [
             node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
@@ -56,24 +58,28 @@ def test_float_heads_keep_a_conv_output_that_nothing_quantized_reads(
             node("Conv", ["r1", "W2"], ["box"], name="box"),
             node("Exp", ["box"], ["size"], name="exp"),
             node("Conv", ["r1", "W3"], ["y"], name="head"),
+            node("Conv", ["r1", "W4"], ["m"], name="mid"),
+            node("Sigmoid", ["m"], ["g"], name="gate"),
+            node("Conv", ["g", "W5"], ["z"], name="after"),
         ],
         {"x": [1, 3, 6, 6]},
-        {"y": None, "size": None},
-        {"W1": w1, "W2": w2, "W3": w3},
+        {"y": None, "size": None, "z": None},
+        {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5},
     )
     result, record = quantize(model)
     view = View(result)
     assert view.producer["y"].op_type == "Conv" and view.by_name["head"].output[0] == "y"
     assert view.ops_reading("box") == ["Exp"]
     assert view.ops_reading("r1") == ["QuantizeLinear"]
-    for layer in ("conv1", "box", "head"):
+    assert view.ops_reading("m") == ["QuantizeLinear"]  # not a head: "after" is downstream
+    for layer in ("conv1", "box", "head", "mid", "after"):
         assert view.dq(layer, 1)[0].dtype == np.int8  # weights still int8
-    assert record.result.counts["activation_qdq_pairs"] == 2  # x and r1
+    assert record.result.counts["activation_qdq_pairs"] == 4  # x, r1, m, g
     ops = fused(result, tmp_path)
-    assert ops["QLinearConv"] == 1 and ops["Conv"] == 2
+    assert ops["QLinearConv"] == 2 and ops["Conv"] == 3
     unfused, _ = quantize(model, "qdq{float-heads=false}")
     assert View(unfused).ops_reading("box") == ["QuantizeLinear"]
-    assert fused(unfused, tmp_path)["QLinearConv"] == 3
+    assert fused(unfused, tmp_path)["QLinearConv"] == 5
 
 
 def test_concat_of_wide_and_narrow_inputs_stays_float(kit: SimpleNamespace) -> None:
