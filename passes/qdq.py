@@ -45,6 +45,7 @@ from onnxpress.passes._qdq_calibrate import (
     tensor_ranges,
 )
 from onnxpress.passes._qdq_convert import ConvertSummary, convert
+from onnxpress.passes._qdq_prepare import decompose_hardswish, detach_dead_nodes, name_nodes
 from onnxpress.passes._qdq_recover import (
     Evaluator,
     FallbackResult,
@@ -92,6 +93,9 @@ class QdqOptions:
     # least-squares refit of each quantized layer against the float model: auto = keep it when
     # the outputs on the scoring batches get closer to the float model's
     refit: Literal["auto", "on", "off"] = "off"
+    # HardSwish -> Mul(x, HardSigmoid(x)) so that the Mul runs as QLinearMul: faster,
+    # slightly less accurate (BENCHMARKS.md, mobilenet_mnist)
+    split_hardswish: bool = False
     float_heads: bool = True  # a Conv with no quantized node downstream keeps a float output
     concat_spread: float = 8.0  # a Concat whose input ranges differ more than this stays float
 
@@ -141,8 +145,9 @@ class Qdq(Pass[QdqOptions]):
                 else f"opset {opset}: QuantizeLinear needs opset 10",
             )
             return result
-        _detach_dead_nodes(graph)
-        _name_nodes(graph)
+        detach_dead_nodes(graph)
+        split = decompose_hardswish(graph) if opts.split_hardswish else 0
+        name_nodes(graph)
         floats = float_tensor_names(ctx.export(graph))
         scope = Scope(
             frozenset(DEFAULT_OPS) | frozenset(opts.extra_ops), opts.include, opts.exclude
@@ -244,6 +249,7 @@ class Qdq(Pass[QdqOptions]):
         self._report(
             result, ann, summary, corrected, obs, fallback, opts, (method, corrected_biases)
         )
+        result.count("hardswish_split", split)
         for name, reason in mixed.items():
             result.refuse(name, reason)
         result.count("concats_kept_float", len(mixed))
@@ -325,27 +331,3 @@ class Qdq(Pass[QdqOptions]):
                 )
         for name, op in ann.quantized_nodes.items():
             result.details.append({"node": name, "op": op, "quantized": True})
-
-
-def _detach_dead_nodes(graph: gs.Graph) -> None:
-    """Disconnect nodes that an earlier pass removed from graph.nodes but left wired to live
-    tensors, so that ``tensor.outputs`` lists live consumers only."""
-    live = {id(n) for n in graph.nodes}
-    for tensor in graph.tensors().values():
-        for node in list(tensor.outputs):
-            if id(node) not in live:
-                node.inputs.clear()
-                node.outputs.clear()
-
-
-def _name_nodes(graph: gs.Graph) -> None:
-    """Give unnamed or duplicate-named nodes unique names (annotations key on them)."""
-    seen: set[str] = set()
-    for index, node in enumerate(graph.nodes):
-        if not node.name or node.name in seen:
-            base = f"{node.op}_{index}"
-            name = base
-            while name in seen:
-                name += "_"
-            node.name = name
-        seen.add(node.name)
