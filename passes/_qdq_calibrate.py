@@ -135,12 +135,16 @@ def tensor_ranges(
 def mixed_range_concats(
     graph: gs.Graph, ann: Annotation, obs: Observations, symmetric: bool, spread: float
 ) -> dict[str, str]:
-    """Quantized Concats whose inputs' observed ranges differ by more than ``spread`` -> why
-    they stay float. One scale shared across such inputs (a detector's pixel boxes beside its
-    0..1 scores) would leave the narrowest input log2(ratio) bits short."""
+    """Quantized Concats whose inputs' observed ranges differ by more than ``spread`` and whose
+    output no quantized node reads -> why they stay float. One scale shared across such inputs
+    (a detector's pixel boxes beside its 0..1 scores) would leave the narrowest input
+    log2(ratio) bits short; where a quantized layer reads the Concat, its input scale costs
+    those bits anyway, so the Concat stays int8."""
     reasons: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "Concat" or node.name not in ann.quantized_nodes:
+            continue
+        if any(c.name in ann.quantized_nodes for c in node.outputs[0].outputs):
             continue
         observers = [obs.ranges.get(t.name) for t in node.inputs]
         if any(o is None for o in observers):

@@ -84,21 +84,18 @@ def test_float_heads_keep_a_conv_output_that_nothing_quantized_reads(
 
 def test_concat_of_wide_and_narrow_inputs_stays_float(kit: SimpleNamespace) -> None:
     """A YOLO-style output: pixel boxes (0..64) beside 0..1 scores. One shared scale would
-    quantize the scores in steps of 0.25, so the Concat stays float; 3x apart still shares."""
-    w1, w2 = weights(8, (2, 3, 1, 1), (3, 3, 1, 1))
-    model = kit.model(
-        [
-            node("Conv", ["x", "W1"], ["a"], name="a"),
-            node("Mul", ["a", "k"], ["boxes"], name="scale"),
-            node("Conv", ["x", "W2"], ["b"], name="b"),
-            node("Sigmoid", ["b"], ["scores"], name="sigmoid"),
-            node("Concat", ["boxes", "scores"], ["cat"], name="cat", axis=1),
-            node("MaxPool", ["cat"], ["y"], name="pool", kernel_shape=[2, 2]),
-        ],
-        {"x": [1, 3, 4, 4]},
-        {"y": None},
-        {"W1": w1, "W2": w2, "k": np.array(64.0, np.float32)},
-    )
+    quantize the scores in steps of 0.25, so the Concat stays float; with a quantized reader
+    (a Conv, whose input scale costs those bits anyway) it stays int8, and 3x apart shares."""
+    w1, w2, w3 = weights(8, (2, 3, 1, 1), (3, 3, 1, 1), (2, 5, 1, 1))
+    nodes = [
+        node("Conv", ["x", "W1"], ["a"], name="a"),
+        node("Mul", ["a", "k"], ["boxes"], name="scale"),
+        node("Conv", ["x", "W2"], ["b"], name="b"),
+        node("Sigmoid", ["b"], ["scores"], name="sigmoid"),
+        node("Concat", ["boxes", "scores"], ["cat"], name="cat", axis=1),
+    ]
+    initializers = {"W1": w1, "W2": w2, "W3": w3, "k": np.array(64.0, np.float32)}
+    model = kit.model(nodes, {"x": [1, 3, 4, 4]}, {"cat": None}, initializers)
     result, record = quantize(model)
     view = View(result)
     assert view.ops_reading("scores") == ["Concat"] and view.ops_reading("boxes") == ["Concat"]
@@ -108,6 +105,15 @@ def test_concat_of_wide_and_narrow_inputs_stays_float(kit: SimpleNamespace) -> N
     shared, shared_record = quantize(model, "qdq{concat-spread=1000}")
     assert View(shared).ops_reading("scores") == ["QuantizeLinear"]
     assert shared_record.result.counts["concats_kept_float"] == 0
+    read = kit.model(
+        [*nodes, node("Conv", ["cat", "W3"], ["y"], name="c")],
+        {"x": [1, 3, 4, 4]},
+        {"y": None},
+        initializers,
+    )
+    read_result, read_record = quantize(read)
+    assert View(read_result).ops_reading("scores") == ["QuantizeLinear"]
+    assert read_record.result.counts["concats_kept_float"] == 0
     with pytest.raises(PipelineError, match="concat-spread must be >= 1"):
         parse_pipeline("qdq{concat-spread=0.5}")
 
