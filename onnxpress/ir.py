@@ -28,6 +28,8 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export ``graph``, keeping the model-level fields of ``template``."""
     toposort(graph)
     opsets = {op.domain: op.version for op in template.opset_import}
+    if graph.opset and int(graph.opset) > opsets.get("", 0):  # a pass upgraded the model
+        opsets[""] = int(graph.opset)
     for node in graph.nodes:
         if node.domain and node.domain not in opsets:
             opsets[node.domain] = 1

@@ -21,8 +21,9 @@
    only when the outputs get closer to the float model's);
 5. convert (``_qdq_convert``): int8 weights, int32 biases, uint8/int8 activation pairs.
 
-Per-channel weights need DequantizeLinear's ``axis`` (opset 13); on an older model the pass
-refuses and says so (upgrade with ``onnx.version_converter`` or use ``per-channel=false``).
+Per-channel weights need DequantizeLinear's ``axis`` (opset 13): an older model is upgraded to
+opset 13 with ``onnx.version_converter`` first (the report says so); if the converter fails
+the pass refuses with its reason (use ``per-channel=false``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ from onnxpress.passes._qdq_calibrate import (
     tensor_ranges,
 )
 from onnxpress.passes._qdq_convert import ConvertSummary, convert
-from onnxpress.passes._qdq_prepare import decompose_hardswish, detach_dead_nodes, name_nodes
+from onnxpress.passes._qdq_prepare import (
+    decompose_hardswish,
+    detach_dead_nodes,
+    name_nodes,
+    upgrade_opset,
+)
 from onnxpress.passes._qdq_recover import (
     Evaluator,
     FallbackResult,
@@ -135,16 +141,17 @@ class Qdq(Pass[QdqOptions]):
         metric = get_metric(opts.metric) if opts.max_drop is not None else None
         opset = int(graph.opset or 0)
         if (opset < 13 and opts.per_channel) or opset < 10:
-            result.refuse(
-                "<model>",
-                (
-                    f"opset {opset}: per-channel DequantizeLinear needs opset 13; upgrade the model "
-                    "(onnx.version_converter.convert_version(model, 13)) or use per-channel=false"
+            failure = upgrade_opset(graph, ctx.export, 13)
+            if failure is not None:
+                need = "per-channel DequantizeLinear" if opset >= 10 else "QuantizeLinear"
+                result.refuse(
+                    "<model>",
+                    f"opset {opset}: {need} needs opset {13 if opset >= 10 else 10} and onnx's "
+                    f"version converter could not upgrade the model ({failure})"
+                    + ("; use per-channel=false" if opset >= 10 else ""),
                 )
-                if opset >= 10
-                else f"opset {opset}: QuantizeLinear needs opset 10",
-            )
-            return result
+                return result
+            result.details.append({"opset_upgraded": {"from": opset, "to": 13}})
         detach_dead_nodes(graph)
         split = decompose_hardswish(graph) if opts.split_hardswish else 0
         name_nodes(graph)

@@ -341,11 +341,24 @@ def test_needs_calibration_data(kit: SimpleNamespace) -> None:
         onnxpress.optimize(conv_relu_model(kit), passes="qdq")
 
 
-def test_old_opset_refuses_per_channel(kit: SimpleNamespace) -> None:
+def test_old_opset_is_upgraded_for_per_channel(
+    kit: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = conv_relu_model(kit)
     model.opset_import[0].version = 12
     result, record = quantize(model)
+    assert [o.version for o in result.opset_import if o.domain == ""] == [13]
+    assert {"opset_upgraded": {"from": 12, "to": 13}} in record.result.details
+    q, scale, axis = View(result).dq("conv1", 1)
+    assert q.dtype == np.int8 and axis == 0 and scale.shape == (4,)
+
+    def refuse(*args: object) -> None:
+        raise RuntimeError("no adapter for Conv\nmore detail")
+
+    monkeypatch.setattr("onnxpress.passes._qdq_prepare.version_converter.convert_version", refuse)
+    result, record = quantize(model)
     assert "QuantizeLinear" not in kit.ops(result)
-    assert "opset 12" in record.result.refusals[0].reason
-    result, _ = quantize(model, "qdq{per-channel=false}")
+    (refusal,) = record.result.refusals
+    assert "opset 12" in refusal.reason and "(no adapter for Conv)" in refusal.reason
+    result, _ = quantize(model, "qdq{per-channel=false}")  # opset 10 is enough per tensor
     assert View(result).dq("conv1", 1)[2] is None
