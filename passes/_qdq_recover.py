@@ -50,12 +50,14 @@ def _rel_l2(ref: np.ndarray, new: np.ndarray) -> float:
 
 
 def agreement(inputs: MetricInputs) -> float:
-    """Top-1 agreement with the float model (class outputs), else 1 - relative L2."""
+    """Top-1 agreement with the float model for [batch, classes] outputs, else 1 - relative L2
+    (on a detector's [batch, 4 + classes, cells] or a segmentation map an argmax over the last
+    axis would mean nothing)."""
     scores = []
     for index in range(len(inputs.output_names)):
         refs = [batch[index] for batch in inputs.reference]
         news = [batch[index] for batch in inputs.outputs]
-        if refs[0].ndim >= 1 and refs[0].shape[-1] >= 2:
+        if refs[0].ndim == 2 and refs[0].shape[-1] >= 2:
             same = sum(
                 int(np.sum(np.argmax(r, -1) == np.argmax(n, -1)))
                 for r, n in zip(refs, news, strict=True)

@@ -181,3 +181,19 @@ def test_cnn_mnist_keeps_held_out_accuracy() -> None:
 
     base = accuracy(onnx.load(str(MODELS / "cnn_mnist.onnx")))
     assert accuracy(result) >= base - 0.01 and base > 0.95
+
+
+def test_agreement_is_top1_only_for_batch_by_class_outputs() -> None:
+    from onnxpress.passes._qdq_recover import agreement
+
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.1, 0.0]])
+    flipped = logits.copy()
+    flipped[3] = [0.2, 0.1, 0.0]  # one of four predictions changes
+    args = (onnx.ModelProto(), [{}], [[flipped]], [[logits]], ["logits"])
+    assert agreement(MetricInputs(*args)) == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    detections = rng.uniform(0, 64, (2, 14, 64))  # [batch, 4 + classes, cells]
+    noisy = detections + rng.normal(0, 0.64, detections.shape)
+    args = (onnx.ModelProto(), [{}], [[noisy]], [[detections]], ["detections"])
+    error = np.linalg.norm(noisy - detections) / np.linalg.norm(detections)
+    assert agreement(MetricInputs(*args)) == pytest.approx(1 - error)
