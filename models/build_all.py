@@ -25,6 +25,7 @@ BUILDS = {
     "transformer_mnist": ["transformer_mnist.onnx"],
     "gru_sunspots": ["gru_sunspots.onnx", "gru_sunspots_unrolled.onnx"],
     "digit_detector": ["digit_detector.onnx"],
+    "sr_photos": ["sr_photos.onnx"],
 }
 
 

@@ -6,7 +6,8 @@
 
 Classification sets report top-1 accuracy; the sunspots set reports RMSE in sunspot
 numbers (and the naive "same as last year" RMSE for comparison); the detection set reports
-COCO-style mAP (IoU 0.50:0.95) and mAP@0.5 (``detection.py``). Without ``--data`` the
+COCO-style mAP (IoU 0.50:0.95) and mAP@0.5 (``detection.py``); the super-resolution set
+reports PSNR in dB (and bicubic upscaling's). Without ``--data`` the
 data set is chosen from ``--kind`` or, failing that, from the file name: the longest known
 model name that the file name starts with (``cnn_mnist.opt.onnx`` -> ``cnn_mnist``).
 Needs only numpy and onnxruntime. Inputs are cast to the dtype the model declares, so
@@ -37,6 +38,7 @@ EVAL_SETS = {
     "gru_sunspots": "gru_sunspots",
     "gru_sunspots_unrolled": "gru_sunspots",
     "digit_detector": "digit_detector",
+    "sr_photos": "sr_photos",
 }
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64}
@@ -54,11 +56,14 @@ class Evaluation:
     reference: float | None = None
     naive_rmse: float | None = None
     map50: float | None = None
+    bicubic_psnr: float | None = None
 
     def describe(self) -> str:
         text = f"{self.model}: {self.metric} {self.value:.4f} on {self.samples} held-out samples"
         if self.reference is not None:
             text += f" (as built: {self.reference:.4f})"
+        if self.bicubic_psnr is not None:
+            text += f"; bicubic upscaling {self.bicubic_psnr:.4f} dB"
         if self.map50 is not None:
             text += f"; mAP@0.5 {self.map50:.4f}"
         if self.naive_rmse is not None:
@@ -143,14 +148,26 @@ def evaluate(model_path: str | Path, data_path: str | Path | None = None, *,
         reference = float(eval_set["map"]) if "map" in eval_set else None
         return Evaluation(str(model_path), str(data_path), "mAP", scores["map"],
                           len(eval_set["labels"]), reference, map50=scores["map50"])
+    if task == "super_resolution":
+        value = psnr(outputs, eval_set["target"])
+        reference = float(eval_set["psnr"]) if "psnr" in eval_set else None
+        return Evaluation(str(model_path), str(data_path), "psnr", value, len(outputs),
+                          reference, bicubic_psnr=float(eval_set["bicubic_psnr"]))
     raise ValueError(f"{data_path}: unknown task {task!r}")
+
+
+def psnr(outputs: np.ndarray, target: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of 8-bit images (outputs clipped to 0..255)."""
+    error = np.mean((np.clip(outputs, 0, 255) - target.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(error, 1e-12)))
 
 
 def _detection() -> Any:
     """``detection.py`` from this folder (evaluate.py is also loaded by file path)."""
     name = "models_detection"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("detection.py"))
+        path = Path(__file__).with_name("detection.py")
+        spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         sys.modules[name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

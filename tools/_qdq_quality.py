@@ -1,7 +1,8 @@
 """Held-out quality of a bundled model on onnxruntime, for the QDQ benchmark.
 
 Classifiers: top-1 accuracy and top-1 agreement with the float model; the sunspots GRU:
-RMSE; the digit detector: COCO-style mAP (IoU 0.50:0.95) and mAP@0.5 (``models/detection.py``).
+RMSE; the digit detector: COCO-style mAP (IoU 0.50:0.95) and mAP@0.5 (``models/detection.py``);
+super-resolution: PSNR in dB.
 Every task also reports the relative L2 distance of the outputs from the float model's.
 The eval sets are read by ``models/evaluate.py`` so that the numbers match its own.
 """
@@ -47,6 +48,8 @@ def evaluate(model: onnx.ModelProto, name: str, reference: np.ndarray | None) ->
         result["accuracy"] = float(np.mean(out.argmax(1) == data["labels"]))
         if reference is not None:
             result["agreement"] = float(np.mean(out.argmax(1) == reference.argmax(1)))
+    elif task == "super_resolution":
+        result["psnr"] = _evaluate_module().psnr(out, data["target"])
     elif task == "detection":
         scores = _evaluate_module()._detection().mean_average_precision(
             out, data["boxes"], data["labels"]
@@ -65,6 +68,8 @@ def quality_text(row: dict[str, Any]) -> str:
     """The quality column of a benchmark table row."""
     if "accuracy" in row:
         return f"{row['accuracy']:.4f}"
+    if "psnr" in row:
+        return f"PSNR {row['psnr']:.3f} dB"
     if "map" in row:
         return f"mAP {row['map']:.4f} (@0.5 {row['map50']:.4f})"
     return f"{row['rmse']:.3f}"

@@ -57,9 +57,10 @@ ONNXPRESS_VARIANTS: dict[str, list[str]] = {
 }
 ORT_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
 DEFAULT_MODELS = (
-    "cnn_mnist,cnn_wide_mnist,mobilenet_mnist,digit_detector,transformer_mnist,gru_sunspots"
+    "cnn_mnist,cnn_wide_mnist,mobilenet_mnist,digit_detector,sr_photos,transformer_mnist,"
+    "gru_sunspots"
 )
-CLE_MODELS = ("cnn_mnist", "cnn_wide_mnist", "digit_detector")  # Conv-ReLU chains
+CLE_MODELS = ("cnn_mnist", "cnn_wide_mnist", "digit_detector", "sr_photos")  # Conv-ReLU chains
 
 
 def float_model(name: str) -> onnx.ModelProto:

@@ -26,7 +26,10 @@ def load_detection() -> ModuleType:
 det = load_detection()
 
 
-def output(cells: list[tuple[float, float, float, float, int, float]], count: int = 4) -> np.ndarray:
+Cell = tuple[float, float, float, float, int, float]
+
+
+def output(cells: list[Cell], count: int = 4) -> np.ndarray:
     """A [1, 14, count] detector output with the given (cx, cy, w, h, class, score) cells."""
     out = np.zeros((1, 4 + det.CLASSES, count), np.float32)
     out[0, 2:4] = 1.0

@@ -29,9 +29,10 @@ EXPECTED = {
     "gru_sunspots": ("rmse", 25.0),
     "gru_sunspots_unrolled": ("rmse", 25.0),
     "digit_detector": ("mAP", 0.7),
+    "sr_photos": ("psnr", 32.5),
 }
 CALIBRATED = ["cnn_mnist", "cnn_wide_mnist", "mobilenet_mnist", "mlp_digits", "transformer_mnist",
-              "gru_sunspots", "digit_detector"]
+              "gru_sunspots", "digit_detector", "sr_photos"]
 
 
 def load_evaluate() -> ModuleType:
@@ -77,6 +78,9 @@ def test_model_meets_its_held_out_metric(name: str) -> None:
         assert result.value > bound
     elif metric == "mAP":
         assert result.value > bound and result.map50 is not None and result.map50 > 0.9
+    elif metric == "psnr":  # and clearly better than bicubic upscaling
+        assert result.bicubic_psnr is not None and result.value > result.bicubic_psnr + 0.5
+        assert result.value > bound
     else:
         assert result.naive_rmse is not None
         assert result.value < min(bound, result.naive_rmse)
@@ -117,6 +121,15 @@ def test_detector_concatenates_pixel_boxes_and_scores() -> None:
     out = session("digit_detector").run(None, {"input": np.zeros((2, 1, 64, 64), np.float32)})[0]
     assert out.shape == (2, 14, 64)  # (cx, cy, w, h) in pixels + 10 scores, per 8x8 grid cell
     assert out[:, :4].max() > 8 and 0 <= out[:, 4:].min() and out[:, 4:].max() <= 1
+
+
+def test_super_resolution_has_no_normalization_and_a_pixel_shuffle() -> None:
+    counts = ops("sr_photos")
+    assert counts["Conv"] == 12 and counts["DepthToSpace"] == 1 and counts["Add"] == 6
+    assert counts["BatchNormalization"] == 0
+    out = session("sr_photos").run(None, {"input": np.full((2, 1, 32, 32), 128, np.float32)})[0]
+    assert out.shape == (2, 1, 64, 64)
+    assert np.abs(out - 128).max() < 8  # a flat grey input stays (nearly) flat
 
 
 def test_transformer_has_attention_and_layernorm() -> None:

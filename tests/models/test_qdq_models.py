@@ -1,9 +1,10 @@
-"""The default calibrated pipeline (``onnxpress optimize MODEL --calibration CALIB``) on two
+"""The default calibrated pipeline (``onnxpress optimize MODEL --calibration CALIB``) on three
 bundled CNNs. The MobileNetV3-style CNN: BatchNorm folded, every Conv int8 behind QDQ pairs,
 the Hardswish/Hardsigmoid gates float, the calibration setting chosen by ``method=auto``, and
 a held-out accuracy floor (docs/BENCHMARKS.md, QDQ quantization: 0.9880 there, float 0.9880).
 The digit detector: held-out mAP floor, its box/class Convs float heads, its output Concat of
-pixel boxes and 0..1 scores left float.
+pixel boxes and 0..1 scores left float. The super-resolution net: held-out PSNR floor, one
+scale across its DepthToSpace, its last Conv a float head.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 import onnxpress
 
@@ -119,3 +121,36 @@ def test_detector_keeps_its_map_with_a_float_head(
     assert all(producer[i].op_type != "DequantizeLinear" for i in final.input)
     qdq = next(p for p in report.passes if p.name == "qdq")
     assert qdq.result.counts["nodes_quantized"] >= 8
+
+
+# --- the EDSR-style super-resolution net: raw grey levels, no normalization --------------------
+
+SR = "sr_photos"
+PSNR_FLOOR = 32.80  # float 32.883 dB, onnxruntime's best method 32.779 (docs/BENCHMARKS.md)
+
+
+def test_super_resolution_keeps_its_psnr() -> None:
+    model, report = onnxpress.optimize(
+        MODELS_DIR / f"{SR}.onnx", calibration=DATA_DIR / f"{SR}_calib.npz"
+    )
+    with np.load(DATA_DIR / f"{SR}_eval.npz", allow_pickle=False) as data:
+        low = data["images"].astype(np.float32)
+        target = data["target"].astype(np.float64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = np.clip(session.run(None, {"input": low})[0], 0, 255)
+    assert 10 * np.log10(255.0**2 / np.mean((out - target) ** 2)) >= PSNR_FLOOR
+    producer = {o: n for n in model.graph.node for o in n.output}
+    weights = {i.name: i for i in model.graph.initializer}
+    shuffle = next(n for n in model.graph.node if n.op_type == "DepthToSpace")
+    quantizers = {n.input[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    into, out_q = producer[shuffle.input[0]], quantizers[shuffle.output[0]]
+    assert into.op_type == "DequantizeLinear"
+    for index in (1, 2):  # one scale and zero point across the DepthToSpace
+        assert numpy_helper.to_array(weights[into.input[index]]) == numpy_helper.to_array(
+            weights[out_q.input[index]]
+        )
+    tail = next(n for n in model.graph.node if n.name == "/tail/Conv")
+    assert producer[tail.input[1]].op_type == "DequantizeLinear"
+    assert weights[producer[tail.input[1]].input[0]].data_type == onnx.TensorProto.INT8
+    assert tail.output[0] not in quantizers  # a float head
+    assert report.passes[-2].name == "qdq"
