@@ -5,7 +5,9 @@
 
 1. annotate (``_qdq_annotate``): choose the tensors to quantize and where the pairs go so
    that onnxruntime fuses them (QLinearConv with the Relu folded in, MatMulIntegerToFloat,
-   QLinearAdd, int8 MaxPool/Reshape/Concat with shared parameters);
+   QLinearAdd, int8 MaxPool/Reshape/Concat with shared parameters); a Conv with nothing
+   quantized downstream keeps a float output (``float-heads``), and after calibration a
+   Concat of ranges more than ``concat-spread`` apart that nothing quantized reads stays float;
 2. observe (``_qdq_calibrate``): stream the float model over the calibration batches into
    fixed-size observers (memory does not grow with the number of batches);
 3. calibrate: one clipping range per tensor by ``method`` (minmax, percentile, entropy, mse;
