@@ -37,6 +37,7 @@ from _common import (
     save_calibration,
     save_npz,
 )
+from evaluate import psnr
 from torch import nn
 
 NAME = "sr_photos"
@@ -65,11 +66,6 @@ def shrink(high: torch.Tensor) -> torch.Tensor:
     low = F.interpolate(high, scale_factor=0.5, mode="bicubic", antialias=True,
                         align_corners=False)
     return low.round().clamp(0, 255)
-
-
-def psnr(output: np.ndarray, target: np.ndarray) -> float:
-    error = np.mean((np.clip(output.astype(np.float64), 0, 255) - target) ** 2)
-    return float(10 * np.log10(255.0**2 / error))
 
 
 class Block(nn.Module):

@@ -40,6 +40,8 @@ EVAL_SETS = {
     "digit_detector": "digit_detector",
     "sr_photos": "sr_photos",
 }
+# the headline metric of each task (key in scores() and in the eval set) -> its display name
+METRICS = {"accuracy": "accuracy", "rmse": "rmse", "map": "mAP", "psnr": "psnr"}
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(double)": np.float64}
 
@@ -128,37 +130,42 @@ def evaluate(model_path: str | Path, data_path: str | Path | None = None, *,
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     outputs = run_batched(session, model_inputs(eval_set), batch_size)
+    try:
+        values = scores(eval_set, outputs)
+    except ValueError as exc:
+        raise ValueError(f"{data_path}: {exc}") from None
+    metric = next(key for key in METRICS if key in values)
+    reference = float(eval_set[metric]) if metric in eval_set else None
+    return Evaluation(str(model_path), str(data_path), METRICS[metric], values[metric],
+                      len(outputs), reference, values.get("naive_rmse"), values.get("map50"),
+                      values.get("bicubic_psnr"))
+
+
+def scores(eval_set: dict[str, np.ndarray], outputs: np.ndarray) -> dict[str, float]:
+    """The held-out metrics of ``outputs``, a model's first output on ``model_inputs(eval_set)``:
+    accuracy; rmse and naive_rmse (sunspot numbers); map and map50; psnr and bicubic_psnr."""
     task = str(eval_set["task"])
     if task == "classification":
         labels = eval_set["labels"]
-        accuracy = float((outputs.reshape(len(labels), -1).argmax(axis=1) == labels).mean())
-        reference = float(eval_set["accuracy"]) if "accuracy" in eval_set else None
-        return Evaluation(str(model_path), str(data_path), "accuracy", accuracy, len(labels),
-                          reference)
+        return {"accuracy": float((outputs.reshape(len(labels), -1).argmax(axis=1) == labels).mean())}
     if task == "regression":
         target = eval_set["target"].astype(np.float64)
         predicted = outputs.reshape(len(target)) * float(eval_set["std"]) + float(eval_set["mean"])
-        rmse = float(np.sqrt(np.mean((predicted - target) ** 2)))
-        naive = float(np.sqrt(np.mean((eval_set["naive"].astype(np.float64) - target) ** 2)))
-        reference = float(eval_set["rmse"]) if "rmse" in eval_set else None
-        return Evaluation(str(model_path), str(data_path), "rmse", rmse, len(target),
-                          reference, naive)
+        naive = eval_set["naive"].astype(np.float64)
+        return {"rmse": float(np.sqrt(np.mean((predicted - target) ** 2))),
+                "naive_rmse": float(np.sqrt(np.mean((naive - target) ** 2)))}
     if task == "detection":
-        scores = _detection().mean_average_precision(outputs, eval_set["boxes"], eval_set["labels"])
-        reference = float(eval_set["map"]) if "map" in eval_set else None
-        return Evaluation(str(model_path), str(data_path), "mAP", scores["map"],
-                          len(eval_set["labels"]), reference, map50=scores["map50"])
+        found = _detection().mean_average_precision(outputs, eval_set["boxes"], eval_set["labels"])
+        return {"map": found["map"], "map50": found["map50"]}
     if task == "super_resolution":
-        value = psnr(outputs, eval_set["target"])
-        reference = float(eval_set["psnr"]) if "psnr" in eval_set else None
-        return Evaluation(str(model_path), str(data_path), "psnr", value, len(outputs),
-                          reference, bicubic_psnr=float(eval_set["bicubic_psnr"]))
-    raise ValueError(f"{data_path}: unknown task {task!r}")
+        return {"psnr": psnr(outputs, eval_set["target"]),
+                "bicubic_psnr": float(eval_set["bicubic_psnr"])}
+    raise ValueError(f"unknown task {task!r}")
 
 
 def psnr(outputs: np.ndarray, target: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of 8-bit images (outputs clipped to 0..255)."""
-    error = np.mean((np.clip(outputs, 0, 255) - target.astype(np.float64)) ** 2)
+    error = np.mean((np.clip(outputs.astype(np.float64), 0, 255) - target) ** 2)
     return float(10 * np.log10(255.0**2 / max(error, 1e-12)))
 
 

@@ -165,14 +165,17 @@ def annotate(
     detection, segmentation or super-resolution head, a graph output) is not quantized: the
     layer runs in float on dequantized int8 inputs and weights and keeps its full output
     precision."""
-    annotator = _Annotator(graph, scope, float_tensors, excluded)
-    annotator.float_heads = float_heads
-    return annotator.run()
+    return _Annotator(graph, scope, float_tensors, excluded, float_heads).run()
 
 
 class _Annotator:
     def __init__(
-        self, graph: gs.Graph, scope: Scope, float_tensors: set[str], excluded: frozenset[str]
+        self,
+        graph: gs.Graph,
+        scope: Scope,
+        float_tensors: set[str],
+        excluded: frozenset[str],
+        float_heads: bool = False,
     ) -> None:
         self.graph, self.scope, self.float_tensors, self.excluded = (
             graph,
@@ -184,7 +187,7 @@ class _Annotator:
         self.wanted: list[str] = []  # activation tensors, in discovery order
         self.graph_outputs = {t.name for t in graph.outputs}
         self.conv_outputs: set[str] = set()  # quantized even as graph outputs (QLinearConv)
-        self.float_heads = False
+        self.float_heads = float_heads
 
     def is_float_var(self, t: gs.Tensor) -> bool:
         return isinstance(t, gs.Variable) and t.name in self.float_tensors

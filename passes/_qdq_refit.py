@@ -73,46 +73,46 @@ def refit_quantized(
     the quantized model of the graph as it stands. Returns one record per layer and the new
     (W, b) of every refit layer, to replay on a copy of the graph with ``apply_solutions``."""
     solutions: Solutions = {}
-    linear = {id(n): LinearLayer.of(n) for n in layers}
-    records = [
-        {"layer": n.name, "refit": False, "reason": "not a linear layer"}
-        for n in layers
-        if linear[id(n)] is None
-    ]
-    candidates = [n for n in layers if linear[id(n)] is not None]
-    capture_teacher = TensorCapture(teacher, [n.outputs[0].name for n in candidates])
-    for wave in layer_waves(graph, [[n] for n in candidates]):
+    records: list[dict[str, Any]] = []
+    candidates: list[tuple[gs.Node, LinearLayer]] = []
+    for node in layers:
+        layer = LinearLayer.of(node)
+        if layer is None:
+            records.append({"layer": node.name, "refit": False, "reason": "not a linear layer"})
+        else:
+            candidates.append((node, layer))
+    capture_teacher = TensorCapture(teacher, [n.outputs[0].name for n, _ in candidates])
+    for wave in layer_waves(graph, [[n] for n, _ in candidates]):
         student = quantize(graph)
         taps: list[Tap] = []
-        for index in wave:
-            node, layer = candidates[index], linear[id(candidates[index])]
+        for node, layer in (candidates[i] for i in wave):
             source = _student_input(student, node.name)
-            if layer is None or source is None:
+            if source is None:
+                records.append({"layer": node.name, "refit": False, "reason": "not in the model"})
                 continue
-            dim = layer.matrix()[0].shape[0] + 1
+            inputs, outputs = layer.matrix()[0].shape
             taps.append(
                 Tap(
                     key=node.name,
                     student=source,
                     rows=RowsWithOnes(layer),
-                    dim=dim,
+                    dim=inputs + 1,
                     teacher=node.outputs[0].name,
-                    targets=Targets(layer, None, dim - 1),
-                    target_dim=layer.matrix()[0].shape[1],
+                    targets=Targets(layer, None, inputs),
+                    target_dim=outputs,
                 )
             )
         moments = collect_moments(student, capture_teacher, taps, batches())
-        for index in wave:
-            node = candidates[index]
-            layer = linear[id(node)]
-            if layer is not None and node.name in moments:
-                record, solution = _refit_layer(
-                    node, layer, moments[node.name], per_channel, reduce_range, damping
-                )
-                records.append(record)
-                if solution is not None:
-                    layer.write(graph, *solution)
-                    solutions[node.name] = solution
+        for node, layer in (candidates[i] for i in wave):
+            if node.name not in moments:
+                continue
+            record, solution = _refit_layer(
+                node, layer, moments[node.name], per_channel, reduce_range, damping
+            )
+            records.append(record)
+            if solution is not None:
+                layer.write(graph, *solution)
+                solutions[node.name] = solution
     return records, solutions
 
 

@@ -34,6 +34,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
 import onnx_graphsurgeon as gs
 from onnxpress.passes._qdq_annotate import DEFAULT_OPS, Annotation, Scope, annotate
 from onnxpress.passes._qdq_calibrate import (
@@ -76,6 +77,8 @@ from onnxpress.registry import register_pass
 __all__ = ["MetricInputs", "Qdq", "QdqOptions", "QualityMetric", "register_metric"]
 
 logger = logging.getLogger(__name__)
+
+Deltas = dict[str, np.ndarray]  # layer name -> bias shift (bias correction)
 
 # what method=auto tries, in order of preference on ties (entropy needs far more data)
 AUTO_METHODS = ("mse", "minmax", "percentile")
@@ -182,20 +185,19 @@ class Qdq(Pass[QdqOptions]):
         mixed = mixed_range_concats(graph, full, obs, symmetric, opts.concat_spread)
 
         def materialize(
-            target: gs.Graph, excluded: frozenset[str], method: str, correct: bool
+            target: gs.Graph, excluded: frozenset[str], method: str, deltas: Deltas
         ) -> tuple[Annotation, ConvertSummary, int]:
             ann = self._annotate(target, scope, floats, excluded | frozenset(mixed))
             ranges = tensor_ranges(full, obs, method, symmetric, opts.percentile, outputs)
-            deltas = all_deltas if correct else {}
             corrected = apply_bias_deltas(target, deltas, set(ann.quantized_nodes))
             summary = convert(target, ann, ranges, symmetric, opts.reduce_range)
             return ann, summary, corrected
 
         def build(
-            excluded: frozenset[str], method: str, correct: bool, source: gs.Graph | None = None
+            excluded: frozenset[str], method: str, deltas: Deltas, source: gs.Graph | None = None
         ) -> Any:
             candidate = (graph if source is None else source).copy()
-            materialize(candidate, excluded, method, correct)
+            materialize(candidate, excluded, method, deltas)
             return ctx.export(candidate)
 
         if opts.method == "auto":
@@ -204,43 +206,40 @@ class Qdq(Pass[QdqOptions]):
             settings = [(m, c) for m in AUTO_METHODS for c in corrections]
             choices = select_calibration(
                 settings,
-                lambda m, c: build(frozenset(), m, c),
+                lambda m, c: build(frozenset(), m, all_deltas if c else {}),
                 Evaluator(float_model, scoring, fidelity),
             )
             method, corrected_biases = choices[0].method, choices[0].bias_correction
             result.details.append({"auto": [vars(choice) for choice in choices]})
+        deltas: Deltas = all_deltas if corrected_biases else {}
         if opts.refit != "off":
             trial = graph.copy()
             records, solutions = refit_quantized(
                 trial,
                 [n for n in trial.nodes if n.name in full.quantized_nodes and n.op in LINEAR_OPS],
-                lambda g: build(frozenset(), method, False, g),
+                lambda g: build(frozenset(), method, {}, g),
                 float_model,
                 lambda: ctx.calibration.batches(opts.calibration_batches or None),
                 opts.per_channel,
                 opts.reduce_range,
             )
-            deltas = {}
+            refit_deltas: Deltas = {}
             if corrected_biases:  # the refit set exact biases; correct the other layers only
-                rest = bias_deltas(
-                    trial, self._annotate(trial, scope, floats, frozenset()), obs, opts.reduce_range
-                )
-                deltas = {k: v for k, v in rest.items() if k not in solutions}
+                annotated = self._annotate(trial, scope, floats, frozenset())
+                rest = bias_deltas(trial, annotated, obs, opts.reduce_range)
+                refit_deltas = {k: v for k, v in rest.items() if k not in solutions}
             keep, scores = bool(solutions), {}
             if opts.refit == "auto" and solutions:
-                judge = Evaluator(
-                    float_model, list(ctx.calibration.batches(opts.fallback_batches)), fidelity
-                )
-                scores["error_before"] = judge.drop(build(frozenset(), method, corrected_biases))[0]
-                kept_deltas, all_deltas = all_deltas, deltas
-                scores["error_after"] = judge.drop(
-                    build(frozenset(), method, corrected_biases, trial)
-                )[0]
-                all_deltas = kept_deltas
+                batches = list(ctx.calibration.batches(opts.fallback_batches))
+                judge = Evaluator(float_model, batches, fidelity)
+                scores["error_before"] = judge.drop(build(frozenset(), method, deltas))[0]
+                scores["error_after"] = judge.drop(build(frozenset(), method, refit_deltas, trial))[
+                    0
+                ]
                 keep = scores["error_after"] < scores["error_before"]
             if keep:
                 apply_solutions(graph, solutions)
-                all_deltas = deltas
+                deltas = refit_deltas
             result.count("layers_refit", len(solutions) if keep else 0)
             result.details.append({"refit": {"kept": keep, **scores, "layers": records}})
         fallback: FallbackResult | None = None
@@ -249,12 +248,12 @@ class Qdq(Pass[QdqOptions]):
             evaluator = Evaluator(float_model, batches, metric)
             fallback = greedy_fallback(
                 {k: v for k, v in full.quantized_nodes.items() if k not in mixed},
-                lambda excluded: build(excluded, method, corrected_biases),
+                lambda excluded: build(excluded, method, deltas),
                 evaluator,
                 opts.max_drop,
             )
         excluded = frozenset(fallback.excluded if fallback else ())
-        ann, summary, corrected = materialize(graph, excluded, method, corrected_biases)
+        ann, summary, corrected = materialize(graph, excluded, method, deltas)
         self._report(
             result, ann, summary, corrected, obs, fallback, opts, (method, corrected_biases)
         )

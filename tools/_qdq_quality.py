@@ -1,10 +1,8 @@
 """Held-out quality of a bundled model on onnxruntime, for the QDQ benchmark.
 
-Classifiers: top-1 accuracy and top-1 agreement with the float model; the sunspots GRU:
-RMSE; the digit detector: COCO-style mAP (IoU 0.50:0.95) and mAP@0.5 (``models/detection.py``);
-super-resolution: PSNR in dB.
-Every task also reports the relative L2 distance of the outputs from the float model's.
-The eval sets are read by ``models/evaluate.py`` so that the numbers match its own.
+The metrics are ``models/evaluate.py``'s (``scores``: accuracy, RMSE, mAP, PSNR), so the
+numbers match its own; against the float model's outputs this adds top-1 agreement
+(classifiers) and the relative L2 distance of the outputs.
 """
 
 from __future__ import annotations
@@ -43,23 +41,10 @@ def evaluate(model: onnx.ModelProto, name: str, reference: np.ndarray | None) ->
     ``reference``, also agreement (classifiers) and relative L2 distance."""
     inputs, data, task = eval_set(name)
     out = session(model, threads=2).run(None, {"input": inputs})[0]
-    result: dict[str, float] = {}
-    if task == "classification":
-        result["accuracy"] = float(np.mean(out.argmax(1) == data["labels"]))
-        if reference is not None:
-            result["agreement"] = float(np.mean(out.argmax(1) == reference.argmax(1)))
-    elif task == "super_resolution":
-        result["psnr"] = _evaluate_module().psnr(out, data["target"])
-    elif task == "detection":
-        scores = _evaluate_module()._detection().mean_average_precision(
-            out, data["boxes"], data["labels"]
-        )
-        result["map"], result["map50"] = scores["map"], scores["map50"]
-    else:
-        target = data["target"].astype(np.float64)
-        predicted = out.reshape(len(target)) * float(data["std"]) + float(data["mean"])
-        result["rmse"] = float(np.sqrt(np.mean((predicted - target) ** 2)))
+    result: dict[str, float] = _evaluate_module().scores(data, out)
     if reference is not None:
+        if task == "classification":
+            result["agreement"] = float(np.mean(out.argmax(1) == reference.argmax(1)))
         result["rel_l2"] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
     return result
 
