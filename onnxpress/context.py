@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxpress.calibration import CalibrationData
+from onnxpress.core.targets import Target, parse_targets
 from onnxpress.ir import to_model
 
 
@@ -33,6 +34,8 @@ class PassContext:
     original: onnx.ModelProto
     calibration: CalibrationData | None = None
     seed: int = 0
+    # the hardware the model must hold on (optimize --target); int8 passes read it
+    targets: tuple[Target, ...] = field(default_factory=lambda: parse_targets(None))
     _analyses: dict[type, Any] = field(default_factory=dict)
 
     def analysis(self, cls: type[AnalysisT], graph: gs.Graph) -> AnalysisT:

@@ -21,6 +21,9 @@ import onnx
 from onnxpress import io as model_io
 from onnxpress.calibration import CalibrationData
 from onnxpress.context import PassContext
+from onnxpress.core.emulated_runner import EmulatedRunner
+from onnxpress.core.int8_layers import integer_layers
+from onnxpress.core.targets import Target, arithmetics, parse_targets
 from onnxpress.errors import OnnxpressError, PassError, PipelineError, VerificationError
 from onnxpress.ir import copy_model, detach_removed_nodes, to_graph, to_model
 from onnxpress.pass_base import Pass, PassResult
@@ -76,10 +79,12 @@ class PassManager:
         calibration: CalibrationData | None = None,
         seed: int = 0,
         on_progress: ProgressCallback | None = None,
+        targets: tuple[Target, ...] | None = None,
     ) -> None:
         if not passes:
             raise PipelineError("empty pipeline")
         self.passes = passes
+        self.targets = targets or parse_targets(None)
         self.verify = verify or VerifyConfig()
         self.calibration = calibration
         self.seed = seed
@@ -99,7 +104,11 @@ class PassManager:
                 self.calibration, verification_data = self.calibration.split(self.verify.holdout)
         stats = model_stats(original)
         report = Report(
-            pipeline=format_pipeline(self.passes), before=stats, after=stats, verify_level=level
+            pipeline=format_pipeline(self.passes),
+            before=stats,
+            after=stats,
+            verify_level=level,
+            targets=[t.name for t in self.targets],
         )
         feeds: list[dict[str, np.ndarray]] = []
         reference: list[list[np.ndarray]] = []
@@ -112,7 +121,11 @@ class PassManager:
         previous = reference
         lossy_seen = False
         ctx = PassContext(
-            template=original, original=original, calibration=self.calibration, seed=self.seed
+            template=original,
+            original=original,
+            calibration=self.calibration,
+            seed=self.seed,
+            targets=self.targets,
         )
         graph = to_graph(copy_model(original))
         current = original
@@ -143,9 +156,13 @@ class PassManager:
                 except Exception as exc:
                     raise VerificationError(name, _first_line(exc)) from exc
             if level == "numeric":
+                # after a lossy pass the model runs as users run it: QDQ on integer kernels
+                optimized = lossy_seen or not pass_.lossless
                 try:
                     outputs = (
-                        previous if unchanged else run_all(verification_runner(current), feeds)
+                        previous
+                        if unchanged
+                        else run_all(verification_runner(current, optimized), feeds)
                     )
                 except Exception as exc:
                     raise VerificationError(
@@ -164,12 +181,31 @@ class PassManager:
                     )
                     cmp = compare_metric(output_names, reference, outputs, metric, budget)
                 outcome = VerifyOutcome(level, cmp.metric, cmp.value, cmp.limit, cmp.output)
+                hint = f"; {pass_.recovery_hint}" if pass_.recovery_hint else ""
                 if not cmp.ok:
                     raise VerificationError(
                         name,
                         f"output '{cmp.output}' differs from the original model: "
-                        f"{cmp.metric} {cmp.value:.3g} > {cmp.limit:.3g}",
+                        f"{cmp.metric} {cmp.value:.3g} > {cmp.limit:.3g}{hint}",
                     )
+                if not pass_.lossless and not unchanged:
+                    for target, judged in self._judge_targets(
+                        current, feeds, output_names, reference, metric, budget
+                    ).items():
+                        outcome.targets[target] = {
+                            "metric": judged.metric,
+                            "value": judged.value,
+                            "limit": judged.limit,
+                            "output": judged.output,
+                            "emulated": True,
+                        }
+                        if not judged.ok:
+                            raise VerificationError(
+                                name,
+                                f"output '{judged.output}' on {target} (its int8 arithmetic "
+                                f"emulated) differs from the original model: {judged.metric} "
+                                f"{judged.value:.3g} > {judged.limit:.3g}{hint}",
+                            )
                 previous = outputs
             after = report.after if unchanged else model_stats(current)
             report.passes.append(
@@ -189,6 +225,29 @@ class PassManager:
             self._progress("done", index, total, name)
         report.seconds = time.perf_counter() - started
         return current, report
+
+    def _judge_targets(
+        self,
+        model: onnx.ModelProto,
+        feeds: list[dict[str, np.ndarray]],
+        names: list[str],
+        reference: list[list[np.ndarray]],
+        metric: str,
+        budget: float | None,
+    ) -> dict[str, Any]:
+        """Per target, the comparison of the model's outputs under its emulated int8 kernels."""
+        if not integer_layers(model):
+            return {}
+        judged: dict[str, Any] = {}
+        for arithmetic, targets in arithmetics(self.targets).items():
+            try:
+                outputs = run_all(EmulatedRunner(model, arithmetic), feeds)
+            except Exception as exc:  # the emulation is ours: a failure is our bug
+                logger.warning("int8 emulation (%s) failed: %s", arithmetic, exc)
+                continue
+            cmp = compare_metric(names, reference, outputs, metric, budget)
+            judged.update(dict.fromkeys(targets, cmp))
+        return judged
 
     def _run_pass(self, pass_: Pass[Any], graph: Any, ctx: PassContext) -> PassResult:
         try:
@@ -247,9 +306,8 @@ def bisect(
             cmp = compare_lossless(runner.output_names, reference, outputs, verify.tolerance)
         else:
             metric = verify.metric or lossy[0].metric
-            budget = (
-                verify.budget if verify.budget is not None else max(p.default_budget for p in lossy)
-            )
+            budgets = [p.default_budget for p in lossy if p.default_budget is not None]
+            budget = verify.budget if verify.budget is not None else max(budgets, default=None)
             cmp = compare_metric(runner.output_names, reference, outputs, metric, budget)
         logger.info("bisect: prefix of %d passes: %s %.3g", prefix, cmp.metric, cmp.value)
         return not cmp.ok

@@ -79,7 +79,8 @@ class Pass(Generic[OptionsT]):
     options_type: ClassVar[type] = NoOptions
     lossless: ClassVar[bool] = True
     metric: ClassVar[str] = "rel-l2"
-    default_budget: ClassVar[float] = 0.05
+    default_budget: ClassVar[float | None] = 0.05  # None: the metric's own (task)
+    recovery_hint: ClassVar[str] = ""  # what to try when the result misses its budget
     preserves: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, options: OptionsT | None = None) -> None:

@@ -20,6 +20,8 @@ class VerifyOutcome:
     value: float | None = None
     limit: float | None = None
     output: str | None = None
+    # target -> the same judgement under that target's emulated integer arithmetic
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -28,6 +30,7 @@ class VerifyOutcome:
             "value": self.value,
             "limit": self.limit,
             "output": self.output,
+            "targets": self.targets,
         }
 
 
@@ -65,6 +68,7 @@ class Report:
     output_path: str | None = None
     verify_level: str = "numeric"
     seconds: float = 0.0
+    targets: list[str] = field(default_factory=list)  # the hardware the model was verified for
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +76,7 @@ class Report:
             "output": self.output_path,
             "pipeline": self.pipeline,
             "verify": self.verify_level,
+            "targets": self.targets,
             "seconds": round(self.seconds, 6),
             "before": self.before.to_json(),
             "after": self.after.to_json(),

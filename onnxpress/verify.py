@@ -22,6 +22,7 @@ from onnx import helper
 
 from onnxpress import io as model_io
 from onnxpress.calibration import Batch, CalibrationData
+from onnxpress.core.task_metric import concatenated, task_score
 from onnxpress.ir import copy_model
 from onnxpress.partition import CHUNK_NODES, NotPartitionable, PartitionedRunner
 
@@ -56,6 +57,11 @@ METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], str]] = {
     "rel-l2": (_rel_l2, "relative L2 error of each output, worst output"),
     "max-rel": (_max_rel, "max absolute error over the output's max magnitude"),
     "top1": (_top1_disagreement, "fraction of argmax (last axis) predictions that changed"),
+    "task": (
+        lambda ref, new: task_score(ref, new).value,
+        "per output, its task's yardstick: top-1 agreement, embedding rank agreement, or "
+        "noise-to-signal ratio (onnxpress.core.task_metric)",
+    ),
 }
 
 
@@ -96,11 +102,16 @@ def check_structure(model: onnx.ModelProto) -> None:
 
 
 class Runner:
-    """An onnxruntime session over a ModelProto, with graph optimizations off."""
+    """An onnxruntime session over a ModelProto: graph optimizations off, or with
+    ``optimized`` at onnxruntime's default level, as users run it (QDQ on integer kernels)."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, optimized: bool = False) -> None:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if optimized
+            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
         options.log_severity_level = 3
         options.intra_op_num_threads = min(4, os.cpu_count() or 1)
         # A session here runs a few feeds once each. The memory pattern is planned on the
@@ -179,7 +190,9 @@ def verification_inputs(
     return random_inputs(model, seed)
 
 
-def verification_runner(model: onnx.ModelProto) -> Runner | PartitionedRunner:
+def verification_runner(
+    model: onnx.ModelProto, optimized: bool = False
+) -> Runner | PartitionedRunner:
     """A Runner, or for very large graphs a PartitionedRunner with the same outputs.
 
     onnxruntime's session creation is superlinear in graph size; chunking keeps the
@@ -190,13 +203,15 @@ def verification_runner(model: onnx.ModelProto) -> Runner | PartitionedRunner:
         and model.ByteSize() <= model_io.EXTERNAL_DATA_THRESHOLD
     ):
         try:
-            return PartitionedRunner(model, Runner, chunk_nodes=CHUNK_NODES)
+            return PartitionedRunner(model, lambda m: Runner(m, optimized), chunk_nodes=CHUNK_NODES)
         except NotPartitionable as exc:
             logger.debug("running the model in one session: %s", exc)
-    return Runner(model)
+    return Runner(model, optimized)
 
 
-def run_all(runner: Runner | PartitionedRunner, feeds: list[Batch]) -> list[list[np.ndarray]]:
+def run_all(
+    runner: Callable[[Batch], list[np.ndarray]], feeds: list[Batch]
+) -> list[list[np.ndarray]]:
     return [runner(feed) for feed in feeds]
 
 
@@ -230,13 +245,41 @@ def compare_lossless(
     return worst
 
 
+def compare_task(
+    names: list[str],
+    reference: list[list[np.ndarray]],
+    candidate: list[list[np.ndarray]],
+    budget: float | None,
+) -> Comparison:
+    """The output furthest over (or nearest to) its task budget, all batches together."""
+    worst: tuple[float, Comparison] | None = None
+    for index, name in enumerate(names):
+        ref, new = concatenated(reference, index), concatenated(candidate, index)
+        pairs = (
+            [(ref, new)]
+            if ref is not None and new is not None and ref.shape == new.shape
+            else [(r[index], n[index]) for r, n in zip(reference, candidate, strict=True)]
+        )
+        for r, n in pairs:
+            if r.shape != n.shape:
+                return Comparison("shape", float("inf"), f"{name} {r.shape} vs {n.shape}", 0.0)
+            score = task_score(r, n, budget)
+            if worst is None or score.ratio > worst[0]:
+                worst = (score.ratio, Comparison(score.kind, score.value, name, score.budget))
+    return worst[1] if worst else Comparison("task", 0.0, "", budget or 0.0)
+
+
 def compare_metric(
     names: list[str],
     reference: list[list[np.ndarray]],
     candidate: list[list[np.ndarray]],
     metric: str,
-    budget: float,
+    budget: float | None,
 ) -> Comparison:
+    if metric == "task":
+        return compare_task(names, reference, candidate, budget)
+    if budget is None:
+        raise ValueError(f"metric {metric} needs a budget")
     fn = METRICS[metric][0]
     worst = Comparison(metric, 0.0, "", budget)
     for ref_outs, new_outs in zip(reference, candidate, strict=True):

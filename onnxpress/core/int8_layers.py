@@ -35,6 +35,7 @@ class Quantized:
     axis: int | None  # per-channel axis, None per tensor
     dtype: np.dtype
     value: np.ndarray | None = None  # the 8-bit values when constant
+    scale_name: str = ""  # the scale tensor DequantizeLinear reads
 
 
 @dataclass
@@ -44,6 +45,7 @@ class IntegerLayer:
     weight: Quantized
     bias_int32: np.ndarray | None = None  # a DequantizeLinear'd int32 bias (scale sx*sw)
     bias_float: np.ndarray | None = None  # a float bias (Gemm C, or a float Conv bias)
+    bias: Quantized | None = None  # the int32 bias's DequantizeLinear input, if any
     attributes: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -97,7 +99,9 @@ def _quantized(
     else:
         zero = np.zeros(scale.shape, dtype)
     axis = next((int(a.i) for a in dq.attribute if a.name == "axis"), 1)
-    return Quantized(dq.input[0], scale, zero, axis if scale.ndim else None, dtype, value)
+    return Quantized(
+        dq.input[0], scale, zero, axis if scale.ndim else None, dtype, value, dq.input[1]
+    )
 
 
 def integer_layers(model: onnx.ModelProto) -> list[IntegerLayer]:
@@ -147,6 +151,7 @@ def integer_layers(model: onnx.ModelProto) -> list[IntegerLayer]:
                 if bias is None or bias.value is None:
                     continue
                 layer.bias_int32 = bias.value.astype(np.int64)
+                layer.bias = bias
             elif node.input[2] in constants:
                 layer.bias_float = constants[node.input[2]].astype(np.float32)
             else:
