@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpress.calibration import CalibrationData
-from onnxpress.io import load_model
-from onnxpress.ir import ensure_acyclic_sorted
-from onnxpress.manager import PassManager, ProgressCallback, VerifyConfig
-from onnxpress.pass_base import Pass
-from onnxpress.pipeline import DEFAULT_LOSSLESS, DEFAULT_WITH_CALIBRATION, parse_pipeline
-from onnxpress.report import Report
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.io import load_model
+from onnxpress.core.ir import ensure_acyclic_sorted
+from onnxpress.core.manager import PassManager, ProgressCallback, VerifyConfig
+from onnxpress.core.pass_base import Pass
+from onnxpress.core.pipeline import DEFAULT_LOSSLESS, DEFAULT_WITH_CALIBRATION, parse_pipeline
+from onnxpress.core.report import Report
 
 CalibrationLike = (
     CalibrationData | str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | None
@@ -45,7 +45,7 @@ def prepare_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx
         source = str(model)
         loaded = load_model(model)
     ensure_acyclic_sorted(loaded, source)
-    from onnxpress.errors import InvalidModelError
+    from onnxpress.core.errors import InvalidModelError
 
     try:
         onnx.checker.check_model(loaded, full_check=False)

@@ -6,13 +6,13 @@ from onnxpress.passes import (
     equalize,
     fold_batchnorm,
     fold_constants,
-    fuse_gru,
-    lower_gru,
     prune_channels,
     qdq,
     svd,
     toposort,
 )
+from onnxpress.passes.gru import fuse as fuse_gru
+from onnxpress.passes.gru import lower as lower_gru
 
 __all__ = [
     "cleanup",

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from onnxpress.pipeline import load_recipe, parse_pipeline
+from onnxpress.core.pipeline import load_recipe, parse_pipeline
 
 
 def _make_recipe(target: str) -> list[str]:

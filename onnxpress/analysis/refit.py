@@ -28,9 +28,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
-from onnxpress.activations import Moments, regularized_cholesky, with_outputs
-from onnxpress.calibration import Batch
-from onnxpress.verify import Runner
+from onnxpress.calibration.activations import Moments, regularized_cholesky, with_outputs
+from onnxpress.core.calibration_data import Batch
+from onnxpress.core.verify import Runner
 
 logger = logging.getLogger(__name__)
 

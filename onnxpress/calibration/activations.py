@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpress.calibration import Batch
-from onnxpress.ir import copy_model
-from onnxpress.verify import Runner
+from onnxpress.core.calibration_data import Batch
+from onnxpress.core.ir import copy_model
+from onnxpress.core.verify import Runner
 
 logger = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from onnxpress.errors import CalibrationError, OnnxpressError
-from onnxpress.render import render_report, table
+from onnxpress.core.errors import CalibrationError, OnnxpressError
+from onnxpress.report.render import render_report, table
 
 if TYPE_CHECKING:
-    from onnxpress.tvm_tune import TuneOptions, TuningProgress
+    from onnxpress.backends.tvm.tune import TuneOptions, TuningProgress
 
 
 class OutputMismatchError(OnnxpressError):
@@ -59,8 +59,8 @@ class TrialBar:
 
 
 def _tune_options(args: argparse.Namespace) -> TuneOptions | None:
-    from onnxpress.tvm_rpc import parse_rpc
-    from onnxpress.tvm_tune import TuneOptions, TuningError, default_database
+    from onnxpress.backends.tvm.rpc import parse_rpc
+    from onnxpress.backends.tvm.tune import TuneOptions, TuningError, default_database
 
     rpc = parse_rpc(args.rpc) if args.rpc else None
     if not args.tune_trials:
@@ -98,9 +98,9 @@ def _tuning_line(tuning: dict[str, Any]) -> str:
 
 
 def compile_command(args: argparse.Namespace) -> int:
-    from onnxpress.tvm_backend import compile_model, require_tvm
-    from onnxpress.tvm_prepare import parse_input_shapes
-    from onnxpress.tvm_targets import parse_target
+    from onnxpress.backends.tvm.backend import compile_model, require_tvm
+    from onnxpress.backends.tvm.prepare import parse_input_shapes
+    from onnxpress.backends.tvm.targets import parse_target
 
     shapes = parse_input_shapes(args.input_shape)
     spec = parse_target(args.target)
@@ -162,7 +162,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from onnxpress.tvm_runtime import (
+    from onnxpress.backends.tvm.runtime import (
         compare_outputs,
         load_manifest,
         reference_outputs,

@@ -18,16 +18,16 @@ from typing import Any
 
 from onnxpress import __version__
 from onnxpress.api import default_pipeline, prepare_model
-from onnxpress.calibration import CalibrationData
-from onnxpress.errors import ModelSaveError, OnnxpressError, PipelineError, VerificationError
-from onnxpress.io import same_file, save_model
-from onnxpress.manager import PassManager, VerifyConfig, bisect
-from onnxpress.options import describe_type, option_fields
-from onnxpress.pipeline import load_recipe, parse_pipeline
-from onnxpress.registry import all_passes, load_plugin_file
-from onnxpress.render import Progress, human, render_report, table
-from onnxpress.stats import describe_io, model_stats
-from onnxpress.verify import METRICS
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.errors import ModelSaveError, OnnxpressError, PipelineError, VerificationError
+from onnxpress.core.io import same_file, save_model
+from onnxpress.core.manager import PassManager, VerifyConfig, bisect
+from onnxpress.core.options import describe_type, option_fields
+from onnxpress.core.pipeline import load_recipe, parse_pipeline
+from onnxpress.core.registry import all_passes, load_plugin_file
+from onnxpress.core.stats import describe_io, model_stats
+from onnxpress.core.verify import METRICS
+from onnxpress.report.render import Progress, human, render_report, table
 
 logger = logging.getLogger("onnxpress")
 
@@ -207,11 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "distill":
             return _distill(args)
         if args.command == "compile":
-            from onnxpress.tvm_cli import compile_command
+            from onnxpress.cli.compile import compile_command
 
             return compile_command(args)
         if args.command == "run":
-            from onnxpress.tvm_cli import run_command
+            from onnxpress.cli.compile import run_command
 
             return run_command(args)
     except KeyboardInterrupt:
@@ -305,7 +305,7 @@ def _optimize(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from onnxpress.distill import DistillOptions, distill, require_torch
+    from onnxpress.train.distill import DistillOptions, distill, require_torch
 
     pairs: list[tuple[str, str]] = []
     for item in (args.feature_loss or "").split(","):

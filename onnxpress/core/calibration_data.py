@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxpress.errors import CalibrationError
+from onnxpress.core.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxpress.calibration import CalibrationData
-from onnxpress.ir import to_model
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.ir import to_model
 
 
 class Analysis(Protocol):

@@ -20,7 +20,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-from onnxpress.errors import ModelLoadError, ModelSaveError
+from onnxpress.core.errors import ModelLoadError, ModelSaveError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxpress.errors import InvalidModelError
+from onnxpress.core.errors import InvalidModelError
 
 logger = logging.getLogger(__name__)
 

@@ -18,16 +18,16 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from onnxpress import io as model_io
-from onnxpress.calibration import CalibrationData
-from onnxpress.context import PassContext
-from onnxpress.errors import OnnxpressError, PassError, PipelineError, VerificationError
-from onnxpress.ir import copy_model, detach_removed_nodes, to_graph, to_model
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.pipeline import format_pipeline
-from onnxpress.report import PassRecord, Report, VerifyOutcome
-from onnxpress.stats import model_stats
-from onnxpress.verify import (
+from onnxpress.core import io as model_io
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.context import PassContext
+from onnxpress.core.errors import OnnxpressError, PassError, PipelineError, VerificationError
+from onnxpress.core.ir import copy_model, detach_removed_nodes, to_graph, to_model
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.pipeline import format_pipeline
+from onnxpress.core.report import PassRecord, Report, VerifyOutcome
+from onnxpress.core.stats import model_stats
+from onnxpress.core.verify import (
     LOSSLESS_TOLERANCE,
     METRICS,
     check_structure,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
-    from onnxpress.context import PassContext
+    from onnxpress.core.context import PassContext
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class Pass(Generic[OptionsT]):
       * ``options_type``: a frozen dataclass whose fields are the pass's options;
       * ``lossless``: True when the rewrite preserves outputs up to float rounding;
       * ``metric``/``default_budget``: for lossy passes, how the verifier judges the output
-        against the original model (see ``onnxpress.verify.METRICS``);
+        against the original model (see ``onnxpress.core.verify.METRICS``);
       * ``preserves``: analysis classes whose cached results remain valid after the pass;
     and implement ``run``. The first line of the class docstring is the pass description.
     """
@@ -95,7 +95,7 @@ class Pass(Generic[OptionsT]):
 
     def spec(self) -> str:
         """The pipeline text that recreates this pass with its options."""
-        from onnxpress.options import format_options
+        from onnxpress.core.options import format_options
 
         text = format_options(self.options)
         return f"{self.name}{{{text}}}" if text else self.name

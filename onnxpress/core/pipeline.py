@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxpress.errors import PipelineError, PluginError
-from onnxpress.options import build_options, parse_option_text, split_top_level
-from onnxpress.pass_base import Pass
-from onnxpress.registry import get_pass
+from onnxpress.core.errors import PipelineError, PluginError
+from onnxpress.core.options import build_options, parse_option_text, split_top_level
+from onnxpress.core.pass_base import Pass
+from onnxpress.core.registry import get_pass
 
 if sys.version_info >= (3, 11):
     import tomllib

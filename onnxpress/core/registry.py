@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from onnxpress.errors import PluginError
-from onnxpress.pass_base import Pass
+from onnxpress.core.errors import PluginError
+from onnxpress.core.pass_base import Pass
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxpress.pass_base import PassResult
-from onnxpress.stats import ModelStats
+from onnxpress.core.pass_base import PassResult
+from onnxpress.core.stats import ModelStats
 
 
 @dataclass

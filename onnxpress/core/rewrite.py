@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
-    from onnxpress.context import PassContext
-    from onnxpress.pass_base import PassResult
+    from onnxpress.core.context import PassContext
+    from onnxpress.core.pass_base import PassResult
 
 logger = logging.getLogger(__name__)
 

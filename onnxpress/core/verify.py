@@ -20,10 +20,10 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from onnxpress import io as model_io
-from onnxpress.calibration import Batch, CalibrationData
-from onnxpress.ir import copy_model
-from onnxpress.partition import CHUNK_NODES, NotPartitionable, PartitionedRunner
+from onnxpress.core import io as model_io
+from onnxpress.core.calibration_data import Batch, CalibrationData
+from onnxpress.core.ir import copy_model
+from onnxpress.core.partition import CHUNK_NODES, NotPartitionable, PartitionedRunner
 
 logger = logging.getLogger(__name__)
 

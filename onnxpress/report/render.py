@@ -10,8 +10,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from onnxpress.report import Report
-from onnxpress.stats import ModelStats
+from onnxpress.core.report import Report
+from onnxpress.core.stats import ModelStats
 
 
 def human(n: float, unit: str = "") -> str:

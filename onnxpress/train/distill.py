@@ -4,7 +4,7 @@
 
 for classification outputs (last axis ≥ 2) and MSE to the teacher for regression outputs.
 The teacher runs once per sample on onnxruntime (cached); the student runs in torch through
-``onnxpress.torch_convert`` (QDQ pairs as fake-quant with a straight-through estimator, so
+``onnxpress.train.torch_convert`` (QDQ pairs as fake-quant with a straight-through estimator, so
 a quantized student is trained quantization-aware and its scales can be learned). A seeded
 held-out split picks the best epoch (the untuned student counts as epoch 0, so the result is
 never worse on it) and stops early. The tuned values are written back into the same graph:
@@ -25,11 +25,11 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxpress.analysis.refit import TensorCapture
 from onnxpress.api import prepare_model
-from onnxpress.calibration import CalibrationData
-from onnxpress.errors import CalibrationError, OnnxpressError, VerificationError
-from onnxpress.refit import TensorCapture
-from onnxpress.verify import METRICS, Runner, check_structure
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.errors import CalibrationError, OnnxpressError, VerificationError
+from onnxpress.core.verify import METRICS, Runner, check_structure
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def distill(
     loss. Settings are DistillOptions fields (``epochs=5, lr=1e-3``) or ``options``.
     """
     torch = require_torch()
-    from onnxpress.distill_loop import train
+    from onnxpress.train.distill_loop import train
 
     opts = options if options is not None else DistillOptions(**settings)
     started = time.perf_counter()

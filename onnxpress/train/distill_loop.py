@@ -1,6 +1,6 @@
 """The distillation training loop: split, minibatch Adam, early stopping, write-back.
 
-Called by ``onnxpress.distill.distill`` inside its deterministic torch settings. Shuffling
+Called by ``onnxpress.train.distill.distill`` inside its deterministic torch settings. Shuffling
 uses a private seeded ``torch.Generator``; nothing else is random. The held-out loss is
 measured before training (epoch 0) and after each epoch; the best state is restored, so a
 run that does not help returns the student's own weights.
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpress.distill import DistillOptions, DistillProgress, DistillReport, distill_loss
-from onnxpress.verify import Runner
+from onnxpress.core.verify import Runner
+from onnxpress.train.distill import DistillOptions, DistillProgress, DistillReport, distill_loss
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def train(
     options: DistillOptions,
     on_progress: DistillProgress | None,
 ) -> tuple[onnx.ModelProto, DistillReport]:
-    from onnxpress.torch_convert import convert, write_back
+    from onnxpress.train.torch_convert import convert, write_back
 
     module = convert(student, options.learn_scales)
     features = [s for s, _ in options.feature_losses]

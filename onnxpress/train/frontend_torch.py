@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpress.errors import InvalidModelError, VerificationError
-from onnxpress.verify import Runner, check_structure
+from onnxpress.core.errors import InvalidModelError, VerificationError
+from onnxpress.core.verify import Runner, check_structure
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def export(
 
     ``tolerance`` bounds max|ort - torch| / max(1, max|torch|) per output.
     """
-    from onnxpress.distill import require_torch
+    from onnxpress.train.distill import require_torch
 
     torch = require_torch()
     if not 7 <= opset <= 21:

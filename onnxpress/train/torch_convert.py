@@ -6,7 +6,7 @@ integer constants (shapes, axes, zero points), BatchNormalization statistics and
 stay buffers. QuantizeLinear/DequantizeLinear become fake-quant with a straight-through
 estimator for round(): a DequantizeLinear of an int8 weight trains a float latent weight
 (re-quantized on write-back) and, with ``learn_scales``, the scales are parameters too.
-Op semantics live in ``onnxpress.torch_ops`` and ``torch_ops_qdq``; an op without a handler is an error listing
+Op semantics live in ``onnxpress.train.torch_ops`` and ``torch_ops_qdq``; an op without a handler is an error listing
 every unsupported op of the graph. torch is imported only by callers that need it.
 """
 
@@ -21,10 +21,10 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from onnxpress import torch_ops, torch_ops_qdq
-from onnxpress.errors import InvalidModelError
-from onnxpress.torch_ops import NodeArgs
-from onnxpress.torch_ops_qdq import qrange
+from onnxpress.core.errors import InvalidModelError
+from onnxpress.train import torch_ops, torch_ops_qdq
+from onnxpress.train.torch_ops import NodeArgs
+from onnxpress.train.torch_ops_qdq import qrange
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Torch implementations of ONNX ops for ``onnxpress.torch_convert``: one function per op type.
+"""Torch implementations of ONNX ops for ``onnxpress.train.torch_convert``: one function per op type.
 
 Each handler takes a ``NodeArgs`` (input tensors, attributes) and returns the node's
 outputs. Shapes, axes and other integer inputs arrive as integer tensors and are read with

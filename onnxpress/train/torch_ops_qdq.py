@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from onnxpress.torch_ops import Handler, NodeArgs, Tensor
+from onnxpress.train.torch_ops import Handler, NodeArgs, Tensor
 
 _QRANGES = {
     "uint8": (0, 255),

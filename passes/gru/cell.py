@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes._gru_graph import (
+from onnxpress.passes.gru.graph import (
     ELEMENTWISE,
     PROJECTIONS,
     SLICING,

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes._gru_cell import CellMatch
-from onnxpress.passes._gru_graph import PROJECTIONS, GraphIndex, TensorTypes, producer
+from onnxpress.passes.gru.cell import CellMatch
+from onnxpress.passes.gru.graph import PROJECTIONS, GraphIndex, TensorTypes, producer
 
-from onnxpress.ir import unique_name
+from onnxpress.core.ir import unique_name
 
 
 def _axes(index: GraphIndex, node: gs.Node) -> list[int] | None:

@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
-from onnxpress.passes._gru_cell import CellMatch, cell_signature, match_cell, near_gate
-from onnxpress.passes._gru_emit import (
+from onnxpress.passes.gru.cell import CellMatch, cell_signature, match_cell, near_gate
+from onnxpress.passes.gru.emit import (
     Emitter,
     gate_order,
     is_zero,
@@ -34,14 +34,14 @@ from onnxpress.passes._gru_emit import (
     sequence_input,
     stacked_concat,
 )
-from onnxpress.passes._gru_graph import GraphIndex, TensorTypes, tensor_types
-from onnxpress.passes._gru_probe import CellSpec, GruWeights, probe_weights, self_check
+from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
+from onnxpress.passes.gru.probe import CellSpec, GruWeights, probe_weights, self_check
 
-from onnxpress.context import PassContext
-from onnxpress.ir import unique_name
-from onnxpress.pass_base import Pass, PassResult, Refusal
-from onnxpress.registry import register_pass
-from onnxpress.rewrite import Rule, apply_rule, rule_node_name
+from onnxpress.core.context import PassContext
+from onnxpress.core.ir import unique_name
+from onnxpress.core.pass_base import Pass, PassResult, Refusal
+from onnxpress.core.registry import register_pass
+from onnxpress.core.rewrite import Rule, apply_rule, rule_node_name
 
 logger = logging.getLogger(__name__)
 

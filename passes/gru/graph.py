@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxpress.ir import constant_value
+from onnxpress.core.ir import constant_value
 
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Neg"})
 SLICING = frozenset({"Split", "Slice", "Gather", "Squeeze", "Unsqueeze", "Reshape", "Identity"})

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxpress.verify import Runner
+from onnxpress.core.verify import Runner
 
 RANDOM_ROWS = 6
 FIT_TOLERANCE = 1e-4  # relative to max(1, |pre-activation|): float32 probing noise is ~1e-6

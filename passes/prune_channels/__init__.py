@@ -5,15 +5,15 @@ input channels, where the input's channels were pruned upstream); Gemm / MatMul 
 units (a transformer FFN's neurons) and GRU hidden units likewise. The model gets smaller
 in MACs and bytes; nothing is masked with zeros.
 
-Channels coupled through the graph form one group (``onnxpress.channel_groups``: residual
+Channels coupled through the graph form one group (``onnxpress.analysis.channels.groups``: residual
 Adds, Concat, depthwise and grouped Convs, Flatten into a Gemm, Split, GRU, ...) and are
 pruned together; a group the analysis cannot prove safe is refused with its reasons. Per
 group a criterion scores the channels (l1, l2, bn-gamma, activation, reconstruction;
-``passes/_prune_importance.py``) and the best ``count`` are kept, where ``count`` comes from
+``passes/prune_channels/importance.py``) and the best ``count`` are kept, where ``count`` comes from
 ``ratio`` (uniform) or from ``macs``, the fraction of the model's MACs to keep, spread by
 measured sensitivity on calibration data (or one uniform ratio). With calibration data each
 layer that lost input channels is then refit by least squares to the teacher's output of
-that layer (``passes/_prune_refit.py``).
+that layer (``passes/prune_channels/refit.py``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxpress.passes._prune_data import mean_abs_scores, sensitivity_curves, thinet_scores
-from onnxpress.passes._prune_importance import (
+from onnxpress.passes.prune_channels.data import mean_abs_scores, sensitivity_curves, thinet_scores
+from onnxpress.passes.prune_channels.importance import (
     MacModel,
     count_for_ratio,
     gamma_scores,
@@ -36,13 +36,13 @@ from onnxpress.passes._prune_importance import (
     uniform_counts,
     weight_norms,
 )
-from onnxpress.passes._prune_refit import refit_consumers
-from onnxpress.passes._prune_rewrite import Pruner
+from onnxpress.passes.prune_channels.refit import refit_consumers
+from onnxpress.passes.prune_channels.rewrite import Pruner
 
-from onnxpress.channel_groups import ChannelGroup, ChannelGroups, node_key
-from onnxpress.context import PassContext
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.registry import register_pass
+from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups, node_key
+from onnxpress.core.context import PassContext
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

@@ -15,21 +15,21 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxpress.passes._prune_importance import (
+from onnxpress.passes.prune_channels.importance import (
     contribution_gram,
     greedy_removal_scores,
     keep_top,
     to_group,
 )
-from onnxpress.passes._prune_refit import LinearLayer, refit_consumers
-from onnxpress.passes._prune_rewrite import Pruner
+from onnxpress.passes.prune_channels.refit import LinearLayer, refit_consumers
+from onnxpress.passes.prune_channels.rewrite import Pruner
 
-from onnxpress.activations import stream_activations
-from onnxpress.calibration import Batch
-from onnxpress.channel_groups import ChannelGroup, ChannelGroups
-from onnxpress.ir import to_graph, to_model
-from onnxpress.refit import Tap, collect_moments
-from onnxpress.verify import Runner
+from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
+from onnxpress.analysis.refit import Tap, collect_moments
+from onnxpress.calibration.activations import stream_activations
+from onnxpress.core.calibration_data import Batch
+from onnxpress.core.ir import to_graph, to_model
+from onnxpress.core.verify import Runner
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxpress.channel_groups import ChannelGroup, ChannelGroups, Layout
-from onnxpress.channel_trace import constant_array
-from onnxpress.stats import infer_shapes, node_macs
+from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups, Layout
+from onnxpress.analysis.channels.trace import constant_array
+from onnxpress.core.stats import infer_shapes, node_macs
 
 
 def to_group(groups: ChannelGroups, layout: Layout, group: int, values: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 A layer that lost input channels is refit on calibration data: with x its input rows in the
 pruned student (im2col patches for a Conv) and y the original teacher's output of the same
 layer at the kept output channels, [W; b] = argmin ‖[x, 1]·[W; b] − y‖² + λ‖[W; b] − [W₀; b₀]‖²
-from streamed normal equations (``onnxpress.refit``: XᵀX and XᵀY, one batch at a time).
+from streamed normal equations (``onnxpress.analysis.refit``: XᵀX and XᵀY, one batch at a time).
 Layers are refit in topological order, each on the student as refit so far, so later layers
 also absorb the error of earlier ones. The bias column absorbs the mean that removed channels
 (and the BatchNormalization shift behind them) contributed.
@@ -24,22 +24,22 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxpress.calibration import Batch
-from onnxpress.channel_groups import ChannelGroups, node_key
-from onnxpress.channel_trace import constant_array, topological_nodes
-from onnxpress.ir import to_model, unique_name
-from onnxpress.refit import Tap, collect_moments, refit_right, squared_output_error
-from onnxpress.refit import conv_patches as patches_of
-from onnxpress.stats import infer_shapes
+from onnxpress.analysis.channels.groups import ChannelGroups, node_key
+from onnxpress.analysis.channels.trace import constant_array, topological_nodes
+from onnxpress.analysis.refit import Tap, collect_moments, refit_right, squared_output_error
+from onnxpress.analysis.refit import conv_patches as patches_of
+from onnxpress.core.calibration_data import Batch
+from onnxpress.core.ir import to_model, unique_name
+from onnxpress.core.stats import infer_shapes
 
 if TYPE_CHECKING:
-    from onnxpress.passes._prune_rewrite import Pruner
+    from onnxpress.passes.prune_channels.rewrite import Pruner
 
 ROWS_PER_BATCH = 4096  # im2col rows kept per calibration batch (evenly strided)
 
 
 def conv_patches(x: np.ndarray, node: gs.Node, kernel: list[int]) -> np.ndarray:
-    """im2col for ``node``'s attributes (onnxpress.refit.conv_patches)."""
+    """im2col for ``node``'s attributes (onnxpress.analysis.refit.conv_patches)."""
     dims = len(kernel)
     return patches_of(
         x,

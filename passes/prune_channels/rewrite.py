@@ -27,9 +27,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.channel_groups import ChannelGroups, node_key
-from onnxpress.channel_trace import constant_array
-from onnxpress.ir import unique_name
+from onnxpress.analysis.channels.groups import ChannelGroups, node_key
+from onnxpress.analysis.channels.trace import constant_array
+from onnxpress.core.ir import unique_name
 
 Handler = Callable[["Pruner", gs.Node], bool]
 

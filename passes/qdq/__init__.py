@@ -11,7 +11,7 @@
 2. observe (``_qdq_calibrate``): stream the float model over the calibration batches into
    fixed-size observers (memory does not grow with the number of batches);
 3. calibrate: one clipping range per tensor by ``method`` (minmax, percentile, entropy, mse;
-   see ``onnxpress.observers``), unioned over tensors that share parameters; ``auto`` (the
+   see ``onnxpress.calibration.observers``), unioned over tensors that share parameters; ``auto`` (the
    default) quantizes with minmax, percentile and mse, each with and without bias
    correction, and keeps the one whose outputs on calibration batches are closest to the
    float model's (relative L2);
@@ -36,8 +36,8 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes._qdq_annotate import DEFAULT_OPS, Annotation, Scope, annotate
-from onnxpress.passes._qdq_calibrate import (
+from onnxpress.passes.qdq.annotate import DEFAULT_OPS, Annotation, Scope, annotate
+from onnxpress.passes.qdq.calibrate import (
     Observations,
     add_zero_biases,
     apply_bias_deltas,
@@ -48,14 +48,14 @@ from onnxpress.passes._qdq_calibrate import (
     observe,
     tensor_ranges,
 )
-from onnxpress.passes._qdq_convert import ConvertSummary, convert
-from onnxpress.passes._qdq_prepare import (
+from onnxpress.passes.qdq.convert import ConvertSummary, convert
+from onnxpress.passes.qdq.prepare import (
     decompose_hardswish,
     detach_dead_nodes,
     name_nodes,
     upgrade_opset,
 )
-from onnxpress.passes._qdq_recover import (
+from onnxpress.passes.qdq.recover import (
     Evaluator,
     FallbackResult,
     MetricInputs,
@@ -66,13 +66,13 @@ from onnxpress.passes._qdq_recover import (
     register_metric,
     select_calibration,
 )
-from onnxpress.passes._qdq_refit import LINEAR_OPS, apply_solutions, refit_quantized
+from onnxpress.passes.qdq.refit import LINEAR_OPS, apply_solutions, refit_quantized
 
-from onnxpress.context import PassContext
-from onnxpress.errors import CalibrationError
-from onnxpress.observers import RANGE_METHODS
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.registry import register_pass
+from onnxpress.calibration.observers import RANGE_METHODS
+from onnxpress.core.context import PassContext
+from onnxpress.core.errors import CalibrationError
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 __all__ = ["MetricInputs", "Qdq", "QdqOptions", "QualityMetric", "register_metric"]
 

@@ -18,14 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxpress.passes._qdq_annotate import Annotation
-from onnxpress.passes._qdq_convert import dequantize, quantize_weight
+from onnxpress.passes.qdq.annotate import Annotation
+from onnxpress.passes.qdq.convert import dequantize, quantize_weight
 
-from onnxpress.activations import with_outputs
-from onnxpress.calibration import CalibrationData
-from onnxpress.errors import CalibrationError
-from onnxpress.ir import unique_name
-from onnxpress.observers import (
+from onnxpress.calibration.activations import with_outputs
+from onnxpress.calibration.observers import (
     HistogramObserver,
     MeanObserver,
     MinMaxObserver,
@@ -33,7 +30,10 @@ from onnxpress.observers import (
     compute_range,
     minmax_range,
 )
-from onnxpress.verify import Runner
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.errors import CalibrationError
+from onnxpress.core.ir import unique_name
+from onnxpress.core.verify import Runner
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes._qdq_annotate import Annotation, BiasSpec, WeightSpec
+from onnxpress.passes.qdq.annotate import Annotation, BiasSpec, WeightSpec
 
-from onnxpress.ir import unique_name
-from onnxpress.observers import Range
+from onnxpress.calibration.observers import Range
+from onnxpress.core.ir import unique_name
 
 QUINT8 = (0, 255)
 QINT8 = (-128, 127)

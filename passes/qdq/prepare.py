@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from onnxpress.ir import unique_name
+from onnxpress.core.ir import unique_name
 
 
 def detach_dead_nodes(graph: gs.Graph) -> None:

@@ -26,8 +26,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxpress.calibration import Batch
-from onnxpress.errors import PipelineError
+from onnxpress.core.calibration_data import Batch
+from onnxpress.core.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ rounding, the error of the layers before it), the second the mean shift of its o
 weights, for the inputs it will really see; so it replaces bias correction on these layers.
 A layer keeps its weights when the refit does not lower ‖x̃·Q(W) + b − y‖², or when the
 calibration set gives it fewer rows than twice its inputs (a Gemm on 64 samples).
-The normal equations stream (``onnxpress.refit``); no batch is kept.
+The normal equations stream (``onnxpress.analysis.refit``); no batch is kept.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxpress.passes._prune_refit import LinearLayer, RowsWithOnes, Targets
-from onnxpress.passes._qdq_convert import dequantize, quantize_weight
+from onnxpress.passes.prune_channels.refit import LinearLayer, RowsWithOnes, Targets
+from onnxpress.passes.qdq.convert import dequantize, quantize_weight
 
-from onnxpress.activations import Moments
-from onnxpress.calibration import Batch
-from onnxpress.refit import (
+from onnxpress.analysis.refit import (
     Tap,
     TensorCapture,
     collect_moments,
@@ -38,6 +36,8 @@ from onnxpress.refit import (
     refit_right,
     squared_output_error,
 )
+from onnxpress.calibration.activations import Moments
+from onnxpress.core.calibration_data import Batch
 
 logger = logging.getLogger(__name__)
 

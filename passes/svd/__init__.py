@@ -32,10 +32,10 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes._svd_factor import WeightGroup, factorize, per_group, spectra, taps
-from onnxpress.passes._svd_layers import LinearForm
-from onnxpress.passes._svd_match import classify
-from onnxpress.passes._svd_rank import (
+from onnxpress.passes.svd.factor import WeightGroup, factorize, per_group, spectra, taps
+from onnxpress.passes.svd.layers import LinearForm
+from onnxpress.passes.svd.match import classify
+from onnxpress.passes.svd.rank import (
     BudgetItem,
     allocate_budget,
     max_useful_rank,
@@ -44,12 +44,12 @@ from onnxpress.passes._svd_rank import (
     round_rank,
 )
 
-from onnxpress.activations import Moments
-from onnxpress.context import PassContext
-from onnxpress.ir import unique_name
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.refit import TensorCapture, collect_moments, layer_waves
-from onnxpress.registry import register_pass
+from onnxpress.analysis.refit import TensorCapture, collect_moments, layer_waves
+from onnxpress.calibration.activations import Moments
+from onnxpress.core.context import PassContext
+from onnxpress.core.ir import unique_name
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes._svd_layers import LinearForm
+from onnxpress.passes.svd.layers import LinearForm
 
-from onnxpress.activations import Moments
-from onnxpress.refit import Spectrum, Tap, refit_right, squared_output_error, whitened_svd
+from onnxpress.analysis.refit import Spectrum, Tap, refit_right, squared_output_error, whitened_svd
+from onnxpress.calibration.activations import Moments
 
 # Refit only when the unfactored layer on the student's inputs is this close to the teacher's
 # output; a larger gap means the teacher tensor is no longer this layer's output.

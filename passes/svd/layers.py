@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.ir import unique_name
-from onnxpress.refit import conv_patches
+from onnxpress.analysis.refit import conv_patches
+from onnxpress.core.ir import unique_name
 
 
 class LinearForm:

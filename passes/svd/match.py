@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes._svd_layers import (
+from onnxpress.passes.svd.layers import (
     ConvChannel,
     ConvSpatial,
     GemmForm,

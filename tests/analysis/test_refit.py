@@ -1,4 +1,4 @@
-"""onnxpress.refit.conv_patches: im2col rows times the flattened weight equal ONNX Conv."""
+"""onnxpress.analysis.refit.conv_patches: im2col rows times the flattened weight equal ONNX Conv."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnxpress.refit import conv_patches
+from onnxpress.analysis.refit import conv_patches
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxpress.activations import Moments, regularized_cholesky, stream_activations, with_outputs
+from onnxpress.calibration.activations import (
+    Moments,
+    regularized_cholesky,
+    stream_activations,
+    with_outputs,
+)
 
 
 def test_stream_returns_intermediate_tensors(mlp_model: onnx.ModelProto) -> None:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from onnxpress.observers import (
+from onnxpress.calibration.observers import (
     HistogramObserver,
     MeanObserver,
     MinMaxObserver,

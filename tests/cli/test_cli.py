@@ -16,9 +16,9 @@ import pytest
 from helpers import files_in, make_mlp, run_cli
 from onnx import TensorProto, helper
 
-from onnxpress.cli import main
+from onnxpress.cli.main import main
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxpress.calibration import CalibrationData
-from onnxpress.errors import CalibrationError
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.errors import CalibrationError
 
 
 def _save(path: Path, **arrays: np.ndarray) -> Path:

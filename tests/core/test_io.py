@@ -12,8 +12,8 @@ from helpers import make_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
-from onnxpress.errors import ModelLoadError, ModelSaveError
-from onnxpress.io import load_model, save_model
+from onnxpress.core.errors import ModelLoadError, ModelSaveError
+from onnxpress.core.io import load_model, save_model
 
 
 def _external_model(folder: Path, location: str = "weights.bin") -> Path:
@@ -160,7 +160,7 @@ def test_large_model_path_uses_external_data(tmp_path: Path, monkeypatch: pytest
 
     The threshold is lowered so that a small model takes the same code path as a 2 GB one.
     """
-    import onnxpress.io as model_io
+    import onnxpress.core.io as model_io
 
     monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
     model = make_mlp(hidden=64)

@@ -12,7 +12,7 @@ import pytest
 from helpers import make_mlp
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxpress.ir import to_graph, toposort
+from onnxpress.core.ir import to_graph, toposort
 
 
 def _diamonds(blocks: int) -> onnx.ModelProto:
@@ -85,7 +85,7 @@ def test_cycle_is_an_error() -> None:
 def test_detach_removed_nodes_drops_phantom_consumers() -> None:
     import onnx_graphsurgeon as gs
 
-    from onnxpress.ir import detach_removed_nodes
+    from onnxpress.core.ir import detach_removed_nodes
 
     x = gs.Variable("x", dtype=np.float32, shape=[2])
     a = gs.Variable("a", dtype=np.float32, shape=[2])
@@ -107,7 +107,7 @@ def test_remove_dead_nodes_is_linear_with_a_widely_shared_weight() -> None:
 
     import onnx_graphsurgeon as gs
 
-    from onnxpress.ir import remove_dead_nodes
+    from onnxpress.core.ir import remove_dead_nodes
 
     x = gs.Variable("x", dtype=np.float32, shape=[2])
     w = gs.Constant("w", np.ones(2, np.float32))

@@ -12,12 +12,12 @@ from helpers import make_mlp
 
 import onnxpress
 from onnxpress import PassContext, PassResult, TensorShapes, VerifyConfig
-from onnxpress.errors import PassError, VerificationError
-from onnxpress.manager import PassManager, bisect
-from onnxpress.pipeline import parse_pipeline
-from onnxpress.verify import random_inputs
+from onnxpress.core.errors import PassError, VerificationError
+from onnxpress.core.manager import PassManager, bisect
+from onnxpress.core.pipeline import parse_pipeline
+from onnxpress.core.verify import random_inputs
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 onnxpress.load_plugin_file(DATA / "bad_plugins.py")
 onnxpress.load_plugin_file(DATA / "scale_plugin.py")
 
@@ -117,7 +117,7 @@ def test_analyses_are_cached_and_invalidated(mlp_model: onnx.ModelProto) -> None
 def test_an_unchanged_model_keeps_its_verification(
     mlp_model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import onnxpress.manager as manager
+    import onnxpress.core.manager as manager
 
     sessions: list[onnx.ModelProto] = []
     real = manager.verification_runner
@@ -157,7 +157,7 @@ def test_holdout_batches_are_verified_on_but_not_seen_by_passes(
     mlp_model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from onnxpress import NoOptions, Pass, register_pass
-    from onnxpress import manager as manager_module
+    from onnxpress.core import manager as manager_module
 
     seen: list[float] = []
     verified: list[float] = []
@@ -187,7 +187,7 @@ def test_holdout_batches_are_verified_on_but_not_seen_by_passes(
         verify=VerifyConfig(holdout=2),
     )
     assert seen == [1.0, 2.0, 3.0, 4.0, 5.0] and verified == [6.0, 7.0]
-    with pytest.raises(onnxpress.errors.CalibrationError, match="cannot hold out 7 of 7"):
+    with pytest.raises(onnxpress.core.errors.CalibrationError, match="cannot hold out 7 of 7"):
         onnxpress.optimize(
             mlp_model, passes="cleanup", calibration=batches, verify=VerifyConfig(holdout=7)
         )

@@ -7,8 +7,8 @@ from typing import Literal
 
 import pytest
 
-from onnxpress.errors import PipelineError
-from onnxpress.options import build_options, format_options, parse_option_text, split_top_level
+from onnxpress.core.errors import PipelineError
+from onnxpress.core.options import build_options, format_options, parse_option_text, split_top_level
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from helpers import make_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
-import onnxpress.verify as verify
-from onnxpress.partition import NotPartitionable, PartitionedRunner
-from onnxpress.verify import Runner
+import onnxpress.core.verify as verify
+from onnxpress.core.partition import NotPartitionable, PartitionedRunner
+from onnxpress.core.verify import Runner
 
 
 def _residual_chain(blocks: int) -> onnx.ModelProto:

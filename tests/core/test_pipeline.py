@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from onnxpress.errors import PipelineError
-from onnxpress.pipeline import format_pipeline, load_recipe, parse_pipeline
+from onnxpress.core.errors import PipelineError
+from onnxpress.core.pipeline import format_pipeline, load_recipe, parse_pipeline
 
 
 def test_parse_pipeline_builds_passes_with_options() -> None:

@@ -15,11 +15,11 @@ import pytest
 from helpers import REPO, run_cli
 
 import onnxpress
-from onnxpress.errors import PluginError
-from onnxpress.pass_base import NoOptions, Pass
-from onnxpress.registry import all_passes, register_pass, unregister
+from onnxpress.core.errors import PluginError
+from onnxpress.core.pass_base import NoOptions, Pass
+from onnxpress.core.registry import all_passes, register_pass, unregister
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 
 
 def test_builtins_are_registered_with_descriptions() -> None:

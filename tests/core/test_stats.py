@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxpress.stats import model_stats
+from onnxpress.core.stats import model_stats
 
 
 def _model(nodes: list[onnx.NodeProto], inits: dict[str, tuple[int, ...]],

@@ -12,10 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 
 import onnxpress  # noqa: E402
-from onnxpress.cli import main  # noqa: E402
-from onnxpress.distill import DistillOptions, distill, same_structure  # noqa: E402
-from onnxpress.errors import OnnxpressError  # noqa: E402
-from onnxpress.verify import Runner, check_structure  # noqa: E402
+from onnxpress.cli.main import main  # noqa: E402
+from onnxpress.core.errors import OnnxpressError  # noqa: E402
+from onnxpress.core.verify import Runner, check_structure  # noqa: E402
+from onnxpress.train.distill import DistillOptions, distill, same_structure  # noqa: E402
 
 F = TensorProto.FLOAT
 

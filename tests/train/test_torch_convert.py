@@ -11,15 +11,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from onnxpress.torch_convert import (  # noqa: E402
+from onnxpress.core.verify import Runner  # noqa: E402
+from onnxpress.train.torch_convert import (  # noqa: E402
     HANDLERS,
     UnsupportedOpsError,
     convert,
     write_back,
 )
-from onnxpress.verify import Runner  # noqa: E402
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = Path(__file__).resolve().parents[2] / "models"
 F = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
 
@@ -164,7 +164,7 @@ def test_unsupported_ops_are_listed() -> None:
 
 
 def test_frontend_export_checks_and_round_trips(tmp_path: Path) -> None:
-    from onnxpress.frontends.torch import export
+    from onnxpress.train.frontend_torch import export
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))

@@ -5,7 +5,7 @@ MatMul with a constant weight, or the hidden units of a GRU. A walk over the nod
 topological order gives each tensor that carries channels a ``Layout``: the axis they lie on
 and the spaces laid end to end along it (Concat), each channel spread over ``block``
 consecutive indices (Flatten/Reshape into features, a depthwise Conv's channel multiplier).
-How each op moves, joins or consumes channels is a rule in ``onnxpress.channel_rules``.
+How each op moves, joins or consumes channels is a rule in ``onnxpress.analysis.channels.rules``.
 
 Ops that combine feature maps (Add, Mul, ..., the equal partitions of a grouped Conv)
 identify channels one to one: an edge between two spaces of a networkx graph. Split and
@@ -30,10 +30,10 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.context import TensorShapes
+from onnxpress.core.context import TensorShapes
 
 if TYPE_CHECKING:
-    from onnxpress.context import PassContext
+    from onnxpress.core.context import PassContext
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ class ChannelGroups:
 
     @classmethod
     def compute(cls, graph: gs.Graph, ctx: PassContext) -> ChannelGroups:
-        from onnxpress.channel_rules import RULES, unknown_op
-        from onnxpress.channel_trace import Tracer, topological_nodes
+        from onnxpress.analysis.channels.rules import RULES, unknown_op
+        from onnxpress.analysis.channels.trace import Tracer, topological_nodes
 
         tracer = Tracer(graph, ctx.analysis(TensorShapes, graph))
         for node in topological_nodes(graph):

@@ -20,8 +20,15 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.channel_groups import Layout, Segment, node_key
-from onnxpress.channel_trace import Tracer, attr, constant_array, int_list, is_used, static_prod
+from onnxpress.analysis.channels.groups import Layout, Segment, node_key
+from onnxpress.analysis.channels.trace import (
+    Tracer,
+    attr,
+    constant_array,
+    int_list,
+    is_used,
+    static_prod,
+)
 
 Rule = Callable[[Tracer, gs.Node], None]
 

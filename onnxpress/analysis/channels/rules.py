@@ -1,8 +1,8 @@
 """Channel rules: how each op moves, joins, cuts or consumes the channels of its inputs.
 
 A rule set is data: ``RULES`` maps an op type to a function of (tracer, node) that reads the
-layouts of the node's inputs and sets those of its outputs (``onnxpress.channel_groups``).
-This module holds the layers; ``onnxpress.channel_moves`` the ops between them.
+layouts of the node's inputs and sets those of its outputs (``onnxpress.analysis.channels.groups``).
+This module holds the layers; ``onnxpress.analysis.channels.moves`` the ops between them.
 
 * producers open a space: Conv (output channels), Gemm / MatMul with a constant weight
   (output features), GRU (hidden units; Y and Y_h carry them on their last axis); the
@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.channel_groups import Layout, node_key
-from onnxpress.channel_moves import (
+from onnxpress.analysis.channels.groups import Layout, node_key
+from onnxpress.analysis.channels.moves import (
     Rule,
     concat,
     elementwise,
@@ -42,7 +42,7 @@ from onnxpress.channel_moves import (
     unknown_op,
     unsqueeze,
 )
-from onnxpress.channel_trace import Tracer, attr, constant_array
+from onnxpress.analysis.channels.trace import Tracer, attr, constant_array
 
 __all__ = ["RULES", "Rule", "unknown_op"]
 

@@ -2,7 +2,7 @@
 
 ``Tracer`` holds the layout of every tensor met so far, the channel spaces (``SpaceGraph``)
 and the layers that open, consume or normalize channels. The rules of
-``onnxpress.channel_rules`` read and extend it node by node in topological order; ``finish``
+``onnxpress.analysis.channels.rules`` read and extend it node by node in topological order; ``finish``
 refuses channels that reach a graph output and turns the connected components of the space
 graph into ``ChannelGroup`` records.
 """
@@ -17,7 +17,7 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.channel_groups import (
+from onnxpress.analysis.channels.groups import (
     ChannelGroup,
     ChannelGroups,
     Layout,
@@ -25,7 +25,7 @@ from onnxpress.channel_groups import (
     SpaceGraph,
     node_key,
 )
-from onnxpress.context import TensorShapes
+from onnxpress.core.context import TensorShapes
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ from typing import Any
 
 import onnx
 
-from onnxpress.report import Report
-from onnxpress.tvm_prepare import (
+from onnxpress.backends.tvm.prepare import (
     LOOP_GRU_PIPELINE,
     PREPARE_PIPELINE,
     Prepared,
@@ -38,15 +37,16 @@ from onnxpress.tvm_prepare import (
     graph_inputs,
     prepare,
 )
-from onnxpress.tvm_runtime import (  # re-exported: the runtime half of compile/run
+from onnxpress.backends.tvm.runtime import (  # re-exported: the runtime half of compile/run
     MANIFEST,
     MANIFEST_FORMAT,
     CompileError,
     require_tvm,
 )
-from onnxpress.tvm_targets import TargetSpec, parse_target, tvm_target
-from onnxpress.tvm_tune import TuneOptions, TuningProgress
-from onnxpress.tvm_verify import differential_check, has_qdq
+from onnxpress.backends.tvm.targets import TargetSpec, parse_target, tvm_target
+from onnxpress.backends.tvm.tune import TuneOptions, TuningProgress
+from onnxpress.backends.tvm.verify import differential_check, has_qdq
+from onnxpress.core.report import Report
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +88,12 @@ def _interface(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[
 
 def import_relax(prepared: Prepared, *, loop_rnn: bool = True) -> Any:
     """The Relax IRModule of a prepared model (coverage is checked first); ``loop_rnn``
-    converts GRU and LSTM ops to the loop-form CPU kernels of onnxpress.tvm_rnn."""
+    converts GRU and LSTM ops to the loop-form CPU kernels of onnxpress.backends.tvm.rnn."""
     require_tvm()
     check_coverage(prepared.model, loop_rnn=loop_rnn)
     from tvm.relax.frontend.onnx import from_onnx
 
-    from onnxpress.tvm_rnn import importer_with_rnn
+    from onnxpress.backends.tvm.rnn import importer_with_rnn
 
     try:
         with importer_with_rnn() if loop_rnn else contextlib.nullcontext():
@@ -118,11 +118,11 @@ def build(
     target = tvm_target(spec)
     try:
         if database is not None:
-            from onnxpress.tvm_tune import apply_database, fuse
+            from onnxpress.backends.tvm.tune import apply_database, fuse
 
             mod = apply_database(fuse(mod, target, default_schedules), target, database)
         if spec.kind == "llvm" and default_schedules:
-            from onnxpress.tvm_schedule import cpu_pipeline
+            from onnxpress.backends.tvm.schedule import cpu_pipeline
 
             return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
         return tvm.compile(mod, target=target)
@@ -221,14 +221,14 @@ def compile_model(
     seconds["import"] = time.perf_counter() - t0
     lowering = None
     if int8 == "auto" and has_qdq(prepared.model):
-        from onnxpress.tvm_int8 import lower_qdq_to_integer
+        from onnxpress.backends.tvm.int8 import lower_qdq_to_integer
 
         t0 = time.perf_counter()
         mod, lowering = lower_qdq_to_integer(mod, tvm_target(spec))
         seconds["int8"] = time.perf_counter() - t0
     tuned = None
     if tuning is not None:
-        from onnxpress.tvm_tune import tune_module
+        from onnxpress.backends.tvm.tune import tune_module
 
         t0 = time.perf_counter()
         tuned = tune_module(
@@ -320,7 +320,7 @@ def _time_on_device(
     library: Path, spec: TargetSpec, tuning: TuneOptions, manifest: dict[str, Any], notes: list[str]
 ) -> None:
     """Time the compiled library on the RPC device it was tuned on (manifest "tuning")."""
-    from onnxpress.tvm_rpc import time_library
+    from onnxpress.backends.tvm.rpc import time_library
 
     if spec.library_suffix != ".so" or tuning.rpc is None:
         notes.append(f"not timed over RPC: a {spec.library_suffix} library must be linked first")

@@ -1,6 +1,6 @@
 # mypy: disable-error-code="valid-type, name-defined"
 """The ONNX GRU op on TVM as a loop: one TIR kernel keeps the recurrence, instead of T unrolled
-steps (passes/lower_gru.py), so compile time does not grow with the sequence length.
+steps (passes/gru/lower.py), so compile time does not grow with the sequence length.
 
   GRU(X, W, R, B, sequence_lens, initial_h)      per direction d (gates z, r, h):
     XW    = X W_d^T + Wb_d (+ Rb_d for z, r; + Rb_h too when linear_before_reset=0)   Relax matmul
@@ -13,7 +13,7 @@ steps (passes/lower_gru.py), so compile time does not grow with the sequence len
     Y = stack_d(Y_d) [T, D, B, H] (layout 1: [B, T, D, H]);  Y_h = last state of each direction.
 
 The kernel is written for the static sizes; the gate sweep runs over R^T so that its inner
-loop is a contiguous, vectorizable axpy. onnxpress.tvm_rnn registers the converter with
+loop is a contiguous, vectorizable axpy. onnxpress.backends.tvm.rnn registers the converter with
 TVM's importer and holds what GRU and LSTM share.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpress.tvm_rnn import (
+from onnxpress.backends.tvm.rnn import (
     attribute,
     initial_state,
     last_step,

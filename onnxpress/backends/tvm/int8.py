@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from onnxpress.tvm_int8_kernels import (
+from onnxpress.backends.tvm.int8_kernels import (
     GROUP,
     DotIsa,
     dot_isa,
@@ -37,7 +37,7 @@ from onnxpress.tvm_int8_kernels import (
     round_up,
     tiles,
 )
-from onnxpress.tvm_int8_patterns import (
+from onnxpress.backends.tvm.int8_patterns import (
     Dequantized,
     Int8Lowering,
     Refused,

@@ -1,5 +1,5 @@
 # mypy: disable-error-code="valid-type"
-"""Integer kernels for the QDQ-to-integer lowering (onnxpress.tvm_int8).
+"""Integer kernels for the QDQ-to-integer lowering (onnxpress.backends.tvm.int8).
 
   packed_gemm(isa, rows, depth, cols):
       C[m, n] = sum_k A[m, k] * B[n // L, k // 4, n % L, k % 4]    (L = isa.lanes)

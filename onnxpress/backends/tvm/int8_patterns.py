@@ -1,4 +1,4 @@
-"""The pieces onnxpress.tvm_int8 matches Relax with: what a ``relax.dequantize`` input looks
+"""The pieces onnxpress.backends.tvm.int8 matches Relax with: what a ``relax.dequantize`` input looks
 like (``Dequantized``), the rewrite's record (``Int8Lowering``), a refusal with its reason
 (``Refused``), and two small readers of Relax expressions."""
 

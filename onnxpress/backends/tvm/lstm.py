@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpress.tvm_rnn import (
+from onnxpress.backends.tvm.rnn import (
     attribute,
     constant_input,
     initial_state,

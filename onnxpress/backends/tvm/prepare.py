@@ -18,16 +18,16 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnxpress.errors import InvalidModelError, OnnxpressError
-from onnxpress.ir import copy_model
-from onnxpress.manager import PassManager, VerifyConfig
-from onnxpress.pipeline import parse_pipeline
-from onnxpress.report import Report
+from onnxpress.core.errors import InvalidModelError, OnnxpressError
+from onnxpress.core.ir import copy_model
+from onnxpress.core.manager import PassManager, VerifyConfig
+from onnxpress.core.pipeline import parse_pipeline
+from onnxpress.core.report import Report
 
 logger = logging.getLogger(__name__)
 
 PREPARE_PIPELINE = "lower-gru,fold-constants,cleanup,toposort"
-# GRUs kept for the loop-form converter (onnxpress.tvm_rnn) instead of unrolled.
+# GRUs kept for the loop-form converter (onnxpress.backends.tvm.rnn) instead of unrolled.
 LOOP_GRU_PIPELINE = "fold-constants,cleanup,toposort"
 # Handled by the importer outside its converter table.
 _IMPORTER_BUILTINS = {"Constant", "If"}
@@ -205,8 +205,8 @@ def unsupported_ops(model: onnx.ModelProto, supported: set[str]) -> dict[str, li
 
 def check_coverage(model: onnx.ModelProto, *, loop_rnn: bool = False) -> None:
     """Raise UnsupportedOpsError listing every op the importer cannot take (with
-    ``loop_rnn``, GRUs and LSTMs that onnxpress.tvm_rnn converts count as supported)."""
-    from onnxpress.tvm_rnn import LOOP_OPS, loop_supported
+    ``loop_rnn``, GRUs and LSTMs that onnxpress.backends.tvm.rnn converts count as supported)."""
+    from onnxpress.backends.tvm.rnn import LOOP_OPS, loop_supported
 
     supported = importer_ops()
     if loop_rnn:

@@ -3,7 +3,7 @@
 TVM 0.27's Relax ONNX importer has no GRU or LSTM converter. onnxpress adds its own for the
 duration of one import (``importer_with_rnn``): each direction becomes one Relax matmul for
 the input projection of every step and one TIR kernel that keeps the recurrence as a loop
-(onnxpress.tvm_gru, onnxpress.tvm_lstm). This module holds the common parts: reading
+(onnxpress.backends.tvm.gru, onnxpress.backends.tvm.lstm). This module holds the common parts: reading
 constant (or weight-only int8, DequantizeLinear(constant)) weights, the layout=1 transposes,
 per-direction initial states, and stacking the outputs as ONNX lays them out:
 Y [T, D, B, H] (layout 1: [B, T, D, H]) and the last states [D, B, H] (layout 1: [B, D, H]).
@@ -145,8 +145,8 @@ def importer_with_rnn() -> Iterator[None]:
     """TVM's ONNX importer with the GRU and LSTM loop converters, for the duration of the block."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
-    from onnxpress.tvm_gru import convert_gru
-    from onnxpress.tvm_lstm import convert_lstm
+    from onnxpress.backends.tvm.gru import convert_gru
+    from onnxpress.backends.tvm.lstm import convert_lstm
 
     class Gru(frontend.OnnxOpConverter):
         @classmethod

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpress.errors import OnnxpressError
+from onnxpress.core.errors import OnnxpressError
 
 logger = logging.getLogger(__name__)
 

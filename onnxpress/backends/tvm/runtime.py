@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpress.errors import OnnxpressError
-from onnxpress.ir import copy_model
-from onnxpress.tvm_prepare import graph_inputs
-from onnxpress.tvm_verify import max_rel
-from onnxpress.verify import Runner
+from onnxpress.backends.tvm.prepare import graph_inputs
+from onnxpress.backends.tvm.verify import max_rel
+from onnxpress.core.errors import OnnxpressError
+from onnxpress.core.ir import copy_model
+from onnxpress.core.verify import Runner
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "onnxpress-tvm/1"

@@ -29,7 +29,7 @@ import logging
 import math
 from typing import Any
 
-from onnxpress.tvm_tile_schedule import (
+from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,
     conv_kernel_layout_pass,
     schedule_elementwise,

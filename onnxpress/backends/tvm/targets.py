@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnxpress.errors import OnnxpressError
+from onnxpress.core.errors import OnnxpressError
 
 ARM_CROSS_CXX = "aarch64-linux-gnu-g++"
 DEFAULT_CUDA_ARCH = "sm_90"

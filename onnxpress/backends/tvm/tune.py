@@ -37,10 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnxpress.errors import OnnxpressError
-from onnxpress.tvm_rpc import RpcSpec, check_tracker, in_process_builder, session_runner
-from onnxpress.tvm_targets import TargetSpec, tvm_target
-from onnxpress.tvm_tune_db import (
+from onnxpress.backends.tvm.rpc import RpcSpec, check_tracker, in_process_builder, session_runner
+from onnxpress.backends.tvm.targets import TargetSpec, tvm_target
+from onnxpress.backends.tvm.tune_db import (
     LEDGER,
     Ledger,
     TuningError,
@@ -51,6 +50,7 @@ from onnxpress.tvm_tune_db import (
     open_database,
     workload_key,
 )
+from onnxpress.core.errors import OnnxpressError
 
 __all__ = ["TuneOptions", "Tuned", "TuningError", "TuningProgress", "tune_module"]
 
@@ -160,7 +160,7 @@ def fuse(mod: Any, target: Any, default_schedules: bool = True) -> Any:
 
     passes = [*relax_pipeline.library_dispatch_passes(target)]
     if default_schedules and str(target.kind.name) == "llvm":
-        from onnxpress.tvm_tile_schedule import conv_kernel_layout_pass, vector_lanes
+        from onnxpress.backends.tvm.tile_schedule import conv_kernel_layout_pass, vector_lanes
 
         passes.append(conv_kernel_layout_pass(vector_lanes(target)))
     passes += [

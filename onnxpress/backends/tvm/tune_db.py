@@ -22,9 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from onnxpress.errors import OnnxpressError
-from onnxpress.tvm_rpc import RpcSpec, time_kernels, time_library
-from onnxpress.tvm_targets import TargetSpec
+from onnxpress.backends.tvm.rpc import RpcSpec, time_kernels, time_library
+from onnxpress.backends.tvm.targets import TargetSpec
+from onnxpress.core.errors import OnnxpressError
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def kernel_library(
 ) -> Path | None:
     """Build ``mod`` with a database's records and export only its kernels (the VM
     executable's imported module, whose functions are named after the tasks)."""
-    from onnxpress.tvm_backend import build
+    from onnxpress.backends.tvm.backend import build
 
     executable = build(mod, spec, default_schedules=default_schedules, database=database)
     libraries = [m for m in executable.mod.imports if m.kind in ("llvm", "library")]
@@ -240,7 +240,7 @@ def model_times(
     still lose inside the model (caches, thread start-up)."""
     from tvm.s_tir import meta_schedule as ms
 
-    from onnxpress.tvm_backend import build, export
+    from onnxpress.backends.tvm.backend import build, export
 
     inputs = [
         {"shape": [int(d) for d in p.ty.shape], "dtype": str(p.ty.dtype)}

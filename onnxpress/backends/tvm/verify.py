@@ -18,15 +18,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpress.tvm_prepare import graph_inputs
-from onnxpress.verify import METRICS, Runner, random_inputs
+from onnxpress.backends.tvm.prepare import graph_inputs
+from onnxpress.core.verify import METRICS, Runner, random_inputs
 
 MAX_WALK = 8  # producers followed back from an output to find its quantized inputs
 STEP_LIMIT = 1.0
 
 
 def max_rel(ref: np.ndarray, new: np.ndarray) -> float:
-    """The verifier's max-rel (onnxpress.verify), made total: a shape mismatch is infinite,
+    """The verifier's max-rel (onnxpress.core.verify), made total: a shape mismatch is infinite,
     and integer outputs must match exactly."""
     if ref.shape != new.shape:
         return float("inf")
@@ -75,7 +75,7 @@ def differential_check(
     """Per output: the error of the library against onnxruntime on seeded inputs, its metric
     and its limit. ``in_steps`` (integer-lowered models): max-abs in quantization steps, limit
     one step, for every output with a step; otherwise max-rel, limit ``tolerance``."""
-    from onnxpress.tvm_runtime import CompiledModel
+    from onnxpress.backends.tvm.runtime import CompiledModel
 
     feed = random_inputs(reference_model, seed)[0]
     expected = Runner(reference_model)(feed)

@@ -18,8 +18,8 @@ from channel_graphs import (
 )
 
 from onnxpress import PassContext
-from onnxpress.channel_groups import ChannelGroup, ChannelGroups
-from onnxpress.ir import to_graph
+from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
+from onnxpress.core.ir import to_graph
 
 
 def analyse(model: onnx.ModelProto) -> tuple[ChannelGroups, dict[str, ChannelGroup]]:

@@ -23,8 +23,8 @@ from qdq_helpers import quantize
 
 pytest.importorskip("tvm")
 
-from onnxpress.tvm_backend import compile_model
-from onnxpress.tvm_targets import ARM_CROSS_CXX
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.targets import ARM_CROSS_CXX
 
 EMULATOR = Path(os.environ.get("ONNXPRESS_ARM_EMULATOR", REPO / "build" / "arm-emulator"))
 

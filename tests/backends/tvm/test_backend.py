@@ -18,15 +18,15 @@ from onnx import TensorProto, helper
 
 tvm = pytest.importorskip("tvm")
 
-from onnxpress.tvm_backend import CompileError, compile_model  # noqa: E402
-from onnxpress.tvm_prepare import (  # noqa: E402
+from onnxpress.backends.tvm.backend import CompileError, compile_model  # noqa: E402
+from onnxpress.backends.tvm.prepare import (  # noqa: E402
     UnsupportedOpsError,
     check_coverage,
     parse_input_shapes,
     specialise_shapes,
 )
-from onnxpress.tvm_runtime import load_manifest, run_compiled  # noqa: E402
-from onnxpress.tvm_targets import ARM_CROSS_CXX, TargetError, parse_target  # noqa: E402
+from onnxpress.backends.tvm.runtime import load_manifest, run_compiled  # noqa: E402
+from onnxpress.backends.tvm.targets import ARM_CROSS_CXX, TargetError, parse_target  # noqa: E402
 
 MODELS = REPO / "models"
 

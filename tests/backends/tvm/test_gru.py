@@ -1,4 +1,4 @@
-"""GRU on TVM as a loop (onnxpress.tvm_gru): one recurrence kernel per direction, checked
+"""GRU on TVM as a loop (onnxpress.backends.tvm.gru): one recurrence kernel per direction, checked
 against onnxruntime (and onnx's reference evaluator for layout=1, which onnxruntime lacks)."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ pytest.importorskip("tvm")
 
 from gru_helpers import BATCH, HID, IN, gru_model
 
-from onnxpress.manager import VerifyConfig
-from onnxpress.tvm_backend import build, compile_model, export, import_relax
-from onnxpress.tvm_prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
-from onnxpress.tvm_runtime import CompiledModel
-from onnxpress.tvm_targets import parse_target
+from onnxpress.backends.tvm.backend import build, compile_model, export, import_relax
+from onnxpress.backends.tvm.prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
+from onnxpress.backends.tvm.runtime import CompiledModel
+from onnxpress.backends.tvm.targets import parse_target
+from onnxpress.core.manager import VerifyConfig
 
 
 @pytest.mark.parametrize("lbr", [0, 1])

@@ -1,4 +1,4 @@
-"""QDQ -> integer lowering on TVM (onnxpress.tvm_int8): structure of the lowered Relax module,
+"""QDQ -> integer lowering on TVM (onnxpress.backends.tvm.int8): structure of the lowered Relax module,
 int8 dtypes in the compiled kernels, and numerics against onnxruntime's QDQ run."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from qdq_helpers import quantize
 
 tvm = pytest.importorskip("tvm")
 
-from onnxpress.tvm_backend import compile_model, import_relax  # noqa: E402
-from onnxpress.tvm_int8 import lower_qdq_to_integer  # noqa: E402
-from onnxpress.tvm_int8_kernels import VNNI, dot_isa, pack_weight, packed_gemm  # noqa: E402
-from onnxpress.tvm_prepare import prepare  # noqa: E402
-from onnxpress.tvm_targets import parse_target, tvm_target  # noqa: E402
-from onnxpress.tvm_verify import quantization_steps  # noqa: E402
+from onnxpress.backends.tvm.backend import compile_model, import_relax  # noqa: E402
+from onnxpress.backends.tvm.int8 import lower_qdq_to_integer  # noqa: E402
+from onnxpress.backends.tvm.int8_kernels import VNNI, dot_isa, pack_weight, packed_gemm  # noqa: E402
+from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
+from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
+from onnxpress.backends.tvm.verify import quantization_steps  # noqa: E402
 
 HOST = parse_target("x86")
 PORTABLE = parse_target("x86-64")  # no VNNI: Relax's own integer conv2d/matmul

@@ -1,4 +1,4 @@
-"""LSTM on TVM as a loop (onnxpress.tvm_lstm): every direction, peepholes, initial states,
+"""LSTM on TVM as a loop (onnxpress.backends.tvm.lstm): every direction, peepholes, initial states,
 layouts, checked against onnxruntime (layout=1 against onnx's reference evaluator)."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from onnx.reference import ReferenceEvaluator
 
 pytest.importorskip("tvm")
 
-from onnxpress.manager import VerifyConfig
-from onnxpress.tvm_backend import build, compile_model, export, import_relax
-from onnxpress.tvm_prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
-from onnxpress.tvm_runtime import CompiledModel
-from onnxpress.tvm_targets import parse_target
+from onnxpress.backends.tvm.backend import build, compile_model, export, import_relax
+from onnxpress.backends.tvm.prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
+from onnxpress.backends.tvm.runtime import CompiledModel
+from onnxpress.backends.tvm.targets import parse_target
+from onnxpress.core.manager import VerifyConfig
 
 STEPS, BATCH, IN, HID = 5, 2, 3, 4
 

@@ -20,9 +20,9 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic  # noqa: E402
 
-from onnxpress.tvm_backend import compile_model  # noqa: E402
-from onnxpress.tvm_schedule import cpu_pipeline, schedule_rules  # noqa: E402
-from onnxpress.tvm_tile_schedule import (  # noqa: E402
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.schedule import cpu_pipeline, schedule_rules  # noqa: E402
+from onnxpress.backends.tvm.tile_schedule import (  # noqa: E402
     conv_kernel_layout_pass,
     row_tile,
     tiled_reduction_rule,

@@ -27,10 +27,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("tvm")
 
-from onnxpress.tvm_backend import compile_model
-from onnxpress.tvm_rpc import RpcError, RpcSpec, parse_rpc
-from onnxpress.tvm_tune import TuneOptions, TuningError, TuningProgress
-from onnxpress.tvm_tune_db import LEDGER
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.rpc import RpcError, RpcSpec, parse_rpc
+from onnxpress.backends.tvm.tune import TuneOptions, TuningError, TuningProgress
+from onnxpress.backends.tvm.tune_db import LEDGER
 
 SHAPES = {"x": [2, 8]}
 RPC_KEY = "onnxpress-test"

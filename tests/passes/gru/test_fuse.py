@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from onnxpress.passes.fuse_gru import FuseGru, FuseGruOptions
+from onnxpress.passes.gru.fuse import FuseGru, FuseGruOptions
 
 import onnxpress
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
+MODELS = Path(__file__).resolve().parents[3] / "models"
 IN, HID = 3, 4  # input and hidden sizes of the hand-built cells
 
 

@@ -23,18 +23,18 @@ from channel_graphs import (
     split_slice_model,
 )
 from onnx import numpy_helper
-from onnxpress.passes._prune_importance import MacModel
+from onnxpress.passes.prune_channels.importance import MacModel
 
 import onnxpress
 from onnxpress import CalibrationData, PassContext, PassResult
-from onnxpress.channel_groups import ChannelGroups
-from onnxpress.errors import PipelineError
-from onnxpress.ir import to_graph, to_model
-from onnxpress.pipeline import parse_pipeline
-from onnxpress.stats import model_stats
-from onnxpress.verify import Runner, check_structure, random_inputs
+from onnxpress.analysis.channels.groups import ChannelGroups
+from onnxpress.core.errors import PipelineError
+from onnxpress.core.ir import to_graph, to_model
+from onnxpress.core.pipeline import parse_pipeline
+from onnxpress.core.stats import model_stats
+from onnxpress.core.verify import Runner, check_structure, random_inputs
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
+MODELS = Path(__file__).resolve().parents[3] / "models"
 
 
 def prune(model: onnx.ModelProto, spec: str, calibration: list[dict[str, np.ndarray]] | None = None

@@ -1,4 +1,4 @@
-"""qdq graph preparation (``passes/_qdq_prepare.py``): HardSwish split into Mul(x,
+"""qdq graph preparation (``passes/qdq/prepare.py``): HardSwish split into Mul(x,
 HardSigmoid(x)) exactly in float, and quantized as QLinearMul when asked."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
-from onnxpress.passes._qdq_prepare import decompose_hardswish, name_nodes
+from onnxpress.passes.qdq.prepare import decompose_hardswish, name_nodes
 from qdq_helpers import View, fused, quantize, weights
 
 node = helper.make_node

@@ -13,8 +13,8 @@ from onnx import helper
 from qdq_helpers import View, conv_relu_model, fused, quantize, weights
 
 import onnxpress
-from onnxpress.errors import CalibrationError, PipelineError
-from onnxpress.pipeline import parse_pipeline
+from onnxpress.core.errors import CalibrationError, PipelineError
+from onnxpress.core.pipeline import parse_pipeline
 
 node = helper.make_node
 
@@ -355,7 +355,7 @@ def test_old_opset_is_upgraded_for_per_channel(
     def refuse(*args: object) -> None:
         raise RuntimeError("no adapter for Conv\nmore detail")
 
-    monkeypatch.setattr("onnxpress.passes._qdq_prepare.version_converter.convert_version", refuse)
+    monkeypatch.setattr("onnxpress.passes.qdq.prepare.version_converter.convert_version", refuse)
     result, record = quantize(model)
     assert "QuantizeLinear" not in kit.ops(result)
     (refusal,) = record.result.refusals

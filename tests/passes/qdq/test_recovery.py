@@ -14,17 +14,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper
-from onnxpress.passes._qdq_calibrate import observe
 from onnxpress.passes.qdq import MetricInputs, register_metric
+from onnxpress.passes.qdq.calibrate import observe
 from qdq_helpers import View, batches, conv_relu_model, quantize, weights
 
 import onnxpress
-from onnxpress.calibration import CalibrationData
-from onnxpress.errors import PipelineError
-from onnxpress.pipeline import parse_pipeline
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.errors import PipelineError
+from onnxpress.core.pipeline import parse_pipeline
 
 node = helper.make_node
-MODELS = Path(__file__).resolve().parents[2] / "models"
+MODELS = Path(__file__).resolve().parents[3] / "models"
 
 
 def test_calibration_memory_is_flat(kit: SimpleNamespace) -> None:
@@ -184,7 +184,7 @@ def test_cnn_mnist_keeps_held_out_accuracy() -> None:
 
 
 def test_agreement_is_top1_only_for_batch_by_class_outputs() -> None:
-    from onnxpress.passes._qdq_recover import agreement
+    from onnxpress.passes.qdq.recover import agreement
 
     logits = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.1, 0.0]])
     flipped = logits.copy()

@@ -1,4 +1,4 @@
-"""qdq refit (``passes/_qdq_refit.py``): layer-wise least squares of the quantized layers
+"""qdq refit (``passes/qdq/refit.py``): layer-wise least squares of the quantized layers
 against the float model, on held-out inputs, its records, and the layers it must skip."""
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from onnxpress.passes.svd import Svd, SvdOptions
 
 import onnxpress
 from onnxpress import CalibrationData, PassContext, PassError
-from onnxpress.ir import to_graph, to_model
-from onnxpress.refit import Tap, collect_moments, layer_waves
+from onnxpress.analysis.refit import Tap, collect_moments, layer_waves
+from onnxpress.core.ir import to_graph, to_model
 
 node = helper.make_node
 SIZE = 16
@@ -214,7 +214,7 @@ def test_moments_stream_batch_by_batch(kit: SimpleNamespace) -> None:
 
 
 def _expose(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    from onnxpress.activations import with_outputs
+    from onnxpress.calibration.activations import with_outputs
 
     return with_outputs(model, [name])
 

@@ -9,17 +9,17 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from onnxpress.passes._svd_rank import (
+from onnxpress.passes.svd import Svd, SvdOptions
+from onnxpress.passes.svd.rank import (
     BudgetItem,
     allocate_budget,
     max_useful_rank,
     rank_for_energy,
     round_rank,
 )
-from onnxpress.passes.svd import Svd, SvdOptions
 
-from onnxpress.errors import PipelineError
-from onnxpress.pipeline import parse_pipeline
+from onnxpress.core.errors import PipelineError
+from onnxpress.core.pipeline import parse_pipeline
 
 node = helper.make_node
 
