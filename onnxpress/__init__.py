@@ -23,9 +23,9 @@ from onnxpress.core.pipeline import load_recipe, parse_pipeline
 from onnxpress.core.registry import all_passes, get_pass, load_plugin_file, register_pass
 from onnxpress.core.report import Report
 from onnxpress.core.stats import model_stats
-from onnxpress.train.distill import DistillOptions, DistillReport, distill  # imports torch lazily
-
-__version__ = "0.1.0"
+from onnxpress.core.version import __version__
+from onnxpress.train.distill import distill  # imports torch lazily
+from onnxpress.train.distill_options import DistillOptions, DistillReport  # imports torch lazily
 
 __all__ = [
     "CalibrationData",

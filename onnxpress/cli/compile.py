@@ -189,7 +189,7 @@ def run_command(args: argparse.Namespace) -> int:
         np.savez(args.output, **arrays_out)
         print(f"wrote {args.output}")
     if args.verify:
-        from onnxpress.api import prepare_model
+        from onnxpress.core.io import prepare_model
 
         model, _ = prepare_model(args.verify)
         dtypes = {e["name"]: np.dtype(e["dtype"]) for e in manifest["inputs"]}

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from onnxpress import __version__
-from onnxpress.api import default_pipeline, prepare_model
+from onnxpress.api import default_pipeline
 from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.errors import ModelSaveError, OnnxpressError, PipelineError, VerificationError
-from onnxpress.core.io import same_file, save_model
+from onnxpress.core.io import prepare_model, same_file, save_model
 from onnxpress.core.manager import PassManager, VerifyConfig, bisect
 from onnxpress.core.options import describe_type, option_fields
 from onnxpress.core.pipeline import load_recipe, parse_pipeline
@@ -305,7 +305,8 @@ def _optimize(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from onnxpress.train.distill import DistillOptions, distill, require_torch
+    from onnxpress.train.distill import distill
+    from onnxpress.train.distill_options import DistillOptions, require_torch
 
     pairs: list[tuple[str, str]] = []
     for item in (args.feature_loss or "").split(","):

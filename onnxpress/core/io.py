@@ -20,7 +20,8 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-from onnxpress.core.errors import ModelLoadError, ModelSaveError
+from onnxpress.core.errors import InvalidModelError, ModelLoadError, ModelSaveError
+from onnxpress.core.ir import ensure_acyclic_sorted
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,24 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"{file}: cannot read external data: {exc}") from None
     return model
+
+
+def prepare_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx.ModelProto, str]:
+    """Load (if a path) and check the input model; returns it with a name for messages."""
+    if isinstance(model, onnx.ModelProto):
+        source = "<model>"
+        loaded = onnx.ModelProto()
+        loaded.CopyFrom(model)
+    else:
+        source = str(model)
+        loaded = load_model(model)
+    ensure_acyclic_sorted(loaded, source)
+    try:
+        onnx.checker.check_model(loaded, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InvalidModelError(f"{source}: fails the ONNX checker: {first}") from None
+    return loaded, source
 
 
 def model_size(model: onnx.ModelProto) -> int:

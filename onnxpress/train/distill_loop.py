@@ -17,7 +17,12 @@ import numpy as np
 import onnx
 
 from onnxpress.core.verify import Runner
-from onnxpress.train.distill import DistillOptions, DistillProgress, DistillReport, distill_loss
+from onnxpress.train.distill_options import (
+    DistillOptions,
+    DistillProgress,
+    DistillReport,
+    distill_loss,
+)
 
 logger = logging.getLogger(__name__)
 

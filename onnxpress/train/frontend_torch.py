@@ -21,6 +21,7 @@ import onnx
 
 from onnxpress.core.errors import InvalidModelError, VerificationError
 from onnxpress.core.verify import Runner, check_structure
+from onnxpress.train.distill_options import require_torch
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ def export(
 
     ``tolerance`` bounds max|ort - torch| / max(1, max|torch|) per output.
     """
-    from onnxpress.train.distill import require_torch
-
     torch = require_torch()
     if not 7 <= opset <= 21:
         raise InvalidModelError(f"opset {opset} is outside the supported range 7..21")

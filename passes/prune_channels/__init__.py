@@ -39,7 +39,8 @@ from onnxpress.passes.prune_channels.importance import (
 from onnxpress.passes.prune_channels.refit import refit_consumers
 from onnxpress.passes.prune_channels.rewrite import Pruner
 
-from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups, node_key
+from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
+from onnxpress.analysis.channels.layout import node_key
 from onnxpress.core.context import PassContext
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.registry import register_pass

@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups, Layout
+from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
+from onnxpress.analysis.channels.layout import Layout
 from onnxpress.analysis.channels.trace import constant_array
 from onnxpress.core.stats import infer_shapes, node_macs
 

@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxpress.analysis.channels.groups import ChannelGroups, node_key
+from onnxpress.analysis.channels.groups import ChannelGroups
+from onnxpress.analysis.channels.layout import node_key
 from onnxpress.analysis.channels.trace import constant_array, topological_nodes
 from onnxpress.analysis.refit import Tap, collect_moments, refit_right, squared_output_error
 from onnxpress.analysis.refit import conv_patches as patches_of

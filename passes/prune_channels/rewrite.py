@@ -27,7 +27,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.analysis.channels.groups import ChannelGroups, node_key
+from onnxpress.analysis.channels.groups import ChannelGroups
+from onnxpress.analysis.channels.layout import node_key
 from onnxpress.analysis.channels.trace import constant_array
 from onnxpress.core.ir import unique_name
 

@@ -15,7 +15,8 @@ import onnxpress  # noqa: E402
 from onnxpress.cli.main import main  # noqa: E402
 from onnxpress.core.errors import OnnxpressError  # noqa: E402
 from onnxpress.core.verify import Runner, check_structure  # noqa: E402
-from onnxpress.train.distill import DistillOptions, distill, same_structure  # noqa: E402
+from onnxpress.train.distill import distill, same_structure  # noqa: E402
+from onnxpress.train.distill_options import DistillOptions  # noqa: E402
 
 F = TensorProto.FLOAT
 

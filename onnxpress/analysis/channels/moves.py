@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.analysis.channels.groups import Layout, Segment, node_key
+from onnxpress.analysis.channels.layout import Layout, Segment, node_key
 from onnxpress.analysis.channels.trace import (
     Tracer,
     attr,

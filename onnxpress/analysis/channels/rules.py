@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.analysis.channels.groups import Layout, node_key
+from onnxpress.analysis.channels.layout import Layout, node_key
 from onnxpress.analysis.channels.moves import (
     Rule,
     concat,

@@ -1,10 +1,10 @@
-"""The walk behind the channel-group analysis: state, helpers for the rules, and the result.
+"""The walk behind the channel-group analysis: its state and the helpers the rules use.
 
 ``Tracer`` holds the layout of every tensor met so far, the channel spaces (``SpaceGraph``)
 and the layers that open, consume or normalize channels. The rules of
-``onnxpress.analysis.channels.rules`` read and extend it node by node in topological order; ``finish``
-refuses channels that reach a graph output and turns the connected components of the space
-graph into ``ChannelGroup`` records.
+``onnxpress.analysis.channels.rules`` read and extend it node by node in topological order;
+``ChannelGroups.compute`` (groups.py) then refuses channels that reach a graph output and
+turns the connected components of the space graph into ``ChannelGroup`` records.
 """
 
 from __future__ import annotations
@@ -17,14 +17,7 @@ import networkx as nx
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.analysis.channels.groups import (
-    ChannelGroup,
-    ChannelGroups,
-    Layout,
-    Segment,
-    SpaceGraph,
-    node_key,
-)
+from onnxpress.analysis.channels.layout import Layout, Segment, SpaceGraph, node_key
 from onnxpress.core.context import TensorShapes
 
 logger = logging.getLogger(__name__)
@@ -138,7 +131,7 @@ class Tracer:
                 self.refuse(other, node, reason)
 
     # result ----------------------------------------------------------------------------
-    def _name(self, key: str, group: int, group_of: dict[int, int]) -> str:
+    def group_name(self, key: str, group: int, group_of: dict[int, int]) -> str:
         """The producer's name, with the channel range when the group is a piece of it."""
         layout = self.spaces.expand(self.producers[key])
         if len({group_of[seg.space] for seg in layout.segments}) == 1:
@@ -150,66 +143,6 @@ class Tracer:
                 return f"{self.names[key]}[{offset}:{offset + size}]"
             offset += size
         return self.names[key]
-
-    def finish(self) -> ChannelGroups:
-        for tensor in self.graph.outputs:
-            layout = self.layout(tensor)
-            if layout is not None:
-                self.spaces.refuse(layout, f"reaches graph output '{tensor.name}'")
-        expand = self.spaces.expand
-        layouts = {name: expand(layout) for name, layout in self.layouts.items()}
-        producers = {key: expand(layout) for key, layout in self.producers.items()}
-        order = {seg.space: i for i, lay in enumerate(producers.values()) for seg in lay.segments}
-        components = sorted(
-            self.spaces.components(), key=lambda c: min(order.get(s, len(order)) for s in c)
-        )
-        group_of = {space: index for index, comp in enumerate(components) for space in comp}
-
-        def keys_by_group(records: dict[str, Layout]) -> dict[int, list[str]]:
-            found: dict[int, list[str]] = {}
-            for key, layout in records.items():
-                for seg in layout.segments:
-                    keys = found.setdefault(group_of[seg.space], [])
-                    if key not in keys:
-                        keys.append(key)
-            return found
-
-        by_producer = keys_by_group(producers)
-        by_consumer = keys_by_group({k: layouts[t] for k, t in self.consumers.items()})
-        by_norm = keys_by_group({k: layouts[t] for k, t in self.norms.items()})
-        groups = []
-        for index, comp in enumerate(components):
-            makers = by_producer.get(index, [])
-            reasons: list[str] = []
-            for space in comp:
-                reasons.extend(r for r in self.spaces.all_reasons(space) if r not in reasons)
-            groups.append(
-                ChannelGroup(
-                    index=index,
-                    name=self._name(makers[0], index, group_of) if makers else f"untraced#{index}",
-                    size=self.spaces.sizes[comp[0]],
-                    members=tuple(comp),
-                    producers=tuple(makers),
-                    consumers=tuple(by_consumer.get(index, [])),
-                    norms=tuple(by_norm.get(index, [])),
-                    refusals=tuple(reasons),
-                )
-            )
-        sizes = {space: self.spaces.sizes[space] for space in group_of}
-        logger.debug("channel groups: %d", len(groups))
-        tensors = self.graph.tensors()
-        ranks = {name: self.rank(tensors[name]) for name in layouts if name in tensors}
-        return ChannelGroups(
-            layouts=layouts,
-            ranks={name: rank for name, rank in ranks.items() if rank is not None},
-            producers=producers,
-            consumers=dict(self.consumers),
-            norms=dict(self.norms),
-            groups=groups,
-            group_of=group_of,
-            space_sizes=sizes,
-            depthwise=set(self.depthwise),
-        )
 
 
 def attr(node: gs.Node, name: str, default: Any) -> Any:

@@ -14,7 +14,6 @@ TvmMissingError that says how to install it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -29,11 +28,10 @@ from typing import Any
 
 import onnx
 
+from onnxpress.backends.tvm.build import LIBRARY_STEM, build, export, import_relax
 from onnxpress.backends.tvm.prepare import (
     LOOP_GRU_PIPELINE,
     PREPARE_PIPELINE,
-    Prepared,
-    check_coverage,
     graph_inputs,
     prepare,
 )
@@ -46,11 +44,12 @@ from onnxpress.backends.tvm.runtime import (  # re-exported: the runtime half of
 from onnxpress.backends.tvm.targets import TargetSpec, parse_target, tvm_target
 from onnxpress.backends.tvm.tune import TuneOptions, TuningProgress
 from onnxpress.backends.tvm.verify import differential_check, has_qdq
+from onnxpress.core.io import prepare_model
 from onnxpress.core.report import Report
+from onnxpress.core.version import __version__
 
 logger = logging.getLogger(__name__)
 
-LIBRARY_STEM = "model"
 # Compiled vs onnxruntime: max |diff| / max |ref| per output (float reassociation only).
 COMPILE_TOLERANCE = 1e-4
 
@@ -65,15 +64,6 @@ class CompileResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    # TVM errors carry a C++/Python backtrace; the message is the last line that is not a frame.
-    for line in reversed(lines):
-        if not line.startswith(("File ", "at ", "0:", "1:", "Traceback")) and ":" not in line[:3]:
-            return f"{type(exc).__name__}: {line}"
-    return type(exc).__name__
-
-
 def _interface(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     def entry(vi: onnx.ValueInfoProto) -> dict[str, Any]:
         t = vi.type.tensor_type
@@ -84,62 +74,6 @@ def _interface(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], list[dict[
         }
 
     return [entry(vi) for vi in graph_inputs(model)], [entry(vi) for vi in model.graph.output]
-
-
-def import_relax(prepared: Prepared, *, loop_rnn: bool = True) -> Any:
-    """The Relax IRModule of a prepared model (coverage is checked first); ``loop_rnn``
-    converts GRU and LSTM ops to the loop-form CPU kernels of onnxpress.backends.tvm.rnn."""
-    require_tvm()
-    check_coverage(prepared.model, loop_rnn=loop_rnn)
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from onnxpress.backends.tvm.rnn import importer_with_rnn
-
-    try:
-        with importer_with_rnn() if loop_rnn else contextlib.nullcontext():
-            return from_onnx(
-                prepared.model,
-                shape_dict=dict(prepared.input_shapes),
-                dtype_dict=dict(prepared.input_dtypes),
-            )
-    except Exception as exc:
-        raise CompileError(f"TVM's ONNX importer failed: {_first_line(exc)}") from exc
-
-
-def build(
-    mod: Any, spec: TargetSpec, *, default_schedules: bool = True, database: Any = None
-) -> Any:
-    """``tvm.compile`` for a target: the relax default pipeline (dlight on CUDA), plus
-    onnxpress's untuned CPU schedules (tvm_schedule) when ``default_schedules``.
-
-    With a MetaSchedule ``database`` (tvm_tune), the module is fused and every kernel with a
-    tuning record gets its best schedule first; the default schedules skip those kernels."""
-    tvm = require_tvm()
-    target = tvm_target(spec)
-    try:
-        if database is not None:
-            from onnxpress.backends.tvm.tune import apply_database, fuse
-
-            mod = apply_database(fuse(mod, target, default_schedules), target, database)
-        if spec.kind == "llvm" and default_schedules:
-            from onnxpress.backends.tvm.schedule import cpu_pipeline
-
-            return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
-        return tvm.compile(mod, target=target)
-    except Exception as exc:
-        raise CompileError(f"TVM could not compile for {spec.name}: {_first_line(exc)}") from exc
-
-
-def export(executable: Any, spec: TargetSpec, folder: Path) -> Path:
-    path = folder / (LIBRARY_STEM + spec.library_suffix)
-    try:
-        if spec.cross_compiler:
-            executable.export_library(str(path), cc=spec.cross_compiler)
-        else:
-            executable.export_library(str(path))
-    except Exception as exc:
-        raise CompileError(f"exporting the {spec.name} library failed: {_first_line(exc)}") from exc
-    return path
 
 
 def _sha256(model: onnx.ModelProto) -> str:
@@ -194,9 +128,6 @@ def compile_model(
     runs lower-gru first (one set of ops per step). LSTMs always compile as loops
     (tvm_lstm), on CPU targets.
     """
-    from onnxpress import __version__
-    from onnxpress.api import prepare_model
-
     if gru not in ("loop", "unroll"):
         raise CompileError(f"gru must be 'loop' or 'unroll', not {gru!r}")
     if int8 not in ("auto", "off"):

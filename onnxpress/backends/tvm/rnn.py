@@ -1,9 +1,9 @@
 """Recurrent ONNX ops (GRU, LSTM) on TVM as loops: what the two converters share.
 
 TVM 0.27's Relax ONNX importer has no GRU or LSTM converter. onnxpress adds its own for the
-duration of one import (``importer_with_rnn``): each direction becomes one Relax matmul for
-the input projection of every step and one TIR kernel that keeps the recurrence as a loop
-(onnxpress.backends.tvm.gru, onnxpress.backends.tvm.lstm). This module holds the common parts: reading
+duration of one import (``build.importer_with_rnn``): each direction becomes one Relax matmul
+for the input projection of every step and one TIR kernel that keeps the recurrence as a loop
+(gru.py, lstm.py). This module holds the common parts, below both converters: reading
 constant (or weight-only int8, DequantizeLinear(constant)) weights, the layout=1 transposes,
 per-direction initial states, and stacking the outputs as ONNX lays them out:
 Y [T, D, B, H] (layout 1: [B, T, D, H]) and the last states [D, B, H] (layout 1: [B, D, H]).
@@ -11,8 +11,6 @@ Y [T, D, B, H] (layout 1: [B, T, D, H]) and the last states [D, B, H] (layout 1:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,35 +136,3 @@ def outputs(bb: Any, ys: list[Any], states: list[list[Any]], seq: Sequence) -> A
         y_all = bb.emit(relax.op.permute_dims(y_all, [2, 0, 1, 3]))
         finals = [bb.emit(relax.op.permute_dims(f, [1, 0, 2])) for f in finals]
     return relax.Tuple([y_all, *finals])
-
-
-@contextlib.contextmanager
-def importer_with_rnn() -> Iterator[None]:
-    """TVM's ONNX importer with the GRU and LSTM loop converters, for the duration of the block."""
-    from tvm.relax.frontend.onnx import onnx_frontend as frontend
-
-    from onnxpress.backends.tvm.gru import convert_gru
-    from onnxpress.backends.tvm.lstm import convert_lstm
-
-    class Gru(frontend.OnnxOpConverter):
-        @classmethod
-        def _impl_v7(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
-            return convert_gru(bb, list(inputs), dict(attr))
-
-    class Lstm(frontend.OnnxOpConverter):
-        @classmethod
-        def _impl_v7(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
-            return convert_lstm(bb, list(inputs), dict(attr))
-
-    original = frontend._get_convert_map
-
-    def with_rnn() -> dict[str, Any]:
-        table = dict(original())
-        table.update({"GRU": Gru, "LSTM": Lstm})
-        return table
-
-    frontend._get_convert_map = with_rnn
-    try:
-        yield
-    finally:
-        frontend._get_convert_map = original

@@ -17,10 +17,9 @@ import numpy as np
 import onnx
 
 from onnxpress.backends.tvm.prepare import graph_inputs
-from onnxpress.backends.tvm.verify import max_rel
 from onnxpress.core.errors import OnnxpressError
 from onnxpress.core.ir import copy_model
-from onnxpress.core.verify import Runner
+from onnxpress.core.verify import METRICS, Runner
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "onnxpress-tvm/1"
@@ -75,6 +74,16 @@ class CompiledModel:
         if self.device.dlpack_device_type() == 1:  # kDLCPU
             return [np.from_dlpack(item) for item in items]
         return [np.asarray(item.numpy()) for item in items]
+
+
+def max_rel(ref: np.ndarray, new: np.ndarray) -> float:
+    """The verifier's max-rel (onnxpress.core.verify), made total: a shape mismatch is infinite,
+    and integer outputs must match exactly."""
+    if ref.shape != new.shape:
+        return float("inf")
+    if not np.issubdtype(ref.dtype, np.floating):
+        return 0.0 if np.array_equal(ref, new) else float("inf")
+    return METRICS["max-rel"][0](ref, new)
 
 
 def load_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxpress.backends.tvm.build import fuse
 from onnxpress.backends.tvm.rpc import RpcSpec, check_tracker, in_process_builder, session_runner
 from onnxpress.backends.tvm.targets import TargetSpec, tvm_target
 from onnxpress.backends.tvm.tune_db import (
@@ -149,38 +150,6 @@ def load_tensor_intrinsics(kind: str) -> None:
         parent.tensor_intrin = module
     for sub in ("cuda",) if kind == "cuda" else ("x86", "arm_cpu"):
         importlib.import_module(f"{package}.{sub}")
-
-
-def fuse(mod: Any, target: Any, default_schedules: bool = True) -> Any:
-    """Legalize and fuse: the kernels MetaSchedule tunes and the compile pipeline builds.
-    With ``default_schedules`` on CPU, first the layout rewrite that tvm_schedule's pipeline
-    runs before legalizing (conv weights to IHWO), so tuned kernels are the ones it builds."""
-    import tvm
-    from tvm.relax import pipeline as relax_pipeline
-
-    passes = [*relax_pipeline.library_dispatch_passes(target)]
-    if default_schedules and str(target.kind.name) == "llvm":
-        from onnxpress.backends.tvm.tile_schedule import conv_kernel_layout_pass, vector_lanes
-
-        passes.append(conv_kernel_layout_pass(vector_lanes(target)))
-    passes += [
-        tvm.relax.transform.LegalizeOps(),
-        tvm.relax.transform.AnnotateTIROpPattern(),
-        tvm.relax.transform.FoldConstant(),
-        tvm.relax.transform.FuseOps(),
-        tvm.relax.transform.FuseTIR(),
-    ]
-    with target:
-        return tvm.transform.Sequential(passes)(mod)
-
-
-def apply_database(mod: Any, target: Any, database: Any) -> Any:
-    """Schedule every kernel of a fused module that has a record with its best record."""
-    import tvm
-    from tvm.relax.transform import MetaScheduleApplyDatabase
-
-    with target, database, tvm.transform.PassContext(opt_level=3):
-        return MetaScheduleApplyDatabase(enable_warning=False)(mod)
 
 
 class _Progress:

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from onnxpress.backends.tvm.build import build, export
 from onnxpress.backends.tvm.rpc import RpcSpec, time_kernels, time_library
 from onnxpress.backends.tvm.targets import TargetSpec
 from onnxpress.core.errors import OnnxpressError
@@ -208,8 +209,6 @@ def kernel_library(
 ) -> Path | None:
     """Build ``mod`` with a database's records and export only its kernels (the VM
     executable's imported module, whose functions are named after the tasks)."""
-    from onnxpress.backends.tvm.backend import build
-
     executable = build(mod, spec, default_schedules=default_schedules, database=database)
     libraries = [m for m in executable.mod.imports if m.kind in ("llvm", "library")]
     if not libraries:
@@ -239,8 +238,6 @@ def model_times(
     timed alternately on zero inputs (minimum over ``rounds``): kernels that win alone can
     still lose inside the model (caches, thread start-up)."""
     from tvm.s_tir import meta_schedule as ms
-
-    from onnxpress.backends.tvm.backend import build, export
 
     inputs = [
         {"shape": [int(d) for d in p.ty.shape], "dtype": str(p.ty.dtype)}

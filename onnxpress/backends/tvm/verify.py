@@ -19,20 +19,11 @@ import onnx
 from onnx import numpy_helper
 
 from onnxpress.backends.tvm.prepare import graph_inputs
-from onnxpress.core.verify import METRICS, Runner, random_inputs
+from onnxpress.backends.tvm.runtime import CompiledModel, max_rel
+from onnxpress.core.verify import Runner, random_inputs
 
 MAX_WALK = 8  # producers followed back from an output to find its quantized inputs
 STEP_LIMIT = 1.0
-
-
-def max_rel(ref: np.ndarray, new: np.ndarray) -> float:
-    """The verifier's max-rel (onnxpress.core.verify), made total: a shape mismatch is infinite,
-    and integer outputs must match exactly."""
-    if ref.shape != new.shape:
-        return float("inf")
-    if not np.issubdtype(ref.dtype, np.floating):
-        return 0.0 if np.array_equal(ref, new) else float("inf")
-    return METRICS["max-rel"][0](ref, new)
 
 
 def _scale(model: onnx.ModelProto, node: onnx.NodeProto) -> float | None:
@@ -75,8 +66,6 @@ def differential_check(
     """Per output: the error of the library against onnxruntime on seeded inputs, its metric
     and its limit. ``in_steps`` (integer-lowered models): max-abs in quantization steps, limit
     one step, for every output with a step; otherwise max-rel, limit ``tolerance``."""
-    from onnxpress.backends.tvm.runtime import CompiledModel
-
     feed = random_inputs(reference_model, seed)[0]
     expected = Runner(reference_model)(feed)
     compiled = CompiledModel(library)

@@ -14,7 +14,8 @@ pytest.importorskip("tvm")
 
 from gru_helpers import BATCH, HID, IN, gru_model
 
-from onnxpress.backends.tvm.backend import build, compile_model, export, import_relax
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.build import build, export, import_relax
 from onnxpress.backends.tvm.prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
 from onnxpress.backends.tvm.runtime import CompiledModel
 from onnxpress.backends.tvm.targets import parse_target

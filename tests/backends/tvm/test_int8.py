@@ -15,7 +15,8 @@ from qdq_helpers import quantize
 
 tvm = pytest.importorskip("tvm")
 
-from onnxpress.backends.tvm.backend import compile_model, import_relax  # noqa: E402
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.build import import_relax  # noqa: E402
 from onnxpress.backends.tvm.int8 import lower_qdq_to_integer  # noqa: E402
 from onnxpress.backends.tvm.int8_kernels import VNNI, dot_isa, pack_weight, packed_gemm  # noqa: E402
 from onnxpress.backends.tvm.prepare import prepare  # noqa: E402

@@ -13,7 +13,8 @@ from onnx.reference import ReferenceEvaluator
 
 pytest.importorskip("tvm")
 
-from onnxpress.backends.tvm.backend import build, compile_model, export, import_relax
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.build import build, export, import_relax
 from onnxpress.backends.tvm.prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
 from onnxpress.backends.tvm.runtime import CompiledModel
 from onnxpress.backends.tvm.targets import parse_target
