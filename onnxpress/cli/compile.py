@@ -5,57 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from onnxpress.core.errors import CalibrationError, OnnxpressError
+from onnxpress.report.progress import TuningBar
 from onnxpress.report.render import render_report, table
 
 if TYPE_CHECKING:
-    from onnxpress.backends.tvm.tune import TuneOptions, TuningProgress
+    from onnxpress.backends.tvm.tune import TuneOptions
 
 
 class OutputMismatchError(OnnxpressError):
     """``run --verify``: the compiled library disagrees with onnxruntime."""
-
-
-class TrialBar:
-    """Tuning progress on stderr: a redrawn bar on a TTY, a line per 10% otherwise."""
-
-    WIDTH = 30
-
-    def __init__(self, stream: TextIO = sys.stderr, enabled: bool = True) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.tty = stream.isatty()
-        self.started = time.perf_counter()
-        self.shown_tenths = -1
-
-    def __call__(self, progress: TuningProgress) -> None:
-        if not self.enabled:
-            return
-        done, total = progress.trials_done, max(1, progress.trials_total)
-        filled = self.WIDTH * done // total
-        elapsed = time.perf_counter() - self.started
-        text = (
-            f"tuning [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} trials "
-            f"{elapsed:.0f}s"
-        ) + (f"  kernel {progress.kernels_done + 1}: {progress.task}" if progress.task else "")
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + text)
-        elif 10 * done // total > self.shown_tenths:
-            self.shown_tenths = 10 * done // total
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
 
 
 def _tune_options(args: argparse.Namespace) -> TuneOptions | None:
@@ -106,7 +70,7 @@ def compile_command(args: argparse.Namespace) -> int:
     spec = parse_target(args.target)
     tuning = _tune_options(args)
     require_tvm()
-    bar = TrialBar(enabled=not args.json)
+    bar = TuningBar(enabled=not args.json)
     try:
         result = compile_model(
             args.model,

@@ -1,17 +1,74 @@
-"""Terminal rendering for the CLI: aligned tables, human-readable numbers, a progress line.
+"""Terminal rendering for the CLI with rich: the pass table, plain tables, the totals line.
 
-Only the CLI uses this module; the library itself never writes to the terminal.
+Each function returns the text to print. On a terminal it carries rich's styles and fits the
+terminal's width; when stdout is not a terminal (a pipe, a file, a test's capture) it is plain
+text: no ANSI codes, ASCII rules, and tables at their natural width so no cell is cut. Only
+the CLI uses this module; the library itself never writes to the terminal.
 """
 
 from __future__ import annotations
 
+import io
+import shutil
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from rich import box
+from rich.console import Console, RenderableType
+from rich.table import Table
+from rich.text import Text
+
 from onnxpress.core.report import Report
 from onnxpress.core.stats import ModelStats
+
+# SIMPLE_HEAD drawn with ASCII: a dashed rule under the header, nothing else.
+PLAIN_BOX = box.Box("    \n    \n -- \n    \n    \n    \n    \n    \n", ascii=True)
+PLAIN_WIDTH = 1000  # wide enough that rich never wraps or cuts a cell in plain output
+
+
+def is_terminal(stream: TextIO | None = None) -> bool:
+    target = sys.stdout if stream is None else stream
+    return bool(getattr(target, "isatty", lambda: False)())
+
+
+def to_text(*renderables: RenderableType, stream: TextIO | None = None) -> str:
+    """Render for ``stream`` (default stdout): styled on a terminal, plain text otherwise."""
+    tty = is_terminal(stream)
+    console = Console(
+        file=io.StringIO(),
+        force_terminal=tty,
+        no_color=not tty,
+        width=shutil.get_terminal_size().columns if tty else PLAIN_WIDTH,
+        highlight=False,
+        emoji=False,
+    )
+    for renderable in renderables:
+        console.print(renderable)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    if not tty:
+        text = "\n".join(line.rstrip() for line in text.splitlines())
+    return str(text).rstrip("\n")
+
+
+def new_table(headers: Sequence[str], right: Sequence[int] = (), plain: bool = False) -> Table:
+    table = Table(
+        box=PLAIN_BOX if plain else box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        header_style="" if plain else "bold",
+    )
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i in right else "left", no_wrap=plain)
+    return table
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A table of ``rows`` under ``headers``; columns listed in ``right`` are right-aligned."""
+    grid = new_table(headers, right, plain=not is_terminal())
+    for row in rows:
+        grid.add_row(*(Text(str(c)) for c in row))
+    return to_text(grid)
 
 
 def human(n: float, unit: str = "") -> str:
@@ -28,24 +85,6 @@ def human(n: float, unit: str = "") -> str:
             return f"{value:.0f}{suffix}" if suffix == "" else f"{value:.2f}{suffix}"
         value /= 1000
     return str(n)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, c in enumerate(row):
-            widths[i] = max(widths[i], len(c))
-
-    def line(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(widths[i]) if i in right else v.ljust(widths[i]) for i, v in enumerate(values)
-        ]
-        return "  ".join(parts).rstrip()
-
-    out = [line(headers), line(["-" * w for w in widths])]
-    out.extend(line(row) for row in cells)
-    return "\n".join(out)
 
 
 def _duration(seconds: float) -> str:
@@ -68,34 +107,27 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def render_report(report: Report) -> str:
-    rows = []
+    """What each pass did (one row per pass), the totals, and the first refusals."""
+    headers = ["pass", "time", "nodes", "params", "MACs", "bytes", "changes", "verified"]
+    grid = new_table(headers, right=(1,), plain=not is_terminal())
     for record in report.passes:
         v = record.verification
-        if v.metric is None:
-            verdict = v.level
-        else:
-            verdict = f"{v.metric} {v.value:.2g} <= {v.limit:.2g}"
+        verdict = v.level if v.metric is None else f"{v.metric} {v.value:.2g} <= {v.limit:.2g}"
         changes = _counts(record.result.counts)
         if record.result.refusals:
             changes += f" ({len(record.result.refusals)} refused)"
-        rows.append(
-            [
-                record.spec,
-                _duration(record.seconds),
-                _change(record.before.nodes, record.after.nodes),
-                _change(record.before.params, record.after.params),
-                _change(record.before.macs, record.after.macs),
-                _change(record.before.bytes, record.after.bytes, "B"),
-                changes,
-                verdict,
-            ]
-        )
-    body = table(
-        ["pass", "time", "nodes", "params", "MACs", "bytes", "changes", "verified"],
-        rows,
-        right=(1,),
-    )
-    total = _summary(report.before, report.after)
+        cells = [
+            record.spec,
+            _duration(record.seconds),
+            _change(record.before.nodes, record.after.nodes),
+            _change(record.before.params, record.after.params),
+            _change(record.before.macs, record.after.macs),
+            _change(record.before.bytes, record.after.bytes, "B"),
+            changes,
+            verdict,
+        ]
+        grid.add_row(*(Text(c) for c in cells))
+    parts: list[RenderableType] = [grid, Text(""), Text(_summary(report.before, report.after))]
     refusals = []
     for record in report.passes:
         for refusal in record.result.refusals[:5]:
@@ -103,10 +135,9 @@ def render_report(report: Report) -> str:
         extra = len(record.result.refusals) - 5
         if extra > 0:
             refusals.append(f"  {record.name}: ... and {extra} more (see the JSON report)")
-    text = body + "\n\n" + total
     if refusals:
-        text += "\n\nrefused:\n" + "\n".join(refusals)
-    return text
+        parts += [Text(""), Text("refused:", style="bold"), Text("\n".join(refusals))]
+    return to_text(*parts)
 
 
 def _summary(before: ModelStats, after: ModelStats) -> str:
@@ -119,37 +150,3 @@ def _summary(before: ModelStats, after: ModelStats) -> str:
         f"MACs {human(before.macs)} -> {human(after.macs)}{pct(before.macs, after.macs)}, "
         f"size {human(before.bytes, 'B')} -> {human(after.bytes, 'B')}{pct(before.bytes, after.bytes)}"
     )
-
-
-class Progress:
-    """A one-line progress display on a TTY, plain lines otherwise (quiet when disabled)."""
-
-    def __init__(self, stream: TextIO = sys.stderr, enabled: bool = True) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.tty = stream.isatty()
-        self._started = 0.0
-
-    def __call__(self, event: str, index: int, total: int, name: str) -> None:
-        if not self.enabled:
-            return
-        if event == "start":
-            self._started = time.perf_counter()
-            bar = "#" * index + "." * (total - index)
-            text = f"[{bar}] {index + 1}/{total} {name} ..."
-            if self.tty:
-                self.stream.write("\r\x1b[2K" + text)
-                self.stream.flush()
-        elif event == "done":
-            elapsed = time.perf_counter() - self._started
-            text = f"{index + 1}/{total} {name} done in {elapsed:.2f}s"
-            if self.tty:
-                self.stream.write("\r\x1b[2K" + (text + "\n" if index + 1 == total else text))
-            else:
-                self.stream.write(text + "\n")
-            self.stream.flush()
-
-    def clear(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()

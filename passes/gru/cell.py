@@ -9,7 +9,7 @@ Starting from a Tanh node (the candidate n) it finds, whatever order an exporter
     (the data operand of every MatMul/Gemm with a constant weight that is not built from h
     or a gate, also through a Concat([x, h]));
   * every node in between, none of which may be read from outside the cell.
-Weights are not read here: _gru_probe recovers them numerically from the matched nodes.
+Weights are not read here: probe recovers them numerically from the matched nodes.
 """
 
 from __future__ import annotations

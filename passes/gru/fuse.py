@@ -7,10 +7,10 @@
   ->  Y, Y_h = GRU(X[T, batch, I], W, R, B, initial_h = h_0 unless it is zeros)
 
 One rule, ``fuse-gru``. Pattern: chains of cells matched around each gated Tanh
-(_gru_cell), linked state to state and cut where the weights change. Check: refuses, with a
+(cell), linked state to state and cut where the weights change. Check: refuses, with a
 reason, Tanhs that are not GRU cells, per-step weights, unknown sizes or dtypes, and cells
-whose weights, recovered by probing (_gru_probe), do not reproduce the cell on random
-inputs. Rewrite (_gru_emit): one GRU node, X from the tensor the steps were sliced from,
+whose weights, recovered by probing (probe), do not reproduce the cell on random
+inputs. Rewrite (emit): one GRU node, X from the tensor the steps were sliced from,
 and every step state read outside the loop re-produced from Y or Y_h. A single cell (a
 step-wise decoder) becomes a GRU with seq_length 1.
 """

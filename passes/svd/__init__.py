@@ -3,7 +3,7 @@
 MatMul(x, W[k,n]) -> MatMul(MatMul(x, U[k,r]), V[r,n]) when r·(k+n) < (1 − min_gain)·k·n;
 likewise a MatMul's left weight, Gemm (any transA/transB/alpha/beta, bias kept on the second
 factor), Conv (``scheme=channel``: k×k conv with r filters per group then 1×1; ``spatial``:
-kh×1 conv then 1×kw) and a GRU's input weight W (see ``_svd_layers``). A weight read by
+kh×1 conv then 1×kw) and a GRU's input weight W (see ``layers``). A weight read by
 several nodes is factored once and its factors are shared, or refused with a reason.
 
 Rank rules (one of; default ``energy=0.99``): ``rank=N``, ``energy=E`` (kept fraction of

@@ -10,7 +10,7 @@
 A grouped conv is factored per group (``groups`` matrices, one rank). Calibration data is
 read as rows x [row_dim] with targets y = x·linear [target_dim]: the factored matrix itself,
 except for the spatial conv whose rows are whole kh×kw patches (``linear_factors`` maps its
-factors there). ``_svd_match.classify`` finds the forms in a graph.
+factors there). ``match.classify`` finds the forms in a graph.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Which nodes the ``svd`` pass can factor: ``classify`` turns a node into its linear forms
-(see ``_svd_layers``), or into the reason why a weight of it cannot be factored: a computed
+(see ``layers``), or into the reason why a weight of it cannot be factored: a computed
 or non-float weight, a weight of rank other than 2, a computed bias, a constant Gemm A, a
 spatial scheme on a non-2-D kernel or with auto_pad SAME_*, a bidirectional GRU, and the
 GRU's recurrent weight R, which lives inside the fused op's recurrence.

@@ -1,7 +1,7 @@
 """``onnxpress compile`` / ``onnxpress run``: ONNX -> Apache TVM (Relax) library + manifest.
 
   compile(model, target, input_shapes, output_dir):
-      prepare (tvm_prepare: static shapes, verified lower-gru/fold-constants/cleanup)
+      prepare (prepare.py: static shapes, verified lower-gru/fold-constants/cleanup)
       -> coverage check (one error naming every op the importer cannot take)
       -> tvm.relax.frontend.onnx.from_onnx -> tvm.compile(target) -> export_library
       -> on targets that run here, a differential run against onnxruntime
@@ -116,17 +116,17 @@ def compile_model(
     """Compile an ONNX model with TVM into the folder ``output`` (library, manifest.json,
     README.md); ``onnxpress.compile`` is this function, mirroring ``onnxpress compile``.
 
-    ``target`` is a name (see tvm_targets) or TargetSpec; ``input_shapes`` maps input names
+    ``target`` is a name (see targets.py) or TargetSpec; ``input_shapes`` maps input names
     to static shapes (default: the model's, a symbolic leading axis set to 1). Nothing is
     written unless every step, including the check against onnxruntime on targets that run
     here, succeeded. Existing files of the same names in ``output`` are replaced.
     ``int8="auto"`` turns a QDQ model's quantized convolutions and matmuls into integer
-    compute (tvm_int8), verified within one quantization step; ``"off"`` keeps Relax's
-    float (fake-quant) computation. ``tuning`` runs MetaSchedule first (tvm_tune: trials,
+    compute (int8.py), verified within one quantization step; ``"off"`` keeps Relax's
+    float (fake-quant) computation. ``tuning`` runs MetaSchedule first (tune.py: trials,
     persistent database, optional RPC device), reporting to ``on_tuning_progress``.
-    ``gru="loop"`` compiles each ONNX GRU as one recurrence kernel (tvm_gru); ``"unroll"``
+    ``gru="loop"`` compiles each ONNX GRU as one recurrence kernel (gru.py); ``"unroll"``
     runs lower-gru first (one set of ops per step). LSTMs always compile as loops
-    (tvm_lstm), on CPU targets.
+    (lstm.py), on CPU targets.
     """
     if gru not in ("loop", "unroll"):
         raise CompileError(f"gru must be 'loop' or 'unroll', not {gru!r}")

@@ -88,9 +88,9 @@ def build(
     mod: Any, spec: TargetSpec, *, default_schedules: bool = True, database: Any = None
 ) -> Any:
     """``tvm.compile`` for a target: the relax default pipeline (dlight on CUDA), plus
-    onnxpress's untuned CPU schedules (tvm_schedule) when ``default_schedules``.
+    onnxpress's untuned CPU schedules (schedule.py) when ``default_schedules``.
 
-    With a MetaSchedule ``database`` (tvm_tune), the module is fused and every kernel with a
+    With a MetaSchedule ``database`` (tune.py), the module is fused and every kernel with a
     tuning record gets its best schedule first; the default schedules skip those kernels."""
     tvm = require_tvm()
     target = tvm_target(spec)
@@ -118,7 +118,7 @@ def export(executable: Any, spec: TargetSpec, folder: Path) -> Path:
 
 def fuse(mod: Any, target: Any, default_schedules: bool = True) -> Any:
     """Legalize and fuse: the kernels MetaSchedule tunes and the compile pipeline builds.
-    With ``default_schedules`` on CPU, first the layout rewrite that tvm_schedule's pipeline
+    With ``default_schedules`` on CPU, first the layout rewrite that schedule.py's pipeline
     runs before legalizing (conv weights to IHWO), so tuned kernels are the ones it builds."""
     import tvm
     from tvm.relax import pipeline as relax_pipeline

@@ -12,7 +12,7 @@ makes its convolutions and matmuls integer.
 The integer accumulation is exact; the float epilogue (bias, activation, the next quantize)
 is what onnxruntime's QLinear kernels do too, so results match onnxruntime's QDQ run within
 one quantization step. Padding uses the zero point (the integer image of float 0).
-Where the target has a dot-product instruction (tvm_int8_kernels.dot_isa: x86 AVX512-VNNI
+Where the target has a dot-product instruction (int8_kernels.dot_isa: x86 AVX512-VNNI
 vpdpbusd, u8 x s8; aarch64 +dotprod sdot, s8 x s8) the products run in a packed kernel
 (convolutions through im2col; activations shifted by 128 to the operand's signedness);
 elsewhere in Relax's own integer conv2d/matmul. Patterns that do not fit (per-channel

@@ -9,10 +9,10 @@
           i  = sigmoid(g_i + P_i * c)       f = sigmoid(g_f + P_f * c)
           c  = f * c + i * tanh(g_c)
           o  = sigmoid(g_o + P_o * c)       h = o * tanh(c);   Y_d[t] = h
-    Y = stack_d(Y_d), Y_h = last states, Y_c = final cells (ONNX layouts, see tvm_rnn).
+    Y = stack_d(Y_d), Y_h = last states, Y_c = final cells (ONNX layouts, see rnn.py).
 
 Default activations only (Sigmoid, Tanh, Tanh); ``clip`` and ``input_forget`` are refused
-by the coverage check (tvm_rnn.loop_supported). Peepholes (P) are optional.
+by the coverage check (rnn.loop_supported). Peepholes (P) are optional.
 """
 
 from __future__ import annotations

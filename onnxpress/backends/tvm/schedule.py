@@ -3,7 +3,7 @@
 TVM 0.27's ``cpu_generic`` pipeline legalizes and fuses ops but leaves every kernel as a
 naive single-threaded loop nest. This pipeline
 
-1. ``ConvKernelLayout`` (tvm_tile_schedule), before legalization:
+1. ``ConvKernelLayout`` (tile_schedule.py), before legalization:
 
        conv2d(x[N,C,H,W], w[O,I,KH,KW], OIHW) -> conv2d(x, permute_dims(w) : [I,KH,KW,O], IHWO)
 
@@ -12,7 +12,7 @@ naive single-threaded loop nest. This pipeline
    one vector; FoldConstant transposes constant weights once, at compile time. Depthwise
    and narrow-group convolutions keep OIHW;
 2. after fusion, applies ``dlight.ApplyDefaultSchedule`` with, in order:
-   ``TiledReduction`` (tvm_tile_schedule: register-tiled, vectorized, parallel conv2d /
+   ``TiledReduction`` (tile_schedule.py: register-tiled, vectorized, parallel conv2d /
    matmul / batch-matmul kernels), dlight's CPU ``GEMV`` and ``Reduction``, and
    ``LoopParallel``: a fallback that inlines elementwise chains, vectorizes the innermost
    loop of elementwise blocks, moves the innermost spatial loop of a reduction under the

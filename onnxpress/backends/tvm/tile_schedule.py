@@ -1,5 +1,5 @@
 """Untuned register-tiled CPU schedule for conv2d / matmul / batch-matmul kernels, the conv
-weight layout it wants (``conv_kernel_layout_pass``, see tvm_schedule) and the target's
+weight layout it wants (``conv_kernel_layout_pass``, see schedule.py) and the target's
 vector lanes and registers.
 
 dlight rule ``TiledReduction``, for a kernel whose one reduction block is

@@ -11,11 +11,11 @@
        another with that share each (random cost model unless xgboost is installed);
     4. candidates are built in this process (MetaSchedule's LocalBuilder forks workers that
        each spend 30-80 s importing TVM's tensor intrinsics) and measured in this process or
-       on an RPC device (tvm_rpc).
+       on an RPC device (rpc.py).
     5. guard: each kernel is timed with its best record and with its default (untuned)
        schedule side by side, and gets the record only where that is faster; then the whole
-       model is timed both ways, and no record is applied unless it is faster (tvm_tune_db).
-  tvm_backend.build then applies those records to the fused module before onnxpress's
+       model is timed both ways, and no record is applied unless it is faster (tune_db.py).
+  build.build then applies those records to the fused module before onnxpress's
   default schedules, which skip the kernels the records scheduled.
 
 Progress is reported through ``on_progress(TuningProgress)``; this module never prints.

@@ -1,7 +1,7 @@
 """Checking a compiled library against onnxruntime.
 
 Float models: max |diff| / max |ref| per output (float reassociation only, limit 1e-4).
-Integer-lowered QDQ models (tvm_int8): both sides compute integer convolutions and matmuls,
+Integer-lowered QDQ models (int8.py): both sides compute integer convolutions and matmuls,
 so they agree up to rounding ties in a requantization, which move a value by one
 quantization step. Their error is measured in steps: max |diff| / step, where the step of
 an output is the scale of the DequantizeLinear that produces it or, for a float output
