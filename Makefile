@@ -24,10 +24,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# lint-imports reads packages from disk, and onnxpress.passes lives in passes/: it runs on a
+# copy of the tree laid out as installed (build/lint-imports/onnxpress/passes).
+LINT_TREE := build/lint-imports
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check onnxpress passes
 	$(BIN)/mypy
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)
+	cp -r onnxpress $(LINT_TREE)/onnxpress && cp -r passes $(LINT_TREE)/onnxpress/passes
+	cd $(LINT_TREE) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml
 
 check: test lint
 

@@ -28,7 +28,7 @@ from _common import MnistTraining, build_mnist_classifier, report
 from build_cnn_mnist import ResidualCNN
 from torch import nn
 
-from onnxpress.activations import stream_activations
+from onnxpress.calibration.activations import stream_activations
 
 NAME = "cnn_wide_mnist"
 EPOCHS = 20

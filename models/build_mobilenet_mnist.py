@@ -35,7 +35,7 @@ import onnx
 import torch
 from torch import nn
 
-from onnxpress.activations import stream_activations
+from onnxpress.calibration.activations import stream_activations
 
 NAME = "mobilenet_mnist"
 EPOCHS = 8

@@ -1,10 +1,11 @@
 """onnxpress: a graph-rewriting compression compiler for ONNX models."""
 
 from onnxpress.api import optimize
-from onnxpress.calibration import CalibrationData
-from onnxpress.context import PassContext, TensorShapes
-from onnxpress.distill import DistillOptions, DistillReport, distill  # imports torch lazily
-from onnxpress.errors import (
+from onnxpress.backends.tvm.backend import compile_model as compile  # imports TVM lazily
+from onnxpress.backends.tvm.runtime import run_compiled
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.context import PassContext, TensorShapes
+from onnxpress.core.errors import (
     CalibrationError,
     InvalidModelError,
     ModelLoadError,
@@ -15,17 +16,16 @@ from onnxpress.errors import (
     PluginError,
     VerificationError,
 )
-from onnxpress.io import load_model, save_model
-from onnxpress.manager import PassManager, VerifyConfig, bisect
-from onnxpress.pass_base import NoOptions, Pass, PassResult, Refusal
-from onnxpress.pipeline import load_recipe, parse_pipeline
-from onnxpress.registry import all_passes, get_pass, load_plugin_file, register_pass
-from onnxpress.report import Report
-from onnxpress.stats import model_stats
-from onnxpress.tvm_backend import compile_model as compile  # imports TVM lazily
-from onnxpress.tvm_runtime import run_compiled
-
-__version__ = "0.1.0"
+from onnxpress.core.io import load_model, save_model
+from onnxpress.core.manager import PassManager, VerifyConfig, bisect
+from onnxpress.core.pass_base import NoOptions, Pass, PassResult, Refusal
+from onnxpress.core.pipeline import load_recipe, parse_pipeline
+from onnxpress.core.registry import all_passes, get_pass, load_plugin_file, register_pass
+from onnxpress.core.report import Report
+from onnxpress.core.stats import model_stats
+from onnxpress.core.version import __version__
+from onnxpress.train.distill import distill  # imports torch lazily
+from onnxpress.train.distill_options import DistillOptions, DistillReport  # imports torch lazily
 
 __all__ = [
     "CalibrationData",

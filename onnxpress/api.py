@@ -10,13 +10,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpress.calibration import CalibrationData
-from onnxpress.io import load_model
-from onnxpress.ir import ensure_acyclic_sorted
-from onnxpress.manager import PassManager, ProgressCallback, VerifyConfig
-from onnxpress.pass_base import Pass
-from onnxpress.pipeline import DEFAULT_LOSSLESS, DEFAULT_WITH_CALIBRATION, parse_pipeline
-from onnxpress.report import Report
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.io import prepare_model
+from onnxpress.core.manager import PassManager, ProgressCallback, VerifyConfig
+from onnxpress.core.pass_base import Pass
+from onnxpress.core.pipeline import DEFAULT_LOSSLESS, DEFAULT_WITH_CALIBRATION, parse_pipeline
+from onnxpress.core.report import Report
 
 CalibrationLike = (
     CalibrationData | str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | None
@@ -33,26 +32,6 @@ def resolve_passes(passes: str | list[Pass[Any]] | None, with_calibration: bool)
     if isinstance(passes, str):
         return parse_pipeline(passes)
     return list(passes)
-
-
-def prepare_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx.ModelProto, str]:
-    """Load (if a path) and check the input model; returns it with a name for messages."""
-    if isinstance(model, onnx.ModelProto):
-        source = "<model>"
-        loaded = onnx.ModelProto()
-        loaded.CopyFrom(model)
-    else:
-        source = str(model)
-        loaded = load_model(model)
-    ensure_acyclic_sorted(loaded, source)
-    from onnxpress.errors import InvalidModelError
-
-    try:
-        onnx.checker.check_model(loaded, full_check=False)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise InvalidModelError(f"{source}: fails the ONNX checker: {first}") from None
-    return loaded, source
 
 
 def optimize(

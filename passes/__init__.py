@@ -1,22 +1,31 @@
-"""Built-in passes. Each module registers one pass with @register_pass; importing this
-package (done lazily by the registry on first lookup) makes them all available."""
+"""Built-in passes, installed as ``onnxpress.passes``. Each small pass is one module; a pass
+with steps is a package whose ``__init__`` is the pass (qdq/, svd/, prune_channels/) or that
+holds a family of passes (gru/: fuse-gru, lower-gru). Each registers itself with
+@register_pass; importing this package (done lazily by the registry on first lookup) makes
+them all available.
+
+May import: onnxpress.core, calibration, analysis; the lossy passes not each other (see the
+import contracts). Read first: ``cleanup.py`` (a small pass), then ``svd/__init__.py``.
+"""
 
 from onnxpress.passes import (
     cleanup,
     equalize,
+    fix_saturation,
     fold_batchnorm,
     fold_constants,
-    fuse_gru,
-    lower_gru,
     prune_channels,
     qdq,
     svd,
     toposort,
 )
+from onnxpress.passes.gru import fuse as fuse_gru
+from onnxpress.passes.gru import lower as lower_gru
 
 __all__ = [
     "cleanup",
     "equalize",
+    "fix_saturation",
     "fold_batchnorm",
     "fold_constants",
     "fuse_gru",

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from onnxpress.context import PassContext
-from onnxpress.ir import remove_dead_nodes
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.registry import register_pass
+from onnxpress.core.context import PassContext
+from onnxpress.core.ir import remove_dead_nodes
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.context import PassContext
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.registry import register_pass
+from onnxpress.core.context import PassContext
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 CONV, DENSE = "conv", "dense"
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")

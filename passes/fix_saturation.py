@@ -5,7 +5,7 @@
 For models quantized by any tool (onnxruntime's ``quantize_static``, NNCF, onnxpress): on x86
 without VNNI onnxruntime's u8 x s8 kernels add adjacent products into int16 with saturation,
 and layers whose weight pairs can pass 32767 lose accuracy there only. Each such layer gets
-the remedy that keeps its output closest to exact int32 arithmetic (``_qdq_saturation``):
+the remedy that keeps its output closest to exact int32 arithmetic (``qdq.saturation``):
 measured on calibration data when given, else bounded for activation bytes up to 255. No
 recalibration: scales of untouched layers, activations and the graph stay as they are.
 """
@@ -18,10 +18,10 @@ from typing import Literal
 import onnx_graphsurgeon as gs
 from onnxpress.passes._qdq_saturation import protect_from_saturation
 
-from onnxpress.context import PassContext
+from onnxpress.core.context import PassContext
 from onnxpress.core.int8_layers import integer_layers
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.registry import register_pass
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 
 @dataclass(frozen=True)

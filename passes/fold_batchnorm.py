@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxpress.context import PassContext, TensorShapes
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.registry import register_pass
+from onnxpress.core.context import PassContext, TensorShapes
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

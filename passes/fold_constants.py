@@ -28,9 +28,9 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from onnxpress.context import PassContext, TensorShapes
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.registry import register_pass
+from onnxpress.core.context import PassContext, TensorShapes
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The rewrite changes node order only, never nodes or tensors. Nodes are ordered by depth
 (distance from the graph inputs), ties in their existing order: the same order as
-onnx-graphsurgeon's sort, computed in linear time (onnxpress.ir.toposort). Every export
+onnx-graphsurgeon's sort, computed in linear time (onnxpress.core.ir.toposort). Every export
 sorts the same way, so in a pipeline this pass mostly documents the order it leaves.
 """
 
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from onnxpress.context import PassContext, TensorShapes
-from onnxpress.ir import toposort
-from onnxpress.pass_base import Pass, PassResult
-from onnxpress.registry import register_pass
+from onnxpress.core.context import PassContext, TensorShapes
+from onnxpress.core.ir import toposort
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from onnxpress.pipeline import load_recipe, parse_pipeline
+from onnxpress.core.pipeline import load_recipe, parse_pipeline
 
 
 def _make_recipe(target: str) -> list[str]:
@@ -30,7 +30,8 @@ def test_demo_commands_run(tmp_path: Path) -> None:
     for line in _make_recipe("demo"):
         if line.startswith("mkdir"):
             continue
-        line = line.replace("$(BIN)/", f"{bin_dir}/").replace("out/", f"{tmp_path}/")
+        # out/ first: the interpreter's own path may contain "out/" (e.g. /work/layout/.venv).
+        line = line.replace("out/", f"{tmp_path}/").replace("$(BIN)/", f"{bin_dir}/")
         proc = subprocess.run(shlex.split(line), capture_output=True, text=True, cwd=REPO,
                               timeout=300)
         assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"

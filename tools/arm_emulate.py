@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpress.api import prepare_model
-from onnxpress.tvm_runtime import compare_outputs, load_manifest, reference_outputs
+from onnxpress.backends.tvm.runtime import compare_outputs, load_manifest, reference_outputs
+from onnxpress.core.io import prepare_model
 
 _RUNNER = """
 import sys, json, numpy as np, tvm

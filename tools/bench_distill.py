@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 
 import onnxpress  # noqa: E402
-from onnxpress.manager import VerifyConfig  # noqa: E402
+from onnxpress.core.manager import VerifyConfig  # noqa: E402
 
 # case -> (model, input shape, compressed-only pipeline, refit pipeline)
 CASES: dict[str, tuple[str, tuple[int, ...], str, str]] = {

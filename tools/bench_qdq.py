@@ -36,7 +36,7 @@ import onnxruntime as ort
 from _qdq_quality import eval_set, evaluate, quality_text, session
 
 import onnxpress
-from onnxpress.calibration import CalibrationData
+from onnxpress.core.calibration_data import CalibrationData
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

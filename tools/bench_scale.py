@@ -38,10 +38,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
-from onnxpress.ir import to_graph, to_model
-from onnxpress.pipeline import DEFAULT_LOSSLESS
-from onnxpress.stats import model_stats
-from onnxpress.verify import Runner, check_structure, run_all, verification_inputs
+from onnxpress.core.ir import to_graph, to_model
+from onnxpress.core.pipeline import DEFAULT_LOSSLESS
+from onnxpress.core.stats import model_stats
+from onnxpress.core.verify import Runner, check_structure, run_all, verification_inputs
 
 CHANNELS = 8
 SPATIAL = 4

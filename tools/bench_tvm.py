@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from onnxpress.tvm_backend import compile_model
-from onnxpress.tvm_runtime import CompiledModel
-from onnxpress.tvm_tune import TuneOptions
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.runtime import CompiledModel
+from onnxpress.backends.tvm.tune import TuneOptions
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 sys.path.insert(0, str(MODELS.parent / "tools"))

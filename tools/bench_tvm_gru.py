@@ -1,4 +1,4 @@
-"""Benchmark GRU on TVM: the loop-form kernel (onnxpress.tvm_gru) against lower-gru's unrolled
+"""Benchmark GRU on TVM: the loop-form kernel (onnxpress.backends.tvm.gru) against lower-gru's unrolled
 steps and onnxruntime's GRU op.
 
   python tools/bench_tvm_gru.py [--rounds 9] [--markdown]
@@ -27,8 +27,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxpress.tvm_backend import compile_model
-from onnxpress.tvm_runtime import CompiledModel
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.runtime import CompiledModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

@@ -1,4 +1,4 @@
-"""Benchmark int8 on TVM: the QDQ-to-integer lowering (onnxpress.tvm_int8) against TVM fp32,
+"""Benchmark int8 on TVM: the QDQ-to-integer lowering (onnxpress.backends.tvm.int8) against TVM fp32,
 TVM's float fake-quant of the same QDQ model, and onnxruntime (fp32 and its QDQ int8 kernels).
 
   python tools/bench_tvm_int8.py [--models cnn_mnist,transformer_mnist,cnn_wide_mnist,mobilenet_mnist,mlp_digits,resnet112]
@@ -34,9 +34,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
-from onnxpress.pipeline import DEFAULT_LOSSLESS
-from onnxpress.tvm_backend import compile_model
-from onnxpress.tvm_runtime import CompiledModel
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.runtime import CompiledModel
+from onnxpress.core.pipeline import DEFAULT_LOSSLESS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "models")]

@@ -1,4 +1,8 @@
-"""Analyses of a model that passes and reports read: channel groups, refits, int8 saturation.
+"""Analyses that passes share: the channel dependency groups of structured pruning
+(``channels/``) and the data-aware layer refit (``refit.py``: streamed moments, whitened SVD,
+least-squares refit against the original model), and ``saturation.py``: which int8 layers
+saturate on targets that sum u8 x s8 pairs in int16.
 
-May import onnxpress.core and onnxpress.calibration. Read ``saturation`` for int8 targets.
+May import: onnxpress.core and onnxpress.calibration. ``channels`` and ``refit`` are
+independent of each other. Read first: ``channels/groups.py``, then ``refit.py``.
 """

@@ -20,7 +20,7 @@ import platform
 from dataclasses import dataclass
 from typing import Literal
 
-from onnxpress.errors import PipelineError
+from onnxpress.core.errors import PipelineError
 
 Arithmetic = Literal["exact", "pair-saturating"]
 EXACT: Arithmetic = "exact"

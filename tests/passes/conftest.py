@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxpress import Pass, PassContext, PassResult
-from onnxpress.ir import to_graph, to_model
+from onnxpress.core.ir import to_graph, to_model
 
 Shape = Sequence[int | str | None]
 

@@ -16,8 +16,8 @@ from onnxpress.passes.fold_constants import FoldConstants, FoldConstantsOptions
 
 import onnxpress
 from onnxpress import PassContext
-from onnxpress.errors import PipelineError
-from onnxpress.pipeline import parse_pipeline
+from onnxpress.core.errors import PipelineError
+from onnxpress.core.pipeline import parse_pipeline
 
 node = helper.make_node
 

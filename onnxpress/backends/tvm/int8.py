@@ -1,0 +1,382 @@
+"""QDQ to integer compute on TVM: Relax computes an imported QDQ model in float; this rewrite
+makes its convolutions and matmuls integer.
+
+  conv2d(dequantize(xq, sx, zx), dequantize(Wq, sw[oc], 0))            (float, fake quant)
+      -> float(conv2d_int32(pad(xq, zx), Wq) - zx * sum(Wq[oc])) * (sx * sw[oc])
+  matmul(dequantize(aq, sa, za), dequantize(Wq, sw[n], 0) [permute_dims])
+      -> float(matmul_int32(aq, Wq) - za * sum_k Wq[k, n]) * (sa * sw[n])
+  matmul of two dequantized activations (attention scores) stays float: without a packed
+      integer kernel for a runtime right-hand side it is faster that way
+  quantize(max_pool2d(dequantize(q, s, z)), s, z) -> max_pool2d(q)
+
+The integer accumulation is exact; the float epilogue (bias, activation, the next quantize)
+is what onnxruntime's QLinear kernels do too, so results match onnxruntime's QDQ run within
+one quantization step. Padding uses the zero point (the integer image of float 0).
+Where the target has a dot-product instruction (int8_kernels.dot_isa: x86 AVX512-VNNI
+vpdpbusd, u8 x s8; aarch64 +dotprod sdot, s8 x s8) the products run in a packed kernel
+(convolutions through im2col; activations shifted by 128 to the operand's signedness);
+elsewhere in Relax's own integer conv2d/matmul. Patterns that do not fit (per-channel
+activation scales, weights with a zero point, non-NCHW layouts) stay in float, with the
+reason counted in the result.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from onnxpress.backends.tvm.int8_kernels import (
+    GROUP,
+    DotIsa,
+    dot_isa,
+    im2col,
+    pack_weight,
+    packed_gemm,
+    round_up,
+    tiles,
+)
+from onnxpress.backends.tvm.int8_patterns import (
+    Dequantized,
+    Int8Lowering,
+    Refused,
+    constant_value,
+    op_name,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Window(NamedTuple):
+    """A convolution's sliding window: padding (top, left, bottom, right), strides, dilation."""
+
+    padding: tuple[int, ...]
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
+    """Rewrite every fitting quantized conv2d/matmul of ``mod['main']``; returns the new module
+    (dead float dequantizes removed) and what was done."""
+    from tvm import relax
+
+    isa: DotIsa | None = dot_isa(target)
+    result = Int8Lowering(isa.name if isa else "relax")
+
+    @relax.expr_functor.mutator
+    class Lowering(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = self.visit_expr_post_order(call)
+            name = op_name(call)
+            try:
+                rule = {
+                    "relax.nn.conv2d": self._conv2d,
+                    "relax.matmul": self._matmul,
+                    "relax.quantize": self._pool,
+                }.get(name)
+                new = rule(call) if rule is not None else None
+                if new is not None:
+                    return new
+            except Refused as refused:
+                result.kept_float[f"{name.removeprefix('relax.')}: {refused}"] += 1
+            return call
+
+        def _producer(self, expr: Any) -> Any:
+            if isinstance(expr, relax.Var):
+                bound = self.lookup_binding(expr)
+                return bound if bound is not None else expr
+            return expr
+
+        def _dequantized(self, expr: Any) -> Dequantized | None:
+            value = self._producer(expr)
+            permutation: list[int] | None = None
+            if op_name(value) == "relax.permute_dims":
+                axes = value.attrs.axes
+                permutation = [int(a) for a in axes] if axes is not None else None
+                value = self._producer(value.args[0])
+                if permutation is None:
+                    permutation = list(range(len(value.ty.shape)))[::-1]
+            if op_name(value) != "relax.dequantize":
+                return None
+            data, scale, zero_point = value.args
+            scale_np, zero_np = constant_value(scale), constant_value(zero_point)
+            if scale_np is None or zero_np is None:
+                raise Refused("non-constant scale or zero point")
+            constant = constant_value(self._producer(data))
+            axis = int(value.attrs.axis)
+            rank = len(data.ty.shape)
+            axis = axis % rank if rank else 0
+            if permutation is not None:
+                if constant is None:
+                    return None  # a transposed activation: leave it
+                constant = np.transpose(constant, permutation)
+                axis = permutation.index(axis)
+            return Dequantized(data, str(data.ty.dtype), scale_np, zero_np, axis, constant)
+
+        def _activation(self, expr: Any) -> Dequantized:
+            dq = self._dequantized(expr)
+            if dq is None:
+                raise Refused("input is not dequantized")
+            if not dq.per_tensor:
+                raise Refused("per-channel activation scale")
+            if dq.dtype not in ("uint8", "int8"):
+                raise Refused(f"{dq.dtype} activation")
+            return dq
+
+        def _weight(self, expr: Any, out_axis: int) -> Dequantized:
+            dq = self._dequantized(expr)
+            if dq is None or dq.constant is None:
+                raise Refused("weight is not a dequantized constant")
+            if dq.dtype != "int8":
+                raise Refused(f"{dq.dtype} weight")
+            if np.any(dq.zero_point != 0):
+                raise Refused("weight zero point is not 0")
+            if dq.scale.size > 1 and dq.axis != out_axis:
+                raise Refused("weight scale is not per output channel")
+            return dq
+
+        def _as_operand(self, act: Dequantized, dtype: str) -> tuple[Any, int]:
+            """The activation in the kernel's operand type and its zero point (uint8 <->
+            int8 by a shift of 128, which moves the zero point with it)."""
+            zero = int(act.zero_point.reshape(-1)[0])
+            if act.dtype == dtype:
+                return act.data, zero
+            shift = 128 if dtype == "uint8" else -128
+            wide = self.builder_.emit(relax.op.astype(act.data, "int16"))
+            shifted = relax.op.add(wide, relax.const(shift, "int16"))
+            return self.builder_.emit(relax.op.astype(shifted, dtype)), zero + shift
+
+        def _gemm(self, rows_expr: Any, rows: int, depth: int, weight_kn: np.ndarray) -> Any:
+            """int32 [rows, n] = rows_expr ([rows, depth], the ISA's operand type) . weight_kn
+            (int8 [depth, n]), in the packed dot-product kernel."""
+            assert isa is not None
+            cols = weight_kn.shape[1]
+            rows_p, depth_p, cols_p = (
+                round_up(rows, tiles(isa, cols)[0]),
+                round_up(depth, GROUP),
+                round_up(cols, isa.lanes),
+            )
+            if (rows_p, depth_p) != (rows, depth):
+                pad = [0, rows_p - rows, 0, depth_p - depth]
+                rows_expr = self.builder_.emit(relax.op.nn.pad(rows_expr, pad, pad_value=0.0))
+            func = packed_gemm(isa, rows_p, depth_p, cols_p)
+            gvar = self.builder_.add_func(func, "onnxpress_int8_gemm")
+            acc = self.builder_.emit(
+                relax.call_tir(
+                    gvar,
+                    [rows_expr, relax.const(pack_weight(isa, weight_kn))],
+                    relax.TensorType((rows_p, cols_p), "int32"),
+                )
+            )
+            if (rows_p, cols_p) != (rows, cols):
+                acc = self.builder_.emit(
+                    relax.op.strided_slice(acc, axes=[0, 1], begin=[0, 0], end=[rows, cols])
+                )
+            return acc
+
+        def _epilogue(self, acc: Any, correction: np.ndarray, scale: np.ndarray) -> Any:
+            if np.any(correction != 0):
+                acc = self.builder_.emit(
+                    relax.op.subtract(acc, relax.const(correction.astype(np.int32)))
+                )
+            as_float = self.builder_.emit(relax.op.astype(acc, "float32"))
+            return relax.op.multiply(as_float, relax.const(scale.astype(np.float32)))
+
+        def _matmul(self, call: Any) -> Any:
+            a_expr, b_expr = call.args
+            b_dq = self._dequantized(b_expr)
+            if b_dq is None or self._dequantized(a_expr) is None:
+                return None
+            if b_dq.constant is None:
+                # Both operands are activations (attention scores): an int16 Relax matmul is
+                # several times slower than the float one here, so Relax's float (dequantized)
+                # form stays; its error against an integer run is far below one step.
+                raise Refused("two activations (kept in float: faster)")
+            if b_dq.constant.ndim != 2:
+                raise Refused("weight is not 2-D")
+            act = self._activation(a_expr)
+            weight = self._weight(b_expr, out_axis=1)
+            assert weight.constant is not None
+            w_kn = weight.constant.astype(np.int8)
+            depth, cols = w_kn.shape
+            shape = [int(d) for d in act.data.ty.shape]
+            zero = int(act.zero_point.reshape(-1)[0])
+            if isa is not None:
+                data, zero = self._as_operand(act, isa.a_dtype)
+                rows = int(np.prod(shape[:-1]))
+                flat = self.builder_.emit(relax.op.reshape(data, [rows, depth]))
+                acc = self._gemm(flat, rows, depth, w_kn)
+                acc = self.builder_.emit(relax.op.reshape(acc, [*shape[:-1], cols]))
+            else:
+                acc = self.builder_.emit(
+                    relax.op.matmul(act.data, relax.const(w_kn), out_dtype="int32")
+                )
+            correction = zero * w_kn.astype(np.int64).sum(axis=0)
+            scale = act.scale.reshape(-1)[0] * np.broadcast_to(weight.scale.reshape(-1), (cols,))
+            result.lowered["matmul"] += 1
+            return self._epilogue(acc, correction, scale)
+
+        def _conv2d(self, call: Any) -> Any:
+            attrs = call.attrs
+            if self._dequantized(call.args[0]) is None:
+                return None
+            if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
+                "NCHW",
+                "OIHW",
+                "NCHW",
+            ):
+                raise Refused("layout is not NCHW/OIHW")
+            act = self._activation(call.args[0])
+            weight = self._weight(call.args[1], out_axis=0)
+            assert weight.constant is not None
+            w = weight.constant.astype(np.int8)
+            out_channels = w.shape[0]
+            padding = tuple(int(p) for p in attrs.padding)
+            strides = (int(attrs.strides[0]), int(attrs.strides[1]))
+            dilation = (int(attrs.dilation[0]), int(attrs.dilation[1]))
+            groups = int(attrs.groups)
+            out_shape = [int(d) for d in call.ty.shape]
+            if isa is not None and groups == 1:
+                acc, zero = self._conv_gemm(act, w, Window(padding, strides, dilation), out_shape)
+            elif isa is not None and groups == out_channels == w.shape[0] and w.shape[1] == 1:
+                acc, zero = self._depthwise_nhwc(act, w, Window(padding, strides, dilation))
+            else:
+                zero = int(act.zero_point.reshape(-1)[0])
+                top, left, bottom, right = padding
+                padded = act.data
+                if any(padding):
+                    padded = self.builder_.emit(
+                        relax.op.nn.pad(
+                            act.data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zero)
+                        )
+                    )
+                acc = self.builder_.emit(
+                    relax.op.nn.conv2d(
+                        padded,
+                        relax.const(w),
+                        strides=strides,
+                        padding=(0, 0),
+                        dilation=dilation,
+                        groups=groups,
+                        out_dtype="int32",
+                    )
+                )
+            shape = (1, out_channels, 1, 1)
+            correction = (zero * w.astype(np.int64).sum(axis=(1, 2, 3))).reshape(shape)
+            scale = act.scale.reshape(-1)[0] * np.broadcast_to(
+                weight.scale.reshape(-1), (out_channels,)
+            )
+            result.lowered["conv2d" if groups == 1 else "conv2d (grouped)"] += 1
+            return self._epilogue(acc, correction, scale.reshape(shape))
+
+        def _conv_gemm(
+            self, act: Dequantized, w: np.ndarray, window: Window, out_shape: list[int]
+        ) -> tuple[Any, int]:
+            """int32 NCHW conv output through pad -> im2col -> packed dot-product GEMM, and
+            the zero point of the operand it multiplied."""
+            assert isa is not None
+            data, zero = self._as_operand(act, isa.a_dtype)
+            batch, out_channels, out_h, out_w = out_shape
+            _, in_channels, kh, kw = w.shape
+            channels = round_up(in_channels, GROUP)
+            # NHWC, padded spatially and on channels with the zero point (float 0; the extra
+            # channels meet zero weights); fused by Relax into the producer's epilogue.
+            top, left, bottom, right = window.padding
+            data = self.builder_.emit(relax.op.permute_dims(data, [0, 2, 3, 1]))
+            if any(window.padding) or channels != in_channels:
+                widths = [0, 0, top, bottom, left, right, 0, channels - in_channels]
+                data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
+            rows = batch * out_h * out_w
+            rows_p = round_up(rows, tiles(isa, out_channels)[0])
+            depth = kh * kw * channels
+            n, h, w_, c = (int(d) for d in data.ty.shape)
+            kernel = im2col(
+                (n, h, w_, c),
+                (kh, kw),
+                window.strides,
+                window.dilation,
+                (out_h, out_w),
+                rows_p,
+                isa.a_dtype,
+            )
+            gvar = self.builder_.add_func(kernel, "onnxpress_int8_im2col")
+            patches = self.builder_.emit(
+                relax.call_tir(
+                    gvar, [data], relax.TensorType((rows_p, kh, kw, channels), isa.a_dtype)
+                )
+            )
+            flat = self.builder_.emit(relax.op.reshape(patches, [rows_p, depth]))
+            padded_w = np.zeros((out_channels, kh, kw, channels), np.int8)
+            padded_w[..., :in_channels] = w.transpose(0, 2, 3, 1)
+            acc = self._gemm(flat, rows_p, depth, padded_w.reshape(out_channels, depth).T)
+            if rows_p != rows:
+                acc = self.builder_.emit(
+                    relax.op.strided_slice(acc, axes=[0], begin=[0], end=[rows])
+                )
+            acc = self.builder_.emit(relax.op.reshape(acc, [batch, out_h, out_w, out_channels]))
+            return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
+
+        def _depthwise_nhwc(
+            self, act: Dequantized, w: np.ndarray, window: Window
+        ) -> tuple[Any, int]:
+            """Depthwise int32 conv in NHWC (channels contiguous, like the GEMM path's
+            activations, so the transposes around it fuse away); NCHW int32 out."""
+            data = self.builder_.emit(relax.op.permute_dims(act.data, [0, 2, 3, 1]))
+            zero = int(act.zero_point.reshape(-1)[0])
+            top, left, bottom, right = window.padding
+            if any(window.padding):
+                widths = [0, 0, top, bottom, left, right, 0, 0]
+                data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
+            acc = self.builder_.emit(
+                relax.op.nn.conv2d(
+                    data,
+                    relax.const(np.ascontiguousarray(w.transpose(2, 3, 0, 1))),  # HWOI
+                    strides=window.strides,
+                    padding=(0, 0),
+                    dilation=window.dilation,
+                    groups=w.shape[0],
+                    data_layout="NHWC",
+                    kernel_layout="HWOI",
+                    out_dtype="int32",
+                )
+            )
+            return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
+
+        def _pool(self, call: Any) -> Any:
+            pooled = self._producer(call.args[0])
+            if op_name(pooled) != "relax.nn.max_pool2d":
+                return None
+            source = self._dequantized(pooled.args[0])
+            scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
+            if source is None or scale is None or zero is None or not source.per_tensor:
+                return None
+            if str(call.attrs.out_dtype) != source.dtype or not (
+                np.array_equal(scale.reshape(-1), source.scale.reshape(-1))
+                and np.array_equal(zero.reshape(-1), source.zero_point.reshape(-1))
+            ):
+                return None
+            attrs = pooled.attrs
+            result.lowered["max_pool2d"] += 1
+            return relax.op.nn.max_pool2d(
+                source.data,
+                pool_size=[int(v) for v in attrs.pool_size],
+                strides=[int(v) for v in attrs.strides],
+                padding=[int(v) for v in attrs.padding],
+                dilation=[int(v) for v in attrs.dilation],
+                ceil_mode=bool(attrs.ceil_mode),
+                count_include_pad=bool(attrs.count_include_pad),
+                layout=str(attrs.layout),
+                out_layout=str(attrs.out_layout),
+            )
+
+        def run(self) -> Any:
+            for gvar, func in list(self.builder_.get().functions.items()):
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gvar, self.visit_expr(func))
+            return self.builder_.get()
+
+    lowered = Lowering(mod).run()
+    lowered = relax.transform.DeadCodeElimination()(lowered)
+    logger.info("int8 lowering (%s): %s", result.kernel, dict(result.lowered))
+    return lowered, result

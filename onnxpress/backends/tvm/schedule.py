@@ -1,0 +1,196 @@
+"""Untuned CPU schedules: TVM's CPU pipeline with default schedules applied to each kernel.
+
+TVM 0.27's ``cpu_generic`` pipeline legalizes and fuses ops but leaves every kernel as a
+naive single-threaded loop nest. This pipeline
+
+1. ``ConvKernelLayout`` (tile_schedule.py), before legalization:
+
+       conv2d(x[N,C,H,W], w[O,I,KH,KW], OIHW) -> conv2d(x, permute_dims(w) : [I,KH,KW,O], IHWO)
+
+   when a vector of output channels fits inside one group (``O / groups`` divisible by at
+   least a quarter of the fp32 lanes), so that TiledReduction loads output channels as
+   one vector; FoldConstant transposes constant weights once, at compile time. Depthwise
+   and narrow-group convolutions keep OIHW;
+2. after fusion, applies ``dlight.ApplyDefaultSchedule`` with, in order:
+   ``TiledReduction`` (tile_schedule.py: register-tiled, vectorized, parallel conv2d /
+   matmul / batch-matmul kernels), dlight's CPU ``GEMV`` and ``Reduction``, and
+   ``LoopParallel``: a fallback that inlines elementwise chains, vectorizes the innermost
+   loop of elementwise blocks, moves the innermost spatial loop of a reduction under the
+   reduction loops as vector lanes, and parallelizes the outer spatial loops of big kernels.
+
+Vector widths and register counts come from the target's CPU features (AVX-512 16 fp32
+lanes, AVX2 8, SSE/NEON 4). Rules that do not apply leave the kernel to the next rule, and
+every schedule keeps each output's arithmetic, so results match the unscheduled pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from onnxpress.backends.tvm.tile_schedule import (
+    MIN_PARALLEL_MACS,
+    conv_kernel_layout_pass,
+    schedule_elementwise,
+    tiled_reduction_rule,
+    vector_lanes,
+    vector_registers,
+    vector_width,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _loop_parallel_rule(lanes: int) -> Any:
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+
+    class LoopParallel(dl.ScheduleRule):
+        """Inline elementwise chains, vectorize inner loops, parallelize big kernels."""
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            for vector_reductions in (True, False):
+                try:
+                    sch = s_tir.Schedule(func)
+                    changed = _inline_elementwise(sch)
+                    for block in sch.get_child_blocks(sch.get_sblock("root")):
+                        if sch.get(block).init is None:
+                            changed |= schedule_elementwise(sch, block, lanes)
+                        else:
+                            changed |= _schedule_reduction(sch, block, lanes, vector_reductions)
+                except Exception as exc:  # a rule that does not fit: try the simpler one
+                    logger.debug("LoopParallel(%s) skipped a kernel: %s", vector_reductions, exc)
+                    continue
+                return sch if changed else None
+            return None
+
+    return LoopParallel()
+
+
+def _inline_elementwise(sch: Any) -> bool:
+    """Inline every spatial block whose consumers are all spatial blocks (BN, GELU chains)."""
+    changed = False
+    progress = True
+    while progress:
+        progress = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            consumers = sch.get_consumers(block)
+            if not consumers or sch.get(block).init is not None:
+                continue
+            if any(sch.get(c).init is not None for c in consumers):
+                continue
+            try:
+                sch.compute_inline(block)
+            except Exception as exc:  # writes an output, or not inlinable
+                logger.debug("not inlined: %s", exc)
+                continue
+            changed = progress = True
+            break
+    return changed
+
+
+def _schedule_reduction(sch: Any, block: Any, lanes: int, vector_reductions: bool) -> bool:
+    loops = sch.get_loops(block)
+    stmt = sch.get(block)
+    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
+    if not loops or len(kinds) != len(loops):
+        return False
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    spatial = kinds.index(2) if 2 in kinds else len(kinds)
+    if spatial == 0 or any(k != 2 for k in kinds[spatial:]):
+        return False
+    total = math.prod(extents)
+    changed = False
+    width = vector_width(extents[spatial - 1], lanes) if spatial >= 2 else 0
+    inner = None
+    if vector_reductions and width:
+        # (spatial..., j, reductions...) -> (spatial..., j_outer, reductions..., j_inner):
+        # the inner spatial loop becomes a vector lane loop under the reduction loops.
+        outer, inner = sch.split(loops[spatial - 1], factors=[None, width])
+        sch.reorder(outer, *loops[spatial:], inner)
+        sch.vectorize(inner)
+        loops = [*loops[: spatial - 1], outer, *loops[spatial:]]
+        changed = True
+    lead = loops[: max(1, spatial - 1)]
+    if total >= MIN_PARALLEL_MACS:
+        sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+        changed = True
+    if inner is not None:
+        init = sch.decompose_reduction(block, loops[spatial])
+        sch.vectorize(sch.get_loops(init)[-1])
+    return changed
+
+
+def schedule_rules(target: Any) -> list[Any]:
+    """The dlight rules of the pipeline for an llvm target, first match wins."""
+    from tvm.s_tir import dlight as dl
+
+    lanes = vector_lanes(target)
+    return [
+        tiled_reduction_rule(lanes, vector_registers(target)),
+        dl.cpu.GEMV(),
+        _only_big_kernels(dl.cpu.Reduction()),
+        _loop_parallel_rule(lanes),
+    ]
+
+
+def _only_big_kernels(rule: Any) -> Any:
+    """``rule`` restricted to kernels with at least MIN_PARALLEL_MACS loop iterations in
+    one block: dlight's CPU Reduction parallelizes unconditionally, which costs more than
+    it saves on a kernel of a few microseconds."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+
+    class OnlyBigKernels(dl.ScheduleRule):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            try:
+                largest = _largest_block(s_tir.Schedule(func))
+            except Exception as exc:  # no root block: a hand-written kernel
+                logger.debug("not a block kernel: %s", exc)
+                return None
+            return rule.apply(func, target, tunable) if largest >= MIN_PARALLEL_MACS else None
+
+    return OnlyBigKernels()
+
+
+def _largest_block(sch: Any) -> int:
+    """The most loop iterations of any block of the kernel (symbolic extents count as big)."""
+    largest = 0
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        extents = [sch.get(loop).extent for loop in sch.get_loops(block)]
+        if not all(hasattr(extent, "value") for extent in extents):
+            return MIN_PARALLEL_MACS
+        largest = max(largest, math.prod(int(extent.value) for extent in extents))
+    return largest
+
+
+def cpu_pipeline(target: Any) -> Any:
+    """A relax pipeline for an llvm target: cpu_generic plus default schedules."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight as dl
+
+    lanes = vector_lanes(target)
+    rules = schedule_rules(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="OnnxpressCpuPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                [
+                    *cpu_generic.library_dispatch_passes(target),
+                    conv_kernel_layout_pass(lanes),
+                    *cpu_generic.legalize_passes(target),
+                    dl.ApplyDefaultSchedule(*rules),
+                    *cpu_generic.dataflow_lower_passes(target),
+                    *cpu_generic.finalize_passes(target),
+                ]
+            )
+            return seq(mod)
+
+    return _pipeline

@@ -1,0 +1,68 @@
+"""``onnxpress distill``: fine-tune a compressed student against its teacher (torch).
+
+Progress is an epoch bar on stderr (plain lines when stderr is not a terminal); the report
+is printed, or written as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from onnxpress.core.errors import ModelSaveError, PipelineError
+from onnxpress.core.io import same_file, save_model
+from onnxpress.report.progress import EpochBar
+
+
+def distill_command(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from onnxpress.train.distill import distill
+    from onnxpress.train.distill_options import DistillOptions, require_torch
+
+    pairs: list[tuple[str, str]] = []
+    for item in (args.feature_loss or "").split(","):
+        if item.strip():
+            student, sep, teacher = item.strip().partition(":")
+            if not sep or not student or not teacher:
+                raise PipelineError(f"--feature-loss: expected student:teacher, not {item!r}")
+            pairs.append((student, teacher))
+    options = DistillOptions(
+        epochs=args.epochs,
+        lr=args.lr,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        feature_losses=tuple(pairs),
+        holdout=args.holdout,
+        patience=args.patience,
+        learn_scales=not args.freeze_scales,
+        seed=args.seed,
+    )
+    path = Path(args.model)
+    output = Path(args.output) if args.output else path.with_name(path.stem + ".distilled.onnx")
+    if path.exists() and same_file(output, args.model) and not args.in_place:
+        raise ModelSaveError(
+            f"{output}: output path is the input model (use --in-place to overwrite)"
+        )
+    if not (output.parent if str(output.parent) else Path(".")).is_dir():
+        raise ModelSaveError(f"{output}: folder '{output.parent}' does not exist")
+    require_torch()
+    progress = EpochBar(enabled=not args.json)
+    tuned, report = distill(
+        args.model,
+        args.teacher,
+        args.data,
+        labels=args.labels,
+        options=options,
+        on_progress=progress,
+    )
+    progress.close()
+    save_model(tuned, output, protect=None if args.in_place else args.model)
+    if args.json:
+        print(json.dumps({**asdict(report), "output_path": str(output)}, indent=2))
+    else:
+        print(report.describe())
+        print(f"\nwrote {output}")
+    return 0

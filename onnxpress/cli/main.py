@@ -1,0 +1,226 @@
+"""The ``onnxpress`` command: its options, and the dispatch to one module per command.
+
+Errors are one line on stderr with a non-zero exit (1 for bad input or a failed pass, 2 for
+bad usage, 130 on Ctrl-C); ``--debug`` shows tracebacks. Nothing is written unless the whole
+pipeline passed verification, and the output is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from onnxpress import __version__
+from onnxpress.cli.compile import compile_command, run_command
+from onnxpress.cli.distill import distill_command
+from onnxpress.cli.inspect import inspect_command, passes_command
+from onnxpress.cli.optimize import optimize_command
+from onnxpress.core.errors import OnnxpressError
+from onnxpress.core.registry import load_plugin_file
+from onnxpress.core.verify import METRICS
+
+logger = logging.getLogger("onnxpress")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxpress", description="Compress and optimize ONNX models with verified passes."
+    )
+    parser.add_argument("--version", action="version", version=f"onnxpress {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Python file that registers passes (repeatable)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    opt = sub.add_parser("optimize", help="run a pipeline of passes and write the optimized model")
+    opt.add_argument("model", help="input .onnx file")
+    opt.add_argument("-o", "--output", help="output .onnx file (default: MODEL.opt.onnx)")
+    source = opt.add_mutually_exclusive_group()
+    source.add_argument("--passes", help='pipeline text, e.g. "fold-constants,svd{energy=0.95}"')
+    source.add_argument("--recipe", help="TOML recipe with [[pass]] tables and [verify]")
+    opt.add_argument(
+        "--calibration", help=".npz file or folder of .npz batches keyed by input name"
+    )
+    opt.add_argument("--verify", choices=["off", "structure", "numeric"], help="default: numeric")
+    opt.add_argument("--metric", choices=sorted(METRICS), help="metric for lossy passes")
+    opt.add_argument("--budget", type=float, help="largest metric value a lossy pass may reach")
+    opt.add_argument("--tolerance", type=float, help="relative tolerance for lossless passes")
+    opt.add_argument(
+        "--holdout",
+        type=int,
+        metavar="N",
+        help="keep the last N calibration batches from the passes and verify on them only",
+    )
+    opt.add_argument("--seed", type=int, default=0, help="seed for random verification inputs")
+    opt.add_argument("--report", metavar="FILE", help="write the JSON report here")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    opt.add_argument("--in-place", action="store_true", help="allow overwriting the input model")
+    opt.add_argument(
+        "--bisect",
+        action="store_true",
+        help="first check prefixes of the pipeline against the original model and name the "
+        "first pass that breaks it (even with --verify structure)",
+    )
+    _add_plugin_option(opt)
+
+    ps = sub.add_parser("passes", help="list registered passes and their options")
+    ps.add_argument("--json", action="store_true")
+    _add_plugin_option(ps)
+
+    ins = sub.add_parser("inspect", help="show a model's interface, ops, params and MACs")
+    ins.add_argument("model")
+    ins.add_argument("--json", action="store_true")
+
+    comp = sub.add_parser("compile", help="compile a model with Apache TVM into a library")
+    comp.add_argument("model", help="input .onnx file")
+    comp.add_argument(
+        "--target", default="x86", help="x86 (this CPU), x86-64, arm64-linux, cuda[:sm_XX]"
+    )
+    comp.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D1,D2,...",
+        help="static shape of an input (repeatable; default: the model's, symbolic batch = 1)",
+    )
+    comp.add_argument("-o", "--output", required=True, help="output folder")
+    comp.add_argument(
+        "--no-default-schedules",
+        action="store_true",
+        help="compile CPU kernels without onnxpress's untuned parallel/vector schedules",
+    )
+    comp.add_argument(
+        "--int8",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto: run a QDQ model's convs/matmuls as int8 x int8 -> int32 (default); "
+        "off: TVM's float fake-quant",
+    )
+    comp.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tune the kernels with MetaSchedule: about N measured trials, N/kernels each; "
+        "kernels the database already tuned with that share are reused (default 0: no tuning)",
+    )
+    comp.add_argument(
+        "--tuning-db",
+        metavar="DIR",
+        help="tuning database reused across runs and models "
+        "(default: $ONNXPRESS_TUNING_DB or ~/.cache/onnxpress/tuning)",
+    )
+    comp.add_argument(
+        "--rpc",
+        metavar="TRACKER:PORT:KEY",
+        help="measure tuning candidates on the device registered under KEY at a TVM RPC tracker",
+    )
+    comp.add_argument(
+        "--gru",
+        choices=("loop", "unroll"),
+        default="loop",
+        help="loop: each GRU op is one recurrence kernel (default); unroll: lower-gru's "
+        "per-step ops",
+    )
+    comp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    comp.add_argument("--seed", type=int, default=0, help="seed for verification inputs")
+    comp.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    dist = sub.add_parser("distill", help="fine-tune a compressed model against its original")
+    dist.add_argument("model", help="student .onnx file (the compressed model)")
+    dist.add_argument("--teacher", required=True, help="teacher .onnx file (the original)")
+    dist.add_argument("--data", required=True, help=".npz file or folder of .npz input batches")
+    dist.add_argument("-o", "--output", help="output .onnx file (default: MODEL.distilled.onnx)")
+    dist.add_argument("--labels", help=".npz holding 'labels' (int), one per sample, in order")
+    dist.add_argument("--epochs", type=int, default=10)
+    dist.add_argument("--lr", type=float, default=1e-3)
+    dist.add_argument("--temperature", type=float, default=4.0)
+    dist.add_argument("--alpha", type=float, default=0.5, help="hard-label loss weight")
+    dist.add_argument("--batch-size", type=int, default=32)
+    dist.add_argument(
+        "--feature-loss", metavar="S:T,...", help="MSE between student:teacher tensor pairs"
+    )
+    dist.add_argument("--holdout", type=float, default=0.1, help="held-out fraction")
+    dist.add_argument("--patience", type=int, default=3, help="early-stopping patience")
+    dist.add_argument("--freeze-scales", action="store_true", help="do not learn QDQ scales")
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--json", action="store_true", help="print the report as JSON")
+    dist.add_argument("--in-place", action="store_true", help="allow overwriting the input")
+
+    run = sub.add_parser("run", help="run a compiled folder on inputs from an .npz file")
+    run.add_argument("folder", help="output folder of 'onnxpress compile'")
+    run.add_argument("--inputs", required=True, help=".npz file keyed by input name")
+    run.add_argument("--verify", metavar="MODEL", help="compare with onnxruntime on this model")
+    run.add_argument("--tolerance", type=float, default=1e-4, help="max-rel limit for --verify")
+    run.add_argument("-o", "--output", metavar="FILE", help="write the outputs to this .npz")
+    return parser
+
+
+def _add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    """--plugin is also accepted after the subcommand (``onnxpress optimize --plugin f.py``)."""
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="FILE",
+        dest="plugin_sub",
+        help=argparse.SUPPRESS,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        for plugin in [*args.plugin, *getattr(args, "plugin_sub", [])]:
+            load_plugin_file(plugin)
+        if args.command == "optimize":
+            return optimize_command(args)
+        if args.command == "passes":
+            return passes_command(args)
+        if args.command == "inspect":
+            return inspect_command(args)
+        if args.command == "distill":
+            return distill_command(args)
+        if args.command == "compile":
+            return compile_command(args)
+        if args.command == "run":
+            return run_command(args)
+    except KeyboardInterrupt:
+        print("\nonnxpress: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OnnxpressError as exc:
+        if args.debug:
+            raise
+        print(f"onnxpress: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"onnxpress: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

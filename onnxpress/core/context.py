@@ -1,0 +1,81 @@
+"""What a pass may use besides the graph: calibration data, a seed, the original model
+(the teacher for distillation) and a cache of analyses.
+
+An analysis is a class with ``compute(graph, ctx)``; ``ctx.analysis(Cls)`` computes it once
+and caches it. After each pass the manager drops every cached analysis the pass does not
+list in ``preserves``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.ir import to_model
+from onnxpress.core.targets import Target, parse_targets
+
+
+class Analysis(Protocol):
+    @classmethod
+    def compute(cls, graph: gs.Graph, ctx: PassContext) -> Any: ...
+
+
+AnalysisT = TypeVar("AnalysisT")
+
+
+@dataclass
+class PassContext:
+    template: onnx.ModelProto
+    original: onnx.ModelProto
+    calibration: CalibrationData | None = None
+    seed: int = 0
+    # the hardware the model must hold on (optimize --target); int8 passes read it
+    targets: tuple[Target, ...] = field(default_factory=lambda: parse_targets(None))
+    _analyses: dict[type, Any] = field(default_factory=dict)
+
+    def analysis(self, cls: type[AnalysisT], graph: gs.Graph) -> AnalysisT:
+        if cls not in self._analyses:
+            self._analyses[cls] = cls.compute(graph, self)  # type: ignore[attr-defined]
+        result: AnalysisT = self._analyses[cls]
+        return result
+
+    def invalidate(self, keep: tuple[type, ...] = ()) -> None:
+        self._analyses = {k: v for k, v in self._analyses.items() if k in keep}
+
+    def export(self, graph: gs.Graph) -> onnx.ModelProto:
+        """The graph as a ModelProto with the input model's metadata, e.g. to run it."""
+        return to_model(graph, self.template)
+
+    def rng(self, salt: int = 0) -> np.random.Generator:
+        return np.random.default_rng(self.seed + salt)
+
+
+class TensorShapes:
+    """Tensor name -> inferred shape (None for unknown dims) from ONNX shape inference."""
+
+    def __init__(self, shapes: dict[str, list[int | None]]) -> None:
+        self.shapes = shapes
+
+    @classmethod
+    def compute(cls, graph: gs.Graph, ctx: PassContext) -> TensorShapes:
+        model = ctx.export(graph)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        shapes: dict[str, list[int | None]] = {}
+        g = inferred.graph
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape"):
+                shapes[vi.name] = [
+                    d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+                ]
+        for tensor in g.initializer:
+            shapes[tensor.name] = list(tensor.dims)
+        return cls(shapes)
+
+    def get(self, name: str) -> list[int | None] | None:
+        return self.shapes.get(name)

@@ -1,0 +1,336 @@
+"""The pass manager: run a pipeline over one model, verifying after every pass.
+
+After each pass the graph is exported and checked (checker + strict shape inference); at
+the ``numeric`` level it is also run on onnxruntime against the original model: lossless
+passes within a tight relative tolerance, lossy passes by their metric and budget. A
+failure raises VerificationError naming the pass; nothing is returned, so nothing is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from onnxpress.core import io as model_io
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.context import PassContext
+from onnxpress.core.emulated_runner import EmulatedRunner
+from onnxpress.core.errors import OnnxpressError, PassError, PipelineError, VerificationError
+from onnxpress.core.int8_layers import integer_layers
+from onnxpress.core.ir import copy_model, detach_removed_nodes, to_graph, to_model
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.pipeline import format_pipeline
+from onnxpress.core.report import PassRecord, Report, VerifyOutcome
+from onnxpress.core.stats import model_stats
+from onnxpress.core.targets import Target, arithmetics, parse_targets
+from onnxpress.core.verify import (
+    LOSSLESS_TOLERANCE,
+    METRICS,
+    check_structure,
+    compare_lossless,
+    compare_metric,
+    run_all,
+    verification_inputs,
+    verification_runner,
+)
+
+logger = logging.getLogger(__name__)
+
+VerifyLevel = Literal["off", "structure", "numeric"]
+# on_progress(event, index, total, pass_name); event is "start" or "done".
+ProgressCallback = Callable[[str, int, int, str], None]
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    level: VerifyLevel = "numeric"
+    metric: str | None = None  # overrides each lossy pass's own metric
+    budget: float | None = None  # overrides each lossy pass's default budget
+    tolerance: float = LOSSLESS_TOLERANCE
+    holdout: int = 0  # last calibration batches kept from the passes, used only to verify
+
+    def __post_init__(self) -> None:
+        if self.level not in ("off", "structure", "numeric"):
+            raise PipelineError(
+                f"verify level must be off, structure or numeric, not {self.level!r}"
+            )
+        if self.metric is not None and self.metric not in METRICS:
+            raise PipelineError(f"unknown metric '{self.metric}' (metrics: {', '.join(METRICS)})")
+        if self.budget is not None and not self.budget >= 0:
+            raise PipelineError(f"budget must be >= 0, not {self.budget}")
+        if not self.tolerance >= 0:
+            raise PipelineError(f"tolerance must be >= 0, not {self.tolerance}")
+        if self.holdout < 0:
+            raise PipelineError(f"holdout must be >= 0, not {self.holdout}")
+
+
+class PassManager:
+    def __init__(
+        self,
+        passes: list[Pass[Any]],
+        verify: VerifyConfig | None = None,
+        calibration: CalibrationData | None = None,
+        seed: int = 0,
+        on_progress: ProgressCallback | None = None,
+        targets: tuple[Target, ...] | None = None,
+    ) -> None:
+        if not passes:
+            raise PipelineError("empty pipeline")
+        self.passes = passes
+        self.targets = targets or parse_targets(None)
+        self.verify = verify or VerifyConfig()
+        self.calibration = calibration
+        self.seed = seed
+        self.on_progress = on_progress
+
+    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, Report]:
+        """Run every pass on a copy of ``model``; return the result and its report."""
+        started = time.perf_counter()
+        original = copy_model(model)
+        level = self.verify.level
+        verification_data = self.calibration
+        if self.calibration is not None:
+            self.calibration = self.calibration.fitted_to(original)
+            self.calibration.validate(original)
+            verification_data = self.calibration
+            if self.verify.holdout:
+                self.calibration, verification_data = self.calibration.split(self.verify.holdout)
+        stats = model_stats(original)
+        report = Report(
+            pipeline=format_pipeline(self.passes),
+            before=stats,
+            after=stats,
+            verify_level=level,
+            targets=[t.name for t in self.targets],
+        )
+        feeds: list[dict[str, np.ndarray]] = []
+        reference: list[list[np.ndarray]] = []
+        output_names: list[str] = []
+        if level == "numeric":
+            feeds = verification_inputs(original, verification_data, self.seed)
+            runner = verification_runner(original)
+            output_names = runner.output_names
+            reference = run_all(runner, feeds)
+        previous = reference
+        lossy_seen = False
+        ctx = PassContext(
+            template=original,
+            original=original,
+            calibration=self.calibration,
+            seed=self.seed,
+            targets=self.targets,
+        )
+        graph = to_graph(copy_model(original))
+        current = original
+        last_digest: bytes | None = None  # of the model the previous pass left
+        total = len(self.passes)
+        for index, pass_ in enumerate(self.passes):
+            name = pass_.name
+            self._progress("start", index, total, name)
+            t0 = time.perf_counter()
+            result = self._run_pass(pass_, graph, ctx)
+            seconds = time.perf_counter() - t0
+            ctx.invalidate(pass_.preserves)
+            try:
+                current = to_model(graph, original)
+            except OnnxpressError:
+                raise
+            except Exception as exc:
+                raise VerificationError(name, f"graph cannot be exported: {exc}") from exc
+            # A model byte-identical to the one the previous pass left (and that passed its
+            # checks) keeps that model's verification, outputs and statistics.
+            digest = _digest(current)
+            unchanged = digest is not None and digest == last_digest
+            last_digest = digest
+            outcome = VerifyOutcome(level=level)
+            if level != "off" and not unchanged:
+                try:
+                    check_structure(current)
+                except Exception as exc:
+                    raise VerificationError(name, _first_line(exc)) from exc
+            if level == "numeric":
+                # after a lossy pass the model runs as users run it: QDQ on integer kernels
+                optimized = lossy_seen or not pass_.lossless
+                try:
+                    outputs = (
+                        previous
+                        if unchanged
+                        else run_all(verification_runner(current, optimized), feeds)
+                    )
+                except Exception as exc:
+                    raise VerificationError(
+                        name, f"onnxruntime cannot run the result: {_first_line(exc)}"
+                    ) from exc
+                if pass_.lossless:
+                    baseline = previous if lossy_seen else reference
+                    cmp = compare_lossless(output_names, baseline, outputs, self.verify.tolerance)
+                else:
+                    lossy_seen = True
+                    metric = self.verify.metric or pass_.metric
+                    budget = (
+                        self.verify.budget
+                        if self.verify.budget is not None
+                        else pass_.default_budget
+                    )
+                    cmp = compare_metric(output_names, reference, outputs, metric, budget)
+                outcome = VerifyOutcome(level, cmp.metric, cmp.value, cmp.limit, cmp.output)
+                hint = f"; {pass_.recovery_hint}" if pass_.recovery_hint else ""
+                if not cmp.ok:
+                    raise VerificationError(
+                        name,
+                        f"output '{cmp.output}' differs from the original model: "
+                        f"{cmp.metric} {cmp.value:.3g} > {cmp.limit:.3g}{hint}",
+                    )
+                if not pass_.lossless and not unchanged:
+                    for target, judged in self._judge_targets(
+                        current, feeds, output_names, reference, metric, budget
+                    ).items():
+                        outcome.targets[target] = {
+                            "metric": judged.metric,
+                            "value": judged.value,
+                            "limit": judged.limit,
+                            "output": judged.output,
+                            "emulated": True,
+                        }
+                        if not judged.ok:
+                            raise VerificationError(
+                                name,
+                                f"output '{judged.output}' on {target} (its int8 arithmetic "
+                                f"emulated) differs from the original model: {judged.metric} "
+                                f"{judged.value:.3g} > {judged.limit:.3g}{hint}",
+                            )
+                previous = outputs
+            after = report.after if unchanged else model_stats(current)
+            report.passes.append(
+                PassRecord(
+                    name,
+                    pass_.spec(),
+                    pass_.lossless,
+                    seconds,
+                    report.after,
+                    after,
+                    result,
+                    outcome,
+                )
+            )
+            report.after = after
+            logger.info("pass %s: %s in %.3fs", name, result.counts, seconds)
+            self._progress("done", index, total, name)
+        report.seconds = time.perf_counter() - started
+        return current, report
+
+    def _judge_targets(
+        self,
+        model: onnx.ModelProto,
+        feeds: list[dict[str, np.ndarray]],
+        names: list[str],
+        reference: list[list[np.ndarray]],
+        metric: str,
+        budget: float | None,
+    ) -> dict[str, Any]:
+        """Per target, the comparison of the model's outputs under its emulated int8 kernels."""
+        if not integer_layers(model):
+            return {}
+        judged: dict[str, Any] = {}
+        for arithmetic, targets in arithmetics(self.targets).items():
+            try:
+                outputs = run_all(EmulatedRunner(model, arithmetic), feeds)
+            except Exception as exc:  # the emulation is ours: a failure is our bug
+                logger.warning("int8 emulation (%s) failed: %s", arithmetic, exc)
+                continue
+            cmp = compare_metric(names, reference, outputs, metric, budget)
+            judged.update(dict.fromkeys(targets, cmp))
+        return judged
+
+    def _run_pass(self, pass_: Pass[Any], graph: Any, ctx: PassContext) -> PassResult:
+        try:
+            result = pass_.run(graph, ctx)
+        except (KeyboardInterrupt, OnnxpressError):
+            raise
+        except Exception as exc:
+            raise PassError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, PassResult):
+            raise PassError(pass_.name, f"run() returned {type(result).__name__}, not PassResult")
+        stale = detach_removed_nodes(graph)
+        if stale:
+            logger.debug("pass %s left %d links to removed nodes; detached", pass_.name, stale)
+        return result
+
+    def _progress(self, event: str, index: int, total: int, name: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(event, index, total, name)
+
+
+def bisect(
+    model: onnx.ModelProto,
+    passes: list[Pass[Any]],
+    verify: VerifyConfig,
+    calibration: CalibrationData | None = None,
+    seed: int = 0,
+) -> int | None:
+    """Index of the first pass whose prefix of the pipeline breaks the model, or None.
+
+    Each probe runs a prefix with per-pass verification off and checks only its end result
+    against the original (structure and numerics, whatever ``verify.level`` says), so a
+    pipeline of n passes needs about log2(n) runs.
+    """
+    verification_data = calibration
+    if calibration is not None and verify.holdout:
+        calibration, verification_data = calibration.fitted_to(model).split(verify.holdout)
+    feeds = verification_inputs(model, verification_data, seed)
+    runner = verification_runner(model)
+    reference = run_all(runner, feeds)
+
+    def fails(prefix: int) -> bool:
+        head = passes[:prefix]
+        try:
+            candidate, _ = PassManager(
+                head, VerifyConfig(level="off"), calibration=calibration, seed=seed
+            ).run(model)
+            check_structure(candidate)
+            outputs = run_all(verification_runner(candidate), feeds)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            logger.info("bisect: prefix of %d passes fails: %s", prefix, _first_line(exc))
+            return True
+        lossy = [p for p in head if not p.lossless]
+        if not lossy:
+            cmp = compare_lossless(runner.output_names, reference, outputs, verify.tolerance)
+        else:
+            metric = verify.metric or lossy[0].metric
+            budgets = [p.default_budget for p in lossy if p.default_budget is not None]
+            budget = verify.budget if verify.budget is not None else max(budgets, default=None)
+            cmp = compare_metric(runner.output_names, reference, outputs, metric, budget)
+        logger.info("bisect: prefix of %d passes: %s %.3g", prefix, cmp.metric, cmp.value)
+        return not cmp.ok
+
+    if not fails(len(passes)):
+        return None
+    low, high = 1, len(passes)
+    while low < high:
+        mid = (low + high) // 2
+        if fails(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low - 1
+
+
+def _digest(model: onnx.ModelProto) -> bytes | None:
+    """SHA-256 of the serialized model; None when it is too large to serialize in one piece."""
+    if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
+        return None
+    return hashlib.sha256(model.SerializeToString()).digest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] if "\n" in text else text

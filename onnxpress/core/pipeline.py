@@ -1,0 +1,134 @@
+"""Pipelines as text (``fold-constants,svd{energy=0.9}``) or TOML recipes, resolved to passes.
+
+Everything here runs before the model is loaded, so an unknown pass or a bad option is
+reported without touching any file.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxpress.core.errors import PipelineError, PluginError
+from onnxpress.core.options import build_options, parse_option_text, split_top_level
+from onnxpress.core.pass_base import Pass
+from onnxpress.core.registry import get_pass
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_LOSSLESS = "fold-constants,fold-batchnorm,fuse-gru,cleanup,toposort"
+# With calibration data the default adds post-training int8 quantization (the one lossy
+# step that needs no accuracy trade-off chosen by the user); the lossless clean-ups run first.
+DEFAULT_WITH_CALIBRATION = "fold-constants,fold-batchnorm,fuse-gru,cleanup,qdq,toposort"
+
+
+@dataclass
+class VerifySettings:
+    """Recipe-level verification settings ([verify] table)."""
+
+    level: str | None = None
+    metric: str | None = None
+    budget: float | None = None
+    tolerance: float | None = None
+    holdout: int | None = None
+
+
+@dataclass
+class Recipe:
+    passes: list[Pass[Any]]
+    verify: VerifySettings = field(default_factory=VerifySettings)
+    calibration: str | None = None
+
+
+def _instantiate(name: str, values: dict[str, Any]) -> Pass[Any]:
+    try:
+        cls = get_pass(name)
+    except PluginError as exc:
+        raise PipelineError(str(exc)) from None
+    options = build_options(name, cls.options_type, values)
+    return cls(options)
+
+
+def parse_pipeline(text: str) -> list[Pass[Any]]:
+    """Parse ``a,b{k=v},c`` into pass instances with validated options."""
+    if not text or not text.strip():
+        raise PipelineError("empty pipeline")
+    passes: list[Pass[Any]] = []
+    for item in split_top_level(text.strip()):
+        if not item:
+            raise PipelineError(f"empty pass name in pipeline {text!r}")
+        name, brace, rest = item.partition("{")
+        name = name.strip()
+        values: dict[str, Any] = {}
+        if brace:
+            if not rest.endswith("}"):
+                raise PipelineError(f"pass '{name}': options must end with '}}' in {item!r}")
+            values = parse_option_text(name, rest[:-1])
+        passes.append(_instantiate(name, values))
+    return passes
+
+
+def format_pipeline(passes: list[Pass[Any]]) -> str:
+    return ",".join(p.spec() for p in passes)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a TOML recipe::
+
+        [verify]
+        level = "numeric"
+        metric = "rel-l2"
+        budget = 0.02
+
+        [[pass]]
+        name = "svd"
+        energy = 0.95
+
+    ``pipeline = "a,b{k=v}"`` may replace the [[pass]] tables.
+    """
+    file = Path(path)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{file}: recipe not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{file}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"pass", "pipeline", "verify", "calibration"}
+    if unknown:
+        raise PipelineError(f"{file}: unknown recipe keys {sorted(unknown)}")
+    if "pass" in data and "pipeline" in data:
+        raise PipelineError(f"{file}: give either [[pass]] tables or 'pipeline', not both")
+    passes: list[Pass[Any]] = []
+    if "pipeline" in data:
+        passes = parse_pipeline(str(data["pipeline"]))
+    else:
+        tables = data.get("pass", [])
+        if not isinstance(tables, list) or not tables:
+            raise PipelineError(f"{file}: no [[pass]] tables")
+        for i, table in enumerate(tables):
+            if not isinstance(table, dict) or "name" not in table:
+                raise PipelineError(f"{file}: [[pass]] #{i + 1} has no name")
+            values = {k: v for k, v in table.items() if k != "name"}
+            passes.append(_instantiate(str(table["name"]), values))
+    verify = data.get("verify", {})
+    keys = {"level", "metric", "budget", "tolerance", "holdout"}
+    if not isinstance(verify, dict) or set(verify) - keys:
+        raise PipelineError(
+            f"{file}: [verify] accepts level, metric, budget, tolerance and holdout"
+        )
+    settings = VerifySettings(
+        level=verify.get("level"),
+        metric=verify.get("metric"),
+        budget=None if verify.get("budget") is None else float(verify["budget"]),
+        tolerance=None if verify.get("tolerance") is None else float(verify["tolerance"]),
+        holdout=None if verify.get("holdout") is None else int(verify["holdout"]),
+    )
+    calibration = data.get("calibration")
+    if calibration is not None:
+        calibration = str((file.parent / str(calibration)).resolve())
+    return Recipe(passes=passes, verify=settings, calibration=calibration)

@@ -1,1 +1,0 @@
-"""Importers that turn models from other frameworks into checked ONNX (``frontends.torch``)."""

@@ -1,0 +1,343 @@
+"""fuse-gru: GRU cells written in primitive ops -> one ONNX GRU op per unrolled loop.
+
+  for t in 0..T-1:  z = σ(Wz x_t + Rz h + bz),  r = σ(Wr x_t + Rr h + br)
+                    n = tanh(Wn x_t + bWn + r*(Rn h + bRn))   linear_before_reset=1
+                     or tanh(Wn x_t + Rn (r*h) + bn)          linear_before_reset=0
+                    h = (1-z)*n + z*h                         (any algebraic form)
+  ->  Y, Y_h = GRU(X[T, batch, I], W, R, B, initial_h = h_0 unless it is zeros)
+
+One rule, ``fuse-gru``. Pattern: chains of cells matched around each gated Tanh
+(cell), linked state to state and cut where the weights change. Check: refuses, with a
+reason, Tanhs that are not GRU cells, per-step weights, unknown sizes or dtypes, and cells
+whose weights, recovered by probing (probe), do not reproduce the cell on random
+inputs. Rewrite (emit): one GRU node, X from the tensor the steps were sliced from,
+and every step state read outside the loop re-produced from Y or Y_h. A single cell (a
+step-wise decoder) becomes a GRU with seq_length 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+from onnxpress.passes.gru.cell import CellMatch, cell_signature, match_cell, near_gate
+from onnxpress.passes.gru.emit import (
+    Emitter,
+    gate_order,
+    is_zero,
+    remove_dead,
+    sequence_input,
+    stacked_concat,
+)
+from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
+from onnxpress.passes.gru.probe import CellSpec, GruWeights, probe_weights, self_check
+
+from onnxpress.core.context import PassContext
+from onnxpress.core.ir import unique_name
+from onnxpress.core.pass_base import Pass, PassResult, Refusal
+from onnxpress.core.registry import register_pass
+from onnxpress.core.rewrite import Rule, apply_rule, rule_node_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FuseGruOptions:
+    min_steps: int = 1  # shortest chain of cells to fuse; 1 fuses single cells too
+    tolerance: float = 1e-4  # self-check: max |cell - GRU| on random inputs (states in [-1, 1])
+    linear_before_reset: int | None = None  # None infers it per cell; 0 or 1 forces it
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_steps, bool) or self.min_steps < 1:
+            raise ValueError(f"min-steps must be an integer >= 1, not {self.min_steps!r}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be > 0, not {self.tolerance!r}")
+        if self.linear_before_reset not in (None, 0, 1):
+            raise ValueError(
+                f"linear-before-reset must be 0, 1 or none, not {self.linear_before_reset!r}"
+            )
+
+
+@dataclass
+class GruCandidate:
+    """A chain of matched cells sharing weights, or one Tanh that is refused."""
+
+    anchor: str
+    cells: list[CellMatch] = field(default_factory=list)
+    problem: str | None = None
+    head: CellMatch | None = None  # a first step that differs, kept if it matches from zeros
+    weights: GruWeights | None = None
+    error: float = 0.0
+
+
+class FuseGruRule(Rule[GruCandidate]):
+    name = "fuse-gru"
+
+    def __init__(self, options: FuseGruOptions) -> None:
+        self.options = options
+        self.model = onnx.ModelProto()
+        self.types: TensorTypes = {}
+        self.index: GraphIndex | None = None
+        self.replaced: list[gs.Node] = []  # nodes the rewrites made dead (with their inputs)
+        self.refusals: list[Refusal] = []  # heads left out of a fused chain
+
+    def anchor(self, match: GruCandidate) -> str:
+        return match.anchor
+
+    def pattern(self, graph: gs.Graph, ctx: PassContext) -> list[GruCandidate]:
+        graph.toposort()
+        index = self.index = GraphIndex(graph)
+        tanhs = [n for n in graph.nodes if n.op == "Tanh" and near_gate(index, n)]
+        if not tanhs:
+            return []
+        order = [id(n) for n in graph.nodes]
+        self.model = ctx.export(graph)  # the probes run on this model; it sorts the graph
+        if [id(n) for n in graph.nodes] != order:
+            index = self.index = GraphIndex(graph)
+        self.types = tensor_types(self.model)
+        found: list[GruCandidate] = []
+        cells: list[CellMatch] = []
+        for node in tanhs:
+            cell = match_cell(index, node, self.types)
+            if isinstance(cell, str):
+                found.append(GruCandidate(node.name or node.outputs[0].name, problem=cell))
+            else:
+                cells.append(cell)
+        for chain in _chains(cells):
+            found.extend(self._runs(chain))
+        return found
+
+    def _runs(self, chain: list[CellMatch]) -> list[GruCandidate]:
+        """Split a chain where the cell changes; a lone differing step is refused.
+
+        A lone first step from a zero state (an exporter folded its recurrent projection
+        into a constant) is kept as the next run's ``head``: check() keeps it when it
+        matches the run's GRU from zeros."""
+        assert self.index is not None
+        signatures = [cell_signature(self.index, cell) for cell in chain]
+        runs: list[list[int]] = []
+        for t, signature in enumerate(signatures):
+            if runs and signatures[runs[-1][0]] == signature:
+                runs[-1].append(t)
+            else:
+                runs.append([t])
+        head = None
+        if len(runs) > 1 and len(runs[0]) == 1 and is_zero(self.index, chain[0].h):
+            head = chain[runs.pop(0)[0]]
+        out = []
+        for run in runs:
+            cells = [chain[t] for t in run]
+            if len(run) == 1 and len(chain) > 1 and not (head is not None and run[0] == 1):
+                out.append(GruCandidate(cells[0].name, problem=_per_step(chain, run[0])))
+            else:
+                out.append(GruCandidate(cells[0].name, cells, head=head if run[0] == 1 else None))
+        return out
+
+    def _dims(self, tensor: gs.Tensor) -> list[int | str | None]:
+        return self.types.get(tensor.name, (0, []))[1]
+
+    def check(self, graph: gs.Graph, match: GruCandidate, ctx: PassContext) -> str | None:
+        if match.problem is not None:
+            return match.problem
+        assert self.index is not None
+        cells, first = match.cells, match.cells[0]
+        if len(cells) < self.options.min_steps:
+            return f"{len(cells)} cell(s), fewer than min-steps={self.options.min_steps}"
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset < 13:
+            return f"opset {opset} < 13 is not supported"
+        for tensor in (first.x, first.h, first.h_new):
+            if self.types.get(tensor.name, (0, []))[0] != TensorProto.FLOAT:
+                return f"'{tensor.name}' is not float32 (or its type is unknown)"
+        x_dims, h_dims = self._dims(first.x), self._dims(first.h)
+        if len(x_dims) != 2 or not isinstance(x_dims[1], int):
+            return f"step input '{first.x.name}' is not [batch, features] with static features"
+        hidden = self._hidden(first)
+        if h_dims and (len(h_dims) != 2 or h_dims[1] not in (hidden, None)):
+            return f"state '{first.h.name}' is not [batch, {hidden}]"
+        if h_dims and None not in (h_dims[0], x_dims[0]) and h_dims[0] != x_dims[0]:
+            return f"state batch {h_dims[0]} differs from input batch {x_dims[0]}"
+        if self.index.is_const(first.h) and not is_zero(self.index, first.h):
+            return "the initial state is a constant that is not zero"
+        spec = self._spec(first)
+        weights = probe_weights(self.model, spec, ctx.seed, self.options.linear_before_reset)
+        if isinstance(weights, str):
+            return weights
+        error = self_check(self.model, spec, weights, ctx.seed)
+        match.weights, match.error = weights, error
+        if not error <= self.options.tolerance:
+            return (
+                f"self-check failed: the GRU (linear_before_reset="
+                f"{weights.linear_before_reset}) differs from the cell by {error:.3g}"
+            )
+        if match.head is not None:
+            head_error = self_check(self.model, self._spec(match.head), weights, ctx.seed, True)
+            if head_error <= self.options.tolerance:
+                match.cells.insert(0, match.head)
+                match.anchor = match.head.name
+            else:
+                self.refusals.append(Refusal(match.head.name, _per_step([match.head, first], 0)))
+                if len(match.cells) == 1:
+                    return _per_step([match.head, first], 1)
+        return None
+
+    def _hidden(self, cell: CellMatch) -> int:
+        return int(self._dims(cell.tanh.outputs[0])[-1] or 0)  # static: match_cell checked it
+
+    def _spec(self, cell: CellMatch) -> CellSpec:
+        batch = self._dims(cell.x)[0]
+        return CellSpec(
+            x=cell.x.name,
+            h=cell.h.name,
+            h_new=cell.h_new.name,
+            z=cell.z.name,
+            r=cell.r.name,
+            n_pre=cell.tanh.inputs[0].name,
+            sigmoid_outputs=tuple(s.outputs[0].name for s in cell.gate_sigmoids),
+            input_size=int(self._dims(cell.x)[1] or 0),
+            hidden=self._hidden(cell),
+            z_keeps_state=cell.z_keeps_state,
+            batch=batch if isinstance(batch, int) else None,
+        )
+
+    def rewrite(self, graph: gs.Graph, match: GruCandidate, ctx: PassContext) -> dict[str, Any]:
+        assert self.index is not None and match.weights is not None
+        index, cells, weights = self.index, match.cells, match.weights
+        spec = self._spec(cells[0])
+        emit = Emitter(graph, match.anchor)
+        sequence, layout = sequence_input(emit, index, cells, self.types)
+        inputs = [
+            sequence,
+            emit.const("W", weights.W),
+            emit.const("R", weights.R),
+            emit.const("B", weights.B),
+        ]
+        zero_start = is_zero(index, cells[0].h)
+        if not zero_start:
+            inputs += [
+                gs.Variable.empty(),
+                emit.one("Unsqueeze", [cells[0].h, emit.const("axes", [0])]),
+            ]
+        y, y_last = emit.node(
+            "GRU",
+            inputs,
+            {"hidden_size": spec.hidden, "linear_before_reset": weights.linear_before_reset},
+            [
+                gs.Variable(emit.name("Y"), dtype=np.float32),
+                gs.Variable(emit.name("Y_h"), dtype=np.float32),
+            ],
+            name=unique_name(graph, rule_node_name(self, match.anchor), emit.taken),
+        )
+        # Who reads each step's state outside the loop (the next cell's nodes are replaced).
+        readers = [
+            [
+                c
+                for c in cell.h_new.outputs
+                if t + 1 == len(cells) or id(c) not in cells[t + 1].nodes
+            ]
+            for t, cell in enumerate(cells)
+        ]
+        outputs = [id(cell.h_new) in index.outputs for cell in cells]
+        steps: gs.Tensor | None = None
+        stacked = stacked_concat(index, cells, readers)
+        stacked_name = None
+        if stacked is not None:
+            concat, axis, unsqueezes = stacked
+            perm = [1, 2]
+            perm.insert(axis, 0)
+            target = concat.outputs[0]
+            stacked_name = target.name
+            steps = emit.one(
+                "Squeeze", [y, emit.const("axes", [1])], output=target if axis == 0 else None
+            )
+            if axis != 0:
+                emit.one("Transpose", [steps], {"perm": perm}, output=target)
+            for t, unsqueeze in enumerate(unsqueezes):
+                readers[t].remove(unsqueeze)
+            self.replaced.append(concat)
+        wanted = [t for t in range(len(cells)) if readers[t] or outputs[t]]
+        if steps is None and any(t + 1 < len(cells) for t in wanted):
+            steps = emit.one("Squeeze", [y, emit.const("axes", [1])])
+        if steps is not None:  # a later chain (a stacked layer) can take its X from here
+            batch = self._dims(cells[0].x)[0]
+            self.types[steps.name] = (TensorProto.FLOAT, [len(cells), batch, spec.hidden])
+        for t in wanted:
+            if steps is None:  # only the last state is read
+                emit.one("Squeeze", [y_last, emit.const("axes", [0])], output=cells[t].h_new)
+            else:
+                step = emit.const("step", np.array(t, np.int64))
+                emit.one("Gather", [steps, step], {"axis": 0}, output=cells[t].h_new)
+        self.replaced.extend(node for cell in cells for node in cell.nodes.values())
+        logger.debug("fuse-gru: %d cells from %s into one GRU", len(cells), match.anchor)
+        return {
+            "node": y.inputs[0].name,
+            "cells": [cell.name for cell in cells],
+            "cell_count": len(cells),
+            "seq_length": len(cells),
+            "hidden": spec.hidden,
+            "input_size": spec.input_size,
+            "linear_before_reset": weights.linear_before_reset,
+            "gate_order": gate_order(index, cells[0], weights.source_input_weights, spec.hidden),
+            "update": "(1-z)*n + z*h" if spec.z_keeps_state else "z*n + (1-z)*h, z negated",
+            "layout": layout,
+            "initial_state": "zeros" if zero_start else cells[0].h.name,
+            "stacked_output": stacked_name,
+            "self_check_max_abs_error": match.error,
+        }
+
+
+def _per_step(chain: list[CellMatch], t: int) -> str:
+    other = chain[t - 1] if t > 0 else chain[t + 1]
+    return (
+        f"step {t} of a chain of {len(chain)} cells has weights or structure different from "
+        f"its neighbour '{other.name}': per-step weights are not a shared-weight loop"
+    )
+
+
+def _chains(cells: list[CellMatch]) -> list[list[CellMatch]]:
+    """Cells linked by h_new -> h (one successor each), in topological order."""
+    by_state: dict[int, list[CellMatch]] = {}
+    for cell in cells:
+        by_state.setdefault(id(cell.h), []).append(cell)
+    successor: dict[int, CellMatch] = {}
+    for cell in cells:
+        following = by_state.get(id(cell.h_new), [])
+        if len(following) == 1:
+            successor[id(cell)] = following[0]
+    has_predecessor = {id(c) for c in successor.values()}
+    chains = []
+    for cell in cells:
+        if id(cell) in has_predecessor:
+            continue
+        chain = [cell]
+        while id(chain[-1]) in successor:
+            chain.append(successor[id(chain[-1])])
+        chains.append(chain)
+    return chains
+
+
+@register_pass("fuse-gru")
+class FuseGru(Pass[FuseGruOptions]):
+    """Fuse GRU cells written in primitive ops (unrolled loops too) into ONNX GRU ops."""
+
+    options_type = FuseGruOptions
+    lossless = True
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        nodes_before = len(graph.nodes)
+        rule = FuseGruRule(self.options)
+        fused = apply_rule(rule, graph, ctx, result)
+        result.refusals.extend(rule.refusals)
+        if fused:
+            remove_dead(graph, rule.replaced)
+            graph.toposort()
+        result.count("gru_fused", fused)
+        result.count("cells_fused", sum(d["cell_count"] for d in result.details))
+        result.count("nodes_removed", nodes_before - len(graph.nodes))
+        return result

@@ -1,0 +1,269 @@
+"""Calibration for the ``qdq`` pass: stream the float model over calibration batches into
+observers, then turn each shared-parameter group's observations into one clipping range.
+
+One onnxruntime session exposes every annotated activation; each batch's arrays update the
+observers and are dropped before the next batch runs, so memory is one batch of activations
+plus a fixed-size state per tensor (a 2048-bin histogram, or two numbers for ``minmax``),
+whatever the number of batches. Bias correction reads per-channel input means the same way:
+
+    b' = b + E[x] . (W - dequantize(quantize(W)))   (summed over the kernel, per output channel)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnxpress.passes.qdq.annotate import Annotation
+from onnxpress.passes.qdq.convert import dequantize, quantize_weight
+
+from onnxpress.calibration.activations import with_outputs
+from onnxpress.calibration.observers import (
+    HistogramObserver,
+    MeanObserver,
+    MinMaxObserver,
+    Range,
+    compute_range,
+    minmax_range,
+)
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.errors import CalibrationError
+from onnxpress.core.ir import unique_name
+from onnxpress.core.verify import Runner
+
+logger = logging.getLogger(__name__)
+
+
+def float_tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Names of every float32 tensor that ONNX shape inference can type."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    g = inferred.graph
+    names = {
+        vi.name
+        for vi in [*g.input, *g.value_info, *g.output]
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    }
+    return names | {t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT}
+
+
+@dataclass
+class Observations:
+    ranges: dict[str, HistogramObserver | MinMaxObserver] = field(default_factory=dict)
+    means: dict[str, MeanObserver] = field(default_factory=dict)
+    batches: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in [*self.ranges.values(), *self.means.values()])
+
+
+def observe(
+    model: onnx.ModelProto,
+    tensors: list[str],
+    mean_axes: dict[str, int],
+    calibration: CalibrationData,
+    histogram_bins: int | None,
+    limit: int | None = None,
+) -> Observations:
+    """Stream ``model`` over the calibration batches into one observer per tensor.
+
+    ``histogram_bins`` None keeps only running min/max; ``mean_axes`` maps tensors whose
+    per-channel mean is wanted (bias correction) to their channel axis.
+    """
+    obs = Observations()
+    for name in tensors:
+        obs.ranges[name] = (
+            MinMaxObserver() if histogram_bins is None else HistogramObserver(histogram_bins)
+        )
+    for name, axis in mean_axes.items():
+        obs.means[name] = MeanObserver(axis)
+    inputs = {i.name for i in model.graph.input}
+    wanted = sorted(set(tensors) | set(mean_axes))
+    exposed = [n for n in wanted if n not in inputs]
+    runner = Runner(with_outputs(model, exposed)) if exposed else None
+    index = {n: runner.output_names.index(n) for n in exposed} if runner else {}
+
+    def stream() -> Iterator[dict[str, np.ndarray]]:
+        for batch in calibration.batches(limit):
+            outputs = runner(batch) if runner is not None else []
+            yield {n: (batch[n] if n in inputs else outputs[index[n]]) for n in wanted}
+
+    for arrays in stream():
+        for name, values in arrays.items():
+            if name in obs.ranges:
+                obs.ranges[name].update(values)
+            if name in obs.means:
+                obs.means[name].update(values)
+        obs.batches += 1
+    if obs.batches == 0:
+        raise CalibrationError("pass 'qdq': the calibration data yielded no batches")
+    logger.debug(
+        "observed %d tensors over %d batches (%d bytes of state)",
+        len(tensors),
+        obs.batches,
+        obs.nbytes,
+    )
+    return obs
+
+
+def tensor_ranges(
+    ann: Annotation,
+    obs: Observations,
+    method: str,
+    symmetric: bool,
+    percentile: float,
+    unclipped: set[str],
+) -> dict[str, Range]:
+    """The clipping range of every observed activation by ``method``; tensors in ``unclipped``
+    (graph outputs: clipping the largest logit changes the answer) keep their min/max."""
+    ranges: dict[str, Range] = {}
+    for name in ann.activations:
+        observer = obs.ranges.get(name)
+        if observer is None:
+            raise CalibrationError(f"pass 'qdq': no observation for tensor '{name}'")
+        if isinstance(observer, MinMaxObserver) or name in unclipped:
+            ranges[name] = minmax_range(observer, symmetric)
+        else:
+            ranges[name] = compute_range(method, observer, symmetric, percentile)
+    return ranges
+
+
+def mixed_range_concats(
+    graph: gs.Graph, ann: Annotation, obs: Observations, symmetric: bool, spread: float
+) -> dict[str, str]:
+    """Quantized Concats whose inputs' observed ranges differ by more than ``spread`` and whose
+    output no quantized node reads -> why they stay float. One scale shared across such inputs
+    (a detector's pixel boxes beside its 0..1 scores) would leave the narrowest input
+    log2(ratio) bits short; where a quantized layer reads the Concat, its input scale costs
+    those bits anyway, so the Concat stays int8."""
+    reasons: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "Concat" or node.name not in ann.quantized_nodes:
+            continue
+        if any(c.name in ann.quantized_nodes for c in node.outputs[0].outputs):
+            continue
+        observers = [obs.ranges.get(t.name) for t in node.inputs]
+        if any(o is None for o in observers):
+            continue
+        widths = [r.hi - r.lo for r in (minmax_range(o, symmetric) for o in observers if o)]
+        narrow, wide = min(widths), max(widths)
+        if wide > 0 and wide > spread * narrow:
+            ratio = wide / narrow if narrow > 0 else float("inf")
+            reasons[node.name] = (
+                f"input ranges differ {ratio:.0f}x (widths {narrow:.3g} to {wide:.3g}; "
+                f"concat-spread {spread:g}): one shared scale would cost the narrowest input "
+                f"{np.log2(ratio):.1f} bits, so the Concat stays float"
+            )
+    return reasons
+
+
+# --- bias correction -------------------------------------------------------------------------
+
+
+def mean_axes_for(graph: gs.Graph, ann: Annotation) -> dict[str, int]:
+    """Inputs of layers that bias correction can fix -> their channel axis."""
+    axes: dict[str, int] = {}
+    nodes = {n.name: n for n in graph.nodes}
+    for (name, index), spec in ann.weights.items():
+        node = nodes[name]
+        if spec.weight_only or index != 1:
+            continue
+        if node.op == "Conv" or (node.op == "Gemm" and not node.attrs.get("transA", 0)):
+            axes[node.inputs[0].name] = 1
+        elif node.op == "MatMul" and _matmul_bias(node) is not None:
+            axes[node.inputs[0].name] = -1
+    return axes
+
+
+def _matmul_bias(node: gs.Node) -> gs.Constant | None:
+    """The constant of an Add that alone reads a MatMul's output and adds a [N] vector."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return None
+    add = out.outputs[0]
+    other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+    n = np.shape(node.inputs[1].values)[-1] if isinstance(node.inputs[1], gs.Constant) else -1
+    if (
+        isinstance(other, gs.Constant)
+        and np.shape(other.values) == (n,)
+        and len(other.outputs) == 1
+    ):
+        return other
+    return None
+
+
+def bias_deltas(
+    graph: gs.Graph, ann: Annotation, obs: Observations, reduce_range: bool
+) -> dict[str, np.ndarray]:
+    """Node name -> per-output-channel shift E[x] . (W - Wq) for every correctable layer."""
+    deltas: dict[str, np.ndarray] = {}
+    nodes = {n.name: n for n in graph.nodes}
+    for (name, index), spec in ann.weights.items():
+        node = nodes[name]
+        mean = obs.means.get(node.inputs[0].name)
+        if spec.weight_only or index != 1 or mean is None:
+            continue
+        w = np.asarray(node.inputs[1].values, np.float64)
+        error = w - dequantize(*quantize_weight(w.astype(np.float32), spec.axis, reduce_range))
+        x = mean.mean
+        if node.op == "Conv":
+            groups = int(node.attrs.get("group", 1))
+            per_group = error.shape[1]
+            summed = error.reshape(error.shape[0], per_group, -1).sum(axis=2)  # [O, C/g]
+            group_of = np.arange(error.shape[0]) // (error.shape[0] // groups)
+            inputs = x.reshape(groups, per_group)[group_of]  # [O, C/g]
+            deltas[name] = (summed * inputs).sum(axis=1)
+        elif node.op == "Gemm":
+            b = error.T if node.attrs.get("transB", 0) else error  # [K, N]
+            deltas[name] = x @ b
+        elif node.op == "MatMul":
+            if error.ndim == 2:
+                deltas[name] = x @ error
+    return deltas
+
+
+def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], quantized: set[str]) -> int:
+    """Add each quantized layer's shift to its float bias (before conversion); returns count."""
+    applied = 0
+    for node in graph.nodes:
+        delta = deltas.get(node.name)
+        if delta is None or node.name not in quantized:
+            continue
+        target = (
+            _matmul_bias(node)
+            if node.op == "MatMul"
+            else (node.inputs[2] if len(node.inputs) > 2 else None)
+        )
+        if not isinstance(target, gs.Constant):
+            continue
+        values = np.asarray(target.values, np.float64)
+        target.values = (values + delta).astype(np.float32)
+        applied += 1
+    return applied
+
+
+def add_zero_biases(graph: gs.Graph, layers: set[str]) -> int:
+    """Give each named Conv and plain Gemm with constant weights and no bias a zero bias, for
+    bias correction to adjust (lossless)."""
+    added = 0
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    for node in graph.nodes:
+        if node.name not in layers:
+            continue
+        if len(node.inputs) != 2 or not isinstance(node.inputs[1], gs.Constant):
+            continue
+        w = np.asarray(node.inputs[1].values)
+        if node.op == "Conv":
+            channels = w.shape[0]
+        elif node.op == "Gemm" and float(node.attrs.get("beta", 1.0)) == 1.0:
+            channels = w.shape[0 if node.attrs.get("transB", 0) else 1]
+        else:
+            continue
+        name = unique_name(graph, f"{node.name}_bias", taken)
+        node.inputs.append(gs.Constant(name, np.zeros(channels, np.float32)))
+        added += 1
+    return added

@@ -1,0 +1,206 @@
+"""Accuracy-aware fallback and calibration selection for the ``qdq`` pass, and the quality
+metrics they are judged by.
+
+Given a budget ``max_drop`` on a quality metric (higher is better; the float model's score
+is the reference), fallback measures the drop of the fully quantized model; if it is over
+budget it ranks the quantized layers by sensitivity (the drop with only that layer in float)
+and moves the most sensitive ones back to float, greedily, until the drop is within budget.
+
+A quality metric is a function of ``MetricInputs`` (the candidate model, the calibration
+batches, its outputs and the float model's outputs on them) that returns a score. The
+built-in ``agreement`` is the mean, over outputs, of top-1 agreement with the float model
+(outputs whose last axis has 2+ entries) or 1 - relative L2 error (other outputs). Register
+your own with ``register_metric("name", fn)`` and select it with ``qdq{metric=name}``.
+The built-in ``fidelity`` is 1 - relative L2 error of every output (mean over outputs); it
+ranks the calibration settings that ``method=auto`` tries (``select_calibration``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxpress.core.calibration_data import Batch
+from onnxpress.core.errors import PipelineError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    model: onnx.ModelProto  # the candidate (or the float model, for the reference score)
+    batches: list[Batch]  # calibration batches, in calibration order
+    outputs: list[list[np.ndarray]]  # the candidate's outputs, per batch
+    reference: list[list[np.ndarray]]  # the float model's outputs, per batch
+    output_names: list[str]
+
+
+QualityMetric = Callable[[MetricInputs], float]
+
+
+def _rel_l2(ref: np.ndarray, new: np.ndarray) -> float:
+    denom = float(np.linalg.norm(ref.astype(np.float64)))
+    return float(np.linalg.norm(ref.astype(np.float64) - new)) / max(denom, 1e-12)
+
+
+def agreement(inputs: MetricInputs) -> float:
+    """Top-1 agreement with the float model for [batch, classes] outputs, else 1 - relative L2
+    (on a detector's [batch, 4 + classes, cells] or a segmentation map an argmax over the last
+    axis would mean nothing)."""
+    scores = []
+    for index in range(len(inputs.output_names)):
+        refs = [batch[index] for batch in inputs.reference]
+        news = [batch[index] for batch in inputs.outputs]
+        if refs[0].ndim == 2 and refs[0].shape[-1] >= 2:
+            same = sum(
+                int(np.sum(np.argmax(r, -1) == np.argmax(n, -1)))
+                for r, n in zip(refs, news, strict=True)
+            )
+            scores.append(same / max(sum(r[..., 0].size for r in refs), 1))
+        else:
+            ref = np.concatenate([r.ravel() for r in refs])
+            new = np.concatenate([n.ravel() for n in news])
+            scores.append(1.0 - min(_rel_l2(ref, new), 1.0))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def fidelity(inputs: MetricInputs) -> float:
+    """1 - relative L2 error of each output over all batches, mean over outputs."""
+    errors = []
+    for index in range(len(inputs.output_names)):
+        ref = np.concatenate([batch[index].ravel() for batch in inputs.reference])
+        new = np.concatenate([batch[index].ravel() for batch in inputs.outputs])
+        errors.append(_rel_l2(ref, new))
+    return 1.0 - float(np.mean(errors)) if errors else 1.0
+
+
+_METRICS: dict[str, QualityMetric] = {"agreement": agreement, "fidelity": fidelity}
+
+
+def register_metric(name: str, metric: QualityMetric) -> None:
+    """Make ``metric`` selectable as ``qdq{metric=name}``; a name can be registered once."""
+    if name in _METRICS and _METRICS[name] is not metric:
+        raise PipelineError(f"quality metric '{name}' is already registered")
+    _METRICS[name] = metric
+
+
+def get_metric(name: str) -> QualityMetric:
+    try:
+        return _METRICS[name]
+    except KeyError:
+        known = ", ".join(sorted(_METRICS))
+        raise PipelineError(f"pass 'qdq': unknown metric '{name}' (metrics: {known})") from None
+
+
+class Evaluator:
+    """Scores candidate models on calibration batches with onnxruntime's int8 kernels."""
+
+    def __init__(self, float_model: onnx.ModelProto, batches: list[Batch], metric: QualityMetric):
+        self.batches = batches
+        self.metric = metric
+        self.output_names = [o.name for o in float_model.graph.output]
+        self.reference = self.run(float_model)
+        self.baseline = metric(
+            MetricInputs(float_model, batches, self.reference, self.reference, self.output_names)
+        )
+        self.evaluations = 0
+
+    def run(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = min(2, os.cpu_count() or 1)
+        session = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        return [[np.asarray(x) for x in session.run(None, b)] for b in self.batches]
+
+    def drop(self, model: onnx.ModelProto) -> tuple[float, float]:
+        """(metric drop vs the float model, relative L2 of the outputs as a tie-breaker)."""
+        self.evaluations += 1
+        outputs = self.run(model)
+        score = self.metric(
+            MetricInputs(model, self.batches, outputs, self.reference, self.output_names)
+        )
+        error = max(
+            _rel_l2(r, n)
+            for ref, new in zip(self.reference, outputs, strict=True)
+            for r, n in zip(ref, new, strict=True)
+        )
+        return self.baseline - score, error
+
+
+@dataclass
+class FallbackStep:
+    node: str
+    op: str
+    gain: float  # drop recovered when this layer alone is float (the sensitivity)
+    drop_after: float  # drop with this and every earlier layer in float
+
+
+@dataclass
+class FallbackResult:
+    excluded: list[str]
+    steps: list[FallbackStep]
+    initial_drop: float
+    final_drop: float
+    within_budget: bool
+
+
+def greedy_fallback(
+    candidates: dict[str, str],
+    build: Callable[[frozenset[str]], onnx.ModelProto],
+    evaluator: Evaluator,
+    max_drop: float,
+) -> FallbackResult:
+    """Keep the most sensitive layers (node name -> op) in float until within ``max_drop``."""
+    initial, initial_error = evaluator.drop(build(frozenset()))
+    logger.info("qdq fallback: drop %.4f with every layer quantized", initial)
+    if initial <= max_drop:
+        return FallbackResult([], [], initial, initial, True)
+    sensitivity: list[tuple[float, float, str]] = []
+    for name in candidates:
+        drop, error = evaluator.drop(build(frozenset([name])))
+        sensitivity.append((initial - drop, initial_error - error, name))
+    sensitivity.sort(key=lambda item: (-item[0], -item[1], item[2]))
+    excluded: list[str] = []
+    steps: list[FallbackStep] = []
+    drop = initial
+    for gain, _, name in sensitivity:
+        excluded.append(name)
+        drop, _ = evaluator.drop(build(frozenset(excluded)))
+        steps.append(FallbackStep(name, candidates[name], gain, drop))
+        logger.info("qdq fallback: %s in float -> drop %.4f", name, drop)
+        if drop <= max_drop:
+            break
+    return FallbackResult(excluded, steps, initial, drop, drop <= max_drop)
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    method: str  # activation range method
+    bias_correction: bool
+    error: float  # 1 - fidelity on the scoring batches: mean relative L2 error of the outputs
+
+
+def select_calibration(
+    settings: list[tuple[str, bool]],
+    build: Callable[[str, bool], onnx.ModelProto],
+    evaluator: Evaluator,
+) -> list[CalibrationChoice]:
+    """Score each (method, bias correction) setting's quantized model against the float model;
+    return every score, best (lowest error, then the earliest setting) first."""
+    scored = []
+    for method, corrected in settings:
+        error, _ = evaluator.drop(build(method, corrected))
+        scored.append(CalibrationChoice(method, corrected, error))
+        logger.info(
+            "qdq auto: method=%s bias-correction=%s -> rel-L2 %.5f", method, corrected, error
+        )
+    order = sorted(range(len(scored)), key=lambda i: (scored[i].error, i))
+    return [scored[i] for i in order]

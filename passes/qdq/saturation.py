@@ -1,0 +1,268 @@
+"""Saturation-safe int8 weights for targets that sum u8 x s8 pairs in int16 (x86 without VNNI).
+
+For each integer layer with weight pairs at risk (``onnxpress.analysis.saturation``), two
+remedies are built and measured on the data; the one whose pair-saturating output is closest
+to the layer's exact int32 output with its original weights is kept:
+
+- ``reround``: only the offending same-sign pairs shrink, just enough that
+  a0|w0| + a1|w1| <= 32767, taking from the weight that meets the larger activation first
+  (fewest units); scales are kept. ``a`` is the largest activation byte seen per input
+  channel, times ``margin`` (at most 255), or 255 without data.
+- ``narrow``: the layer's weights become 7-bit ([-63, 63]) with scales doubled per channel,
+  and its int32 bias is rescaled; no pair can then saturate (255 * 126 < 32767).
+
+Nothing changes where no named target saturates. The change works on any QDQ model and needs
+no recalibration; it is what ``qdq`` does last and what ``fix-saturation`` does to models that
+other tools quantized.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxpress.analysis.saturation import (
+    U8_MAX,
+    activation_bound,
+    operand_values,
+    pairs_at_risk,
+)
+from onnxpress.core.context import PassContext
+from onnxpress.core.int8_emulation import Batch, layer_output, pair_saturates
+from onnxpress.core.int8_layers import (
+    IntegerLayer,
+    from_reduction_matrix,
+    integer_layers,
+    reduction_matrix,
+)
+from onnxpress.core.pass_base import PassResult
+from onnxpress.core.targets import EXACT, PAIR_SATURATING
+
+logger = logging.getLogger(__name__)
+
+REMEDIES = ("reround", "narrow")
+NARROW_MAX = 63
+LIMIT = 32767
+
+
+@dataclass
+class Change:
+    """New constant values for one layer's DequantizeLinear inputs."""
+
+    weight: np.ndarray
+    scale: np.ndarray | None = None  # narrow: the weight's new scale
+    bias: np.ndarray | None = None  # narrow: the int32 bias for the new scale
+    bias_scale: np.ndarray | None = None
+
+
+@dataclass
+class Remedy:
+    layer: str
+    op: str
+    chosen: str
+    pairs_at_risk: int
+    weights_changed: int
+    errors: dict[str, float] = field(default_factory=dict)  # candidate -> rel-L2 vs exact
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "op": self.op,
+            "chosen": self.chosen,
+            "pairs_at_risk": self.pairs_at_risk,
+            "weights_changed": self.weights_changed,
+            "errors": {k: round(v, 6) for k, v in self.errors.items()},
+        }
+
+
+def reround(matrix: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """Shrink same-sign pairs of ``matrix`` [K, N] until a0|w0| + a1|w1| <= 32767 for the
+    activation bound ``a``, by the smallest squared change."""
+    w = matrix.astype(np.int64)
+    a = bound.astype(np.float64)
+    odd = w.shape[0] % 2
+    if odd:
+        w, a = np.pad(w, ((0, 1), (0, 0))), np.pad(a, (0, 1))
+    w2 = w.reshape(-1, 2, w.shape[1]).copy()
+    a2 = np.broadcast_to(a.reshape(-1, 2, 1), w2.shape)
+    risky = pairs_at_risk(w[: len(w)], a)  # [pairs, N]
+    magnitude, sign = np.abs(w2).astype(np.float64), np.sign(w2)
+    # the least-squares cut: c_i = excess * a_i / (a0^2 + a1^2), rounded up, at most |w_i|
+    excess = np.where(risky, (a2 * magnitude).sum(axis=1) - LIMIT, 0)[:, None, :]
+    norm = np.maximum((a2**2).sum(axis=1, keepdims=True), 1.0)
+    magnitude -= np.minimum(magnitude, np.ceil(excess * a2 / norm))
+    # whatever rounding left over comes off the member that meets the larger activation
+    first = np.where(a2[:, 0] >= a2[:, 1], 0, 1)
+    for order in (first, 1 - first):
+        excess = np.where(risky, (a2 * magnitude).sum(axis=1) - LIMIT, 0)
+        member_a = np.take_along_axis(a2, order[:, None], axis=1)[:, 0]
+        member_w = np.take_along_axis(magnitude, order[:, None], axis=1)[:, 0]
+        cut = np.where(
+            excess > 0, np.minimum(member_w, np.ceil(excess / np.maximum(member_a, 1))), 0
+        )
+        np.put_along_axis(magnitude, order[:, None], (member_w - cut)[:, None], axis=1)
+    out = (sign * magnitude).reshape(w.shape)
+    return (out[:-1] if odd else out).astype(np.int8)
+
+
+def narrow(layer: IntegerLayer) -> Change:
+    """7-bit weights per channel (or tensor) for the layer, with its int32 bias rescaled."""
+    wt = layer.weight
+    assert wt.value is not None
+    q = wt.value.astype(np.float64) - wt.zero_point.astype(np.float64).reshape(
+        _channel_shape(wt.value, wt.axis)
+    )
+    reduce_axes = tuple(i for i in range(q.ndim) if wt.axis is None or i != wt.axis % q.ndim)
+    peak = np.max(np.abs(q), axis=reduce_axes, keepdims=True)
+    factor = np.where(peak > NARROW_MAX, peak / NARROW_MAX, 1.0)  # new scale / old scale
+    new_q = np.clip(np.round(q / factor), -NARROW_MAX, NARROW_MAX)
+    new_q += wt.zero_point.astype(np.float64).reshape(_channel_shape(wt.value, wt.axis))
+    scale = (wt.scale.astype(np.float64) * factor.reshape(wt.scale.shape)).astype(np.float32)
+    change = Change(new_q.astype(np.int8), scale)
+    if layer.bias is not None and layer.bias_int32 is not None:
+        per_out = np.broadcast_to(factor.reshape(-1), layer.bias_int32.shape)
+        change.bias = np.round(layer.bias_int32 / per_out).astype(np.int32)
+        old_scale = layer.bias.scale.astype(np.float64)
+        change.bias_scale = (
+            old_scale * per_out.reshape(old_scale.shape)
+            if old_scale.ndim
+            else old_scale * float(per_out.reshape(-1)[0])
+        ).astype(np.float32)
+    return change
+
+
+def _channel_shape(values: np.ndarray, axis: int | None) -> tuple[int, ...]:
+    if axis is None:
+        return ()
+    axis %= values.ndim
+    return tuple(values.shape[axis] if i == axis else 1 for i in range(values.ndim))
+
+
+def _trial(layer: IntegerLayer, change: Change) -> IntegerLayer:
+    weight = replace(
+        layer.weight,
+        value=change.weight,
+        scale=change.scale if change.scale is not None else layer.weight.scale,
+    )
+    bias = change.bias.astype(np.int64) if change.bias is not None else layer.bias_int32
+    return replace(layer, weight=weight, bias_int32=bias)
+
+
+def _error(layer: IntegerLayer, operands: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    num = den = 0.0
+    for x, exact in zip(operands, reference, strict=True):
+        got = layer_output(layer, x, None, PAIR_SATURATING).astype(np.float64)
+        num += float(np.sum((got - exact) ** 2))
+        den += float(np.sum(exact.astype(np.float64) ** 2))
+    return float(np.sqrt(num / max(den, 1e-30)))
+
+
+def plan(
+    model: onnx.ModelProto,
+    batches: list[Batch] | None,
+    remedy: str = "auto",
+    margin: float = 1.25,
+) -> list[tuple[IntegerLayer, Remedy, Change]]:
+    """The remedy for each layer that can saturate, measured on ``batches`` where given."""
+    layers = [
+        layer
+        for layer in integer_layers(model)
+        if pair_saturates(layer, PAIR_SATURATING) and layer.weight.value is not None
+    ]
+    values = operand_values(model, layers, batches) if batches and layers else []
+    planned = []
+    for layer in layers:
+        operands = [v[layer.activation.tensor] for v in values]
+        seen = activation_bound(layer, operands)
+        bound = np.minimum(seen * margin, U8_MAX) if operands else seen
+        matrices = reduction_matrix(layer)
+        at_risk = int(sum(pairs_at_risk(m, bound).sum() for m in matrices))
+        if not at_risk:
+            continue
+        candidates: dict[str, Change] = {}
+        if remedy in ("auto", "reround"):
+            rounded = np.stack([reround(m, bound) for m in matrices])
+            candidates["reround"] = Change(from_reduction_matrix(layer, rounded))
+        if remedy in ("auto", "narrow"):
+            candidates["narrow"] = narrow(layer)
+        errors: dict[str, float] = {}
+        if operands:
+            reference = [layer_output(layer, x, None, EXACT) for x in operands]
+            errors["none"] = _error(layer, operands, reference)
+            for name, change in candidates.items():
+                errors[name] = _error(_trial(layer, change), operands, reference)
+            chosen = min(candidates, key=lambda name: errors[name])
+        else:  # no data: the smaller change to the weights, in units of the old scale
+            chosen = min(candidates, key=lambda name: _weight_change(layer, candidates[name]))
+        change = candidates[chosen]
+        assert layer.weight.value is not None
+        changed = int(np.sum(change.weight != layer.weight.value))
+        planned.append(
+            (layer, Remedy(layer.name, layer.op, chosen, at_risk, changed, errors), change)
+        )
+    return planned
+
+
+def _weight_change(layer: IntegerLayer, change: Change) -> float:
+    trial = _trial(layer, change)
+    assert layer.weight.value is not None and trial.weight.value is not None
+    old = layer.weight.value.astype(np.float64) * layer.weight.scale.reshape(
+        _channel_shape(layer.weight.value, layer.weight.axis)
+    )
+    new = trial.weight.value.astype(np.float64) * trial.weight.scale.reshape(
+        _channel_shape(layer.weight.value, layer.weight.axis)
+    )
+    return float(np.linalg.norm(new - old))
+
+
+def apply(graph: gs.Graph, planned: list[tuple[IntegerLayer, Remedy, Change]]) -> None:
+    """Write each change into ``graph`` as new constants of the layer's DequantizeLinears."""
+    by_output = {node.outputs[0].name: node for node in graph.nodes if node.outputs}
+    for layer, _, change in planned:
+        node = by_output[layer.node.output[0]]
+        weight_dq = node.inputs[1].inputs[0]
+        _replace(weight_dq, 0, change.weight, "safe")
+        if change.scale is not None:
+            _replace(weight_dq, 1, change.scale, "safe")
+        if change.bias is not None and change.bias_scale is not None:
+            bias_dq = node.inputs[2].inputs[0]
+            _replace(bias_dq, 0, change.bias, "safe")
+            _replace(bias_dq, 1, change.bias_scale, "safe")
+
+
+def _replace(node: gs.Node, index: int, values: np.ndarray, suffix: str) -> None:
+    old = node.inputs[index]
+    node.inputs[index] = gs.Constant(f"{old.name}_{suffix}", np.ascontiguousarray(values))
+
+
+def protect_from_saturation(
+    graph: gs.Graph,
+    ctx: PassContext,
+    result: PassResult,
+    remedy: str,
+    margin: float,
+    batches: list[Batch] | None,
+) -> None:
+    """Make the int8 layers of ``graph`` safe on ``ctx.targets``; record it in ``result``."""
+    saturating = [t.name for t in ctx.targets if t.saturates]
+    if remedy == "off" or not saturating:
+        why = "saturation=off" if remedy == "off" else "no target saturates"
+        result.details.append({"saturation": {"targets": saturating, "skipped": why}})
+        return
+    planned = plan(ctx.export(graph), batches, remedy, margin)
+    apply(graph, planned)
+    result.count("layers_saturation_safe", len(planned))
+    result.details.append(
+        {
+            "saturation": {
+                "targets": saturating,
+                "remedy": remedy,
+                "data": bool(batches),
+                "layers": [r.to_json() for _, r, _ in planned],
+            }
+        }
+    )

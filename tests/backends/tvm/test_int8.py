@@ -1,0 +1,176 @@
+"""QDQ -> integer lowering on TVM (onnxpress.backends.tvm.int8): structure of the lowered Relax module,
+int8 dtypes in the compiled kernels, and numerics against onnxruntime's QDQ run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from qdq_helpers import quantize
+
+tvm = pytest.importorskip("tvm")
+
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.build import import_relax  # noqa: E402
+from onnxpress.backends.tvm.int8 import lower_qdq_to_integer  # noqa: E402
+from onnxpress.backends.tvm.int8_kernels import VNNI, dot_isa, pack_weight, packed_gemm  # noqa: E402
+from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
+from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
+from onnxpress.backends.tvm.verify import quantization_steps  # noqa: E402
+
+HOST = parse_target("x86")
+PORTABLE = parse_target("x86-64")  # no VNNI: Relax's own integer conv2d/matmul
+HAS_VNNI = dot_isa(tvm_target(HOST)) == VNNI
+node = helper.make_node
+
+
+def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array.astype(np.float32), name)
+
+
+def conv_model() -> onnx.ModelProto:
+    """Conv(pad) -> Relu -> Conv(stride 2) -> Relu -> depthwise Conv -> MaxPool -> Gemm(transB)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        _init("w1", rng.normal(0, 0.3, (8, 3, 3, 3))),
+        _init("b1", rng.normal(0, 0.1, 8)),
+        _init("w2", rng.normal(0, 0.2, (12, 8, 3, 3))),
+        _init("w3", rng.normal(0, 0.3, (12, 1, 3, 3))),
+        _init("wf", rng.normal(0, 0.2, (5, 12 * 2 * 2))),
+        _init("bf", rng.normal(0, 0.1, 5)),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "flat"),
+    ]
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        node("Relu", ["c1"], ["r1"]),
+        node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
+        node("Relu", ["c2"], ["r2"]),
+        node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], group=12, name="dw"),
+        node("MaxPool", ["c3"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        node("Reshape", ["p", "flat"], ["f"]),
+        node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def matmul_model() -> onnx.ModelProto:
+    """3-D MatMul with a weight, then scores = h . h^T (two activations)."""
+    rng = np.random.default_rng(1)
+    graph = helper.make_graph(
+        [
+            node("MatMul", ["x", "w"], ["h0"], name="proj"),
+            node("Add", ["h0", "b"], ["h"]),
+            node("Transpose", ["h"], ["ht"], perm=[0, 2, 1]),
+            node("MatMul", ["h", "ht"], ["y"], name="scores"),
+        ],
+        "matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])],
+        [_init("w", rng.normal(0, 0.3, (10, 20))), _init("b", rng.normal(0, 0.1, 20))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _lowered(model: onnx.ModelProto, spec: object) -> tuple[object, dict[str, object]]:
+    mod = import_relax(prepare(model, None))
+    lowered, result = lower_qdq_to_integer(mod, tvm_target(spec))
+    return lowered, result.to_json()
+
+
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_conv_model_lowers_and_matches_onnxruntime(tmp_path: Path, activations: str) -> None:
+    qdq, _ = quantize(conv_model(), f"qdq{{activations={activations}}}")
+    for spec in (HOST, PORTABLE):
+        _, done = _lowered(qdq, spec)
+        lowered = done["lowered"]
+        assert isinstance(lowered, dict)
+        assert lowered == {"conv2d": 2, "conv2d (grouped)": 1, "max_pool2d": 1, "matmul": 1}
+        result = compile_model(qdq, spec, tmp_path / spec.name)
+        check = result.manifest["verification"]
+        assert check["metric"] in ("max-abs/step", "max-abs/step, max-rel")
+        assert check["errors"]["y"] <= 1.0  # within one quantization step of onnxruntime
+        assert result.manifest["int8"]["kernel"] == ("vnni" if spec is HOST and HAS_VNNI else "relax")
+
+
+def test_lowered_module_has_no_float_conv_and_int8_kernels() -> None:
+    qdq, _ = quantize(conv_model())
+    before = import_relax(prepare(qdq, None))
+    lowered, _ = lower_qdq_to_integer(before, tvm_target(PORTABLE))
+    convs = [line for line in lowered.script().splitlines() if "R.nn.conv2d(" in line]
+    assert len(convs) == 3
+    for line in convs:  # lv: R.Tensor(shape, dtype="int32") = R.nn.conv2d(uint8 data, int8 W)
+        assert 'dtype="int32") = R.nn.conv2d(' in line and 'out_dtype="int32"' in line
+    float_convs = [line for line in before.script().splitlines() if "R.nn.conv2d(" in line]
+    assert all('dtype="float32") = R.nn.conv2d(' in line for line in float_convs)
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="this CPU has no AVX512-VNNI")
+def test_vnni_kernel_is_exact_and_uses_vpdpbusd(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    rows, depth, cols = 8, 36, 32
+    a = rng.integers(0, 256, (rows, depth), dtype=np.uint8)
+    w = rng.integers(-128, 128, (depth, cols), dtype=np.int8)
+    func = packed_gemm(VNNI, rows, depth, cols)
+    assert "vpdpbusd" in func.script()
+    signature = func.script().split("):")[0]
+    assert '(8, 36), "uint8"' in signature and '(2, 9, 16, 4), "int8"' in signature
+    assert '(8, 32), "int32"' in signature
+    lib = tvm.compile(
+        tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm_target(HOST)
+    )
+    out = tvm.runtime.tensor(np.zeros((rows, cols), np.int32))
+    lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(pack_weight(VNNI, w)), out)
+    np.testing.assert_array_equal(out.numpy(), a.astype(np.int64) @ w.astype(np.int64))
+    qdq, _ = quantize(conv_model())
+    result = compile_model(qdq, HOST, tmp_path / "vnni")
+    if shutil.which("objdump"):
+        asm = subprocess.run(
+            ["objdump", "-d", str(result.library)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "vpdpbusd" in asm
+
+
+def test_weight_matmul_lowers_and_two_activations_stay_float(tmp_path: Path) -> None:
+    qdq, _ = quantize(matmul_model())
+    _, done = _lowered(qdq, HOST)
+    assert done["lowered"] == {"matmul": 1}
+    assert done["kept_float"] == {"matmul: two activations (kept in float: faster)": 1}
+    result = compile_model(qdq, HOST, tmp_path / "mm")
+    assert result.manifest["verification"]["errors"]["y"] <= 1.0
+
+
+def test_int8_off_keeps_float_fake_quant(tmp_path: Path) -> None:
+    qdq, _ = quantize(matmul_model())
+    result = compile_model(qdq, PORTABLE, tmp_path / "off", int8="off")
+    assert result.manifest["int8"] is None
+    assert result.manifest["verification"]["metric"] == "max-rel"
+
+
+def test_float_model_is_not_touched(tmp_path: Path) -> None:
+    result = compile_model(matmul_model(), PORTABLE, tmp_path / "float")
+    assert result.manifest["int8"] is None
+
+
+def test_quantization_step_of_outputs() -> None:
+    qdq, _ = quantize(conv_model())
+    steps = quantization_steps(qdq)
+    # y = Gemm(DQ(activation), DQ(weight)) + bias: one step of the activation read by the Gemm
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    gemm = producer["y"]
+    dq = producer[gemm.input[0]]
+    assert dq.op_type == "DequantizeLinear"
+    assert steps["y"] == pytest.approx(float(inits[dq.input[1]]))
+    assert quantization_steps(conv_model()) == {"y": None}

@@ -1,0 +1,117 @@
+"""LSTM on TVM as a loop (onnxpress.backends.tvm.lstm): every direction, peepholes, initial states,
+layouts, checked against onnxruntime (layout=1 against onnx's reference evaluator)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+pytest.importorskip("tvm")
+
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.build import build, export, import_relax
+from onnxpress.backends.tvm.prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
+from onnxpress.backends.tvm.runtime import CompiledModel
+from onnxpress.backends.tvm.targets import parse_target
+from onnxpress.core.manager import VerifyConfig
+
+STEPS, BATCH, IN, HID = 5, 2, 3, 4
+
+
+def lstm_model(
+    direction: str = "forward",
+    *,
+    peepholes: bool = True,
+    states: bool = True,
+    layout: int = 0,
+    steps: int = STEPS,
+    **attrs: object,
+) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    dirs = 2 if direction == "bidirectional" else 1
+    inits = {
+        "W": rng.normal(0, 0.5, (dirs, 4 * HID, IN)),
+        "R": rng.normal(0, 0.5, (dirs, 4 * HID, HID)),
+        "B": rng.normal(0, 0.5, (dirs, 8 * HID)),
+        "P": rng.normal(0, 0.5, (dirs, 3 * HID)),
+    }
+    x_shape = [BATCH, steps, IN] if layout else [steps, BATCH, IN]
+    s_shape = [BATCH, dirs, HID] if layout else [dirs, BATCH, HID]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)]
+    names = ["X", "W", "R", "B", "", "", "", "P" if peepholes else ""]
+    if states:
+        names[5:7] = ["h0", "c0"]
+        inputs += [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, s_shape) for n in ("h0", "c0")
+        ]
+    while not names[-1]:
+        names.pop()
+    node = helper.make_node(
+        "LSTM",
+        names,
+        ["Y", "Y_h", "Y_c"],
+        name="lstm",
+        hidden_size=HID,
+        direction=direction,
+        layout=layout,
+        **attrs,
+    )
+    graph = helper.make_graph(
+        [node],
+        "lstm",
+        inputs,
+        [helper.make_empty_tensor_value_info(o) for o in ("Y", "Y_h", "Y_c")],
+        [
+            numpy_helper.from_array(v.astype(np.float32), k)
+            for k, v in inits.items()
+            if k != "P" or peepholes
+        ],
+    )
+    return onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("peepholes", [True, False])
+def test_loop_lstm_matches_onnxruntime(tmp_path: Path, direction: str, peepholes: bool) -> None:
+    model = lstm_model(direction, peepholes=peepholes, states=peepholes)
+    result = compile_model(model, "x86", tmp_path / "lstm")
+    errors = result.manifest["verification"]["errors"]
+    assert set(errors) == {"Y", "Y_h", "Y_c"} and max(errors.values()) <= 1e-4
+
+
+def test_batch_first_layout(tmp_path: Path) -> None:
+    model = lstm_model("bidirectional", layout=1)
+    prepared = prepare(model, pipeline=LOOP_GRU_PIPELINE, verify=VerifyConfig(level="structure"))
+    target = parse_target("x86")
+    library = export(build(import_relax(prepared), target), target, tmp_path)
+    rng = np.random.default_rng(1)
+    feed = {
+        "X": rng.standard_normal((BATCH, STEPS, IN)).astype(np.float32),
+        "h0": rng.standard_normal((BATCH, 2, HID)).astype(np.float32),
+        "c0": rng.standard_normal((BATCH, 2, HID)).astype(np.float32),
+    }
+    expected = ReferenceEvaluator(model).run(None, feed)
+    got = CompiledModel(library)(*feed.values())
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_long_lstm_stays_one_loop(tmp_path: Path) -> None:
+    model = lstm_model(steps=300, states=False)
+    text = import_relax(prepare(model, pipeline=LOOP_GRU_PIPELINE)).script()
+    assert text.count("R.call_tir(") == 1 and "for step in range(300)" in text
+    result = compile_model(model, "x86", tmp_path / "long")
+    assert max(result.manifest["verification"]["errors"].values()) <= 1e-4
+
+
+def test_unsupported_lstm_attributes_are_named() -> None:
+    model = lstm_model(input_forget=1)
+    with pytest.raises(UnsupportedOpsError, match=r"LSTM \(input_forget\) \(1: 'lstm'\)"):
+        import_relax(prepare(model, pipeline=LOOP_GRU_PIPELINE))

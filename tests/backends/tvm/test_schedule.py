@@ -1,0 +1,189 @@
+"""Untuned CPU schedules (tvm_schedule, tvm_tile_schedule); skipped without TVM.
+
+The tiled-reduction rule must fire on legalized conv2d kernels of every shape family
+(padded, strided, dilated, grouped, depthwise, 1x1) and on matmuls, and what it builds
+must match onnxruntime (compile_model's check) and the unscheduled pipeline exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic  # noqa: E402
+
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.schedule import cpu_pipeline, schedule_rules  # noqa: E402
+from onnxpress.backends.tvm.tile_schedule import (  # noqa: E402
+    conv_kernel_layout_pass,
+    row_tile,
+    tiled_reduction_rule,
+    vector_lanes,
+    vector_registers,
+    vector_width,
+)
+
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+
+# name -> (in channels, size, out channels, kernel, stride, pad, dilation, groups, bias)
+CONVS = {
+    "regular": (8, 10, 16, 3, 1, 1, 1, 1, True),
+    "strided": (8, 11, 16, 3, 2, 1, 1, 1, False),
+    "dilated-5x5": (4, 12, 8, 5, 1, 2, 2, 1, True),
+    "grouped": (16, 9, 32, 3, 1, 1, 1, 2, True),
+    "depthwise": (16, 10, 16, 3, 1, 1, 1, 16, True),
+    "depthwise-strided": (16, 9, 16, 3, 2, 1, 1, 16, False),
+    "pointwise-odd": (6, 7, 10, 1, 1, 0, 1, 1, True),
+}
+
+
+def conv_model(spec: tuple[int, ...], seed: int = 0) -> onnx.ModelProto:
+    cin, size, cout, kernel, stride, pad, dilation, groups, bias = spec
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((cout, cin // groups, kernel, kernel)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b"))
+        inputs.append("b")
+    conv = helper.make_node(
+        "Conv", inputs, ["c"], kernel_shape=[kernel, kernel], strides=[stride, stride],
+        pads=[pad] * 4, dilations=[dilation, dilation], group=groups,
+    )
+    relu = helper.make_node("Relu", ["c"], ["y"])
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    graph = helper.make_graph(
+        [conv, relu], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, out, out])], inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def relax_conv(cin: int, size: int, cout: int, groups: int = 1, stride: int = 1) -> Any:
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, cin, size, size), "float32"))
+    w = relax.Var("w", relax.TensorType((cout, cin // groups, 3, 3), "float32"))
+    with builder.function("main", [x, w]):
+        with builder.dataflow():
+            conv = relax.op.nn.conv2d(x, w, strides=stride, padding=1, groups=groups)
+            out = builder.emit_output(builder.emit(relax.op.nn.relu(builder.emit(conv))))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def scheduled_kernels(mod: Any, target: Any, rule: Any) -> dict[str, str | None]:
+    """Kernel name -> the rule's scheduled TIR (None where the rule refused)."""
+    with target:
+        mod = conv_kernel_layout_pass(vector_lanes(target))(mod)
+        mod = tvm.transform.Sequential(cpu_generic.legalize_passes(target))(mod)
+    out: dict[str, str | None] = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            sch = rule.apply(func, target, False)
+            out[gvar.name_hint] = None if sch is None else sch.mod["main"].script()
+    return out
+
+
+def test_vector_width_follows_cpu_features() -> None:
+    assert vector_lanes(AVX512) == 16
+    assert vector_lanes(AVX2) == 8
+    assert vector_lanes(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})) == 4
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert vector_lanes(arm) == 4
+    assert [vector_registers(t) for t in (AVX512, AVX2, arm)] == [32, 16, 32]
+    assert [vector_width(e, 16) for e in (64, 28, 30, 7, 10, 3, 17)] == [16, 4, 15, 7, 10, 0, 0]
+    assert [row_tile(e, 14) for e in (56, 28, 7, 13, 17)] == [14, 14, 7, 13, 14]
+
+
+def test_conv_weights_become_ihwo_unless_depthwise() -> None:
+    regular = conv_kernel_layout_pass(16)(relax_conv(8, 8, 32))["main"].script()
+    assert "R.permute_dims(w, axes=[1, 2, 3, 0])" in regular
+    assert 'kernel_layout="IHWO"' in regular
+    depthwise = conv_kernel_layout_pass(16)(relax_conv(16, 8, 16, groups=16))["main"].script()
+    assert "permute_dims" not in depthwise and 'kernel_layout="OIHW"' in depthwise
+
+
+@pytest.mark.parametrize(
+    "groups, stride, lanes",
+    [(1, 1, 16), (1, 2, 16), (2, 1, 16), (32, 1, 16), (32, 2, 8)],  # depthwise: 16 or 8 columns
+)
+def test_rule_tiles_conv_kernels(groups: int, stride: int, lanes: int) -> None:
+    kernels = scheduled_kernels(
+        relax_conv(32, 16, 32, groups, stride), AVX512, tiled_reduction_rule(16, 32)
+    )
+    conv = next(text for name, text in kernels.items() if "conv2d" in name)
+    assert conv is not None
+    assert f"T.vectorized(T.int64({lanes}))" in conv  # output channels or output columns
+    assert "_local" in conv and "T.unroll(" in conv  # the accumulator tile
+    assert "T.max(" in conv  # relu inlined into the write-back
+    if groups == 1 and stride == 1:  # 2.4M multiply-adds: worth two threads
+        assert "T.parallel(" in conv
+
+
+def test_rule_tiles_matmul_and_refuses_softmax() -> None:
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((12, 24), "float32"))
+    w = relax.Var("w", relax.TensorType((24, 32), "float32"))
+    with builder.function("main", [x, w]):
+        with builder.dataflow():
+            y = builder.emit(relax.op.nn.softmax(builder.emit(relax.op.matmul(x, w))))
+            out = builder.emit_output(y)
+        builder.emit_func_output(out)
+    kernels = scheduled_kernels(builder.get(), AVX2, tiled_reduction_rule(8, 16))
+    assert kernels["softmax"] is None
+    assert "T.vectorized(T.int64(8))" in str(kernels["matmul"])
+
+
+def test_elementwise_chain_is_inlined_and_vectorized() -> None:
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 28, 28), "float32"))
+    scale = relax.const(np.full((1, 16, 1, 1), 0.5, np.float32))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            y = builder.emit(relax.op.add(builder.emit(relax.op.multiply(x, scale)), scale))
+            out = builder.emit_output(builder.emit(relax.op.nn.relu(y)))
+        builder.emit_func_output(out)
+    with AVX512:
+        mod = tvm.transform.Sequential(cpu_generic.legalize_passes(AVX512))(builder.get())
+        mod = tvm.s_tir.dlight.ApplyDefaultSchedule(*schedule_rules(AVX512))(mod)
+    (kernel,) = [f.script() for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert 'T.sblock("T_multiply")' not in kernel and 'T.sblock("T_add")' not in kernel
+    assert "T.vectorized(T.int64(4))" in kernel  # 28 = 7 x 4 lanes, not one 14-lane vector
+
+
+def _run(mod: Any, target: Any, pipeline: Any, args: list[np.ndarray]) -> np.ndarray:
+    executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return np.asarray(vm["main"](*[tvm.runtime.tensor(a) for a in args]).numpy())
+
+
+@pytest.mark.parametrize("groups, stride", [(1, 1), (4, 2), (16, 1)])
+def test_avx2_schedule_is_exact(groups: int, stride: int) -> None:
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if not tvm.target.codegen.target_has_features("avx2", host):
+        pytest.skip("this CPU cannot run AVX2 code")
+    mod = relax_conv(16, 9, 16, groups, stride)
+    rng = np.random.default_rng(1)
+    args = [rng.standard_normal([int(d) for d in p.ty.shape]).astype(np.float32)
+            for p in mod["main"].params]
+    expected = _run(mod, AVX2, relax.get_default_pipeline(AVX2), args)
+    got = _run(mod, AVX2, cpu_pipeline(AVX2), args)
+    np.testing.assert_array_equal(got, expected)  # same reduction order per output
+    assert len(schedule_rules(AVX2)) == 4
+
+
+@pytest.mark.parametrize("name", sorted(CONVS))
+def test_compiled_convs_match_onnxruntime(name: str, tmp_path: Path) -> None:
+    result = compile_model(conv_model(CONVS[name]), "x86", tmp_path / name)
+    assert result.manifest["schedules"] == "onnxpress-default"
+    assert result.manifest["verification"]["errors"]["y"] <= 1e-5

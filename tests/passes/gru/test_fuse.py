@@ -1,0 +1,456 @@
+"""fuse-gru: GRU cells in primitive ops (torch GRUCell loops, Keras/TF-style cells) -> GRU ops.
+
+Each test builds its graph in a few lines, runs the pass under the manager (which checks
+the result on onnxruntime against the original), and asserts the exact structure after it
+and what the report says: every fused and refused candidate, refusals with their reasons.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from onnxpress.passes.gru.fuse import FuseGru, FuseGruOptions
+
+import onnxpress
+
+MODELS = Path(__file__).resolve().parents[3] / "models"
+IN, HID = 3, 4  # input and hidden sizes of the hand-built cells
+
+
+class Net:
+    """Accumulates nodes and initializers; ``op`` returns the new tensor's name."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, np.ndarray] = {"one": np.array(1.0, np.float32)}
+        self.rng = np.random.default_rng(seed)
+        self.state = ""  # a second layer's state, for cells that stack two layers
+
+    def weight(self, name: str, *shape: int) -> str:
+        self.inits[name] = (self.rng.standard_normal(shape) * 0.6).astype(np.float32)
+        return name
+
+    def ints(self, name: str, values: Any) -> str:
+        self.inits[name] = np.asarray(values, np.int64)
+        return name
+
+    def op(self, op: str, *inputs: str, outputs: int = 1, **attrs: Any) -> Any:
+        names = [f"t{len(self.nodes)}_{k}" for k in range(outputs)]
+        self.nodes.append(
+            helper.make_node(op, list(inputs), names, name=f"{op}{len(self.nodes)}", **attrs)
+        )
+        return names[0] if outputs == 1 else names
+
+    def gate_slice(self, tensor: str, k: int) -> str:
+        return self.op(
+            "Slice",
+            tensor,
+            self.ints(f"s{k}", [k * HID]),
+            self.ints(f"e{k}", [(k + 1) * HID]),
+            self.ints("ax1", [1]),
+        )
+
+
+def update(net: Net, form: str, z: str, n: str, h: str) -> str:
+    """h' in one of the algebraic forms; 'mirrored' uses z where GRU uses 1 - z."""
+    if form == "expanded":  # n - z*n + z*h
+        return net.op("Add", net.op("Sub", n, net.op("Mul", z, n)), net.op("Mul", z, h))
+    one_minus_z = net.op("Sub", "one", z)
+    if form == "keras":  # z*h + (1-z)*n
+        return net.op("Add", net.op("Mul", z, h), net.op("Mul", one_minus_z, n))
+    if form == "residual":  # h + (1-z)*(n-h)
+        return net.op("Add", h, net.op("Mul", one_minus_z, net.op("Sub", n, h)))
+    assert form == "mirrored"  # z*n + (1-z)*h
+    return net.op("Add", net.op("Mul", z, n), net.op("Mul", one_minus_z, h))
+
+
+def keras_cell(
+    net: Net,
+    x: str,
+    h: str,
+    reset_after: bool = True,
+    form: str = "keras",
+    tag: str = "",
+    inputs: int = IN,
+) -> str:
+    """Keras GRU cell, gate order z, r, h; reset_after=False keeps separate recurrent kernels."""
+    kernel = net.weight(f"kernel{tag}", inputs, 3 * HID)
+    bias = net.weight(f"bias{tag}", 3 * HID)
+    projected = net.op("Add", net.op("MatMul", x, kernel), bias)
+    xz, xr, xh = (net.gate_slice(projected, k) for k in range(3))
+    if reset_after:
+        rec = net.op(
+            "Add",
+            net.op("MatMul", h, net.weight(f"rec{tag}", HID, 3 * HID)),
+            net.weight(f"rbias{tag}", 3 * HID),
+        )
+        hz, hr, hh = (net.gate_slice(rec, k) for k in range(3))
+    else:
+        rec = net.op("MatMul", h, net.weight(f"rec_zr{tag}", HID, 2 * HID))
+        hz, hr = (net.gate_slice(rec, k) for k in range(2))
+    z = net.op("Sigmoid", net.op("Add", xz, hz))
+    r = net.op("Sigmoid", net.op("Add", xr, hr))
+    if reset_after:
+        pre = net.op("Add", xh, net.op("Mul", r, hh))
+    else:
+        pre = net.op(
+            "Add", xh, net.op("MatMul", net.op("Mul", r, h), net.weight(f"rec_h{tag}", HID, HID))
+        )
+    return update(net, form, z, net.op("Tanh", pre), h)
+
+
+def handwritten_cell(net: Net, x: str, h: str) -> str:
+    """A decoder's own cell: one Gemm per gate and operand, r first, h + (1-z)*(n-h)."""
+
+    def project(name: str, operand: str, size: int) -> str:
+        weight, bias = net.weight(f"W{name}", HID, size), net.weight(f"b{name}", HID)
+        return net.op("Gemm", operand, weight, bias, transB=1)
+
+    r = net.op("Sigmoid", net.op("Add", project("xr", x, IN), project("hr", h, HID)))
+    z = net.op("Sigmoid", net.op("Add", project("hz", h, HID), project("xz", x, IN)))
+    n = net.op("Tanh", net.op("Add", project("xn", x, IN), net.op("Mul", r, project("hn", h, HID))))
+    return update(net, "residual", z, n, h)
+
+
+def tf_cell(net: Net, x: str, h: str) -> str:
+    """TF1 GRUCell: one Sigmoid over concat([x, h]) @ K, split into r, u; linear_before_reset=0."""
+    gates = net.op(
+        "Sigmoid",
+        net.op(
+            "Add",
+            net.op(
+                "MatMul",
+                net.op("Concat", x, h, axis=1),
+                net.weight("gate_kernel", IN + HID, 2 * HID),
+            ),
+            net.weight("gate_bias", 2 * HID),
+        ),
+    )
+    r, u = net.op("Split", gates, net.ints("halves", [HID, HID]), outputs=2, axis=1)
+    candidate = net.op(
+        "MatMul",
+        net.op("Concat", x, net.op("Mul", r, h), axis=1),
+        net.weight("cand_kernel", IN + HID, HID),
+    )
+    c = net.op("Tanh", net.op("Add", candidate, net.weight("cand_bias", HID)))
+    return update(net, "keras", u, c, h)
+
+
+def step_inputs(net: Net, steps: int, axis: int, how: str) -> list[str]:
+    """x_t for every step: Gather(x, t), Squeeze(Split(x)[t]) or Squeeze(Slice(x, t:t+1))."""
+    squeeze = net.ints("time_axis", [axis])
+    if how == "gather":
+        return [net.op("Gather", "x", net.ints(f"t{t}", t), axis=axis) for t in range(steps)]
+    if how == "split":
+        parts = net.op("Split", "x", net.ints("ones", [1] * steps), outputs=steps, axis=axis)
+        return [net.op("Squeeze", part, squeeze) for part in parts]
+    return [
+        net.op(
+            "Squeeze",
+            net.op("Slice", "x", net.ints(f"t{t}", [t]), net.ints(f"t{t + 1}", [t + 1]), squeeze),
+            squeeze,
+        )
+        for t in range(steps)
+    ]
+
+
+def loop(
+    cell: Any, steps: int, batch_first: bool = True, how: str = "gather", **kwargs: Any
+) -> onnx.ModelProto:
+    """x -> T cells from a zero state; outputs every h_t stacked, and h_T."""
+    net = Net()
+    axis = 1 if batch_first else 0
+    batch = net.op("Shape", "x", start=1 - axis, end=2 - axis)
+    h = net.op("ConstantOfShape", net.op("Concat", batch, net.ints("hidden", [HID]), axis=0))
+    states = []
+    for x_t in step_inputs(net, steps, axis, how):
+        h = cell(net, x_t, h, **kwargs)
+        states.append(net.op("Unsqueeze", h, net.ints("time_axis", [axis])))
+    net.op("Concat", *states, axis=axis)
+    net.nodes[-1].output[0] = "y"
+    net.nodes.append(helper.make_node("Identity", [h], ["h_last"], name="last"))
+    x_shape = ["batch", steps, IN] if batch_first else [steps, "batch", IN]
+    return make(net, {"x": x_shape}, ["y", "h_last"])
+
+
+def make(net: Net, inputs: dict[str, Any], outputs: list[str]) -> onnx.ModelProto:
+    """A checked model; output types come from shape inference."""
+    graph = helper.make_graph(
+        net.nodes,
+        "cells",
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [],
+        [numpy_helper.from_array(v, n) for n, v in net.inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    model.graph.output.extend(inferred[name] for name in outputs)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def single(cell: Any, **kwargs: Any) -> onnx.ModelProto:
+    """One cell (a decoder step): inputs x [batch, IN] and h [batch, HID], output h'."""
+    net = Net()
+    out = cell(net, "x", "h", **kwargs)
+    net.nodes.append(helper.make_node("Identity", [out], ["h_new"], name="out"))
+    return make(net, {"x": ["batch", IN], "h": ["batch", HID]}, ["h_new"])
+
+
+def fuse(model: onnx.ModelProto, passes: str = "fuse-gru") -> tuple[onnx.ModelProto, Any]:
+    """Run under the manager (numeric verification on) and return the model and pass result."""
+    out, report = onnxpress.optimize(model, passes=passes)
+    assert report.passes[0].verification.value <= 1e-5
+    return out, report.passes[0].result
+
+
+def tanh_names(model: onnx.ModelProto) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "Tanh"]
+
+
+def gru_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "GRU"]
+
+
+@pytest.mark.parametrize(
+    ("reset_after", "form", "batch_first"),
+    [
+        (True, "keras", True),
+        (False, "keras", False),
+        (True, "residual", False),
+        (False, "expanded", True),
+        (True, "mirrored", True),
+    ],
+)
+def test_keras_loop_becomes_one_gru(
+    reset_after: bool, form: str, batch_first: bool, kit: SimpleNamespace
+) -> None:
+    model = loop(keras_cell, 3, batch_first, reset_after=reset_after, form=form)
+    out, result = fuse(model)
+    layout = ["Transpose"] if batch_first else []
+    # X (Transpose if batch-first), the GRU, Y -> [T, batch, H] -> stacked y, Y_h -> h_last.
+    assert kit.ops(out)[: len(layout) + 1] == [*layout, "GRU"]
+    # Y -> Squeeze -> steps [T, batch, H] (-> Transpose = stacked y); h_last = Gather(steps, -1)
+    after = [*layout, "GRU", "Squeeze", "Gather", "Identity", *layout]
+    assert sorted(kit.ops(out)) == sorted(after)
+    (gru,) = gru_nodes(out)
+    attrs = {a.name: helper.get_attribute_value(a) for a in gru.attribute}
+    assert attrs == {"hidden_size": HID, "linear_before_reset": int(reset_after)}
+    assert result.counts["cells_fused"] == 3 and not result.refusals
+    (record,) = result.details
+    assert record["seq_length"] == 3 and record["gate_order"] == "z,r,n"
+    assert record["layout"] == ("batch-first" if batch_first else "time-first")
+    assert record["update"].startswith("z*n" if form == "mirrored" else "(1-z)")
+    assert record["self_check_max_abs_error"] < 1e-5
+    kit.same_outputs(model, out)
+
+
+def test_tf_cell_concat_projection_and_split_sigmoid(kit: SimpleNamespace) -> None:
+    model = loop(tf_cell, 2, batch_first=False)
+    out, result = fuse(model)
+    assert sorted(kit.ops(out)) == ["GRU", "Gather", "Identity", "Squeeze"]
+    (record,) = result.details
+    assert record["linear_before_reset"] == 0 and record["cells"] == tanh_names(model)
+    kit.same_outputs(model, out)
+
+
+def test_stacked_layers_feed_y_to_the_next_gru(kit: SimpleNamespace) -> None:
+    """Layer 2 reads layer 1's states: its X becomes layer 1's Y, with no per-step nodes."""
+
+    def two_layers(net: Net, x: str, h: str) -> str:
+        net.state = net.state or h
+        net.state = keras_cell(net, x, net.state, tag="a")
+        return keras_cell(net, net.state, h, tag="b", inputs=HID)
+
+    model = loop(two_layers, 3, batch_first=False)
+    out, result = fuse(model)
+    assert kit.ops(out) == ["GRU", "Squeeze", "GRU", "Squeeze", "Gather", "Identity"]
+    assert [d["layout"] for d in result.details] == ["time-first", "time-first"]
+    kit.same_outputs(model, out)
+
+
+def test_handwritten_loop_from_a_graph_state(kit: SimpleNamespace) -> None:
+    """Separate per-gate Gemms; the loop starts from the graph input h0, time-first,
+    static batch."""
+    net = Net()
+    h = "h0"
+    for x_t in step_inputs(net, 3, 0, "gather"):
+        h = handwritten_cell(net, x_t, h)
+    net.nodes.append(helper.make_node("Identity", [h], ["h_last"], name="out"))
+    # A static batch: the manager's random inputs give a symbolic dim different sizes on
+    # axis 0 and axis 1, and the probes then run the cell in chunks of 2 rows.
+    model = make(net, {"x": [3, 2, IN], "h0": [2, HID]}, ["h_last"])
+    out, result = fuse(model)
+    assert kit.ops(out) == ["Unsqueeze", "GRU", "Squeeze", "Identity"]
+    (record,) = result.details
+    assert record["initial_state"] == "h0" and record["layout"] == "time-first"
+    assert record["gate_order"] == "separate projections" and record["linear_before_reset"] == 1
+    kit.same_outputs(model, out)
+
+
+def test_single_cell_gets_its_state_from_the_graph(kit: SimpleNamespace) -> None:
+    model = single(keras_cell)
+    out, result = fuse(model)
+    assert kit.ops(out) == ["Unsqueeze", "Unsqueeze", "GRU", "Squeeze", "Identity"]
+    assert [i.name for i in out.graph.output] == ["h_new"]
+    assert result.details[0]["initial_state"] == "h" and result.details[0]["seq_length"] == 1
+    kit.same_outputs(model, out)
+
+
+def test_refusals_name_every_candidate_with_a_reason() -> None:
+    """Per-step weights, a minimal gated unit, an ungated candidate, a forced wrong form."""
+    net = Net()
+    h = "h"
+    for t in range(2):  # two steps with their own weights: not a loop
+        h = keras_cell(net, "x", h, tag=str(t))
+    z = net.op("Sigmoid", net.op("MatMul", h, net.weight("wf", HID, HID)))
+    n = net.op("Tanh", net.op("MatMul", net.op("Mul", z, h), net.weight("wn", HID, HID)))
+    mgu = update(net, "keras", z, n, h)
+    n2 = net.op("Tanh", net.op("MatMul", mgu, net.weight("wn2", HID, HID)))
+    no_reset = update(
+        net, "keras", net.op("Sigmoid", net.op("MatMul", mgu, net.weight("wz", HID, HID))), n2, mgu
+    )
+    net.nodes.append(helper.make_node("Identity", [no_reset], ["out"], name="out"))
+    model = make(net, {"x": ["batch", IN], "h": ["batch", HID]}, ["out"])
+    out, result = fuse(model)
+    assert not gru_nodes(out) and not result.changed
+    reasons = {r.node: r.reason for r in result.refusals}
+    step0, step1, minimal, ungated = tanh_names(model)
+    assert set(reasons) == {step0, step1, minimal, ungated}
+    assert "per-step weights" in reasons[step0] and "per-step weights" in reasons[step1]
+    assert "minimal gated unit" in reasons[minimal]
+    assert reasons[ungated] == "the tanh's pre-activation reads 0 gates, not one reset gate"
+
+
+def test_self_check_refuses_a_wrong_linear_before_reset() -> None:
+    model = single(keras_cell, reset_after=True)
+    out, report = onnxpress.optimize(model, passes=[FuseGru(FuseGruOptions(linear_before_reset=0))])
+    (refusal,) = report.passes[0].result.refusals
+    assert refusal.reason.startswith("self-check failed: the GRU (linear_before_reset=0)")
+    assert not gru_nodes(out)
+
+
+def test_lstm_cell_and_exported_gate_are_refused() -> None:
+    net = Net()
+    gates = [
+        net.op(
+            "Add",
+            net.op("MatMul", "x", net.weight(f"w{g}", IN, HID)),
+            net.op("MatMul", "h", net.weight(f"u{g}", HID, HID)),
+        )
+        for g in "ifgo"
+    ]
+    i, f, o = (net.op("Sigmoid", gates[k]) for k in (0, 1, 3))
+    c = net.op("Add", net.op("Mul", f, "c"), net.op("Mul", i, net.op("Tanh", gates[2])))
+    lstm_h = net.op("Mul", o, net.op("Tanh", c))
+    gru_h = keras_cell(net, "x", lstm_h)
+    net.nodes.append(helper.make_node("Identity", [gru_h], ["out"], name="out"))
+    z_gate = [n.output[0] for n in net.nodes if n.op_type == "Sigmoid"][-2]  # the GRU's z
+    model = make(
+        net, {"x": ["batch", IN], "h": ["batch", HID], "c": ["batch", HID]}, ["out", z_gate]
+    )
+    _, result = fuse(model)
+    lstm_g, lstm_c, gru_n = tanh_names(model)
+    reasons = {r.node: r.reason for r in result.refusals}
+    assert (
+        reasons[lstm_g]
+        == reasons[lstm_c]
+        == ("no update (1-z)*n + z*h with a Sigmoid gate z follows the tanh")
+    )
+    assert reasons[gru_n] == f"'{z_gate}' inside the cell is a graph output"
+
+
+def torch_loop(
+    steps: int, batch_first: bool, dynamo: bool, dynamic: bool = True
+) -> onnx.ModelProto:
+    """A GRUCell loop from zeros, returning every state stacked and the last one, exported."""
+    torch = pytest.importorskip("torch")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+
+    class Loop(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = torch.nn.GRUCell(IN, HID)
+
+        def forward(self, x: Any) -> Any:
+            h = torch.zeros(x.shape[0 if batch_first else 1], HID)
+            outputs = []
+            for t in range(steps):
+                h = self.cell(x[:, t] if batch_first else x[t], h)
+                outputs.append(h)
+            return torch.stack(outputs, 1 if batch_first else 0), h
+
+    torch.manual_seed(0)
+    x = torch.randn(2, steps, IN) if batch_first else torch.randn(steps, 2, IN)
+    buffer = io.BytesIO()
+    batch = 0 if batch_first else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(
+                Loop(),
+                (x,),
+                dynamo=True,
+                input_names=["x"],
+                dynamic_shapes={"x": {batch: torch.export.Dim("batch")}},
+                output_names=["y", "h"],
+                verbose=False,
+            )
+            return program.model_proto
+        torch.onnx.export(
+            Loop(),
+            (x,),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y", "h"],
+            dynamic_axes={"x": {batch: "batch"}} if dynamic else None,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("batch_first", "dynamo", "dynamic"),
+    [(True, False, True), (False, False, True), (True, True, True), (True, False, False)],
+)
+def test_torch_gru_cell_loop(
+    batch_first: bool, dynamo: bool, dynamic: bool, kit: SimpleNamespace
+) -> None:
+    """TorchScript and dynamo exports; with a static batch TorchScript folds step 0's
+    recurrent projection (its state is zeros), and that step still joins the loop."""
+    model = torch_loop(3, batch_first, dynamo, dynamic)
+    out, result = fuse(model)
+    expected = ["GRU", "Squeeze", "Gather"] + (["Transpose"] * 2 if batch_first else [])
+    assert sorted(kit.ops(out)) == sorted(expected)
+    (record,) = result.details
+    assert record["gate_order"] == "r,z,n" and record["linear_before_reset"] == 1
+    assert record["cell_count"] == 3 and record["stacked_output"] == "y"
+    assert [o.name for o in out.graph.output] == ["y", "h"]
+    kit.same_outputs(model, out)
+
+
+@pytest.mark.skipif(
+    not (MODELS / "gru_sunspots_unrolled.onnx").exists(),
+    reason="models/gru_sunspots_unrolled.onnx is not built yet",
+)
+def test_sunspots_unrolled_model_becomes_the_gru_model(kit: SimpleNamespace) -> None:
+    unrolled = onnx.load(str(MODELS / "gru_sunspots_unrolled.onnx"))
+    reference = onnx.load(str(MODELS / "gru_sunspots.onnx"))
+    out, result = fuse(unrolled)
+    assert [n.op_type for n in gru_nodes(out)] == ["GRU"] and result.details[0]["seq_length"] == 24
+    data = np.load(MODELS / "data" / "gru_sunspots_eval.npz")
+    (fused,) = kit.run_ort(out, {"input": data["input"]}).values()
+    (expected,) = kit.run_ort(reference, {"input": data["input"]}).values()
+    np.testing.assert_allclose(fused, expected, atol=1e-5)
+    std, mean = float(data["std"]), float(data["mean"])
+    rmse = float(np.sqrt(np.mean((fused[:, 0] * std + mean - data["target"]) ** 2)))
+    assert rmse == pytest.approx(float(data["rmse"]), rel=1e-4)

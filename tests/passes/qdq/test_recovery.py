@@ -1,0 +1,199 @@
+"""qdq calibration and accuracy recovery: flat calibration memory, every range method within
+budget, bias correction, accuracy-aware fallback (built-in and Python metrics), option text,
+and the bundled CNN's held-out accuracy."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+from onnxpress.passes.qdq import MetricInputs, register_metric
+from onnxpress.passes.qdq.calibrate import observe
+from qdq_helpers import View, batches, conv_relu_model, quantize, weights
+
+import onnxpress
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.errors import PipelineError
+from onnxpress.core.pipeline import parse_pipeline
+
+node = helper.make_node
+MODELS = Path(__file__).resolve().parents[3] / "models"
+
+
+def test_calibration_memory_is_flat(kit: SimpleNamespace) -> None:
+    model = conv_relu_model(kit)
+
+    def stream(count: int) -> CalibrationData:
+        def source() -> Iterator[dict[str, np.ndarray]]:
+            rng = np.random.default_rng(count)
+            for _ in range(count):
+                yield {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+
+        return CalibrationData(source, count, "generator")
+
+    peaks, sizes = [], []
+    for count in (100, 1000):
+        tracemalloc.start()
+        obs = observe(model, ["x", "r1", "y"], {"x": 1}, stream(count), histogram_bins=2048)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        sizes.append(obs.nbytes)
+        assert obs.batches == count and obs.ranges["x"].total == count * 192  # type: ignore[union-attr]
+    assert sizes[0] == sizes[1]  # the observers' state does not depend on the batch count
+    # 10x the batches, about the same peak, and far below the activations seen (3 KB a batch)
+    assert peaks[1] < 2 * peaks[0] and peaks[1] < 0.1 * 1000 * 3072
+
+
+def outlier_mlp(kit: SimpleNamespace) -> onnx.ModelProto:
+    """fc1 makes channel 0 huge; fc2 ignores it, but a per-tensor uint8 range fitted to it
+    flattens every other channel of fc2's input to zero: fc2 is the one sensitive layer."""
+    w1, w2, w3 = weights(9, (8, 16), (16, 16), (16, 4))
+    w1[:, 0] *= 1000.0
+    w2[0, :] = 0.0
+    return kit.model(
+        [
+            node("Gemm", ["x", "W1"], ["h1"], name="fc1"),
+            node("Relu", ["h1"], ["r1"], name="relu1"),
+            node("Gemm", ["r1", "W2"], ["h2"], name="fc2"),
+            node("Relu", ["h2"], ["r2"], name="relu2"),
+            node("Gemm", ["r2", "W3"], ["y"], name="fc3"),
+        ],
+        {"x": [32, 8]},
+        {"y": None},
+        {"W1": w1, "W2": w2, "W3": w3},
+    )
+
+
+def test_fallback_keeps_the_sensitive_layer_in_float(kit: SimpleNamespace) -> None:
+    model = outlier_mlp(kit)
+    calib = batches(model, count=4, seed=1)
+    plain, record = quantize(model, "qdq{method=minmax}", calibration=calib, verify="off")
+    assert View(plain).input_of("fc2", 1) is not None  # fully quantized, and bad:
+    result, record = quantize(model, "qdq{method=minmax,max-drop=0.02}", calibration=calib)
+    assert record.result.counts["fallback_layers"] == 1
+    assert View(result).input_of("fc2", 1) is None  # fc2 alone went back to float
+    assert View(result).input_of("fc1", 1).op_type == "DequantizeLinear"  # type: ignore[union-attr]
+    reasons = {r.node: r.reason for r in record.result.refusals}
+    assert "accuracy fallback" in reasons["fc2"] and "fc1" not in reasons
+    summary = next(d["fallback"] for d in record.result.details if "fallback" in d)
+    assert summary["initial_drop"] > 0.2 and summary["within_budget"]
+
+
+def test_auto_keeps_the_setting_closest_to_float(kit: SimpleNamespace) -> None:
+    model = conv_relu_model(kit)
+    calib = batches(model, count=4, seed=1)
+    _, record = quantize(model, calibration=calib)  # qdq defaults: method=auto
+    tried = next(d["auto"] for d in record.result.details if "auto" in d)
+    chosen = next(d["calibration"] for d in record.result.details if "calibration" in d)
+    assert {(t["method"], t["bias_correction"]) for t in tried} == {
+        (m, c) for m in ("mse", "minmax", "percentile") for c in (True, False)
+    }
+    assert [t["error"] for t in tried] == sorted(t["error"] for t in tried)
+    assert (chosen["method"], chosen["bias_correction"]) == (
+        tried[0]["method"],
+        tried[0]["bias_correction"],
+    )
+    assert chosen["requested"] == "auto" and 0 < tried[0]["error"] < tried[-1]["error"]
+    assert record.verification.value < 0.1
+    _, plain = quantize(model, "qdq{bias-correction=false}", calibration=calib)
+    tried = next(d["auto"] for d in plain.result.details if "auto" in d)
+    assert len(tried) == 3 and not any(t["bias_correction"] for t in tried)
+
+
+def test_a_registered_python_metric_drives_fallback(kit: SimpleNamespace) -> None:
+    calls: list[int] = []
+
+    def never_good_enough(inputs: MetricInputs) -> float:
+        calls.append(len(inputs.batches))
+        return 1.0 if inputs.outputs is inputs.reference else 0.0  # only float is good
+
+    register_metric("test-never-good", never_good_enough)
+    with pytest.raises(PipelineError, match="already registered"):
+        register_metric("test-never-good", lambda inputs: 0.0)
+    _, record = quantize(conv_relu_model(kit), "qdq{max-drop=0.5,metric=test-never-good}")
+    assert calls and record.result.counts["fallback_layers"] == 2  # both convs gave up
+    with pytest.raises(PipelineError, match="unknown metric 'nope'"):
+        quantize(conv_relu_model(kit), "qdq{max-drop=0.5,metric=nope}")
+
+
+def test_bias_correction_removes_the_mean_shift(kit: SimpleNamespace) -> None:
+    rng = np.random.default_rng(10)
+    w = np.abs(rng.normal(0.02, 0.01, (6, 4, 3, 3))).astype(np.float32)
+    w[:, 0, 0, 0] = 4.0  # per-tensor scale 4/127: most weights round to 0 or 1 step
+    model = kit.model(
+        [node("Conv", ["x", "W"], ["y"], name="conv")], {"x": [2, 4, 6, 6]}, {"y": None}, {"W": w}
+    )
+    calib = batches(model, count=4, low=0.0, high=1.0)
+
+    def mean_shift(spec: str) -> float:
+        result, _ = quantize(model, spec, calibration=calib)
+        shift = sum(
+            (kit.run_ort(result, feeds)["y"] - kit.run_ort(model, feeds)["y"]).mean(axis=(0, 2, 3))
+            for feeds in calib
+        )
+        return float(np.max(np.abs(shift)))
+
+    before = mean_shift("qdq{per-channel=false,method=minmax,bias-correction=false}")
+    after = mean_shift("qdq{per-channel=false,method=minmax}")  # on by default
+    assert after < 0.2 * before
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_method_stays_within_budget(kit: SimpleNamespace, method: str) -> None:
+    _, record = quantize(conv_relu_model(kit), f"qdq{{method={method}}}")
+    calib = next(d["calibration"] for d in record.result.details if "calibration" in d)
+    assert calib["method"] == method and calib["batches"] == 4
+    assert record.verification.value < 0.1
+
+
+def test_options_text_round_trips() -> None:
+    (qdq,) = parse_pipeline(
+        'qdq{method=entropy,bias-correction=false,max-drop=0.01,exclude=["re:.*attn.*",Softmax]}'
+    )
+    assert qdq.spec() == (
+        "qdq{method=entropy,bias-correction=false,max-drop=0.01,exclude=[re:.*attn.*,Softmax]}"
+    )
+    with pytest.raises(PipelineError, match="percentile"):
+        parse_pipeline("qdq{percentile=20}")
+
+
+@pytest.mark.skipif(not (MODELS / "cnn_mnist.onnx").exists(), reason="bundled models missing")
+def test_cnn_mnist_keeps_held_out_accuracy() -> None:
+    calib = MODELS / "data" / "cnn_mnist_calib.npz"
+    result, _ = onnxpress.optimize(
+        MODELS / "cnn_mnist.onnx", "fold-constants,fold-batchnorm,cleanup,qdq", calib
+    )
+    data = np.load(MODELS / "data" / "cnn_mnist_eval.npz")
+    images = (data["images"].astype(np.float32) / data["divisor"]).reshape(-1, 1, 28, 28)
+
+    def accuracy(model: onnx.ModelProto) -> float:
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return float(np.mean(session.run(None, {"input": images})[0].argmax(1) == data["labels"]))
+
+    base = accuracy(onnx.load(str(MODELS / "cnn_mnist.onnx")))
+    assert accuracy(result) >= base - 0.01 and base > 0.95
+
+
+def test_agreement_is_top1_only_for_batch_by_class_outputs() -> None:
+    from onnxpress.passes.qdq.recover import agreement
+
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.0], [0.0, 0.1, 0.0]])
+    flipped = logits.copy()
+    flipped[3] = [0.2, 0.1, 0.0]  # one of four predictions changes
+    args = (onnx.ModelProto(), [{}], [[flipped]], [[logits]], ["logits"])
+    assert agreement(MetricInputs(*args)) == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    detections = rng.uniform(0, 64, (2, 14, 64))  # [batch, 4 + classes, cells]
+    noisy = detections + rng.normal(0, 0.64, detections.shape)
+    args = (onnx.ModelProto(), [{}], [[noisy]], [[detections]], ["detections"])
+    error = np.linalg.norm(noisy - detections) / np.linalg.norm(detections)
+    assert agreement(MetricInputs(*args)) == pytest.approx(1 - error)
