@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import onnx_graphsurgeon as gs
-from onnxpress.passes._qdq_saturation import protect_from_saturation
+from onnxpress.passes.qdq.saturation import protect_from_saturation
 
 from onnxpress.core.context import PassContext
 from onnxpress.core.int8_layers import integer_layers

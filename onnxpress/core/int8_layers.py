@@ -36,6 +36,7 @@ class Quantized:
     dtype: np.dtype
     value: np.ndarray | None = None  # the 8-bit values when constant
     scale_name: str = ""  # the scale tensor DequantizeLinear reads
+    output: str = ""  # the DequantizeLinear's output
 
 
 @dataclass
@@ -46,6 +47,9 @@ class IntegerLayer:
     bias_int32: np.ndarray | None = None  # a DequantizeLinear'd int32 bias (scale sx*sw)
     bias_float: np.ndarray | None = None  # a float bias (Gemm C, or a float Conv bias)
     bias: Quantized | None = None  # the int32 bias's DequantizeLinear input, if any
+    # a MatMul's bias as an Add of DQ(int32) that alone reads its output (onnxruntime fuses
+    # it into the integer kernel assuming its scale is s_x * s_w)
+    bias_add: Quantized | None = None
     attributes: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -100,7 +104,14 @@ def _quantized(
         zero = np.zeros(scale.shape, dtype)
     axis = next((int(a.i) for a in dq.attribute if a.name == "axis"), 1)
     return Quantized(
-        dq.input[0], scale, zero, axis if scale.ndim else None, dtype, value, dq.input[1]
+        dq.input[0],
+        scale,
+        zero,
+        axis if scale.ndim else None,
+        dtype,
+        value,
+        dq.input[1],
+        dq.output[0],
     )
 
 
@@ -156,8 +167,28 @@ def integer_layers(model: onnx.ModelProto) -> list[IntegerLayer]:
                 layer.bias_float = constants[node.input[2]].astype(np.float32)
             else:
                 continue
+        if layer.op == "MatMul":
+            layer.bias_add = _bias_add(node, readers, producer, constants, dtypes)
         layers.append(layer)
     return layers
+
+
+def _bias_add(
+    node: onnx.NodeProto,
+    readers: dict[str, list[onnx.NodeProto]],
+    producer: dict[str, onnx.NodeProto],
+    constants: dict[str, np.ndarray],
+    dtypes: dict[str, int],
+) -> Quantized | None:
+    consumers = readers.get(node.output[0], [])
+    if len(consumers) != 1 or consumers[0].op_type != "Add":
+        return None
+    other = [name for name in consumers[0].input if name != node.output[0]]
+    dq = producer.get(other[0]) if len(other) == 1 else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    bias = _quantized(dq, constants, dtypes)
+    return bias if bias is not None and bias.dtype == np.dtype(np.int32) else None
 
 
 def _quantized_output(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]]) -> bool:

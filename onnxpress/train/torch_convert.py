@@ -69,6 +69,7 @@ class OnnxModule(torch.nn.Module):
         self.param_index: dict[str, int] = {}  # initializer name -> index in weights
         self.scale_index: dict[str, int] = {}  # scale initializer name -> index in scales
         self.latent: dict[str, tuple[str, str, int]] = {}  # int weight -> (scale, zp, axis)
+        self.latent_bound: dict[str, int] = {}  # int weight -> largest |q - zp| it may reach
         self.const_names: list[str] = []
         frozen, scale_names, latent = self._classify(inits)
         # A tied bias scale follows its input and weight scales (see tied_bias_scales).
@@ -81,6 +82,13 @@ class OnnxModule(torch.nn.Module):
                 value = _dequantize(array, inits[scale_name], inits.get(zp_name), axis)
                 self._add_weight(name, value)
                 self.latent[name] = latent[name]
+                # training keeps the integers within the span they had (7-bit weights made
+                # safe from int16 pair saturation stay 7-bit)
+                zp = inits.get(zp_name)
+                offset = array.astype(np.int64) - (
+                    0 if zp is None else _axis_shaped(zp, array, axis)
+                )
+                self.latent_bound[name] = int(np.max(np.abs(offset))) if offset.size else 0
             elif name in scale_names and learn_scales:
                 self.scale_index[name] = len(self.scales)
                 self.scales.append(torch.nn.Parameter(torch.from_numpy(array.copy())))
@@ -158,15 +166,18 @@ class OnnxModule(torch.nn.Module):
             if node.output[0] in self.tied:
                 _, x_scale, w_scale = self.tied[node.output[0]]
                 inputs[1] = env[x_scale] * env[w_scale]
-            args = NodeArgs(node.op_type, inputs, attrs, self._latent_info(node))
+            args = NodeArgs(node.op_type, inputs, attrs, self._latent_bound(node))
             outputs = HANDLERS[node.op_type](args)
             for name, value in zip(node.output, outputs, strict=False):
                 if name:
                     env[name] = value
         return [env[name] for name in [*self.output_names, *extra]]
 
-    def _latent_info(self, node: onnx.NodeProto) -> bool:
-        return node.op_type == "DequantizeLinear" and node.input[0] in self.latent
+    def _latent_bound(self, node: onnx.NodeProto) -> int | None:
+        """For a DequantizeLinear of a latent weight, how far its integers may leave zp."""
+        if node.op_type == "DequantizeLinear" and node.input[0] in self.latent:
+            return self.latent_bound[node.input[0]]
+        return None
 
 
 def _dequantize(
@@ -181,7 +192,7 @@ def _dequantize(
 
 
 def _quantize(
-    value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int
+    value: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int, bound: int
 ) -> np.ndarray:
     lo, hi = qrange(zero_point.dtype)
     s, zp = scale.astype(np.float64), zero_point.astype(np.float64)
@@ -189,8 +200,17 @@ def _quantize(
         shape = [1] * value.ndim
         shape[axis % value.ndim] = scale.size
         s, zp = s.reshape(shape), zp.reshape(shape)
-    q = np.clip(np.rint(value / s) + zp, lo, hi)
+    q = np.clip(np.rint(value / s) + zp, np.maximum(lo, zp - bound), np.minimum(hi, zp + bound))
     return q.astype(zero_point.dtype)
+
+
+def _axis_shaped(values: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:
+    """Per-channel ``values`` shaped to broadcast along ``axis`` of ``like``."""
+    if values.ndim == 1 and values.size > 1:
+        shape = [1] * like.ndim
+        shape[axis % like.ndim] = values.size
+        return values.astype(np.int64).reshape(shape)
+    return values.astype(np.int64)
 
 
 def convert(model: onnx.ModelProto, learn_scales: bool = True) -> OnnxModule:
@@ -215,7 +235,9 @@ def write_back(model: onnx.ModelProto, module: OnnxModule) -> onnx.ModelProto:
         current = module.tensor(name).detach().numpy()
         if name in module.latent:
             scale_name, zp_name, axis = module.latent[name]
-            values[name] = _quantize(current, values[scale_name], values[zp_name], axis)
+            values[name] = _quantize(
+                current, values[scale_name], values[zp_name], axis, module.latent_bound[name]
+            )
         else:
             values[name] = current.astype(values[name].dtype)
     for tensor in out.graph.initializer:

@@ -25,7 +25,8 @@ class NodeArgs:
     op_type: str
     inputs: list[Tensor | None]
     attrs: dict[str, Any]
-    latent: bool = False  # DequantizeLinear of a float latent weight
+    # DequantizeLinear of a float latent weight: how far its integers may leave the zero point
+    latent: int | None = None
 
     def x(self, index: int = 0) -> Tensor:
         value = self.inputs[index] if index < len(self.inputs) else None

@@ -58,8 +58,11 @@ def _quantize(a: NodeArgs) -> list[Tensor]:
 def _dequantize(a: NodeArgs) -> list[Tensor]:
     x = a.x()
     scale, zero, (low, high) = _scale_zp(a, x)
-    if a.latent:  # fake-quantize the float latent weight first
-        x = torch.clamp(_round_ste(x / scale) + zero, low, high)
+    if a.latent is not None:  # fake-quantize the float latent weight first, within its span
+        bound = float(a.latent)
+        lower = torch.clamp(zero - bound, min=low)
+        upper = torch.clamp(zero + bound, max=high)
+        x = torch.maximum(torch.minimum(_round_ste(x / scale) + zero, upper), lower)
     return [(x.to(torch.float32) - zero) * scale]
 
 

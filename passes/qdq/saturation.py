@@ -123,10 +123,12 @@ def narrow(layer: IntegerLayer) -> Change:
     new_q += wt.zero_point.astype(np.float64).reshape(_channel_shape(wt.value, wt.axis))
     scale = (wt.scale.astype(np.float64) * factor.reshape(wt.scale.shape)).astype(np.float32)
     change = Change(new_q.astype(np.int8), scale)
-    if layer.bias is not None and layer.bias_int32 is not None:
-        per_out = np.broadcast_to(factor.reshape(-1), layer.bias_int32.shape)
-        change.bias = np.round(layer.bias_int32 / per_out).astype(np.int32)
-        old_scale = layer.bias.scale.astype(np.float64)
+    bias = layer.bias if layer.bias is not None else layer.bias_add
+    if bias is not None and bias.value is not None:
+        values = bias.value.astype(np.float64)
+        per_out = np.broadcast_to(factor.reshape(-1), values.shape)
+        change.bias = np.round(values / per_out).astype(np.int32)
+        old_scale = bias.scale.astype(np.float64)
         change.bias_scale = (
             old_scale * per_out.reshape(old_scale.shape)
             if old_scale.ndim
@@ -148,8 +150,9 @@ def _trial(layer: IntegerLayer, change: Change) -> IntegerLayer:
         value=change.weight,
         scale=change.scale if change.scale is not None else layer.weight.scale,
     )
-    bias = change.bias.astype(np.int64) if change.bias is not None else layer.bias_int32
-    return replace(layer, weight=weight, bias_int32=bias)
+    if layer.bias is None or change.bias is None:  # a bias Add stays outside the layer
+        return replace(layer, weight=weight)
+    return replace(layer, weight=weight, bias_int32=change.bias.astype(np.int64))
 
 
 def _error(layer: IntegerLayer, operands: list[np.ndarray], reference: list[np.ndarray]) -> float:
@@ -221,15 +224,15 @@ def _weight_change(layer: IntegerLayer, change: Change) -> float:
 
 def apply(graph: gs.Graph, planned: list[tuple[IntegerLayer, Remedy, Change]]) -> None:
     """Write each change into ``graph`` as new constants of the layer's DequantizeLinears."""
-    by_output = {node.outputs[0].name: node for node in graph.nodes if node.outputs}
+    producers = {out.name: node for node in graph.nodes for out in node.outputs}
     for layer, _, change in planned:
-        node = by_output[layer.node.output[0]]
-        weight_dq = node.inputs[1].inputs[0]
+        weight_dq = producers[layer.weight.output]
         _replace(weight_dq, 0, change.weight, "safe")
         if change.scale is not None:
             _replace(weight_dq, 1, change.scale, "safe")
-        if change.bias is not None and change.bias_scale is not None:
-            bias_dq = node.inputs[2].inputs[0]
+        bias = layer.bias if layer.bias is not None else layer.bias_add
+        if bias is not None and change.bias is not None and change.bias_scale is not None:
+            bias_dq = producers[bias.output]
             _replace(bias_dq, 0, change.bias, "safe")
             _replace(bias_dq, 1, change.bias_scale, "safe")
 

@@ -122,9 +122,9 @@ def test_an_unchanged_model_keeps_its_verification(
     sessions: list[onnx.ModelProto] = []
     real = manager.verification_runner
 
-    def counting_runner(model: onnx.ModelProto) -> object:
+    def counting_runner(model: onnx.ModelProto, optimized: bool = False) -> object:
         sessions.append(model)
-        return real(model)
+        return real(model, optimized)
 
     monkeypatch.setattr(manager, "verification_runner", counting_runner)
     # toposort leaves the cleaned model byte-identical: no checker, session or stats again.

@@ -106,9 +106,15 @@ def test_qat_keeps_a_valid_qdq_model(problem: tuple) -> None:
     before = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
     assert all(before[k].dtype == after[k].dtype for k in before)  # int8 stays int8
+    # integers keep their span: weights narrowed to 7 bits against int16 pair saturation on
+    # AVX2 (the default targets include it) are still 7-bit after training
+    for name, q in before.items():
+        if q.dtype == np.int8:
+            assert np.abs(after[name].astype(int)).max() <= np.abs(q.astype(int)).max()
     # fake-quant in torch is exactly what onnxruntime computes from the written QDQ graph
     assert report.torch_vs_onnxruntime < 1e-4
-    assert report.metric_after <= report.metric_before
+    assert report.holdout_loss_after < report.holdout_loss_before
+    assert report.metric_after <= report.metric_before + 2 / len(inputs)  # within 2 samples
 
 
 def test_cli_distill(tmp_path: Path, problem: tuple, capsys: pytest.CaptureFixture[str]) -> None:
