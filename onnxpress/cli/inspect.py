@@ -9,10 +9,15 @@ import json
 import os
 from typing import Any
 
+from onnxpress.analysis.saturation import assess
+from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.int8_layers import integer_layers
 from onnxpress.core.io import prepare_model
 from onnxpress.core.options import describe_type, option_fields
 from onnxpress.core.registry import all_passes
 from onnxpress.core.stats import describe_io, model_stats
+from onnxpress.core.targets import parse_targets
+from onnxpress.core.verify import random_inputs
 from onnxpress.report.render import human, table
 
 
@@ -61,6 +66,29 @@ def _fmt_default(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def _saturation(args: argparse.Namespace, model: Any) -> dict[str, Any] | None:
+    """The int8 layers that saturate on the named (or default) targets, for a QDQ model."""
+    targets = parse_targets(args.target)
+    calibration = CalibrationData.coerce(args.calibration) if args.calibration else None
+    if not integer_layers(model):
+        return None
+    saturating = [t.name for t in targets if t.saturates]
+    if not saturating:
+        return {"targets": [t.name for t in targets], "saturating": [], "layers": []}
+    if calibration is not None:
+        calibration.validate(model)
+        batches = list(calibration.batches(limit=8))
+    else:
+        batches = random_inputs(model, args.seed if hasattr(args, "seed") else 0)
+    risks = [r for r in assess(model, batches) if r.at_risk]
+    return {
+        "targets": [t.name for t in targets],
+        "saturating": saturating,
+        "data": "calibration" if calibration is not None else "random",
+        "layers": [r.to_json() for r in risks],
+    }
+
+
 def inspect_command(args: argparse.Namespace) -> int:
     model, source = prepare_model(args.model)
     stats = model_stats(model)
@@ -74,6 +102,9 @@ def inspect_command(args: argparse.Namespace) -> int:
         **io,
         **stats.to_json(),
     }
+    saturation = _saturation(args, model)
+    if saturation is not None:
+        info["int8_saturation"] = saturation
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -96,7 +127,29 @@ def inspect_command(args: argparse.Namespace) -> int:
         for op, count in stats.op_histogram.items()
     ]
     print(table(["op", "count", "MACs"], op_rows, right=(1, 2)))
+    if saturation is not None:
+        print()
+        _print_saturation(saturation)
     return 0
+
+
+def _print_saturation(saturation: dict[str, Any]) -> None:
+    if not saturation["saturating"]:
+        print(f"int8: no int16 pair saturation on {', '.join(saturation['targets'])}")
+        return
+    layers = saturation["layers"]
+    where = ", ".join(saturation["saturating"])
+    print(
+        f"int8 on {where} (u8 x s8 pairs summed in int16): {len(layers)} layer(s) saturate; "
+        f"error = rel-L2 of the layer output against exact int32 sums, on "
+        f"{saturation['data']} inputs; `onnxpress optimize --target ...` repairs them"
+    )
+    if layers:
+        rows = [
+            [r["layer"], r["op"], f"{r['pairs_at_risk']}/{r['pairs']}", f"{r['error']:.4f}"]
+            for r in layers
+        ]
+        print(table(["layer", "op", "pairs at risk", "error"], rows, right=(2, 3)))
 
 
 def _shape(shape: list[Any] | None) -> str:

@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="keep the last N calibration batches from the passes and verify on them only",
     )
+    opt.add_argument(
+        "--target",
+        action="append",
+        metavar="T",
+        help="hardware the model must hold on, repeatable: avx2, avx512, avx512-vnni, avx-vnni, "
+        "arm64, arm64+dotprod, cuda, host (default: avx2, avx512-vnni and arm64)",
+    )
     opt.add_argument("--seed", type=int, default=0, help="seed for random verification inputs")
     opt.add_argument("--report", metavar="FILE", help="write the JSON report here")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -82,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="show a model's interface, ops, params and MACs")
     ins.add_argument("model")
     ins.add_argument("--json", action="store_true")
+    ins.add_argument(
+        "--target",
+        action="append",
+        metavar="T",
+        help="list the int8 layers that saturate on this hardware (repeatable; see optimize)",
+    )
+    ins.add_argument(
+        "--calibration",
+        metavar="FILE|DIR",
+        help="measure each saturating layer's error on these inputs (.npz or folder)",
+    )
 
     comp = sub.add_parser("compile", help="compile a model with Apache TVM into a library")
     comp.add_argument("model", help="input .onnx file")

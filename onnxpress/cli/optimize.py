@@ -17,6 +17,7 @@ from onnxpress.core.errors import ModelSaveError, PipelineError, VerificationErr
 from onnxpress.core.io import prepare_model, same_file, save_model
 from onnxpress.core.manager import PassManager, VerifyConfig, bisect
 from onnxpress.core.pipeline import load_recipe, parse_pipeline
+from onnxpress.core.targets import parse_targets
 from onnxpress.report.progress import PassProgress
 from onnxpress.report.render import render_report
 
@@ -37,6 +38,7 @@ def optimize_command(args: argparse.Namespace) -> int:
     else:
         passes = parse_pipeline(args.passes or default_pipeline(calibration_path is not None))
     settings = recipe.verify if recipe else None
+    targets = parse_targets(args.target)
     verify = VerifyConfig(
         level=args.verify or (settings.level if settings and settings.level else "numeric"),  # type: ignore[arg-type]
         metric=args.metric or (settings.metric if settings else None),
@@ -72,7 +74,9 @@ def optimize_command(args: argparse.Namespace) -> int:
             )
         logger.info("bisect: every prefix of the pipeline passes verification")
     progress = PassProgress(enabled=not args.json)
-    manager = PassManager(passes, verify, calibration, args.seed, on_progress=progress)
+    manager = PassManager(
+        passes, verify, calibration, args.seed, on_progress=progress, targets=targets
+    )
     try:
         result, report = manager.run(model)
     except BaseException:

@@ -128,6 +128,9 @@ def render_report(report: Report) -> str:
         ]
         grid.add_row(*(Text(c) for c in cells))
     parts: list[RenderableType] = [grid, Text(""), Text(_summary(report.before, report.after))]
+    judged = _targets(report)
+    if judged:
+        parts += [Text(""), Text(judged)]
     refusals = []
     for record in report.passes:
         for refusal in record.result.refusals[:5]:
@@ -138,6 +141,23 @@ def render_report(report: Report) -> str:
     if refusals:
         parts += [Text(""), Text("refused:", style="bold"), Text("\n".join(refusals))]
     return to_text(*parts)
+
+
+def _targets(report: Report) -> str:
+    """Each lossy pass's verdict per target (their int8 arithmetic emulated)."""
+    lines = []
+    for record in report.passes:
+        targets = record.verification.targets
+        if targets:
+            cells = ", ".join(
+                f"{name} {t['metric']} {t['value']:.2g}" for name, t in targets.items()
+            )
+            lines.append(f"  {record.name}: {cells}")
+    if not lines:
+        return ""
+    return f"verified for {', '.join(report.targets)} (emulated int8 arithmetic):\n" + "\n".join(
+        lines
+    )
 
 
 def _summary(before: ModelStats, after: ModelStats) -> str:
