@@ -52,7 +52,7 @@ def test_default_output_name_and_json(mlp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0
     data = json.loads(stdout)
     assert data["output"].endswith("mlp.opt.onnx")
-    assert [p["name"] for p in data["passes"]] == ["fold-constants", "fold-batchnorm", "fuse-gru", "cleanup", "toposort"]
+    assert [p["name"] for p in data["passes"]] == ["fold-constants", "fold-batchnorm", "fuse-gru", "cleanup", "fix-saturation", "toposort"]
     assert (mlp_path.parent / "mlp.opt.onnx").exists()
 
 
