@@ -5,6 +5,10 @@ a held-out accuracy floor (docs/BENCHMARKS.md, QDQ quantization: 0.9880 there, f
 The digit detector: held-out mAP floor, its box/class Convs float heads, its output Concat of
 pixel boxes and 0..1 scores left float. The super-resolution net: held-out PSNR floor, one
 scale across its DepthToSpace, its last Conv a float head.
+
+Each floor holds three ways: on onnxruntime's kernels of this CPU, and under the emulated
+int8 arithmetic of both CPU kinds (exact int32 sums as on VNNI/ARM, int16 pair sums as on
+AVX2 without VNNI), so a run on either kind of machine checks both.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import pytest
 from onnx import numpy_helper
 
 import onnxpress
+from onnxpress.core.emulated_runner import EmulatedRunner
+from onnxpress.core.targets import EXACT, PAIR_SATURATING
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 DATA_DIR = MODELS_DIR / "data"
@@ -32,12 +38,27 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def held_out_accuracy(model: onnx.ModelProto) -> float:
+ARITHMETICS = ("onnxruntime", EXACT, PAIR_SATURATING)
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray], arithmetic: str) -> np.ndarray:
+    """The model's first output on this CPU's onnxruntime, or under an emulated arithmetic."""
+    if arithmetic == "onnxruntime":
+        session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return np.asarray(session.run(None, feed)[0])
+    runner = EmulatedRunner(model, arithmetic)  # type: ignore[arg-type]
+    name, values = next(iter(feed.items()))
+    chunks = [runner({name: values[i : i + 250]})[0] for i in range(0, len(values), 250)]
+    return np.concatenate(chunks)
+
+
+def held_out_accuracy(model: onnx.ModelProto, arithmetic: str = "onnxruntime") -> float:
     with np.load(DATA_DIR / f"{NAME}_eval.npz", allow_pickle=False) as data:
         images = (data["images"].astype(np.float32) / data["divisor"]).reshape(-1, 1, 28, 28)
         labels = data["labels"]
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return float(np.mean(session.run(None, {"input": images})[0].argmax(1) == labels))
+    return float(np.mean(run(model, {"input": images}, arithmetic).argmax(1) == labels))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +71,8 @@ def test_default_pipeline_keeps_held_out_accuracy(
 ) -> None:
     model, report = quantized
     assert [p.name for p in report.passes][-2:] == ["qdq", "toposort"]
-    assert held_out_accuracy(model) >= ACCURACY_FLOOR
+    for arithmetic in ARITHMETICS:
+        assert held_out_accuracy(model, arithmetic) >= ACCURACY_FLOOR, arithmetic
 
 
 def test_default_pipeline_structure(quantized: tuple[onnx.ModelProto, onnxpress.Report]) -> None:
@@ -101,11 +123,11 @@ def test_detector_keeps_its_map_with_a_float_head(
     with np.load(DATA_DIR / f"{DETECTOR}_eval.npz", allow_pickle=False) as data:
         inputs = evaluate_module.model_inputs(dict(data))
         boxes, labels = data["boxes"], data["labels"]
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    scores = evaluate_module._detection().mean_average_precision(
-        session.run(None, {"input": inputs})[0], boxes, labels
-    )
-    assert scores["map"] >= MAP_FLOOR
+    for arithmetic in ARITHMETICS:
+        scores = evaluate_module._detection().mean_average_precision(
+            run(model, {"input": inputs}, arithmetic), boxes, labels
+        )
+        assert scores["map"] >= MAP_FLOOR, arithmetic
     # the box and class Convs are float heads: their outputs feed Sigmoid/Exp, not Q/DQ pairs
     producer = {o: n for n in model.graph.node for o in n.output}
     readers = Counter(i for n in model.graph.node for i in n.input)
@@ -136,9 +158,10 @@ def test_super_resolution_keeps_its_psnr() -> None:
     with np.load(DATA_DIR / f"{SR}_eval.npz", allow_pickle=False) as data:
         low = data["images"].astype(np.float32)
         target = data["target"].astype(np.float64)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = np.clip(session.run(None, {"input": low})[0], 0, 255)
-    assert 10 * np.log10(255.0**2 / np.mean((out - target) ** 2)) >= PSNR_FLOOR
+    for arithmetic in ARITHMETICS:
+        out = np.clip(run(model, {"input": low}, arithmetic), 0, 255)
+        psnr = 10 * np.log10(255.0**2 / np.mean((out - target) ** 2))
+        assert psnr >= PSNR_FLOOR, arithmetic
     producer = {o: n for n in model.graph.node for o in n.output}
     weights = {i.name: i for i in model.graph.initializer}
     shuffle = next(n for n in model.graph.node if n.op_type == "DepthToSpace")

@@ -1,0 +1,69 @@
+"""task metric: which yardstick each output gets, and that it catches what users would lose
+(4 dB of PSNR, 2 points of accuracy) while passing what keeps the task (a slightly turned
+normalized embedding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxpress.core.task_metric import output_kind, task_score
+from onnxpress.core.verify import compare_metric
+
+
+def test_kinds() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((200, 10)).astype(np.float32)
+    unit = logits / np.linalg.norm(logits, axis=1, keepdims=True)
+    assert output_kind(logits) == "top1"
+    assert output_kind(logits[:3]) == "nsr"  # too few predictions to speak of accuracy
+    assert output_kind(unit) == "rank"
+    assert output_kind(rng.standard_normal((2, 12, 64)).astype(np.float32)) == "rank"
+    assert output_kind(rng.standard_normal((2, 1, 32, 32)).astype(np.float32)) == "nsr"
+    assert output_kind(np.arange(6)) == "exact"
+
+
+def psnr(out: np.ndarray, target: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((out - target) ** 2)))
+
+
+def test_a_4db_psnr_loss_fails_and_a_small_one_passes() -> None:
+    rng = np.random.default_rng(1)
+    target = np.clip(rng.normal(120, 55, (4, 1, 64, 64)), 0, 255)
+    floating = target + rng.normal(0, 5.8, target.shape)  # about 32.9 dB, like sr_photos
+    assert psnr(floating, target) == pytest.approx(32.9, abs=0.2)
+    lossy = floating + rng.normal(0, 7.3, target.shape)  # about 4 dB lost
+    good = floating + rng.normal(0, 0.6, target.shape)  # about 0.05 dB lost
+    assert psnr(floating, target) - psnr(lossy, target) > 3.8
+    assert psnr(floating, target) - psnr(good, target) < 0.1
+    assert not _ok(floating, lossy) and _ok(floating, good)
+
+
+def test_two_points_of_accuracy_fail() -> None:
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((1000, 10)).astype(np.float32)
+    new = ref.copy()
+    flipped = rng.choice(1000, 20, replace=False)  # 2 points of top-1 changed
+    new[flipped] = np.roll(new[flipped], 1, axis=1)
+    new[flipped, ref[flipped].argmax(1)] -= 10  # make sure the winner changes
+    assert task_score(ref, new).value >= 0.02 and not _ok(ref, new)
+    new_close = ref + rng.normal(0, 1e-3, ref.shape).astype(np.float32)
+    assert _ok(ref, new_close)
+
+
+def test_turned_embeddings_keep_their_ranks() -> None:
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((64, 384))
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    noise = rng.standard_normal(ref.shape) * 0.16 / np.sqrt(384)  # rel-L2 about 0.16
+    new = ref + noise
+    new /= np.linalg.norm(new, axis=1, keepdims=True)
+    rel_l2 = np.linalg.norm(new - ref) / np.linalg.norm(ref)
+    assert rel_l2 > 0.1  # the old rel-l2 budget would have refused this
+    assert _ok(ref.astype(np.float32), new.astype(np.float32))
+    scrambled = rng.permutation(new)  # a broken encoder: same norms, wrong neighbours
+    assert not _ok(ref.astype(np.float32), scrambled.astype(np.float32))
+
+
+def _ok(ref: np.ndarray, new: np.ndarray) -> bool:
+    return compare_metric(["y"], [[ref]], [[new]], "task", None).ok
