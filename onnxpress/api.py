@@ -53,7 +53,7 @@ def optimize(
     the result must hold on (``onnxpress.core.targets``; default: every CPU kind
     onnxruntime has int8 kernels for). The input is never modified.
     """
-    chosen_targets = parse_targets(tuple(targets) if targets else None)
+    chosen_targets = parse_targets(tuple(targets)) if targets else None
     calib = CalibrationData.coerce(
         Path(calibration) if isinstance(calibration, os.PathLike) else calibration
     )

@@ -38,7 +38,7 @@ def optimize_command(args: argparse.Namespace) -> int:
     else:
         passes = parse_pipeline(args.passes or default_pipeline(calibration_path is not None))
     settings = recipe.verify if recipe else None
-    targets = parse_targets(args.target)
+    targets = parse_targets(args.target) if args.target else None
     verify = VerifyConfig(
         level=args.verify or (settings.level if settings and settings.level else "numeric"),  # type: ignore[arg-type]
         metric=args.metric or (settings.metric if settings else None),

@@ -36,6 +36,7 @@ class PassContext:
     seed: int = 0
     # the hardware the model must hold on (optimize --target); int8 passes read it
     targets: tuple[Target, ...] = field(default_factory=lambda: parse_targets(None))
+    targets_named: bool = False  # the user named them (optimize for speed there), or defaults
     _analyses: dict[type, Any] = field(default_factory=dict)
 
     def analysis(self, cls: type[AnalysisT], graph: gs.Graph) -> AnalysisT:

@@ -85,6 +85,7 @@ class PassManager:
             raise PipelineError("empty pipeline")
         self.passes = passes
         self.targets = targets or parse_targets(None)
+        self.targets_named = targets is not None
         self.verify = verify or VerifyConfig()
         self.calibration = calibration
         self.seed = seed
@@ -126,6 +127,7 @@ class PassManager:
             calibration=self.calibration,
             seed=self.seed,
             targets=self.targets,
+            targets_named=self.targets_named,
         )
         graph = to_graph(copy_model(original))
         current = original

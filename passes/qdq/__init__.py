@@ -36,7 +36,13 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes.qdq.annotate import DEFAULT_OPS, Annotation, Scope, annotate
+from onnxpress.passes.qdq.annotate import (
+    DEFAULT_OPS,
+    WEIGHT_ONLY_OPS,
+    Annotation,
+    Scope,
+    annotate,
+)
 from onnxpress.passes.qdq.calibrate import (
     Observations,
     add_zero_biases,
@@ -114,6 +120,10 @@ class QdqOptions:
     # auto = per layer the better of reround and narrow, measured; off = never
     saturation: Literal["auto", "reround", "narrow", "off"] = "auto"
     saturation_margin: float = 1.25  # headroom over the activation bytes seen in calibration
+    # GRU/LSTM/RNN weights: int8 weight-only (4x smaller, but onnxruntime dequantizes them on
+    # every run: slower than float) or float; auto = float when --target names the hardware
+    # (speed), int8 otherwise (size)
+    recurrent: Literal["auto", "int8", "float"] = "auto"
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in RANGE_METHODS:
@@ -173,9 +183,21 @@ class Qdq(Pass[QdqOptions]):
         split = decompose_hardswish(graph) if opts.split_hardswish else 0
         name_nodes(graph)
         floats = float_tensor_names(ctx.export(graph))
-        scope = Scope(
-            frozenset(DEFAULT_OPS) | frozenset(opts.extra_ops), opts.include, opts.exclude
-        )
+        recurrent = opts.recurrent
+        if recurrent == "auto":
+            recurrent = "float" if ctx.targets_named else "int8"
+        ops = frozenset(DEFAULT_OPS) | frozenset(opts.extra_ops)
+        if recurrent == "float":
+            ops -= frozenset(WEIGHT_ONLY_OPS)
+            kept = [n.name for n in graph.nodes if n.op in WEIGHT_ONLY_OPS]
+            for name in kept:
+                result.refuse(
+                    name,
+                    "recurrent=float: weight-only int8 would be dequantized on every run "
+                    "(slower than float); recurrent=int8 makes the weights 4x smaller",
+                )
+            result.count("recurrent_kept_float", len(kept))
+        scope = Scope(ops, opts.include, opts.exclude)
         full = self._annotate(graph, scope, floats, frozenset())
         if opts.bias_correction and add_zero_biases(graph, {k[0] for k in full.weights}):
             full = self._annotate(graph, scope, floats, frozenset())  # now with those biases
