@@ -44,7 +44,6 @@ from onnxpress.passes.qdq.annotate import (
     annotate,
 )
 from onnxpress.passes.qdq.calibrate import (
-    Observations,
     add_zero_biases,
     apply_bias_deltas,
     bias_deltas,
@@ -73,7 +72,9 @@ from onnxpress.passes.qdq.recover import (
     select_calibration,
 )
 from onnxpress.passes.qdq.refit import LINEAR_OPS, apply_solutions, refit_quantized
+from onnxpress.passes.qdq.report import report
 from onnxpress.passes.qdq.saturation import protect_from_saturation
+from onnxpress.passes.qdq.target_fit import fit_targets
 
 from onnxpress.calibration.observers import RANGE_METHODS
 from onnxpress.core.context import PassContext
@@ -124,6 +125,9 @@ class QdqOptions:
     # every run: slower than float) or float; auto = float when --target names the hardware
     # (speed), int8 otherwise (size)
     recurrent: Literal["auto", "int8", "float"] = "auto"
+    # without max-drop: when the task metric misses its budget on this CPU or a target's
+    # emulated arithmetic, keep the most sensitive layers in float until it fits
+    recover: bool = True
 
     def __post_init__(self) -> None:
         if self.method != "auto" and self.method not in RANGE_METHODS:
@@ -286,10 +290,30 @@ class Qdq(Pass[QdqOptions]):
                 evaluator,
                 opts.max_drop,
             )
+        judged_by = (opts.metric, opts.max_drop)
+        if fallback is None and opts.recover:
+            fallback = fit_targets(
+                float_model,
+                {k: v for k, v in full.quantized_nodes.items() if k not in mixed},
+                lambda excluded: build(excluded, method, deltas),
+                list(ctx.calibration.batches(opts.fallback_batches)),
+                ctx.targets,
+                opts.saturation,
+                opts.saturation_margin,
+            )
+            judged_by = ("task budget share, worst target", 1.0)
         excluded = frozenset(fallback.excluded if fallback else ())
         ann, summary, corrected = materialize(graph, excluded, method, deltas)
-        self._report(
-            result, ann, summary, corrected, obs, fallback, opts, (method, corrected_biases)
+        report(
+            result,
+            ann,
+            summary,
+            corrected,
+            obs,
+            fallback,
+            opts,
+            judged_by,
+            (method, corrected_biases),
         )
         result.count("hardswish_split", split)
         for name, reason in mixed.items():
@@ -316,68 +340,3 @@ class Qdq(Pass[QdqOptions]):
             }
             ann.tied = {k: replace(v, axis=None) for k, v in ann.tied.items()}
         return ann
-
-    @staticmethod
-    def _report(
-        result: PassResult,
-        ann: Annotation,
-        summary: ConvertSummary,
-        corrected: int,
-        obs: Observations,
-        fallback: FallbackResult | None,
-        opts: QdqOptions,
-        chosen: tuple[str, bool],
-    ) -> None:
-        result.count("nodes_quantized", len(ann.quantized_nodes))
-        result.count("activation_qdq_pairs", summary.activations)
-        result.count("weights_int8", summary.weights)
-        result.count("weights_int8_weight_only", summary.weight_only)
-        result.count("biases_int32", summary.biases)
-        result.count("biases_corrected", corrected)
-        result.count("fallback_layers", len(fallback.excluded) if fallback else 0)
-        for node, reason in ann.refusals:
-            if reason.endswith("accuracy fallback"):
-                continue
-            result.refuse(node, reason)
-        result.details.append(
-            {
-                "calibration": {
-                    "method": chosen[0],
-                    "bias_correction": chosen[1],
-                    "requested": opts.method,
-                    "batches": obs.batches,
-                    "tensors": len(obs.ranges),
-                    "observer_bytes": obs.nbytes,
-                }
-            }
-        )
-        if fallback is not None:
-            result.details.append(
-                {
-                    "fallback": {
-                        "metric": opts.metric,
-                        "max_drop": opts.max_drop,
-                        "initial_drop": fallback.initial_drop,
-                        "final_drop": fallback.final_drop,
-                        "within_budget": fallback.within_budget,
-                    }
-                }
-            )
-            for step in fallback.steps:
-                reason = (
-                    f"accuracy fallback: alone in float it recovers {step.gain:.4f} of "
-                    f"{opts.metric}; drop {step.drop_after:.4f} with it and the layers "
-                    f"before it in float (budget {opts.max_drop})"
-                )
-                result.refuse(step.node, reason)
-                result.details.append(
-                    {
-                        "node": step.node,
-                        "op": step.op,
-                        "fallback": True,
-                        "sensitivity": step.gain,
-                        "drop_after": step.drop_after,
-                    }
-                )
-        for name, op in ann.quantized_nodes.items():
-            result.details.append({"node": name, "op": op, "quantized": True})

@@ -74,7 +74,9 @@ def outlier_mlp(kit: SimpleNamespace) -> onnx.ModelProto:
 def test_fallback_keeps_the_sensitive_layer_in_float(kit: SimpleNamespace) -> None:
     model = outlier_mlp(kit)
     calib = batches(model, count=4, seed=1)
-    plain, record = quantize(model, "qdq{method=minmax}", calibration=calib, verify="off")
+    plain, record = quantize(
+        model, "qdq{method=minmax,recover=false}", calibration=calib, verify="off"
+    )
     assert View(plain).input_of("fc2", 1) is not None  # fully quantized, and bad:
     result, record = quantize(model, "qdq{method=minmax,max-drop=0.02}", calibration=calib)
     assert record.result.counts["fallback_layers"] == 1
@@ -84,6 +86,19 @@ def test_fallback_keeps_the_sensitive_layer_in_float(kit: SimpleNamespace) -> No
     assert "accuracy fallback" in reasons["fc2"] and "fc1" not in reasons
     summary = next(d["fallback"] for d in record.result.details if "fallback" in d)
     assert summary["initial_drop"] > 0.2 and summary["within_budget"]
+
+
+def test_default_recovers_by_itself_when_the_task_budget_is_missed(kit: SimpleNamespace) -> None:
+    """Without max-drop, a model over its task budget on any target gets the same fallback,
+    judged by the task metric on this CPU and every target's emulated arithmetic."""
+    model = outlier_mlp(kit)
+    calib = batches(model, count=4, seed=1)
+    result, record = quantize(model, "qdq{method=minmax}", calibration=calib)
+    assert record.result.counts["fallback_layers"] >= 1
+    assert View(result).input_of("fc2", 1) is None
+    summary = next(d["fallback"] for d in record.result.details if "fallback" in d)
+    assert summary["within_budget"] and summary["metric"].startswith("task")
+    assert all(t["value"] <= t["limit"] for t in record.verification.targets.values())
 
 
 def test_auto_keeps_the_setting_closest_to_float(kit: SimpleNamespace) -> None:
