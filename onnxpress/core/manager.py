@@ -36,6 +36,7 @@ from onnxpress.core.verify import (
     check_structure,
     compare_lossless,
     compare_metric,
+    reference_outputs,
     run_all,
     verification_inputs,
     verification_runner,
@@ -115,9 +116,10 @@ class PassManager:
         output_names: list[str] = []
         if level == "numeric":
             feeds = verification_inputs(original, verification_data, self.seed)
-            runner = verification_runner(original)
+            runner, reference = reference_outputs(
+                original, feeds, verification_data is not None, verification_runner
+            )
             output_names = runner.output_names
-            reference = run_all(runner, feeds)
         previous = reference
         lossy_seen = False
         ctx = PassContext(
@@ -285,8 +287,9 @@ def bisect(
     if calibration is not None and verify.holdout:
         calibration, verification_data = calibration.fitted_to(model).split(verify.holdout)
     feeds = verification_inputs(model, verification_data, seed)
-    runner = verification_runner(model)
-    reference = run_all(runner, feeds)
+    runner, reference = reference_outputs(
+        model, feeds, verification_data is not None, verification_runner
+    )
 
     def fails(prefix: int) -> bool:
         head = passes[:prefix]
