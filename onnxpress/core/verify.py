@@ -14,6 +14,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -248,10 +249,26 @@ def compare_lossless(
                     return Comparison("nan/inf", float("inf"), name, limit)
                 value = _max_rel(*matched)
             else:
-                value = 0.0 if np.array_equal(ref, new) else float("inf")
+                value = 0.0 if identical(ref, new) else float("inf")
             if _ratio(value, limit) > _ratio(worst.value, worst.limit) or not worst.output:
                 worst = Comparison("max-rel", value, name, limit)
     return worst
+
+
+def identical(a: Any, b: Any) -> bool:
+    """Same shape, dtype and values (NaN equal to NaN); object arrays (sequences, optional
+    values) element by element."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.kind == "O":
+            return all(identical(x, y) for x, y in zip(a.reshape(-1), b.reshape(-1), strict=True))
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return False
+    return bool(a == b)
 
 
 def _as_float64(array: np.ndarray) -> np.ndarray:
@@ -296,6 +313,8 @@ def compare_task(
         for r, n in pairs:
             if r.shape != n.shape:
                 return Comparison("shape", float("inf"), f"{name} {r.shape} vs {n.shape}", 0.0)
+            if identical(r, n):
+                continue
             if r.dtype.kind == "f":
                 matched = _matching_nonfinite(r, n)
                 if matched is None:
@@ -327,7 +346,9 @@ def compare_metric(
                 return Comparison(
                     "shape", float("inf"), f"{name} {ref.shape} vs {new.shape}", budget
                 )
-            if np.issubdtype(ref.dtype, np.floating):
+            if identical(ref, new):
+                value = 0.0
+            elif np.issubdtype(ref.dtype, np.floating):
                 matched = _matching_nonfinite(ref, new)
                 value = float("inf") if matched is None else fn(*matched)
             else:
