@@ -8,10 +8,13 @@ failure raises VerificationError naming the pass; nothing is returned, so nothin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -81,6 +84,7 @@ class PassManager:
         seed: int = 0,
         on_progress: ProgressCallback | None = None,
         targets: tuple[Target, ...] | None = None,
+        pass_timeout: float | None = None,
     ) -> None:
         if not passes:
             raise PipelineError("empty pipeline")
@@ -90,6 +94,11 @@ class PassManager:
         self.calibration = calibration
         self.seed = seed
         self.on_progress = on_progress
+        if pass_timeout is not None and not 0 < pass_timeout < 1e9:
+            raise PipelineError(
+                f"pass timeout must be a positive number of seconds, not {pass_timeout}"
+            )
+        self.pass_timeout = pass_timeout
         self._original_structure_error: str | None = None  # checked only when a pass fails
 
     def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, Report]:
@@ -270,9 +279,12 @@ class PassManager:
 
     def _run_pass(self, pass_: Pass[Any], graph: Any, ctx: PassContext) -> PassResult:
         try:
-            result = pass_.run(graph, ctx)
+            with _time_limit(self.pass_timeout, pass_.name):
+                result = pass_.run(graph, ctx)
         except (KeyboardInterrupt, OnnxpressError):
             raise
+        except SystemExit as exc:
+            raise PassError(pass_.name, f"called sys.exit({exc.code!r})") from None
         except Exception as exc:
             raise PassError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(result, PassResult):
@@ -342,6 +354,27 @@ def bisect(
         else:
             low = mid + 1
     return low - 1
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, name: str) -> Iterator[None]:
+    """Raise PassError naming the pass when it runs past ``seconds`` (SIGALRM: Unix, main
+    thread only; elsewhere no limit)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not seconds or not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise PassError(name, f"did not finish within {seconds:g} s (--pass-timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _digest(model: onnx.ModelProto) -> bytes | None:

@@ -165,8 +165,8 @@ def _rule(node: onnx.NodeProto, index: int, shapes: _Shapes, length: int) -> Int
         batch = _axis_size(shapes, node.input[0], 0) or 1
         return IntRange(pattern="values", values=(batch, 1, *[3] * (length - 2)), why=f"size of {where}")  # fmt: skip
     if op == "DFT" and index == 2:
-        data = shapes.of(node.input[0])
-        return None if data is None else IntRange(1, max(len(data) - 1, 1), why=f"axis of {where}")
+        signal = shapes.of(node.input[0])
+        return None if signal is None else IntRange(1, max(len(signal) - 1, 1), why=f"axis of {where}")  # fmt: skip
     if op == "Expand" and index == 1:
         return IntRange(pattern="ones", why=f"shape of {where}")
     if op == "Reshape" and index == 1:
@@ -184,10 +184,10 @@ def _rule(node: onnx.NodeProto, index: int, shapes: _Shapes, length: int) -> Int
         return IntRange(0, 1 if reflect else 3, why=f"pads of {where}")
     axes_of = {("CumSum", 1), ("CumProd", 1), ("Slice", 3), ("Pad", 3), ("Unsqueeze", 1)}
     if (op, index) in axes_of or (op in _REDUCE and index == 1):
-        data = shapes.of(node.input[0])
-        if data is None:
+        rank_of = shapes.of(node.input[0])
+        if rank_of is None:
             return None
-        rank = len(data) + (length if op == "Unsqueeze" else 0)
+        rank = len(rank_of) + (length if op == "Unsqueeze" else 0)
         pattern = "sample" if op in ("CumSum", "CumProd") else "distinct"
         return IntRange(0, rank, pattern=pattern, why=f"axes of {where}")
     return None

@@ -116,7 +116,7 @@ def test_save_is_atomic_and_refuses_the_input(tmp_path: Path) -> None:
     src = tmp_path / "in.onnx"
     onnx.save(make_mlp(), str(src))
     before = src.read_bytes()
-    with pytest.raises(ModelSaveError, match="is the input model"):
+    with pytest.raises(ModelSaveError, match="would overwrite the input model"):
         save_model(make_mlp(1), src, protect=src)
     assert src.read_bytes() == before
     out = save_model(make_mlp(1), tmp_path / "out.onnx", protect=src)
