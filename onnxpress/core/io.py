@@ -27,6 +27,7 @@ from onnxpress.core.errors import (
     OutputConflictError,
 )
 from onnxpress.core.ir import ensure_acyclic_sorted
+from onnxpress.core.model_checks import check_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,11 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, source: Path) ->
     """Refuse external-data references that leave ``base_dir`` or point outside their file."""
     root = base_dir.resolve()
     for tensor in _external_tensors(model):
-        info = ExternalDataInfo(tensor)
         where = f"{source}: tensor '{tensor.name}'"
+        try:
+            info = ExternalDataInfo(tensor)
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{where}: bad external data entry ({exc})") from None
         location = info.location or ""
         if not location:
             raise ModelLoadError(f"{where}: external data has no location")
@@ -118,6 +122,7 @@ def prepare_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx
         source = str(model)
         loaded = load_model(model)
     ensure_acyclic_sorted(loaded, source)
+    check_model(loaded, source)
     try:
         onnx.checker.check_model(loaded, full_check=False)
     except onnx.checker.ValidationError as exc:
@@ -160,8 +165,8 @@ def model_files(path: str | os.PathLike[str], label: str = "input model") -> lis
     except Exception:  # unreadable models are reported when they are loaded
         return files
     for tensor in _external_tensors(model):
-        location = ExternalDataInfo(tensor).location
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            location = ExternalDataInfo(tensor).location
             if location and (file.parent / location).is_file():
                 files.append((f"{label}'s external data", file.parent / location))
     return files

@@ -67,12 +67,12 @@ class VerifyConfig:
             )
         if self.metric is not None and self.metric not in METRICS:
             raise PipelineError(f"unknown metric '{self.metric}' (metrics: {', '.join(METRICS)})")
-        if self.budget is not None and not self.budget >= 0:
-            raise PipelineError(f"budget must be >= 0, not {self.budget}")
-        if not self.tolerance >= 0:
-            raise PipelineError(f"tolerance must be >= 0, not {self.tolerance}")
-        if self.holdout < 0:
-            raise PipelineError(f"holdout must be >= 0, not {self.holdout}")
+        if self.budget is not None and not 0 <= self.budget < float("inf"):
+            raise PipelineError(f"budget must be a finite number >= 0, not {self.budget}")
+        if not 0 <= self.tolerance < float("inf"):
+            raise PipelineError(f"tolerance must be a finite number >= 0, not {self.tolerance}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0:
+            raise PipelineError(f"holdout must be an integer >= 0, not {self.holdout!r}")
 
 
 class PassManager:

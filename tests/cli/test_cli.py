@@ -176,7 +176,7 @@ def test_bad_calibration(mlp_path: Path, case: str, capsys: pytest.CaptureFixtur
         (("--passes", "cleanup,frobnicate"), "unknown pass 'frobnicate'"),
         (("--passes", "cleanup{speed=9}"), "pass 'cleanup': unknown option 'speed'"),
         (("--passes", "cleanup{identity=sure}"), "option 'identity': expected true or false"),
-        (("--budget", "-1"), "budget must be >= 0"),
+        (("--budget", "-1"), "budget must be a finite number >= 0"),
         (("--plugin", str(DATA / "raising_plugin.py")), "plugin raised ImportError"),
         (("--plugin", str(DATA / "bad_plugins.py"), "--passes", "explode"),
          "pass 'explode' failed: RuntimeError: boom in the user's pass"),
