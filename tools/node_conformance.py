@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxpress.api import optimize
 from onnxpress.core.errors import OnnxpressError
@@ -80,10 +81,14 @@ def _feeds(case: Any, model: onnx.ModelProto) -> Iterator[dict[str, Any]]:
     for inputs, _ in case.data_sets:
         if len(inputs) != len(names):
             continue
-        yield {
-            n: v if isinstance(v, list) else np.asarray(v)
-            for n, v in zip(names, inputs, strict=True)
-        }
+        yield {n: _array(v) for n, v in zip(names, inputs, strict=True)}
+
+
+def _array(value: Any) -> Any:
+    """A case's input as onnxruntime takes it (sequences stay lists of arrays)."""
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    return value if isinstance(value, list) else np.asarray(value)
 
 
 def _first_line(exc: BaseException) -> str:
