@@ -72,7 +72,7 @@ def _check_value_info(info: onnx.ValueInfoProto, kind: str, source: str) -> None
             f"{source}: {kind} '{info.name}' has unknown element type {tensor_type.elem_type}"
         )
     dims = [d.dim_value for d in tensor_type.shape.dim if d.HasField("dim_value")]
-    if any(d < 0 for d in dims):
+    if kind != "value" and any(d < 0 for d in dims):
         raise InvalidModelError(f"{source}: {kind} '{info.name}' has a negative dimension {dims}")
     if dims and math.prod(dims) > MAX_ELEMENTS:
         raise InvalidModelError(
