@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from onnxpress.core.errors import CalibrationError, OnnxpressError
+from onnxpress.cli.paths import compile_paths, run_paths
+from onnxpress.core.calibration_data import read_npz
+from onnxpress.core.errors import CalibrationError, ModelSaveError, OnnxpressError
 from onnxpress.report.progress import TuningBar
 from onnxpress.report.render import render_report, table
 
@@ -63,11 +65,13 @@ def _tuning_line(tuning: dict[str, Any]) -> str:
 
 def compile_command(args: argparse.Namespace) -> int:
     from onnxpress.backends.tvm.backend import compile_model, require_tvm
+    from onnxpress.backends.tvm.build import LIBRARY_STEM
     from onnxpress.backends.tvm.prepare import parse_input_shapes
     from onnxpress.backends.tvm.targets import parse_target
 
     shapes = parse_input_shapes(args.input_shape)
     spec = parse_target(args.target)
+    compile_paths(args, [LIBRARY_STEM + spec.library_suffix, "manifest.json", "README.md"])
     tuning = _tune_options(args)
     require_tvm()
     bar = TuningBar(enabled=not args.json)
@@ -116,13 +120,7 @@ def compile_command(args: argparse.Namespace) -> int:
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
-    if not Path(path).is_file():
-        raise CalibrationError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: np.asarray(data[key]) for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from None
+    return read_npz(Path(path))
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -133,6 +131,7 @@ def run_command(args: argparse.Namespace) -> int:
         run_compiled,
     )
 
+    run_paths(args)
     manifest = load_manifest(args.folder)
     arrays = _load_npz(args.inputs)
     names = [entry["name"] for entry in manifest["inputs"]]
@@ -150,7 +149,11 @@ def run_command(args: argparse.Namespace) -> int:
     print(table(["output", "dtype", "shape", "mean"], rows))
     if args.output:
         arrays_out: dict[str, Any] = dict(outputs)
-        np.savez(args.output, **arrays_out)
+        try:
+            with open(args.output, "wb") as fh:  # this path exactly (np.savez adds ".npz")
+                np.savez(fh, **arrays_out)
+        except OSError as exc:
+            raise ModelSaveError(f"{args.output}: cannot write: {exc.strerror}") from None
         print(f"wrote {args.output}")
     if args.verify:
         from onnxpress.core.io import prepare_model

@@ -10,8 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from onnxpress.core.errors import ModelSaveError, PipelineError
-from onnxpress.core.io import same_file, save_model
+from onnxpress.cli.paths import distill_paths
+from onnxpress.core.errors import PipelineError
+from onnxpress.core.io import save_model
 from onnxpress.report.progress import EpochBar
 
 
@@ -42,12 +43,7 @@ def distill_command(args: argparse.Namespace) -> int:
     )
     path = Path(args.model)
     output = Path(args.output) if args.output else path.with_name(path.stem + ".distilled.onnx")
-    if path.exists() and same_file(output, args.model) and not args.in_place:
-        raise ModelSaveError(
-            f"{output}: output path is the input model (use --in-place to overwrite)"
-        )
-    if not (output.parent if str(output.parent) else Path(".")).is_dir():
-        raise ModelSaveError(f"{output}: folder '{output.parent}' does not exist")
+    distill_paths(args, output)
     require_torch()
     progress = EpochBar(enabled=not args.json)
     tuned, report = distill(

@@ -11,13 +11,14 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from onnxpress import __version__
 from onnxpress.cli.compile import compile_command, run_command
 from onnxpress.cli.distill import distill_command
 from onnxpress.cli.inspect import inspect_command, passes_command
 from onnxpress.cli.optimize import optimize_command
-from onnxpress.core.errors import OnnxpressError
+from onnxpress.core.errors import OnnxpressError, OutputConflictError
 from onnxpress.core.registry import load_plugin_file
 from onnxpress.core.verify import METRICS
 
@@ -28,8 +29,22 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (``onnxpress: error: ...``) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        first = " ".join(message.split())
+        self.exit(
+            EXIT_USAGE, f"onnxpress: error: {first} (see onnxpress {self._command()}--help)\n"
+        )
+
+    def _command(self) -> str:
+        words = self.prog.split()[1:]
+        return " ".join(words) + " " if words else ""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxpress", description="Compress and optimize ONNX models with verified passes."
     )
     parser.add_argument("--version", action="version", version=f"onnxpress {__version__}")
@@ -42,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="Python file that registers passes (repeatable)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     opt = sub.add_parser("optimize", help="run a pipeline of passes and write the optimized model")
     opt.add_argument("model", help="input .onnx file")
@@ -71,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         "arm64, arm64+dotprod, cuda, host (default: avx2, avx512-vnni and arm64)",
     )
     opt.add_argument("--seed", type=int, default=0, help="seed for random verification inputs")
+    opt.add_argument(
+        "--pass-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="refuse, naming the pass, one that runs longer than this (default: no limit)",
+    )
     opt.add_argument("--report", metavar="FILE", help="write the JSON report here")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     opt.add_argument("--in-place", action="store_true", help="allow overwriting the input model")
@@ -226,18 +249,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OnnxpressError as exc:
         if args.debug:
             raise
-        print(f"onnxpress: error: {exc}", file=sys.stderr)
+        print(f"onnxpress: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, OutputConflictError) else EXIT_ERROR
+    except MemoryError:
+        if args.debug:
+            raise
+        print("onnxpress: error: out of memory; nothing was written", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:
         if args.debug:
             raise
         print(
-            f"onnxpress: internal error: {type(exc).__name__}: {exc} (rerun with --debug)",
+            f"onnxpress: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+            "(rerun with --debug)",
             file=sys.stderr,
         )
         return EXIT_ERROR
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

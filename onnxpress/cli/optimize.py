@@ -12,9 +12,10 @@ import logging
 from pathlib import Path
 
 from onnxpress.api import default_pipeline
+from onnxpress.cli.paths import optimize_paths
 from onnxpress.core.calibration_data import CalibrationData
-from onnxpress.core.errors import ModelSaveError, PipelineError, VerificationError
-from onnxpress.core.io import prepare_model, same_file, save_model
+from onnxpress.core.errors import ModelSaveError, VerificationError
+from onnxpress.core.io import prepare_model, save_model
 from onnxpress.core.manager import PassManager, VerifyConfig, bisect
 from onnxpress.core.pipeline import load_recipe, parse_pipeline
 from onnxpress.core.targets import parse_targets
@@ -35,8 +36,10 @@ def optimize_command(args: argparse.Namespace) -> int:
     calibration_path = args.calibration or (recipe.calibration if recipe else None)
     if recipe is not None:
         passes = recipe.passes
+    elif args.passes is not None:
+        passes = parse_pipeline(args.passes)
     else:
-        passes = parse_pipeline(args.passes or default_pipeline(calibration_path is not None))
+        passes = parse_pipeline(default_pipeline(calibration_path is not None))
     settings = recipe.verify if recipe else None
     targets = parse_targets(args.target) if args.target else None
     verify = VerifyConfig(
@@ -51,14 +54,7 @@ def optimize_command(args: argparse.Namespace) -> int:
         else (settings.holdout if settings and settings.holdout is not None else 0),
     )
     output = Path(args.output) if args.output else _default_output(args.model)
-    if Path(args.model).exists() and same_file(output, args.model) and not args.in_place:
-        raise ModelSaveError(
-            f"{output}: output path is the input model (use --in-place to overwrite)"
-        )
-    if not (output.parent if str(output.parent) else Path(".")).is_dir():
-        raise ModelSaveError(f"{output}: folder '{output.parent}' does not exist")
-    if args.report and not Path(args.report).resolve().parent.is_dir():
-        raise PipelineError(f"{args.report}: report folder does not exist")
+    optimize_paths(args, output, calibration_path)
 
     model, source = prepare_model(args.model)
     calibration = CalibrationData.from_path(calibration_path) if calibration_path else None
@@ -75,7 +71,13 @@ def optimize_command(args: argparse.Namespace) -> int:
         logger.info("bisect: every prefix of the pipeline passes verification")
     progress = PassProgress(enabled=not args.json)
     manager = PassManager(
-        passes, verify, calibration, args.seed, on_progress=progress, targets=targets
+        passes,
+        verify,
+        calibration,
+        args.seed,
+        on_progress=progress,
+        targets=targets,
+        pass_timeout=args.pass_timeout,
     )
     try:
         result, report = manager.run(model)
@@ -86,7 +88,12 @@ def optimize_command(args: argparse.Namespace) -> int:
     report.output_path = str(output)
     save_model(result, output, protect=None if args.in_place else args.model)
     if args.report:
-        report.write(args.report)
+        try:
+            report.write(args.report)
+        except OSError as exc:
+            raise ModelSaveError(
+                f"{args.report}: cannot write the report: {exc.strerror}"
+            ) from None
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

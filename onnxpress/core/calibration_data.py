@@ -9,12 +9,14 @@ Folders are re-read batch by batch, so large calibration sets are never held in 
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
+from numpy.lib import format as npy_format
 from onnx import helper
 
 from onnxpress.core.errors import CalibrationError
@@ -24,10 +26,48 @@ logger = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 
 
-def _read_npz(file: Path) -> Batch:
+MAX_ARRAY_BYTES = 4 << 30  # one calibration array larger than this is refused unread
+
+
+def check_npz_headers(file: Path) -> None:
+    """Read each member's .npy header (numpy.lib.format) before any array is loaded: refuse
+    object dtypes (pickles), empty arrays, and shapes the file cannot hold or that are too
+    large to allocate."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            for member in archive.infolist():
+                name = member.filename.removesuffix(".npy")
+                with archive.open(member) as fh:
+                    version = npy_format.read_magic(fh)
+                    read_header = (
+                        npy_format.read_array_header_1_0
+                        if version == (1, 0)
+                        else npy_format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(fh)
+                if dtype.hasobject:
+                    raise CalibrationError(f"{file}: contains pickled objects; refusing to load")
+                count = math.prod(shape)
+                if count == 0:
+                    raise CalibrationError(f"{file}: array '{name}' is empty (shape {list(shape)})")
+                size = count * dtype.itemsize
+                if size > MAX_ARRAY_BYTES or size > member.file_size:
+                    raise CalibrationError(
+                        f"{file}: array '{name}' declares shape {list(shape)} ({size:,} bytes) "
+                        f"but the file holds {member.file_size:,} bytes (limit {MAX_ARRAY_BYTES:,})"
+                    )
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, RuntimeError) as exc:
+        raise CalibrationError(f"{file}: not a readable .npz file ({exc})") from None
+
+
+def read_npz(file: Path) -> Batch:
+    """Every array of an .npz file, after its headers were checked (``check_npz_headers``)."""
+    if not file.is_file():
+        raise CalibrationError(f"{file}: no such file")
     if not zipfile.is_zipfile(file):
         # np.load would try to unpickle a non-archive; never get that far.
         raise CalibrationError(f"{file}: not a readable .npz file (not a zip archive)")
+    check_npz_headers(file)
     try:
         with np.load(file, allow_pickle=False) as data:
             return {key: np.asarray(data[key]) for key in data.files}
@@ -37,6 +77,9 @@ def _read_npz(file: Path) -> Batch:
         raise CalibrationError(f"{file}: not a readable .npz file ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise CalibrationError(f"{file}: not a readable .npz file ({exc})") from None
+
+
+_read_npz = read_npz
 
 
 class CalibrationData:
@@ -59,7 +102,7 @@ class CalibrationData:
         else:
             raise CalibrationError(f"{root}: no such file or folder")
         for f in files:
-            _read_npz(f)  # fail early on pickles or corrupt files
+            check_npz_headers(f)  # fail early on pickles, corrupt files or huge arrays
 
         def source() -> Iterator[Batch]:
             for f in files:

@@ -15,6 +15,10 @@ class ModelSaveError(OnnxpressError):
     """The output cannot be written (same path as the input, unwritable folder)."""
 
 
+class OutputConflictError(ModelSaveError):
+    """An output would overwrite an input or another output (same inode): a usage error."""
+
+
 class InvalidModelError(OnnxpressError):
     """The model parses but is not a valid ONNX graph (checker failure, cycle)."""
 

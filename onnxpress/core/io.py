@@ -13,15 +13,21 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-from onnxpress.core.errors import InvalidModelError, ModelLoadError, ModelSaveError
+from onnxpress.core.errors import (
+    InvalidModelError,
+    ModelLoadError,
+    ModelSaveError,
+    OutputConflictError,
+)
 from onnxpress.core.ir import ensure_acyclic_sorted
+from onnxpress.core.model_checks import check_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +46,11 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, source: Path) ->
     """Refuse external-data references that leave ``base_dir`` or point outside their file."""
     root = base_dir.resolve()
     for tensor in _external_tensors(model):
-        info = ExternalDataInfo(tensor)
         where = f"{source}: tensor '{tensor.name}'"
+        try:
+            info = ExternalDataInfo(tensor)
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{where}: bad external data entry ({exc})") from None
         location = info.location or ""
         if not location:
             raise ModelLoadError(f"{where}: external data has no location")
@@ -60,13 +69,19 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path, source: Path) ->
         if not target.is_file():
             raise ModelLoadError(f"{where}: external data file '{location}' not found")
         size = target.stat().st_size
-        offset = int(info.offset or 0)
+        try:
+            offset = int(info.offset or 0)
+            length = None if info.length is None else int(info.length)
+        except (TypeError, ValueError):
+            raise ModelLoadError(
+                f"{where}: external data offset or length is not a number"
+            ) from None
+
         if offset < 0 or offset > size:
             raise ModelLoadError(f"{where}: external data offset {offset} is outside '{location}'")
-        length = info.length
-        if length is not None and (int(length) < 0 or offset + int(length) > size):
+        if length is not None and (length < 0 or offset + length > size):
             raise ModelLoadError(
-                f"{where}: external data [{offset}, {offset + int(length)}) is outside "
+                f"{where}: external data [{offset}, {offset + length}) is outside "
                 f"'{location}' ({size} bytes)"
             )
 
@@ -107,6 +122,7 @@ def prepare_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx
         source = str(model)
         loaded = load_model(model)
     ensure_acyclic_sorted(loaded, source)
+    check_model(loaded, source)
     try:
         onnx.checker.check_model(loaded, full_check=False)
     except onnx.checker.ValidationError as exc:
@@ -121,10 +137,97 @@ def model_size(model: onnx.ModelProto) -> int:
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return os.path.samefile(pa, pb)
-    return pa.resolve() == pb.resolve()
+    """Whether two paths name one file: the same inode (hard links, symlinks), or the same
+    resolved path when one does not exist yet."""
+    ia, ib = file_identity(a), file_identity(b)
+    if ia is not None and ib is not None:
+        return ia == ib
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` leads to (symlinks followed), None if none."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def model_files(path: str | os.PathLike[str], label: str = "input model") -> list[tuple[str, Path]]:
+    """(label, path) of the model file and of the external-data files it names."""
+    file = Path(path)
+    files = [(label, file)]
+    if not file.is_file():
+        return files
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception:  # unreadable models are reported when they are loaded
+        return files
+    for tensor in _external_tensors(model):
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            location = ExternalDataInfo(tensor).location
+            if location and (file.parent / location).is_file():
+                files.append((f"{label}'s external data", file.parent / location))
+    return files
+
+
+def check_outputs(
+    outputs: Mapping[str, str | os.PathLike[str]],
+    inputs: Iterable[tuple[str, str | os.PathLike[str]]],
+    allow: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Refuse before any work an output that is a folder or a special file, whose folder is
+    missing or not writable, or that is the same file (inode) as an input or another output.
+
+    ``outputs`` maps a label ("output", "report") to a path; ``inputs`` are (label, path);
+    ``allow`` lists (output label, input label) pairs that may coincide (``--in-place``).
+    """
+    known: dict[tuple[int, int], tuple[str, str]] = {}
+    for label, path in inputs:
+        identity = file_identity(path)
+        if identity is not None:
+            known.setdefault(identity, (label, str(path)))
+    allowed = set(allow)
+    for label, path in outputs.items():
+        out = Path(path)
+        identity = file_identity(out)
+        if identity is not None:
+            if out.is_dir():
+                raise ModelSaveError(f"{out}: the {label} path is a folder")
+            if not out.is_file():
+                raise ModelSaveError(f"{out}: the {label} path is not a regular file")
+            taken = known.get(identity)
+            if taken is not None and (label, taken[0]) not in allowed:
+                hint = " (use --in-place to overwrite)" if taken[0] == "input model" else ""
+                raise OutputConflictError(
+                    f"{out}: the {label} would overwrite the {taken[0]} '{taken[1]}'{hint}"
+                )
+        key = identity or out.resolve()
+        for other, other_path in outputs.items():
+            if other != label and (file_identity(other_path) or Path(other_path).resolve()) == key:
+                raise OutputConflictError(f"{out}: the {label} and the {other} are the same file")
+        folder = out.parent if str(out.parent) else Path(".")
+        if not folder.is_dir():
+            raise ModelSaveError(f"{out}: folder '{folder}' does not exist")
+        _probe_writable(out, folder)
+
+
+def _probe_writable(out: Path, folder: Path) -> None:
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise ModelSaveError(f"{out}: cannot write in '{folder}': {exc.strerror}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+def new_file_mode() -> int:
+    """The mode the umask gives a new file (0o666 & ~umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def save_model(
@@ -141,14 +244,19 @@ def save_model(
     in one protobuf.
     """
     out = Path(path)
-    if protect is not None and same_file(out, protect):
-        raise ModelSaveError(f"{out}: output path is the input model (use --in-place to overwrite)")
+    if protect is not None:
+        check_outputs({"output": out}, model_files(protect))
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise ModelSaveError(f"{out}: folder '{folder}' does not exist")
+    if out.is_dir():
+        raise ModelSaveError(f"{out}: the output path is a folder")
     size = model_size(model)
     use_external = external_data if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ModelSaveError(f"{out}: cannot write in '{folder}': {exc.strerror}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     data_name = f"{out.name}.data"
@@ -176,12 +284,15 @@ def save_model(
                 fh.write(model.SerializeToString())
                 fh.flush()
                 os.fsync(fh.fileno())
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would keep other users out
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
         with contextlib.suppress(OSError):
             tmp_data.unlink()
+        if isinstance(exc, OSError):
+            raise ModelSaveError(f"{out}: cannot write: {exc.strerror or exc}") from None
         raise
     logger.info("wrote %s (%d bytes%s)", out, size, ", external data" if use_external else "")
     return out

@@ -33,11 +33,24 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.nodes:
         if node.domain and node.domain not in opsets:
             opsets[node.domain] = 1
-    model = gs.export_onnx(
-        graph,
-        do_type_check=False,
-        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
-    )
+    # graphsurgeon imports optional-typed values (dtype = the element's TypeProto) but cannot
+    # export them: they leave as untyped value infos and get their type back afterwards.
+    optional = {id(t): t for t in _all_tensors(graph) if getattr(t, "type", "") == "optional_type"}
+    kept = {key: t.dtype for key, t in optional.items()}
+    try:
+        for tensor in optional.values():
+            tensor.dtype = None
+        model = gs.export_onnx(
+            graph,
+            do_type_check=False,
+            opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
+        )
+    finally:
+        for key, tensor in optional.items():
+            tensor.dtype = kept[key]
+    if optional:
+        _restore_optional_types(model.graph, {t.name: kept[k] for k, t in optional.items()})
+    _restore_type_attributes(model.graph, _type_attributes(template.graph))
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name
     model.producer_version = template.producer_version
@@ -53,6 +66,61 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         del model.functions[:]
         model.functions.extend(template.functions)
     return model
+
+
+def _all_tensors(graph: gs.Graph) -> list[gs.Tensor]:
+    """The tensors of ``graph`` and of every subgraph in its nodes' attributes."""
+    found = list(graph.tensors().values())
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                found.extend(_all_tensors(value))
+    return found
+
+
+def _restore_optional_types(graph: onnx.GraphProto, elem_types: dict[str, object]) -> None:
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        elem = elem_types.get(info.name)
+        if isinstance(elem, onnx.TypeProto) and not info.type.WhichOneof("value"):
+            info.type.optional_type.elem_type.CopyFrom(elem)
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _restore_optional_types(sub, elem_types)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [
+        sub
+        for attribute in node.attribute
+        for sub in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs))
+    ]
+
+
+def _type_attributes(graph: onnx.GraphProto) -> dict[str, list[onnx.AttributeProto]]:
+    """TYPE_PROTO attributes (e.g. Optional's ``type``), which graphsurgeon drops on import,
+    keyed by the first output of their node, in ``graph`` and its subgraphs."""
+    found: dict[str, list[onnx.AttributeProto]] = {}
+    for node in graph.node:
+        kept = [a for a in node.attribute if a.type in (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)]  # fmt: skip
+        if kept and node.output:
+            found[node.output[0]] = kept
+        for sub in _subgraphs(node):
+            found.update(_type_attributes(sub))
+    return found
+
+
+def _restore_type_attributes(
+    graph: onnx.GraphProto, attributes: dict[str, list[onnx.AttributeProto]]
+) -> None:
+    if not attributes:
+        return
+    for node in graph.node:
+        have = {a.name for a in node.attribute}
+        for attribute in attributes.get(node.output[0] if node.output else "", []):
+            if attribute.name not in have:
+                node.attribute.append(attribute)
+        for sub in _subgraphs(node):
+            _restore_type_attributes(sub, attributes)
 
 
 def toposort(graph: gs.Graph) -> None:

@@ -8,10 +8,13 @@ failure raises VerificationError naming the pass; nothing is returned, so nothin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +39,7 @@ from onnxpress.core.verify import (
     check_structure,
     compare_lossless,
     compare_metric,
+    reference_outputs,
     run_all,
     verification_inputs,
     verification_runner,
@@ -63,12 +67,12 @@ class VerifyConfig:
             )
         if self.metric is not None and self.metric not in METRICS:
             raise PipelineError(f"unknown metric '{self.metric}' (metrics: {', '.join(METRICS)})")
-        if self.budget is not None and not self.budget >= 0:
-            raise PipelineError(f"budget must be >= 0, not {self.budget}")
-        if not self.tolerance >= 0:
-            raise PipelineError(f"tolerance must be >= 0, not {self.tolerance}")
-        if self.holdout < 0:
-            raise PipelineError(f"holdout must be >= 0, not {self.holdout}")
+        if self.budget is not None and not 0 <= self.budget < float("inf"):
+            raise PipelineError(f"budget must be a finite number >= 0, not {self.budget}")
+        if not 0 <= self.tolerance < float("inf"):
+            raise PipelineError(f"tolerance must be a finite number >= 0, not {self.tolerance}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) or self.holdout < 0:
+            raise PipelineError(f"holdout must be an integer >= 0, not {self.holdout!r}")
 
 
 class PassManager:
@@ -80,6 +84,7 @@ class PassManager:
         seed: int = 0,
         on_progress: ProgressCallback | None = None,
         targets: tuple[Target, ...] | None = None,
+        pass_timeout: float | None = None,
     ) -> None:
         if not passes:
             raise PipelineError("empty pipeline")
@@ -90,6 +95,12 @@ class PassManager:
         self.calibration = calibration
         self.seed = seed
         self.on_progress = on_progress
+        if pass_timeout is not None and not 0 < pass_timeout < 1e9:
+            raise PipelineError(
+                f"pass timeout must be a positive number of seconds, not {pass_timeout}"
+            )
+        self.pass_timeout = pass_timeout
+        self._original_structure_error: str | None = None  # checked only when a pass fails
 
     def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, Report]:
         """Run every pass on a copy of ``model``; return the result and its report."""
@@ -116,9 +127,10 @@ class PassManager:
         output_names: list[str] = []
         if level == "numeric":
             feeds = verification_inputs(original, verification_data, self.seed)
-            runner = verification_runner(original)
+            runner, reference = reference_outputs(
+                original, feeds, verification_data is not None, verification_runner
+            )
             output_names = runner.output_names
-            reference = run_all(runner, feeds)
         previous = reference
         lossy_seen = False
         ctx = PassContext(
@@ -153,10 +165,7 @@ class PassManager:
             last_digest = digest
             outcome = VerifyOutcome(level=level)
             if level != "off" and not unchanged:
-                try:
-                    check_structure(current)
-                except Exception as exc:
-                    raise VerificationError(name, _first_line(exc)) from exc
+                self._check_structure(name, current, original)
             if level == "numeric":
                 # after a lossy pass the model runs as users run it: QDQ on integer kernels
                 optimized = lossy_seen or not pass_.lossless
@@ -228,6 +237,25 @@ class PassManager:
         report.seconds = time.perf_counter() - started
         return current, report
 
+    def _check_structure(
+        self, name: str, model: onnx.ModelProto, original: onnx.ModelProto
+    ) -> None:
+        """checker + strict shape inference; an error the original model has too (onnx's own
+        inference gaps, e.g. a function op's default attribute) is not the pass's fault."""
+        try:
+            check_structure(model)
+        except Exception as exc:
+            reason = _first_line(exc)
+            if self._original_structure_error is None:
+                try:
+                    check_structure(original)
+                    self._original_structure_error = ""
+                except Exception as original_exc:
+                    self._original_structure_error = _first_line(original_exc)
+            if reason != self._original_structure_error:
+                raise VerificationError(name, reason) from exc
+            logger.warning("after pass %s: the input model fails this check too: %s", name, reason)
+
     def _judge_targets(
         self,
         model: onnx.ModelProto,
@@ -253,9 +281,12 @@ class PassManager:
 
     def _run_pass(self, pass_: Pass[Any], graph: Any, ctx: PassContext) -> PassResult:
         try:
-            result = pass_.run(graph, ctx)
+            with _time_limit(self.pass_timeout, pass_.name):
+                result = pass_.run(graph, ctx)
         except (KeyboardInterrupt, OnnxpressError):
             raise
+        except SystemExit as exc:
+            raise PassError(pass_.name, f"called sys.exit({exc.code!r})") from None
         except Exception as exc:
             raise PassError(pass_.name, f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(result, PassResult):
@@ -287,8 +318,9 @@ def bisect(
     if calibration is not None and verify.holdout:
         calibration, verification_data = calibration.fitted_to(model).split(verify.holdout)
     feeds = verification_inputs(model, verification_data, seed)
-    runner = verification_runner(model)
-    reference = run_all(runner, feeds)
+    runner, reference = reference_outputs(
+        model, feeds, verification_data is not None, verification_runner
+    )
 
     def fails(prefix: int) -> bool:
         head = passes[:prefix]
@@ -324,6 +356,27 @@ def bisect(
         else:
             low = mid + 1
     return low - 1
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, name: str) -> Iterator[None]:
+    """Raise PassError naming the pass when it runs past ``seconds`` (SIGALRM: Unix, main
+    thread only; elsewhere no limit)."""
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if not seconds or not usable:
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise PassError(name, f"did not finish within {seconds:g} s (--pass-timeout)")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _digest(model: onnx.ModelProto) -> bytes | None:

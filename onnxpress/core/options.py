@@ -8,12 +8,14 @@ are checked against the same types. Keys may be written kebab-case or snake_case
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 from onnxpress.core.errors import PipelineError
 
+_INT64 = 2**63
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
@@ -115,25 +117,31 @@ def _convert(value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ValueError(f"expected int, got {value!r}")
-        if isinstance(value, int):
-            return value
+        number: int | None = value if isinstance(value, int) else None
         if isinstance(value, str):
             try:
-                return int(value)
+                number = int(value)
             except ValueError:
                 pass
-        raise ValueError(f"expected int, got {value!r}")
+        if number is None:
+            raise ValueError(f"expected int, got {value!r}")
+        if not -_INT64 <= number < _INT64:
+            raise ValueError(f"expected an int64, got {value!r}")
+        return number
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(f"expected float, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"expected float, got {value!r}")
+        real: float | None = None
+        try:
+            if isinstance(value, (int, float, str)):
+                real = float(value)
+        except (ValueError, OverflowError):
+            pass
+        if real is None:
+            raise ValueError(f"expected float, got {value!r}")
+        if not math.isfinite(real):
+            raise ValueError(f"expected a finite float, got {value!r}")
+        return real
     if tp is str:
         if isinstance(value, str):
             return _unquote(value)

@@ -6,10 +6,11 @@ reported without touching any file.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from onnxpress.core.errors import PipelineError, PluginError
 from onnxpress.core.options import build_options, parse_option_text, split_top_level
@@ -20,6 +21,8 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+T = TypeVar("T")
 
 # Lossless for a float model; on a QDQ model (from any quantizer) fix-saturation also makes its
 # int8 weights safe on the targets whose kernels saturate int16 pairs (it refuses otherwise).
@@ -91,13 +94,28 @@ def load_recipe(path: str | Path) -> Recipe:
         name = "svd"
         energy = 0.95
 
-    ``pipeline = "a,b{k=v}"`` may replace the [[pass]] tables.
+    ``pipeline = "a,b{k=v}"`` may replace the [[pass]] tables. Every value is checked for
+    its type here, before the model is read; errors name the recipe file.
     """
     file = Path(path)
+    try:
+        return _parse_recipe(file)
+    except PipelineError as exc:
+        message = str(exc)
+        raise PipelineError(
+            message if message.startswith(str(file)) else f"{file}: {message}"
+        ) from None
+
+
+def _parse_recipe(file: Path) -> Recipe:
+    if file.is_dir():
+        raise PipelineError(f"{file}: the recipe is a folder, not a TOML file")
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"{file}: recipe not found") from None
+    except OSError as exc:
+        raise PipelineError(f"{file}: cannot read the recipe: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{file}: not valid TOML: {exc}") from None
     unknown = set(data) - {"pass", "pipeline", "verify", "calibration"}
@@ -107,16 +125,16 @@ def load_recipe(path: str | Path) -> Recipe:
         raise PipelineError(f"{file}: give either [[pass]] tables or 'pipeline', not both")
     passes: list[Pass[Any]] = []
     if "pipeline" in data:
-        passes = parse_pipeline(str(data["pipeline"]))
+        passes = parse_pipeline(_typed(file, "pipeline", data["pipeline"], str) or "")
     else:
         tables = data.get("pass", [])
         if not isinstance(tables, list) or not tables:
             raise PipelineError(f"{file}: no [[pass]] tables")
         for i, table in enumerate(tables):
-            if not isinstance(table, dict) or "name" not in table:
+            if not isinstance(table, dict) or not isinstance(table.get("name"), str):
                 raise PipelineError(f"{file}: [[pass]] #{i + 1} has no name")
             values = {k: v for k, v in table.items() if k != "name"}
-            passes.append(_instantiate(str(table["name"]), values))
+            passes.append(_instantiate(table["name"], values))
     verify = data.get("verify", {})
     keys = {"level", "metric", "budget", "tolerance", "holdout"}
     if not isinstance(verify, dict) or set(verify) - keys:
@@ -124,13 +142,41 @@ def load_recipe(path: str | Path) -> Recipe:
             f"{file}: [verify] accepts level, metric, budget, tolerance and holdout"
         )
     settings = VerifySettings(
-        level=verify.get("level"),
-        metric=verify.get("metric"),
-        budget=None if verify.get("budget") is None else float(verify["budget"]),
-        tolerance=None if verify.get("tolerance") is None else float(verify["tolerance"]),
-        holdout=None if verify.get("holdout") is None else int(verify["holdout"]),
+        level=_typed(file, "verify.level", verify.get("level"), str),
+        metric=_typed(file, "verify.metric", verify.get("metric"), str),
+        budget=_number(file, "verify.budget", verify.get("budget")),
+        tolerance=_number(file, "verify.tolerance", verify.get("tolerance")),
+        holdout=_typed(file, "verify.holdout", verify.get("holdout"), int),
     )
-    calibration = data.get("calibration")
+    if settings.level is not None and settings.level not in ("off", "structure", "numeric"):
+        raise PipelineError(
+            f"{file}: verify.level must be off, structure or numeric, not {settings.level!r}"
+        )
+    from onnxpress.core.verify import METRICS
+
+    if settings.metric is not None and settings.metric not in METRICS:
+        raise PipelineError(
+            f"{file}: unknown verify.metric '{settings.metric}' (metrics: {', '.join(METRICS)})"
+        )
+    calibration = _typed(file, "calibration", data.get("calibration"), str)
     if calibration is not None:
-        calibration = str((file.parent / str(calibration)).resolve())
+        calibration = str((file.parent / calibration).resolve())
     return Recipe(passes=passes, verify=settings, calibration=calibration)
+
+
+def _typed(file: Path, key: str, value: Any, kind: type[T]) -> T | None:
+    """``value`` if it is a ``kind`` (bool is not an int), None if absent."""
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        name = {str: "text", int: "an integer"}.get(kind, kind.__name__)
+        raise PipelineError(f"{file}: {key} must be {name}, not {value!r}")
+    return value
+
+
+def _number(file: Path, key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PipelineError(f"{file}: {key} must be a finite number, not {value!r}")
+    return float(value)

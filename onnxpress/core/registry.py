@@ -79,7 +79,7 @@ def load_entry_points() -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise PluginError(
                 f"entry point '{ep.name}' ({ep.value}) failed to load: {exc}"
             ) from exc
@@ -92,7 +92,11 @@ def load_plugin_file(path: str | Path) -> list[str]:
     """Execute a Python file that registers passes; return the names it added."""
     file = Path(path)
     if not file.is_file():
-        raise PluginError(f"{file}: plugin file not found")
+        raise PluginError(
+            f"{file}: plugin file not found"
+            if not file.exists()
+            else f"{file}: plugin is not a file"
+        )
     key = file.resolve()
     if key in _loaded_files:
         return list(_loaded_files[key])
@@ -107,6 +111,9 @@ def load_plugin_file(path: str | Path) -> list[str]:
         spec.loader.exec_module(module)
     except PluginError as exc:
         raise PluginError(f"{file}: {exc}") from exc
+    except SystemExit as exc:
+        sys.modules.pop(module_name, None)
+        raise PluginError(f"{file}: plugin called sys.exit({exc.code!r}) while loading") from None
     except Exception as exc:
         sys.modules.pop(module_name, None)
         raise PluginError(f"{file}: plugin raised {type(exc).__name__}: {exc}") from exc

@@ -14,24 +14,46 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 
 from onnxpress.core import io as model_io
 from onnxpress.core.calibration_data import Batch, CalibrationData
+from onnxpress.core.errors import InvalidModelError
 from onnxpress.core.ir import copy_model
 from onnxpress.core.partition import CHUNK_NODES, NotPartitionable, PartitionedRunner
+from onnxpress.core.random_inputs import (
+    HOW_TO_GIVE_DATA,
+    NeedsRealDataError,
+    random_inputs,
+    unconstrained_integer_inputs,
+)
 from onnxpress.core.task_metric import concatenated, task_score
 
 logger = logging.getLogger(__name__)
 
 LOSSLESS_TOLERANCE = 1e-5
-RANDOM_BATCH_SIZES = (1, 3)
-SYMBOLIC_DIM = 8
+# Lossless outputs of a low-precision float dtype may move by its rounding: this many
+# machine epsilons (ulps at the top of the output's binade) relative to the output's scale.
+LOW_PRECISION_ULPS = 2
 MAX_CALIBRATION_BATCHES = 4
+
+
+def lossless_tolerance(dtype: np.dtype, tolerance: float = LOSSLESS_TOLERANCE) -> float:
+    """``tolerance``, or for fp16/bf16 (and other coarse floats) a few ulps of that dtype."""
+    try:
+        eps = float(np.finfo(dtype).eps)
+    except (TypeError, ValueError):
+        try:
+            import ml_dtypes
+
+            eps = float(ml_dtypes.finfo(dtype).eps)
+        except (ImportError, TypeError, ValueError):
+            return tolerance
+    return max(tolerance, LOW_PRECISION_ULPS * eps)
 
 
 def _rel_l2(ref: np.ndarray, new: np.ndarray) -> float:
@@ -133,55 +155,6 @@ class Runner:
         return [np.asarray(x) for x in self.session.run(None, feed)]
 
 
-def _random_array(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype == np.bool_:
-        return rng.integers(0, 2, shape).astype(np.bool_)
-    if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 4, shape).astype(dtype)
-    raise ValueError(f"cannot make random data of dtype {dtype}")
-
-
-def random_inputs(model: onnx.ModelProto, seed: int) -> list[Batch]:
-    """Seeded normal inputs; two batch sizes when the first axis is symbolic.
-
-    A symbolic dimension gets one size per name across all inputs, so that inputs sharing
-    a dimension (``x[T, batch, I]`` and ``h0[1, batch, H]``) stay consistent: names that
-    head an input's shape are batch-like and take the varying batch size, other names and
-    unnamed dimensions take a fixed size.
-    """
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    batch_names: set[str] = set()
-    dynamic_batch = False
-    for vi in inputs:
-        dims = vi.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dynamic_batch = True
-            if dims[0].dim_param:
-                batch_names.add(dims[0].dim_param)
-    sizes = RANDOM_BATCH_SIZES if dynamic_batch else RANDOM_BATCH_SIZES[:1]
-    rng = np.random.default_rng(seed)
-    feeds: list[Batch] = []
-    for batch_size in sizes:
-        feed: Batch = {}
-        for vi in inputs:
-            t = vi.type.tensor_type
-            dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
-            shape: list[int] = []
-            for axis, d in enumerate(t.shape.dim):
-                if d.HasField("dim_value") and d.dim_value > 0:
-                    shape.append(d.dim_value)
-                elif d.dim_param in batch_names or (axis == 0 and not d.dim_param):
-                    shape.append(batch_size)
-                else:
-                    shape.append(SYMBOLIC_DIM)
-            feed[vi.name] = _random_array(rng, np.dtype(dtype), shape)
-        feeds.append(feed)
-    return feeds
-
-
 def verification_inputs(
     model: onnx.ModelProto, calibration: CalibrationData | None, seed: int
 ) -> list[Batch]:
@@ -209,6 +182,41 @@ def verification_runner(
     return Runner(model, optimized)
 
 
+def reference_outputs(
+    model: onnx.ModelProto,
+    feeds: list[Batch],
+    from_calibration: bool,
+    make_runner: Callable[[onnx.ModelProto], Runner | PartitionedRunner] | None = None,
+) -> tuple[Runner | PartitionedRunner, list[list[np.ndarray]]]:
+    """The original model's runner and outputs; the model's own failure in onnxruntime is
+    an InvalidModelError (or NeedsRealDataError on random inputs), with onnxruntime's reason."""
+    try:
+        runner = (make_runner or verification_runner)(model)
+    except Exception as exc:
+        raise InvalidModelError(
+            f"the input model fails in onnxruntime: {_first_line(exc)}"
+        ) from exc
+    try:
+        return runner, run_all(runner, feeds)
+    except Exception as exc:
+        reason = _first_line(exc)
+        if from_calibration:
+            raise InvalidModelError(
+                f"the input model fails in onnxruntime on the calibration data: {reason}"
+            ) from exc
+        suspects = unconstrained_integer_inputs(model)
+        named = f" for input(s) {', '.join(suspects)}" if suspects else ""
+        raise NeedsRealDataError(
+            f"the input model fails in onnxruntime on random verification inputs ({reason}); "
+            f"{HOW_TO_GIVE_DATA}{named}, or use --verify structure"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split("\n")[0].split())[:400]
+
+
 def run_all(
     runner: Callable[[Batch], list[np.ndarray]], feeds: list[Batch]
 ) -> list[list[np.ndarray]]:
@@ -221,7 +229,8 @@ def compare_lossless(
     candidate: list[list[np.ndarray]],
     tolerance: float = LOSSLESS_TOLERANCE,
 ) -> Comparison:
-    """Worst max|ref - new| / max|ref| over outputs and feeds (``max-rel``)."""
+    """Worst max|ref - new| / max|ref| over outputs and feeds (``max-rel``), against
+    ``tolerance`` or, for an fp16/bf16 output, its dtype's rounding (``lossless_tolerance``)."""
     worst = Comparison("max-rel", 0.0, "", tolerance)
     for ref_outs, new_outs in zip(reference, candidate, strict=True):
         for name, ref, new in zip(names, ref_outs, new_outs, strict=True):
@@ -233,16 +242,57 @@ def compare_lossless(
                 return Comparison(
                     "dtype", float("inf"), f"{name} {ref.dtype} vs {new.dtype}", tolerance
                 )
-            if np.issubdtype(ref.dtype, np.floating):
-                ref_nan, new_nan = np.isnan(ref), np.isnan(new)
-                if not np.array_equal(ref_nan, new_nan):
-                    return Comparison("nan", float("inf"), name, tolerance)
-                value = _max_rel(np.where(ref_nan, 0, ref), np.where(new_nan, 0, new))
+            limit = lossless_tolerance(ref.dtype, tolerance)
+            if ref.dtype.kind in "fcV":  # V: ml_dtypes (bfloat16, float8)
+                matched = _matching_nonfinite(_as_float64(ref), _as_float64(new))
+                if matched is None:
+                    return Comparison("nan/inf", float("inf"), name, limit)
+                value = _max_rel(*matched)
             else:
-                value = 0.0 if np.array_equal(ref, new) else float("inf")
-            if value > worst.value or not worst.output:
-                worst = Comparison("max-rel", value, name, tolerance)
+                value = 0.0 if identical(ref, new) else float("inf")
+            if _ratio(value, limit) > _ratio(worst.value, worst.limit) or not worst.output:
+                worst = Comparison("max-rel", value, name, limit)
     return worst
+
+
+def identical(a: Any, b: Any) -> bool:
+    """Same shape, dtype and values (NaN equal to NaN); object arrays (sequences, optional
+    values) element by element."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.kind == "O":
+            return all(identical(x, y) for x, y in zip(a.reshape(-1), b.reshape(-1), strict=True))
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return False
+    return bool(a == b)
+
+
+def _as_float64(array: np.ndarray) -> np.ndarray:
+    """float64 values; a complex array as (real, imaginary) pairs on a last axis."""
+    if array.dtype.kind == "c":
+        return np.stack([array.real, array.imag], -1).astype(np.float64)
+    return array.astype(np.float64)
+
+
+def _matching_nonfinite(ref: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both arrays with the NaN/inf they share set to 0; None when they differ there."""
+    ref_bad, new_bad = ~np.isfinite(ref), ~np.isfinite(new)
+    if not (ref_bad.any() or new_bad.any()):
+        return ref, new
+    same = (ref == new) | (np.isnan(ref) & np.isnan(new))
+    if not np.array_equal(ref_bad & same, ref_bad) or not np.array_equal(new_bad & same, new_bad):
+        return None
+    return np.where(ref_bad, 0.0, ref), np.where(new_bad, 0.0, new)
+
+
+def _ratio(value: float, limit: float) -> float:
+    if limit > 0:
+        return value / limit
+    return 0.0 if value == 0 else float("inf")
 
 
 def compare_task(
@@ -263,6 +313,14 @@ def compare_task(
         for r, n in pairs:
             if r.shape != n.shape:
                 return Comparison("shape", float("inf"), f"{name} {r.shape} vs {n.shape}", 0.0)
+            if identical(r, n):
+                continue
+            if r.dtype.kind == "f":
+                matched = _matching_nonfinite(r, n)
+                if matched is None:
+                    return Comparison("nan/inf", float("inf"), name, budget or 0.0)
+                dtype = r.dtype
+                r, n = matched[0].astype(dtype), matched[1].astype(dtype)
             score = task_score(r, n, budget)
             if worst is None or score.ratio > worst[0]:
                 worst = (score.ratio, Comparison(score.kind, score.value, name, score.budget))
@@ -288,11 +346,13 @@ def compare_metric(
                 return Comparison(
                     "shape", float("inf"), f"{name} {ref.shape} vs {new.shape}", budget
                 )
-            value = (
-                fn(ref, new)
-                if np.issubdtype(ref.dtype, np.floating)
-                else (0.0 if np.array_equal(ref, new) else float(np.mean(ref != new)))
-            )
+            if identical(ref, new):
+                value = 0.0
+            elif np.issubdtype(ref.dtype, np.floating):
+                matched = _matching_nonfinite(ref, new)
+                value = float("inf") if matched is None else fn(*matched)
+            else:
+                value = 0.0 if np.array_equal(ref, new) else float(np.mean(ref != new))
             if not np.isfinite(value) or value > worst.value or not worst.output:
                 worst = Comparison(metric, float(value), name, budget)
     return worst

@@ -176,8 +176,7 @@ def test_bad_calibration(mlp_path: Path, case: str, capsys: pytest.CaptureFixtur
         (("--passes", "cleanup,frobnicate"), "unknown pass 'frobnicate'"),
         (("--passes", "cleanup{speed=9}"), "pass 'cleanup': unknown option 'speed'"),
         (("--passes", "cleanup{identity=sure}"), "option 'identity': expected true or false"),
-        (("--budget", "-1"), "budget must be >= 0"),
-        (("-o", "SELF"), "output path is the input model"),
+        (("--budget", "-1"), "budget must be a finite number >= 0"),
         (("--plugin", str(DATA / "raising_plugin.py")), "plugin raised ImportError"),
         (("--plugin", str(DATA / "bad_plugins.py"), "--passes", "explode"),
          "pass 'explode' failed: RuntimeError: boom in the user's pass"),
@@ -196,6 +195,13 @@ def test_bad_usage(mlp_path: Path, args: tuple[str, ...], expect: str,
     code, _, err = _run(capsys, "optimize", str(mlp_path), *args)
     _assert_clean_failure(code, err, mlp_path.parent, before, expect)
     assert mlp_path.read_bytes() == content
+
+
+def test_output_over_input_is_a_usage_error(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before, content = files_in(mlp_path.parent), mlp_path.read_bytes()
+    code, _, err = _run(capsys, "optimize", str(mlp_path), "-o", str(mlp_path))
+    assert code == 2 and "would overwrite the input model" in err and len(err.splitlines()) == 1
+    assert files_in(mlp_path.parent) == before and mlp_path.read_bytes() == content
 
 
 def test_missing_model_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

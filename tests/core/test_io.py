@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
 from onnxpress.core.errors import ModelLoadError, ModelSaveError
-from onnxpress.core.io import load_model, save_model
+from onnxpress.core.io import load_model, same_file, save_model
 
 
 def _external_model(folder: Path, location: str = "weights.bin") -> Path:
@@ -116,7 +116,7 @@ def test_save_is_atomic_and_refuses_the_input(tmp_path: Path) -> None:
     src = tmp_path / "in.onnx"
     onnx.save(make_mlp(), str(src))
     before = src.read_bytes()
-    with pytest.raises(ModelSaveError, match="is the input model"):
+    with pytest.raises(ModelSaveError, match="would overwrite the input model"):
         save_model(make_mlp(1), src, protect=src)
     assert src.read_bytes() == before
     out = save_model(make_mlp(1), tmp_path / "out.onnx", protect=src)
@@ -171,3 +171,24 @@ def test_large_model_path_uses_external_data(tmp_path: Path, monkeypatch: pytest
     assert (tmp_path / "large.onnx.data").exists()
     reloaded = load_model(out)
     assert len(reloaded.graph.node) == 4
+
+
+def test_outputs_get_the_umask_mode(tmp_path: Path) -> None:
+    """The atomic temp file's 0600 is not kept: a deployed model stays readable by others."""
+    old = os.umask(0o022)
+    try:
+        out = save_model(make_mlp(), tmp_path / "out.onnx")
+        assert out.stat().st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        assert save_model(make_mlp(), tmp_path / "o2.onnx").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_same_file_sees_hard_links_and_symlinks(tmp_path: Path) -> None:
+    src = tmp_path / "in.onnx"
+    onnx.save(make_mlp(), str(src))
+    os.link(src, tmp_path / "hard.onnx")
+    (tmp_path / "soft.onnx").symlink_to(src)
+    assert same_file(src, tmp_path / "hard.onnx") and same_file(src, tmp_path / "soft.onnx")
+    assert not same_file(src, tmp_path / "other.onnx")

@@ -45,6 +45,7 @@ from onnxpress.backends.tvm.targets import TargetSpec, parse_target, tvm_target
 from onnxpress.backends.tvm.tune import TuneOptions, TuningProgress
 from onnxpress.backends.tvm.verify import differential_check, has_qdq
 from onnxpress.core.io import prepare_model
+from onnxpress.core.manager import VerifyConfig
 from onnxpress.core.report import Report
 from onnxpress.core.version import __version__
 
@@ -145,7 +146,9 @@ def compile_model(
         gru = "unroll"  # the recurrence kernel is a CPU loop nest; GPUs get dlight's schedules
         gru_notes.append("GRU ops unrolled by lower-gru on GPU targets (no GPU loop kernel)")
     pipeline = LOOP_GRU_PIPELINE if gru == "loop" else PREPARE_PIPELINE
-    prepared = prepare(loaded, input_shapes, pipeline=pipeline, seed=seed)
+    # --no-verify: no onnxruntime run anywhere, the prepare pipeline's checks included
+    prepare_checks = VerifyConfig(level="numeric" if verify else "structure")
+    prepared = prepare(loaded, input_shapes, pipeline=pipeline, verify=prepare_checks, seed=seed)
     seconds["prepare"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     mod = import_relax(prepared, loop_rnn=not spec.is_gpu)
