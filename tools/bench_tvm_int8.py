@@ -119,7 +119,7 @@ def bench_model(
     if fake_quant:
         builds.insert(1, ("tvm_fakequant", int8, "off"))
     libraries: dict[str, CompiledModel] = {}
-    rows = {target: {"model": name, "target": target} for target in targets}
+    rows: dict[str, dict[str, Any]] = {t: {"model": name, "target": t} for t in targets}
     for target in targets:
         row = rows[target]
         for label, model, mode in builds:
