@@ -164,7 +164,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             (int8 [depth, n]), in the packed dot-product kernel."""
             cols = weight_kn.shape[1]
             rows_p, depth_p, cols_p = (
-                round_up(rows, tiles(isa, cols)[0]),
+                round_up(rows, tiles(isa, cols, rows)[0]),
                 round_up(depth, GROUP),
                 round_up(cols, isa.lanes),
             )
@@ -308,7 +308,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 widths = [0, 0, top, bottom, left, right, 0, channels - in_channels]
                 data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
             rows = batch * out_h * out_w
-            rows_p = round_up(rows, tiles(isa, out_channels)[0])
+            rows_p = round_up(rows, tiles(isa, out_channels, rows)[0])
             n, h, w_, c = (int(d) for d in data.ty.shape)
             kernel = im2col(
                 (n, h, w_, c),

@@ -113,10 +113,15 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def tiles(isa: DotIsa, cols: int) -> tuple[int, int]:
+def tiles(isa: DotIsa, cols: int, rows: int | None = None) -> tuple[int, int]:
     """(rows, column blocks) of the register tile for a GEMM with ``cols`` (padded) columns:
-    up to 4 blocks of ``lanes`` columns, and as many rows as keep ``accumulators`` in flight."""
+    up to 4 blocks of ``lanes`` columns, and as many rows as keep ``accumulators`` in flight.
+    A GEMM with fewer ``rows`` than that (batch-1 matmuls) is not padded: its tile is all its
+    rows and as many column blocks as fill the accumulators."""
     blocks = round_up(cols, isa.lanes) // isa.lanes
+    if rows is not None and rows < isa.accumulators // max(isa.block_tiles):
+        most = min(isa.accumulators // rows, blocks)
+        return rows, next(t for t in range(most, 0, -1) if blocks % t == 0)
     block_tile = next((t for t in isa.block_tiles if blocks % t == 0), 1)
     return isa.accumulators // block_tile, block_tile
 
@@ -238,7 +243,7 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
     from tvm import s_tir, te
 
     lanes, group = isa.lanes, isa.group
-    row_tile, block_tile = tiles(isa, cols)
+    row_tile, block_tile = tiles(isa, cols, rows)
     if rows % row_tile or depth % GROUP or cols % lanes:
         raise ValueError(f"packed_gemm needs padded sizes, got {rows}x{depth}x{cols}")
     intrin = _register_intrinsic(isa)
