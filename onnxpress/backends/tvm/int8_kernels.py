@@ -227,6 +227,8 @@ def _register_intrinsic(isa: DotIsa) -> str:
         with T.sblock("root"):
             T.reads(c[0:lanes], a[0:group], b[0:lanes, 0:group])
             T.writes(c[0:lanes])
+            # bound to a variable: inlined into the call, FuseTIR then refuses a pad fused in
+            # front of the kernel ("Inconsistent buffers PadInput and A")
             packed = T.reinterpret(a.vload([0], f"{a_dtype}x{group}"), dtype="int32")
             c[T.ramp(T.int32(0), 1, lanes)] = _impl(isa, packed, b, c)
 
