@@ -71,8 +71,8 @@ def _kernel_line(lowering: dict[str, Any]) -> str:
     if risky:
         line += (
             f"\n  {len(risky)} layer(s) on the exact int16 kernel: their 8-bit weights could "
-            "saturate vpmaddubsw's int16 pair sums; 'onnxpress optimize --target avx2' "
-            "makes them safe (7-bit or re-rounded pairs)"
+            "saturate vpmaddubsw's int16 pair sums for some activation byte; "
+            "qdq{saturation=narrow} (7-bit weights) makes every layer safe for vpmaddubsw"
         )
     return line
 
