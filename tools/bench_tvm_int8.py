@@ -1,18 +1,22 @@
-"""Benchmark int8 on TVM: the QDQ-to-integer lowering (onnxpress.backends.tvm.int8) against TVM fp32,
-TVM's float fake-quant of the same QDQ model, and onnxruntime (fp32 and its QDQ int8 kernels).
+"""Benchmark int8 on TVM: the QDQ-to-integer lowering (onnxpress.backends.tvm.int8) against TVM fp32
+and onnxruntime (fp32 and its QDQ int8 kernels), per compile target.
 
   python tools/bench_tvm_int8.py [--models cnn_mnist,transformer_mnist,cnn_wide_mnist,mobilenet_mnist,mlp_digits,resnet112]
-                                 [--rounds 9] [--target x86] [--markdown]
+                                 [--targets avx2,x86] [--rounds 9] [--fake-quant] [--markdown]
 
 Per bundled model: fp32 = the default lossless pipeline; int8 = the default calibrated
-pipeline (qdq) on models/data/<model>_calib.npz. Both are compiled at batch 1 for the
-target: fp32; the QDQ model with ``int8="off"`` (Relax's float fake-quant) and with the
-integer lowering. All five runners are timed in interleaved rounds (each round takes a
-~0.2 s sample of every runner, order reversed every other round); the median per runner is
-reported and the ratios are taken within the run. ``resnet112`` is built here with random
-weights (speed only; calibrated and compared on random inputs). Quality on the held-out set: top-1
-accuracy of each TVM library (batch-1 calls over the 1000 digits) and of onnxruntime's QDQ
-run, and the fraction of digits where TVM int8 and onnxruntime QDQ predict the same class.
+pipeline (qdq) on models/data/<model>_calib.npz. Both are compiled at batch 1 for each
+target (``avx2`` = Haswell code: AVX2 + FMA, no AVX-512/VNNI, so int8 runs on the
+vpmaddubsw / vpmaddwd kernels; ``x86`` = this CPU); ``--fake-quant`` adds the QDQ model with
+``int8="off"`` (Relax's float fake-quant). All libraries of a model and onnxruntime are
+timed in the same interleaved rounds (tools/_timing.py: each round takes a ~0.2 s sample of
+every runner, order reversed every other round); the median per runner is reported and the
+ratios are taken within the run. The code of every target must run on this CPU.
+``resnet112`` is built here with random weights (speed only; calibrated and compared on
+random inputs). Quality on the held-out set: top-1 accuracy of each TVM library (batch-1
+calls over the 1000 digits) and of onnxruntime's QDQ run, and the fraction of digits where
+TVM int8 and onnxruntime QDQ predict the same class. The "int8 kernels" column counts the
+kernel each quantized conv/matmul ran on (manifest ``int8.layers``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,20 +101,41 @@ def _sources(name: str) -> tuple[Any, Any, np.ndarray, np.ndarray | None]:
 
 
 
-def bench_model(name: str, target: str, rounds: int, folder: Path) -> dict[str, Any]:
+def _kernels(lowering: dict[str, Any]) -> str:
+    """Per-layer kernels of an int8 library, counted: 'avx2-u8s8 4, relax-nhwc 2'."""
+    counts = Counter(layer["kernel"] for layer in lowering.get("layers", []))
+    return ", ".join(f"{kernel} {n}" for kernel, n in counts.most_common()) or "-"
+
+
+def bench_model(
+    name: str, targets: list[str], rounds: int, folder: Path, fake_quant: bool
+) -> list[dict[str, Any]]:
+    """One row per target: TVM fp32 and int8 (and fake-quant) libraries for that target and
+    onnxruntime on this CPU, all timed in the same interleaved rounds."""
     source, calibration, inputs, labels = _sources(name)
     fp32, _ = onnxpress.optimize(source, DEFAULT_LOSSLESS)
     int8, _ = onnxpress.optimize(source, calibration=calibration)
+    builds = [("tvm_fp32", fp32, "off"), ("tvm_int8", int8, "auto")]
+    if fake_quant:
+        builds.insert(1, ("tvm_fakequant", int8, "off"))
     libraries: dict[str, CompiledModel] = {}
-    row: dict[str, Any] = {"model": name}
-    for label, model, mode in (("tvm_fp32", fp32, "off"), ("tvm_fakequant", int8, "off"), ("tvm_int8", int8, "auto")):
-        start = time.perf_counter()
-        result = compile_model(model, target, folder / f"{name}-{label}", int8=mode)
-        row[f"{label}_compile_s"] = time.perf_counter() - start
-        libraries[label] = CompiledModel(result.library)
-        if mode == "auto":
-            row["lowered"] = result.manifest["int8"]
-            row["verification"] = result.manifest["verification"]["errors"]
+    rows: dict[str, dict[str, Any]] = {t: {"model": name, "target": t} for t in targets}
+    for target in targets:
+        row = rows[target]
+        for label, model, mode in builds:
+            start = time.perf_counter()
+            # fake-quant rounds at quantize boundaries differently from onnxruntime's float
+            # run now and then (one step): it is a speed reference only, not verified here
+            result = compile_model(
+                model, target, folder / f"{name}-{target}-{label}", int8=mode,
+                verify=label != "tvm_fakequant",
+            )
+            row[f"{label}_compile_s"] = time.perf_counter() - start
+            libraries[f"{target}:{label}"] = CompiledModel(result.library)
+            if mode == "auto":
+                row["lowered"] = result.manifest["int8"]
+                row["kernels"] = _kernels(result.manifest["int8"] or {})
+                row["verification"] = result.manifest["verification"]["errors"]
     sessions = {"ort_fp32": _session(fp32), "ort_qdq": _session(int8)}
     input_name = fp32.graph.input[0].name
     x = inputs[:1]
@@ -118,22 +144,31 @@ def bench_model(name: str, target: str, rounds: int, folder: Path) -> dict[str, 
     }
     for label, sess in sessions.items():
         runners[label] = functools.partial(sess.run, None, {input_name: x})
-    for label, ms in interleaved_ms(runners, rounds).items():
-        row[f"{label}_ms"] = ms
-    row["int8_vs_fp32_tvm"] = row["tvm_int8_ms"] / row["tvm_fp32_ms"]
-    row["int8_vs_fakequant_tvm"] = row["tvm_int8_ms"] / row["tvm_fakequant_ms"]
-    row["tvm_int8_vs_ort_fp32"] = row["tvm_int8_ms"] / row["ort_fp32_ms"]
-    predictions = {
-        label: np.array([lib(inputs[i : i + 1])[0].argmax() for i in range(len(inputs))])
-        for label, lib in libraries.items()
-    }
-    predictions["ort_qdq"] = np.array(
+    timed = interleaved_ms(runners, rounds)
+    ort_predicted = np.array(
         [sessions["ort_qdq"].run(None, {input_name: inputs[i : i + 1]})[0].argmax() for i in range(len(inputs))]
     )
-    for label, predicted in predictions.items():
-        row[f"{label}_accuracy"] = float(np.mean(predicted == labels)) if labels is not None else None
-    row["int8_agrees_with_ort_qdq"] = float(np.mean(predictions["tvm_int8"] == predictions["ort_qdq"]))
-    return row
+    for target, row in rows.items():
+        for label in ("ort_fp32", "ort_qdq"):
+            row[f"{label}_ms"] = timed[label]
+        for label, _, _ in builds:
+            row[f"{label}_ms"] = timed[f"{target}:{label}"]
+        row["int8_vs_fp32_tvm"] = row["tvm_int8_ms"] / row["tvm_fp32_ms"]
+        row["tvm_int8_vs_ort_fp32"] = row["tvm_int8_ms"] / row["ort_fp32_ms"]
+        row["tvm_int8_vs_ort_qdq"] = row["tvm_int8_ms"] / row["ort_qdq_ms"]
+        if fake_quant:
+            row["int8_vs_fakequant_tvm"] = row["tvm_int8_ms"] / row["tvm_fakequant_ms"]
+        predictions = {
+            label: np.array(
+                [libraries[f"{target}:{label}"](inputs[i : i + 1])[0].argmax() for i in range(len(inputs))]
+            )
+            for label, _, _ in builds
+        }
+        predictions["ort_qdq"] = ort_predicted
+        for label, predicted in predictions.items():
+            row[f"{label}_accuracy"] = float(np.mean(predicted == labels)) if labels is not None else None
+        row["int8_agrees_with_ort_qdq"] = float(np.mean(predictions["tvm_int8"] == ort_predicted))
+    return list(rows.values())
 
 
 def _accuracies(row: dict[str, Any]) -> str:
@@ -145,14 +180,15 @@ def _accuracies(row: dict[str, Any]) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model (batch 1) | ORT fp32 ms | ORT QDQ ms | TVM fp32 ms | TVM fake-quant ms | TVM int8 ms | int8 / fp32 (TVM) | TVM int8 / ORT fp32 | accuracy fp32 / ORT QDQ / TVM int8 | TVM int8 = ORT QDQ |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model (batch 1) | TVM target | ORT fp32 ms | ORT QDQ ms | TVM fp32 ms | TVM int8 ms | int8 / fp32 (TVM) | TVM int8 / ORT fp32 | TVM int8 / ORT QDQ | int8 kernels (layers) | accuracy fp32 / ORT QDQ / TVM int8 | TVM int8 = ORT QDQ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['ort_fp32_ms']:.3f} | {r['ort_qdq_ms']:.3f} | {r['tvm_fp32_ms']:.3f} | "
-            f"{r['tvm_fakequant_ms']:.3f} | {r['tvm_int8_ms']:.3f} | {r['int8_vs_fp32_tvm']:.2f} | "
-            f"{r['tvm_int8_vs_ort_fp32']:.2f} | {_accuracies(r)} | {r['int8_agrees_with_ort_qdq']:.3f} |"
+            f"| {r['model']} | {r['target']} | {r['ort_fp32_ms']:.3f} | {r['ort_qdq_ms']:.3f} | "
+            f"{r['tvm_fp32_ms']:.3f} | {r['tvm_int8_ms']:.3f} | {r['int8_vs_fp32_tvm']:.2f} | "
+            f"{r['tvm_int8_vs_ort_fp32']:.2f} | {r['tvm_int8_vs_ort_qdq']:.2f} | {r['kernels']} | "
+            f"{_accuracies(r)} | {r['int8_agrees_with_ort_qdq']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -160,15 +196,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
-    parser.add_argument("--target", default="x86")
+    parser.add_argument("--targets", default="avx2,x86", help="compile targets, comma-separated")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--fake-quant", action="store_true", help="also time TVM's float fake-quant")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows.append(bench_model(name.strip(), args.target, args.rounds, Path(tmp)))
+            rows += bench_model(name.strip(), targets, args.rounds, Path(tmp), args.fake_quant)
             print(f"done {name}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

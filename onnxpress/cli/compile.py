@@ -63,6 +63,22 @@ def _tuning_line(tuning: dict[str, Any]) -> str:
     return line
 
 
+def _kernel_line(lowering: dict[str, Any]) -> str:
+    """Which kernel ran how many layers, and why some took the exact AVX2 fallback."""
+    counts: dict[str, int] = {}
+    for layer in lowering.get("layers", []):
+        counts[layer["kernel"]] = counts.get(layer["kernel"], 0) + 1
+    line = "  kernels: " + (", ".join(f"{k} {n}" for k, n in counts.items()) or "none")
+    risky = [layer for layer in lowering.get("layers", []) if layer.get("pairs_at_risk")]
+    if risky:
+        line += (
+            f"\n  {len(risky)} layer(s) on the exact int16 kernel: their 8-bit weights could "
+            "saturate vpmaddubsw's int16 pair sums for some activation byte; "
+            "qdq{saturation=narrow} (7-bit weights) makes every layer safe for vpmaddubsw"
+        )
+    return line
+
+
 def compile_command(args: argparse.Namespace) -> int:
     from onnxpress.backends.tvm.backend import compile_model, require_tvm
     from onnxpress.backends.tvm.build import LIBRARY_STEM
@@ -104,6 +120,7 @@ def compile_command(args: argparse.Namespace) -> int:
         print(f"int8 ({lowering['kernel']} kernels): lowered {done}")
         for reason, n in lowering["kept_float"].items():
             print(f"  kept in float: {n} x {reason}")
+        print(_kernel_line(lowering))
     check = result.manifest.get("verification")
     if check:
         worst = max(check["errors"], key=lambda k: check["errors"][k] / check["limits"][k])

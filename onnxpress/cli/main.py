@@ -127,7 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile a model with Apache TVM into a library")
     comp.add_argument("model", help="input .onnx file")
     comp.add_argument(
-        "--target", default="x86", help="x86 (this CPU), x86-64, arm64-linux, cuda[:sm_XX]"
+        "--target",
+        default="x86",
+        help="avx2, avx512, avx512-vnni, avx-vnni, arm64[+dotprod], cuda[:sm_XX], host "
+        "(the names of optimize --target), or x86 (this CPU), x86-64, arm64-linux[+dotprod]",
     )
     comp.add_argument(
         "--input-shape",

@@ -12,10 +12,13 @@ makes its convolutions and matmuls integer.
 The integer accumulation is exact; the float epilogue (bias, activation, the next quantize)
 is what onnxruntime's QLinear kernels do too, so results match onnxruntime's QDQ run within
 one quantization step. Padding uses the zero point (the integer image of float 0).
-Where the target has a dot-product instruction (int8_kernels.dot_isa: x86 AVX512-VNNI
-vpdpbusd, u8 x s8; aarch64 +dotprod sdot, s8 x s8) the products run in a packed kernel
-(convolutions through im2col; activations shifted by 128 to the operand's signedness);
-elsewhere in Relax's own integer conv2d/matmul. Patterns that do not fit (per-channel
+Where the target has a dot-product instruction (int8_kernels.kernels: x86 AVX512-VNNI
+vpdpbusd, u8 x s8; aarch64 +dotprod sdot, s8 x s8; x86 AVX2) the products run in a packed
+kernel (convolutions through im2col; activations shifted by 128 to the operand's
+signedness); elsewhere in Relax's own integer conv2d/matmul. AVX2's fast u8 x s8 kernel
+(vpmaddubsw) sums product pairs in int16 with saturation: a layer runs on it only when its
+weights, in that kernel's K order, cannot saturate for any activation byte; the others run on
+an exact int16 kernel (vpmaddwd). Each layer's kernel is recorded in the result. Patterns that do not fit (per-channel
 activation scales, weights with a zero point, non-NCHW layouts) stay in float, with the
 reason counted in the result.
 """
@@ -23,24 +26,27 @@ reason counted in the result.
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from onnxpress.backends.tvm.int8_kernels import (
     GROUP,
     DotIsa,
-    dot_isa,
+    KernelChoice,
+    choose,
     im2col,
     pack_weight,
     packed_gemm,
     round_up,
     tiles,
 )
+from onnxpress.backends.tvm.int8_kernels import kernels as target_kernels
 from onnxpress.backends.tvm.int8_patterns import (
     Dequantized,
     Int8Lowering,
     Refused,
+    Window,
     constant_value,
     op_name,
 )
@@ -48,21 +54,16 @@ from onnxpress.backends.tvm.int8_patterns import (
 logger = logging.getLogger(__name__)
 
 
-class Window(NamedTuple):
-    """A convolution's sliding window: padding (top, left, bottom, right), strides, dilation."""
-
-    padding: tuple[int, ...]
-    strides: tuple[int, int]
-    dilation: tuple[int, int]
-
-
 def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
     """Rewrite every fitting quantized conv2d/matmul of ``mod['main']``; returns the new module
     (dead float dequantizes removed) and what was done."""
     from tvm import relax
 
-    isa: DotIsa | None = dot_isa(target)
-    result = Int8Lowering(isa.name if isa else "relax")
+    choice: KernelChoice | None = target_kernels(target)
+    isa: DotIsa | None = choice.exact if choice is not None else None
+    result = Int8Lowering(
+        "relax" if choice is None else "avx2" if choice.saturation_safe else choice.exact.name
+    )
 
     @relax.expr_functor.mutator
     class Lowering(relax.PyExprMutator):
@@ -138,22 +139,32 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
 
         def _as_operand(self, act: Dequantized, dtype: str) -> tuple[Any, int]:
             """The activation in the kernel's operand type and its zero point (uint8 <->
-            int8 by a shift of 128, which moves the zero point with it)."""
+            int8 by a shift of 128, which moves the zero point with it; int16 holds both)."""
             zero = int(act.zero_point.reshape(-1)[0])
             if act.dtype == dtype:
                 return act.data, zero
+            if dtype == "int16":
+                return self.builder_.emit(relax.op.astype(act.data, dtype)), zero
             shift = 128 if dtype == "uint8" else -128
             wide = self.builder_.emit(relax.op.astype(act.data, "int16"))
             shifted = relax.op.add(wide, relax.const(shift, "int16"))
             return self.builder_.emit(relax.op.astype(shifted, dtype)), zero + shift
 
-        def _gemm(self, rows_expr: Any, rows: int, depth: int, weight_kn: np.ndarray) -> Any:
+        def _kernel(self, op: str, shape: tuple[int, ...], weight_kn: np.ndarray) -> DotIsa:
+            """The kernel for a layer whose weights in the kernel's K order are weight_kn."""
+            assert choice is not None
+            chosen, risky = choose(choice, weight_kn)
+            result.record(op, shape, chosen.name, risky)
+            return chosen
+
+        def _gemm(
+            self, rows_expr: Any, rows: int, depth: int, weight_kn: np.ndarray, isa: DotIsa
+        ) -> Any:
             """int32 [rows, n] = rows_expr ([rows, depth], the ISA's operand type) . weight_kn
             (int8 [depth, n]), in the packed dot-product kernel."""
-            assert isa is not None
             cols = weight_kn.shape[1]
             rows_p, depth_p, cols_p = (
-                round_up(rows, tiles(isa, cols)[0]),
+                round_up(rows, tiles(isa, cols, rows)[0]),
                 round_up(depth, GROUP),
                 round_up(cols, isa.lanes),
             )
@@ -203,12 +214,16 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             shape = [int(d) for d in act.data.ty.shape]
             zero = int(act.zero_point.reshape(-1)[0])
             if isa is not None:
-                data, zero = self._as_operand(act, isa.a_dtype)
+                padded_kn = np.zeros((round_up(depth, GROUP), cols), np.int8)
+                padded_kn[:depth] = w_kn
+                kernel = self._kernel("matmul", w_kn.shape, padded_kn)
+                data, zero = self._as_operand(act, kernel.a_dtype)
                 rows = int(np.prod(shape[:-1]))
                 flat = self.builder_.emit(relax.op.reshape(data, [rows, depth]))
-                acc = self._gemm(flat, rows, depth, w_kn)
+                acc = self._gemm(flat, rows, depth, w_kn, kernel)
                 acc = self.builder_.emit(relax.op.reshape(acc, [*shape[:-1], cols]))
             else:
+                result.record("matmul", w_kn.shape, "relax")
                 acc = self.builder_.emit(
                     relax.op.matmul(act.data, relax.const(w_kn), out_dtype="int32")
                 )
@@ -242,6 +257,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             elif isa is not None and groups == out_channels == w.shape[0] and w.shape[1] == 1:
                 acc, zero = self._depthwise_nhwc(act, w, Window(padding, strides, dilation))
             else:
+                result.record("conv2d", w.shape, "relax")
                 zero = int(act.zero_point.reshape(-1)[0])
                 top, left, bottom, right = padding
                 padded = act.data
@@ -275,11 +291,15 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
         ) -> tuple[Any, int]:
             """int32 NCHW conv output through pad -> im2col -> packed dot-product GEMM, and
             the zero point of the operand it multiplied."""
-            assert isa is not None
-            data, zero = self._as_operand(act, isa.a_dtype)
             batch, out_channels, out_h, out_w = out_shape
             _, in_channels, kh, kw = w.shape
             channels = round_up(in_channels, GROUP)
+            depth = kh * kw * channels
+            padded_w = np.zeros((out_channels, kh, kw, channels), np.int8)
+            padded_w[..., :in_channels] = w.transpose(0, 2, 3, 1)
+            weight_kn = padded_w.reshape(out_channels, depth).T  # the kernel's K order
+            isa = self._kernel("conv2d", w.shape, weight_kn)
+            data, zero = self._as_operand(act, isa.a_dtype)
             # NHWC, padded spatially and on channels with the zero point (float 0; the extra
             # channels meet zero weights); fused by Relax into the producer's epilogue.
             top, left, bottom, right = window.padding
@@ -288,8 +308,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 widths = [0, 0, top, bottom, left, right, 0, channels - in_channels]
                 data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
             rows = batch * out_h * out_w
-            rows_p = round_up(rows, tiles(isa, out_channels)[0])
-            depth = kh * kw * channels
+            rows_p = round_up(rows, tiles(isa, out_channels, rows)[0])
             n, h, w_, c = (int(d) for d in data.ty.shape)
             kernel = im2col(
                 (n, h, w_, c),
@@ -307,9 +326,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 )
             )
             flat = self.builder_.emit(relax.op.reshape(patches, [rows_p, depth]))
-            padded_w = np.zeros((out_channels, kh, kw, channels), np.int8)
-            padded_w[..., :in_channels] = w.transpose(0, 2, 3, 1)
-            acc = self._gemm(flat, rows_p, depth, padded_w.reshape(out_channels, depth).T)
+            acc = self._gemm(flat, rows_p, depth, weight_kn, isa)
             if rows_p != rows:
                 acc = self.builder_.emit(
                     relax.op.strided_slice(acc, axes=[0], begin=[0], end=[rows])
@@ -322,6 +339,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
         ) -> tuple[Any, int]:
             """Depthwise int32 conv in NHWC (channels contiguous, like the GEMM path's
             activations, so the transposes around it fuse away); NCHW int32 out."""
+            result.record("conv2d", w.shape, "relax-nhwc")
             data = self.builder_.emit(relax.op.permute_dims(act.data, [0, 2, 3, 1]))
             zero = int(act.zero_point.reshape(-1)[0])
             top, left, bottom, right = window.padding

@@ -2,20 +2,25 @@
 """Integer kernels for the QDQ-to-integer lowering (onnxpress.backends.tvm.int8).
 
   packed_gemm(isa, rows, depth, cols):
-      C[m, n] = sum_k A[m, k] * B[n // L, k // 4, n % L, k % 4]    (L = isa.lanes)
-      A [rows, depth] (uint8 for VNNI, int8 for SDOT), B int8 packed Lx4 blocks,
-      C int32 [rows, cols]; rows % 4 == 0, depth % 4 == 0, cols % L == 0 (callers pad).
-  pack_weight(isa, w[k, n]) -> the [n/L, k/4, L, 4] int8 blocks, zero-padded.
-  im2col(x[n, c, h, w] padded with the zero point) -> A[rows, c, kh, kw].
+      C[m, n] = sum_k A[m, k] * B[n // L, k // G, n % L, k % G]    (L = isa.lanes, G = group)
+      A [rows, depth] (isa.a_dtype), B packed L x G blocks (isa.b_dtype), C int32
+      [rows, cols]; rows % row tile == 0, depth % 4 == 0, cols % L == 0 (callers pad).
+  pack_weight(isa, w[k, n]) -> the [n/L, k/G, L, G] blocks, zero-padded.
+  im2col(x[n, h, w, c] padded with the zero point) -> A[rows, kh, kw, c].
 
-The L x 4 inner block is one dot-product instruction (four 8-bit products summed into each
-int32 lane, no saturation):
-  VNNI  x86 AVX512-VNNI  vpdpbusd  u8 x s8, 16 lanes
-  SDOT  aarch64 +dotprod sdot      s8 x s8, 4 lanes
+The L x G inner block is one dot-product step:
+  VNNI       x86 AVX512-VNNI  vpdpbusd                 u8 x s8, 16 lanes x 4, exact
+  SDOT       aarch64 +dotprod sdot                     s8 x s8,  4 lanes x 4, exact
+  AVX2_U8S8  x86 AVX2         vpmaddubsw + vpmaddwd 1  u8 x s8,  8 lanes x 4: each adjacent
+             pair of products (k = 0,1 and 2,3 of a group) is summed into int16 with
+             saturation, so it is exact only where a0|w0| + a1|w1| <= 32767 for every
+             byte a <= 255 (int8.py checks each layer's weights in this K order)
+  AVX2_S16   x86 AVX2         vpmaddwd on int16        u16 x s16, 8 lanes x 2, exact
 The intrinsics are registered here with the operand types of current LLVM (byte vectors);
 TVM's own VNNI registration still uses the older <16 x i32> signature, which LLVM 22
-rejects. The schedule keeps 16 accumulators (rows x up to 4 column blocks) in registers
-around the depth loop and parallelizes the outer tiles of large GEMMs only.
+rejects. The schedule keeps 16 accumulators (12 with AVX2's 16 registers: rows x up to 4
+column blocks) in registers around the depth loop and parallelizes the outer tiles of large
+GEMMs only.
 """
 
 from __future__ import annotations
@@ -26,40 +31,105 @@ from typing import Any
 
 import numpy as np
 
-GROUP = 4  # 8-bit products summed per int32 lane by one instruction
-ACCUMULATORS = 16  # independent accumulator registers per depth loop (latency x throughput)
+from onnxpress.analysis.saturation import U8_MAX, pairs_at_risk
+
+GROUP = 4  # depths are padded to this (the 8-bit products one int32 lane sums per step)
 MIN_PARALLEL_MACS = 1 << 22  # below this a kernel runs faster than a thread pool wakes
+INT16_ONES = 1
 
 
 @dataclass(frozen=True)
 class DotIsa:
-    """A dot-product instruction: lanes of int32, the A operand's type, the LLVM intrinsic."""
+    """A dot-product step: ``lanes`` int32 lanes, each summing ``group`` products of an A
+    value (``a_dtype``) and a B value (``b_dtype``); ``form`` says how the intrinsic is used:
+
+      accumulate  c = intrinsic(c, a, b)                    (vpdpbusd, sdot: exact)
+      pairs16     c += pmaddwd(intrinsic(a, b), 1)           (vpmaddubsw: int16 pair sums
+                                                              that saturate; exact only for
+                                                              saturation-safe weights)
+      madd16      c += intrinsic(a, b)                       (vpmaddwd on int16: exact)
+    """
 
     name: str
     lanes: int
-    a_dtype: str  # "uint8" or "int8"
+    a_dtype: str  # "uint8", "int8" or "int16"
     intrinsic: str
     features: tuple[str, ...]
+    form: str = "accumulate"
+    group: int = 4
+    b_dtype: str = "int8"
+    accumulators: int = 16  # independent accumulator registers per depth loop
+    block_tiles: tuple[int, ...] = (4, 2, 1)  # column blocks per register tile, preferred first
+
+    @property
+    def exact(self) -> bool:
+        """Whether every operand value gives the exact int32 sum (no int16 saturation)."""
+        return self.form != "pairs16"
 
 
 VNNI = DotIsa("vnni", 16, "uint8", "llvm.x86.avx512.vpdpbusd.512", ("avx512vnni", "avx512bw"))
 SDOT = DotIsa("sdot", 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", ("dotprod",))
+# AVX2 without VNNI (16 ymm registers: 12 accumulators, the rest for operands).
+AVX2_U8S8 = DotIsa(
+    "avx2-u8s8", 8, "uint8", "llvm.x86.avx2.pmadd.ub.sw", ("avx2",), "pairs16",
+    accumulators=12, block_tiles=(2, 1),
+)  # fmt: skip
+AVX2_S16 = DotIsa(
+    "avx2-s16", 8, "int16", "llvm.x86.avx2.pmadd.wd", ("avx2",), "madd16", group=2,
+    b_dtype="int16", accumulators=12, block_tiles=(2, 1),
+)  # fmt: skip
+PAIR_MADD = "llvm.x86.avx2.pmadd.wd"  # sums the int16 pairs of pairs16 into int32 lanes
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernels an llvm target offers: ``exact`` for any weights and, where the fast one
+    saturates (x86 AVX2 without VNNI), ``saturation_safe`` for weights it cannot saturate."""
+
+    exact: DotIsa
+    saturation_safe: DotIsa | None = None
+
+
+def pairs_at_risk_for(isa: DotIsa, weight_kn: np.ndarray) -> int:
+    """How many (pair, column) entries of ``weight_kn`` [K, N] (in the kernel's K order) can
+    saturate ``isa``'s int16 pair sums for some activation bytes <= 255 (0 for exact ISAs)."""
+    if isa.exact:
+        return 0
+    bound = np.full(weight_kn.shape[0], float(U8_MAX))
+    return int(pairs_at_risk(weight_kn, bound).sum())
+
+
+def choose(choice: KernelChoice, weight_kn: np.ndarray) -> tuple[DotIsa, int]:
+    """The kernel for one layer's weights [K, N] in the kernel's K order, and how many of its
+    pairs would saturate the fast kernel (then the exact one is used)."""
+    fast = choice.saturation_safe
+    if fast is None:
+        return choice.exact, 0
+    risky = pairs_at_risk_for(fast, weight_kn)
+    return (choice.exact if risky else fast), risky
 
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def tiles(isa: DotIsa, cols: int) -> tuple[int, int]:
+def tiles(isa: DotIsa, cols: int, rows: int | None = None) -> tuple[int, int]:
     """(rows, column blocks) of the register tile for a GEMM with ``cols`` (padded) columns:
-    up to 4 blocks of ``lanes`` columns, and as many rows as keep ACCUMULATORS in flight."""
+    up to 4 blocks of ``lanes`` columns, and as many rows as keep ``accumulators`` in flight.
+    A GEMM with fewer ``rows`` than that (batch-1 matmuls) is not padded: its tile is all its
+    rows and as many column blocks as fill the accumulators."""
     blocks = round_up(cols, isa.lanes) // isa.lanes
-    block_tile = next(t for t in (4, 2, 1) if blocks % t == 0)
-    return ACCUMULATORS // block_tile, block_tile
+    if rows is not None and rows < isa.accumulators // max(isa.block_tiles):
+        most = min(isa.accumulators // rows, blocks)
+        return rows, next(t for t in range(most, 0, -1) if blocks % t == 0)
+    block_tile = next((t for t in isa.block_tiles if blocks % t == 0), 1)
+    return isa.accumulators // block_tile, block_tile
 
 
-def dot_isa(target: Any) -> DotIsa | None:
-    """The dot-product instruction an llvm target has (VNNI, SDOT), or None."""
+def kernels(target: Any) -> KernelChoice | None:
+    """The packed kernels an llvm target can run (VNNI, SDOT, or AVX2's two), or None
+    (Relax's own integer ops). AVX-VNNI alone gets AVX2's: LLVM 22 aborts selecting the
+    256-bit vpdpbusd for it."""
     from tvm.target import codegen
 
     if str(target.kind.name) != "llvm":
@@ -67,8 +137,16 @@ def dot_isa(target: Any) -> DotIsa | None:
     with target:
         for isa in (VNNI, SDOT):
             if codegen.target_has_features(list(isa.features)):
-                return isa
+                return KernelChoice(isa)
+        if codegen.target_has_features(["avx2"]):
+            return KernelChoice(AVX2_S16, AVX2_U8S8)
     return None
+
+
+def dot_isa(target: Any) -> DotIsa | None:
+    """The exact dot-product instruction an llvm target has, or None."""
+    choice = kernels(target)
+    return choice.exact if choice is not None else None
 
 
 def has_vnni(target: Any) -> bool:
@@ -77,14 +155,45 @@ def has_vnni(target: Any) -> bool:
 
 
 def pack_weight(isa: DotIsa, weight: np.ndarray) -> np.ndarray:
-    """w[k, n] int8 -> [ceil(n/L), ceil(k/4), L, 4] int8 with zero padding."""
+    """w[k, n] int8 -> [ceil(n/L), ceil(k/4)*4/G, L, G] (``b_dtype``) with zero padding."""
     depth, cols = weight.shape
-    lanes = isa.lanes
-    padded = np.zeros((round_up(depth, GROUP), round_up(cols, lanes)), dtype=np.int8)
+    lanes, group = isa.lanes, isa.group
+    padded = np.zeros((round_up(depth, GROUP), round_up(cols, lanes)), dtype=isa.b_dtype)
     padded[:depth, :cols] = weight
-    k_blocks, n_blocks = padded.shape[0] // GROUP, padded.shape[1] // lanes
-    blocks = padded.reshape(k_blocks, GROUP, n_blocks, lanes).transpose(2, 0, 3, 1)
+    k_blocks, n_blocks = padded.shape[0] // group, padded.shape[1] // lanes
+    blocks = padded.reshape(k_blocks, group, n_blocks, lanes).transpose(2, 0, 3, 1)
     return np.ascontiguousarray(blocks)
+
+
+def _impl(isa: DotIsa, packed: Any, b: Any, c: Any) -> Any:
+    """The vector expression for one step: the new ``lanes`` int32 accumulators, from the
+    ``group`` A values ``packed`` into one int32."""
+    from tvm.script import tirx as T
+
+    lanes, group = isa.lanes, isa.group
+    acc_type = f"int32x{lanes}"
+    a_bytes = f"{isa.a_dtype}x{lanes * 32 // _bits(isa.a_dtype)}"
+    a_vec = T.reinterpret(T.broadcast(packed, lanes), dtype=a_bytes)
+    b_vec = b.vload([0, 0], dtype=f"{isa.b_dtype}x{lanes * group}")
+    step = T.llvm_lookup_intrinsic_id(isa.intrinsic)
+    if isa.form == "accumulate":
+        return T.call_llvm_pure_intrin(
+            step, c.vload([0], dtype=acc_type), a_vec, b_vec, dtype=acc_type
+        )
+    if isa.form == "madd16":
+        return c.vload([0], dtype=acc_type) + T.call_llvm_pure_intrin(
+            step, a_vec, b_vec, dtype=acc_type
+        )
+    pairs = T.call_llvm_pure_intrin(step, a_vec, b_vec, dtype=f"int16x{lanes * 2}")
+    ones = T.broadcast(T.int16(INT16_ONES), lanes * 2)
+    widened = T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id(PAIR_MADD), pairs, ones, dtype=acc_type
+    )
+    return c.vload([0], dtype=acc_type) + widened
+
+
+def _bits(dtype: str) -> int:
+    return int("".join(ch for ch in dtype if ch.isdigit()))
 
 
 @cache
@@ -92,44 +201,38 @@ def _register_intrinsic(isa: DotIsa) -> str:
     from tvm import s_tir
     from tvm.script import tirx as T
 
-    lanes, a_dtype, intrinsic = isa.lanes, isa.a_dtype, isa.intrinsic
-    acc_type, byte_type = f"int32x{lanes}", f"{a_dtype}x{lanes * 4}"
-    weight_type, quad_type = f"int8x{lanes * 4}", f"{a_dtype}x4"
+    lanes, group, a_dtype, b_dtype = isa.lanes, isa.group, isa.a_dtype, isa.b_dtype
 
     @T.prim_func(s_tir=True)
     def desc(
-        a: T.Buffer((4,), a_dtype, offset_factor=1),
-        b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        a: T.Buffer((group,), a_dtype, offset_factor=1),
+        b: T.Buffer((lanes, group), b_dtype, offset_factor=1),
         c: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.reads(c[0:lanes], a[0:group], b[0:lanes, 0:group])
             T.writes(c[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
+                for k in T.serial(0, group):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
     def impl(
-        a: T.Buffer((4,), a_dtype, offset_factor=1),
-        b: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        a: T.Buffer((group,), a_dtype, offset_factor=1),
+        b: T.Buffer((lanes, group), b_dtype, offset_factor=1),
         c: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.reads(c[0:lanes], a[0:group], b[0:lanes, 0:group])
             T.writes(c[0:lanes])
-            quad = T.reinterpret(a.vload([0], quad_type), dtype="int32")
-            c[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(intrinsic),
-                c.vload([0], dtype=acc_type),
-                T.reinterpret(T.broadcast(quad, lanes), dtype=byte_type),
-                b.vload([0, 0], dtype=weight_type),
-                dtype=acc_type,
-            )
+            # bound to a variable: inlined into the call, FuseTIR then refuses a pad fused in
+            # front of the kernel ("Inconsistent buffers PadInput and A")
+            packed = T.reinterpret(a.vload([0], f"{a_dtype}x{group}"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, lanes)] = _impl(isa, packed, b, c)
 
-    name = f"onnxpress_{isa.name}_{lanes}x4"
+    name = f"onnxpress_{isa.name}_{lanes}x{group}"
     try:
         s_tir.TensorIntrin.get(name)
     except Exception:
@@ -141,19 +244,19 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
     """The scheduled (dot-product-tensorized) PrimFunc for C = A . B on padded sizes."""
     from tvm import s_tir, te
 
-    lanes = isa.lanes
-    row_tile, block_tile = tiles(isa, cols)
+    lanes, group = isa.lanes, isa.group
+    row_tile, block_tile = tiles(isa, cols, rows)
     if rows % row_tile or depth % GROUP or cols % lanes:
         raise ValueError(f"packed_gemm needs padded sizes, got {rows}x{depth}x{cols}")
     intrin = _register_intrinsic(isa)
     a = te.placeholder((rows, depth), isa.a_dtype, name="A")
-    b = te.placeholder((cols // lanes, depth // GROUP, lanes, GROUP), "int8", name="B")
+    b = te.placeholder((cols // lanes, depth // group, lanes, group), isa.b_dtype, name="B")
     k = te.reduce_axis((0, depth), name="k")
     c = te.compute(
         (rows, cols),
         lambda m, n: te.sum(
             a[m, k].astype("int32")
-            * b[n // lanes, k // GROUP, n % lanes, k % GROUP].astype("int32"),
+            * b[n // lanes, k // group, n % lanes, k % group].astype("int32"),
             axis=k,
         ),
         name="C",
@@ -165,7 +268,7 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
     m_outer, m_inner = sch.split(m, [None, row_tile])
     n_outer, n_lanes = sch.split(n, [None, lanes])
     n_tile, n_inner = sch.split(n_outer, [None, block_tile])
-    k_outer, k_inner = sch.split(kk, [None, GROUP])
+    k_outer, k_inner = sch.split(kk, [None, group])
     sch.reorder(m_outer, n_tile, k_outer, m_inner, n_inner, n_lanes, k_inner)
     outer = sch.fuse(m_outer, n_tile)
     if rows * depth * cols >= MIN_PARALLEL_MACS and rows // row_tile * (n_blocks // block_tile) > 1:

@@ -1,12 +1,12 @@
 """The pieces onnxpress.backends.tvm.int8 matches Relax with: what a ``relax.dequantize`` input looks
 like (``Dequantized``), the rewrite's record (``Int8Lowering``), a refusal with its reason
-(``Refused``), and two small readers of Relax expressions."""
+(``Refused``), a convolution's window (``Window``), and two small readers of Relax expressions."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -15,15 +15,24 @@ import numpy as np
 class Int8Lowering:
     """What the rewrite did: counts of lowered ops and of refusals by reason."""
 
-    kernel: str  # "vnni", "sdot" or "relax"
+    kernel: str  # "vnni", "sdot", "avx2" (avx2-u8s8 or avx2-s16 per layer) or "relax"
     lowered: Counter[str] = field(default_factory=Counter)
     kept_float: Counter[str] = field(default_factory=Counter)
+    # per lowered conv2d/matmul, in graph order: op, weight shape, the kernel that runs it and
+    # the weight pairs that would saturate a pair-saturating kernel (why the exact one runs)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, op: str, weight: tuple[int, ...], kernel: str, risky: int = 0) -> None:
+        """One lowered layer: its op, weight shape, kernel and pairs at risk on that kernel."""
+        layer = {"op": op, "weight": [int(d) for d in weight], "kernel": kernel}
+        self.layers.append({**layer, "pairs_at_risk": risky})
 
     def to_json(self) -> dict[str, Any]:
         return {
             "kernel": self.kernel,
             "lowered": dict(self.lowered),
             "kept_float": dict(self.kept_float),
+            "layers": self.layers,
         }
 
 
@@ -53,6 +62,14 @@ def constant_value(expr: Any) -> np.ndarray | None:
     from tvm import ir
 
     return expr.value.numpy() if isinstance(expr, ir.expr.Constant) else None
+
+
+class Window(NamedTuple):
+    """A convolution's sliding window: padding (top, left, bottom, right), strides, dilation."""
+
+    padding: tuple[int, ...]
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
 
 
 class Refused(Exception):

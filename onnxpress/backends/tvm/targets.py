@@ -1,6 +1,17 @@
-"""Compile targets for ``onnxpress compile``: a short name -> a TVM target dict and an exporter.
+"""Compile targets for ``onnxpress compile``: a name -> a TVM target dict and an exporter.
 
-  x86 | host              -> {"kind": "llvm", "mcpu": <this CPU>, "num-cores": n}   (.so, g++)
+The names of ``optimize --target`` (onnxpress.core.targets) mean the same CPUs here:
+
+  avx2          -> {"kind": "llvm", "mcpu": "haswell"}         AVX2 + FMA, no AVX-512
+  avx512        -> {"kind": "llvm", "mcpu": "skylake-avx512"}  AVX-512BW, no VNNI
+  avx512-vnni   -> {"kind": "llvm", "mcpu": "cascadelake"}     AVX-512 VNNI
+  avx-vnni      -> {"kind": "llvm", "mcpu": "alderlake"}       AVX2 + AVX-VNNI
+  arm64         -> arm64-linux;   arm64+dotprod -> arm64-linux+dotprod;   cuda -> cuda
+  host          -> this CPU (x86 below, or arm64[+dotprod] on an aarch64 machine)
+
+and the older names keep working:
+
+  x86                     -> {"kind": "llvm", "mcpu": <this CPU>, "num-cores": n}   (.so, g++)
   x86-64                  -> {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}         (portable)
   arm | arm64-linux | aarch64  [+dotprod]
                           -> {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
@@ -9,8 +20,10 @@
                              that cross compiler is missing
   cuda[:sm_XX]            -> {"kind": "cuda", "arch": "sm_XX", "host": <x86 host>} (default sm_90)
 
-A target is plain data (``TargetSpec``) so it can be written into the manifest and parsed
-without importing TVM; ``tvm_target()`` builds the TVM object when TVM is loaded.
+Each spec also names its ``int8`` target (a core Target): how its integer kernels sum u8 x s8
+products, which is what ``compile --int8 auto`` decides by (int8.py). A target is plain data
+(``TargetSpec``) so it can be written into the manifest and parsed without importing TVM;
+``tvm_target()`` builds the TVM object when TVM is loaded.
 """
 
 from __future__ import annotations
@@ -23,19 +36,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnxpress.core.errors import OnnxpressError
+from onnxpress.core.targets import TARGETS as CORE_TARGETS
+from onnxpress.core.targets import Target, host_target
 
 ARM_CROSS_CXX = "aarch64-linux-gnu-g++"
 DEFAULT_CUDA_ARCH = "sm_90"
 _CUDA_RE = re.compile(r"^cuda(?::(sm_\d{2,3}[a-z]?))?$")
+# The x86 names of the shared vocabulary: LLVM's CPU, and the /proc/cpuinfo flags it needs.
+X86_CPUS: dict[str, tuple[str, frozenset[str]]] = {
+    "avx2": ("haswell", frozenset({"avx2", "fma"})),
+    "avx512": ("skylake-avx512", frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl"})),
+    "avx512-vnni": (
+        "cascadelake",
+        frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
+    ),
+    "avx-vnni": ("alderlake", frozenset({"avx2", "fma", "avx_vnni"})),
+}
 TARGET_NAMES = (
-    "x86",
-    "host",
-    "x86-64",
-    "arm",
-    "arm64-linux",
-    "aarch64",
-    "arm64-linux+dotprod",
+    *X86_CPUS,
+    "arm64",
+    "arm64+dotprod",
     "cuda[:sm_XX]",
+    "host",
+    "x86",
+    "x86-64",
+    "arm64-linux[+dotprod]",
 )
 
 
@@ -47,11 +72,13 @@ class TargetError(OnnxpressError):
 class TargetSpec:
     """A resolved compile target: what TVM gets and how the library is exported."""
 
-    name: str  # the canonical short name: x86, x86-64, arm64-linux, cuda
+    name: str  # the canonical short name: avx2, ..., x86, x86-64, arm64-linux, cuda
     config: dict[str, Any]  # the TVM target as a dict (TVM 0.27 takes dicts, not flag strings)
     library_suffix: str  # ".so" or ".tar"
     cross_compiler: str | None = None  # passed to export_library as cc=...
     notes: list[str] = field(default_factory=list)
+    int8: Target | None = None  # the integer arithmetic of its kernels (None: generic x86-64)
+    cpu_flags: frozenset[str] = frozenset()  # x86: the CPU flags a library needs to run
 
     @property
     def kind(self) -> str:
@@ -66,10 +93,33 @@ class TargetSpec:
         if self.is_gpu:
             return False
         triple = str(self.config.get("mtriple", ""))
-        return not triple.startswith("aarch64") or platform.machine() in ("aarch64", "arm64")
+        if triple.startswith("aarch64"):
+            return platform.machine() in ("aarch64", "arm64")
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return False
+        return self.cpu_flags <= host_flags()
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "tvm": self.config, "library": self.library_suffix}
+        return {
+            "name": self.name,
+            "tvm": self.config,
+            "library": self.library_suffix,
+            "int8_target": self.int8.name if self.int8 is not None else None,
+            "int8_arithmetic": self.int8.arithmetic if self.int8 is not None else "exact",
+        }
+
+
+def host_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def host_cpu() -> str | None:
@@ -83,26 +133,53 @@ def host_cpu() -> str | None:
     return cpu if cpu and cpu != "generic" else None
 
 
-def _host_config() -> dict[str, Any]:
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
+def _host_spec() -> TargetSpec:
     config: dict[str, Any] = {"kind": "llvm"}
     cpu = host_cpu()
+    notes = []
     if cpu:
         config["mcpu"] = cpu
-    config["num-cores"] = os.cpu_count() or 1
-    return config
+        notes.append(f"built for this CPU ({cpu}); use x86-64 or avx2 for a portable library")
+    config["num-cores"] = _cores()
+    return TargetSpec("x86", config, ".so", notes=notes, int8=host_target())
+
+
+def _arm_spec(dotprod: bool) -> TargetSpec:
+    config = {
+        "kind": "llvm",
+        "mtriple": "aarch64-linux-gnu",
+        "mattr": ["+neon", "+dotprod"] if dotprod else ["+neon"],
+    }
+    core = CORE_TARGETS["arm64+dotprod" if dotprod else "arm64"]
+    if shutil.which(ARM_CROSS_CXX):
+        return TargetSpec("arm64-linux", config, ".so", cross_compiler=ARM_CROSS_CXX, int8=core)
+    return TargetSpec(
+        "arm64-linux",
+        config,
+        ".tar",
+        notes=[
+            f"{ARM_CROSS_CXX} not found: wrote a .tar of object files; link it on the "
+            "device or install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"
+        ],
+        int8=core,
+    )
 
 
 def parse_target(text: str) -> TargetSpec:
     """Resolve a target name (see the module docstring) or raise TargetError."""
     name = text.strip().lower()
+    if name in X86_CPUS:
+        cpu, flags = X86_CPUS[name]
+        config = {"kind": "llvm", "mcpu": cpu, "num-cores": _cores()}
+        return TargetSpec(name, config, ".so", int8=CORE_TARGETS[name], cpu_flags=flags)
+    if name == "host" and platform.machine().lower() in ("aarch64", "arm64"):
+        return _arm_spec(host_target().name == "arm64+dotprod")
     if name in ("x86", "host", "llvm"):
-        notes = []
-        config = _host_config()
-        if "mcpu" in config:
-            notes.append(
-                f"built for this CPU ({config['mcpu']}); use x86-64 for a portable library"
-            )
-        return TargetSpec("x86", config, ".so", notes=notes)
+        return _host_spec()
     if name in ("x86-64", "x86_64"):
         return TargetSpec("x86-64", {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}, ".so")
     base, _, extra = name.partition("+")
@@ -110,27 +187,13 @@ def parse_target(text: str) -> TargetSpec:
         "",
         "dotprod",
     ):
-        config = {
-            "kind": "llvm",
-            "mtriple": "aarch64-linux-gnu",
-            "mattr": ["+neon", "+dotprod"] if extra else ["+neon"],
-        }
-        if shutil.which(ARM_CROSS_CXX):
-            return TargetSpec("arm64-linux", config, ".so", cross_compiler=ARM_CROSS_CXX)
-        return TargetSpec(
-            "arm64-linux",
-            config,
-            ".tar",
-            notes=[
-                f"{ARM_CROSS_CXX} not found: wrote a .tar of object files; link it on the "
-                "device or install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"
-            ],
-        )
+        return _arm_spec(bool(extra))
     match = _CUDA_RE.match(name)
     if match:
         arch = match.group(1) or DEFAULT_CUDA_ARCH
         host = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
-        return TargetSpec("cuda", {"kind": "cuda", "arch": arch, "host": host}, ".so")
+        config = {"kind": "cuda", "arch": arch, "host": host}
+        return TargetSpec("cuda", config, ".so", int8=CORE_TARGETS["cuda"])
     raise TargetError(f"unknown target '{text}' (targets: {', '.join(TARGET_NAMES)})")
 
 

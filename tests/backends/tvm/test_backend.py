@@ -81,7 +81,9 @@ def test_coverage_check_lists_every_unsupported_op_once() -> None:
         helper.make_node("LSTM", ["c", "W", "R"], ["y"], name="lstm_2", hidden_size=2),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -101,7 +103,9 @@ def test_cli_reports_unsupported_ops_in_one_line(tmp_path: Path) -> None:
     }
     rnn = helper.make_node("RNN", ["x", "W", "R"], ["", "y"], name="enc", hidden_size=3)
     graph = helper.make_graph(
-        [rnn], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1, 2])],
+        [rnn],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 3])],
         [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()],
     )
@@ -151,7 +155,9 @@ def test_arm64_cross_compile_is_an_aarch64_elf(tmp_path: Path) -> None:
     if readelf:
         symbols = subprocess.run(
             [readelf, "--dyn-syms", "-W", str(result.library)],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         assert "__tvm_ffi__library_bin" in symbols
 

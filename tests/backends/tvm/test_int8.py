@@ -92,7 +92,8 @@ def _lowered(model: onnx.ModelProto, spec: object) -> tuple[object, dict[str, ob
 @pytest.mark.parametrize("activations", ["uint8", "int8"])
 def test_conv_model_lowers_and_matches_onnxruntime(tmp_path: Path, activations: str) -> None:
     qdq, _ = quantize(conv_model(), f"qdq{{activations={activations}}}")
-    for spec in (HOST, PORTABLE):
+    avx2 = parse_target("avx2")  # vpmaddubsw / vpmaddwd kernels (test_int8_avx2.py)
+    for spec in (HOST, PORTABLE, *([avx2] if avx2.runs_here() else [])):
         _, done = _lowered(qdq, spec)
         lowered = done["lowered"]
         assert isinstance(lowered, dict)
@@ -101,7 +102,8 @@ def test_conv_model_lowers_and_matches_onnxruntime(tmp_path: Path, activations: 
         check = result.manifest["verification"]
         assert check["metric"] in ("max-abs/step", "max-abs/step, max-rel")
         assert check["errors"]["y"] <= 1.0  # within one quantization step of onnxruntime
-        assert result.manifest["int8"]["kernel"] == ("vnni" if spec is HOST and HAS_VNNI else "relax")
+        kernel = "vnni" if spec is HOST and HAS_VNNI else "relax"
+        assert result.manifest["int8"]["kernel"] == ("avx2" if spec is avx2 else kernel)
 
 
 def test_lowered_module_has_no_float_conv_and_int8_kernels() -> None:

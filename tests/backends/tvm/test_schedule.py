@@ -56,15 +56,23 @@ def conv_model(spec: tuple[int, ...], seed: int = 0) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), "b"))
         inputs.append("b")
     conv = helper.make_node(
-        "Conv", inputs, ["c"], kernel_shape=[kernel, kernel], strides=[stride, stride],
-        pads=[pad] * 4, dilations=[dilation, dilation], group=groups,
+        "Conv",
+        inputs,
+        ["c"],
+        kernel_shape=[kernel, kernel],
+        strides=[stride, stride],
+        pads=[pad] * 4,
+        dilations=[dilation, dilation],
+        group=groups,
     )
     relu = helper.make_node("Relu", ["c"], ["y"])
     out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
     graph = helper.make_graph(
-        [conv, relu], "conv",
+        [conv, relu],
+        "conv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, out, out])], inits,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, out, out])],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -174,8 +182,10 @@ def test_avx2_schedule_is_exact(groups: int, stride: int) -> None:
         pytest.skip("this CPU cannot run AVX2 code")
     mod = relax_conv(16, 9, 16, groups, stride)
     rng = np.random.default_rng(1)
-    args = [rng.standard_normal([int(d) for d in p.ty.shape]).astype(np.float32)
-            for p in mod["main"].params]
+    args = [
+        rng.standard_normal([int(d) for d in p.ty.shape]).astype(np.float32)
+        for p in mod["main"].params
+    ]
     expected = _run(mod, AVX2, relax.get_default_pipeline(AVX2), args)
     got = _run(mod, AVX2, cpu_pipeline(AVX2), args)
     np.testing.assert_array_equal(got, expected)  # same reduction order per output

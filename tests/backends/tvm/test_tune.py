@@ -49,8 +49,12 @@ def test_tuning_writes_records_and_the_result_still_matches_onnxruntime(tmp_path
     db = tmp_path / "db"
     events: list[TuningProgress] = []
     result = compile_model(
-        make_mlp(), "x86", tmp_path / "out", input_shapes=SHAPES,
-        tuning=TuneOptions(4, db), on_tuning_progress=events.append,
+        make_mlp(),
+        "x86",
+        tmp_path / "out",
+        input_shapes=SHAPES,
+        tuning=TuneOptions(4, db),
+        on_tuning_progress=events.append,
     )
     tuning = result.manifest["tuning"]
     assert tuning["trials_requested"] == 4 and tuning["share_per_task"] == 2
@@ -81,7 +85,10 @@ def test_tuning_writes_records_and_the_result_still_matches_onnxruntime(tmp_path
 
     # The same kernels (another model with other weights) reuse the records: no new trials.
     again = compile_model(
-        make_mlp(seed=1), "x86", tmp_path / "again", input_shapes=SHAPES,
+        make_mlp(seed=1),
+        "x86",
+        tmp_path / "again",
+        input_shapes=SHAPES,
         tuning=TuneOptions(4, db),
     )
     reuse = again.manifest["tuning"]
@@ -104,8 +111,11 @@ def test_kernels_with_index_inputs_are_left_to_the_default_schedule(tmp_path: Pa
     gather = helper.make_node("Gather", ["x", "rows"], ["g"], axis=0)
     relu = helper.make_node("Relu", ["g"], ["y"])
     graph = helper.make_graph(
-        [gather, relu], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])], [rows],
+        [gather, relu],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])],
+        [rows],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = compile_model(model, "x86", tmp_path / "out", tuning=TuneOptions(2, tmp_path / "db"))
@@ -120,8 +130,18 @@ def test_kernels_with_index_inputs_are_left_to_the_default_schedule(tmp_path: Pa
 def test_cli_tunes_with_a_progress_bar(tmp_path: Path) -> None:
     model = tmp_path / "mlp.onnx"
     onnx.save(make_mlp(), str(model))
-    args = ["compile", str(model), "--input-shape", "x=2,8", "--tune-trials", "2",
-            "--tuning-db", str(tmp_path / "db"), "-o", str(tmp_path / "out")]
+    args = [
+        "compile",
+        str(model),
+        "--input-shape",
+        "x=2,8",
+        "--tune-trials",
+        "2",
+        "--tuning-db",
+        str(tmp_path / "db"),
+        "-o",
+        str(tmp_path / "out"),
+    ]
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr
     assert "tuning [" in done.stderr and "2/2 trials" in done.stderr
@@ -143,7 +163,10 @@ def test_bad_rpc_and_tuning_options_are_one_line_errors(tmp_path: Path) -> None:
         compile_model(make_mlp(), "cuda", tmp_path / "c", tuning=TuneOptions(2, tmp_path / "db"))
     with pytest.raises(RpcError, match="cannot reach the RPC tracker"):
         compile_model(
-            make_mlp(), "x86", tmp_path / "o", input_shapes=SHAPES,
+            make_mlp(),
+            "x86",
+            tmp_path / "o",
+            input_shapes=SHAPES,
             tuning=TuneOptions(2, tmp_path / "db", RpcSpec("127.0.0.1", _free_port(), "k")),
         )
     assert not (tmp_path / "o").exists()
@@ -164,7 +187,9 @@ def _free_port() -> int:
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(  # own session: its popen workers go with it
-            [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -178,10 +203,29 @@ def rpc_device(tmp_path: Path) -> Iterator[tuple[RpcSpec, Path]]:
 
     port = _free_port()
     server_log = tmp_path / "server.log"
-    tracker = _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                      "--port-end", str(port + 1)], tmp_path / "tracker.log")
-    server = _start(["tvm.exec.rpc_server", "--host", "127.0.0.1", f"--tracker=127.0.0.1:{port}",
-                     "--key", RPC_KEY], server_log)
+    tracker = _start(
+        [
+            "tvm.exec.rpc_tracker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--port-end",
+            str(port + 1),
+        ],
+        tmp_path / "tracker.log",
+    )
+    server = _start(
+        [
+            "tvm.exec.rpc_server",
+            "--host",
+            "127.0.0.1",
+            f"--tracker=127.0.0.1:{port}",
+            "--key",
+            RPC_KEY,
+        ],
+        server_log,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -205,11 +249,17 @@ def test_tuning_measures_on_an_rpc_device(tmp_path: Path, rpc_device: tuple[RpcS
     spec, server_log = rpc_device
     with pytest.raises(RpcError, match="no RPC server is registered under key 'other'"):
         compile_model(
-            make_mlp(), "x86", tmp_path / "o", input_shapes=SHAPES,
+            make_mlp(),
+            "x86",
+            tmp_path / "o",
+            input_shapes=SHAPES,
             tuning=TuneOptions(2, tmp_path / "db", RpcSpec(spec.host, spec.port, "other")),
         )
     result = compile_model(
-        make_mlp(), "x86", tmp_path / "out", input_shapes=SHAPES,
+        make_mlp(),
+        "x86",
+        tmp_path / "out",
+        input_shapes=SHAPES,
         tuning=TuneOptions(2, tmp_path / "db", spec),
     )
     tuning = result.manifest["tuning"]
