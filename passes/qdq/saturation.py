@@ -30,19 +30,19 @@ import onnx_graphsurgeon as gs
 from onnxpress.analysis.saturation import (
     U8_MAX,
     activation_bound,
-    operand_values,
+    layer_error,
     pairs_at_risk,
+    saturating_layers,
 )
 from onnxpress.core.context import PassContext
-from onnxpress.core.int8_emulation import Batch, layer_output, pair_saturates
+from onnxpress.core.int8_emulation import Batch, layer_output
 from onnxpress.core.int8_layers import (
     IntegerLayer,
     from_reduction_matrix,
-    integer_layers,
     reduction_matrix,
 )
 from onnxpress.core.pass_base import PassResult
-from onnxpress.core.targets import EXACT, PAIR_SATURATING
+from onnxpress.core.targets import EXACT
 
 logger = logging.getLogger(__name__)
 
@@ -163,15 +163,6 @@ def _trial(layer: IntegerLayer, change: Change) -> IntegerLayer:
     return replace(layer, weight=weight, bias_int32=change.bias.astype(np.int64))
 
 
-def _error(layer: IntegerLayer, operands: list[np.ndarray], reference: list[np.ndarray]) -> float:
-    num = den = 0.0
-    for x, exact in zip(operands, reference, strict=True):
-        got = layer_output(layer, x, None, PAIR_SATURATING).astype(np.float64)
-        num += float(np.sum((got - exact) ** 2))
-        den += float(np.sum(exact.astype(np.float64) ** 2))
-    return float(np.sqrt(num / max(den, 1e-30)))
-
-
 def plan(
     model: onnx.ModelProto,
     batches: list[Batch] | None,
@@ -179,15 +170,8 @@ def plan(
     margin: float = 1.25,
 ) -> list[tuple[IntegerLayer, Remedy, Change]]:
     """The remedy for each layer that can saturate, measured on ``batches`` where given."""
-    layers = [
-        layer
-        for layer in integer_layers(model)
-        if pair_saturates(layer, PAIR_SATURATING) and layer.weight.value is not None
-    ]
-    values = operand_values(model, layers, batches) if batches and layers else []
     planned = []
-    for layer in layers:
-        operands = [v[layer.activation.tensor] for v in values]
+    for layer, operands in saturating_layers(model, batches):
         seen = activation_bound(layer, operands)
         bound = np.minimum(seen * margin, U8_MAX) if operands else seen
         matrices = reduction_matrix(layer)
@@ -205,9 +189,9 @@ def plan(
         errors: dict[str, float] = {}
         if operands:
             reference = [layer_output(layer, x, None, EXACT) for x in operands]
-            errors["none"] = _error(layer, operands, reference)
+            errors["none"] = layer_error(layer, operands, reference)
             for name, change in candidates.items():
-                errors[name] = _error(_trial(layer, change), operands, reference)
+                errors[name] = layer_error(_trial(layer, change), operands, reference)
             chosen = min(candidates, key=lambda name: errors[name])
         else:  # no data: the smaller change to the weights, in units of the old scale
             chosen = min(candidates, key=lambda name: _weight_change(layer, candidates[name]))
