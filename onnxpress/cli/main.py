@@ -18,7 +18,8 @@ from onnxpress.cli.compile import compile_command, run_command
 from onnxpress.cli.distill import distill_command
 from onnxpress.cli.inspect import inspect_command, passes_command
 from onnxpress.cli.optimize import optimize_command
-from onnxpress.core.errors import OnnxpressError, OutputConflictError
+from onnxpress.core.errors import OnnxpressError, OutputConflictError, PluginError
+from onnxpress.core.manager import time_limit
 from onnxpress.core.registry import load_plugin_file
 from onnxpress.core.verify import METRICS
 
@@ -92,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         "--pass-timeout",
         type=float,
         metavar="SECONDS",
-        help="refuse, naming the pass, one that runs longer than this (default: no limit)",
+        help="refuse, naming it, a pass that runs (or a --plugin file that loads) longer than "
+        "this (default: no limit)",
     )
     opt.add_argument("--report", metavar="FILE", help="write the JSON report here")
     opt.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
@@ -232,8 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
+        timeout = getattr(args, "pass_timeout", None)
         for plugin in [*args.plugin, *getattr(args, "plugin_sub", [])]:
-            load_plugin_file(plugin)
+            hung = PluginError(f"{plugin}: plugin did not finish loading within {timeout} s")
+            with time_limit(timeout, lambda hung=hung: hung):  # type: ignore[misc]
+                load_plugin_file(plugin)
         if args.command == "optimize":
             return optimize_command(args)
         if args.command == "passes":

@@ -358,17 +358,24 @@ def bisect(
     return low - 1
 
 
+def _time_limit(seconds: float | None, name: str) -> contextlib.AbstractContextManager[None]:
+    """Raise PassError naming the pass when it runs past ``seconds``."""
+    return time_limit(
+        seconds, lambda: PassError(name, f"did not finish within {seconds:g} s (--pass-timeout)")
+    )
+
+
 @contextlib.contextmanager
-def _time_limit(seconds: float | None, name: str) -> Iterator[None]:
-    """Raise PassError naming the pass when it runs past ``seconds`` (SIGALRM: Unix, main
-    thread only; elsewhere no limit)."""
+def time_limit(seconds: float | None, error: Callable[[], Exception]) -> Iterator[None]:
+    """Raise ``error()`` when the block runs past ``seconds`` (SIGALRM: Unix, main thread
+    only; elsewhere no limit)."""
     usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
     if not seconds or not usable:
         yield
         return
 
     def expire(signum: int, frame: object) -> None:
-        raise PassError(name, f"did not finish within {seconds:g} s (--pass-timeout)")
+        raise error()
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
