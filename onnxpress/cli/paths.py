@@ -48,7 +48,16 @@ def optimize_paths(args: argparse.Namespace, output: Path, calibration: str | No
         *([("recipe", args.recipe)] if args.recipe else []),
         *plugin_files(args),
     ]
-    guard({"output": output, "report": args.report}, inputs, in_place=args.in_place)
+    guard(
+        {"output": output, "output's external data": _data_of(output), "report": args.report},
+        inputs,
+        in_place=args.in_place,
+    )
+
+
+def _data_of(output: Path) -> Path:
+    """Where a model too large for one protobuf is given its tensors (``core.io``)."""
+    return output.with_name(f"{output.name}.data")
 
 
 def distill_paths(args: argparse.Namespace, output: Path) -> None:
@@ -59,7 +68,11 @@ def distill_paths(args: argparse.Namespace, output: Path) -> None:
         *data_files(args.labels, "labels"),
         *plugin_files(args),
     ]
-    guard({"output": output}, inputs, in_place=args.in_place)
+    guard(
+        {"output": output, "output's external data": _data_of(output)},
+        inputs,
+        in_place=args.in_place,
+    )
 
 
 def compile_paths(args: argparse.Namespace, library_names: Iterable[str]) -> None:
