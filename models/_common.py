@@ -62,22 +62,31 @@ def mnist_split(test_size: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return images[:cut], targets[:cut], images[cut:], targets[cut:]
 
 
-def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
-                     epochs: int, batch_size: int, lr: float, weight_decay: float = 0.0,
-                     generator: torch.Generator,
-                     augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+def train_classifier(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    generator: torch.Generator,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Train with AdamW, a one-cycle schedule and cross-entropy; prints one line per epoch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = (len(inputs) + batch_size - 1) // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(inputs), generator=generator)
         total, correct, loss_sum = 0, 0, 0.0
         for start in range(0, len(inputs), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             batch, target = inputs[index], labels[index]
             if augment is not None:
                 batch = augment(batch)
@@ -90,20 +99,23 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
             loss_sum += loss.item() * len(index)
             correct += int((logits.argmax(1) == target).sum())
             total += len(index)
-        print(f"  epoch {epoch + 1:2d}/{epochs}: loss {loss_sum / total:.4f}, "
-              f"train acc {correct / total:.4f}")
+        print(
+            f"  epoch {epoch + 1:2d}/{epochs}: loss {loss_sum / total:.4f}, "
+            f"train acc {correct / total:.4f}"
+        )
     model.eval()
 
 
-def shift_augment(generator: torch.Generator,
-                  max_shift: int = 2) -> Callable[[torch.Tensor], torch.Tensor]:
+def shift_augment(
+    generator: torch.Generator, max_shift: int = 2
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Translate a batch of images [..., H, W] by up to ``max_shift`` pixels (zero fill)."""
 
     def augment(batch: torch.Tensor) -> torch.Tensor:
         height, width = batch.shape[-2:]
         padded = nn.functional.pad(batch, (max_shift,) * 4)
         dy, dx = (int(v) for v in torch.randint(0, 2 * max_shift + 1, (2,), generator=generator))
-        return padded[..., dy:dy + height, dx:dx + width]
+        return padded[..., dy : dy + height, dx : dx + width]
 
     return augment
 
@@ -115,9 +127,15 @@ def predict(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
         return model(inputs).numpy()
 
 
-def export(model: nn.Module, example: torch.Tensor, path: Path, *,
-           input_name: str = "input", output_name: str = "logits",
-           fold_constants: bool = True) -> onnx.ModelProto:
+def export(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    input_name: str = "input",
+    output_name: str = "logits",
+    fold_constants: bool = True,
+) -> onnx.ModelProto:
     """Export with the legacy exporter at opset 17, with a dynamic batch axis.
 
     Pass ``fold_constants=False`` to keep BatchNormalization as separate nodes: with
@@ -127,10 +145,16 @@ def export(model: nn.Module, example: torch.Tensor, path: Path, *,
     """
     model.eval()
     torch.onnx.export(
-        model, (example,), str(path), dynamo=False, opset_version=OPSET,
-        input_names=[input_name], output_names=[output_name],
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=OPSET,
+        input_names=[input_name],
+        output_names=[output_name],
         dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
-        do_constant_folding=fold_constants, training=torch.onnx.TrainingMode.EVAL,
+        do_constant_folding=fold_constants,
+        training=torch.onnx.TrainingMode.EVAL,
     )
     exported = onnx.load(str(path))
     exported.producer_name = "onnxpress-models"
@@ -187,25 +211,43 @@ def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     np.savez_compressed(path, **named)
 
 
-def save_mnist_eval(name: str, images: np.ndarray, labels: np.ndarray, *, divisor: float,
-                    input_shape: Sequence[int], accuracy: float) -> Path:
+def save_mnist_eval(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    divisor: float,
+    input_shape: Sequence[int],
+    accuracy: float,
+) -> Path:
     """Write ``data/<name>_eval.npz`` for a digit classifier (read by models/evaluate.py)."""
     path = DATA_DIR / f"{name}_eval.npz"
-    save_npz(path, {
-        "task": np.array("classification"),
-        "images": images,
-        "labels": labels,
-        "divisor": np.float32(divisor),
-        "input_shape": np.array(list(input_shape), dtype=np.int64),
-        "accuracy": np.float64(accuracy),
-    })
+    save_npz(
+        path,
+        {
+            "task": np.array("classification"),
+            "images": images,
+            "labels": labels,
+            "divisor": np.float32(divisor),
+            "input_shape": np.array(list(input_shape), dtype=np.int64),
+            "accuracy": np.float64(accuracy),
+        },
+    )
     return path
 
 
-def export_mnist_classifier(name: str, model: nn.Module, test_images: np.ndarray,
-                            test_x: np.ndarray, test_labels: np.ndarray, *, divisor: float,
-                            input_shape: Sequence[int], fold_constants: bool = True,
-                            rtol: float = 0.0) -> tuple[Path, onnx.ModelProto, float, Path]:
+def export_mnist_classifier(
+    name: str,
+    model: nn.Module,
+    test_images: np.ndarray,
+    test_x: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    divisor: float,
+    input_shape: Sequence[int],
+    fold_constants: bool = True,
+    rtol: float = 0.0,
+) -> tuple[Path, onnx.ModelProto, float, Path]:
     """Export a trained digit classifier to ``<name>.onnx``, check it (full checker, dynamic
     batch, onnxruntime vs torch within max(ATOL, ``rtol`` * max |logit|)) and write its
     held-out set.
@@ -222,8 +264,9 @@ def export_mnist_classifier(name: str, model: nn.Module, test_images: np.ndarray
     atol = max(ATOL, rtol * float(np.abs(torch_logits).max()))
     assert_close(f"{name} onnxruntime vs torch", torch_logits, onnx_logits, atol=atol)
     accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
-    eval_path = save_mnist_eval(name, test_images, test_labels, divisor=divisor,
-                                input_shape=input_shape, accuracy=accuracy)
+    eval_path = save_mnist_eval(
+        name, test_images, test_labels, divisor=divisor, input_shape=input_shape, accuracy=accuracy
+    )
     return path, onnx_model, accuracy, eval_path
 
 
@@ -247,10 +290,13 @@ class MnistTraining:
         return scaled.reshape(len(images), *self.input_shape)
 
 
-def build_mnist_classifier(name: str, make_model: Callable[[], nn.Module],
-                           training: MnistTraining, required_ops: set[str],
-                           forbidden_ops: set[str] = frozenset()
-                           ) -> tuple[onnx.ModelProto, np.ndarray, Path, float, list[Path]]:
+def build_mnist_classifier(
+    name: str,
+    make_model: Callable[[], nn.Module],
+    training: MnistTraining,
+    required_ops: set[str],
+    forbidden_ops: set[str] = frozenset(),
+) -> tuple[onnx.ModelProto, np.ndarray, Path, float, list[Path]]:
     """Seed, train ``make_model()`` on the mnist_split training digits (shift augmentation),
     export and check it, write its held-out set and calibration batch.
 
@@ -261,20 +307,38 @@ def build_mnist_classifier(name: str, make_model: Callable[[], nn.Module],
     train_images, train_labels, test_images, test_labels = mnist_split()
     train_x = torch.from_numpy(training.inputs(train_images))
     model = make_model()
-    print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{len(train_x)} train / {len(test_images)} held out")
-    train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=training.epochs,
-                     batch_size=training.batch_size, lr=training.lr,
-                     weight_decay=training.weight_decay, generator=generator,
-                     augment=shift_augment(generator))
+    print(
+        f"{name}: {sum(p.numel() for p in model.parameters())} parameters, "
+        f"{len(train_x)} train / {len(test_images)} held out"
+    )
+    train_classifier(
+        model,
+        train_x,
+        torch.from_numpy(train_labels),
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        lr=training.lr,
+        weight_decay=training.weight_decay,
+        generator=generator,
+        augment=shift_augment(generator),
+    )
     path, onnx_model, accuracy, eval_path = export_mnist_classifier(
-        name, model, test_images, training.inputs(test_images), test_labels,
-        divisor=training.divisor, input_shape=training.input_shape,
-        fold_constants=training.fold_constants, rtol=training.rtol)
+        name,
+        model,
+        test_images,
+        training.inputs(test_images),
+        test_labels,
+        divisor=training.divisor,
+        input_shape=training.input_shape,
+        fold_constants=training.fold_constants,
+        rtol=training.rtol,
+    )
     ops = {node.op_type for node in onnx_model.graph.node}
     if not required_ops <= ops or forbidden_ops & ops:
-        raise AssertionError(f"{name}: expected {sorted(required_ops)} and none of "
-                             f"{sorted(forbidden_ops)}, got {sorted(ops)}")
+        raise AssertionError(
+            f"{name}: expected {sorted(required_ops)} and none of "
+            f"{sorted(forbidden_ops)}, got {sorted(ops)}"
+        )
     calibration = training.inputs(train_images[:CALIBRATION_SIZE])
     calib_path = save_calibration(name, "input", calibration)
     return onnx_model, calibration, path, accuracy, [eval_path, calib_path]
@@ -287,8 +351,7 @@ def save_calibration(name: str, input_name: str, batch: np.ndarray) -> Path:
     return path
 
 
-def report(name: str, path: Path, metrics: Mapping[str, float],
-           extra: Sequence[Path] = ()) -> None:
+def report(name: str, path: Path, metrics: Mapping[str, float], extra: Sequence[Path] = ()) -> None:
     """Print the summary block that ends every build script."""
     model = onnx.load(str(path))
     print(f"{name}: {path.name} ({path.stat().st_size / 1024:.1f} KiB)")
@@ -296,4 +359,6 @@ def report(name: str, path: Path, metrics: Mapping[str, float],
         print(f"  {key}: {value:.4f}")
     print(f"  ops: {op_histogram(model)}")
     for file in extra:
-        print(f"  wrote {file.relative_to(MODELS_DIR.parent)} ({file.stat().st_size / 1024:.1f} KiB)")
+        print(
+            f"  wrote {file.relative_to(MODELS_DIR.parent)} ({file.stat().st_size / 1024:.1f} KiB)"
+        )

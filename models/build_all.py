@@ -38,8 +38,12 @@ def build(name: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"models to build (default: all of {', '.join(BUILDS)})")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"models to build (default: all of {', '.join(BUILDS)})",
+    )
     args = parser.parse_args(argv)
     names = args.names or list(BUILDS)
     unknown = sorted(set(names) - set(BUILDS))
@@ -51,14 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             timings[name] = build(name)
         except subprocess.CalledProcessError as exc:
-            print(f"error: build_{name}.py failed with exit status {exc.returncode}",
-                  file=sys.stderr)
+            print(
+                f"error: build_{name}.py failed with exit status {exc.returncode}", file=sys.stderr
+            )
             return 1
     print("== held-out metrics (onnxruntime)", flush=True)
     for name in names:
         for file in BUILDS[name]:
-            subprocess.run([sys.executable, str(MODELS_DIR / "evaluate.py"),
-                            str(MODELS_DIR / file)], check=True)
+            subprocess.run(
+                [sys.executable, str(MODELS_DIR / "evaluate.py"), str(MODELS_DIR / file)],
+                check=True,
+            )
     print("== build times: " + ", ".join(f"{n} {t:.0f}s" for n, t in timings.items()))
     return 0
 

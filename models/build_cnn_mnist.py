@@ -59,11 +59,15 @@ class ResidualCNN(nn.Module):
     def __init__(self, classes: int = 10, layer: ConvFactory = conv_bn) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            layer(1, 16), nn.ReLU(), nn.MaxPool2d(2),
+            layer(1, 16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             ResidualBlock(16, layer),
-            layer(16, 32, stride=2), nn.ReLU(),
+            layer(16, 32, stride=2),
+            nn.ReLU(),
             ResidualBlock(32, layer),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(32, classes)
 
@@ -71,13 +75,15 @@ class ResidualCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-TRAINING = MnistTraining(epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=1e-4,
-                         batch_size=BATCH_SIZE, fold_constants=False)
+TRAINING = MnistTraining(
+    epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=1e-4, batch_size=BATCH_SIZE, fold_constants=False
+)
 
 
 def main() -> None:
     _, _, path, accuracy, files = build_mnist_classifier(
-        NAME, ResidualCNN, TRAINING, required_ops={"BatchNormalization", "Add", "Conv"})
+        NAME, ResidualCNN, TRAINING, required_ops={"BatchNormalization", "Add", "Conv"}
+    )
     report(NAME, path, {"held-out accuracy": accuracy}, files)
 
 

@@ -41,33 +41,44 @@ def conv(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
-def activation_ranges(model: onnx.ModelProto, batch: np.ndarray) -> list[tuple[str, str, float,
-                                                                               float]]:
+def activation_ranges(
+    model: onnx.ModelProto, batch: np.ndarray
+) -> list[tuple[str, str, float, float]]:
     """(node, op, max |x|, 99.9th percentile of |x|) of every Conv/Relu/Add/Gemm output."""
     nodes = [n for n in model.graph.node if n.op_type in {"Conv", "Relu", "Add", "Gemm"}]
     values = next(stream_activations(model, [n.output[0] for n in nodes], [{"input": batch}]))
     rows = []
     for node in nodes:
         magnitude = np.abs(values[node.output[0]])
-        rows.append((node.name, node.op_type, float(magnitude.max()),
-                     float(np.percentile(magnitude, 99.9))))
+        rows.append(
+            (node.name, node.op_type, float(magnitude.max()), float(np.percentile(magnitude, 99.9)))
+        )
     return rows
 
 
 # Raw 0..255 pixels (divisor 1): wide activation ranges, the case static int8 finds hard.
-TRAINING = MnistTraining(epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=0.0,
-                         batch_size=BATCH_SIZE, divisor=1.0, rtol=1e-5)
+TRAINING = MnistTraining(
+    epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=0.0, batch_size=BATCH_SIZE, divisor=1.0, rtol=1e-5
+)
 
 
 def main() -> None:
     onnx_model, calibration, path, accuracy, files = build_mnist_classifier(
-        NAME, lambda: ResidualCNN(layer=conv), TRAINING,  # cnn_mnist's layout, no BatchNorm
-        required_ops={"Add", "Conv", "Gemm"}, forbidden_ops={"BatchNormalization"})
-    print(f"{NAME}: activation ranges on the calibration batch "
-          "(max |x|, 99.9th percentile |x|, ratio)")
+        NAME,
+        lambda: ResidualCNN(layer=conv),
+        TRAINING,  # cnn_mnist's layout, no BatchNorm
+        required_ops={"Add", "Conv", "Gemm"},
+        forbidden_ops={"BatchNormalization"},
+    )
+    print(
+        f"{NAME}: activation ranges on the calibration batch "
+        "(max |x|, 99.9th percentile |x|, ratio)"
+    )
     for node, op, peak, p999 in activation_ranges(onnx_model, calibration):
-        print(f"  {node:<28s} {op:<5s} max {peak:10.1f}  p99.9 {p999:10.1f}  "
-              f"ratio {peak / max(p999, 1e-12):6.2f}")
+        print(
+            f"  {node:<28s} {op:<5s} max {peak:10.1f}  p99.9 {p999:10.1f}  "
+            f"ratio {peak / max(p999, 1e-12):6.2f}"
+        )
     report(NAME, path, {"held-out accuracy": accuracy}, files)
 
 

@@ -48,8 +48,9 @@ TEST_SCENES = 500
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()
+    )
 
 
 class DigitDetector(nn.Module):
@@ -57,8 +58,16 @@ class DigitDetector(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        widths = [(1, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 96, 2),
-                  (96, 96, 1), (96, 96, 1)]
+        widths = [
+            (1, 16, 1),
+            (16, 32, 2),
+            (32, 32, 1),
+            (32, 64, 2),
+            (64, 64, 1),
+            (64, 96, 2),
+            (96, 96, 1),
+            (96, 96, 1),
+        ]
         self.backbone = nn.Sequential(*[conv_bn_relu(*w) for w in widths])
         self.box = nn.Conv2d(96, 4, 1)
         self.cls = nn.Conv2d(96, CLASSES, 1)
@@ -92,21 +101,31 @@ def targets(scenes: Scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
                 continue
             positive[scene, cell] = True
             classes[scene, label, cell] = 1.0
-            boxes[scene, :, cell] = [cx - int(cx), cy - int(cy),
-                                     np.log((box[2] - box[0]) / STRIDE),
-                                     np.log((box[3] - box[1]) / STRIDE)]
+            boxes[scene, :, cell] = [
+                cx - int(cx),
+                cy - int(cy),
+                np.log((box[2] - box[0]) / STRIDE),
+                np.log((box[3] - box[1]) / STRIDE),
+            ]
     return torch.from_numpy(classes), torch.from_numpy(boxes), torch.from_numpy(positive)
 
 
-def loss_fn(model: DigitDetector, x: torch.Tensor, classes: torch.Tensor, boxes: torch.Tensor,
-            positive: torch.Tensor) -> torch.Tensor:
+def loss_fn(
+    model: DigitDetector,
+    x: torch.Tensor,
+    classes: torch.Tensor,
+    boxes: torch.Tensor,
+    positive: torch.Tensor,
+) -> torch.Tensor:
     box, logits = model.raw(x)
     positives = positive.sum().clamp(min=1)
     cls_loss = F.binary_cross_entropy_with_logits(logits, classes, reduction="sum") / positives
     mask = positive[:, None, :].expand_as(box)
     centers = torch.sigmoid(box[:, :2])
-    box_loss = (F.l1_loss(centers, boxes[:, :2], reduction="none")[mask[:, :2]].sum()
-                + F.l1_loss(box[:, 2:], boxes[:, 2:], reduction="none")[mask[:, 2:]].sum())
+    box_loss = (
+        F.l1_loss(centers, boxes[:, :2], reduction="none")[mask[:, :2]].sum()
+        + F.l1_loss(box[:, 2:], boxes[:, 2:], reduction="none")[mask[:, 2:]].sum()
+    )
     return cls_loss + 5.0 * box_loss / positives
 
 
@@ -131,7 +150,7 @@ def main() -> None:
         order = torch.randperm(len(x), generator=generator)
         total = 0.0
         for start in range(0, len(x), BATCH):
-            index = order[start:start + BATCH]
+            index = order[start : start + BATCH]
             loss = loss_fn(model, x[index], classes[index], boxes[index], positive[index])
             optimizer.zero_grad()
             loss.backward()
@@ -144,22 +163,34 @@ def main() -> None:
     with torch.no_grad():
         expected = model(torch.from_numpy(test_x)).numpy()
     path = DATA_DIR.parent / f"{NAME}.onnx"
-    export(model, torch.from_numpy(test_x[:2]), path, output_name="detections",
-           fold_constants=False)
+    export(
+        model, torch.from_numpy(test_x[:2]), path, output_name="detections", fold_constants=False
+    )
     onnx_model = check_model(path)
     check_dynamic_batch(onnx_model)
     actual = run_onnx(path, {"input": test_x})
     assert_close(f"{NAME} onnxruntime vs torch", expected, actual, atol=1e-3)
     metrics = mean_average_precision(actual, test.boxes, test.labels)
-    save_npz(DATA_DIR / f"{NAME}_eval.npz", {
-        "task": np.array("detection"), "images": test.canvases, "divisor": np.float64(255.0),
-        "input_shape": np.array([1, CANVAS, CANVAS]), "boxes": test.boxes,
-        "labels": test.labels, **{k: np.float64(v) for k, v in metrics.items()}})
-    calibration = make_scenes(train_images, train_labels, CALIBRATION_SIZE,
-                              np.random.default_rng(2))
+    save_npz(
+        DATA_DIR / f"{NAME}_eval.npz",
+        {
+            "task": np.array("detection"),
+            "images": test.canvases,
+            "divisor": np.float64(255.0),
+            "input_shape": np.array([1, CANVAS, CANVAS]),
+            "boxes": test.boxes,
+            "labels": test.labels,
+            **{k: np.float64(v) for k, v in metrics.items()},
+        },
+    )
+    calibration = make_scenes(
+        train_images, train_labels, CALIBRATION_SIZE, np.random.default_rng(2)
+    )
     save_calibration(NAME, "input", as_input(calibration.canvases))
-    print(f"{NAME}: mAP {metrics['map']:.4f}, mAP@0.5 {metrics['map50']:.4f} on {TEST_SCENES} "
-          f"held-out scenes ({int((test.labels >= 0).sum())} digits)")
+    print(
+        f"{NAME}: mAP {metrics['map']:.4f}, mAP@0.5 {metrics['map50']:.4f} on {TEST_SCENES} "
+        f"held-out scenes ({int((test.labels >= 0).sum())} digits)"
+    )
     print(f"  ops: {op_histogram(onnx_model)}")
 
 

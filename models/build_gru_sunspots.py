@@ -69,23 +69,28 @@ def load_windows() -> dict[str, np.ndarray]:
     series = frame["SUNACTIVITY"].to_numpy(dtype=np.float64)
     years = frame["YEAR"].to_numpy().astype(np.int64)
     starts = np.arange(len(series) - WINDOW)
-    windows = np.stack([series[s:s + WINDOW] for s in starts])
+    windows = np.stack([series[s : s + WINDOW] for s in starts])
     targets = series[starts + WINDOW]
     test_count = round(len(starts) * TEST_FRACTION)
     train_count = len(starts) - test_count
-    covered = series[:train_count - 1 + WINDOW + 1]  # every year a training window touches
+    covered = series[: train_count - 1 + WINDOW + 1]  # every year a training window touches
     mean, std = float(covered.mean()), float(covered.std())
     normalised = ((windows - mean) / std).astype(np.float32)[:, :, None]
     return {
-        "train_x": normalised[:train_count], "train_y": targets[:train_count],
-        "test_x": normalised[train_count:], "test_y": targets[train_count:],
+        "train_x": normalised[:train_count],
+        "train_y": targets[:train_count],
+        "test_x": normalised[train_count:],
+        "test_y": targets[train_count:],
         "test_years": years[starts[train_count:] + WINDOW],
-        "naive": windows[train_count:, -1], "mean": np.float64(mean), "std": np.float64(std),
+        "naive": windows[train_count:, -1],
+        "mean": np.float64(mean),
+        "std": np.float64(std),
     }
 
 
-def train(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-          generator: torch.Generator) -> None:
+def train(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+) -> None:
     """Mini-batch Adam on mean squared error (normalised units) with cosine decay."""
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS)
@@ -95,7 +100,7 @@ def train(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         order = torch.randperm(len(inputs), generator=generator)
         loss_sum = 0.0
         for start in range(0, len(inputs), BATCH_SIZE):
-            index = order[start:start + BATCH_SIZE]
+            index = order[start : start + BATCH_SIZE]
             loss = loss_fn(model(inputs[index]), targets[index])
             optimizer.zero_grad()
             loss.backward()
@@ -129,8 +134,9 @@ def finish(path: str, mean: float, std: float) -> None:
                     node.input[index] = f"gru.{role}"
     for tensor in model.graph.initializer:
         tensor.name = renames.get(tensor.name, tensor.name)
-    onnx.helper.set_model_props(model, {
-        "sunspots_mean": repr(mean), "sunspots_std": repr(std), "window": str(WINDOW)})
+    onnx.helper.set_model_props(
+        model, {"sunspots_mean": repr(mean), "sunspots_std": repr(std), "window": str(WINDOW)}
+    )
     onnx.save(model, path)
 
 
@@ -143,8 +149,10 @@ def main() -> None:
     test_x = data["test_x"]
 
     model = SunspotGRU()
-    print(f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{len(train_x)} train / {len(test_x)} held-out windows, mean {mean:.2f} std {std:.2f}")
+    print(
+        f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
+        f"{len(train_x)} train / {len(test_x)} held-out windows, mean {mean:.2f} std {std:.2f}"
+    )
     train(model, train_x, train_y, generator)
 
     torch_out = predict(model, torch.from_numpy(test_x))
@@ -172,27 +180,37 @@ def main() -> None:
     unrolled_out = run_onnx(unrolled_path, {"input": test_x})
     assert_close(f"{NAME}_unrolled onnxruntime vs torch", torch_out, unrolled_out)
     assert_close(f"{NAME}_unrolled vs {NAME} (onnxruntime)", onnx_out, unrolled_out)
-    assert_close(f"{NAME}_unrolled at batch 1", torch_out[:1],
-                 run_onnx(unrolled_path, {"input": test_x[:1]}))
+    assert_close(
+        f"{NAME}_unrolled at batch 1", torch_out[:1], run_onnx(unrolled_path, {"input": test_x[:1]})
+    )
 
     held_out_rmse = rmse(onnx_out[:, 0] * std + mean, data["test_y"])
     naive_rmse = rmse(data["naive"], data["test_y"])
     if held_out_rmse >= naive_rmse:
-        raise AssertionError(f"{NAME}: RMSE {held_out_rmse:.2f} does not beat naive {naive_rmse:.2f}")
+        raise AssertionError(
+            f"{NAME}: RMSE {held_out_rmse:.2f} does not beat naive {naive_rmse:.2f}"
+        )
     eval_path = DATA_DIR / f"{NAME}_eval.npz"
-    save_npz(eval_path, {
-        "task": np.array("regression"),
-        "input": test_x,
-        "target": data["test_y"].astype(np.float32),
-        "years": data["test_years"],
-        "naive": data["naive"].astype(np.float32),
-        "mean": np.float64(mean),
-        "std": np.float64(std),
-        "rmse": np.float64(held_out_rmse),
-    })
+    save_npz(
+        eval_path,
+        {
+            "task": np.array("regression"),
+            "input": test_x,
+            "target": data["test_y"].astype(np.float32),
+            "years": data["test_years"],
+            "naive": data["naive"].astype(np.float32),
+            "mean": np.float64(mean),
+            "std": np.float64(std),
+            "rmse": np.float64(held_out_rmse),
+        },
+    )
     calib_path = save_calibration(NAME, "input", data["train_x"][:CALIBRATION_SIZE])
-    report(NAME, path, {"held-out RMSE": held_out_rmse, "naive RMSE": naive_rmse},
-           [eval_path, calib_path])
+    report(
+        NAME,
+        path,
+        {"held-out RMSE": held_out_rmse, "naive RMSE": naive_rmse},
+        [eval_path, calib_path],
+    )
     report(f"{NAME}_unrolled", unrolled_path, {}, [])
 
 

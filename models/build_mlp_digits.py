@@ -41,12 +41,15 @@ PIXEL_MAX = 16.0
 class DigitsMLP(nn.Module):
     """Three-layer ReLU MLP for the 8x8 scikit-learn digits (mlp_digits)."""
 
-    def __init__(self, features: int = 64, hidden: tuple[int, int] = (128, 64),
-                 classes: int = 10) -> None:
+    def __init__(
+        self, features: int = 64, hidden: tuple[int, int] = (128, 64), classes: int = 10
+    ) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(features, hidden[0]), nn.ReLU(),
-            nn.Linear(hidden[0], hidden[1]), nn.ReLU(),
+            nn.Linear(features, hidden[0]),
+            nn.ReLU(),
+            nn.Linear(hidden[0], hidden[1]),
+            nn.ReLU(),
             nn.Linear(hidden[1], classes),
         )
 
@@ -63,7 +66,8 @@ def load_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     pixels = digits.data.astype(np.uint8)
     labels = digits.target.astype(np.int64)
     train_x, test_x, train_y, test_y = train_test_split(
-        pixels, labels, test_size=0.2, stratify=labels, random_state=SEED)
+        pixels, labels, test_size=0.2, stratify=labels, random_state=SEED
+    )
     return train_x, train_y, test_x, test_y
 
 
@@ -79,11 +83,20 @@ def main() -> None:
     test_x = to_input(test_pixels)
 
     model = DigitsMLP()
-    print(f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
-          f"{len(train_x)} train / {len(test_x)} held out")
-    train_classifier(model, train_x, torch.from_numpy(train_labels), epochs=EPOCHS,
-                     batch_size=BATCH_SIZE, lr=LEARNING_RATE, weight_decay=1e-4,
-                     generator=generator)
+    print(
+        f"{NAME}: {sum(p.numel() for p in model.parameters())} parameters, "
+        f"{len(train_x)} train / {len(test_x)} held out"
+    )
+    train_classifier(
+        model,
+        train_x,
+        torch.from_numpy(train_labels),
+        epochs=EPOCHS,
+        batch_size=BATCH_SIZE,
+        lr=LEARNING_RATE,
+        weight_decay=1e-4,
+        generator=generator,
+    )
 
     torch_logits = predict(model, torch.from_numpy(test_x))
     path = MODELS_DIR / f"{NAME}.onnx"
@@ -95,15 +108,18 @@ def main() -> None:
 
     accuracy = float((onnx_logits.argmax(1) == test_labels).mean())
     eval_path = DATA_DIR / f"{NAME}_eval.npz"
-    save_npz(eval_path, {
-        "task": np.array("classification"),
-        "images": test_pixels,
-        "labels": test_labels,
-        "divisor": np.float32(PIXEL_MAX),
-        "input_shape": np.array([64], dtype=np.int64),
-        "input": test_x,
-        "accuracy": np.float64(accuracy),
-    })
+    save_npz(
+        eval_path,
+        {
+            "task": np.array("classification"),
+            "images": test_pixels,
+            "labels": test_labels,
+            "divisor": np.float32(PIXEL_MAX),
+            "input_shape": np.array([64], dtype=np.int64),
+            "input": test_x,
+            "accuracy": np.float64(accuracy),
+        },
+    )
     calib_path = save_calibration(NAME, "input", to_input(train_pixels[:CALIBRATION_SIZE]))
     report(NAME, path, {"held-out accuracy": accuracy}, [eval_path, calib_path])
 

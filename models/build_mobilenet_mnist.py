@@ -45,12 +45,19 @@ WIDTH = 16
 EXPANSION = 4
 
 
-def conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1,
-            groups: int = 1, activation: bool = True) -> list[nn.Module]:
+def conv_bn(
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    activation: bool = True,
+) -> list[nn.Module]:
     """Conv (no bias), BatchNorm and, unless ``activation`` is off, Hardswish."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups,
-                  bias=False),
+        nn.Conv2d(
+            in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False
+        ),
         nn.BatchNorm2d(out_channels),
     ]
     if activation:
@@ -65,8 +72,11 @@ class SqueezeExcite(nn.Module):
         super().__init__()
         squeezed = max(4, channels // 4)
         self.gate = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, squeezed, 1), nn.ReLU(),
-            nn.Conv2d(squeezed, channels, 1), nn.Hardsigmoid(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, squeezed, 1),
+            nn.ReLU(),
+            nn.Conv2d(squeezed, channels, 1),
+            nn.Hardsigmoid(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,12 +107,17 @@ class MobileNetMNIST(nn.Module):
 
     def __init__(self, classes: int = 10, width: int = WIDTH) -> None:
         super().__init__()
-        plan = [(width, 2 * width, 2), (2 * width, 2 * width, 1),
-                (2 * width, 4 * width, 2), (4 * width, 4 * width, 1)]
+        plan = [
+            (width, 2 * width, 2),
+            (2 * width, 2 * width, 1),
+            (2 * width, 4 * width, 2),
+            (4 * width, 4 * width, 1),
+        ]
         self.features = nn.Sequential(
             *conv_bn(1, width, 3),
             *(InvertedResidual(cin, cout, stride) for cin, cout, stride in plan),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(4 * width, classes)
 
@@ -110,29 +125,37 @@ class MobileNetMNIST(nn.Module):
         return self.classifier(self.features(x))
 
 
-def channel_spread(model: onnx.ModelProto, batch: np.ndarray) -> list[tuple[str, float, float,
-                                                                             float]]:
+def channel_spread(
+    model: onnx.ModelProto, batch: np.ndarray
+) -> list[tuple[str, float, float, float]]:
     """(tensor, max |x|, median and smallest per-channel max |x|) of every 4-D activation."""
-    names = [n.output[0] for n in model.graph.node
-             if n.op_type in {"HardSwish", "Mul", "Add"}]
+    names = [n.output[0] for n in model.graph.node if n.op_type in {"HardSwish", "Mul", "Add"}]
     values = next(stream_activations(model, names, [{"input": batch}]))
     rows = []
     for name in names:
         if values[name].ndim == 4 and values[name].shape[-1] > 1:
             per_channel = np.abs(values[name]).max(axis=(0, 2, 3))
-            rows.append((name, float(per_channel.max()), float(np.median(per_channel)),
-                         float(per_channel.min())))
+            rows.append(
+                (
+                    name,
+                    float(per_channel.max()),
+                    float(np.median(per_channel)),
+                    float(per_channel.min()),
+                )
+            )
     return rows
 
 
-TRAINING = common.MnistTraining(epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=0.0,
-                                batch_size=BATCH_SIZE, fold_constants=False)
+TRAINING = common.MnistTraining(
+    epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=0.0, batch_size=BATCH_SIZE, fold_constants=False
+)
 
 
 def main() -> None:
     required = {"BatchNormalization", "Conv", "HardSwish", "HardSigmoid", "Mul", "Add", "Gemm"}
     onnx_model, calibration, path, accuracy, files = common.build_mnist_classifier(
-        NAME, MobileNetMNIST, TRAINING, required_ops=required)
+        NAME, MobileNetMNIST, TRAINING, required_ops=required
+    )
     print(f"{NAME}: per-channel max |x| on the calibration batch (largest, median, smallest)")
     for name, peak, median, smallest in channel_spread(onnx_model, calibration):
         print(f"  {name:<48s} {peak:8.3f} {median:8.3f} {smallest:8.4f}")

@@ -63,8 +63,7 @@ def luma_photos() -> tuple[np.ndarray, np.ndarray]:
 
 def shrink(high: torch.Tensor) -> torch.Tensor:
     """2x antialiased bicubic downscaling, rounded to 8-bit grey levels."""
-    low = F.interpolate(high, scale_factor=0.5, mode="bicubic", antialias=True,
-                        align_corners=False)
+    low = F.interpolate(high, scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
     return low.round().clamp(0, 255)
 
 
@@ -95,8 +94,9 @@ class SuperResolution(nn.Module):
         return self.tail(F.pixel_shuffle(self.upsample(features), 2)) + MEAN
 
 
-def random_patches(photos: list[np.ndarray], count: int,
-                   generator: torch.Generator) -> torch.Tensor:
+def random_patches(
+    photos: list[np.ndarray], count: int, generator: torch.Generator
+) -> torch.Tensor:
     """``count`` random 64x64 patches (random photo, place and flips), [count, 1, 64, 64]."""
     side = 2 * LOW
     patches = []
@@ -104,7 +104,7 @@ def random_patches(photos: list[np.ndarray], count: int,
         photo = photos[int(torch.randint(len(photos), (1,), generator=generator))]
         top = int(torch.randint(photo.shape[0] - side + 1, (1,), generator=generator))
         left = int(torch.randint(photo.shape[1] - side + 1, (1,), generator=generator))
-        patch = photo[top:top + side, left:left + side]
+        patch = photo[top : top + side, left : left + side]
         if float(torch.rand(1, generator=generator)) < 0.5:
             patch = patch[:, ::-1]
         if float(torch.rand(1, generator=generator)) < 0.5:
@@ -115,9 +115,13 @@ def random_patches(photos: list[np.ndarray], count: int,
 
 def held_out_tiles(photo: np.ndarray) -> np.ndarray:
     side, stride = 2 * LOW, LOW
-    return np.stack([photo[top:top + side, left:left + side]
-                     for top in range(0, photo.shape[0] - side + 1, stride)
-                     for left in range(0, photo.shape[1] - side + 1, stride)])[:, None]
+    return np.stack(
+        [
+            photo[top : top + side, left : left + side]
+            for top in range(0, photo.shape[0] - side + 1, stride)
+            for left in range(0, photo.shape[1] - side + 1, stride)
+        ]
+    )[:, None]
 
 
 def main() -> None:
@@ -151,16 +155,26 @@ def main() -> None:
     assert_close(f"{NAME} onnxruntime vs torch", expected, actual, atol=1e-3)
     target = high.numpy().astype(np.float64)
     score, baseline = psnr(actual, target), psnr(bicubic, target)
-    save_npz(DATA_DIR / f"{NAME}_eval.npz", {
-        "task": np.array("super_resolution"), "images": low.numpy().astype(np.uint8),
-        "divisor": np.float64(1.0), "input_shape": np.array([1, LOW, LOW]),
-        "target": high.numpy().astype(np.uint8), "psnr": np.float64(score),
-        "bicubic_psnr": np.float64(baseline)})
-    calibration = shrink(random_patches(train_photos, CALIBRATION_SIZE,
-                                        torch.Generator().manual_seed(1)))
+    save_npz(
+        DATA_DIR / f"{NAME}_eval.npz",
+        {
+            "task": np.array("super_resolution"),
+            "images": low.numpy().astype(np.uint8),
+            "divisor": np.float64(1.0),
+            "input_shape": np.array([1, LOW, LOW]),
+            "target": high.numpy().astype(np.uint8),
+            "psnr": np.float64(score),
+            "bicubic_psnr": np.float64(baseline),
+        },
+    )
+    calibration = shrink(
+        random_patches(train_photos, CALIBRATION_SIZE, torch.Generator().manual_seed(1))
+    )
     save_calibration(NAME, "input", calibration.numpy())
-    print(f"{NAME}: PSNR {score:.3f} dB on {len(high)} held-out 64x64 tiles "
-          f"(bicubic {baseline:.3f} dB)")
+    print(
+        f"{NAME}: PSNR {score:.3f} dB on {len(high)} held-out 64x64 tiles "
+        f"(bicubic {baseline:.3f} dB)"
+    )
     print(f"  ops: {op_histogram(onnx_model)}")
 
 

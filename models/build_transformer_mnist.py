@@ -91,13 +91,19 @@ class RowTransformer(nn.Module):
         return self.classifier(self.norm(hidden).mean(dim=1))
 
 
-TRAINING = MnistTraining(epochs=EPOCHS, lr=LEARNING_RATE, weight_decay=1e-2,
-                         batch_size=BATCH_SIZE, input_shape=(ROWS, ROWS))
+TRAINING = MnistTraining(
+    epochs=EPOCHS,
+    lr=LEARNING_RATE,
+    weight_decay=1e-2,
+    batch_size=BATCH_SIZE,
+    input_shape=(ROWS, ROWS),
+)
 
 
 def main() -> None:
     _, _, path, accuracy, files = build_mnist_classifier(
-        NAME, RowTransformer, TRAINING, required_ops={"MatMul", "Softmax"})
+        NAME, RowTransformer, TRAINING, required_ops={"MatMul", "Softmax"}
+    )
     report(NAME, path, {"held-out accuracy": accuracy}, files)
 
 

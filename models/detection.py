@@ -57,8 +57,9 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def make_scenes(images: np.ndarray, labels: np.ndarray, count: int,
-                rng: np.random.Generator) -> Scenes:
+def make_scenes(
+    images: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator
+) -> Scenes:
     """``count`` scenes drawn from ``images`` (uint8 [M, 28, 28]) and their ``labels``."""
     canvases = np.zeros((count, CANVAS, CANVAS), np.uint8)
     boxes = np.zeros((count, MAX_DIGITS, 4), np.float32)
@@ -74,7 +75,7 @@ def make_scenes(images: np.ndarray, labels: np.ndarray, count: int,
                     break
             else:
                 continue
-            patch = canvases[scene, top:top + DIGIT, left:left + DIGIT]
+            patch = canvases[scene, top : top + DIGIT, left : left + DIGIT]
             np.maximum(patch, images[pick], out=patch)
             boxes[scene, slot] = box
             scene_labels[scene, slot] = labels[pick]
@@ -82,8 +83,9 @@ def make_scenes(images: np.ndarray, labels: np.ndarray, count: int,
     return Scenes(canvases, boxes, scene_labels)
 
 
-def decode(output: np.ndarray, score_floor: float = 0.01, iou: float = 0.5,
-           max_detections: int = 20) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def decode(
+    output: np.ndarray, score_floor: float = 0.01, iou: float = 0.5, max_detections: int = 20
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per image (boxes [k, 4] x1y1x2y2, scores [k], classes [k]) after per-class NMS."""
     results = []
     for cells in output.astype(np.float64):
@@ -97,7 +99,7 @@ def decode(output: np.ndarray, score_floor: float = 0.01, iou: float = 0.5,
         chosen: list[int] = []
         for index in range(len(keep)):
             same = [j for j in chosen if classes[keep[j]] == classes[keep[index]]]
-            if same and box_iou(boxes[index:index + 1], boxes[same]).max() > iou:
+            if same and box_iou(boxes[index : index + 1], boxes[same]).max() > iou:
                 continue
             chosen.append(index)
             if len(chosen) == max_detections:
@@ -121,8 +123,9 @@ def _average_precision(hits: np.ndarray, scores: np.ndarray, positives: int) -> 
     return float(np.sum(steps * envelope))
 
 
-def mean_average_precision(output: np.ndarray, scenes_boxes: np.ndarray,
-                           scenes_labels: np.ndarray) -> dict[str, float]:
+def mean_average_precision(
+    output: np.ndarray, scenes_boxes: np.ndarray, scenes_labels: np.ndarray
+) -> dict[str, float]:
     """``map50`` (IoU 0.5) and ``map`` (mean over IoU 0.50:0.05:0.95) of a detector output."""
     detections = decode(output)
     thresholds = np.arange(0.5, 0.96, 0.05)
@@ -132,7 +135,8 @@ def mean_average_precision(output: np.ndarray, scenes_boxes: np.ndarray,
         for cls in range(CLASSES):
             hits, scores, positives = [], [], 0
             for (boxes, conf, classes), truth, truth_labels in zip(
-                    detections, scenes_boxes, scenes_labels, strict=True):
+                detections, scenes_boxes, scenes_labels, strict=True
+            ):
                 gt = truth[truth_labels == cls]
                 positives += len(gt)
                 mine = np.flatnonzero(classes == cls)

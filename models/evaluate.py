@@ -42,8 +42,11 @@ EVAL_SETS = {
 }
 # the headline metric of each task (key in scores() and in the eval set) -> its display name
 METRICS = {"accuracy": "accuracy", "rmse": "rmse", "map": "mAP", "psnr": "psnr"}
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-              "tensor(double)": np.float64}
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+}
 
 
 @dataclass(frozen=True)
@@ -78,8 +81,10 @@ def infer_kind(model_path: Path) -> str:
     name = model_path.name
     matches = [kind for kind in EVAL_SETS if name.startswith(kind)]
     if not matches:
-        raise ValueError(f"{name}: cannot tell the model kind from the file name; "
-                         f"pass --kind ({', '.join(EVAL_SETS)}) or --data")
+        raise ValueError(
+            f"{name}: cannot tell the model kind from the file name; "
+            f"pass --kind ({', '.join(EVAL_SETS)}) or --data"
+        )
     return max(matches, key=len)
 
 
@@ -109,14 +114,22 @@ def run_batched(session: ort.InferenceSession, inputs: np.ndarray, batch_size: i
     if dtype is None:
         raise ValueError(f"input {feed.name!r} has type {feed.type}; expected a float tensor")
     outputs = [
-        np.asarray(session.run(None, {feed.name: inputs[start:start + batch_size].astype(dtype)})[0])
+        np.asarray(
+            session.run(None, {feed.name: inputs[start : start + batch_size].astype(dtype)})[0]
+        )
         for start in range(0, len(inputs), batch_size)
     ]
     return np.concatenate(outputs).astype(np.float64)
 
 
-def evaluate(model_path: str | Path, data_path: str | Path | None = None, *,
-             kind: str | None = None, batch_size: int = 256, threads: int = 2) -> Evaluation:
+def evaluate(
+    model_path: str | Path,
+    data_path: str | Path | None = None,
+    *,
+    kind: str | None = None,
+    batch_size: int = 256,
+    threads: int = 2,
+) -> Evaluation:
     """Run ``model_path`` on its held-out set and compute accuracy or RMSE."""
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -136,9 +149,17 @@ def evaluate(model_path: str | Path, data_path: str | Path | None = None, *,
         raise ValueError(f"{data_path}: {exc}") from None
     metric = next(key for key in METRICS if key in values)
     reference = float(eval_set[metric]) if metric in eval_set else None
-    return Evaluation(str(model_path), str(data_path), METRICS[metric], values[metric],
-                      len(outputs), reference, values.get("naive_rmse"), values.get("map50"),
-                      values.get("bicubic_psnr"))
+    return Evaluation(
+        str(model_path),
+        str(data_path),
+        METRICS[metric],
+        values[metric],
+        len(outputs),
+        reference,
+        values.get("naive_rmse"),
+        values.get("map50"),
+        values.get("bicubic_psnr"),
+    )
 
 
 def scores(eval_set: dict[str, np.ndarray], outputs: np.ndarray) -> dict[str, float]:
@@ -147,19 +168,25 @@ def scores(eval_set: dict[str, np.ndarray], outputs: np.ndarray) -> dict[str, fl
     task = str(eval_set["task"])
     if task == "classification":
         labels = eval_set["labels"]
-        return {"accuracy": float((outputs.reshape(len(labels), -1).argmax(axis=1) == labels).mean())}
+        return {
+            "accuracy": float((outputs.reshape(len(labels), -1).argmax(axis=1) == labels).mean())
+        }
     if task == "regression":
         target = eval_set["target"].astype(np.float64)
         predicted = outputs.reshape(len(target)) * float(eval_set["std"]) + float(eval_set["mean"])
         naive = eval_set["naive"].astype(np.float64)
-        return {"rmse": float(np.sqrt(np.mean((predicted - target) ** 2))),
-                "naive_rmse": float(np.sqrt(np.mean((naive - target) ** 2)))}
+        return {
+            "rmse": float(np.sqrt(np.mean((predicted - target) ** 2))),
+            "naive_rmse": float(np.sqrt(np.mean((naive - target) ** 2))),
+        }
     if task == "detection":
         found = _detection().mean_average_precision(outputs, eval_set["boxes"], eval_set["labels"])
         return {"map": found["map"], "map50": found["map50"]}
     if task == "super_resolution":
-        return {"psnr": psnr(outputs, eval_set["target"]),
-                "bicubic_psnr": float(eval_set["bicubic_psnr"])}
+        return {
+            "psnr": psnr(outputs, eval_set["target"]),
+            "bicubic_psnr": float(eval_set["bicubic_psnr"]),
+        }
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -185,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="an .onnx file")
     parser.add_argument("--data", type=Path, help="held-out .npz (default: from --kind)")
-    parser.add_argument("--kind", choices=sorted(EVAL_SETS),
-                        help="model kind (default: inferred from the file name)")
+    parser.add_argument(
+        "--kind",
+        choices=sorted(EVAL_SETS),
+        help="model kind (default: inferred from the file name)",
+    )
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

@@ -44,10 +44,12 @@ def _cell(step: int, state: str, nodes: list[onnx.NodeProto]) -> str:
     gh = node("Add", [node("MatMul", [state, "W_hh_T"], "h_proj"), "b_hh"], "gates_h")
     gi_parts = [f"step{step}/gates_x_{gate}" for gate in "rzn"]
     gh_parts = [f"step{step}/gates_h_{gate}" for gate in "rzn"]
-    nodes.append(helper.make_node("Split", [gi, "gate_sizes"], gi_parts,
-                                  name=f"step{step}/split_x", axis=1))
-    nodes.append(helper.make_node("Split", [gh, "gate_sizes"], gh_parts,
-                                  name=f"step{step}/split_h", axis=1))
+    nodes.append(
+        helper.make_node("Split", [gi, "gate_sizes"], gi_parts, name=f"step{step}/split_x", axis=1)
+    )
+    nodes.append(
+        helper.make_node("Split", [gh, "gate_sizes"], gh_parts, name=f"step{step}/split_h", axis=1)
+    )
     reset = node("Sigmoid", [node("Add", [gi_parts[0], gh_parts[0]], "r_sum")], "r")
     update = node("Sigmoid", [node("Add", [gi_parts[1], gh_parts[1]], "z_sum")], "z")
     gated = node("Mul", [reset, gh_parts[2]], "r_h_n")
@@ -57,8 +59,9 @@ def _cell(step: int, state: str, nodes: list[onnx.NodeProto]) -> str:
     return node("Add", [keep_new, keep_old], "h")
 
 
-def build_unrolled_gru(weights: Mapping[str, np.ndarray], *, steps: int,
-                       hidden: int) -> onnx.ModelProto:
+def build_unrolled_gru(
+    weights: Mapping[str, np.ndarray], *, steps: int, hidden: int
+) -> onnx.ModelProto:
     """Unrolled GRU + linear head from a torch ``state_dict`` (as numpy arrays).
 
     Expects keys ``gru.weight_ih_l0`` [3H,I], ``gru.weight_hh_l0`` [3H,H],
@@ -69,8 +72,9 @@ def build_unrolled_gru(weights: Mapping[str, np.ndarray], *, steps: int,
     f32 = np.float32
     initializers = [
         numpy_helper.from_array(np.ascontiguousarray(w_ih.T), "W_ih_T"),
-        numpy_helper.from_array(np.ascontiguousarray(
-            np.asarray(weights["gru.weight_hh_l0"], dtype=f32).T), "W_hh_T"),
+        numpy_helper.from_array(
+            np.ascontiguousarray(np.asarray(weights["gru.weight_hh_l0"], dtype=f32).T), "W_hh_T"
+        ),
         numpy_helper.from_array(np.asarray(weights["gru.bias_ih_l0"], dtype=f32), "b_ih"),
         numpy_helper.from_array(np.asarray(weights["gru.bias_hh_l0"], dtype=f32), "b_hh"),
         numpy_helper.from_array(np.asarray(weights["head.weight"], dtype=f32), "head.weight"),
@@ -79,31 +83,45 @@ def build_unrolled_gru(weights: Mapping[str, np.ndarray], *, steps: int,
         numpy_helper.from_array(np.array([hidden], dtype=np.int64), "hidden_size"),
         numpy_helper.from_array(np.array(1.0, dtype=f32), "one"),
     ]
-    initializers += [numpy_helper.from_array(np.array(t, dtype=np.int64), f"step{t}_index")
-                     for t in range(steps)]
+    initializers += [
+        numpy_helper.from_array(np.array(t, dtype=np.int64), f"step{t}_index") for t in range(steps)
+    ]
     nodes = [
-        helper.make_node("Shape", ["input"], ["batch_size"], name="init/batch_size",
-                         start=0, end=1),
-        helper.make_node("Concat", ["batch_size", "hidden_size"], ["init/h_shape"],
-                         name="init/h_shape", axis=0),
-        helper.make_node("ConstantOfShape", ["init/h_shape"], ["init/h"], name="init/h",
-                         value=numpy_helper.from_array(np.zeros(1, dtype=f32))),
+        helper.make_node(
+            "Shape", ["input"], ["batch_size"], name="init/batch_size", start=0, end=1
+        ),
+        helper.make_node(
+            "Concat", ["batch_size", "hidden_size"], ["init/h_shape"], name="init/h_shape", axis=0
+        ),
+        helper.make_node(
+            "ConstantOfShape",
+            ["init/h_shape"],
+            ["init/h"],
+            name="init/h",
+            value=numpy_helper.from_array(np.zeros(1, dtype=f32)),
+        ),
     ]
     state = "init/h"
     for step in range(steps):
         state = _cell(step, state, nodes)
-    nodes.append(helper.make_node("Gemm", [state, "head.weight", "head.bias"], ["prediction"],
-                                  name="head/Gemm", transB=1))
+    nodes.append(
+        helper.make_node(
+            "Gemm", [state, "head.weight", "head.bias"], ["prediction"], name="head/Gemm", transB=1
+        )
+    )
     graph = helper.make_graph(
-        nodes, "gru_sunspots_unrolled",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                       ["batch", steps, input_size])],
+        nodes,
+        "gru_sunspots_unrolled",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", steps, input_size])],
         [helper.make_tensor_value_info("prediction", TensorProto.FLOAT, ["batch", 1])],
         initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="onnxpress-models")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="onnxpress-models"
+    )
     model.ir_version = 8
-    model.doc_string = (f"GRU(hidden {hidden}) unrolled over {steps} steps into primitive ops, "
-                        "then Linear(hidden->1); same weights as gru_sunspots.onnx")
+    model.doc_string = (
+        f"GRU(hidden {hidden}) unrolled over {steps} steps into primitive ops, "
+        "then Linear(hidden->1); same weights as gru_sunspots.onnx"
+    )
     return model

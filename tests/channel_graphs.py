@@ -33,8 +33,16 @@ class Net:
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
         return outs[0]
 
-    def conv(self, x: str, name: str, c_in: int, c_out: int, k: int = 3, group: int = 1,
-             bias: bool = True) -> str:
+    def conv(
+        self,
+        x: str,
+        name: str,
+        c_in: int,
+        c_out: int,
+        k: int = 3,
+        group: int = 1,
+        bias: bool = True,
+    ) -> str:
         inputs = [x, self.weight(f"{name}.w", (c_out, c_in // group, k, k))]
         if bias:
             inputs.append(self.weight(f"{name}.b", (c_out,)))
@@ -47,12 +55,16 @@ class Net:
         var = self.const(f"{name}.var", 0.5 + self.rng.random(channels), np.float32)
         return self.op("BatchNormalization", [x, gamma, beta, mean, var], name)
 
-    def model(self, inputs: dict[str, list[Any]], outputs: list[str],
-              opset: int = 17) -> onnx.ModelProto:
+    def model(
+        self, inputs: dict[str, list[Any]], outputs: list[str], opset: int = 17
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, "channels",
+            self.nodes,
+            "channels",
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
-            [helper.make_empty_tensor_value_info(n) for n in outputs], self.inits)
+            [helper.make_empty_tensor_value_info(n) for n in outputs],
+            self.inits,
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)
@@ -66,8 +78,9 @@ def chain_model() -> onnx.ModelProto:
     """conv1(8) -> BN -> Relu -> MaxPool -> Pad(spatial) -> Resize(x2) -> conv2 -> y."""
     net = Net()
     h = net.bn(net.conv("x", "conv1", 3, 8), "bn1", 8)
-    h = net.op("MaxPool", [net.op("Relu", [h], "relu1")], "pool", kernel_shape=[2, 2],
-               strides=[2, 2])
+    h = net.op(
+        "MaxPool", [net.op("Relu", [h], "relu1")], "pool", kernel_shape=[2, 2], strides=[2, 2]
+    )
     h = net.op("Pad", [h, net.const("pads", [0, 0, 1, 1, 0, 0, 1, 1])], "pad")
     scales = net.const("scales", [1.0, 1.0, 2.0, 2.0], np.float32)
     h = net.op("Resize", [h, "", scales], "resize", mode="nearest")
@@ -87,8 +100,9 @@ def residual_se_model() -> onnx.ModelProto:
     h = net.op("Mul", [h, gate], "se_mul")
     h = net.op("Add", [s, h], "residual")
     scale = net.const("in.scale", 1 + 0.1 * np.arange(8), np.float32)
-    h = net.op("InstanceNormalization", [h, scale, net.const("in.b", np.zeros(8), np.float32)],
-               "inorm")
+    h = net.op(
+        "InstanceNormalization", [h, scale, net.const("in.b", np.zeros(8), np.float32)], "inorm"
+    )
     net.conv(h, "y", 8, 2)
     return net.model(IMAGE, ["y"])
 
@@ -96,13 +110,14 @@ def residual_se_model() -> onnx.ModelProto:
 def block_model() -> onnx.ModelProto:
     """Concat + depthwise + residual in one block::
 
-        s = relu(stem(x)) [8];  cat = Concat(conv_a(s) [4], conv_b(s) [4])
-        d = relu(depthwise3x3(cat));  y = head(s + conv_p(d))
+    s = relu(stem(x)) [8];  cat = Concat(conv_a(s) [4], conv_b(s) [4])
+    d = relu(depthwise3x3(cat));  y = head(s + conv_p(d))
     """
     net = Net(2)
     s = net.op("Relu", [net.conv("x", "stem", 3, 8)], "stem_relu")
-    cat = net.op("Concat", [net.conv(s, "conv_a", 8, 4), net.conv(s, "conv_b", 8, 4)], "cat",
-                 axis=1)
+    cat = net.op(
+        "Concat", [net.conv(s, "conv_a", 8, 4), net.conv(s, "conv_b", 8, 4)], "cat", axis=1
+    )
     d = net.op("Relu", [net.conv(cat, "dw", 8, 8, group=8)], "dw_relu")
     h = net.op("Add", [s, net.conv(d, "conv_p", 8, 8)], "residual")
     net.conv(h, "y", 8, 2)
@@ -127,8 +142,7 @@ def flatten_model(reshape: bool = False) -> onnx.ModelProto:
         net.op("MatMul", [h, net.weight("fc.w", (64, 5))], "y")
     else:
         h = net.op("Flatten", [h], "flatten", axis=1)
-        net.op("Gemm", [h, net.weight("fc.w", (5, 64)), net.weight("fc.b", (5,))], "y",
-               transB=1)
+        net.op("Gemm", [h, net.weight("fc.w", (5, 64)), net.weight("fc.b", (5,))], "y", transB=1)
     return net.model({"x": ["N", 3, 4, 4]}, ["y"])
 
 
@@ -139,8 +153,11 @@ def split_slice_model() -> onnx.ModelProto:
     h = net.conv("x", "conv", 3, 8)
     first = net.op("Split", [h, net.const("sizes", [3, 5])], "split", outputs=2, axis=1)
     a = net.op("Relu", [first], "relu")
-    b = net.op("Slice", ["split_1", net.const("starts", [1]), net.const("ends", [5]),
-                         net.const("axes", [1])], "slice")
+    b = net.op(
+        "Slice",
+        ["split_1", net.const("starts", [1]), net.const("ends", [5]), net.const("axes", [1])],
+        "slice",
+    )
     cat = net.op("Concat", [a, b], "cat", axis=1)
     net.conv(cat, "y", 7, 2)
     return net.model(IMAGE, ["y"])
@@ -161,15 +178,25 @@ def gru_model() -> onnx.ModelProto:
     net = Net(7)
     hidden = 8
     batch = net.op("Gather", [net.op("Shape", ["x"], "shape"), net.const("one", 1)], "batch")
-    dims = net.op("Concat", [net.const("d0", [1]), net.op("Unsqueeze", [batch, net.const(
-        "ax0", [0])], "batch1"), net.const("dh", [hidden])], "h0_shape", axis=0)
+    dims = net.op(
+        "Concat",
+        [
+            net.const("d0", [1]),
+            net.op("Unsqueeze", [batch, net.const("ax0", [0])], "batch1"),
+            net.const("dh", [hidden]),
+        ],
+        "h0_shape",
+        axis=0,
+    )
     zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
     h0 = net.op("ConstantOfShape", [dims], "h0", value=zero)
     w, r = net.weight("W", (1, 3 * hidden, 3)), net.weight("R", (1, 3 * hidden, hidden))
     b = net.weight("B", (1, 6 * hidden))
-    net.op("GRU", ["x", w, r, b, "", h0], "gru", outputs=2, hidden_size=hidden,
-           linear_before_reset=1)
+    net.op(
+        "GRU", ["x", w, r, b, "", h0], "gru", outputs=2, hidden_size=hidden, linear_before_reset=1
+    )
     h = net.op("Squeeze", ["gru_1", net.const("ax", [0])], "last")
-    net.op("Gemm", [h, net.weight("head.w", (2, hidden)), net.weight("head.b", (2,))], "y",
-           transB=1)
+    net.op(
+        "Gemm", [h, net.weight("head.w", (2, hidden)), net.weight("head.b", (2,))], "y", transB=1
+    )
     return net.model({"x": [6, "N", 3]}, ["y"])

@@ -45,11 +45,21 @@ def gru_model(
         names.pop()
     node_outputs = [name if name in outputs else "" for name in ("Y", "Y_h")]
     node = helper.make_node(
-        "GRU", names, node_outputs, name="gru", hidden_size=HID, linear_before_reset=lbr,
-        direction=direction, layout=layout, **attrs,
+        "GRU",
+        names,
+        node_outputs,
+        name="gru",
+        hidden_size=HID,
+        linear_before_reset=lbr,
+        direction=direction,
+        layout=layout,
+        **attrs,
     )
     graph = helper.make_graph(
-        [node], "gru", inputs, [helper.make_empty_tensor_value_info(o) for o in outputs],
+        [node],
+        "gru",
+        inputs,
+        [helper.make_empty_tensor_value_info(o) for o in outputs],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

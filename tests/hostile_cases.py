@@ -32,16 +32,27 @@ def case(name: str) -> Callable[[Case], Case]:
 def mlp(folder: Path, name: str = "model.onnx", external: bool = False) -> Path:
     path = folder / name
     if external:
-        onnx.save_model(make_mlp(), str(path), save_as_external_data=True,
-                        location="weights.bin", size_threshold=0)
+        onnx.save_model(
+            make_mlp(),
+            str(path),
+            save_as_external_data=True,
+            location="weights.bin",
+            size_threshold=0,
+        )
     else:
         onnx.save(make_mlp(), str(path))
     return path
 
 
-def graph_model(folder: Path, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
-                outputs: list[onnx.ValueInfoProto], inits: list[onnx.TensorProto] | None = None,
-                opset: int = 17, check: bool = False) -> Path:
+def graph_model(
+    folder: Path,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    inits: list[onnx.TensorProto] | None = None,
+    opset: int = 17,
+    check: bool = False,
+) -> Path:
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits or [])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     if check:
@@ -51,7 +62,9 @@ def graph_model(folder: Path, nodes: list[onnx.NodeProto], inputs: list[onnx.Val
     return path
 
 
-def vi(name: str, dims: list[int | str] | None, dtype: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
+def vi(
+    name: str, dims: list[int | str] | None, dtype: int = TensorProto.FLOAT
+) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, dtype, dims)
 
 
@@ -60,6 +73,7 @@ def optimize(model: Path, *args: str) -> list[str]:
 
 
 # -- data loss: an output that is an input or another output (exit 2) -----------------------
+
 
 @case("out-is-external-data")
 def _(d: Path) -> tuple[list[str], str]:
@@ -133,7 +147,16 @@ def _(d: Path) -> tuple[list[str], str]:
 def _(d: Path) -> tuple[list[str], str]:
     np.savez(d / "x.npz", x=np.ones((2, 8), np.float32))
     s, t = mlp(d, "s.onnx"), mlp(d, "t.onnx")
-    return ["distill", str(s), "--teacher", str(t), "--data", str(d / "x.npz"), "-o", str(t)], "teacher"
+    return [
+        "distill",
+        str(s),
+        "--teacher",
+        str(t),
+        "--data",
+        str(d / "x.npz"),
+        "-o",
+        str(t),
+    ], "teacher"
 
 
 @case("distill-out-is-data")
@@ -170,15 +193,20 @@ def _(d: Path) -> tuple[list[str], str]:
 
 # -- bad models --------------------------------------------------------------------------------
 
+
 @case("no-outputs")
 def _(d: Path) -> tuple[list[str], str]:
-    return optimize(graph_model(d, [helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])], [])), "no outputs"
+    return optimize(
+        graph_model(d, [helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])], [])
+    ), "no outputs"
 
 
 @case("output-listed-twice")
 def _(d: Path) -> tuple[list[str], str]:
     nodes = [helper.make_node("Relu", ["x"], ["y"])]
-    return optimize(graph_model(d, nodes, [vi("x", [2])], [vi("y", [2]), vi("y", [2])])), "listed twice"
+    return optimize(
+        graph_model(d, nodes, [vi("x", [2])], [vi("y", [2]), vi("y", [2])])
+    ), "listed twice"
 
 
 @case("opset-99")
@@ -190,7 +218,9 @@ def _(d: Path) -> tuple[list[str], str]:
 @case("bad-dtype-enum-input")
 def _(d: Path) -> tuple[list[str], str]:
     nodes = [helper.make_node("Identity", ["x"], ["y"])]
-    return optimize(graph_model(d, nodes, [vi("x", [2], 99)], [vi("y", [2], 99)])), "element type 99"
+    return optimize(
+        graph_model(d, nodes, [vi("x", [2], 99)], [vi("y", [2], 99)])
+    ), "element type 99"
 
 
 @case("bad-dtype-enum-initializer")
@@ -198,15 +228,18 @@ def _(d: Path) -> tuple[list[str], str]:
     weight = numpy_helper.from_array(np.ones(2, np.float32), "w")
     weight.data_type = 77
     nodes = [helper.make_node("Add", ["x", "w"], ["y"])]
-    return optimize(graph_model(d, nodes, [vi("x", [2])], [vi("y", [2])], [weight])), "element type 77"
+    return optimize(
+        graph_model(d, nodes, [vi("x", [2])], [vi("y", [2])], [weight])
+    ), "element type 77"
 
 
 @case("unknown-custom-domain")
 def _(d: Path) -> tuple[list[str], str]:
     nodes = [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")]
     graph = helper.make_graph(nodes, "g", [vi("x", [2])], [vi("y", [2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                     helper.make_opsetid("com.example", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
     (d / "model.onnx").write_bytes(model.SerializeToString())
     return optimize(d / "model.onnx"), "fails in onnxruntime"
 
@@ -220,7 +253,9 @@ def _(d: Path) -> tuple[list[str], str]:
 @case("static-output-dim-huge")
 def _(d: Path) -> tuple[list[str], str]:
     nodes = [helper.make_node("Relu", ["x"], ["y"])]
-    return optimize(graph_model(d, nodes, [vi("x", ["n"])], [vi("y", [2**20, 2**20])])), "output 'y'"
+    return optimize(
+        graph_model(d, nodes, [vi("x", ["n"])], [vi("y", [2**20, 2**20])])
+    ), "output 'y'"
 
 
 @case("negative-dim")
@@ -232,7 +267,9 @@ def _(d: Path) -> tuple[list[str], str]:
 @case("string-input")
 def _(d: Path) -> tuple[list[str], str]:
     nodes = [helper.make_node("Identity", ["s"], ["y"])]
-    model = graph_model(d, nodes, [vi("s", [2], TensorProto.STRING)], [vi("y", [2], TensorProto.STRING)])
+    model = graph_model(
+        d, nodes, [vi("s", [2], TensorProto.STRING)], [vi("y", [2], TensorProto.STRING)]
+    )
     return optimize(model), "input 's' is a string tensor"
 
 
@@ -247,26 +284,36 @@ def _(d: Path) -> tuple[list[str], str]:
 def _(d: Path) -> tuple[list[str], str]:
     shape = numpy_helper.from_array(np.array([3], np.int64), "shape")
     nodes = [helper.make_node("Reshape", ["x", "shape"], ["y"], name="bad_reshape")]
-    return optimize(graph_model(d, nodes, [vi("x", [2, 8])], [vi("y", [3])], [shape])), "input model fails in onnxruntime"
+    return optimize(
+        graph_model(d, nodes, [vi("x", [2, 8])], [vi("y", [3])], [shape])
+    ), "input model fails in onnxruntime"
 
 
 def _bomb(d: Path, op: str) -> Path:
     big = 10**12
     x, ints = vi("x", [1]), TensorProto.INT64
     const = {
-        "ConstantOfShape": ([big], [helper.make_node("ConstantOfShape", ["c0"], ["b"], name="bomb")]),
+        "ConstantOfShape": (
+            [big],
+            [helper.make_node("ConstantOfShape", ["c0"], ["b"], name="bomb")],
+        ),
         "Expand": ([big], [helper.make_node("Expand", ["x", "c0"], ["b"], name="bomb")]),
         "Tile": ([big], [helper.make_node("Tile", ["x", "c0"], ["b"], name="bomb")]),
         "Pad": ([0, big], [helper.make_node("Pad", ["x", "c0"], ["b"], name="bomb")]),
         "Resize": ([big], [helper.make_node("Resize", ["x", "", "", "c0"], ["b"], name="bomb")]),
     }
     if op == "Range":
-        inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("a", 0), ("l", big), ("s", 1))]
+        inits = [
+            numpy_helper.from_array(np.array(v, np.int64), n)
+            for n, v in (("a", 0), ("l", big), ("s", 1))
+        ]
         nodes = [helper.make_node("Range", ["a", "l", "s"], ["b"], name="bomb")]
         return graph_model(d, nodes, [x], [vi("b", None, ints)], inits)
     if op == "OneHot":
-        inits = [numpy_helper.from_array(np.array([big], np.int64), "depth"),
-                 numpy_helper.from_array(np.array([0, 1], np.float32), "values")]
+        inits = [
+            numpy_helper.from_array(np.array([big], np.int64), "depth"),
+            numpy_helper.from_array(np.array([0, 1], np.float32), "values"),
+        ]
         nodes = [helper.make_node("OneHot", ["i", "depth", "values"], ["b"], name="bomb")]
         return graph_model(d, nodes, [vi("i", [1], ints)], [vi("b", None)], inits)
     values, nodes = const[op]
@@ -291,9 +338,15 @@ def _external(d: Path, key: str, value: str) -> Path:
 
 
 CASES["ext-negative-offset"] = lambda d: (optimize(_external(d, "offset", "-8")), "offset")
-CASES["ext-non-numeric-offset"] = lambda d: (optimize(_external(d, "offset", "abc")), "bad external data entry")
+CASES["ext-non-numeric-offset"] = lambda d: (
+    optimize(_external(d, "offset", "abc")),
+    "bad external data entry",
+)
 CASES["ext-missing-file"] = lambda d: (optimize(_external(d, "location", "nope.bin")), "not found")
-CASES["ext-absolute-path"] = lambda d: (optimize(_external(d, "location", "/etc/passwd")), "absolute")
+CASES["ext-absolute-path"] = lambda d: (
+    optimize(_external(d, "location", "/etc/passwd")),
+    "absolute",
+)
 CASES["ext-huge-length"] = lambda d: (optimize(_external(d, "length", str(10**15))), "outside")
 
 
@@ -304,15 +357,23 @@ def _raw(d: Path, data: bytes) -> Path:
 
 CASES["empty-file"] = lambda d: (optimize(_raw(d, b"")), "empty file")
 CASES["garbage"] = lambda d: (optimize(_raw(d, b"\x00\x01garbage\xff" * 10)), "not an ONNX model")
-CASES["truncated"] = lambda d: (optimize(_raw(d, make_mlp().SerializeToString()[:150])), "not an ONNX model")
+CASES["truncated"] = lambda d: (
+    optimize(_raw(d, make_mlp().SerializeToString()[:150])),
+    "not an ONNX model",
+)
 CASES["model-is-folder"] = lambda d: (optimize(d), "not a file")
-CASES["inspect-no-outputs"] = lambda d: (["inspect", str(graph_model(d, [], [vi("x", [2])], []))], "no outputs")
+CASES["inspect-no-outputs"] = lambda d: (
+    ["inspect", str(graph_model(d, [], [vi("x", [2])], []))],
+    "no outputs",
+)
 CASES["inspect-bomb"] = lambda d: (["inspect", str(_bomb(d, "ConstantOfShape"))], "ConstantOfShape")
 
 
 def npy_bytes(shape: tuple[int, ...], descr: str = "<f4", payload: bytes = b"\0" * 64) -> bytes:
     buffer = io.BytesIO()
-    npy_format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    npy_format.write_array_header_1_0(
+        buffer, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
     return buffer.getvalue() + payload
 
 

@@ -1,5 +1,5 @@
 """Helpers for the qdq tests: calibration batches, a verified qdq run, structure lookups on
-the result and the op histogram after onnxruntime's QDQ fusions."""
+the result and the op histogram after onnxruntime's QDQ fusions, and a small conv net for the int8 lowering tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
 
@@ -99,3 +99,39 @@ def conv_relu_model(kit: SimpleNamespace) -> onnx.ModelProto:
         {"y": None},
         {"W1": w1, "b1": b1, "W2": w2},
     )
+
+
+def _f32(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array.astype(np.float32), name)
+
+
+def conv_model() -> onnx.ModelProto:
+    """Conv(pad) -> Relu -> Conv(stride 2) -> Relu -> depthwise Conv -> MaxPool -> Gemm(transB)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        _f32("w1", rng.normal(0, 0.3, (8, 3, 3, 3))),
+        _f32("b1", rng.normal(0, 0.1, 8)),
+        _f32("w2", rng.normal(0, 0.2, (12, 8, 3, 3))),
+        _f32("w3", rng.normal(0, 0.3, (12, 1, 3, 3))),
+        _f32("wf", rng.normal(0, 0.2, (5, 12 * 2 * 2))),
+        _f32("bf", rng.normal(0, 0.1, 5)),
+        numpy_helper.from_array(np.array([1, -1], np.int64), "flat"),
+    ]
+    nodes = [
+        node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        node("Relu", ["c1"], ["r1"]),
+        node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
+        node("Relu", ["c2"], ["r2"]),
+        node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], group=12, name="dw"),
+        node("MaxPool", ["c3"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        node("Reshape", ["p", "flat"], ["f"]),
+        node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -32,8 +32,9 @@ def test_demo_commands_run(tmp_path: Path) -> None:
             continue
         # out/ first: the interpreter's own path may contain "out/" (e.g. /work/layout/.venv).
         line = line.replace("out/", f"{tmp_path}/").replace("$(BIN)/", f"{bin_dir}/")
-        proc = subprocess.run(shlex.split(line), capture_output=True, text=True, cwd=REPO,
-                              timeout=300)
+        proc = subprocess.run(
+            shlex.split(line), capture_output=True, text=True, cwd=REPO, timeout=300
+        )
         assert proc.returncode == 0, f"{line}\n{proc.stdout}\n{proc.stderr}"
     report = json.loads((tmp_path / "cnn_mnist.report.json").read_text())
     assert report["before"]["op_histogram"]["BatchNormalization"] == 6
@@ -44,7 +45,11 @@ def test_demo_commands_run(tmp_path: Path) -> None:
     assert report["after"]["bytes"] < 0.6 * report["before"]["bytes"]
     evaluation = subprocess.run(
         [sys.executable, "models/evaluate.py", str(tmp_path / "cnn_mnist.opt.onnx"), "--json"],
-        capture_output=True, text=True, cwd=REPO, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        check=True,
     )
     result = json.loads(evaluation.stdout)
     assert result["metric"] == "accuracy" and result["value"] >= result["reference"] - 0.01

@@ -82,13 +82,22 @@ def main(argv: list[str] | None = None) -> int:
             "PYTHONHOME": str(root / "sysroot" / "usr"),
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         }
-        cmd = [qemu, "-L", str(root / "sysroot"), str(python), str(Path(tmp) / "run.py"),
-               str(Path(args.folder).resolve()), str(Path(tmp) / "in.npz"),
-               str(Path(tmp) / "out.npz")]
+        cmd = [
+            qemu,
+            "-L",
+            str(root / "sysroot"),
+            str(python),
+            str(Path(tmp) / "run.py"),
+            str(Path(args.folder).resolve()),
+            str(Path(tmp) / "in.npz"),
+            str(Path(tmp) / "out.npz"),
+        ]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if done.returncode != 0:
-            print(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
-                  file=sys.stderr)
+            print(
+                done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
+                file=sys.stderr,
+            )
             return 1
         with np.load(Path(tmp) / "out.npz") as out:
             got = {k: np.asarray(out[k]) for k in out.files}

@@ -75,8 +75,13 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def latency_ratio(original: Path, pruned: Path, feed: dict[str, np.ndarray], rounds: int,
-                  seconds_per_round: float = 0.1) -> float:
+def latency_ratio(
+    original: Path,
+    pruned: Path,
+    feed: dict[str, np.ndarray],
+    rounds: int,
+    seconds_per_round: float = 0.1,
+) -> float:
     """Median per-run seconds of pruned / original over rounds that interleave (and
     alternate) the two; each round runs a model about ``seconds_per_round``."""
     sessions = {"original": session(original), "pruned": session(pruned)}
@@ -100,8 +105,9 @@ def latency_feed(evaluate: ModuleType, kind: str, batch: int) -> dict[str, np.nd
     return {"input": np.ascontiguousarray(inputs[:batch])}
 
 
-def bench_model(kind: str, evaluate: ModuleType, folder: Path, rounds: int,
-                batch: int) -> dict[str, Any]:
+def bench_model(
+    kind: str, evaluate: ModuleType, folder: Path, rounds: int, batch: int
+) -> dict[str, Any]:
     source = MODELS / f"{kind}.onnx"
     calibration = MODELS / "data" / f"{kind}_calib.npz"
     baseline = evaluate.evaluate(source)
@@ -112,23 +118,37 @@ def bench_model(kind: str, evaluate: ModuleType, folder: Path, rounds: int,
         for method, options in METHODS.items():
             spec = f"prune-channels{{macs={target},{options}}}"
             start = time.perf_counter()
-            model, report = onnxpress.optimize(source, spec, calibration=calibration,
-                                               verify="structure")
+            model, report = onnxpress.optimize(
+                source, spec, calibration=calibration, verify="structure"
+            )
             seconds = time.perf_counter() - start
             path = folder / f"{kind}_{target}_{len(rows)}.onnx"
             onnx.save(model, str(path))
             after = report.after
-            rows.append({
-                "method": method, "spec": spec, "macs_target": target,
-                "macs_kept": after.macs / before.macs, "params_kept": after.params / before.params,
-                "metric": baseline.metric, "value": evaluate.evaluate(path, kind=kind).value,
-                "file_ratio": path.stat().st_size / source.stat().st_size,
-                "latency_ratio": latency_ratio(source, path, feed, rounds),
-                "seconds": seconds,
-            })
+            rows.append(
+                {
+                    "method": method,
+                    "spec": spec,
+                    "macs_target": target,
+                    "macs_kept": after.macs / before.macs,
+                    "params_kept": after.params / before.params,
+                    "metric": baseline.metric,
+                    "value": evaluate.evaluate(path, kind=kind).value,
+                    "file_ratio": path.stat().st_size / source.stat().st_size,
+                    "latency_ratio": latency_ratio(source, path, feed, rounds),
+                    "seconds": seconds,
+                }
+            )
             print(f"{kind} {spec}: {rows[-1]['metric']} {rows[-1]['value']:.4f}", file=sys.stderr)
-    return {"model": kind, "metric": baseline.metric, "baseline": baseline.value,
-            "macs": before.macs, "params": before.params, "batch": batch, "rows": rows}
+    return {
+        "model": kind,
+        "metric": baseline.metric,
+        "baseline": baseline.value,
+        "macs": before.macs,
+        "params": before.params,
+        "batch": batch,
+        "rows": rows,
+    }
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -150,7 +170,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {row['macs_target']:.2f} | {row['method']} | {row['macs_kept']:.3f} "
                 f"| {row['params_kept']:.3f} | {value:.2f} | {value - scale * base:+.2f} "
-                f"| {row['file_ratio']:.3f} | {row['latency_ratio']:.3f} | {row['seconds']:.1f} s |")
+                f"| {row['file_ratio']:.3f} | {row['latency_ratio']:.3f} | {row['seconds']:.1f} s |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -167,8 +188,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> bool:
     for axis, result in zip(np.atleast_1d(axes), results, strict=True):
         for method in METHODS:
             rows = [r for r in result["rows"] if r["method"] == method]
-            axis.plot([r["macs_kept"] for r in rows], [r["value"] for r in rows], "o-",
-                      label=method)
+            axis.plot(
+                [r["macs_kept"] for r in rows], [r["value"] for r in rows], "o-", label=method
+            )
         axis.axhline(result["baseline"], color="gray", linestyle="--", label="unpruned")
         axis.set(title=result["model"], xlabel="MACs kept", ylabel=result["metric"])
         axis.legend(fontsize=7)
@@ -186,16 +208,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="accuracy vs MACs kept PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     if os.environ.get("OPENBLAS_NUM_THREADS") != "1":
-        print("note: OPENBLAS_NUM_THREADS is not 1; the refit may be slow on a busy machine",
-              file=sys.stderr)
+        print(
+            "note: OPENBLAS_NUM_THREADS is not 1; the refit may be slow on a busy machine",
+            file=sys.stderr,
+        )
     evaluate = load_evaluate()
     started = datetime.datetime.now(datetime.timezone.utc)
     with tempfile.TemporaryDirectory() as tmp:
-        results = [bench_model(kind, evaluate, Path(tmp), args.rounds, args.batch)
-                   for kind in args.models.split(",")]
-    header = (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
-              f"Python {platform.python_version()}, onnxruntime {ort.__version__}; "
-              f"date: {started:%Y-%m-%d %H:%M} UTC")
+        results = [
+            bench_model(kind, evaluate, Path(tmp), args.rounds, args.batch)
+            for kind in args.models.split(",")
+        ]
+    header = (
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}, "
+        f"Python {platform.python_version()}, onnxruntime {ort.__version__}; "
+        f"date: {started:%Y-%m-%d %H:%M} UTC"
+    )
     print(header + "\n\n" + markdown(results))
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": results}, indent=2))

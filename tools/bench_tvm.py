@@ -58,8 +58,9 @@ def bench_model(
         variants.append(("tvm_tuned", True, tuning))
     for label, schedules, options in variants:
         start = time.perf_counter()
-        result = compile_model(path, "x86", folder / f"{name}-{label}",
-                               default_schedules=schedules, tuning=options)
+        result = compile_model(
+            path, "x86", folder / f"{name}-{label}", default_schedules=schedules, tuning=options
+        )
         row[f"{label}_compile_s"] = time.perf_counter() - start
         if options is not None:
             summary = result.manifest["tuning"]
@@ -69,8 +70,10 @@ def bench_model(
             row["tune_applied"] = summary["kernels_applied"]
         libraries[label] = CompiledModel(result.library)
         rng = np.random.default_rng(0)
-        feed = {e["name"]: rng.standard_normal(e["shape"]).astype(e["dtype"])
-                for e in result.manifest["inputs"]}
+        feed = {
+            e["name"]: rng.standard_normal(e["shape"]).astype(e["dtype"])
+            for e in result.manifest["inputs"]
+        }
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -130,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             rows.append(bench_model(name.strip(), args.rounds, args.iters, Path(tmp), tuning))
             print(f"done {name}", file=sys.stderr)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"medians of {args.rounds} interleaved rounds of {args.iters} calls")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"medians of {args.rounds} interleaved rounds of {args.iters} calls"
+    )
     if args.markdown:
         print(markdown(rows))
     else:

@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.markdown:
         print("\n".join(str(r) for r in rows))
         return 0
-    print("| model (batch 1) | ORT ms | TVM loop ms (× ORT) | TVM unrolled ms (× ORT) | compile s loop / unrolled |")
+    print(
+        "| model (batch 1) | ORT ms | TVM loop ms (× ORT) | TVM unrolled ms (× ORT) | compile s loop / unrolled |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         print(

@@ -54,7 +54,9 @@ DEFAULT_MODELS = "cnn_mnist,transformer_mnist,cnn_wide_mnist,mobilenet_mnist,mlp
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def resnet112() -> onnx.ModelProto:
@@ -70,8 +72,13 @@ def resnet112() -> onnx.ModelProto:
             numpy_helper.from_array(rng.normal(0, 0.05, out).astype(np.float32), f"b{index}"),
         ]
         nodes += [
-            helper.make_node("Conv", [previous, f"w{index}", f"b{index}"], [f"c{index}"],
-                             pads=[1, 1, 1, 1], strides=[stride, stride]),
+            helper.make_node(
+                "Conv",
+                [previous, f"w{index}", f"b{index}"],
+                [f"c{index}"],
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
+            ),
             helper.make_node("Relu", [f"c{index}"], [f"r{index}"]),
         ]
         previous, channels = f"r{index}", out
@@ -82,9 +89,11 @@ def resnet112() -> onnx.ModelProto:
         helper.make_node("Gemm", ["flat", "fc"], ["y"], transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "resnet112",
+        nodes,
+        "resnet112",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 112, 112])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])], inits,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100])],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -93,12 +102,13 @@ def _sources(name: str) -> tuple[Any, Any, np.ndarray, np.ndarray | None]:
     """(model, calibration, held-out inputs, labels or None) of a bundled or synthetic model."""
     if name == "resnet112":
         rng = np.random.default_rng(1)
-        batches = [{"x": rng.standard_normal((1, 3, 112, 112)).astype(np.float32)} for _ in range(8)]
+        batches = [
+            {"x": rng.standard_normal((1, 3, 112, 112)).astype(np.float32)} for _ in range(8)
+        ]
         return resnet112(), batches, rng.standard_normal((50, 3, 112, 112)).astype(np.float32), None
     eval_set = load_eval_set(ROOT / "models" / "data" / f"{name}_eval.npz")
     calibration = ROOT / "models" / "data" / f"{name}_calib.npz"
     return ROOT / "models" / f"{name}.onnx", calibration, model_inputs(eval_set), eval_set["labels"]
-
 
 
 def _kernels(lowering: dict[str, Any]) -> str:
@@ -127,7 +137,10 @@ def bench_model(
             # fake-quant rounds at quantize boundaries differently from onnxruntime's float
             # run now and then (one step): it is a speed reference only, not verified here
             result = compile_model(
-                model, target, folder / f"{name}-{target}-{label}", int8=mode,
+                model,
+                target,
+                folder / f"{name}-{target}-{label}",
+                int8=mode,
                 verify=label != "tvm_fakequant",
             )
             row[f"{label}_compile_s"] = time.perf_counter() - start
@@ -146,7 +159,10 @@ def bench_model(
         runners[label] = functools.partial(sess.run, None, {input_name: x})
     timed = interleaved_ms(runners, rounds)
     ort_predicted = np.array(
-        [sessions["ort_qdq"].run(None, {input_name: inputs[i : i + 1]})[0].argmax() for i in range(len(inputs))]
+        [
+            sessions["ort_qdq"].run(None, {input_name: inputs[i : i + 1]})[0].argmax()
+            for i in range(len(inputs))
+        ]
     )
     for target, row in rows.items():
         for label in ("ort_fp32", "ort_qdq"):
@@ -160,13 +176,18 @@ def bench_model(
             row["int8_vs_fakequant_tvm"] = row["tvm_int8_ms"] / row["tvm_fakequant_ms"]
         predictions = {
             label: np.array(
-                [libraries[f"{target}:{label}"](inputs[i : i + 1])[0].argmax() for i in range(len(inputs))]
+                [
+                    libraries[f"{target}:{label}"](inputs[i : i + 1])[0].argmax()
+                    for i in range(len(inputs))
+                ]
             )
             for label, _, _ in builds
         }
         predictions["ort_qdq"] = ort_predicted
         for label, predicted in predictions.items():
-            row[f"{label}_accuracy"] = float(np.mean(predicted == labels)) if labels is not None else None
+            row[f"{label}_accuracy"] = (
+                float(np.mean(predicted == labels)) if labels is not None else None
+            )
         row["int8_agrees_with_ort_qdq"] = float(np.mean(predictions["tvm_int8"] == ort_predicted))
     return list(rows.values())
 
@@ -198,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--targets", default="avx2,x86", help="compile targets, comma-separated")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--fake-quant", action="store_true", help="also time TVM's float fake-quant")
+    parser.add_argument(
+        "--fake-quant", action="store_true", help="also time TVM's float fake-quant"
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)

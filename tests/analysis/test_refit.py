@@ -20,8 +20,9 @@ from onnxpress.analysis.refit import conv_patches
         ([1, 2], [2, 1], [0, 0, 0, 0], "VALID"),
     ],
 )
-def test_patches_reproduce_conv(strides: list[int], dilations: list[int], pads: list[int],
-                                auto_pad: str) -> None:
+def test_patches_reproduce_conv(
+    strides: list[int], dilations: list[int], pads: list[int], auto_pad: str
+) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
     w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
@@ -29,9 +30,12 @@ def test_patches_reproduce_conv(strides: list[int], dilations: list[int], pads: 
     if auto_pad == "NOTSET":
         attrs["pads"] = pads
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)], "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape)),
-         helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))],
+        [helper.make_node("Conv", ["x", "w"], ["y"], **attrs)],
+        "conv",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape)),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape)),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -24,8 +24,9 @@ def test_stream_returns_intermediate_tensors(mlp_model: onnx.ModelProto) -> None
     assert len(seen) == 2
     for batch, acts in zip(batches, seen, strict=True):
         np.testing.assert_allclose(acts["h0"], batch["x"] @ w1, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(acts["h2"], np.maximum(batch["x"] @ w1 + b1, 0), rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            acts["h2"], np.maximum(batch["x"] @ w1 + b1, 0), rtol=1e-5, atol=1e-5
+        )
     # The caller's model is not changed.
     assert [o.name for o in mlp_model.graph.output] == ["y"]
     assert [o.name for o in with_outputs(mlp_model, ["y", "h0"]).graph.output] == ["y", "h0"]

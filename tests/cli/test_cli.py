@@ -36,10 +36,21 @@ def _assert_clean_failure(code: int, err: str, folder: Path, before: set[str], e
     assert files_in(folder) == before
 
 
-def test_optimize_writes_model_and_report(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_optimize_writes_model_and_report(
+    mlp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, report = mlp_path.with_name("o.onnx"), mlp_path.with_name("r.json")
-    code, stdout, _ = _run(capsys, "optimize", str(mlp_path), "-o", str(out), "--passes",
-                           "cleanup,toposort", "--report", str(report))
+    code, stdout, _ = _run(
+        capsys,
+        "optimize",
+        str(mlp_path),
+        "-o",
+        str(out),
+        "--passes",
+        "cleanup,toposort",
+        "--report",
+        str(report),
+    )
     assert code == 0
     assert "cleanup" in stdout and "identity_removed=1" in stdout and f"wrote {out}" in stdout
     data = json.loads(report.read_text())
@@ -52,7 +63,14 @@ def test_default_output_name_and_json(mlp_path: Path, capsys: pytest.CaptureFixt
     assert code == 0
     data = json.loads(stdout)
     assert data["output"].endswith("mlp.opt.onnx")
-    assert [p["name"] for p in data["passes"]] == ["fold-constants", "fold-batchnorm", "fuse-gru", "cleanup", "fix-saturation", "toposort"]
+    assert [p["name"] for p in data["passes"]] == [
+        "fold-constants",
+        "fold-batchnorm",
+        "fuse-gru",
+        "cleanup",
+        "fix-saturation",
+        "toposort",
+    ]
     assert (mlp_path.parent / "mlp.opt.onnx").exists()
 
 
@@ -66,8 +84,9 @@ def test_recipe(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_in_place(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, _ = _run(capsys, "optimize", str(mlp_path), "-o", str(mlp_path), "--passes", "cleanup",
-                      "--in-place")
+    code, _, _ = _run(
+        capsys, "optimize", str(mlp_path), "-o", str(mlp_path), "--passes", "cleanup", "--in-place"
+    )
     assert code == 0
     assert len(onnx.load(str(mlp_path)).graph.node) == 4
 
@@ -101,7 +120,9 @@ def _cyclic_model() -> onnx.ModelProto:
         helper.make_node("Relu", ["a"], ["y"], name="out"),
     ]
     graph = helper.make_graph(
-        nodes, "cyc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        nodes,
+        "cyc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -118,7 +139,10 @@ BAD_MODELS = {
     "garbage": (lambda: b"\x00\x01garbage\xff" * 10, "not an ONNX model"),
     "truncated": (lambda: make_mlp().SerializeToString()[:150], "not an ONNX model"),
     "checker": (lambda: _unknown_op_model().SerializeToString(), "fails the ONNX checker"),
-    "cycle": (lambda: _cyclic_model().SerializeToString(), "graph has a cycle: first -> second -> first"),
+    "cycle": (
+        lambda: _cyclic_model().SerializeToString(),
+        "graph has a cycle: first -> second -> first",
+    ),
 }
 
 
@@ -137,8 +161,9 @@ def test_external_data_outside_folder(tmp_path: Path, capsys: pytest.CaptureFixt
     inner = tmp_path / "m"
     inner.mkdir()
     path = inner / "ext.onnx"
-    onnx.save_model(make_mlp(), str(path), save_as_external_data=True, location="w.bin",
-                    size_threshold=64)
+    onnx.save_model(
+        make_mlp(), str(path), save_as_external_data=True, location="w.bin", size_threshold=64
+    )
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
@@ -178,18 +203,35 @@ def test_bad_calibration(mlp_path: Path, case: str, capsys: pytest.CaptureFixtur
         (("--passes", "cleanup{identity=sure}"), "option 'identity': expected true or false"),
         (("--budget", "-1"), "budget must be a finite number >= 0"),
         (("--plugin", str(DATA / "raising_plugin.py")), "plugin raised ImportError"),
-        (("--plugin", str(DATA / "bad_plugins.py"), "--passes", "explode"),
-         "pass 'explode' failed: RuntimeError: boom in the user's pass"),
-        (("--plugin", str(DATA / "bad_plugins.py"), "--passes", "cleanup,break-graph"),
-         "verification failed after pass 'break-graph'"),
-        (("--plugin", str(DATA / "bad_plugins.py"), "--passes", "cleanup,wrong-values"),
-         "verification failed after pass 'wrong-values': output 'y' differs"),
-        (("--plugin", str(DATA / "bad_plugins.py"), "--passes", "cleanup,wrong-values,toposort",
-          "--verify", "structure", "--bisect"), "pass #2 'wrong-values' is the first"),
+        (
+            ("--plugin", str(DATA / "bad_plugins.py"), "--passes", "explode"),
+            "pass 'explode' failed: RuntimeError: boom in the user's pass",
+        ),
+        (
+            ("--plugin", str(DATA / "bad_plugins.py"), "--passes", "cleanup,break-graph"),
+            "verification failed after pass 'break-graph'",
+        ),
+        (
+            ("--plugin", str(DATA / "bad_plugins.py"), "--passes", "cleanup,wrong-values"),
+            "verification failed after pass 'wrong-values': output 'y' differs",
+        ),
+        (
+            (
+                "--plugin",
+                str(DATA / "bad_plugins.py"),
+                "--passes",
+                "cleanup,wrong-values,toposort",
+                "--verify",
+                "structure",
+                "--bisect",
+            ),
+            "pass #2 'wrong-values' is the first",
+        ),
     ],
 )
-def test_bad_usage(mlp_path: Path, args: tuple[str, ...], expect: str,
-                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_usage(
+    mlp_path: Path, args: tuple[str, ...], expect: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = tuple(str(mlp_path) if a == "SELF" else a for a in args)
     before, content = files_in(mlp_path.parent), mlp_path.read_bytes()
     code, _, err = _run(capsys, "optimize", str(mlp_path), *args)
@@ -197,7 +239,9 @@ def test_bad_usage(mlp_path: Path, args: tuple[str, ...], expect: str,
     assert mlp_path.read_bytes() == content
 
 
-def test_output_over_input_is_a_usage_error(mlp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_over_input_is_a_usage_error(
+    mlp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before, content = files_in(mlp_path.parent), mlp_path.read_bytes()
     code, _, err = _run(capsys, "optimize", str(mlp_path), "-o", str(mlp_path))
     assert code == 2 and "would overwrite the input model" in err and len(err.splitlines()) == 1
@@ -222,9 +266,20 @@ def test_ctrl_c_exits_130_and_writes_nothing(mlp_path: Path) -> None:
     marker = mlp_path.with_name("started")
     before = files_in(mlp_path.parent)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "onnxpress.cli", "optimize", str(mlp_path), "--plugin",
-         str(DATA / "bad_plugins.py"), "--passes", f"cleanup,sleep{{marker={marker}}}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "onnxpress.cli",
+            "optimize",
+            str(mlp_path),
+            "--plugin",
+            str(DATA / "bad_plugins.py"),
+            "--passes",
+            f"cleanup,sleep{{marker={marker}}}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:

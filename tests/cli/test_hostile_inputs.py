@@ -38,28 +38,48 @@ def snapshot(folder: Path) -> dict[str, str]:
 # -- calibration files ---------------------------------------------------------------------------
 
 CASES["calib-header-1e12"] = lambda d: (
-    optimize(mlp(d), "--calibration", str(npz(d, {"x": npy_bytes((10**6, 10**6))}))), "declares shape")
+    optimize(mlp(d), "--calibration", str(npz(d, {"x": npy_bytes((10**6, 10**6))}))),
+    "declares shape",
+)
 CASES["calib-zero-size-batch"] = lambda d: (
-    optimize(mlp(d), "--calibration", str(npz(d, {"x": npy_bytes((0, 8), payload=b"")}))), "empty")
+    optimize(mlp(d), "--calibration", str(npz(d, {"x": npy_bytes((0, 8), payload=b"")}))),
+    "empty",
+)
 CASES["calib-object-array"] = lambda d: (
-    optimize(mlp(d), "--calibration", str(npz(d, {"x": npy_bytes((2,), "|O")}))), "pickled")
+    optimize(mlp(d), "--calibration", str(npz(d, {"x": npy_bytes((2,), "|O")}))),
+    "pickled",
+)
 CASES["calib-not-a-zip"] = lambda d: (
-    (d / "c.npz").write_bytes(b"\x80\x04garbage") and optimize(mlp(d), "--calibration", str(d / "c.npz")),
-    "not a zip")
+    (d / "c.npz").write_bytes(b"\x80\x04garbage")
+    and optimize(mlp(d), "--calibration", str(d / "c.npz")),
+    "not a zip",
+)
 CASES["calib-truncated-header"] = lambda d: (
-    optimize(mlp(d), "--calibration", str(npz(d, {"x": b"\x93NUMPY\x01\x00"}))), "not a readable")
-CASES["calib-missing"] = lambda d: (optimize(mlp(d), "--calibration", str(d / "none.npz")), "no such")
+    optimize(mlp(d), "--calibration", str(npz(d, {"x": b"\x93NUMPY\x01\x00"}))),
+    "not a readable",
+)
+CASES["calib-missing"] = lambda d: (
+    optimize(mlp(d), "--calibration", str(d / "none.npz")),
+    "no such",
+)
 CASES["calib-empty-folder"] = lambda d: (
-    (d / "cal").mkdir() or optimize(mlp(d), "--calibration", str(d / "cal")), "no .npz files")
+    (d / "cal").mkdir() or optimize(mlp(d), "--calibration", str(d / "cal")),
+    "no .npz files",
+)
 CASES["calib-wrong-name"] = lambda d: (
     np.savez(d / "c.npz", input=np.ones((2, 8), np.float32))
-    or optimize(mlp(d), "--calibration", str(d / "c.npz")), "missing model input")
+    or optimize(mlp(d), "--calibration", str(d / "c.npz")),
+    "missing model input",
+)
 CASES["calib-nan"] = lambda d: (
     np.savez(d / "c.npz", x=np.full((2, 8), np.nan, np.float32))
-    or optimize(mlp(d), "--calibration", str(d / "c.npz")), "NaN or Inf")
+    or optimize(mlp(d), "--calibration", str(d / "c.npz")),
+    "NaN or Inf",
+)
 
 
 # -- recipes and options -------------------------------------------------------------------------
+
 
 def recipe(d: Path, text: str, *args: str) -> tuple[list[str], str]:
     (d / "r.toml").write_text(text)
@@ -68,8 +88,8 @@ def recipe(d: Path, text: str, *args: str) -> tuple[list[str], str]:
 
 RECIPES = {
     "budget-string": '[verify]\nbudget = "small"\n[[pass]]\nname = "cleanup"\n',
-    "budget-list": "[verify]\nbudget = [1, 2]\n[[pass]]\nname = \"cleanup\"\n",
-    "holdout-float": "[verify]\nholdout = 1.5\n[[pass]]\nname = \"cleanup\"\n",
+    "budget-list": '[verify]\nbudget = [1, 2]\n[[pass]]\nname = "cleanup"\n',
+    "holdout-float": '[verify]\nholdout = 1.5\n[[pass]]\nname = "cleanup"\n',
     "tolerance-string": '[verify]\ntolerance = "tight"\n[[pass]]\nname = "cleanup"\n',
     "level-bogus": '[verify]\nlevel = "paranoid"\n[[pass]]\nname = "cleanup"\n',
     "metric-bogus": '[verify]\nmetric = "vibes"\n[[pass]]\nname = "cleanup"\n',
@@ -83,7 +103,9 @@ RECIPES = {
 for _name, _text in RECIPES.items():
     CASES[f"recipe-{_name}"] = lambda d, text=_text: recipe(d, text)
 CASES["recipe-is-folder"] = lambda d: (
-    (d / "r.toml").mkdir() or optimize(mlp(d), "--recipe", str(d / "r.toml")), "is a folder")
+    (d / "r.toml").mkdir() or optimize(mlp(d), "--recipe", str(d / "r.toml")),
+    "is a folder",
+)
 
 OPTIONS = {
     "holdout-float": (("--holdout", "1.5"), "--holdout"),
@@ -104,21 +126,37 @@ for _name, (_args, _expect) in OPTIONS.items():
 
 # -- output paths --------------------------------------------------------------------------------
 
-CASES["out-is-folder"] = lambda d: ((d / "o").mkdir() or optimize(mlp(d), "-o", str(d / "o")), "folder")
+CASES["out-is-folder"] = lambda d: (
+    (d / "o").mkdir() or optimize(mlp(d), "-o", str(d / "o")),
+    "folder",
+)
 CASES["report-is-folder"] = lambda d: (
-    (d / "r").mkdir() or optimize(mlp(d), "-o", str(d / "o.onnx"), "--report", str(d / "r")), "folder")
-CASES["out-under-proc"] = lambda d: (optimize(mlp(d), "-o", "/proc/onnxpress-test.onnx"), "cannot write")
+    (d / "r").mkdir() or optimize(mlp(d), "-o", str(d / "o.onnx"), "--report", str(d / "r")),
+    "folder",
+)
+CASES["out-under-proc"] = lambda d: (
+    optimize(mlp(d), "-o", "/proc/onnxpress-test.onnx"),
+    "cannot write",
+)
 CASES["report-under-proc"] = lambda d: (
-    optimize(mlp(d), "-o", str(d / "o.onnx"), "--report", "/proc/onnxpress-r.json"), "cannot write")
-CASES["out-missing-folder"] = lambda d: (optimize(mlp(d), "-o", str(d / "no" / "o.onnx")), "does not exist")
+    optimize(mlp(d), "-o", str(d / "o.onnx"), "--report", "/proc/onnxpress-r.json"),
+    "cannot write",
+)
+CASES["out-missing-folder"] = lambda d: (
+    optimize(mlp(d), "-o", str(d / "no" / "o.onnx")),
+    "does not exist",
+)
 CASES["out-is-device"] = lambda d: (optimize(mlp(d), "-o", "/dev/null"), "not a regular file")
 
 
 def _read_only(d: Path, flag: str) -> tuple[list[str], str]:
     (d / "ro").mkdir()
     out = d / "ro" / ("o.onnx" if flag == "-o" else "r.json")
-    args = optimize(mlp(d), flag, str(out)) if flag == "-o" else optimize(
-        mlp(d), "-o", str(d / "o.onnx"), flag, str(out))
+    args = (
+        optimize(mlp(d), flag, str(out))
+        if flag == "-o"
+        else optimize(mlp(d), "-o", str(d / "o.onnx"), flag, str(out))
+    )
     (d / "ro").chmod(0o555)
     return args, "cannot write"
 
@@ -147,21 +185,43 @@ def plugin(d: Path, text: str, *args: str) -> list[str]:
 
 
 CASES["plugin-exits-at-import"] = lambda d: (plugin(d, "import sys\nsys.exit(3)\n"), "sys.exit(3)")
-CASES["plugin-raises-at-import"] = lambda d: (plugin(d, "raise KeyError('k')\n"), "plugin raised KeyError")
+CASES["plugin-raises-at-import"] = lambda d: (
+    plugin(d, "raise KeyError('k')\n"),
+    "plugin raised KeyError",
+)
 CASES["plugin-pass-exits"] = lambda d: (
     plugin(d, PASS_PLUGIN.format(name="quitter", body="sys.exit(3)"), "--passes", "quitter"),
-    "pass 'quitter' failed: called sys.exit(3)")
+    "pass 'quitter' failed: called sys.exit(3)",
+)
 CASES["plugin-pass-raises"] = lambda d: (
-    plugin(d, PASS_PLUGIN.format(name="raiser", body="raise ValueError('bad')"), "--passes", "raiser"),
-    "pass 'raiser' failed: ValueError: bad")
+    plugin(
+        d, PASS_PLUGIN.format(name="raiser", body="raise ValueError('bad')"), "--passes", "raiser"
+    ),
+    "pass 'raiser' failed: ValueError: bad",
+)
 CASES["plugin-pass-hangs"] = lambda d: (
-    plugin(d, PASS_PLUGIN.format(name="hanger", body="time.sleep(60)"), "--passes", "hanger",
-           "--pass-timeout", "0.5"), "pass 'hanger' failed: did not finish within 0.5 s")
+    plugin(
+        d,
+        PASS_PLUGIN.format(name="hanger", body="time.sleep(60)"),
+        "--passes",
+        "hanger",
+        "--pass-timeout",
+        "0.5",
+    ),
+    "pass 'hanger' failed: did not finish within 0.5 s",
+)
 CASES["plugin-bad-name"] = lambda d: (
-    plugin(d, PASS_PLUGIN.format(name="Bad_Name", body="pass")), "not kebab-case")
+    plugin(d, PASS_PLUGIN.format(name="Bad_Name", body="pass")),
+    "not kebab-case",
+)
 CASES["plugin-is-folder"] = lambda d: (
-    ["--plugin", str(d), *optimize(mlp(d))], "plugin is not a file")
-CASES["plugin-missing"] = lambda d: (["--plugin", str(d / "none.py"), *optimize(mlp(d))], "not found")
+    ["--plugin", str(d), *optimize(mlp(d))],
+    "plugin is not a file",
+)
+CASES["plugin-missing"] = lambda d: (
+    ["--plugin", str(d / "none.py"), *optimize(mlp(d))],
+    "not found",
+)
 
 NEEDS_WRITABLE_CHECK = {"out-read-only-folder", "report-read-only-folder"}
 NEEDS_TVM = {"compile-folder-file-is-input"}

@@ -141,9 +141,20 @@ def test_pair_saturating_emulation_matches_onnxruntime_avx2_under_qemu(tmp_path:
     )
     out = tmp_path / "y.npy"
     subprocess.run(
-        ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", script,
-         str(tmp_path / "m.onnx"), str(tmp_path / "x.npz"), str(out)],
-        check=True, capture_output=True, timeout=300,
+        [
+            "qemu-x86_64",
+            "-cpu",
+            "Haswell",
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "m.onnx"),
+            str(tmp_path / "x.npz"),
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     avx2 = np.load(out)
     emulated = EmulatedRunner(model, PAIR_SATURATING)(feed)[0]

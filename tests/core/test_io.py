@@ -20,13 +20,20 @@ def _external_model(folder: Path, location: str = "weights.bin") -> Path:
     """An MLP whose W1 lives in external data at ``location``."""
     model = make_mlp()
     path = folder / "ext.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location, size_threshold=64)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=64,
+    )
     return path
 
 
-def _set_location(path: Path, location: str, offset: int | None = None,
-                  length: int | None = None) -> None:
+def _set_location(
+    path: Path, location: str, offset: int | None = None, length: int | None = None
+) -> None:
     model = onnx.load(str(path), load_external_data=False)
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
@@ -43,8 +50,9 @@ def test_external_data_inside_folder_loads(tmp_path: Path) -> None:
     path = _external_model(tmp_path)
     model = load_model(path)
     w1 = next(t for t in model.graph.initializer if t.name == "W1")
-    np.testing.assert_array_equal(numpy_helper.to_array(w1),
-                                  numpy_helper.to_array(make_mlp().graph.initializer[0]))
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(w1), numpy_helper.to_array(make_mlp().graph.initializer[0])
+    )
 
 
 @pytest.mark.parametrize(
@@ -128,15 +136,20 @@ def test_save_with_external_data(tmp_path: Path) -> None:
     out = save_model(make_mlp(hidden=64), tmp_path / "big.onnx", external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     reloaded = load_model(out)
-    np.testing.assert_array_equal(numpy_helper.to_array(reloaded.graph.initializer[0]),
-                                  numpy_helper.to_array(make_mlp(hidden=64).graph.initializer[0]))
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(reloaded.graph.initializer[0]),
+        numpy_helper.to_array(make_mlp(hidden=64).graph.initializer[0]),
+    )
 
 
 def test_optimize_keeps_metadata_functions_and_custom_opsets() -> None:
     model = make_mlp()
     # A local function and a custom-domain opset import must survive the round trip.
     fn = helper.make_function(
-        "custom.ops", "Twice", ["a"], ["b"],
+        "custom.ops",
+        "Twice",
+        ["a"],
+        ["b"],
         [helper.make_node("Add", ["a", "a"], ["b"])],
         opset_imports=[helper.make_opsetid("", 17)],
     )
@@ -155,7 +168,9 @@ def test_optimize_keeps_metadata_functions_and_custom_opsets() -> None:
     assert "Identity" not in [n.op_type for n in out.graph.node]
 
 
-def test_large_model_path_uses_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_model_path_uses_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Models over the protobuf limit are checked, run and saved through files on disk.
 
     The threshold is lowered so that a small model takes the same code path as a 2 GB one.

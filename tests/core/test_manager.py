@@ -27,15 +27,21 @@ def test_report_records_every_pass(mlp_model: onnx.ModelProto) -> None:
     assert [p.name for p in report.passes] == ["cleanup", "toposort"]
     first = report.passes[0]
     assert first.before.nodes == 5 and first.after.nodes == 4
-    assert first.before.params == 8 * 16 + 16 + 16 * 4 + 3 and first.after.params == 8 * 16 + 16 + 16 * 4
+    assert (
+        first.before.params == 8 * 16 + 16 + 16 * 4 + 3
+        and first.after.params == 8 * 16 + 16 + 16 * 4
+    )
     assert first.before.macs == first.after.macs == 8 * 16 + 16 * 4
     assert first.verification.metric == "max-rel" and first.verification.value is not None
     assert first.verification.value <= 1e-5
     assert report.after.nodes == len(model.graph.node) == 4
     data = report.to_json()
     # The unused initializer never reaches the working IR, so no pass counts it; it is gone.
-    assert data["passes"][0]["counts"] == {"identity_removed": 1, "dead_nodes_removed": 0,
-                                          "initializers_removed": 0}
+    assert data["passes"][0]["counts"] == {
+        "identity_removed": 1,
+        "dead_nodes_removed": 0,
+        "initializers_removed": 0,
+    }
     assert "unused" not in {t.name for t in model.graph.initializer}
 
 
@@ -68,8 +74,9 @@ def test_lossy_pass_is_judged_by_its_budget(mlp_model: onnx.ModelProto) -> None:
     # ... but outside a budget set by the user, and a lossless pass after it is compared with
     # its own input, not with the original.
     with pytest.raises(VerificationError, match="max-rel 1 > 0.5"):
-        onnxpress.optimize(mlp_model, passes="scale-outputs{alpha=2}",
-                           verify=VerifyConfig(budget=0.5))
+        onnxpress.optimize(
+            mlp_model, passes="scale-outputs{alpha=2}", verify=VerifyConfig(budget=0.5)
+        )
     _, report = onnxpress.optimize(mlp_model, passes="scale-outputs{alpha=2},cleanup")
     assert report.passes[1].verification.value == 0.0
 
@@ -140,10 +147,12 @@ def test_random_inputs_keep_named_dims_consistent() -> None:
     graph = helper.make_graph(
         [helper.make_node("GRU", ["x", "W", "R", "", "", "h0"], ["", "y"], hidden_size=2)],
         "gru",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "batch", 3]),
-         helper.make_tensor_value_info("W", TensorProto.FLOAT, [1, 6, 3]),
-         helper.make_tensor_value_info("R", TensorProto.FLOAT, [1, 6, 2]),
-         helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", 2])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "batch", 3]),
+            helper.make_tensor_value_info("W", TensorProto.FLOAT, [1, 6, 3]),
+            helper.make_tensor_value_info("R", TensorProto.FLOAT, [1, 6, 2]),
+            helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, "batch", 2]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "batch", 2])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

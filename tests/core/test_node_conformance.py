@@ -12,7 +12,9 @@ from helpers import REPO
 
 
 def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("node_conformance", REPO / "tools" / "node_conformance.py")
+    spec = importlib.util.spec_from_file_location(
+        "node_conformance", REPO / "tools" / "node_conformance.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules["node_conformance"] = module  # dataclasses look their module up
@@ -30,9 +32,13 @@ def cases(tool: ModuleType) -> list:
     return tool.node_cases()
 
 
-def test_a_sample_of_200_never_crashes_and_is_never_silently_wrong(tool: ModuleType, cases: list) -> None:
+def test_a_sample_of_200_never_crashes_and_is_never_silently_wrong(
+    tool: ModuleType, cases: list
+) -> None:
     outcomes = [tool.run_case(case) for case in tool.sample(cases, 200)]
-    bad = [f"{o.name}: {o.status}: {o.reason}" for o in outcomes if o.status in ("crashed", "wrong")]
+    bad = [
+        f"{o.name}: {o.status}: {o.reason}" for o in outcomes if o.status in ("crashed", "wrong")
+    ]
     assert not bad, bad
     assert all(o.reason for o in outcomes if o.status == "refused")  # every refusal says why
     assert sum(o.status == "ok" for o in outcomes) >= 150

@@ -36,7 +36,9 @@ def test_split_rejects_unbalanced(text: str) -> None:
 
 
 def test_build_options_converts_every_type() -> None:
-    values = parse_option_text("p", 'energy=0.5,rank=8,refit=false,scheme=spatial,include=[fc1,"re:fc[0-9]+"],name="a b"')
+    values = parse_option_text(
+        "p", 'energy=0.5,rank=8,refit=false,scheme=spatial,include=[fc1,"re:fc[0-9]+"],name="a b"'
+    )
     opts = build_options("p", Opts, values)
     assert opts == Opts(0.5, 8, False, "spatial", ("fc1", "re:fc[0-9]+"), "a b")
 

@@ -19,7 +19,9 @@ def _residual_chain(blocks: int) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes, inits, prev = [], [], "x"
     for i in range(blocks):
-        inits.append(numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32) * 0.4, f"w{i}"))
+        inits.append(
+            numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32) * 0.4, f"w{i}")
+        )
         nodes += [
             helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
             helper.make_node("Add", [f"m{i}", "x"], [f"a{i}"]),  # x is read by every block
@@ -28,11 +30,15 @@ def _residual_chain(blocks: int) -> onnx.ModelProto:
         prev = f"r{i}"
     inits.append(numpy_helper.from_array(np.arange(3, dtype=np.float32), "const_out"))
     graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["n", 6]),
-         helper.make_tensor_value_info("r3", TensorProto.FLOAT, ["n", 6]),
-         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6]),
-         helper.make_tensor_value_info("const_out", TensorProto.FLOAT, [3])],
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])],
+        [
+            helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["n", 6]),
+            helper.make_tensor_value_info("r3", TensorProto.FLOAT, ["n", 6]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6]),
+            helper.make_tensor_value_info("const_out", TensorProto.FLOAT, [3]),
+        ],
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -52,10 +58,15 @@ def test_chunks_match_one_session(chunk: int) -> None:
 
 def test_subgraphs_are_not_partitioned() -> None:
     model = make_mlp()
-    branch = helper.make_graph([helper.make_node("Identity", ["y"], ["z"])], "b", [],
-                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
-    model.graph.node.append(helper.make_node("If", ["cond"], ["out"], then_branch=branch,
-                                             else_branch=branch))
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["y"], ["z"])],
+        "b",
+        [],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+    )
+    model.graph.node.append(
+        helper.make_node("If", ["cond"], ["out"], then_branch=branch, else_branch=branch)
+    )
     with pytest.raises(NotPartitionable, match="subgraph"):
         PartitionedRunner(model, Runner, chunk_nodes=2)
 

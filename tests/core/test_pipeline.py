@@ -60,7 +60,7 @@ def test_recipe_with_pipeline_text_and_calibration(tmp_path: Path) -> None:
     [
         ("[[pass]]\nidentity = true\n", "has no name"),
         ("colour = 1\n", "unknown recipe keys"),
-        ("[[pass]]\nname = \"cleanup\"\nidentity = 3\n", "expected true or false"),
+        ('[[pass]]\nname = "cleanup"\nidentity = 3\n', "expected true or false"),
         ("this is not toml", "not valid TOML"),
         ('[verify]\nspeed = 1\n[[pass]]\nname = "cleanup"\n', r"\[verify\] accepts"),
     ],

@@ -18,8 +18,12 @@ from onnxpress.core.verify import Runner, compare_lossless, lossless_tolerance
 INT = TensorProto.INT64
 
 
-def model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
-          outputs: list[onnx.ValueInfoProto], inits: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
+def model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    inits: list[onnx.TensorProto] = (),
+) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -34,31 +38,56 @@ def const(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 CONSUMERS = {
     "gather-embedding": (
-        [helper.make_node("Gather", ["table", "ids"], ["y"])], [vi("ids", INT, ["b", 5])],
-        [const("table", np.ones((3, 4), np.float32))], lambda a: 0 <= a.min() and a.max() < 3),
+        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        [vi("ids", INT, ["b", 5])],
+        [const("table", np.ones((3, 4), np.float32))],
+        lambda a: 0 <= a.min() and a.max() < 3,
+    ),
     "gather-axis-1": (
-        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=1)], [vi("ids", INT, [6])],
-        [const("table", np.ones((9, 2), np.float32))], lambda a: a.max() < 2),
+        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=1)],
+        [vi("ids", INT, [6])],
+        [const("table", np.ones((9, 2), np.float32))],
+        lambda a: a.max() < 2,
+    ),
     "gathernd-columns": (
-        [helper.make_node("GatherND", ["table", "ids"], ["y"])], [vi("ids", INT, [6, 2])],
-        [const("table", np.ones((2, 5), np.float32))], lambda a: a[:, 0].max() < 2 and a[:, 1].max() < 5),
+        [helper.make_node("GatherND", ["table", "ids"], ["y"])],
+        [vi("ids", INT, [6, 2])],
+        [const("table", np.ones((2, 5), np.float32))],
+        lambda a: a[:, 0].max() < 2 and a[:, 1].max() < 5,
+    ),
     "div-divisor": (
-        [helper.make_node("Div", ["n", "ids"], ["y"])], [vi("ids", INT, [50])],
-        [const("n", np.array(7, np.int64))], lambda a: a.min() >= 1),
+        [helper.make_node("Div", ["n", "ids"], ["y"])],
+        [vi("ids", INT, [50])],
+        [const("n", np.array(7, np.int64))],
+        lambda a: a.min() >= 1,
+    ),
     "expand-shape": (
-        [helper.make_node("Expand", ["t", "ids"], ["y"])], [vi("ids", INT, [2])],
-        [const("t", np.ones((3, 1), np.float32))], lambda a: list(a) == [1, 1]),
+        [helper.make_node("Expand", ["t", "ids"], ["y"])],
+        [vi("ids", INT, [2])],
+        [const("t", np.ones((3, 1), np.float32))],
+        lambda a: list(a) == [1, 1],
+    ),
     "reshape-shape": (
-        [helper.make_node("Reshape", ["t", "ids"], ["y"])], [vi("ids", INT, [3])],
-        [const("t", np.ones((3, 4), np.float32))], lambda a: list(a) == [-1, 1, 1]),
+        [helper.make_node("Reshape", ["t", "ids"], ["y"])],
+        [vi("ids", INT, [3])],
+        [const("t", np.ones((3, 4), np.float32))],
+        lambda a: list(a) == [-1, 1, 1],
+    ),
     "cumsum-axis-through-cast": (
-        [helper.make_node("Cast", ["ids"], ["i64"], to=INT),
-         helper.make_node("CumSum", ["t", "i64"], ["y"])], [vi("ids", TensorProto.INT32, [])],
-        [const("t", np.ones((3, 4), np.float32))], lambda a: 0 <= int(a) < 2),
+        [
+            helper.make_node("Cast", ["ids"], ["i64"], to=INT),
+            helper.make_node("CumSum", ["t", "i64"], ["y"]),
+        ],
+        [vi("ids", TensorProto.INT32, [])],
+        [const("t", np.ones((3, 4), np.float32))],
+        lambda a: 0 <= int(a) < 2,
+    ),
     "onehot-indices": (
-        [helper.make_node("OneHot", ["ids", "depth", "values"], ["y"])], [vi("ids", INT, [20])],
+        [helper.make_node("OneHot", ["ids", "depth", "values"], ["y"])],
+        [vi("ids", INT, [20])],
         [const("depth", np.array([3], np.int64)), const("values", np.array([0, 1], np.float32))],
-        lambda a: a.min() >= 0 and a.max() < 3),
+        lambda a: a.min() >= 0 and a.max() < 3,
+    ),
 }
 
 
@@ -73,22 +102,31 @@ def test_integer_inputs_follow_their_consumers(name: str) -> None:
 
 
 def test_unconstrained_integers_keep_the_old_range(mlp_model: onnx.ModelProto) -> None:
-    m = model([helper.make_node("Neg", ["ids"], ["y"])], [vi("ids", INT, [100])], [vi("y", INT, [100])])
+    m = model(
+        [helper.make_node("Neg", ["ids"], ["y"])], [vi("ids", INT, [100])], [vi("y", INT, [100])]
+    )
     ids = random_inputs(m, seed=0)[0]["ids"]
     assert ids.min() == 0 and ids.max() == 3
 
 
 def test_a_string_input_needs_real_data() -> None:
-    m = model([helper.make_node("Identity", ["s"], ["y"])], [vi("s", TensorProto.STRING, [2])],
-              [vi("y", TensorProto.STRING, [2])])
+    m = model(
+        [helper.make_node("Identity", ["s"], ["y"])],
+        [vi("s", TensorProto.STRING, [2])],
+        [vi("y", TensorProto.STRING, [2])],
+    )
     with pytest.raises(NeedsRealDataError, match=r"input 's' is a string tensor.*--calibration"):
         random_inputs(m, seed=0)
 
 
 def test_a_model_random_inputs_break_names_the_input_to_give() -> None:
     # The Squeeze axis must name a size-1 dim; no consumer rule makes one for 'n'.
-    m = model([helper.make_node("Squeeze", ["t", "n"], ["y"])], [vi("n", INT, [1])],
-              [vi("y", TensorProto.FLOAT, ["d"])], [const("t", np.ones((2, 3), np.float32))])
+    m = model(
+        [helper.make_node("Squeeze", ["t", "n"], ["y"])],
+        [vi("n", INT, [1])],
+        [vi("y", TensorProto.FLOAT, ["d"])],
+        [const("t", np.ones((2, 3), np.float32))],
+    )
     with pytest.raises(OnnxpressError, match=r"input 'n'.*--calibration"):
         onnxpress.optimize(m, passes="cleanup")
 
@@ -126,8 +164,12 @@ def fp16_model() -> onnx.ModelProto:
     w = rng.standard_normal((16, 4)).astype(np.float16)
     w[3, 1] = 8.0  # the weight the bad pass changes dominates output column 1
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
-    return model(nodes, [vi("x", TensorProto.FLOAT16, ["b", 16])],
-                 [vi("y", TensorProto.FLOAT16, ["b", 4])], [const("w", w)])
+    return model(
+        nodes,
+        [vi("x", TensorProto.FLOAT16, ["b", 16])],
+        [vi("y", TensorProto.FLOAT16, ["b", 4])],
+        [const("w", w)],
+    )
 
 
 def test_one_fp16_weight_off_by_one_percent_is_refused(
@@ -136,8 +178,18 @@ def test_one_fp16_weight_off_by_one_percent_is_refused(
     path = tmp_path / "fp16.onnx"
     onnx.save(fp16_model(), str(path))
     (tmp_path / "bad.py").write_text(BAD_FP16_PASS)
-    code = main(["--plugin", str(tmp_path / "bad.py"), "optimize", str(path), "--passes",
-                 "fold-constants,nudge-fp16-weight", "-o", str(tmp_path / "o.onnx")])
+    code = main(
+        [
+            "--plugin",
+            str(tmp_path / "bad.py"),
+            "optimize",
+            str(path),
+            "--passes",
+            "fold-constants,nudge-fp16-weight",
+            "-o",
+            str(tmp_path / "o.onnx"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "verification failed after pass 'nudge-fp16-weight'" in err
     assert not (tmp_path / "o.onnx").exists()

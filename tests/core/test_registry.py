@@ -73,8 +73,16 @@ def test_plugin_file_from_python(mlp_model: onnx.ModelProto) -> None:
 
 def test_plugin_file_from_cli(mlp_path: Path) -> None:
     out = mlp_path.with_name("scaled.onnx")
-    proc = run_cli("optimize", str(mlp_path), "-o", str(out), "--plugin",
-                   str(DATA / "scale_plugin.py"), "--passes", "scale-outputs{alpha=2}")
+    proc = run_cli(
+        "optimize",
+        str(mlp_path),
+        "-o",
+        str(out),
+        "--plugin",
+        str(DATA / "scale_plugin.py"),
+        "--passes",
+        "scale-outputs{alpha=2}",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "scale-outputs{alpha=2.0}" in proc.stdout
     assert [n.op_type for n in onnx.load(str(out)).graph.node].count("Mul") == 1
@@ -83,8 +91,14 @@ def test_plugin_file_from_cli(mlp_path: Path) -> None:
 
 
 def test_plugin_option_validation_runs_before_loading(tmp_path: Path) -> None:
-    proc = run_cli("optimize", str(tmp_path / "missing.onnx"), "--plugin",
-                   str(DATA / "scale_plugin.py"), "--passes", "scale-outputs{alpha=0}")
+    proc = run_cli(
+        "optimize",
+        str(tmp_path / "missing.onnx"),
+        "--plugin",
+        str(DATA / "scale_plugin.py"),
+        "--passes",
+        "scale-outputs{alpha=0}",
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "onnxpress: error: pass 'scale-outputs': alpha must be non-zero"
 
@@ -102,9 +116,22 @@ def test_entry_point_plugin_installed_with_pip(tmp_path: Path, mlp_path: Path) -
     )
     site = tmp_path / "site"
     pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(site), str(pkg)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(site),
+            str(pkg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert pip.returncode == 0, pip.stderr
     assert list(site.glob("onnxpress_scale-0.1.dist-info/entry_points.txt"))
@@ -112,7 +139,8 @@ def test_entry_point_plugin_installed_with_pip(tmp_path: Path, mlp_path: Path) -
     listing = run_cli("passes", env=env)
     assert "scale-outputs" in listing.stdout, listing.stderr
     out = tmp_path / "scaled.onnx"
-    proc = run_cli("optimize", str(mlp_path), "-o", str(out), "--passes",
-                   "scale-outputs{alpha=3}", env=env)
+    proc = run_cli(
+        "optimize", str(mlp_path), "-o", str(out), "--passes", "scale-outputs{alpha=3}", env=env
+    )
     assert proc.returncode == 0, proc.stderr
     assert [n.op_type for n in onnx.load(str(out)).graph.node].count("Mul") == 1

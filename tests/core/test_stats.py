@@ -9,10 +9,16 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxpress.core.stats import model_stats
 
 
-def _model(nodes: list[onnx.NodeProto], inits: dict[str, tuple[int, ...]],
-           x_shape: list[int | str], y_shape: list[int | str] | None = None) -> onnx.ModelProto:
+def _model(
+    nodes: list[onnx.NodeProto],
+    inits: dict[str, tuple[int, ...]],
+    x_shape: list[int | str],
+    y_shape: list[int | str] | None = None,
+) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
         [numpy_helper.from_array(np.zeros(s, np.float32), n) for n, s in inits.items()],
     )
@@ -20,7 +26,9 @@ def _model(nodes: list[onnx.NodeProto], inits: dict[str, tuple[int, ...]],
 
 
 def test_conv_macs_with_groups_and_stride() -> None:
-    node = helper.make_node("Conv", ["x", "W", "b"], ["y"], group=2, strides=[2, 2], pads=[1, 1, 1, 1])
+    node = helper.make_node(
+        "Conv", ["x", "W", "b"], ["y"], group=2, strides=[2, 2], pads=[1, 1, 1, 1]
+    )
     model = _model([node], {"W": (8, 2, 3, 3), "b": (8,)}, ["n", 4, 10, 10])
     stats = model_stats(model)
     # output 1x8x5x5, each output sums 2 input channels x 3 x 3
@@ -42,7 +50,9 @@ def test_gru_macs() -> None:
 
 
 def test_constant_nodes_count_as_params() -> None:
-    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((2, 3), np.float32)))
+    const = helper.make_node(
+        "Constant", [], ["c"], value=numpy_helper.from_array(np.ones((2, 3), np.float32))
+    )
     add = helper.make_node("Add", ["x", "c"], ["y"])
     model = _model([const, add], {}, [2, 3])
     stats = model_stats(model)

@@ -79,7 +79,7 @@ def test_a_higher_scored_false_positive_halves_precision_at_full_recall() -> Non
 
 def test_nms_drops_a_duplicate_of_the_same_class_only() -> None:
     out = output([(10, 10, 20, 20, 5, 0.9), (11, 10, 20, 20, 5, 0.8), (11, 10, 20, 20, 6, 0.7)])
-    (kept_boxes, kept_scores, kept_classes), = det.decode(out)
+    ((kept_boxes, kept_scores, kept_classes),) = det.decode(out)
     assert kept_classes.tolist() == [5, 6] and kept_scores.tolist() == pytest.approx([0.9, 0.7])
     assert kept_boxes[0].tolist() == [0, 0, 20, 20]
 
@@ -92,7 +92,8 @@ def test_scenes_hold_one_to_three_labelled_digits_inside_the_canvas() -> None:
     counts = (scenes.labels >= 0).sum(axis=1)
     assert counts.min() >= 1 and counts.max() <= 3
     assert scenes.canvases.shape == (50, 64, 64) and scenes.canvases.max() == 200
-    for box, label in zip(scenes.boxes[scenes.labels >= 0], scenes.labels[scenes.labels >= 0],
-                          strict=True):
+    for box, label in zip(
+        scenes.boxes[scenes.labels >= 0], scenes.labels[scenes.labels >= 0], strict=True
+    ):
         assert box[2] - box[0] == 12 and box[3] - box[1] == 20 and 0 <= label < 5
         assert box.min() >= 0 and box.max() <= 64

@@ -31,8 +31,16 @@ EXPECTED = {
     "digit_detector": ("mAP", 0.7),
     "sr_photos": ("psnr", 32.5),
 }
-CALIBRATED = ["cnn_mnist", "cnn_wide_mnist", "mobilenet_mnist", "mlp_digits", "transformer_mnist",
-              "gru_sunspots", "digit_detector", "sr_photos"]
+CALIBRATED = [
+    "cnn_mnist",
+    "cnn_wide_mnist",
+    "mobilenet_mnist",
+    "mlp_digits",
+    "transformer_mnist",
+    "gru_sunspots",
+    "digit_detector",
+    "sr_photos",
+]
 
 
 def load_evaluate() -> ModuleType:
@@ -53,8 +61,9 @@ def ops(name: str) -> Counter[str]:
 
 
 def session(name: str) -> ort.InferenceSession:
-    return ort.InferenceSession(str(MODELS_DIR / f"{name}.onnx"),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(MODELS_DIR / f"{name}.onnx"), providers=["CPUExecutionProvider"]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -72,8 +81,9 @@ def test_model_meets_its_held_out_metric(name: str) -> None:
     metric, bound = EXPECTED[name]
     result = evaluate_module.evaluate(MODELS_DIR / f"{name}.onnx")
     assert result.metric == metric
-    assert result.reference is not None and result.value == pytest.approx(result.reference,
-                                                                           abs=1e-4)
+    assert result.reference is not None and result.value == pytest.approx(
+        result.reference, abs=1e-4
+    )
     if metric == "accuracy":
         assert result.value > bound
     elif metric == "mAP":
@@ -108,8 +118,11 @@ def test_mobilenet_has_depthwise_squeeze_excite_and_hardswish() -> None:
     counts = Counter(node.op_type for node in model.graph.node)
     assert counts["BatchNormalization"] == 13 and counts["HardSwish"] == 9
     assert counts["HardSigmoid"] == 4 and counts["Mul"] == 4 and counts["Add"] == 2
-    groups = [next((a.i for a in n.attribute if a.name == "group"), 1)
-              for n in model.graph.node if n.op_type == "Conv"]
+    groups = [
+        next((a.i for a in n.attribute if a.name == "group"), 1)
+        for n in model.graph.node
+        if n.op_type == "Conv"
+    ]
     assert sorted(g for g in groups if g > 1) == [64, 128, 128, 256]  # depthwise
     assert (MODELS_DIR / "mobilenet_mnist.onnx").stat().st_size < 1_000_000
 

@@ -63,7 +63,9 @@ def held_out_accuracy(model: onnx.ModelProto, arithmetic: str = "onnxruntime") -
 
 @pytest.fixture(scope="module")
 def quantized() -> tuple[onnx.ModelProto, onnxpress.Report]:
-    return onnxpress.optimize(MODELS_DIR / f"{NAME}.onnx", calibration=DATA_DIR / f"{NAME}_calib.npz")
+    return onnxpress.optimize(
+        MODELS_DIR / f"{NAME}.onnx", calibration=DATA_DIR / f"{NAME}_calib.npz"
+    )
 
 
 def test_default_pipeline_keeps_held_out_accuracy(

@@ -302,10 +302,14 @@ def test_a_fold_that_makes_a_shape_static_triggers_another_round() -> None:
         ],
         "rounds",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])],
-        [numpy_helper.from_array(np.array([2, 1], np.int64), "c1"),
-         numpy_helper.from_array(np.array([1, 3], np.int64), "c2")],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3]),
+        ],
+        [
+            numpy_helper.from_array(np.array([2, 1], np.int64), "c1"),
+            numpy_helper.from_array(np.array([1, 3], np.int64), "c2"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     out, report = onnxpress.optimize(model, passes="fold-constants")

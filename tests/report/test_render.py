@@ -18,16 +18,30 @@ class _Tty(io.StringIO):
 
 
 def _stats(nodes: int, params: int) -> ModelStats:
-    return ModelStats(nodes=nodes, params=params, macs=params, bytes=4 * params,
-                      op_histogram={"MatMul": nodes}, macs_by_op={"MatMul": params})
+    return ModelStats(
+        nodes=nodes,
+        params=params,
+        macs=params,
+        bytes=4 * params,
+        op_histogram={"MatMul": nodes},
+        macs_by_op={"MatMul": params},
+    )
 
 
 def _report() -> Report:
     result = PassResult()
     result.count("factored", 2)
     result.refuse("/layers/Gemm", "too small " * 30)
-    record = PassRecord("svd", "svd{energy=0.9}", False, 0.25, _stats(5, 17226),
-                        _stats(7, 8910), result, VerifyOutcome("numeric", "rel-l2", 0.06, 0.2))
+    record = PassRecord(
+        "svd",
+        "svd{energy=0.9}",
+        False,
+        0.25,
+        _stats(5, 17226),
+        _stats(7, 8910),
+        result,
+        VerifyOutcome("numeric", "rel-l2", 0.06, 0.2),
+    )
     return Report("svd{energy=0.9}", _stats(5, 17226), _stats(7, 8910), [record])
 
 
@@ -35,8 +49,16 @@ def test_plain_report_has_no_ansi_and_whole_cells() -> None:
     text = render_report(_report())  # pytest's captured stdout is not a terminal
     assert "\x1b[" not in text
     header, rule, row = text.splitlines()[:3]
-    assert header.split() == ["pass", "time", "nodes", "params", "MACs", "bytes", "changes",
-                              "verified"]
+    assert header.split() == [
+        "pass",
+        "time",
+        "nodes",
+        "params",
+        "MACs",
+        "bytes",
+        "changes",
+        "verified",
+    ]
     assert set(rule) == {"-"}
     assert "svd{energy=0.9}" in row and "factored=2 (1 refused)" in row
     assert "rel-l2 0.06 <= 0.2" in row and "5 -> 7" in row
@@ -70,7 +92,9 @@ def test_progress_lines_when_not_a_terminal() -> None:
     epochs(1, 2, 0.5, 0.25)
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("1/2 cleanup done in ")
-    assert lines[1].startswith("[#.] ") and lines[1].endswith("epoch 1/2 loss 0.5000 held-out 0.2500")
+    assert lines[1].startswith("[#.] ") and lines[1].endswith(
+        "epoch 1/2 loss 0.5000 held-out 0.2500"
+    )
     assert "\x1b[" not in stream.getvalue()
 
 

@@ -34,7 +34,13 @@ def test_chain_through_bn_pool_pad_resize_is_one_group() -> None:
     assert conv1.prunable and conv1.size == 8
     assert conv1.producers == ("conv1",) and conv1.consumers == ("y",) and conv1.norms == ("bn1",)
     assert {name for name, lay in groups.layouts.items() if groups.spans(lay)[0][1] == 0} == {
-        "conv1", "bn1", "relu1", "pool", "pad", "resize"}
+        "conv1",
+        "bn1",
+        "relu1",
+        "pool",
+        "pad",
+        "resize",
+    }
     assert named["y"].refusals == ("reaches graph output 'y'",)
 
 
@@ -89,7 +95,11 @@ def test_flatten_or_reshape_into_a_dense_layer_maps_a_channel_to_a_block(reshape
 def test_split_and_slice_cut_one_producer_into_groups() -> None:
     groups, named = analyse(split_slice_model())
     assert {n: g.size for n, g in named.items()} == {
-        "conv[0:3]": 3, "conv[3:4]": 1, "conv[4:8]": 4, "y": 2}
+        "conv[0:3]": 3,
+        "conv[3:4]": 1,
+        "conv[4:8]": 4,
+        "y": 2,
+    }
     first, last = named["conv[0:3]"], named["conv[4:8]"]
     kept = {first.index: np.array([0, 2]), last.index: np.array([1, 3])}
     assert groups.tensor_indices("conv", kept).tolist() == [0, 2, 3, 5, 7]

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import REPO, make_mlp
-from qdq_helpers import quantize
+from qdq_helpers import conv_model, quantize
 
 pytest.importorskip("tvm")
 
@@ -76,8 +76,6 @@ def test_float_mlp_runs_on_aarch64(tmp_path: Path) -> None:
     ("target", "kernel"), [("arm64-linux", "relax"), ("arm64-linux+dotprod", "sdot")]
 )
 def test_int8_lowered_conv_runs_on_aarch64(tmp_path: Path, target: str, kernel: str) -> None:
-    from test_tvm_int8 import conv_model
-
     qdq, _ = quantize(conv_model())
     compiled = compile_model(qdq, target, tmp_path / "int8")
     assert compiled.manifest["int8"]["lowered"]["conv2d"] == 2

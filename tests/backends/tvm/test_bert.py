@@ -30,8 +30,11 @@ def bert_encoder() -> onnx.ModelProto:
         return numpy_helper.from_array((rng.standard_normal(shape) * 0.2).astype(np.float32), name)
 
     inits = [
-        weight("word_embeddings", VOCAB, HIDDEN), weight("token_type_embeddings", TYPES, HIDDEN),
-        weight("wq", HIDDEN, HIDDEN), weight("wk", HIDDEN, HIDDEN), weight("wv", HIDDEN, HIDDEN),
+        weight("word_embeddings", VOCAB, HIDDEN),
+        weight("token_type_embeddings", TYPES, HIDDEN),
+        weight("wq", HIDDEN, HIDDEN),
+        weight("wk", HIDDEN, HIDDEN),
+        weight("wv", HIDDEN, HIDDEN),
         numpy_helper.from_array(np.array(-1e4, np.float32), "neg"),
         numpy_helper.from_array(np.array(1.0, np.float32), "one"),
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
@@ -55,9 +58,13 @@ def bert_encoder() -> onnx.ModelProto:
         helper.make_node("Softmax", ["scores"], ["probs"], axis=-1),
         helper.make_node("MatMul", ["probs", "v"], ["last_hidden_state"]),
     ]
-    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", SEQ])
-           for n in ("input_ids", "attention_mask", "token_type_ids")]
-    out = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", SEQ, HIDDEN])
+    ids = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", SEQ])
+        for n in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    out = helper.make_tensor_value_info(
+        "last_hidden_state", TensorProto.FLOAT, ["batch", SEQ, HIDDEN]
+    )
     graph = helper.make_graph(nodes, "bert", ids, [out], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -70,14 +77,20 @@ def test_random_token_type_ids_stay_in_the_embedding() -> None:
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_bert_encoder_compiles(tmp_path: Path, verify: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bert_encoder_compiles(
+    tmp_path: Path, verify: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sessions: list[int] = []
     real = manager.verification_runner
-    monkeypatch.setattr(manager, "verification_runner", lambda m, o=False: sessions.append(1) or real(m, o))
+    monkeypatch.setattr(
+        manager, "verification_runner", lambda m, o=False: sessions.append(1) or real(m, o)
+    )
     result = compile_model(bert_encoder(), "x86", tmp_path / "bert", verify=verify)
     assert (sessions != []) == verify  # --no-verify: the prepare step runs nothing either
     assert (result.manifest["verification"] is not None) == verify
-    feed = {n: np.zeros((1, SEQ), np.int64) for n in ("input_ids", "attention_mask", "token_type_ids")}
+    feed = {
+        n: np.zeros((1, SEQ), np.int64) for n in ("input_ids", "attention_mask", "token_type_ids")
+    }
     feed["token_type_ids"][0, SEQ // 2 :] = 1
     got = run_compiled(tmp_path / "bert", feed)["last_hidden_state"]
     np.testing.assert_allclose(got, Runner(bert_encoder())(feed)[0], rtol=1e-4, atol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qdq_helpers import quantize
+from qdq_helpers import conv_model, quantize
 
 tvm = pytest.importorskip("tvm")
 
@@ -31,38 +31,6 @@ node = helper.make_node
 
 def _init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(array.astype(np.float32), name)
-
-
-def conv_model() -> onnx.ModelProto:
-    """Conv(pad) -> Relu -> Conv(stride 2) -> Relu -> depthwise Conv -> MaxPool -> Gemm(transB)."""
-    rng = np.random.default_rng(0)
-    inits = [
-        _init("w1", rng.normal(0, 0.3, (8, 3, 3, 3))),
-        _init("b1", rng.normal(0, 0.1, 8)),
-        _init("w2", rng.normal(0, 0.2, (12, 8, 3, 3))),
-        _init("w3", rng.normal(0, 0.3, (12, 1, 3, 3))),
-        _init("wf", rng.normal(0, 0.2, (5, 12 * 2 * 2))),
-        _init("bf", rng.normal(0, 0.1, 5)),
-        numpy_helper.from_array(np.array([1, -1], np.int64), "flat"),
-    ]
-    nodes = [
-        node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        node("Relu", ["c1"], ["r1"]),
-        node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"),
-        node("Relu", ["c2"], ["r2"]),
-        node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], group=12, name="dw"),
-        node("MaxPool", ["c3"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-        node("Reshape", ["p", "flat"], ["f"]),
-        node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "convs",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 9])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def matmul_model() -> onnx.ModelProto:

@@ -20,6 +20,8 @@ from onnx.reference import ReferenceEvaluator
 import onnxpress
 
 MODELS = Path(__file__).resolve().parents[3] / "models"
+
+
 def lower(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Any]:
     result, report = onnxpress.optimize(model, "lower-gru")
     return result, report.passes[0].result

@@ -37,8 +37,9 @@ from onnxpress.core.verify import Runner, check_structure, random_inputs
 MODELS = Path(__file__).resolve().parents[3] / "models"
 
 
-def prune(model: onnx.ModelProto, spec: str, calibration: list[dict[str, np.ndarray]] | None = None
-          ) -> tuple[onnx.ModelProto, PassResult]:
+def prune(
+    model: onnx.ModelProto, spec: str, calibration: list[dict[str, np.ndarray]] | None = None
+) -> tuple[onnx.ModelProto, PassResult]:
     """Run the pass alone, then the structural check (checker + strict shape inference)."""
     data = CalibrationData.from_batches(calibration) if calibration else None
     ctx = PassContext(template=model, original=model, calibration=data)
@@ -104,8 +105,13 @@ def test_residual_with_squeeze_excitation() -> None:
     assert w["se_expand"][0].shape == (4, 2, 1, 1) and w["y"][0].shape == (2, 4, 3, 3)
     assert [p.shape for p in w["inorm"]] == [(4,), (4,)]
     stem, c1, se = (removed(result, g) for g in ("stem", "c1", "se_reduce"))
-    zeros = {"c1.w": (1, stem), "se_reduce.w": (1, stem), "y.w": (1, stem), "c2.w": (1, c1),
-             "se_expand.w": (1, se)}
+    zeros = {
+        "c1.w": (1, stem),
+        "se_reduce.w": (1, stem),
+        "y.w": (1, stem),
+        "c2.w": (1, c1),
+        "se_expand.w": (1, se),
+    }
     assert_same(masked(model, zeros), pruned)
 
 
@@ -118,8 +124,12 @@ def test_concat_residual_and_depthwise_in_one_block() -> None:
     assert w["conv_p"][0].shape == (4, 4, 3, 3) and w["y"][0].shape == (2, 4, 3, 3)
     assert attribute(pruned, "dw", "group") == 4
     stem, a, b = (removed(result, g) for g in ("stem", "conv_a", "conv_b"))
-    zeros = {"conv_a.w": (1, stem), "conv_b.w": (1, stem), "y.w": (1, stem),
-             "conv_p.w": (1, np.concatenate([a, 4 + b]))}
+    zeros = {
+        "conv_a.w": (1, stem),
+        "conv_b.w": (1, stem),
+        "y.w": (1, stem),
+        "conv_p.w": (1, np.concatenate([a, 4 + b])),
+    }
     assert_same(masked(model, zeros), pruned)
 
 
@@ -190,7 +200,9 @@ def test_refused_group_leaves_the_model_unchanged() -> None:
     pruned, result = prune(model, "prune-channels{ratio=0.5}")
     assert not result.changed
     assert {r.node: r.reason for r in result.refusals} == {
-        "c1": "reaches graph output 'relu'", "y": "reaches graph output 'y'"}
+        "c1": "reaches graph output 'relu'",
+        "y": "reaches graph output 'y'",
+    }
     assert_same(model, pruned, tol=0.0)
 
 
@@ -210,7 +222,9 @@ def test_multiple_min_channels_include_exclude() -> None:
     net.conv(net.op("Relu", [net.conv("x", "c1", 3, 32)], "relu"), "y", 32, 2)
     model = net.model({"x": ["N", 3, 8, 8]}, ["y"])
     assert weights(prune(model, "prune-channels{ratio=0.3,multiple=8}")[0])["c1"][0].shape[0] == 24
-    assert weights(prune(model, "prune-channels{ratio=0.9,min-channels=5}")[0])["c1"][0].shape[0] == 5
+    assert (
+        weights(prune(model, "prune-channels{ratio=0.9,min-channels=5}")[0])["c1"][0].shape[0] == 5
+    )
     _, result = prune(residual_se_model(), "prune-channels{include=[c*],exclude=[stem]}")
     assert [d["group"] for d in result.details] == ["c1"] and result.counts["groups_excluded"] == 1
 
@@ -233,7 +247,9 @@ def _calibration(model: onnx.ModelProto, batches: int = 2) -> list[dict[str, np.
     return [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(batches)]
 
 
-def _error(reference: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict[str, Any]]) -> float:
+def _error(
+    reference: onnx.ModelProto, model: onnx.ModelProto, feeds: list[dict[str, Any]]
+) -> float:
     ref = np.concatenate([Runner(reference)(f)[0].ravel() for f in feeds])
     new = np.concatenate([Runner(model)(f)[0].ravel() for f in feeds])
     return float(np.linalg.norm(ref - new) / np.linalg.norm(ref))
@@ -272,8 +288,11 @@ def test_macs_target_through_the_pass_manager() -> None:
     data = _calibration(model)
     for allocation in ("uniform", "sensitivity"):
         _out, report = onnxpress.optimize(
-            model, f"prune-channels{{macs=0.6,allocation={allocation}}}", calibration=data,
-            verify=onnxpress.VerifyConfig(budget=1.0))
+            model,
+            f"prune-channels{{macs=0.6,allocation={allocation}}}",
+            calibration=data,
+            verify=onnxpress.VerifyConfig(budget=1.0),
+        )
         record = report.passes[0]
         assert record.after.macs <= 0.6 * record.before.macs
         assert record.after.bytes < record.before.bytes and record.verification.value is not None
@@ -281,8 +300,9 @@ def test_macs_target_through_the_pass_manager() -> None:
 
 def test_prunes_after_fold_batchnorm() -> None:
     model = chain_model()
-    out, _report = onnxpress.optimize(model, "fold-batchnorm,prune-channels{ratio=0.5}",
-                                     verify="structure")
+    out, _report = onnxpress.optimize(
+        model, "fold-batchnorm,prune-channels{ratio=0.5}", verify="structure"
+    )
     assert "BatchNormalization" not in [n.op_type for n in out.graph.node]
     assert weights(out)["conv1"][0].shape == (4, 3, 3, 3)
 
@@ -293,8 +313,11 @@ def test_bundled_cnn_keeps_its_accuracy_at_60_percent_macs(tmp_path: Path) -> No
     evaluate = sys.modules["models_evaluate"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
     out, report = onnxpress.optimize(
-        MODELS / "cnn_mnist.onnx", "prune-channels{macs=0.6,allocation=uniform}",
-        calibration=MODELS / "data" / "cnn_mnist_calib.npz", verify="structure")
+        MODELS / "cnn_mnist.onnx",
+        "prune-channels{macs=0.6,allocation=uniform}",
+        calibration=MODELS / "data" / "cnn_mnist_calib.npz",
+        verify="structure",
+    )
     onnx.save(out, str(tmp_path / "cnn_pruned.onnx"))
     before = evaluate.evaluate(MODELS / "cnn_mnist.onnx").value
     after = evaluate.evaluate(tmp_path / "cnn_pruned.onnx", kind="cnn_mnist").value

@@ -52,8 +52,9 @@ def test_float_heads_keep_a_conv_output_that_nothing_quantized_reads(
     """Default: the last Conv (a graph output) and a Conv feeding only Exp run in float on int8
     inputs and weights; a Conv followed by a float Sigmoid and then a quantized Conv is not a
     head and keeps its output pair (as does a Conv read by a quantized Conv)."""
-    w1, w2, w3, w4, w5 = weights(7, (4, 3, 3, 3), (2, 4, 1, 1), (3, 4, 1, 1), (4, 4, 1, 1),
-                                 (2, 4, 1, 1))
+    w1, w2, w3, w4, w5 = weights(
+        7, (4, 3, 3, 3), (2, 4, 1, 1), (3, 4, 1, 1), (4, 4, 1, 1), (2, 4, 1, 1)
+    )
     model = kit.model(
         [
             node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
