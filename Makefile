@@ -30,7 +30,7 @@ LINT_TREE := build/lint-imports
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check onnxpress passes tests tools models
 	$(BIN)/mypy
 	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)
 	cp -r onnxpress $(LINT_TREE)/onnxpress && cp -r passes $(LINT_TREE)/onnxpress/passes

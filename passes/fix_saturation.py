@@ -1,12 +1,14 @@
 """fix-saturation: make a QDQ model's int8 weights safe on targets that saturate int16 pairs.
 
-    DQ(W_int8) -> Conv/MatMul/Gemm  ->  DQ(W'_int8) -> Conv/MatMul/Gemm   (W' reround or 7-bit)
+    DQ(W_int8) -> Conv/MatMul/Gemm  ->  DQ(W'_int8) -> Conv/MatMul/Gemm   (W' reround, 7-bit or u8)
 
 For models quantized by any tool (onnxruntime's ``quantize_static``, NNCF, onnxpress): on x86
 without VNNI onnxruntime's u8 x s8 kernels add adjacent products into int16 with saturation,
 and layers whose weight pairs can pass 32767 lose accuracy there only. Each such layer gets
-the remedy that keeps its output closest to exact int32 arithmetic (``qdq.saturation``):
-measured on calibration data when given, else bounded for activation bytes up to 255. No
+a remedy chosen as ``qdq{saturation=auto}`` does (``passes/qdq/saturation.py``): the closer
+of re-rounding and 7-bit weights where it stays within the tolerance of exact int32
+arithmetic on calibration data, u8 weights (exact, slower kernels) elsewhere; without data,
+the smaller weight change for activation bytes up to 255. No
 recalibration: scales of untouched layers, activations and the graph stay as they are.
 """
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import onnx_graphsurgeon as gs
-from onnxpress.passes.qdq.saturation import protect_from_saturation
+from onnxpress.passes.qdq.saturation import Policy, protect_from_saturation
 
 from onnxpress.core.context import PassContext
 from onnxpress.core.int8_layers import integer_layers
@@ -26,8 +28,9 @@ from onnxpress.core.registry import register_pass
 
 @dataclass(frozen=True)
 class FixSaturationOptions:
-    remedy: Literal["auto", "reround", "narrow"] = "auto"
+    remedy: Literal["auto", "reround", "narrow", "u8"] = "auto"
     margin: float = 1.25  # headroom over the activation bytes seen in calibration data
+    tolerance: float = 0.01  # auto: rel-L2 a fast remedy may add to a layer before u8
     batches: int = 8  # calibration batches measured
 
     def __post_init__(self) -> None:
@@ -35,6 +38,8 @@ class FixSaturationOptions:
             raise ValueError(f"margin must be in [1, 255], not {self.margin}")
         if self.batches < 1:
             raise ValueError(f"batches must be >= 1, not {self.batches}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, not {self.tolerance}")
 
 
 @register_pass("fix-saturation")
@@ -57,9 +62,9 @@ class FixSaturation(Pass[FixSaturationOptions]):
             if ctx.calibration is not None
             else None
         )
-        protect_from_saturation(
-            graph, ctx, result, self.options.remedy, self.options.margin, batches
-        )
+        opts = self.options
+        policy = Policy(opts.remedy, opts.margin, opts.tolerance)
+        protect_from_saturation(graph, ctx, result, policy, batches)
         if not result.counts.get("layers_saturation_safe"):
             targets = ", ".join(t.name for t in ctx.targets)
             result.refuse("<model>", f"no int8 layer can saturate on {targets}")

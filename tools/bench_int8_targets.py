@@ -4,7 +4,7 @@ and latency against fp32, for onnxpress and its peers, in one run.
     python tools/bench_int8_targets.py [--models cnn_mnist,...] [--nncf-python PATH]
 
 Variants: fp32; onnxpress's default (targets avx2, avx512-vnni, arm64) and ``--target host``;
-its saturation remedies one by one (off, reround only, narrow only); onnxruntime's
+its saturation remedies one by one (off, reround only, narrow only, u8 only); onnxruntime's
 ``quantize_static`` with its defaults (QDQ, per-tensor, uint8 activations, MinMax) and with
 ``reduce_range=True``; NNCF's ``nncf.quantize`` with its defaults (built with
 ``--nncf-python``, a Python that has nncf installed: NNCF is not a dependency). Quality is
@@ -131,6 +131,9 @@ def bench(name: str, nncf_python: str | None) -> dict[str, Any]:
         ),
         "onnxpress saturation=narrow": onnxpress_variant(
             name, DEFAULT.replace("qdq", "qdq{saturation=narrow,recover=false}"), None
+        ),
+        "onnxpress saturation=u8": onnxpress_variant(
+            name, DEFAULT.replace("qdq", "qdq{saturation=u8,recover=false}"), None
         ),
         "onnxruntime quantize_static": ort_variant(name, False),
         "onnxruntime reduce_range": ort_variant(name, True),

@@ -73,7 +73,7 @@ from onnxpress.passes.qdq.recover import (
 )
 from onnxpress.passes.qdq.refit import LINEAR_OPS, apply_solutions, refit_quantized
 from onnxpress.passes.qdq.report import report
-from onnxpress.passes.qdq.saturation import protect_from_saturation
+from onnxpress.passes.qdq.saturation import Policy, protect_from_saturation
 from onnxpress.passes.qdq.target_fit import fit_targets
 
 from onnxpress.calibration.observers import RANGE_METHODS
@@ -118,9 +118,11 @@ class QdqOptions:
     float_heads: bool = True  # a Conv with no quantized node downstream keeps a float output
     concat_spread: float = 8.0  # a Concat whose input ranges differ more than this stays float
     # weights safe from int16 pair saturation where a target needs it (x86 without VNNI):
-    # auto = per layer the better of reround and narrow, measured; off = never
-    saturation: Literal["auto", "reround", "narrow", "off"] = "auto"
+    # auto = per layer the better of reround and narrow, measured, where its error is within
+    # saturation-tolerance, else u8 weights (exact, slower kernels); off = never
+    saturation: Literal["auto", "reround", "narrow", "u8", "off"] = "auto"
     saturation_margin: float = 1.25  # headroom over the activation bytes seen in calibration
+    saturation_tolerance: float = 0.01  # rel-L2 of a layer's output vs exact int32 sums
     # GRU/LSTM/RNN weights: int8 weight-only (4x smaller, but onnxruntime dequantizes them on
     # every run: slower than float) or float; auto = float when --target names the hardware
     # (speed), int8 otherwise (size)
@@ -144,6 +146,12 @@ class QdqOptions:
             raise ValueError(f"concat-spread must be >= 1, not {self.concat_spread}")
         if not 1.0 <= self.saturation_margin <= 255.0:
             raise ValueError(f"saturation-margin must be in [1, 255], not {self.saturation_margin}")
+        if not self.saturation_tolerance >= 0:
+            raise ValueError(f"saturation-tolerance must be >= 0, not {self.saturation_tolerance}")
+
+    @property
+    def saturation_policy(self) -> Policy:
+        return Policy(self.saturation, self.saturation_margin, self.saturation_tolerance)
 
 
 @register_pass("qdq")
@@ -298,8 +306,7 @@ class Qdq(Pass[QdqOptions]):
                 lambda excluded: build(excluded, method, deltas),
                 list(ctx.calibration.batches(opts.fallback_batches)),
                 ctx.targets,
-                opts.saturation,
-                opts.saturation_margin,
+                opts.saturation_policy,
             )
             judged_by = ("task budget share, worst target", 1.0)
         excluded = frozenset(fallback.excluded if fallback else ())
@@ -323,8 +330,7 @@ class Qdq(Pass[QdqOptions]):
             graph,
             ctx,
             result,
-            opts.saturation,
-            opts.saturation_margin,
+            opts.saturation_policy,
             list(ctx.calibration.batches(opts.fallback_batches)),
         )
         return result

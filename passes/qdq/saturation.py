@@ -12,6 +12,14 @@ to the layer's exact int32 output with its original weights is kept:
   their scales doubled (the whole layer when weights are per tensor); the int32 bias is
   rescaled to match. No pair of theirs can then saturate (255 * 126 < 32767); the other
   channels keep 8 bits.
+- ``u8``: the weights move to uint8 (+128, zero point +128). onnxruntime then runs the layer on
+  its u8 x u8 kernels, which widen to int16 before multiplying: exact on every CPU (checked
+  against the AVX2 kernels under qemu), same values as full 8 bits, but slower kernels
+  (BENCHMARKS.md gives the price).
+
+``auto`` keeps the better of reround and narrow (same speed as full 8 bits) where its error
+on the data is within ``tolerance`` (rel-L2 of the layer's output against exact int32 sums
+with the original weights), and takes ``u8`` where neither is.
 
 Nothing changes where no named target saturates. The change works on any QDQ model and needs
 no recalibration; it is what ``qdq`` does last and what ``fix-saturation`` does to models that
@@ -46,9 +54,19 @@ from onnxpress.core.targets import EXACT
 
 logger = logging.getLogger(__name__)
 
-REMEDIES = ("reround", "narrow")
+REMEDIES = ("reround", "narrow", "u8")
 NARROW_MAX = 63
 LIMIT = 32767
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How layers at risk are made safe: the remedy (auto, reround, narrow, u8 or off), the
+    headroom over the activation bytes seen, and auto's error tolerance for the fast remedies."""
+
+    remedy: str = "auto"
+    margin: float = 1.25
+    tolerance: float = 0.01
 
 
 @dataclass
@@ -59,6 +77,7 @@ class Change:
     scale: np.ndarray | None = None  # narrow: the weight's new scale
     bias: np.ndarray | None = None  # narrow: the int32 bias for the new scale
     bias_scale: np.ndarray | None = None
+    zero_point: np.ndarray | None = None  # u8: the weight's new zero point
 
 
 @dataclass
@@ -130,7 +149,7 @@ def narrow(layer: IntegerLayer, channels: np.ndarray | None = None) -> Change:
     new_q = np.clip(np.round(q / factor), -limit, limit)
     new_q += wt.zero_point.astype(np.float64).reshape(_channel_shape(wt.value, wt.axis))
     scale = (wt.scale.astype(np.float64) * factor.reshape(wt.scale.shape)).astype(np.float32)
-    change = Change(new_q.astype(np.int8), scale)
+    change = Change(new_q.astype(np.int8), scale=scale)
     bias = layer.bias if layer.bias is not None else layer.bias_add
     if bias is not None and bias.value is not None:
         values = bias.value.astype(np.float64)
@@ -152,11 +171,24 @@ def _channel_shape(values: np.ndarray, axis: int | None) -> tuple[int, ...]:
     return tuple(values.shape[axis] if i == axis else 1 for i in range(values.ndim))
 
 
+def widen(layer: IntegerLayer) -> Change | None:
+    """uint8 weights with the same values (q + 128, zero point + 128); None where the zero
+    points differ between channels (onnxruntime's u8 conv needs one)."""
+    wt = layer.weight
+    assert wt.value is not None
+    if np.unique(wt.zero_point).size > 1:
+        return None
+    value = (wt.value.astype(np.int16) + 128).astype(np.uint8)
+    return Change(value, zero_point=(wt.zero_point.astype(np.int16) + 128).astype(np.uint8))
+
+
 def _trial(layer: IntegerLayer, change: Change) -> IntegerLayer:
     weight = replace(
         layer.weight,
         value=change.weight,
         scale=change.scale if change.scale is not None else layer.weight.scale,
+        zero_point=change.zero_point if change.zero_point is not None else layer.weight.zero_point,
+        dtype=change.weight.dtype,
     )
     if layer.bias is None or change.bias is None:  # a bias Add stays outside the layer
         return replace(layer, weight=weight)
@@ -166,14 +198,14 @@ def _trial(layer: IntegerLayer, change: Change) -> IntegerLayer:
 def plan(
     model: onnx.ModelProto,
     batches: list[Batch] | None,
-    remedy: str = "auto",
-    margin: float = 1.25,
+    policy: Policy = Policy(),
 ) -> list[tuple[IntegerLayer, Remedy, Change]]:
     """The remedy for each layer that can saturate, measured on ``batches`` where given."""
     planned = []
+    remedy = policy.remedy
     for layer, operands in saturating_layers(model, batches):
         seen = activation_bound(layer, operands)
-        bound = np.minimum(seen * margin, U8_MAX) if operands else seen
+        bound = np.minimum(seen * policy.margin, U8_MAX) if operands else seen
         matrices = reduction_matrix(layer)
         at_risk = int(sum(pairs_at_risk(m, bound).sum() for m in matrices))
         if not at_risk:
@@ -186,6 +218,12 @@ def plan(
             # the whole layer: narrowing only the channels at risk measured 0.1 pt better on
             # cnn_mnist but 0.4 pt worse on mobilenet_mnist (BENCHMARKS.md)
             candidates["narrow"] = narrow(layer)
+        wide = widen(layer) if remedy in ("auto", "u8") else None
+        if wide is not None:
+            candidates["u8"] = wide
+        if not candidates:
+            continue
+        fast = [name for name in candidates if name != "u8"]
         errors: dict[str, float] = {}
         if operands:
             reference = [layer_output(layer, x, None, EXACT) for x in operands]
@@ -193,11 +231,17 @@ def plan(
             for name, change in candidates.items():
                 errors[name] = layer_error(_trial(layer, change), operands, reference)
             chosen = min(candidates, key=lambda name: errors[name])
-        else:  # no data: the smaller change to the weights, in units of the old scale
-            chosen = min(candidates, key=lambda name: _weight_change(layer, candidates[name]))
+            if fast and remedy == "auto":
+                best = min(fast, key=lambda name: errors[name])
+                chosen = best if errors[best] <= policy.tolerance or wide is None else "u8"
+        elif fast:  # no data: the smaller change to the weights, in units of the old scale
+            chosen = min(fast, key=lambda name: _weight_change(layer, candidates[name]))
+        else:
+            chosen = "u8"
         change = candidates[chosen]
         assert layer.weight.value is not None
-        changed = int(np.sum(change.weight != layer.weight.value))
+        shift = 128 if change.zero_point is not None else 0  # u8: same values
+        changed = int(np.sum(change.weight.astype(np.int16) - shift != layer.weight.value))
         planned.append(
             (layer, Remedy(layer.name, layer.op, chosen, at_risk, changed, errors), change)
         )
@@ -219,45 +263,59 @@ def _weight_change(layer: IntegerLayer, change: Change) -> float:
 def apply(graph: gs.Graph, planned: list[tuple[IntegerLayer, Remedy, Change]]) -> None:
     """Write each change into ``graph`` as new constants of the layer's DequantizeLinears."""
     producers = {out.name: node for node in graph.nodes for out in node.outputs}
+    names = set(graph.tensors())
     for layer, _, change in planned:
         weight_dq = producers[layer.weight.output]
-        _replace(weight_dq, 0, change.weight, "safe")
+        _replace(weight_dq, 0, change.weight, names)
         if change.scale is not None:
-            _replace(weight_dq, 1, change.scale, "safe")
+            _replace(weight_dq, 1, change.scale, names)
+        if change.zero_point is not None:
+            _replace(weight_dq, 2, change.zero_point, names)
         bias = layer.bias if layer.bias is not None else layer.bias_add
         if bias is not None and change.bias is not None and change.bias_scale is not None:
             bias_dq = producers[bias.output]
-            _replace(bias_dq, 0, change.bias, "safe")
-            _replace(bias_dq, 1, change.bias_scale, "safe")
+            _replace(bias_dq, 0, change.bias, names)
+            _replace(bias_dq, 1, change.bias_scale, names)
 
 
-def _replace(node: gs.Node, index: int, values: np.ndarray, suffix: str) -> None:
-    old = node.inputs[index]
-    node.inputs[index] = gs.Constant(f"{old.name}_{suffix}", np.ascontiguousarray(values))
+def _replace(node: gs.Node, index: int, values: np.ndarray, names: set[str]) -> None:
+    """Input ``index`` of ``node`` becomes a new constant (appended when it was omitted) with
+    a name no other tensor has: constants shared between layers keep their old value."""
+    base = f"{node.inputs[index].name if index < len(node.inputs) else node.name}_safe"
+    name, n = base, 1
+    while name in names:
+        name, n = f"{base}_{n}", n + 1
+    names.add(name)
+    constant = gs.Constant(name, np.ascontiguousarray(values))
+    if index < len(node.inputs):
+        node.inputs[index] = constant
+    else:  # an omitted zero point: the default (0 of the weight's type) comes before it
+        node.inputs.append(constant)
 
 
 def protect_from_saturation(
     graph: gs.Graph,
     ctx: PassContext,
     result: PassResult,
-    remedy: str,
-    margin: float,
+    policy: Policy,
     batches: list[Batch] | None,
 ) -> None:
     """Make the int8 layers of ``graph`` safe on ``ctx.targets``; record it in ``result``."""
     saturating = [t.name for t in ctx.targets if t.saturates]
-    if remedy == "off" or not saturating:
-        why = "saturation=off" if remedy == "off" else "no target saturates"
+    if policy.remedy == "off" or not saturating:
+        why = "saturation=off" if policy.remedy == "off" else "no target saturates"
         result.details.append({"saturation": {"targets": saturating, "skipped": why}})
         return
-    planned = plan(ctx.export(graph), batches, remedy, margin)
+    planned = plan(ctx.export(graph), batches, policy)
     apply(graph, planned)
     result.count("layers_saturation_safe", len(planned))
+    result.count("layers_u8_weights", sum(r.chosen == "u8" for _, r, _ in planned))
     result.details.append(
         {
             "saturation": {
                 "targets": saturating,
-                "remedy": remedy,
+                "remedy": policy.remedy,
+                "tolerance": policy.tolerance,
                 "data": bool(batches),
                 "layers": [r.to_json() for _, r, _ in planned],
             }

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnxpress.passes.qdq.recover import Evaluator, FallbackResult, MetricInputs, greedy_fallback
-from onnxpress.passes.qdq.saturation import Change, Remedy, apply, plan
+from onnxpress.passes.qdq.saturation import Change, Policy, Remedy, apply, plan
 
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.int8_emulation import Batch
@@ -92,12 +92,11 @@ def fit_targets(
     build: Callable[[frozenset[str]], onnx.ModelProto],
     batches: list[Batch],
     targets: tuple[Target, ...],
-    remedy: str,
-    margin: float,
+    policy: Policy,
 ) -> FallbackResult | None:
     """Float fallback until every target is within the task budget; None when it already is."""
-    saturating = remedy != "off" and any(t.saturates for t in targets)
-    planned = plan(build(frozenset()), batches, remedy, margin) if saturating else []
+    saturating = policy.remedy != "off" and any(t.saturates for t in targets)
+    planned = plan(build(frozenset()), batches, policy) if saturating else []
     evaluator = TargetEvaluator(float_model, batches, targets)
 
     def protected(excluded: frozenset[str]) -> onnx.ModelProto:

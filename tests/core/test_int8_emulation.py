@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxpress
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.int8_emulation import saturating_matmul
 from onnxpress.core.int8_layers import integer_layers
@@ -130,34 +131,36 @@ def test_emulation_of_this_cpu_matches_onnxruntime() -> None:
 
 @pytest.mark.skipif(shutil.which("qemu-x86_64") is None, reason="qemu-x86_64 not installed")
 def test_pair_saturating_emulation_matches_onnxruntime_avx2_under_qemu(tmp_path: Path) -> None:
+    """Also: the same layers with u8 weights (fix-saturation{remedy=u8}) run exactly there."""
     model, feed = qdq_model(), bright_inputs()
+    widened, _ = onnxpress.optimize(
+        model, "fix-saturation{remedy=u8}", [feed], targets=["avx2"], verify="structure"
+    )
+    assert any(layer.weight.dtype == np.uint8 for layer in integer_layers(widened))
     onnx.save(model, tmp_path / "m.onnx")
+    onnx.save(widened, tmp_path / "u8.onnx")
     np.savez(tmp_path / "x.npz", **feed)
     script = (
         "import numpy as np, onnxruntime as ort, sys\n"
-        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
-        "x = dict(np.load(sys.argv[2]))\n"
-        "np.save(sys.argv[3], s.run(None, x)[0])\n"
+        "x = dict(np.load(sys.argv[1]))\n"
+        "for path in sys.argv[2:]:\n"
+        "    s = ort.InferenceSession(path, providers=['CPUExecutionProvider'])\n"
+        "    np.save(path + '.npy', s.run(None, x)[0])\n"
     )
-    out = tmp_path / "y.npy"
     subprocess.run(
         [
-            "qemu-x86_64",
-            "-cpu",
-            "Haswell",
-            sys.executable,
-            "-c",
-            script,
-            str(tmp_path / "m.onnx"),
-            str(tmp_path / "x.npz"),
-            str(out),
+            *("qemu-x86_64", "-cpu", "Haswell", sys.executable, "-c", script),
+            *(str(tmp_path / name) for name in ("x.npz", "m.onnx", "u8.onnx")),
         ],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    avx2 = np.load(out)
+    avx2 = np.load(tmp_path / "m.onnx.npy")
     emulated = EmulatedRunner(model, PAIR_SATURATING)(feed)[0]
     exact = EmulatedRunner(model, EXACT)(feed)[0]
-    assert np.abs(emulated - avx2).max() <= 2 * 0.8 * 0.003 * 4 * 4 * 4
+    step = 2 * 0.8 * 0.003 * 4 * 4 * 4
+    assert np.abs(emulated - avx2).max() <= step
     assert np.abs(exact - avx2).max() > 0.05 * float(np.abs(avx2).max())
+    # u8 weights: AVX2's u8 x u8 kernel widens to int16 first, no pair saturates
+    assert np.abs(np.load(tmp_path / "u8.onnx.npy") - exact).max() <= step

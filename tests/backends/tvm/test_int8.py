@@ -74,6 +74,18 @@ def test_conv_model_lowers_and_matches_onnxruntime(tmp_path: Path, activations: 
         assert result.manifest["int8"]["kernel"] == ("avx2" if spec is avx2 else kernel)
 
 
+def test_u8_weights_lower_like_int8(tmp_path: Path) -> None:
+    """Weights that qdq{saturation=u8} moved to uint8 (zero point 128) lower to the same
+    integer kernels as their int8 values, and match onnxruntime's u8 x u8 run."""
+    qdq, _ = quantize(conv_model(), "qdq{saturation=u8,saturation-tolerance=0}", targets=["avx2"])
+    u8 = [t for t in qdq.graph.initializer if t.data_type == TensorProto.UINT8 and t.dims]
+    assert any(len(t.dims) == 4 for t in u8), "some conv weight is u8"
+    _, done = _lowered(qdq, PORTABLE)
+    assert done["lowered"] == {"conv2d": 2, "conv2d (grouped)": 1, "max_pool2d": 1, "matmul": 1}
+    result = compile_model(qdq, PORTABLE, tmp_path / "u8")
+    assert result.manifest["verification"]["errors"]["y"] <= 1.0
+
+
 def test_lowered_module_has_no_float_conv_and_int8_kernels() -> None:
     qdq, _ = quantize(conv_model())
     before = import_relax(prepare(qdq, None))

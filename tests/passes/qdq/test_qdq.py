@@ -77,7 +77,8 @@ def test_float_heads_keep_a_conv_output_that_nothing_quantized_reads(
     assert view.ops_reading("r1") == ["QuantizeLinear"]
     assert view.ops_reading("m") == ["QuantizeLinear"]  # not a head: "after" is downstream
     for layer in ("conv1", "box", "head", "mid", "after"):
-        assert view.dq(layer, 1)[0].dtype == np.int8  # weights still int8
+        # weights still 8-bit (u8 where the AVX2 target's saturation remedy chose it)
+        assert view.dq(layer, 1)[0].dtype in (np.int8, np.uint8)
     assert record.result.counts["activation_qdq_pairs"] == 4  # x, r1, m, g
     ops = fused(result, tmp_path)
     assert ops["QLinearConv"] == 2 and ops["Conv"] == 3

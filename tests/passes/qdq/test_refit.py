@@ -46,8 +46,10 @@ def rel_l2(
 def test_refit_lowers_each_layers_error_and_keeps_the_structure(kit: SimpleNamespace) -> None:
     model = chain(kit)
     calib, held_out = uniform(8, seed=1), uniform(8, seed=99)
-    plain, _ = quantize(model, "qdq{method=minmax}", calibration=calib)
-    refit, record = quantize(model, "qdq{method=minmax,refit=on}", calibration=calib)
+    # saturation remedies would differ per model: refit alone is compared on an exact target
+    exact = ["avx512-vnni"]
+    plain, _ = quantize(model, "qdq{method=minmax}", calibration=calib, targets=exact)
+    refit, record = quantize(model, "qdq{method=minmax,refit=on}", calibration=calib, targets=exact)
     details = next(d["refit"] for d in record.result.details if "refit" in d)
     # conv1 sees only the rounding of x: its refit, rounded again, is no better and is dropped
     refit_layers = [layer["layer"] for layer in details["layers"] if layer["refit"]]

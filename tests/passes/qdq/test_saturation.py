@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnxpress.passes.qdq.saturation import reround
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -49,7 +50,7 @@ def test_default_qdq_holds_under_avx2_arithmetic() -> None:
     assert qdq.result.counts["layers_saturation_safe"] >= 1
     detail = next(d["saturation"] for d in qdq.result.details if "saturation" in d)
     assert detail["targets"] == ["avx2"] and all(
-        layer["chosen"] in ("reround", "narrow") for layer in detail["layers"]
+        layer["chosen"] in ("reround", "narrow", "u8") for layer in detail["layers"]
     )
     assert set(qdq.verification.targets) == {"avx2", "avx512-vnni", "arm64"}
     images = {"input": eval_images("cnn_mnist")}
@@ -57,6 +58,54 @@ def test_default_qdq_holds_under_avx2_arithmetic() -> None:
     avx2 = EmulatedRunner(model, PAIR_SATURATING)(images)[0]
     assert np.mean(exact.argmax(1) == avx2.argmax(1)) >= 0.997
     assert not any(r.at_risk for r in assess(model, [images]))
+
+
+def _optimize(spec: str, verify: str = "numeric") -> tuple[onnx.ModelProto, dict]:
+    model, report = onnxpress.optimize(
+        MODELS / "cnn_mnist.onnx",
+        f"fold-constants,fold-batchnorm,cleanup,{spec}",
+        calibration=DATA / "cnn_mnist_calib.npz",
+        verify=verify,
+    )
+    qdq = next(p for p in report.passes if p.name == "qdq")
+    return model, next(d["saturation"] for d in qdq.result.details if "saturation" in d)
+
+
+def test_u8_weights_keep_every_value_and_compute_exactly_on_avx2() -> None:
+    full, skipped = _optimize("qdq{saturation=off,recover=false}", "structure")
+    assert "skipped" in skipped
+    model, detail = _optimize("qdq{saturation=u8,recover=false}")
+    assert detail["layers"] and {layer["chosen"] for layer in detail["layers"]} == {"u8"}
+    assert all(layer["weights_changed"] == 0 for layer in detail["layers"])
+    widened = [layer for layer in integer_layers(model) if layer.weight.dtype == np.uint8]
+    assert len(widened) == len(detail["layers"])
+    before = {layer.name: layer.weight.value for layer in integer_layers(full)}
+    for layer in widened:
+        assert layer.weight.value is not None and np.all(layer.weight.zero_point == 128)
+        codes = layer.weight.value.astype(np.int16) - 128
+        np.testing.assert_array_equal(codes, before[layer.name])
+    images = {"input": eval_images("cnn_mnist", 200)}
+    exact = EmulatedRunner(model, EXACT)(images)[0]
+    np.testing.assert_array_equal(EmulatedRunner(model, PAIR_SATURATING)(images)[0], exact)
+    np.testing.assert_array_equal(exact, EmulatedRunner(full, EXACT)(images)[0])
+    host = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    on_host = host.run(None, images)[0]  # within a requantization step (rounding ties)
+    assert (
+        np.abs(on_host - exact).max() <= 0.05
+        and np.mean(on_host.argmax(1) == exact.argmax(1)) >= 0.995
+    )
+    assert not any(r.at_risk for r in assess(model, [images]))
+
+
+def test_auto_takes_u8_where_the_fast_remedies_miss_the_tolerance() -> None:
+    _, strict = _optimize("qdq{saturation-tolerance=0}")
+    assert {layer["chosen"] for layer in strict["layers"]} == {"u8"}
+    _, loose = _optimize("qdq{saturation-tolerance=1}")
+    assert "u8" not in {layer["chosen"] for layer in loose["layers"]}
+    for layer in loose["layers"]:  # the fast remedy kept is the closer one
+        errors = layer["errors"]
+        assert errors[layer["chosen"]] == min(errors["reround"], errors["narrow"])
+        assert errors["u8"] == 0.0
 
 
 def test_exact_targets_keep_full_8_bit_weights() -> None:
