@@ -8,7 +8,8 @@ Starting from a Tanh node (the candidate n) it finds, whatever order an exporter
   * the leaves: the previous state h (the free operand of the update) and the step input x
     (the data operand of every MatMul/Gemm with a constant weight that is not built from h
     or a gate, also through a Concat([x, h]));
-  * every node in between, none of which may be read from outside the cell.
+  * every node in between, none of which may be read from outside the cell, except by a
+    Shape or Size (the node is then kept for it).
 Weights are not read here: probe recovers them numerically from the matched nodes.
 """
 
@@ -32,6 +33,7 @@ from onnxpress.passes.gru.graph import (
 CELL_OPS = ELEMENTWISE | SLICING | PROJECTIONS | {"Concat", "Transpose"}
 MAX_UPDATE_DEPTH = 4  # elementwise nodes between n and h'
 MAX_CELL_NODES = 80
+SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
 @dataclass
@@ -289,7 +291,8 @@ def match_cell(index: GraphIndex, tanh: gs.Node, types: TensorTypes) -> CellMatc
                 continue
             if id(out) in index.outputs:
                 return f"'{out.name}' inside the cell is a graph output"
-            outside = [c for c in out.outputs if id(c) not in nodes]
+            # A Shape/Size reader needs only the dims: the node stays for it (remove_dead).
+            outside = [c for c in out.outputs if id(c) not in nodes and c.op not in SHAPE_READERS]
             if outside:
                 return f"'{out.name}' inside the cell is also read by '{outside[0].name}'"
     return CellMatch(

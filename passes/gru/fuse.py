@@ -38,7 +38,7 @@ from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
 from onnxpress.passes.gru.probe import CellSpec, GruWeights, probe_weights, self_check
 
 from onnxpress.core.context import PassContext
-from onnxpress.core.ir import unique_name
+from onnxpress.core.ir import remove_dead_nodes, unique_name
 from onnxpress.core.pass_base import Pass, PassResult, Refusal
 from onnxpress.core.registry import register_pass
 from onnxpress.core.rewrite import Rule, apply_rule, rule_node_name
@@ -331,6 +331,8 @@ class FuseGru(Pass[FuseGruOptions]):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         nodes_before = len(graph.nodes)
+        # Dead readers (a Shape left by fold-constants) would pin a cell's tensors.
+        result.count("dead_nodes_removed", remove_dead_nodes(graph))
         rule = FuseGruRule(self.options)
         fused = apply_rule(rule, graph, ctx, result)
         result.refusals.extend(rule.refusals)

@@ -7,8 +7,6 @@ and what the report says: every fused and refused candidate, refusals with their
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -366,76 +364,6 @@ def test_lstm_cell_and_exported_gate_are_refused() -> None:
         == ("no update (1-z)*n + z*h with a Sigmoid gate z follows the tanh")
     )
     assert reasons[gru_n] == f"'{z_gate}' inside the cell is a graph output"
-
-
-def torch_loop(
-    steps: int, batch_first: bool, dynamo: bool, dynamic: bool = True
-) -> onnx.ModelProto:
-    """A GRUCell loop from zeros, returning every state stacked and the last one, exported."""
-    torch = pytest.importorskip("torch")
-    if dynamo:
-        pytest.importorskip("onnxscript")
-
-    class Loop(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.cell = torch.nn.GRUCell(IN, HID)
-
-        def forward(self, x: Any) -> Any:
-            h = torch.zeros(x.shape[0 if batch_first else 1], HID)
-            outputs = []
-            for t in range(steps):
-                h = self.cell(x[:, t] if batch_first else x[t], h)
-                outputs.append(h)
-            return torch.stack(outputs, 1 if batch_first else 0), h
-
-    torch.manual_seed(0)
-    x = torch.randn(2, steps, IN) if batch_first else torch.randn(steps, 2, IN)
-    buffer = io.BytesIO()
-    batch = 0 if batch_first else 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            program = torch.onnx.export(
-                Loop(),
-                (x,),
-                dynamo=True,
-                input_names=["x"],
-                dynamic_shapes={"x": {batch: torch.export.Dim("batch")}},
-                output_names=["y", "h"],
-                verbose=False,
-            )
-            return program.model_proto
-        torch.onnx.export(
-            Loop(),
-            (x,),
-            buffer,
-            dynamo=False,
-            input_names=["x"],
-            output_names=["y", "h"],
-            dynamic_axes={"x": {batch: "batch"}} if dynamic else None,
-        )
-    return onnx.load_from_string(buffer.getvalue())
-
-
-@pytest.mark.parametrize(
-    ("batch_first", "dynamo", "dynamic"),
-    [(True, False, True), (False, False, True), (True, True, True), (True, False, False)],
-)
-def test_torch_gru_cell_loop(
-    batch_first: bool, dynamo: bool, dynamic: bool, kit: SimpleNamespace
-) -> None:
-    """TorchScript and dynamo exports; with a static batch TorchScript folds step 0's
-    recurrent projection (its state is zeros), and that step still joins the loop."""
-    model = torch_loop(3, batch_first, dynamo, dynamic)
-    out, result = fuse(model)
-    expected = ["GRU", "Squeeze", "Gather"] + (["Transpose"] * 2 if batch_first else [])
-    assert sorted(kit.ops(out)) == sorted(expected)
-    (record,) = result.details
-    assert record["gate_order"] == "r,z,n" and record["linear_before_reset"] == 1
-    assert record["cell_count"] == 3 and record["stacked_output"] == "y"
-    assert [o.name for o in out.graph.output] == ["y", "h"]
-    kit.same_outputs(model, out)
 
 
 @pytest.mark.skipif(
