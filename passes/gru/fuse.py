@@ -6,6 +6,10 @@
                     h = (1-z)*n + z*h                         (any algebraic form)
   ->  Y, Y_h = GRU(X[T, batch, I], W, R, B, initial_h = h_0 unless it is zeros)
 
+A chain whose steps read x_{T-1} first becomes direction="reverse"; a forward and a
+reverse GRU over the same X then become one direction="bidirectional" GRU, and a Concat
+or Add joining their stacked outputs is rewritten from its Y (pair).
+
 One rule, ``fuse-gru``. Pattern: chains of cells matched around each gated Tanh
 (cell), linked state to state and cut where the weights change. Check: refuses, with a
 reason, Tanhs that are not GRU cells, per-step weights, unknown sizes or dtypes, and cells
@@ -32,9 +36,10 @@ from onnxpress.passes.gru.emit import (
     is_zero,
     remove_dead,
     sequence_input,
-    stacked_concat,
 )
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
+from onnxpress.passes.gru.outputs import StepOutputs
+from onnxpress.passes.gru.pair import FusedRnn, pair_directions, record_pairs
 from onnxpress.passes.gru.probe import CellSpec, GruWeights, probe_weights, self_check
 
 from onnxpress.core.context import PassContext
@@ -85,6 +90,7 @@ class FuseGruRule(Rule[GruCandidate]):
         self.index: GraphIndex | None = None
         self.replaced: list[gs.Node] = []  # nodes the rewrites made dead (with their inputs)
         self.refusals: list[Refusal] = []  # heads left out of a fused chain
+        self.fused: list[FusedRnn] = []  # the GRU ops made, for pairing into bidirectional
 
     def anchor(self, match: GruCandidate) -> str:
         return match.anchor
@@ -210,7 +216,8 @@ class FuseGruRule(Rule[GruCandidate]):
         index, cells, weights = self.index, match.cells, match.weights
         spec = self._spec(cells[0])
         emit = Emitter(graph, match.anchor)
-        sequence, layout = sequence_input(emit, index, cells, self.types)
+        sequence, layout, source = sequence_input(emit, index, cells, self.types)
+        reverse = source is not None and source.reverse
         inputs = [
             sequence,
             emit.const("W", weights.W),
@@ -223,62 +230,38 @@ class FuseGruRule(Rule[GruCandidate]):
                 gs.Variable.empty(),
                 emit.one("Unsqueeze", [cells[0].h, emit.const("axes", [0])]),
             ]
+        attrs: dict[str, Any] = {
+            "hidden_size": spec.hidden,
+            "linear_before_reset": weights.linear_before_reset,
+        }
+        if reverse:
+            attrs["direction"] = "reverse"
         y, y_last = emit.node(
             "GRU",
             inputs,
-            {"hidden_size": spec.hidden, "linear_before_reset": weights.linear_before_reset},
+            attrs,
             [
                 gs.Variable(emit.name("Y"), dtype=np.float32),
                 gs.Variable(emit.name("Y_h"), dtype=np.float32),
             ],
             name=unique_name(graph, rule_node_name(self, match.anchor), emit.taken),
         )
-        # Who reads each step's state outside the loop (the next cell's nodes are replaced).
-        readers = [
-            [
-                c
-                for c in cell.h_new.outputs
-                if t + 1 == len(cells) or id(c) not in cells[t + 1].nodes
-            ]
-            for t, cell in enumerate(cells)
-        ]
-        outputs = [id(cell.h_new) in index.outputs for cell in cells]
-        steps: gs.Tensor | None = None
-        stacked = stacked_concat(index, cells, readers)
-        stacked_name = None
-        if stacked is not None:
-            concat, axis, unsqueezes = stacked
-            perm = [1, 2]
-            perm.insert(axis, 0)
-            target = concat.outputs[0]
-            stacked_name = target.name
-            steps = emit.one(
-                "Squeeze", [y, emit.const("axes", [1])], output=target if axis == 0 else None
-            )
-            if axis != 0:
-                emit.one("Transpose", [steps], {"perm": perm}, output=target)
-            for t, unsqueeze in enumerate(unsqueezes):
-                readers[t].remove(unsqueeze)
-            self.replaced.append(concat)
-        wanted = [t for t in range(len(cells)) if readers[t] or outputs[t]]
-        if steps is None and any(t + 1 < len(cells) for t in wanted):
-            steps = emit.one("Squeeze", [y, emit.const("axes", [1])])
-        if steps is not None:  # a later chain (a stacked layer) can take its X from here
-            batch = self._dims(cells[0].x)[0]
-            self.types[steps.name] = (TensorProto.FLOAT, [len(cells), batch, spec.hidden])
-        for t in wanted:
-            if steps is None:  # only the last state is read
-                emit.one("Squeeze", [y_last, emit.const("axes", [0])], output=cells[t].h_new)
-            else:
-                step = emit.const("step", np.array(t, np.int64))
-                emit.one("Gather", [steps, step], {"axis": 0}, output=cells[t].h_new)
+        outputs = StepOutputs(emit, index, cells, reverse, y, y_last)
+        batch = self._dims(cells[0].x)[0]
+        outputs.rewire(self.types, (TensorProto.FLOAT, [len(cells), batch, spec.hidden]))
+        if outputs.concat is not None:
+            self.replaced.append(outputs.concat)
         self.replaced.extend(node for cell in cells for node in cell.nodes.values())
+        self.fused.append(
+            FusedRnn(y.inputs[0], source, outputs.stacked, outputs.stacked_axis, not zero_start)
+        )
         logger.debug("fuse-gru: %d cells from %s into one GRU", len(cells), match.anchor)
         return {
             "node": y.inputs[0].name,
             "cells": [cell.name for cell in cells],
             "cell_count": len(cells),
             "seq_length": len(cells),
+            "direction": "reverse" if reverse else "forward",
             "hidden": spec.hidden,
             "input_size": spec.input_size,
             "linear_before_reset": weights.linear_before_reset,
@@ -286,7 +269,7 @@ class FuseGruRule(Rule[GruCandidate]):
             "update": "(1-z)*n + z*h" if spec.z_keeps_state else "z*n + (1-z)*h, z negated",
             "layout": layout,
             "initial_state": "zeros" if zero_start else cells[0].h.name,
-            "stacked_output": stacked_name,
+            "stacked_output": outputs.stacked.name if outputs.stacked is not None else None,
             "self_check_max_abs_error": match.error,
         }
 
@@ -337,8 +320,11 @@ class FuseGru(Pass[FuseGruOptions]):
         fused = apply_rule(rule, graph, ctx, result)
         result.refusals.extend(rule.refusals)
         if fused:
-            remove_dead(graph, rule.replaced)
+            pairs, dead = pair_directions(graph, rule.fused)
+            record_pairs(result.details, pairs)
+            remove_dead(graph, rule.replaced + dead)
             graph.toposort()
+            result.count("bidirectional", len(pairs))
         result.count("gru_fused", fused)
         result.count("cells_fused", sum(d["cell_count"] for d in result.details))
         result.count("nodes_removed", nodes_before - len(graph.nodes))

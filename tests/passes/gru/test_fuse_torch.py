@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from rnn_exports import chunked_decoder_step, gru_cell_loop
+from rnn_exports import bidirectional_loop, chunked_decoder_step, gru_cell_loop
 
 import onnxpress
 
@@ -99,4 +99,30 @@ def test_shape_reader_that_stays_live_keeps_its_node(kit: SimpleNamespace) -> No
     out, report = fuse(model, passes="fold-constants,fuse-gru,cleanup")
     assert fuse_gru_result(report).counts["gru_fused"] == 1
     assert Counter(kit.ops(out))["Gemm"] == 2 and "Shape" in kit.ops(out)
+    kit.same_outputs(model, out)
+
+
+@pytest.mark.parametrize(
+    ("join", "batch_first", "after"),
+    [
+        ("concat", True, ["Transpose", "GRU", "Transpose", "Reshape"]),
+        ("add", False, ["GRU", "ReduceSum"]),
+    ],
+)
+def test_torch_bidirectional_gru_cell_loops(
+    join: str, batch_first: bool, after: list[str], kit: SimpleNamespace
+) -> None:
+    """Two GRUCells, one over t = 0..T-1 and one over T-1..0, stacked and joined."""
+    model = bidirectional_loop("gru", 4, batch_first, join)
+    out, report = fuse(model)
+    assert kit.ops(out) == after
+    (gru,) = [n for n in out.graph.node if n.op_type == "GRU"]
+    assert attributes(gru)["direction"] == b"bidirectional"
+    assert fuse_gru_result(report).counts == {
+        "dead_nodes_removed": 0,
+        "bidirectional": 1,
+        "gru_fused": 2,
+        "cells_fused": 8,
+        "nodes_removed": len(model.graph.node) - len(after),
+    }
     kit.same_outputs(model, out)
