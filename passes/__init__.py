@@ -20,6 +20,7 @@ from onnxpress.passes import (
     toposort,
 )
 from onnxpress.passes.gru import fuse as fuse_gru
+from onnxpress.passes.gru import fuse_lstm
 from onnxpress.passes.gru import lower as lower_gru
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_constants",
     "fuse_gru",
+    "fuse_lstm",
     "lower_gru",
     "prune_channels",
     "qdq",

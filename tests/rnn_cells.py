@@ -237,3 +237,58 @@ def make(net: Net, inputs: dict[str, Any], outputs: list[str]) -> onnx.ModelProt
     model.graph.output.extend(inferred[name] for name in outputs)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def keras_lstm_cell(
+    net: Net,
+    x: str,
+    state: tuple[str, str],
+    tag: str = "",
+    order: str = "ifgo",
+    peepholes: bool = False,
+    projection: int = 0,
+) -> tuple[str, str]:
+    """An LSTM cell, one kernel for x and one for h with its gates in ``order`` (Keras and
+    torch: i, f, g, o; ONNX: i, o, f, g), optional peepholes (i, f read c; o reads c') and
+    an optional projection of h (LSTMP). Returns (h', c')."""
+    h, c = state
+    width = projection or HID
+    kernel = net.weight(f"lstm_kernel{tag}", IN, 4 * HID)
+    recurrent = net.weight(f"lstm_rec{tag}", width, 4 * HID)
+    bias = net.weight(f"lstm_bias{tag}", 4 * HID)
+    pre = net.op(
+        "Add", net.op("Add", net.op("MatMul", x, kernel), net.op("MatMul", h, recurrent)), bias
+    )
+    part = {g: net.gate_slice(pre, order.index(g)) for g in "ifgo"}
+    if peepholes:
+        for gate in "if":
+            peep = net.op("Mul", net.weight(f"peep_{gate}{tag}", HID), c)
+            part[gate] = net.op("Add", part[gate], peep)
+    i, f = net.op("Sigmoid", part["i"]), net.op("Sigmoid", part["f"])
+    g = net.op("Tanh", part["g"])
+    c_new = net.op("Add", net.op("Mul", f, c), net.op("Mul", i, g))
+    pre_o = part["o"]
+    if peepholes:
+        pre_o = net.op("Add", pre_o, net.op("Mul", net.weight(f"peep_o{tag}", HID), c_new))
+    h_new = net.op("Mul", net.op("Sigmoid", pre_o), net.op("Tanh", c_new))
+    if projection:
+        h_new = net.op("MatMul", h_new, net.weight(f"proj{tag}", HID, projection))
+    return h_new, c_new
+
+
+def lstm_loop(
+    net: Net, steps: int, axis: int, reverse: bool = False, how: str = "gather", **kwargs: Any
+) -> tuple[str, str, str]:
+    """T LSTM cells over x from zeros: (every h_t stacked in time order, h_T, c_T)."""
+    batch = net.op("Shape", "x", start=1 - axis, end=2 - axis)
+    zeros = [
+        net.op("ConstantOfShape", net.op("Concat", batch, net.ints(f"width{w}", [w]), axis=0))
+        for w in (kwargs.get("projection") or HID, HID)
+    ]
+    state = (zeros[0], zeros[1])
+    states = []
+    for x_t in step_inputs(net, steps, axis, how, reverse):
+        state = keras_lstm_cell(net, x_t, state, **kwargs)
+        states.append(net.op("Unsqueeze", state[0], net.ints("time_axis", [axis])))
+    stacked = net.op("Concat", *(reversed(states) if reverse else states), axis=axis)
+    return stacked, state[0], state[1]

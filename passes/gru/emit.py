@@ -14,13 +14,19 @@ and whatever fed only them, are then removed.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes.gru.cell import CellMatch
-from onnxpress.passes.gru.graph import PROJECTIONS, GraphIndex, TensorTypes, producer
+from onnxpress.passes.gru.graph import (
+    PROJECTIONS,
+    GraphIndex,
+    RecurrentCell,
+    TensorTypes,
+    producer,
+)
 
 from onnxpress.core.ir import unique_name
 
@@ -151,7 +157,7 @@ class SequenceSource:
 
 
 def sequence_source(
-    index: GraphIndex, cells: list[CellMatch], types: TensorTypes
+    index: GraphIndex, cells: Sequence[RecurrentCell], types: TensorTypes
 ) -> SequenceSource | None:
     """The slice of one rank-3 tensor the cells' inputs step through, in either direction."""
     steps = [sequence_step(index, cell.x, types) for cell in cells]
@@ -169,7 +175,7 @@ def sequence_source(
 
 
 def sequence_input(
-    emit: Emitter, index: GraphIndex, cells: list[CellMatch], types: TensorTypes
+    emit: Emitter, index: GraphIndex, cells: Sequence[RecurrentCell], types: TensorTypes
 ) -> tuple[gs.Tensor, str, SequenceSource | None]:
     """The GRU's X [T, batch, I], the layout it was found in, and its source slice."""
     source = sequence_source(index, cells, types)
@@ -196,7 +202,7 @@ def sequence_input(
 
 
 def stacked_concat(
-    index: GraphIndex, cells: list[CellMatch], readers: list[list[gs.Node]]
+    index: GraphIndex, cells: Sequence[RecurrentCell], readers: list[list[gs.Node]]
 ) -> tuple[gs.Node, int, list[gs.Node]] | None:
     """Concat(Unsqueeze(h_t, a) for every step in order, axis=a) among the step readers."""
     for unsqueeze in readers[0]:
@@ -226,7 +232,7 @@ def stacked_concat(
 
 
 def gate_order(
-    index: GraphIndex, cell: CellMatch, source: dict[str, np.ndarray], hidden: int
+    index: GraphIndex, cell: RecurrentCell, source: dict[str, np.ndarray], hidden: int
 ) -> str:
     """Gate order of a single concatenated input projection, e.g. 'r,z,n' for torch."""
     projections = [n for n in cell.nodes.values() if n.op in PROJECTIONS and n.inputs[0] is cell.x]
@@ -240,10 +246,10 @@ def gate_order(
         weight = weight.T
     if node.op == "Gemm":
         weight = weight * float(node.attrs.get("alpha", 1.0))
-    if weight.shape[1] != 3 * hidden:
+    if weight.shape[1] != len(source) * hidden:
         return "unknown"
     order = []
-    for k in range(3):
+    for k in range(len(source)):
         block = weight[:, k * hidden : (k + 1) * hidden].T
         found = [g for g, w in source.items() if np.allclose(block, w, rtol=1e-3, atol=1e-5)]
         order.append(found[0] if len(found) == 1 else "?")

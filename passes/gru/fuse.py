@@ -34,34 +34,35 @@ from onnxpress.passes.gru.emit import (
     Emitter,
     gate_order,
     is_zero,
-    remove_dead,
     sequence_input,
+)
+from onnxpress.passes.gru.fusion import (
+    ChainOptions,
+    link_chains,
+    match_anchors,
+    run_fusion,
+    signature_runs,
 )
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
 from onnxpress.passes.gru.outputs import StepOutputs
-from onnxpress.passes.gru.pair import FusedRnn, pair_directions, record_pairs
+from onnxpress.passes.gru.pair import FusedRnn
 from onnxpress.passes.gru.probe import CellSpec, GruWeights, probe_weights, self_check
 
 from onnxpress.core.context import PassContext
-from onnxpress.core.ir import remove_dead_nodes, unique_name
+from onnxpress.core.ir import unique_name
 from onnxpress.core.pass_base import Pass, PassResult, Refusal
 from onnxpress.core.registry import register_pass
-from onnxpress.core.rewrite import Rule, apply_rule, rule_node_name
+from onnxpress.core.rewrite import Rule, rule_node_name
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FuseGruOptions:
-    min_steps: int = 1  # shortest chain of cells to fuse; 1 fuses single cells too
-    tolerance: float = 1e-4  # self-check: max |cell - GRU| on random inputs (states in [-1, 1])
+class FuseGruOptions(ChainOptions):
     linear_before_reset: int | None = None  # None infers it per cell; 0 or 1 forces it
 
     def __post_init__(self) -> None:
-        if isinstance(self.min_steps, bool) or self.min_steps < 1:
-            raise ValueError(f"min-steps must be an integer >= 1, not {self.min_steps!r}")
-        if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, not {self.tolerance!r}")
+        super().__post_init__()
         if self.linear_before_reset not in (None, 0, 1):
             raise ValueError(
                 f"linear-before-reset must be 0, 1 or none, not {self.linear_before_reset!r}"
@@ -106,15 +107,12 @@ class FuseGruRule(Rule[GruCandidate]):
         if [id(n) for n in graph.nodes] != order:
             index = self.index = GraphIndex(graph)
         self.types = tensor_types(self.model)
-        found: list[GruCandidate] = []
-        cells: list[CellMatch] = []
-        for node in tanhs:
-            cell = match_cell(index, node, self.types)
-            if isinstance(cell, str):
-                found.append(GruCandidate(node.name or node.outputs[0].name, problem=cell))
-            else:
-                cells.append(cell)
-        for chain in _chains(cells):
+        cells, found = match_anchors(
+            tanhs,
+            lambda node: match_cell(index, node, self.types),
+            lambda name, reason: GruCandidate(name, problem=reason),
+        )
+        for chain in link_chains(cells, lambda c: id(c.h), lambda c: id(c.h_new)):
             found.extend(self._runs(chain))
         return found
 
@@ -126,12 +124,7 @@ class FuseGruRule(Rule[GruCandidate]):
         matches the run's GRU from zeros."""
         assert self.index is not None
         signatures = [cell_signature(self.index, cell) for cell in chain]
-        runs: list[list[int]] = []
-        for t, signature in enumerate(signatures):
-            if runs and signatures[runs[-1][0]] == signature:
-                runs[-1].append(t)
-            else:
-                runs.append([t])
+        runs = signature_runs(signatures)
         head = None
         if len(runs) > 1 and len(runs[0]) == 1 and is_zero(self.index, chain[0].h):
             head = chain[runs.pop(0)[0]]
@@ -282,28 +275,6 @@ def _per_step(chain: list[CellMatch], t: int) -> str:
     )
 
 
-def _chains(cells: list[CellMatch]) -> list[list[CellMatch]]:
-    """Cells linked by h_new -> h (one successor each), in topological order."""
-    by_state: dict[int, list[CellMatch]] = {}
-    for cell in cells:
-        by_state.setdefault(id(cell.h), []).append(cell)
-    successor: dict[int, CellMatch] = {}
-    for cell in cells:
-        following = by_state.get(id(cell.h_new), [])
-        if len(following) == 1:
-            successor[id(cell)] = following[0]
-    has_predecessor = {id(c) for c in successor.values()}
-    chains = []
-    for cell in cells:
-        if id(cell) in has_predecessor:
-            continue
-        chain = [cell]
-        while id(chain[-1]) in successor:
-            chain.append(successor[id(chain[-1])])
-        chains.append(chain)
-    return chains
-
-
 @register_pass("fuse-gru")
 class FuseGru(Pass[FuseGruOptions]):
     """Fuse GRU cells written in primitive ops (unrolled loops too) into ONNX GRU ops."""
@@ -312,20 +283,4 @@ class FuseGru(Pass[FuseGruOptions]):
     lossless = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        nodes_before = len(graph.nodes)
-        # Dead readers (a Shape left by fold-constants) would pin a cell's tensors.
-        result.count("dead_nodes_removed", remove_dead_nodes(graph))
-        rule = FuseGruRule(self.options)
-        fused = apply_rule(rule, graph, ctx, result)
-        result.refusals.extend(rule.refusals)
-        if fused:
-            pairs, dead = pair_directions(graph, rule.fused)
-            record_pairs(result.details, pairs)
-            remove_dead(graph, rule.replaced + dead)
-            graph.toposort()
-            result.count("bidirectional", len(pairs))
-        result.count("gru_fused", fused)
-        result.count("cells_fused", sum(d["cell_count"] for d in result.details))
-        result.count("nodes_removed", nodes_before - len(graph.nodes))
-        return result
+        return run_fusion(FuseGruRule(self.options), graph, ctx, "gru")

@@ -12,11 +12,12 @@ New nodes write the original tensors, so graph outputs keep their names.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes.gru.cell import CellMatch
 from onnxpress.passes.gru.emit import Emitter, stacked_concat
-from onnxpress.passes.gru.graph import GraphIndex, TensorTypes
+from onnxpress.passes.gru.graph import GraphIndex, RecurrentCell, TensorTypes
 
 
 class StepOutputs:
@@ -26,7 +27,7 @@ class StepOutputs:
         self,
         emit: Emitter,
         index: GraphIndex,
-        cells: list[CellMatch],
+        cells: Sequence[RecurrentCell],
         reverse: bool,
         y: gs.Tensor,
         y_last: gs.Tensor,
