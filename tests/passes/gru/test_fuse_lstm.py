@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 from onnx import helper
@@ -17,6 +18,7 @@ from rnn_cells import HID, IN, Net, keras_lstm_cell, lstm_loop, make
 from rnn_exports import bidirectional_loop, lstm_cell_loop
 
 import onnxpress
+from onnxpress.core.verify import Runner
 
 
 def fuse(model: onnx.ModelProto, passes: str = "fuse-lstm") -> tuple[onnx.ModelProto, Any]:
@@ -124,3 +126,21 @@ def test_torch_bidirectional_lstm_cell_loops(
     assert dims(out, node.input[2]) == [2, 4 * HID, HID]
     assert result.counts["bidirectional"] == 1 and result.counts["cells_fused"] == 8
     kit.same_outputs(model, out)
+
+
+def test_fused_bidirectional_lstm_takes_weight_only_int8(tmp_path: Any) -> None:
+    """fuse-lstm then qdq: W and R become int8 (DequantizeLinear per gate row), the outputs
+    stay close to the float model's."""
+    model = bidirectional_loop("lstm", 4, True, "concat")
+    rng = np.random.default_rng(0)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, x=rng.standard_normal((8, 4, IN)).astype(np.float32))
+    out, report = onnxpress.optimize(model, passes="fuse-lstm,qdq", calibration=str(calibration))
+    qdq = report.passes[1].result
+    assert qdq.counts["weights_int8_weight_only"] == 2
+    node, _ = lstm(out)
+    producers = {o: n.op_type for n in out.graph.node for o in n.output}
+    assert [producers.get(name) for name in node.input[1:3]] == ["DequantizeLinear"] * 2
+    feed = {"x": rng.standard_normal((3, 4, IN)).astype(np.float32)}
+    expected = Runner(model)(feed)[0]
+    np.testing.assert_allclose(Runner(out)(feed)[0], expected, atol=0.02 * np.abs(expected).max())
