@@ -149,7 +149,9 @@ def bidirectional_loop(
     return export(Loops(), (x,), ["x"], ["y"], {"x": 0 if batch_first else 1})
 
 
-def lstm_cell_loop(steps: int, batch_first: bool, reverse: bool = False) -> onnx.ModelProto:
+def lstm_cell_loop(
+    steps: int, batch_first: bool, reverse: bool = False, dynamic: bool = True
+) -> onnx.ModelProto:
     """An LSTMCell loop from zeros, returning every h stacked and the last (h, c)."""
     torch = pytest.importorskip("torch")
 
@@ -170,4 +172,5 @@ def lstm_cell_loop(steps: int, batch_first: bool, reverse: bool = False) -> onnx
 
     torch.manual_seed(0)
     x = torch.randn(2, steps, IN) if batch_first else torch.randn(steps, 2, IN)
-    return export(Loop(), (x,), ["x"], ["y", "h", "c"], {"x": 0 if batch_first else 1})
+    axes = {"x": 0 if batch_first else 1} if dynamic else None
+    return export(Loop(), (x,), ["x"], ["y", "h", "c"], axes)

@@ -60,6 +60,7 @@ class LstmCandidate:
     anchor: str
     cells: list[LstmCellMatch] = field(default_factory=list)
     problem: str | None = None
+    head: LstmCellMatch | None = None  # a first step from zeros that differs (folded h @ R)
     weights: LstmWeights | None = None
     error: float = 0.0
 
@@ -103,17 +104,17 @@ class FuseLstmRule(Rule[LstmCandidate]):
         """Split a chain where the cell changes; a lone differing step is refused."""
         assert self.index is not None
         signatures = [_signature(self.index, cell) for cell in chain]
+        runs = signature_runs(signatures)
+        head = None
+        if len(runs) > 1 and len(runs[0]) == 1 and _zero_start(self.index, chain[0]):
+            head = chain[runs.pop(0)[0]]
         out = []
-        for steps in signature_runs(signatures):
+        for steps in runs:
             run = [chain[t] for t in steps]
-            if len(run) == 1 and len(chain) > 1:
-                reason = (
-                    f"step '{run[0].name}' of a chain of {len(chain)} cells has weights or "
-                    "structure different from its neighbours: not a shared-weight loop"
-                )
-                out.append(LstmCandidate(run[0].name, problem=reason))
+            if len(run) == 1 and len(chain) > 1 and not (head is not None and steps[0] == 1):
+                out.append(LstmCandidate(run[0].name, problem=_per_step(run[0], len(chain))))
             else:
-                out.append(LstmCandidate(run[0].name, run))
+                out.append(LstmCandidate(run[0].name, run, head=head if steps[0] == 1 else None))
         return out
 
     def _dims(self, tensor: gs.Tensor) -> list[int | str | None]:
@@ -150,6 +151,13 @@ class FuseLstmRule(Rule[LstmCandidate]):
         match.weights, match.error = weights, error
         if not error <= self.options.tolerance:
             return f"self-check failed: the LSTM differs from the cell by {error:.3g}"
+        if match.head is not None:
+            head = self._spec(match.head)
+            if lstm_self_check(self.model, head, weights, ctx.seed, True) <= self.options.tolerance:
+                match.cells.insert(0, match.head)
+                match.anchor = match.head.name
+            else:
+                self.refusals.append(Refusal(match.head.name, _per_step(match.head, len(cells))))
         return None
 
     def _spec(self, cell: LstmCellMatch) -> LstmSpec:
@@ -176,7 +184,7 @@ class FuseLstmRule(Rule[LstmCandidate]):
         reverse = source is not None and source.reverse
         inputs = [sequence, *(emit.const(k, getattr(weights, k)) for k in ("W", "R", "B"))]
         first = cells[0]
-        zero_start = is_zero(index, first.h) and is_zero(index, first.c)
+        zero_start = _zero_start(index, first)
         if not zero_start or weights.P is not None:
             inputs.append(gs.Variable.empty())
             for state in (first.h, first.c):
@@ -225,6 +233,17 @@ class FuseLstmRule(Rule[LstmCandidate]):
             "stacked_output": outputs.stacked.name if outputs.stacked is not None else None,
             "self_check_max_abs_error": match.error,
         }
+
+
+def _zero_start(index: GraphIndex, cell: LstmCellMatch) -> bool:
+    return is_zero(index, cell.h) and is_zero(index, cell.c)
+
+
+def _per_step(cell: LstmCellMatch, length: int) -> str:
+    return (
+        f"step '{cell.name}' of a chain of {length} cells has weights or structure different "
+        "from its neighbours: not a shared-weight loop"
+    )
 
 
 def _signature(index: GraphIndex, cell: LstmCellMatch) -> str:

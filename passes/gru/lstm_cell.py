@@ -5,7 +5,9 @@ Starting from a Tanh node whose input is the new cell state c' it finds:
   * the state update c' = f*c + i*g, products and sums in any operand order, where i and f
     are gates and g is a Tanh output (or a slice of one): the candidate;
   * the leaves: the previous states h and c, and the step input x (the data operand of
-    every MatMul/Gemm with a constant weight that is not built from h or a gate);
+    every MatMul/Gemm with a constant weight that is not built from h or a gate); a first
+    step from zero states whose recurrent projection an exporter folded away projects x
+    only, and its h is taken to be its (zero) c;
   * every node in between; peepholes (a gate reading c, or o reading c') are ordinary
     elementwise nodes here, and probing finds their weights.
 Which of the torch (i, f, g, o), Keras (i, f, c, o) or ONNX (i, o, f, c) gate orders the
@@ -131,7 +133,11 @@ def match_lstm_cell(index: GraphIndex, tanh: gs.Node, types: TensorTypes) -> Lst
         activations[name] = found[0]
         nodes.update((id(n), n) for n in [found[0], *found[1]])
     hidden = dims[-1]
-    h = _recurrent_state(index, _projected(index, activations, c, c_new), hidden, types)
+    operands = _projected(index, activations, c, c_new)
+    if len(operands) == 1 and is_zero(index, c):
+        h: gs.Tensor | str = c  # a first step from zeros whose h @ R an exporter folded
+    else:
+        h = _recurrent_state(index, operands, hidden, types)
     if isinstance(h, str):
         return h
     x_leaves: dict[int, gs.Tensor] = {}

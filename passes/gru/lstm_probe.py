@@ -150,12 +150,18 @@ def lstm_step_model(
 
 
 def lstm_self_check(
-    model: onnx.ModelProto, spec: LstmSpec, weights: LstmWeights, seed: int, rows: int = 16
+    model: onnx.ModelProto,
+    spec: LstmSpec,
+    weights: LstmWeights,
+    seed: int,
+    zero_state: bool = False,
+    rows: int = 16,
 ) -> float:
-    """Max |cell - LSTM| of h' and c' over random x ~ N(0, 2) and h, c ~ U(-1, 1)."""
+    """Max |cell - LSTM| of h' and c' over random x ~ N(0, 2) and h, c ~ U(-1, 1) (or 0)."""
     rng = np.random.default_rng(seed + 1)
     x = rng.standard_normal((rows, spec.input_size)) * 2
-    h, c = (rng.uniform(-1, 1, (rows, spec.hidden)) for _ in range(2))
+    scale = 0.0 if zero_state else 1.0
+    h, c = (rng.uniform(-1, 1, (rows, spec.hidden)) * scale for _ in range(2))
     sizes = {spec.x: spec.input_size, spec.h: spec.hidden, spec.c: spec.hidden}
     cell = Runner(submodel(model, sizes, [spec.h_new, spec.c_new], spec.batch))
     lstm = Runner(lstm_step_model(weights, spec.input_size, spec.hidden, spec.batch))

@@ -96,14 +96,22 @@ def test_projection_and_per_step_weights_are_refused() -> None:
     assert all("not a shared-weight loop" in r.reason for r in result.refusals)
 
 
-@pytest.mark.parametrize(("batch_first", "reverse"), [(True, False), (False, True)])
-def test_torch_lstm_cell_loop(batch_first: bool, reverse: bool, kit: SimpleNamespace) -> None:
-    model = lstm_cell_loop(4, batch_first, reverse)
+@pytest.mark.parametrize(
+    ("batch_first", "reverse", "dynamic"),
+    [(True, False, True), (False, True, True), (True, False, False)],
+)
+def test_torch_lstm_cell_loop(
+    batch_first: bool, reverse: bool, dynamic: bool, kit: SimpleNamespace
+) -> None:
+    """With a static batch TorchScript folds step 0's h @ R (h is zeros): that step joins the
+    loop after a self-check from zero states."""
+    model = lstm_cell_loop(4, batch_first, reverse, dynamic)
     out, result = fuse(model, passes=None)  # the default pipeline
     _, attrs = lstm(out)
     assert attrs.get("direction", b"forward") == (b"reverse" if reverse else b"forward")
     (record,) = result.details
     assert record["gate_order"] == "i,f,g,o" and record["stacked_output"] == "y"
+    assert record["cell_count"] == 4 and not result.refusals
     assert [o.name for o in out.graph.output] == ["y", "h", "c"]
     kit.same_outputs(model, out)
 
