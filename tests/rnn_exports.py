@@ -117,17 +117,25 @@ def chunked_decoder_step(vocab: int = 11, embed: int = 6, hidden: int = 8) -> on
 
 
 def bidirectional_loop(
-    kind: str, steps: int, batch_first: bool, join: str = "concat", hidden: int = HID
+    kind: str,
+    steps: int,
+    batch_first: bool,
+    join: str = "concat",
+    hidden: int = HID,
+    layers: int = 1,
 ) -> onnx.ModelProto:
-    """Forward and reverse GRUCell/LSTMCell loops over x from zeros, joined on features."""
+    """Forward and reverse GRUCell/LSTMCell loops over x from zeros, joined on features;
+    ``layers`` such pairs stacked (each reading the previous join)."""
     torch = pytest.importorskip("torch")
     cell_type = {"gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}[kind]
+    width = 2 * hidden if join == "concat" else hidden
 
     class Loops(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.forward_cell = cell_type(IN, hidden)
-            self.reverse_cell = cell_type(IN, hidden)
+            sizes = [IN] + [width] * (layers - 1)
+            self.ahead = torch.nn.ModuleList(cell_type(size, hidden) for size in sizes)
+            self.back = torch.nn.ModuleList(cell_type(size, hidden) for size in sizes)
 
         def run(self, cell: Any, x: Any, order: list[int]) -> Any:
             batch = x.shape[0 if batch_first else 1]
@@ -140,9 +148,11 @@ def bidirectional_loop(
             return torch.stack([outputs[t] for t in range(steps)], 1 if batch_first else 0)
 
         def forward(self, x: Any) -> Any:
-            ahead = self.run(self.forward_cell, x, list(range(steps)))
-            back = self.run(self.reverse_cell, x, list(reversed(range(steps))))
-            return torch.cat([ahead, back], -1) if join == "concat" else ahead + back
+            for ahead_cell, back_cell in zip(self.ahead, self.back, strict=True):
+                ahead = self.run(ahead_cell, x, list(range(steps)))
+                back = self.run(back_cell, x, list(reversed(range(steps))))
+                x = torch.cat([ahead, back], -1) if join == "concat" else ahead + back
+            return x
 
     torch.manual_seed(0)
     x = torch.randn(2, steps, IN) if batch_first else torch.randn(steps, 2, IN)

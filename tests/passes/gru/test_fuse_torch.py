@@ -127,3 +127,13 @@ def test_torch_bidirectional_gru_cell_loops(
         "nodes_removed": len(model.graph.node) - len(after),
     }
     kit.same_outputs(model, out)
+
+
+def test_stacked_bidirectional_layers(kit: SimpleNamespace) -> None:
+    """Layer 2 steps through layer 1's joined output: two bidirectional GRUs, nothing else
+    but the layout changes between them."""
+    model = bidirectional_loop("gru", 4, True, "concat", layers=2)
+    out, report = fuse(model)
+    assert kit.ops(out) == ["Transpose", "GRU", "Transpose", "Reshape"] * 2
+    assert fuse_gru_result(report).counts["bidirectional"] == 2
+    kit.same_outputs(model, out)
