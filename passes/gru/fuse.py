@@ -42,6 +42,7 @@ from onnxpress.passes.gru.fusion import (
     match_anchors,
     run_fusion,
     signature_runs,
+    without_dead_readers,
 )
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
 from onnxpress.passes.gru.outputs import StepOutputs
@@ -92,6 +93,7 @@ class FuseGruRule(Rule[GruCandidate]):
         self.replaced: list[gs.Node] = []  # nodes the rewrites made dead (with their inputs)
         self.refusals: list[Refusal] = []  # heads left out of a fused chain
         self.fused: list[FusedRnn] = []  # the GRU ops made, for pairing into bidirectional
+        self.dead_removed = 0
 
     def anchor(self, match: GruCandidate) -> str:
         return match.anchor
@@ -99,9 +101,14 @@ class FuseGruRule(Rule[GruCandidate]):
     def pattern(self, graph: gs.Graph, ctx: PassContext) -> list[GruCandidate]:
         graph.toposort()
         index = self.index = GraphIndex(graph)
-        tanhs = [n for n in graph.nodes if n.op == "Tanh" and near_gate(index, n)]
+        tanhs, self.dead_removed = without_dead_readers(
+            graph, lambda: [n for n in graph.nodes if n.op == "Tanh" and near_gate(index, n)]
+        )
         if not tanhs:
             return []
+        if self.dead_removed:
+            graph.toposort()
+            index = self.index = GraphIndex(graph)
         order = [id(n) for n in graph.nodes]
         self.model = ctx.export(graph)  # the probes run on this model; it sorts the graph
         if [id(n) for n in graph.nodes] != order:

@@ -32,6 +32,7 @@ from onnxpress.passes.gru.fusion import (
     match_anchors,
     run_fusion,
     signature_runs,
+    without_dead_readers,
 )
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
 from onnxpress.passes.gru.lstm_cell import LstmCellMatch, is_cell_output, match_lstm_cell
@@ -76,13 +77,16 @@ class FuseLstmRule(Rule[LstmCandidate]):
         self.replaced: list[gs.Node] = []
         self.fused: list[FusedRnn] = []
         self.refusals: list[Refusal] = []
+        self.dead_removed = 0
 
     def anchor(self, match: LstmCandidate) -> str:
         return match.anchor
 
     def pattern(self, graph: gs.Graph, ctx: PassContext) -> list[LstmCandidate]:
         graph.toposort()
-        tanhs = [n for n in graph.nodes if n.op == "Tanh" and is_cell_output(n)]
+        tanhs, self.dead_removed = without_dead_readers(
+            graph, lambda: [n for n in graph.nodes if n.op == "Tanh" and is_cell_output(n)]
+        )
         if not tanhs:
             return []
         self.model = ctx.export(graph)

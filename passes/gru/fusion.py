@@ -1,7 +1,7 @@
 """What fuse-gru and fuse-lstm share around their rules: the chain options and the run.
 
-A run removes dead nodes first (a Shape that fold-constants left without readers would
-otherwise pin a cell's tensors), applies the rule, pairs forward and reverse ops over the
+A rule's pattern removes dead nodes first when it has anchors (``without_dead_readers``); a
+run applies the rule, pairs forward and reverse ops over the
 same input into bidirectional ones (pair.py), then removes the cells' nodes. Counters:
 ``dead_nodes_removed``, ``bidirectional``, ``<op>_fused``, ``cells_fused``, ``nodes_removed``.
 """
@@ -41,6 +41,20 @@ class FusionState(Protocol):
     fused: list[FusedRnn]  # the ops made, for pairing
     replaced: list[gs.Node]  # nodes the rewrites made dead (with their inputs)
     refusals: list[Refusal]  # refusals found outside check(), e.g. heads left out
+    dead_removed: int  # dead nodes removed before matching (see without_dead_readers)
+
+
+def without_dead_readers(
+    graph: gs.Graph, anchors: Callable[[], list[gs.Node]]
+) -> tuple[list[gs.Node], int]:
+    """The anchor nodes, after removing the graph's dead nodes when there are any anchors:
+    a dead reader (a Shape that fold-constants left without readers) would otherwise pin a
+    cell's tensors. Returns the anchors and how many nodes were removed."""
+    found = anchors()
+    if not found:
+        return found, 0
+    removed = remove_dead_nodes(graph)
+    return (anchors() if removed else found), removed
 
 
 def run_fusion(rule: Any, graph: gs.Graph, ctx: PassContext, op: str) -> PassResult:
@@ -49,8 +63,8 @@ def run_fusion(rule: Any, graph: gs.Graph, ctx: PassContext, op: str) -> PassRes
     state: FusionState = rule  # type: ignore[assignment]
     result = PassResult()
     nodes_before = len(graph.nodes)
-    result.count("dead_nodes_removed", remove_dead_nodes(graph))
     fused = apply_rule(rule, graph, ctx, result)
+    result.count("dead_nodes_removed", state.dead_removed)
     result.refusals.extend(state.refusals)
     if fused:
         pairs, dead = pair_directions(graph, state.fused)

@@ -54,9 +54,9 @@ def _activation(tensor: gs.Tensor, op: str) -> tuple[gs.Node, list[gs.Node]] | N
 
 
 def is_cell_output(tanh: gs.Node) -> bool:
-    """Cheap pre-filter: the Tanh reads an Add and a Mul reads it with a Sigmoid gate."""
-    source = producer(tanh.inputs[0])
-    if source is None or source.op != "Add":
+    """Cheap pre-filter: the Tanh reads an Add of two products (f*c + i*g) and a Mul reads
+    it with a Sigmoid gate."""
+    if _products(tanh.inputs[0]) is None:
         return False
     return any(_output_gate(tanh, node) is not None for node in tanh.outputs[0].outputs)
 
