@@ -14,7 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
+from rnn_exports import bidirectional_loop  # noqa: E402
+
+import onnxpress  # noqa: E402
 from onnxpress.core.verify import Runner  # noqa: E402
+from onnxpress.train.distill import distill  # noqa: E402
 from onnxpress.train.torch_convert import convert  # noqa: E402
 
 RNG = np.random.default_rng(0)
@@ -245,3 +249,20 @@ def test_torch_unet_round_trips_through_onnx() -> None:
         (actual,) = convert(model)({"x": x})
     error = float((actual - expected).abs().max() / expected.abs().max())
     assert error <= 1e-5
+
+
+def test_distill_tunes_a_fused_bidirectional_lstm() -> None:
+    """The default pipeline fuses two LSTMCell loops into one bidirectional LSTM; distill
+    (through the converter's LSTM handler) pulls a perturbed copy back toward it."""
+    teacher, _ = onnxpress.optimize(bidirectional_loop("lstm", 4, True, "concat"))
+    assert [n.op_type for n in teacher.graph.node].count("LSTM") == 1
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    for tensor in student.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32 and values.size > 8:
+            noise = RNG.standard_normal(values.shape).astype(np.float32) * 0.3
+            tensor.CopyFrom(numpy_helper.from_array(values + noise, tensor.name))
+    x = RNG.standard_normal((256, 4, 3)).astype(np.float32)
+    _, report = distill(student, teacher, [{"x": x}], epochs=4, lr=0.01, task="regression")
+    assert report.metric == "rel-l2" and report.metric_after < 0.6 * report.metric_before
