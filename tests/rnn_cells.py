@@ -292,3 +292,21 @@ def lstm_loop(
         states.append(net.op("Unsqueeze", state[0], net.ints("time_axis", [axis])))
     stacked = net.op("Concat", *(reversed(states) if reverse else states), axis=axis)
     return stacked, state[0], state[1]
+
+
+def tf_lstm_cell(net: Net, x: str, state: tuple[str, str], tag: str = "") -> tuple[str, str]:
+    """TF1 BasicLSTMCell: one kernel over concat([x, h]), split i, j, f, o, forget_bias 1,
+    c' = c*σ(f + 1) + σ(i)*tanh(j), h' = tanh(c')*σ(o)."""
+    h, c = state
+    kernel = net.weight(f"tf_kernel{tag}", IN + HID, 4 * HID)
+    pre = net.op(
+        "Add",
+        net.op("MatMul", net.op("Concat", x, h, axis=1), kernel),
+        net.weight(f"tf_bias{tag}", 4 * HID),
+    )
+    i, j, f, o = net.op("Split", pre, net.ints("quarters", [HID] * 4), outputs=4, axis=1)
+    forget = net.op("Sigmoid", net.op("Add", f, "one"))
+    c_new = net.op(
+        "Add", net.op("Mul", c, forget), net.op("Mul", net.op("Sigmoid", i), net.op("Tanh", j))
+    )
+    return net.op("Mul", net.op("Tanh", c_new), net.op("Sigmoid", o)), c_new

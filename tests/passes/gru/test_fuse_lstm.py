@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from rnn_cells import HID, IN, Net, keras_lstm_cell, lstm_loop, make
+from rnn_cells import HID, IN, Net, keras_lstm_cell, lstm_loop, make, tf_lstm_cell
 from rnn_exports import bidirectional_loop, lstm_cell_loop
 
 import onnxpress
@@ -152,3 +152,20 @@ def test_fused_bidirectional_lstm_takes_weight_only_int8(tmp_path: Any) -> None:
     feed = {"x": rng.standard_normal((3, 4, IN)).astype(np.float32)}
     expected = Runner(model)(feed)[0]
     np.testing.assert_allclose(Runner(out)(feed)[0], expected, atol=0.02 * np.abs(expected).max())
+
+
+def test_tf_lstm_cell_with_concat_kernel_and_forget_bias(kit: SimpleNamespace) -> None:
+    """A step-wise TF1 cell from given states: one Concat([x, h]) projection."""
+    net = Net()
+    h, c = tf_lstm_cell(net, "x", ("h", "c"))
+    for name, tensor in (("h_new", h), ("c_new", c)):
+        net.nodes.append(helper.make_node("Identity", [tensor], [name], name=name))
+    model = make(
+        net, {"x": ["batch", IN], "h": ["batch", HID], "c": ["batch", HID]}, ["h_new", "c_new"]
+    )
+    out, result = fuse(model)
+    node, _ = lstm(out)
+    assert len(node.input) == 7  # X, W, R, B, (no sequence_lens), initial_h, initial_c
+    (record,) = result.details
+    assert record["gate_order"] == "unknown" and record["initial_state"] == "h, c"
+    kit.same_outputs(model, out)
