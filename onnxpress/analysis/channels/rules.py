@@ -15,6 +15,8 @@ Ops without a rule refuse the channels of their inputs.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -172,6 +174,37 @@ def gru(t: Tracer, node: gs.Node) -> None:
             t.set(state, out)
 
 
+def reshape_merging(t: Tracer, node: gs.Node) -> None:
+    """moves.reshape, and also [.., P, C] -> [.., P·C] with the channels last and P static:
+    P copies of the channels side by side (a bidirectional GRU/LSTM's Y [.., 2, H] joined
+    into [.., 2H] keeps the same units in both directions)."""
+    layout, dims_in, dims_out = t.layout(node.inputs[0]), t.dims(node.inputs[0]), None
+    shape = constant_array(node.inputs[1])
+    if layout is not None and shape is not None and not attr(node, "allowzero", 0):
+        dims_out = t.dims(node.outputs[0])
+    if layout is None or dims_in is None or dims_out is None or shape is None:
+        reshape(t, node)
+        return
+    shape = shape.reshape(-1)
+    axis = len(dims_out) - 1
+    outer = [d for d in dims_in[axis : layout.axis] if isinstance(d, int)]
+    copies = math.prod(outer)
+    kept_dims = all(
+        a == b and (a is not None or int(shape[i]) == 0)
+        for i, (a, b) in enumerate(zip(dims_in[:axis], dims_out[:axis], strict=False))
+    )
+    if (
+        layout.axis != len(dims_in) - 1
+        or not outer
+        or len(outer) != layout.axis - axis
+        or not kept_dims
+        or dims_out[axis] != copies * t.length(layout)
+    ):
+        reshape(t, node)
+        return
+    t.set(node.outputs[0], Layout(axis, layout.segments * copies))
+
+
 def _zeros_of_shape(tensor: gs.Tensor) -> bool:
     """True when the tensor is ConstantOfShape(...) filled with zeros (GRU's default)."""
     if len(tensor.inputs) != 1 or tensor.inputs[0].op != "ConstantOfShape":
@@ -211,7 +244,7 @@ RULES: dict[str, Rule] = {
     "Unsqueeze": unsqueeze,
     "Gather": gather,
     "Flatten": flatten,
-    "Reshape": reshape,
+    "Reshape": reshape_merging,
     "Concat": concat,
     "Split": split,
     "Slice": slice_,

@@ -1,16 +1,22 @@
 """prune-channels on LSTM hidden units (a bidirectional LSTM with peepholes: both directions
-and every gate together) and on ConvTranspose channels: exact shapes after pruning, and
-numerics against the original with the pruned units' weights zeroed (which leaves them at
-zero from a zero state), to 1e-5 on onnxruntime."""
+and every gate together; through the Reshape that joins the directions on features) and on
+ConvTranspose channels: exact shapes after pruning, and numerics against the original with
+the pruned units' weights zeroed (which leaves them at zero from a zero state), to 1e-5 on
+onnxruntime."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
+import pytest
 from channel_graphs import Net
 from onnx import TensorProto, helper
 from prune_helpers import assert_same, masked, removed
+from rnn_exports import export
 
+import onnxpress
 from onnxpress import PassContext, PassResult
 from onnxpress.core.ir import to_graph, to_model
 from onnxpress.core.pipeline import parse_pipeline
@@ -93,3 +99,39 @@ def test_conv_transpose_output_and_input_channels() -> None:
     gone_c1, gone_up = removed(result, "c1"), removed(result, "up")
     zeroed = masked(model, {"up.w": (0, gone_c1), "y.w": (1, gone_up)})
     assert_same(zeroed, pruned)
+
+
+def test_torch_bidirectional_lstm_joined_on_features() -> None:
+    """torch's nn.LSTM(bidirectional) exports Y [T, 2, N, H] -> Transpose -> Reshape
+    [N, T, 2H]: the Reshape lays the units of both directions side by side, and the Linear
+    after it loses the rows of the removed units in both halves."""
+    torch = pytest.importorskip("torch")
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(3, HIDDEN, bidirectional=True, batch_first=True)
+            self.fc = torch.nn.Linear(2 * HIDDEN, 5)
+
+        def forward(self, x: Any) -> Any:
+            return self.fc(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    model = export(Tagger(), (torch.randn(2, 6, 3),), ["x"], ["y"], {"x": 0})
+    model, _ = onnxpress.optimize(model, passes="fold-constants,cleanup")
+    pruned, result = prune(model, "prune-channels{ratio=0.25}")
+    lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    units = removed(result, lstm.name)
+    assert len(units) == 2 and result.counts["groups_pruned"] == 1
+    rows = (HIDDEN * np.arange(8)[:, None] + units).reshape(-1)
+    zeros = {
+        lstm.input[1]: (1, rows[: 4 * len(units)]),
+        lstm.input[2]: (1, rows[: 4 * len(units)]),
+        lstm.input[3]: (1, rows),
+        matmul.input[1]: (0, np.concatenate([units, HIDDEN + units])),
+    }
+    assert_same(masked(model, zeros), pruned)
+    sizes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    pruned_matmul = next(n for n in pruned.graph.node if n.op_type == "MatMul")
+    assert sizes[pruned_matmul.input[1]] == (2 * (HIDDEN - 2), 5)
