@@ -20,6 +20,7 @@ from onnxpress.passes import (
     toposort,
 )
 from onnxpress.passes.gru import fuse as fuse_gru
+from onnxpress.passes.gru import fuse_lstm, lower_lstm
 from onnxpress.passes.gru import lower as lower_gru
 
 __all__ = [
@@ -29,7 +30,9 @@ __all__ = [
     "fold_batchnorm",
     "fold_constants",
     "fuse_gru",
+    "fuse_lstm",
     "lower_gru",
+    "lower_lstm",
     "prune_channels",
     "qdq",
     "svd",

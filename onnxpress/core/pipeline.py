@@ -26,10 +26,12 @@ T = TypeVar("T")
 
 # Lossless for a float model; on a QDQ model (from any quantizer) fix-saturation also makes its
 # int8 weights safe on the targets whose kernels saturate int16 pairs (it refuses otherwise).
-DEFAULT_LOSSLESS = "fold-constants,fold-batchnorm,fuse-gru,cleanup,fix-saturation,toposort"
+DEFAULT_LOSSLESS = (
+    "fold-constants,fold-batchnorm,fuse-lstm,fuse-gru,cleanup,fix-saturation,toposort"
+)
 # With calibration data the default adds post-training int8 quantization (the one lossy
 # step that needs no accuracy trade-off chosen by the user); the lossless clean-ups run first.
-DEFAULT_WITH_CALIBRATION = "fold-constants,fold-batchnorm,fuse-gru,cleanup,qdq,toposort"
+DEFAULT_WITH_CALIBRATION = "fold-constants,fold-batchnorm,fuse-lstm,fuse-gru,cleanup,qdq,toposort"
 
 
 @dataclass

@@ -6,7 +6,8 @@ integer constants (shapes, axes, zero points), BatchNormalization statistics and
 stay buffers. QuantizeLinear/DequantizeLinear become fake-quant with a straight-through
 estimator for round(): a DequantizeLinear of an int8 weight trains a float latent weight
 (re-quantized on write-back) and, with ``learn_scales``, the scales are parameters too.
-Op semantics live in ``onnxpress.train.torch_ops`` and ``torch_ops_qdq``; an op without a handler is an error listing
+Op semantics live in ``onnxpress.train.torch_ops``, ``torch_ops_qdq``, ``torch_ops_rnn`` and
+``torch_ops_resize``; an op without a handler is an error listing
 every unsupported op of the graph. torch is imported only by callers that need it.
 """
 
@@ -22,16 +23,24 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxpress.core.errors import InvalidModelError
-from onnxpress.train import torch_ops, torch_ops_qdq
+from onnxpress.train import torch_ops, torch_ops_qdq, torch_ops_resize, torch_ops_rnn
 from onnxpress.train.torch_ops import NodeArgs
 from onnxpress.train.torch_ops_qdq import qrange
 
 logger = logging.getLogger(__name__)
 
-HANDLERS = {**torch_ops.HANDLERS, **torch_ops_qdq.HANDLERS}
+HANDLERS = {
+    **torch_ops.HANDLERS,
+    **torch_ops_qdq.HANDLERS,
+    **torch_ops_rnn.HANDLERS,
+    **torch_ops_resize.HANDLERS,
+}
 
 # (op type, input index) pairs whose float constants are statistics, not weights.
-FROZEN_INPUTS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
+FROZEN_INPUTS = {
+    ("BatchNormalization", 3),
+    ("BatchNormalization", 4),
+} | torch_ops_resize.SIZE_INPUTS
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 

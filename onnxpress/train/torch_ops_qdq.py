@@ -1,10 +1,9 @@
-"""Torch handlers for QuantizeLinear/DequantizeLinear (fake-quant) and GRU.
+"""Torch handlers for QuantizeLinear/DequantizeLinear (fake-quant).
 
 QDQ pairs become fake-quant: Q computes clamp(round(x/s) + zp) in float with round()'s
 gradient passed straight through, DQ computes (q - zp)·s, so scales get LSQ-style
 gradients. A DequantizeLinear whose input is an integer weight (``NodeArgs.latent``) reads a
-float latent weight and fake-quantizes it first. GRU follows the ONNX spec (gates z, r, h;
-``linear_before_reset``), forward direction and default activations only.
+float latent weight and fake-quantizes it first. GRU and LSTM are in ``torch_ops_rnn``.
 """
 
 from __future__ import annotations
@@ -66,40 +65,7 @@ def _dequantize(a: NodeArgs) -> list[Tensor]:
     return [(x.to(torch.float32) - zero) * scale]
 
 
-def _gru(a: NodeArgs) -> list[Tensor]:
-    if a.attrs.get("direction", b"forward") != b"forward" or a.attrs.get("layout", 0):
-        raise ValueError("GRU: only direction=forward, layout=0 is supported")
-    if "activations" in a.attrs or a.opt(4) is not None or "clip" in a.attrs:
-        raise ValueError("GRU: custom activations, clip and sequence_lens are not supported")
-    x, w, r = a.x(0), a.x(1)[0], a.x(2)[0]
-    hidden = r.shape[-1]
-    bias = a.opt(3)
-    if bias is None:
-        bias = x.new_zeros(1, 6 * hidden)
-    wb, rb = bias[0, : 3 * hidden], bias[0, 3 * hidden :]
-    h0 = a.opt(5)
-    h = h0[0] if h0 is not None else x.new_zeros(x.shape[1], hidden)
-    before_reset = bool(a.attrs.get("linear_before_reset", 0))
-    gates_x = torch.matmul(x, w.t()) + wb
-    wz, wr, wh = torch.split(r, hidden, dim=0)
-    steps = []
-    for t in range(x.shape[0]):
-        xz, xr, xh = torch.split(gates_x[t], hidden, dim=-1)
-        rz, rr, rh = torch.split(rb, hidden)
-        z = torch.sigmoid(xz + h @ wz.t() + rz)
-        reset = torch.sigmoid(xr + h @ wr.t() + rr)
-        if before_reset:
-            candidate = torch.tanh(xh + reset * (h @ wh.t() + rh))
-        else:
-            candidate = torch.tanh(xh + (reset * h) @ wh.t() + rh)
-        h = (1 - z) * candidate + z * h
-        steps.append(h)
-    y = torch.stack(steps).unsqueeze(1)
-    return [y, h.unsqueeze(0)]
-
-
 HANDLERS: dict[str, Handler] = {
     "QuantizeLinear": _quantize,
     "DequantizeLinear": _dequantize,
-    "GRU": _gru,
 }

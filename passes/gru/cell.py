@@ -8,7 +8,8 @@ Starting from a Tanh node (the candidate n) it finds, whatever order an exporter
   * the leaves: the previous state h (the free operand of the update) and the step input x
     (the data operand of every MatMul/Gemm with a constant weight that is not built from h
     or a gate, also through a Concat([x, h]));
-  * every node in between, none of which may be read from outside the cell.
+  * every node in between, none of which may be read from outside the cell, except by a
+    Shape or Size (the node is then kept for it).
 Weights are not read here: probe recovers them numerically from the matched nodes.
 """
 
@@ -24,6 +25,7 @@ from onnxpress.passes.gru.graph import (
     PROJECTIONS,
     SLICING,
     GraphIndex,
+    RecurrentCell,
     TensorTypes,
     describe_node,
     producer,
@@ -32,6 +34,7 @@ from onnxpress.passes.gru.graph import (
 CELL_OPS = ELEMENTWISE | SLICING | PROJECTIONS | {"Concat", "Transpose"}
 MAX_UPDATE_DEPTH = 4  # elementwise nodes between n and h'
 MAX_CELL_NODES = 80
+SHAPE_READERS = frozenset({"Shape", "Size"})
 
 
 @dataclass
@@ -198,7 +201,7 @@ def _reads_state(index: GraphIndex, operand: gs.Tensor, h: gs.Tensor) -> bool:
     return False
 
 
-def _walk(
+def walk_cell(
     index: GraphIndex,
     roots: list[gs.Tensor],
     h: gs.Tensor,
@@ -206,12 +209,14 @@ def _walk(
     nodes: dict[int, gs.Node],
     x_leaves: dict[int, gs.Tensor],
     gates: dict[int, gs.Tensor],
+    stops: tuple[gs.Tensor, ...] = (),
 ) -> str | None:
-    """Collect the nodes computing ``roots`` from h, x and constants; a reason on failure."""
+    """Collect the nodes computing ``roots`` from h, x, constants and ``stops`` (an LSTM's
+    cell state); a reason on failure."""
     stack = [(t, False) for t in roots]
     while stack:
         t, feeds_projection = stack.pop()
-        if t is h or index.is_const(t):
+        if t is h or any(t is s for s in stops) or index.is_const(t):
             continue
         if index.gate_chain(t) is not None:
             if not allow_gates:
@@ -246,6 +251,23 @@ def _walk(
     return None
 
 
+def read_outside(
+    index: GraphIndex, nodes: dict[int, gs.Node], results: tuple[gs.Tensor, ...]
+) -> str | None:
+    """Why a tensor inside the cell, other than its ``results``, is needed outside it."""
+    for node in nodes.values():
+        for out in node.outputs:
+            if any(out is r for r in results):
+                continue
+            if id(out) in index.outputs:
+                return f"'{out.name}' inside the cell is a graph output"
+            # A Shape/Size reader needs only the dims: the node stays for it (remove_dead).
+            outside = [c for c in out.outputs if id(c) not in nodes and c.op not in SHAPE_READERS]
+            if outside:
+                return f"'{out.name}' inside the cell is also read by '{outside[0].name}'"
+    return None
+
+
 def match_cell(index: GraphIndex, tanh: gs.Node, types: TensorTypes) -> CellMatch | str:
     """The GRU cell around ``tanh``, or the reason there is none."""
     dims = types.get(tanh.outputs[0].name, (0, []))[1]
@@ -259,7 +281,7 @@ def match_cell(index: GraphIndex, tanh: gs.Node, types: TensorTypes) -> CellMatc
     nodes.update((id(node), node) for node in update.nodes)
     x_leaves: dict[int, gs.Tensor] = {}
     resets: dict[int, gs.Tensor] = {}
-    reason = _walk(index, [tanh.inputs[0]], update.h, True, nodes, x_leaves, resets)
+    reason = walk_cell(index, [tanh.inputs[0]], update.h, True, nodes, x_leaves, resets)
     if reason is not None:
         return reason
     if len(resets) != 1:
@@ -274,7 +296,7 @@ def match_cell(index: GraphIndex, tanh: gs.Node, types: TensorTypes) -> CellMatc
         sigmoids[id(sigmoid)] = sigmoid
         nodes.update((id(node), node) for node in [sigmoid, *chain])
     roots = [s.inputs[0] for s in sigmoids.values()]
-    reason = _walk(index, roots, update.h, False, nodes, x_leaves, {})
+    reason = walk_cell(index, roots, update.h, False, nodes, x_leaves, {})
     if reason is not None:
         return reason
     if not x_leaves:
@@ -283,15 +305,9 @@ def match_cell(index: GraphIndex, tanh: gs.Node, types: TensorTypes) -> CellMatc
         names = ", ".join(sorted(t.name for t in x_leaves.values()))
         return f"the projections read different inputs ({names})"
     x = next(iter(x_leaves.values()))
-    for node in nodes.values():
-        for out in node.outputs:
-            if out is update.h_new:
-                continue
-            if id(out) in index.outputs:
-                return f"'{out.name}' inside the cell is a graph output"
-            outside = [c for c in out.outputs if id(c) not in nodes]
-            if outside:
-                return f"'{out.name}' inside the cell is also read by '{outside[0].name}'"
+    reason = read_outside(index, nodes, (update.h_new,))
+    if reason is not None:
+        return reason
     return CellMatch(
         tanh,
         x,
@@ -305,13 +321,18 @@ def match_cell(index: GraphIndex, tanh: gs.Node, types: TensorTypes) -> CellMatc
     )
 
 
-def cell_signature(index: GraphIndex, cell: CellMatch) -> str:
-    """Canonical text of the cell (ops, attributes, constant values): equal for shared weights."""
+def cell_signature(
+    index: GraphIndex, cell: RecurrentCell, leaves: dict[int, str] | None = None
+) -> str:
+    """Canonical text of the cell (ops, attributes, constant values): equal for shared weights.
+
+    ``leaves`` names the cell's inputs by tensor id (default: h and x)."""
     order: dict[int, int] = {}
+    named = leaves if leaves is not None else {id(cell.x): "x", id(cell.h): "h"}
 
     def ref(t: gs.Tensor) -> str:
-        if t is cell.h or t is cell.x:
-            return "h" if t is cell.h else "x"
+        if id(t) in named:
+            return named[id(t)]
         node = producer(t)
         if node is not None and id(node) in order:
             return f"#{order[id(node)]}.{node.outputs.index(t)}"
@@ -334,6 +355,6 @@ def cell_signature(index: GraphIndex, cell: CellMatch) -> str:
         stack.append((node, True))
         for t in reversed(node.inputs):
             p = producer(t)
-            if p is not None and id(p) in cell.nodes and t is not cell.h and t is not cell.x:
+            if p is not None and id(p) in cell.nodes and id(t) not in named:
                 stack.append((p, False))
     return hashlib.sha1(b"\n".join(parts)).hexdigest()

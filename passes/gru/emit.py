@@ -1,8 +1,8 @@
 """Graph building for fuse-gru: the GRU op's sequence input and re-produced step outputs.
 
   * sequence input: steps x_t = Gather(X, t, axis) / Squeeze(Slice(X, t:t+1)) /
-    Squeeze(Split(X)[t]) for t = 0..T-1 -> X itself (Slice when X is longer, Transpose when
-    batch-first); anything else -> Concat(Unsqueeze(x_t, 0), axis=0);
+    Squeeze(Split(X)[t]) for t = 0..T-1, or T-1..0 (a reverse chain) -> X itself (Slice
+    when X is longer, Transpose when batch-first); anything else -> Concat(Unsqueeze(x_t, 0));
   * step states read outside the loop: h_t -> Gather(Squeeze(Y, 1), t), last -> Squeeze(Y_h, 0);
     Concat(Unsqueeze(h_t, a) for t in order, axis=a) -> Transpose(Squeeze(Y, 1)) moving
     time to axis a, so torch's ``stack(outputs, 1)`` becomes one node;
@@ -14,12 +14,19 @@ and whatever fed only them, are then removed.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes.gru.cell import CellMatch
-from onnxpress.passes.gru.graph import PROJECTIONS, GraphIndex, TensorTypes, producer
+from onnxpress.passes.gru.graph import (
+    PROJECTIONS,
+    GraphIndex,
+    RecurrentCell,
+    TensorTypes,
+    producer,
+)
 
 from onnxpress.core.ir import unique_name
 
@@ -138,43 +145,64 @@ class Emitter:
         return self.node(op, inputs, attrs, [output] if output is not None else None)[0]
 
 
-def sequence_input(
-    emit: Emitter, index: GraphIndex, cells: list[CellMatch], types: TensorTypes
-) -> tuple[gs.Tensor, str]:
-    """The GRU's X [T, batch, I] and the layout it was found in."""
+@dataclass(frozen=True)
+class SequenceSource:
+    """Where a chain's steps come from: X[start : start + length] along ``axis``."""
+
+    data: gs.Tensor
+    axis: int  # time axis of data: 0 time-first, 1 batch-first
+    start: int
+    length: int
+    reverse: bool  # the steps run from the last time step to the first
+
+
+def sequence_source(
+    index: GraphIndex, cells: Sequence[RecurrentCell], types: TensorTypes
+) -> SequenceSource | None:
+    """The slice of one rank-3 tensor the cells' inputs step through, in either direction."""
     steps = [sequence_step(index, cell.x, types) for cell in cells]
     first = steps[0]
-    if (
-        first is not None
-        and first[1] in (0, 1)
-        and all(
-            s is not None and s[0] is first[0] and s[1] == first[1] and s[2] == t
-            for t, s in enumerate(steps)
-        )
-    ):
-        data, axis, _ = first
-        if types[data.name][1][axis] != len(cells):
+    if first is None or first[1] not in (0, 1):
+        return None
+    if any(s is None or s[0] is not first[0] or s[1] != first[1] for s in steps):
+        return None
+    times = [s[2] for s in steps if s is not None]
+    start, length = min(times), len(cells)
+    reverse = length > 1 and times == list(range(start + length - 1, start - 1, -1))
+    if not reverse and times != list(range(start, start + length)):
+        return None
+    return SequenceSource(first[0], first[1], start, length, reverse)
+
+
+def sequence_input(
+    emit: Emitter, index: GraphIndex, cells: Sequence[RecurrentCell], types: TensorTypes
+) -> tuple[gs.Tensor, str, SequenceSource | None]:
+    """The GRU's X [T, batch, I], the layout it was found in, and its source slice."""
+    source = sequence_source(index, cells, types)
+    if source is not None:
+        data, axis = source.data, source.axis
+        if source.start != 0 or types[data.name][1][axis] != source.length:
             data = emit.one(
                 "Slice",
                 [
                     data,
-                    emit.const("start", [0]),
-                    emit.const("end", [len(cells)]),
+                    emit.const("start", [source.start]),
+                    emit.const("end", [source.start + source.length]),
                     emit.const("axis", [axis]),
                 ],
             )
         if axis == 0:
-            return data, "time-first"
-        return emit.one("Transpose", [data], {"perm": [1, 0, 2]}), "batch-first"
+            return data, "time-first", source
+        return emit.one("Transpose", [data], {"perm": [1, 0, 2]}), "batch-first", source
     zero = emit.const("axes", [0])
     stacked = [emit.one("Unsqueeze", [cell.x, zero]) for cell in cells]
     if len(stacked) == 1:
-        return stacked[0], "one step"
-    return emit.one("Concat", stacked, {"axis": 0}), "stacked steps"
+        return stacked[0], "one step", None
+    return emit.one("Concat", stacked, {"axis": 0}), "stacked steps", None
 
 
 def stacked_concat(
-    index: GraphIndex, cells: list[CellMatch], readers: list[list[gs.Node]]
+    index: GraphIndex, cells: Sequence[RecurrentCell], readers: list[list[gs.Node]]
 ) -> tuple[gs.Node, int, list[gs.Node]] | None:
     """Concat(Unsqueeze(h_t, a) for every step in order, axis=a) among the step readers."""
     for unsqueeze in readers[0]:
@@ -204,7 +232,7 @@ def stacked_concat(
 
 
 def gate_order(
-    index: GraphIndex, cell: CellMatch, source: dict[str, np.ndarray], hidden: int
+    index: GraphIndex, cell: RecurrentCell, source: dict[str, np.ndarray], hidden: int
 ) -> str:
     """Gate order of a single concatenated input projection, e.g. 'r,z,n' for torch."""
     projections = [n for n in cell.nodes.values() if n.op in PROJECTIONS and n.inputs[0] is cell.x]
@@ -218,10 +246,10 @@ def gate_order(
         weight = weight.T
     if node.op == "Gemm":
         weight = weight * float(node.attrs.get("alpha", 1.0))
-    if weight.shape[1] != 3 * hidden:
+    if weight.shape[1] != len(source) * hidden:
         return "unknown"
     order = []
-    for k in range(3):
+    for k in range(len(source)):
         block = weight[:, k * hidden : (k + 1) * hidden].T
         found = [g for g, w in source.items() if np.allclose(block, w, rtol=1e-3, atol=1e-5)]
         order.append(found[0] if len(found) == 1 else "?")

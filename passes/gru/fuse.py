@@ -6,6 +6,10 @@
                     h = (1-z)*n + z*h                         (any algebraic form)
   ->  Y, Y_h = GRU(X[T, batch, I], W, R, B, initial_h = h_0 unless it is zeros)
 
+A chain whose steps read x_{T-1} first becomes direction="reverse"; a forward and a
+reverse GRU over the same X then become one direction="bidirectional" GRU, and a Concat
+or Add joining their stacked outputs is rewritten from its Y (pair).
+
 One rule, ``fuse-gru``. Pattern: chains of cells matched around each gated Tanh
 (cell), linked state to state and cut where the weights change. Check: refuses, with a
 reason, Tanhs that are not GRU cells, per-step weights, unknown sizes or dtypes, and cells
@@ -30,33 +34,36 @@ from onnxpress.passes.gru.emit import (
     Emitter,
     gate_order,
     is_zero,
-    remove_dead,
     sequence_input,
-    stacked_concat,
+)
+from onnxpress.passes.gru.fusion import (
+    ChainOptions,
+    link_chains,
+    match_anchors,
+    run_fusion,
+    signature_runs,
+    without_dead_readers,
 )
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
+from onnxpress.passes.gru.outputs import StepOutputs
+from onnxpress.passes.gru.pair import FusedRnn
 from onnxpress.passes.gru.probe import CellSpec, GruWeights, probe_weights, self_check
 
 from onnxpress.core.context import PassContext
 from onnxpress.core.ir import unique_name
 from onnxpress.core.pass_base import Pass, PassResult, Refusal
 from onnxpress.core.registry import register_pass
-from onnxpress.core.rewrite import Rule, apply_rule, rule_node_name
+from onnxpress.core.rewrite import Rule, rule_node_name
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FuseGruOptions:
-    min_steps: int = 1  # shortest chain of cells to fuse; 1 fuses single cells too
-    tolerance: float = 1e-4  # self-check: max |cell - GRU| on random inputs (states in [-1, 1])
+class FuseGruOptions(ChainOptions):
     linear_before_reset: int | None = None  # None infers it per cell; 0 or 1 forces it
 
     def __post_init__(self) -> None:
-        if isinstance(self.min_steps, bool) or self.min_steps < 1:
-            raise ValueError(f"min-steps must be an integer >= 1, not {self.min_steps!r}")
-        if not self.tolerance > 0:
-            raise ValueError(f"tolerance must be > 0, not {self.tolerance!r}")
+        super().__post_init__()
         if self.linear_before_reset not in (None, 0, 1):
             raise ValueError(
                 f"linear-before-reset must be 0, 1 or none, not {self.linear_before_reset!r}"
@@ -85,6 +92,8 @@ class FuseGruRule(Rule[GruCandidate]):
         self.index: GraphIndex | None = None
         self.replaced: list[gs.Node] = []  # nodes the rewrites made dead (with their inputs)
         self.refusals: list[Refusal] = []  # heads left out of a fused chain
+        self.fused: list[FusedRnn] = []  # the GRU ops made, for pairing into bidirectional
+        self.dead_removed = 0
 
     def anchor(self, match: GruCandidate) -> str:
         return match.anchor
@@ -92,23 +101,25 @@ class FuseGruRule(Rule[GruCandidate]):
     def pattern(self, graph: gs.Graph, ctx: PassContext) -> list[GruCandidate]:
         graph.toposort()
         index = self.index = GraphIndex(graph)
-        tanhs = [n for n in graph.nodes if n.op == "Tanh" and near_gate(index, n)]
+        tanhs, self.dead_removed = without_dead_readers(
+            graph, lambda: [n for n in graph.nodes if n.op == "Tanh" and near_gate(index, n)]
+        )
         if not tanhs:
             return []
+        if self.dead_removed:
+            graph.toposort()
+            index = self.index = GraphIndex(graph)
         order = [id(n) for n in graph.nodes]
         self.model = ctx.export(graph)  # the probes run on this model; it sorts the graph
         if [id(n) for n in graph.nodes] != order:
             index = self.index = GraphIndex(graph)
         self.types = tensor_types(self.model)
-        found: list[GruCandidate] = []
-        cells: list[CellMatch] = []
-        for node in tanhs:
-            cell = match_cell(index, node, self.types)
-            if isinstance(cell, str):
-                found.append(GruCandidate(node.name or node.outputs[0].name, problem=cell))
-            else:
-                cells.append(cell)
-        for chain in _chains(cells):
+        cells, found = match_anchors(
+            tanhs,
+            lambda node: match_cell(index, node, self.types),
+            lambda name, reason: GruCandidate(name, problem=reason),
+        )
+        for chain in link_chains(cells, lambda c: id(c.h), lambda c: id(c.h_new)):
             found.extend(self._runs(chain))
         return found
 
@@ -120,12 +131,7 @@ class FuseGruRule(Rule[GruCandidate]):
         matches the run's GRU from zeros."""
         assert self.index is not None
         signatures = [cell_signature(self.index, cell) for cell in chain]
-        runs: list[list[int]] = []
-        for t, signature in enumerate(signatures):
-            if runs and signatures[runs[-1][0]] == signature:
-                runs[-1].append(t)
-            else:
-                runs.append([t])
+        runs = signature_runs(signatures)
         head = None
         if len(runs) > 1 and len(runs[0]) == 1 and is_zero(self.index, chain[0].h):
             head = chain[runs.pop(0)[0]]
@@ -210,7 +216,8 @@ class FuseGruRule(Rule[GruCandidate]):
         index, cells, weights = self.index, match.cells, match.weights
         spec = self._spec(cells[0])
         emit = Emitter(graph, match.anchor)
-        sequence, layout = sequence_input(emit, index, cells, self.types)
+        sequence, layout, source = sequence_input(emit, index, cells, self.types)
+        reverse = source is not None and source.reverse
         inputs = [
             sequence,
             emit.const("W", weights.W),
@@ -223,62 +230,38 @@ class FuseGruRule(Rule[GruCandidate]):
                 gs.Variable.empty(),
                 emit.one("Unsqueeze", [cells[0].h, emit.const("axes", [0])]),
             ]
+        attrs: dict[str, Any] = {
+            "hidden_size": spec.hidden,
+            "linear_before_reset": weights.linear_before_reset,
+        }
+        if reverse:
+            attrs["direction"] = "reverse"
         y, y_last = emit.node(
             "GRU",
             inputs,
-            {"hidden_size": spec.hidden, "linear_before_reset": weights.linear_before_reset},
+            attrs,
             [
                 gs.Variable(emit.name("Y"), dtype=np.float32),
                 gs.Variable(emit.name("Y_h"), dtype=np.float32),
             ],
             name=unique_name(graph, rule_node_name(self, match.anchor), emit.taken),
         )
-        # Who reads each step's state outside the loop (the next cell's nodes are replaced).
-        readers = [
-            [
-                c
-                for c in cell.h_new.outputs
-                if t + 1 == len(cells) or id(c) not in cells[t + 1].nodes
-            ]
-            for t, cell in enumerate(cells)
-        ]
-        outputs = [id(cell.h_new) in index.outputs for cell in cells]
-        steps: gs.Tensor | None = None
-        stacked = stacked_concat(index, cells, readers)
-        stacked_name = None
-        if stacked is not None:
-            concat, axis, unsqueezes = stacked
-            perm = [1, 2]
-            perm.insert(axis, 0)
-            target = concat.outputs[0]
-            stacked_name = target.name
-            steps = emit.one(
-                "Squeeze", [y, emit.const("axes", [1])], output=target if axis == 0 else None
-            )
-            if axis != 0:
-                emit.one("Transpose", [steps], {"perm": perm}, output=target)
-            for t, unsqueeze in enumerate(unsqueezes):
-                readers[t].remove(unsqueeze)
-            self.replaced.append(concat)
-        wanted = [t for t in range(len(cells)) if readers[t] or outputs[t]]
-        if steps is None and any(t + 1 < len(cells) for t in wanted):
-            steps = emit.one("Squeeze", [y, emit.const("axes", [1])])
-        if steps is not None:  # a later chain (a stacked layer) can take its X from here
-            batch = self._dims(cells[0].x)[0]
-            self.types[steps.name] = (TensorProto.FLOAT, [len(cells), batch, spec.hidden])
-        for t in wanted:
-            if steps is None:  # only the last state is read
-                emit.one("Squeeze", [y_last, emit.const("axes", [0])], output=cells[t].h_new)
-            else:
-                step = emit.const("step", np.array(t, np.int64))
-                emit.one("Gather", [steps, step], {"axis": 0}, output=cells[t].h_new)
+        outputs = StepOutputs(emit, index, cells, reverse, y, y_last)
+        batch = self._dims(cells[0].x)[0]
+        outputs.rewire(self.types, (TensorProto.FLOAT, [len(cells), batch, spec.hidden]))
+        if outputs.concat is not None:
+            self.replaced.append(outputs.concat)
         self.replaced.extend(node for cell in cells for node in cell.nodes.values())
+        self.fused.append(
+            FusedRnn(y.inputs[0], source, outputs.stacked, outputs.stacked_axis, not zero_start)
+        )
         logger.debug("fuse-gru: %d cells from %s into one GRU", len(cells), match.anchor)
         return {
             "node": y.inputs[0].name,
             "cells": [cell.name for cell in cells],
             "cell_count": len(cells),
             "seq_length": len(cells),
+            "direction": "reverse" if reverse else "forward",
             "hidden": spec.hidden,
             "input_size": spec.input_size,
             "linear_before_reset": weights.linear_before_reset,
@@ -286,7 +269,7 @@ class FuseGruRule(Rule[GruCandidate]):
             "update": "(1-z)*n + z*h" if spec.z_keeps_state else "z*n + (1-z)*h, z negated",
             "layout": layout,
             "initial_state": "zeros" if zero_start else cells[0].h.name,
-            "stacked_output": stacked_name,
+            "stacked_output": outputs.stacked.name if outputs.stacked is not None else None,
             "self_check_max_abs_error": match.error,
         }
 
@@ -299,28 +282,6 @@ def _per_step(chain: list[CellMatch], t: int) -> str:
     )
 
 
-def _chains(cells: list[CellMatch]) -> list[list[CellMatch]]:
-    """Cells linked by h_new -> h (one successor each), in topological order."""
-    by_state: dict[int, list[CellMatch]] = {}
-    for cell in cells:
-        by_state.setdefault(id(cell.h), []).append(cell)
-    successor: dict[int, CellMatch] = {}
-    for cell in cells:
-        following = by_state.get(id(cell.h_new), [])
-        if len(following) == 1:
-            successor[id(cell)] = following[0]
-    has_predecessor = {id(c) for c in successor.values()}
-    chains = []
-    for cell in cells:
-        if id(cell) in has_predecessor:
-            continue
-        chain = [cell]
-        while id(chain[-1]) in successor:
-            chain.append(successor[id(chain[-1])])
-        chains.append(chain)
-    return chains
-
-
 @register_pass("fuse-gru")
 class FuseGru(Pass[FuseGruOptions]):
     """Fuse GRU cells written in primitive ops (unrolled loops too) into ONNX GRU ops."""
@@ -329,15 +290,4 @@ class FuseGru(Pass[FuseGruOptions]):
     lossless = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        nodes_before = len(graph.nodes)
-        rule = FuseGruRule(self.options)
-        fused = apply_rule(rule, graph, ctx, result)
-        result.refusals.extend(rule.refusals)
-        if fused:
-            remove_dead(graph, rule.replaced)
-            graph.toposort()
-        result.count("gru_fused", fused)
-        result.count("cells_fused", sum(d["cell_count"] for d in result.details))
-        result.count("nodes_removed", nodes_before - len(graph.nodes))
-        return result
+        return run_fusion(FuseGruRule(self.options), graph, ctx, "gru")

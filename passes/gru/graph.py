@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -53,6 +54,18 @@ def tensor_types(model: onnx.ModelProto) -> TensorTypes:
     for init in g.initializer:
         found[init.name] = (init.data_type, list(init.dims))
     return found
+
+
+class RecurrentCell(Protocol):
+    """What chain building and output rewiring need of a matched GRU or LSTM cell."""
+
+    x: gs.Tensor  # step input [batch, input_size]
+    h: gs.Tensor  # previous state [batch, hidden]
+    h_new: gs.Tensor
+    nodes: dict[int, gs.Node]  # id(node) -> node, every node of the cell
+
+    @property
+    def name(self) -> str: ...
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:

@@ -18,6 +18,7 @@ Sigmoid/Tanh, sequence_lens that are not a constant equal to T, and opsets < 13.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,33 +52,52 @@ class LowerGru(Pass[LowerGruOptions]):
     lossless = True
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        grus = [n for n in graph.nodes if n.op == "GRU" and n.domain in (None, "", "ai.onnx")]
-        if not grus:
-            return result
-        opset = max((v for d, v in _opsets(ctx).items() if d in ("", "ai.onnx")), default=0)
-        shapes = ctx.analysis(TensorShapes, graph)
-        for node in grus:
-            reason = _refusal(node, shapes, opset, self.options)
-            if reason:
-                result.refuse(node.name, reason)
-                continue
-            steps = _Lowering(graph, node, shapes).emit()
-            node.outputs.clear()
-            node.inputs.clear()
-            result.count("gru_lowered")
-            result.count("steps_unrolled", steps)
-            result.details.append({"node": node.name, "steps": steps})
-        graph.nodes = [n for n in graph.nodes if n.outputs or n.op != "GRU"]
-        graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+        return lower_ops(graph, ctx, self.options, "GRU", Lowering)
+
+
+def lower_ops(
+    graph: gs.Graph,
+    ctx: PassContext,
+    options: LowerGruOptions,
+    op: str,
+    lowering: type[Lowering],
+    defaults: tuple[str, ...] = _DEFAULT_ACTIVATIONS,
+    extra: Callable[[gs.Node], str] | None = None,
+) -> PassResult:
+    """Unroll every ``op`` node (GRU or LSTM) that passes the checks; refuse the others."""
+    result = PassResult()
+    found = [n for n in graph.nodes if n.op == op and n.domain in (None, "", "ai.onnx")]
+    if not found:
         return result
+    opset = max((v for d, v in _opsets(ctx).items() if d in ("", "ai.onnx")), default=0)
+    shapes = ctx.analysis(TensorShapes, graph)
+    for node in found:
+        reason = refusal(node, shapes, opset, options, defaults) or (extra(node) if extra else "")
+        if reason:
+            result.refuse(node.name, reason)
+            continue
+        steps = lowering(graph, node, shapes).emit()
+        node.outputs.clear()
+        node.inputs.clear()
+        result.count(f"{op.lower()}_lowered")
+        result.count("steps_unrolled", steps)
+        result.details.append({"node": node.name, "steps": steps})
+    graph.nodes = [n for n in graph.nodes if n.outputs or n.op != op]
+    graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+    return result
 
 
 def _opsets(ctx: PassContext) -> dict[str, int]:
     return {op.domain: op.version for op in ctx.template.opset_import}
 
 
-def _refusal(node: gs.Node, shapes: TensorShapes, opset: int, options: LowerGruOptions) -> str:
+def refusal(
+    node: gs.Node,
+    shapes: TensorShapes,
+    opset: int,
+    options: LowerGruOptions,
+    defaults: tuple[str, ...] = _DEFAULT_ACTIVATIONS,
+) -> str:
     if opset < 13:
         return f"opset {opset} < 13 (Split takes its sizes as an input from 13)"
     acts = node.attrs.get("activations")
@@ -85,8 +105,8 @@ def _refusal(node: gs.Node, shapes: TensorShapes, opset: int, options: LowerGruO
     if direction not in ("forward", "reverse", "bidirectional"):
         return f"unknown direction '{direction}'"
     dirs = 2 if direction == "bidirectional" else 1
-    if acts is not None and [str(a) for a in acts] != list(_DEFAULT_ACTIVATIONS) * dirs:
-        return f"activations {list(acts)} (only Sigmoid, Tanh are lowered)"
+    if acts is not None and [str(a) for a in acts] != list(defaults) * dirs:
+        return f"activations {list(acts)} (only {', '.join(defaults)} are lowered)"
     if node.attrs.get("activation_alpha") or node.attrs.get("activation_beta"):
         return "activation_alpha/beta are not supported"
     for i in (1, 2):
@@ -108,8 +128,11 @@ def _refusal(node: gs.Node, shapes: TensorShapes, opset: int, options: LowerGruO
     return ""
 
 
-class _Lowering:
+class Lowering:
     """Emits the unrolled cells of one GRU node; the new nodes write the GRU's outputs."""
+
+    gates = 3  # gate blocks in W and R; B holds twice as many
+    state_inputs = (5,)  # initial_h (an LSTM adds initial_c); Y_h (and Y_c) are their finals
 
     def __init__(self, graph: gs.Graph, node: gs.Node, shapes: TensorShapes) -> None:
         self.graph, self.node = graph, node
@@ -172,17 +195,21 @@ class _Lowering:
         b = (
             np.asarray(constant_value(node.inputs[3]))
             if has_b
-            else np.zeros((len(directions), 6 * hidden), self.dtype)
+            else np.zeros((len(directions), 2 * self.gates * hidden), self.dtype)
         )
-        init = node.inputs[5] if len(node.inputs) > 5 and node.inputs[5].name else None
+        inits = [
+            node.inputs[k] if len(node.inputs) > k and node.inputs[k].name else None
+            for k in self.state_inputs
+        ]
         states_by_dir: list[list[gs.Variable]] = []
-        last_by_dir: list[gs.Tensor] = []
+        finals_by_dir: list[list[gs.Tensor]] = []
         for d, kind in enumerate(directions):
-            states, last = self._direction(d, kind, x, w[d], r[d], b[d], init)
+            states, finals = self._direction(d, kind, x, w[d], r[d], b[d], inits)
             states_by_dir.append(states)
-            last_by_dir.append(last)
-        outputs = list(node.outputs) + [None] * (2 - len(node.outputs))
-        y_out, yh_out = outputs[0], outputs[1]
+            finals_by_dir.append(finals)
+        count = 1 + len(self.state_inputs)
+        outputs = list(node.outputs) + [None] * (count - len(node.outputs))
+        y_out = outputs[0]
         if self._needed(y_out):
             stacked = []
             for d, states in enumerate(states_by_dir):
@@ -198,18 +225,29 @@ class _Lowering:
             )
             perm = {"perm": [2, 0, 1, 3]}
             self._write(self.op("Transpose", "y_layout", [y], perm)[0] if self.layout else y, y_out)
-        if self._needed(yh_out):
-            axes = self.const("yh_axes", np.array([0], np.int64))
+        for k, final_out in enumerate(outputs[1:count]):
+            if not self._needed(final_out):
+                continue
+            base = ("yh", "yc")[k]
+            axes = self.const(f"{base}_axes", np.array([0], np.int64))
             lasts = [
-                self.op("Unsqueeze", f"d{d}/yh", [last, axes])[0]
-                for d, last in enumerate(last_by_dir)
+                self.op("Unsqueeze", f"d{d}/{base}", [finals[k], axes])[0]
+                for d, finals in enumerate(finals_by_dir)
             ]
-            yh = lasts[0] if len(lasts) == 1 else self.op("Concat", "yh", lasts, {"axis": 0})[0]
+            yh = lasts[0] if len(lasts) == 1 else self.op("Concat", base, lasts, {"axis": 0})[0]
             perm = {"perm": [1, 0, 2]}
             self._write(
-                self.op("Transpose", "yh_layout", [yh], perm)[0] if self.layout else yh, yh_out
+                self.op("Transpose", f"{base}_layout", [yh], perm)[0] if self.layout else yh,
+                final_out,
             )
         return self.steps * len(directions)
+
+    def initial(self, d: int, init: gs.Tensor | None, base: str) -> gs.Tensor:
+        """Direction d's initial state from initial_h/initial_c, or zeros."""
+        if init is None:
+            return self.const(base, np.zeros((self.batch, self.hidden), self.dtype))
+        index = self.const(f"{base}_index", np.array(d, np.int64))
+        return self.op("Gather", base, [init, index], {"axis": 1 if self.layout else 0})[0]
 
     def _needed(self, tensor: gs.Tensor | None) -> bool:
         if tensor is None or not tensor.name:
@@ -229,9 +267,9 @@ class _Lowering:
         w: np.ndarray,
         r: np.ndarray,
         b: np.ndarray,
-        init: gs.Tensor | None,
-    ) -> tuple[list[gs.Variable], gs.Tensor]:
-        """Emit one direction; returns the step states in time order (Y[t]) and Y_h."""
+        inits: list[gs.Tensor | None],
+    ) -> tuple[list[gs.Variable], list[gs.Tensor]]:
+        """Emit one direction; returns the step states in time order (Y[t]) and [Y_h]."""
         h2, hidden = 2 * self.hidden, self.hidden
         wb, rb = b[: 3 * hidden], b[3 * hidden :]
         bias_x = wb + rb if self.lbr == 0 else np.concatenate([wb[:h2] + rb[:h2], wb[h2:]])
@@ -240,13 +278,7 @@ class _Lowering:
         xw = self.op("Add", f"{p}/xw_bias", [xw, self.const(f"{p}/bias_x", bias_x)])[0]
         split_x = self.const(f"{p}/split_x", np.array([h2, hidden], np.int64))
         split_zr = self.const(f"{p}/split_zr", np.array([hidden, hidden], np.int64))
-        if init is not None:
-            idx = self.const(f"{p}/init_index", np.array(d, np.int64))
-            state: gs.Tensor = self.op(
-                "Gather", f"{p}/h0", [init, idx], {"axis": 1 if self.layout else 0}
-            )[0]
-        else:
-            state = self.const(f"{p}/h0", np.zeros((self.batch, hidden), self.dtype))
+        state = self.initial(d, inits[0], f"{p}/h0")
         if self.lbr:
             r_t = self.const(f"{p}/R_T", r.T.copy())
             rh_bias = self.const(f"{p}/bias_h", np.concatenate([np.zeros(h2, b.dtype), rb[h2:]]))
@@ -287,4 +319,4 @@ class _Lowering:
             states[t] = new_state
             state = new_state
         # Y_h is the last state computed: t = T-1 forward, t = 0 reverse.
-        return [states[t] for t in range(self.steps)], state
+        return [states[t] for t in range(self.steps)], [state]

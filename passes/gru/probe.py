@@ -82,7 +82,7 @@ def submodel(
         if id(node) in needed:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
-            if node.op_type == "Sigmoid" and node.output[0] in identity_outputs:
+            if node.op_type in ("Sigmoid", "Tanh") and node.output[0] in identity_outputs:
                 copy.op_type = "Identity"
             nodes.append(copy)
     rows: int | str = batch if batch is not None else "rows"

@@ -2,7 +2,7 @@
 
 Conv(x, W[M,C,k,k]) -> Conv(x, W[M',C',k,k]) with M' of M output channels kept (and C' of C
 input channels, where the input's channels were pruned upstream); Gemm / MatMul hidden
-units (a transformer FFN's neurons) and GRU hidden units likewise. The model gets smaller
+units (a transformer FFN's neurons), ConvTranspose channels and GRU/LSTM hidden units likewise. The model gets smaller
 in MACs and bytes; nothing is masked with zeros.
 
 Channels coupled through the graph form one group (``onnxpress.analysis.channels.groups``: residual
@@ -81,7 +81,7 @@ class PruneChannelsOptions:
 
 @register_pass("prune-channels")
 class PruneChannels(Pass[PruneChannelsOptions]):
-    """Remove whole Conv channels and Gemm/MatMul/GRU hidden units; refit the consumers."""
+    """Remove whole Conv channels and Gemm/MatMul/GRU/LSTM hidden units; refit the consumers."""
 
     options_type = PruneChannelsOptions
     lossless = False
@@ -103,7 +103,10 @@ class PruneChannels(Pass[PruneChannelsOptions]):
         candidates = self._candidates(groups, nodes, result)
         if not candidates:
             if not result.refusals:
-                result.refuse("prune-channels", "no Conv, Gemm, MatMul or GRU channels to prune")
+                result.refuse(
+                    "prune-channels",
+                    "no Conv, ConvTranspose, Gemm, MatMul, GRU or LSTM channels to prune",
+                )
             return result
         before = ctx.export(graph)
         scores = self._scores(groups, candidates, nodes, before, ctx, reconstruct)

@@ -63,15 +63,17 @@ def _own_norms(node: gs.Node, order: int) -> np.ndarray | None:
     w = np.abs(weight.astype(np.float64)) ** order
     if node.op == "Conv":
         sums = w.reshape(w.shape[0], -1).sum(axis=1)
+    elif node.op == "ConvTranspose":  # [C_in, C_out, k...]
+        sums = np.swapaxes(w, 0, 1).reshape(w.shape[1], -1).sum(axis=1)
     elif node.op == "Gemm":
         sums = w.sum(axis=1) if node.attrs.get("transB", 0) else w.sum(axis=0)
     elif node.op == "MatMul":
         sums = w.sum(axis=0)
-    else:  # GRU: W [D, 3H, I], R [D, 3H, H]
+    else:  # GRU: W [D, 3H, I], R [D, 3H, H]; LSTM: 4H
         recurrence = np.abs(np.asarray(constant_array(node.inputs[2]), np.float64)) ** order
         hidden = recurrence.shape[-1]
-        rows = w.sum(axis=2) + recurrence.sum(axis=2)  # [D, 3H]
-        sums = rows.reshape(rows.shape[0], 3, hidden).sum(axis=(0, 1))
+        rows = w.sum(axis=2) + recurrence.sum(axis=2)  # [D, gates * H]
+        sums = rows.reshape(rows.shape[0], -1, hidden).sum(axis=(0, 1))
     return np.asarray(sums ** (1.0 / order))
 
 
@@ -156,11 +158,11 @@ class MacModel:
             source = [groups.layouts[feeds]] if feeds is not None else []
             if key in groups.depthwise and key in groups.layouts:
                 self.terms.append((base, [groups.layouts[key]]))
-            elif node.op_type == "GRU" and own is not None:
+            elif node.op_type in ("GRU", "LSTM") and own is not None:
                 _, gates, inputs = initializers.get(
                     node.input[1], shapes.get(node.input[1], [1, 3, 0])
                 )
-                hidden = gates // 3
+                hidden = gates // (4 if node.op_type == "LSTM" else 3)
                 share = inputs / max(inputs + hidden, 1)
                 self.terms.append((base * share, [*source, own]))
                 self.terms.append((base * (1 - share), [own, own]))

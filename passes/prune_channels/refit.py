@@ -10,7 +10,8 @@ also absorb the error of earlier ones. The bias column absorbs the mean that rem
 
 ``LinearLayer`` sees a consumer as rows x ↦ x·W + b: Conv with group 1 (any kernel, strides,
 dilations, pads), Gemm with transA=0 and a per-feature C, MatMul by a constant matrix (its
-bias goes into the Add after it, or a new Add). A GRU or a grouped Conv is not refit.
+bias goes into the Add after it, or a new Add). A GRU, an LSTM or a grouped Conv is not
+refit.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def refit_consumers(
     layers = [
         RefitLayer(node, pruner.indices(node.outputs[0]), _full_outputs(groups, node))
         for node in topological_nodes(graph)
-        if node.outputs and node_key(node) in keys and node.op != "GRU"
+        if node.outputs and node_key(node) in keys and node.op not in ("GRU", "LSTM")
     ]
     return refit_layers(
         graph, lambda g: to_model(g, teachers[-1]), layers, teachers, batches, damping

@@ -8,8 +8,11 @@ that survive along each tensor's channel axis follow from its layout. Then:
   every partition, so W's input axis is sliced by the first partition's;
 * Gemm / MatMul: the contracted rows of the weight (columns with transB), the output
   columns (rows) and C;
-* GRU: rows j, H+j, 2H+j of W and R in every direction, the six blocks of B, the columns of
-  R, the input columns of W, ``hidden_size``; initial_h is sliced, or dropped when zeros;
+* ConvTranspose (weight [C_in, C_out, k...]): W[kept_in][:, kept_out], b[kept_out];
+* GRU / LSTM: rows j, H+j, ... of each gate in W and R in every direction (both directions
+  of a bidirectional op keep the same units), the 6 (8) blocks of B, the 3 peephole blocks
+  of P, the columns of R, the input columns of W, ``hidden_size``; initial_h (initial_c) is
+  sliced, or dropped when zeros;
 * BatchNormalization / InstanceNormalization: the per-channel constants;
 * constant operands of elementwise ops that span the channel axis;
 * Split sizes, Slice starts / ends, the Reshape shape entry and the Resize size of the
@@ -107,6 +110,22 @@ def conv(p: Pruner, node: gs.Node) -> bool:
     return True
 
 
+def conv_transpose(p: Pruner, node: gs.Node) -> bool:
+    """Weight [C_in, C_out, k...]: kept outputs on axis 1, kept inputs on axis 0."""
+    weight, bias = _value(node, 1), _value(node, 2)
+    out, inp = p.indices(node.outputs[0]), p.indices(node.inputs[0])
+    if weight is None or (out is None and inp is None):
+        return False
+    if out is not None:
+        weight, bias = weight[:, out], bias[out] if bias is not None else None
+    if inp is not None:
+        weight = weight[inp]
+    p.constant(node, 1, weight)
+    if bias is not None:
+        p.constant(node, 2, bias)
+    return True
+
+
 def gemm(p: Pruner, node: gs.Node) -> bool:
     weight, bias = _value(node, 1), _value(node, 2)
     out, inp = p.own_indices(node), p.indices(node.inputs[0])
@@ -143,20 +162,28 @@ def gru(p: Pruner, node: gs.Node) -> bool:
     if weight is None or recurrence is None or (units is None and inp is None):
         return False
     hidden = recurrence.shape[-1]
+    gates = recurrence.shape[1] // hidden  # GRU 3, LSTM 4
+
+    def blocks(count: int) -> np.ndarray:
+        return np.concatenate([block * hidden + units for block in range(count)])
+
     if inp is not None:
         weight = weight[:, :, inp]
     if units is not None:
-        rows = np.concatenate([gate * hidden + units for gate in range(3)])
-        weight, recurrence = weight[:, rows], recurrence[:, rows][:, :, units]
+        weight, recurrence = weight[:, blocks(gates)], recurrence[:, blocks(gates)][:, :, units]
         if bias is not None:
-            p.constant(node, 3, bias[:, np.concatenate([g * hidden + units for g in range(6)])])
-        initial = _value(node, 5)
-        if initial is not None:
-            p.constant(node, 5, initial[..., units])
-        elif len(node.inputs) > 5 and node.inputs[5].name:
-            node.inputs[5] = gs.Variable.empty()  # ConstantOfShape zeros: the default state
-            while node.inputs and not node.inputs[-1].name:
-                node.inputs.pop()
+            p.constant(node, 3, bias[:, blocks(2 * gates)])
+        peepholes = _value(node, 7) if node.op == "LSTM" else None
+        if peepholes is not None:
+            p.constant(node, 7, peepholes[:, blocks(3)])
+        for index in (5, 6) if node.op == "LSTM" else (5,):
+            initial = _value(node, index)
+            if initial is not None:
+                p.constant(node, index, initial[..., units])
+            elif len(node.inputs) > index and node.inputs[index].name:
+                node.inputs[index] = gs.Variable.empty()  # zeros: the default state
+        while node.inputs and not node.inputs[-1].name:
+            node.inputs.pop()
         node.attrs["hidden_size"] = len(units)
     p.constant(node, 1, weight)
     p.constant(node, 2, recurrence)
@@ -277,9 +304,11 @@ HANDLERS: dict[str, Handler] = {
     **dict.fromkeys(_ELEMENTWISE.split(), elementwise),
     "Concat": concat,
     "Conv": conv,
+    "ConvTranspose": conv_transpose,
     "Gemm": gemm,
     "MatMul": matmul,
     "GRU": gru,
+    "LSTM": gru,
     "BatchNormalization": normalization,
     "InstanceNormalization": normalization,
     "Split": split,

@@ -66,6 +66,7 @@ def test_default_output_name_and_json(mlp_path: Path, capsys: pytest.CaptureFixt
     assert [p["name"] for p in data["passes"]] == [
         "fold-constants",
         "fold-batchnorm",
+        "fuse-lstm",
         "fuse-gru",
         "cleanup",
         "fix-saturation",

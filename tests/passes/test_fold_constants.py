@@ -318,3 +318,42 @@ def test_a_fold_that_makes_a_shape_static_triggers_another_round() -> None:
     assert [n.op_type for n in out.graph.node] == ["Reshape", "Relu"]
     y = next(t for t in out.graph.initializer if t.name == "y")
     np.testing.assert_array_equal(numpy_helper.to_array(y), [2.0, 3.0])
+
+
+def test_static_dims_of_a_partly_symbolic_shape_fold(kit: SimpleNamespace) -> None:
+    """x [batch, 6, 4]: Gather(Shape, 1), Gather(Shape, [2, 1]) and Slice(Shape, 1:) pick
+    static dims and fold; Gather(Shape, 0) and a Slice over the batch stay."""
+    model = kit.model(
+        [
+            node("Shape", ["x"], ["shape"], name="shape"),
+            node("Gather", ["shape", "one"], ["d1"], axis=0, name="dim1"),
+            node("Gather", ["shape", "two_one"], ["d21"], axis=0, name="dims21"),
+            node("Slice", ["shape", "start1", "end_max"], ["tail"], name="tail"),
+            node("Gather", ["shape", "zero"], ["d0"], axis=0, name="batch"),
+            node("Slice", ["shape", "start0", "end_max"], ["all"], name="all"),
+            node("Div", ["d1", "two"], ["half"], name="half"),  # folds once d1 is constant
+            node("Unsqueeze", ["half", "zero_1d"], ["half_1d"], name="half_1d"),
+            node("Slice", ["x", "zero_1d", "half_1d", "one_1d"], ["y"], name="chunk"),
+        ],
+        inputs={"x": ["batch", 6, 4]},
+        outputs={"y": None, "d21": None, "tail": None, "d0": None, "all": None},
+        initializers={
+            "one": np.array(1, np.int64),
+            "two": np.array(2, np.int64),
+            "zero": np.array(0, np.int64),
+            "two_one": np.array([2, 1], np.int64),
+            "start1": np.array([1], np.int64),
+            "start0": np.array([0], np.int64),
+            "end_max": np.array([np.iinfo(np.int64).max], np.int64),
+            "zero_1d": np.array([0], np.int64),
+            "one_1d": np.array([1], np.int64),
+        },
+    )
+    folded, report = onnxpress.optimize(model, passes="fold-constants,cleanup")
+    result = report.passes[0].result
+    assert result.counts["shape_dims_folded"] == 3 and "shapes_folded" not in result.counts
+    assert sorted(kit.ops(folded)) == ["Gather", "Shape", "Slice", "Slice"]
+    np.testing.assert_array_equal(kit.initializer(folded, "d21"), [4, 6])
+    np.testing.assert_array_equal(kit.initializer(folded, "tail"), [6, 4])
+    np.testing.assert_array_equal(kit.initializer(folded, "half_1d"), [3])
+    kit.same_outputs(model, folded)

@@ -7,8 +7,6 @@ and what the report says: every fused and refused candidate, refusals with their
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,185 +14,24 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 from onnxpress.passes.gru.fuse import FuseGru, FuseGruOptions
+from rnn_cells import (
+    HID,
+    IN,
+    Net,
+    handwritten_cell,
+    keras_cell,
+    loop,
+    make,
+    step_inputs,
+    tf_cell,
+    update,
+)
 
 import onnxpress
 
 MODELS = Path(__file__).resolve().parents[3] / "models"
-IN, HID = 3, 4  # input and hidden sizes of the hand-built cells
-
-
-class Net:
-    """Accumulates nodes and initializers; ``op`` returns the new tensor's name."""
-
-    def __init__(self, seed: int = 0) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: dict[str, np.ndarray] = {"one": np.array(1.0, np.float32)}
-        self.rng = np.random.default_rng(seed)
-        self.state = ""  # a second layer's state, for cells that stack two layers
-
-    def weight(self, name: str, *shape: int) -> str:
-        self.inits[name] = (self.rng.standard_normal(shape) * 0.6).astype(np.float32)
-        return name
-
-    def ints(self, name: str, values: Any) -> str:
-        self.inits[name] = np.asarray(values, np.int64)
-        return name
-
-    def op(self, op: str, *inputs: str, outputs: int = 1, **attrs: Any) -> Any:
-        names = [f"t{len(self.nodes)}_{k}" for k in range(outputs)]
-        self.nodes.append(
-            helper.make_node(op, list(inputs), names, name=f"{op}{len(self.nodes)}", **attrs)
-        )
-        return names[0] if outputs == 1 else names
-
-    def gate_slice(self, tensor: str, k: int) -> str:
-        return self.op(
-            "Slice",
-            tensor,
-            self.ints(f"s{k}", [k * HID]),
-            self.ints(f"e{k}", [(k + 1) * HID]),
-            self.ints("ax1", [1]),
-        )
-
-
-def update(net: Net, form: str, z: str, n: str, h: str) -> str:
-    """h' in one of the algebraic forms; 'mirrored' uses z where GRU uses 1 - z."""
-    if form == "expanded":  # n - z*n + z*h
-        return net.op("Add", net.op("Sub", n, net.op("Mul", z, n)), net.op("Mul", z, h))
-    one_minus_z = net.op("Sub", "one", z)
-    if form == "keras":  # z*h + (1-z)*n
-        return net.op("Add", net.op("Mul", z, h), net.op("Mul", one_minus_z, n))
-    if form == "residual":  # h + (1-z)*(n-h)
-        return net.op("Add", h, net.op("Mul", one_minus_z, net.op("Sub", n, h)))
-    assert form == "mirrored"  # z*n + (1-z)*h
-    return net.op("Add", net.op("Mul", z, n), net.op("Mul", one_minus_z, h))
-
-
-def keras_cell(
-    net: Net,
-    x: str,
-    h: str,
-    reset_after: bool = True,
-    form: str = "keras",
-    tag: str = "",
-    inputs: int = IN,
-) -> str:
-    """Keras GRU cell, gate order z, r, h; reset_after=False keeps separate recurrent kernels."""
-    kernel = net.weight(f"kernel{tag}", inputs, 3 * HID)
-    bias = net.weight(f"bias{tag}", 3 * HID)
-    projected = net.op("Add", net.op("MatMul", x, kernel), bias)
-    xz, xr, xh = (net.gate_slice(projected, k) for k in range(3))
-    if reset_after:
-        rec = net.op(
-            "Add",
-            net.op("MatMul", h, net.weight(f"rec{tag}", HID, 3 * HID)),
-            net.weight(f"rbias{tag}", 3 * HID),
-        )
-        hz, hr, hh = (net.gate_slice(rec, k) for k in range(3))
-    else:
-        rec = net.op("MatMul", h, net.weight(f"rec_zr{tag}", HID, 2 * HID))
-        hz, hr = (net.gate_slice(rec, k) for k in range(2))
-    z = net.op("Sigmoid", net.op("Add", xz, hz))
-    r = net.op("Sigmoid", net.op("Add", xr, hr))
-    if reset_after:
-        pre = net.op("Add", xh, net.op("Mul", r, hh))
-    else:
-        pre = net.op(
-            "Add", xh, net.op("MatMul", net.op("Mul", r, h), net.weight(f"rec_h{tag}", HID, HID))
-        )
-    return update(net, form, z, net.op("Tanh", pre), h)
-
-
-def handwritten_cell(net: Net, x: str, h: str) -> str:
-    """A decoder's own cell: one Gemm per gate and operand, r first, h + (1-z)*(n-h)."""
-
-    def project(name: str, operand: str, size: int) -> str:
-        weight, bias = net.weight(f"W{name}", HID, size), net.weight(f"b{name}", HID)
-        return net.op("Gemm", operand, weight, bias, transB=1)
-
-    r = net.op("Sigmoid", net.op("Add", project("xr", x, IN), project("hr", h, HID)))
-    z = net.op("Sigmoid", net.op("Add", project("hz", h, HID), project("xz", x, IN)))
-    n = net.op("Tanh", net.op("Add", project("xn", x, IN), net.op("Mul", r, project("hn", h, HID))))
-    return update(net, "residual", z, n, h)
-
-
-def tf_cell(net: Net, x: str, h: str) -> str:
-    """TF1 GRUCell: one Sigmoid over concat([x, h]) @ K, split into r, u; linear_before_reset=0."""
-    gates = net.op(
-        "Sigmoid",
-        net.op(
-            "Add",
-            net.op(
-                "MatMul",
-                net.op("Concat", x, h, axis=1),
-                net.weight("gate_kernel", IN + HID, 2 * HID),
-            ),
-            net.weight("gate_bias", 2 * HID),
-        ),
-    )
-    r, u = net.op("Split", gates, net.ints("halves", [HID, HID]), outputs=2, axis=1)
-    candidate = net.op(
-        "MatMul",
-        net.op("Concat", x, net.op("Mul", r, h), axis=1),
-        net.weight("cand_kernel", IN + HID, HID),
-    )
-    c = net.op("Tanh", net.op("Add", candidate, net.weight("cand_bias", HID)))
-    return update(net, "keras", u, c, h)
-
-
-def step_inputs(net: Net, steps: int, axis: int, how: str) -> list[str]:
-    """x_t for every step: Gather(x, t), Squeeze(Split(x)[t]) or Squeeze(Slice(x, t:t+1))."""
-    squeeze = net.ints("time_axis", [axis])
-    if how == "gather":
-        return [net.op("Gather", "x", net.ints(f"t{t}", t), axis=axis) for t in range(steps)]
-    if how == "split":
-        parts = net.op("Split", "x", net.ints("ones", [1] * steps), outputs=steps, axis=axis)
-        return [net.op("Squeeze", part, squeeze) for part in parts]
-    return [
-        net.op(
-            "Squeeze",
-            net.op("Slice", "x", net.ints(f"t{t}", [t]), net.ints(f"t{t + 1}", [t + 1]), squeeze),
-            squeeze,
-        )
-        for t in range(steps)
-    ]
-
-
-def loop(
-    cell: Any, steps: int, batch_first: bool = True, how: str = "gather", **kwargs: Any
-) -> onnx.ModelProto:
-    """x -> T cells from a zero state; outputs every h_t stacked, and h_T."""
-    net = Net()
-    axis = 1 if batch_first else 0
-    batch = net.op("Shape", "x", start=1 - axis, end=2 - axis)
-    h = net.op("ConstantOfShape", net.op("Concat", batch, net.ints("hidden", [HID]), axis=0))
-    states = []
-    for x_t in step_inputs(net, steps, axis, how):
-        h = cell(net, x_t, h, **kwargs)
-        states.append(net.op("Unsqueeze", h, net.ints("time_axis", [axis])))
-    net.op("Concat", *states, axis=axis)
-    net.nodes[-1].output[0] = "y"
-    net.nodes.append(helper.make_node("Identity", [h], ["h_last"], name="last"))
-    x_shape = ["batch", steps, IN] if batch_first else [steps, "batch", IN]
-    return make(net, {"x": x_shape}, ["y", "h_last"])
-
-
-def make(net: Net, inputs: dict[str, Any], outputs: list[str]) -> onnx.ModelProto:
-    """A checked model; output types come from shape inference."""
-    graph = helper.make_graph(
-        net.nodes,
-        "cells",
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs.items()],
-        [],
-        [numpy_helper.from_array(v, n) for n, v in net.inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    model.graph.output.extend(inferred[name] for name in outputs)
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def single(cell: Any, **kwargs: Any) -> onnx.ModelProto:
@@ -366,76 +203,6 @@ def test_lstm_cell_and_exported_gate_are_refused() -> None:
         == ("no update (1-z)*n + z*h with a Sigmoid gate z follows the tanh")
     )
     assert reasons[gru_n] == f"'{z_gate}' inside the cell is a graph output"
-
-
-def torch_loop(
-    steps: int, batch_first: bool, dynamo: bool, dynamic: bool = True
-) -> onnx.ModelProto:
-    """A GRUCell loop from zeros, returning every state stacked and the last one, exported."""
-    torch = pytest.importorskip("torch")
-    if dynamo:
-        pytest.importorskip("onnxscript")
-
-    class Loop(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.cell = torch.nn.GRUCell(IN, HID)
-
-        def forward(self, x: Any) -> Any:
-            h = torch.zeros(x.shape[0 if batch_first else 1], HID)
-            outputs = []
-            for t in range(steps):
-                h = self.cell(x[:, t] if batch_first else x[t], h)
-                outputs.append(h)
-            return torch.stack(outputs, 1 if batch_first else 0), h
-
-    torch.manual_seed(0)
-    x = torch.randn(2, steps, IN) if batch_first else torch.randn(steps, 2, IN)
-    buffer = io.BytesIO()
-    batch = 0 if batch_first else 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            program = torch.onnx.export(
-                Loop(),
-                (x,),
-                dynamo=True,
-                input_names=["x"],
-                dynamic_shapes={"x": {batch: torch.export.Dim("batch")}},
-                output_names=["y", "h"],
-                verbose=False,
-            )
-            return program.model_proto
-        torch.onnx.export(
-            Loop(),
-            (x,),
-            buffer,
-            dynamo=False,
-            input_names=["x"],
-            output_names=["y", "h"],
-            dynamic_axes={"x": {batch: "batch"}} if dynamic else None,
-        )
-    return onnx.load_from_string(buffer.getvalue())
-
-
-@pytest.mark.parametrize(
-    ("batch_first", "dynamo", "dynamic"),
-    [(True, False, True), (False, False, True), (True, True, True), (True, False, False)],
-)
-def test_torch_gru_cell_loop(
-    batch_first: bool, dynamo: bool, dynamic: bool, kit: SimpleNamespace
-) -> None:
-    """TorchScript and dynamo exports; with a static batch TorchScript folds step 0's
-    recurrent projection (its state is zeros), and that step still joins the loop."""
-    model = torch_loop(3, batch_first, dynamo, dynamic)
-    out, result = fuse(model)
-    expected = ["GRU", "Squeeze", "Gather"] + (["Transpose"] * 2 if batch_first else [])
-    assert sorted(kit.ops(out)) == sorted(expected)
-    (record,) = result.details
-    assert record["gate_order"] == "r,z,n" and record["linear_before_reset"] == 1
-    assert record["cell_count"] == 3 and record["stacked_output"] == "y"
-    assert [o.name for o in out.graph.output] == ["y", "h"]
-    kit.same_outputs(model, out)
 
 
 @pytest.mark.skipif(

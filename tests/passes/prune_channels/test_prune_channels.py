@@ -24,6 +24,7 @@ from channel_graphs import (
 )
 from onnx import numpy_helper
 from onnxpress.passes.prune_channels.importance import MacModel
+from prune_helpers import assert_same, masked, removed
 
 import onnxpress
 from onnxpress import CalibrationData, PassContext, PassResult
@@ -32,7 +33,7 @@ from onnxpress.core.errors import PipelineError
 from onnxpress.core.ir import to_graph, to_model
 from onnxpress.core.pipeline import parse_pipeline
 from onnxpress.core.stats import model_stats
-from onnxpress.core.verify import Runner, check_structure, random_inputs
+from onnxpress.core.verify import Runner, check_structure
 
 MODELS = Path(__file__).resolve().parents[3] / "models"
 
@@ -59,31 +60,6 @@ def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def attribute(model: onnx.ModelProto, node: str, name: str) -> Any:
     found = next(n for n in model.graph.node if n.name == node)
     return next(onnx.helper.get_attribute_value(a) for a in found.attribute if a.name == name)
-
-
-def removed(result: PassResult, group: str) -> np.ndarray:
-    record = next(d for d in result.details if d.get("group") == group)
-    return np.array(record["removed"], dtype=np.int64)
-
-
-def masked(model: onnx.ModelProto, zeros: dict[str, tuple[int, Any]]) -> onnx.ModelProto:
-    """A copy with initializer[index along axis] = 0 for each {name: (axis, index)}."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for tensor in out.graph.initializer:
-        if tensor.name in zeros:
-            axis, index = zeros[tensor.name]
-            values = numpy_helper.to_array(tensor).copy()
-            values[(slice(None),) * axis + (index,)] = 0
-            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
-    return out
-
-
-def assert_same(expected: onnx.ModelProto, actual: onnx.ModelProto, tol: float = 1e-5) -> None:
-    for feed in random_inputs(expected, seed=1):
-        for ref, new in zip(Runner(expected)(feed), Runner(actual)(feed), strict=True):
-            assert ref.shape == new.shape
-            np.testing.assert_allclose(new, ref, rtol=0, atol=tol * max(np.abs(ref).max(), 1e-6))
 
 
 def test_chain_through_bn_pool_pad_resize() -> None:

@@ -2,7 +2,9 @@
 
 Op(c1, c2, ...) -> initializer(s) holding its outputs, in topological order so chains fold;
 Shape(x) / Size(x) -> initializer when x's shape is static (ONNX shape inference), which
-unblocks Shape->Gather->Unsqueeze->Concat->Reshape chains; Constant nodes -> initializers.
+unblocks Shape->Gather->Unsqueeze->Concat->Reshape chains; Gather/Slice(Shape(x)) ->
+initializer when the dims they pick are static though others (a batch) are symbolic
+(``shape_dims.py``); Constant nodes -> initializers.
 A folded graph output keeps its name, as an initializer (valid ONNX for IR >= 4).
 
 Before evaluating a node the pass predicts the size of its outputs without allocating them:
@@ -27,6 +29,11 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnxpress.passes.fold_constants.shape_dims import (
+    full_shape_value,
+    partial_shape_value,
+    reads_variable_shape,
+)
 
 from onnxpress.core.context import PassContext, TensorShapes
 from onnxpress.core.pass_base import Pass, PassResult
@@ -104,7 +111,7 @@ class _Folder:
 
     def static_shapes(self) -> TensorShapes | None:
         """Inferred shapes, computed only when some Shape/Size still reads a variable."""
-        if self.options.fold_shapes and any(_reads_variable_shape(n) for n in self.graph.nodes):
+        if self.options.fold_shapes and any(reads_variable_shape(n) for n in self.graph.nodes):
             return self.ctx.analysis(TensorShapes, self.graph)
         return None
 
@@ -120,9 +127,15 @@ class _Folder:
                     self.refuse(node, f"op {node.domain}.{node.op} is outside the ONNX domain")
             elif node.op == "Constant":
                 self.fold_constant_node(node)
-            elif _reads_variable_shape(node):
-                if shapes is not None and not self.fold_shape(node, shapes):
+            elif reads_variable_shape(node):  # Shape/Size: folded when all its dims are static
+                if shapes is not None and (value := full_shape_value(node, shapes)) is not None:
+                    self.replace(node, [value])
+                    self.result.count("shapes_folded")
+                elif shapes is not None:
                     self.dynamic_shape_nodes += 1
+            elif shapes is not None and (value := partial_shape_value(node, shapes)) is not None:
+                self.replace(node, [value])  # Gather/Slice of static dims of a dynamic shape
+                self.result.count("shape_dims_folded")
             elif _all_constant(node):
                 outcome = self.evaluate(node)
                 if isinstance(outcome, str):
@@ -144,22 +157,6 @@ class _Folder:
             return
         self.replace(node, [value])
         self.result.count("constant_nodes")
-
-    def fold_shape(self, node: gs.Node, shapes: TensorShapes) -> bool:
-        """Shape/Size of a variable whose (sliced, for Shape) dims are all known."""
-        tensor = node.inputs[0]
-        dims = shapes.get(tensor.name)
-        if dims is None and tensor.shape is not None:
-            dims = list(tensor.shape)
-        if dims is not None and node.op == "Shape":
-            dims = dims[node.attrs.get("start", 0) : node.attrs.get("end", len(dims))]
-        if dims is None or not all(isinstance(d, int) and d >= 0 for d in dims):
-            return False  # a dynamic shape: not a candidate
-        static = [int(d) for d in dims if d is not None]
-        value = np.array(math.prod(static) if node.op == "Size" else static, dtype=np.int64)
-        self.replace(node, [value])
-        self.result.count("shapes_folded")
-        return True
 
     def evaluate(self, node: gs.Node) -> list[np.ndarray] | str:
         """The node's output values, or why it is not folded; sizes are checked first."""
@@ -246,10 +243,6 @@ def _is_empty(tensor: gs.Tensor) -> bool:
 
 def _all_constant(node: gs.Node) -> bool:
     return all(isinstance(t, gs.Constant) or _is_empty(t) for t in node.inputs)
-
-
-def _reads_variable_shape(node: gs.Node) -> bool:
-    return node.op in ("Shape", "Size") and isinstance(node.inputs[0], gs.Variable)
 
 
 def _array(tensor: gs.Constant) -> np.ndarray | None:

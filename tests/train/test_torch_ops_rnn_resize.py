@@ -1,0 +1,268 @@
+"""The torch converter's GRU/LSTM (every direction) and ConvTranspose/Resize/Upsample handlers
+match onnxruntime on random inputs, and gradients reach the weights and the input."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+
+from rnn_exports import bidirectional_loop  # noqa: E402
+
+import onnxpress  # noqa: E402
+from onnxpress.core.verify import Runner  # noqa: E402
+from onnxpress.train.distill import distill  # noqa: E402
+from onnxpress.train.torch_convert import convert  # noqa: E402
+
+RNG = np.random.default_rng(0)
+T, B, IN, H = 4, 2, 3, 5
+
+
+def w(*shape: int, scale: float = 0.5) -> np.ndarray:
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def one_node(
+    op: str,
+    inputs: dict[str, list[int]],
+    consts: dict[str, np.ndarray],
+    order: list[str],
+    outputs: int = 1,
+    opset: int = 17,
+    **attrs: Any,
+) -> onnx.ModelProto:
+    """One ``op`` node reading ``order`` (graph inputs, constants, or "" for absent ones)."""
+    outs = [f"y{k}" for k in range(outputs)]
+    graph = helper.make_graph(
+        [helper.make_node(op, order, outs, **attrs)],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+        [numpy_helper.from_array(v, n) for n, v in consts.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def rnn(
+    op: str, direction: str, states: bool, peepholes: bool = False, **attrs: Any
+) -> onnx.ModelProto:
+    gates = {"GRU": 3, "LSTM": 4}[op]
+    dirs = 2 if direction == "bidirectional" else 1
+    consts = {"W": w(dirs, gates * H, IN), "R": w(dirs, gates * H, H), "B": w(dirs, 2 * gates * H)}
+    inputs: dict[str, list[int]] = {"X": [T, B, IN]}
+    order = ["X", "W", "R", "B", ""]
+    if states:
+        inputs["h0"] = [dirs, B, H]
+        order.append("h0")
+        if op == "LSTM":
+            inputs["c0"] = [dirs, B, H]
+            order.append("c0")
+    if peepholes:
+        consts["P"] = w(dirs, 3 * H)
+        order += [""] * (7 - len(order)) + ["P"]
+    outputs = 3 if op == "LSTM" else 2
+    return one_node(op, inputs, consts, order, outputs, hidden_size=H, direction=direction, **attrs)
+
+
+CASES = {
+    "GRU-reverse": rnn("GRU", "reverse", False, linear_before_reset=1),
+    "GRU-bidirectional-states": rnn("GRU", "bidirectional", True),
+    "LSTM-forward": rnn("LSTM", "forward", False),
+    "LSTM-reverse-states": rnn("LSTM", "reverse", True),
+    "LSTM-bidirectional-peepholes": rnn("LSTM", "bidirectional", True, peepholes=True),
+    "ConvTranspose": one_node(
+        "ConvTranspose",
+        {"x": [2, 3, 5, 5]},
+        {"w": w(3, 4, 3, 3), "b": w(4)},
+        ["x", "w", "b"],
+        strides=[2, 2],
+        pads=[1, 0, 0, 1],
+        output_padding=[1, 1],
+    ),
+    "ConvTranspose-group-dilation": one_node(
+        "ConvTranspose",
+        {"x": [1, 4, 6]},
+        {"w": w(4, 3, 3)},
+        ["x", "w"],
+        group=2,
+        dilations=[2],
+        strides=[3],
+    ),
+    "ConvTranspose-output-shape": one_node(
+        "ConvTranspose",
+        {"x": [1, 2, 4, 4]},
+        {"w": w(2, 2, 3, 3)},
+        ["x", "w"],
+        strides=[2, 2],
+        output_shape=[8, 8],
+        auto_pad="SAME_UPPER",
+    ),
+    "Upsample-nearest": one_node(
+        "Upsample",
+        {"x": [1, 2, 3, 4]},
+        {"s": np.array([1, 1, 2, 3], np.float32)},
+        ["x", "s"],
+        opset=9,
+        mode="nearest",
+    ),
+    "Upsample-linear": one_node(
+        "Upsample",
+        {"x": [1, 2, 3, 4]},
+        {"s": np.array([1, 1, 2, 2], np.float32)},
+        ["x", "s"],
+        opset=9,
+        mode="linear",
+    ),
+}
+SCALES = np.array([1, 1, 2.5, 1.5], np.float32)
+for coordinates in ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"):
+    for rounding in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"):
+        CASES[f"Resize-nearest-{coordinates}-{rounding}"] = one_node(
+            "Resize",
+            {"x": [1, 2, 4, 5]},
+            {"s": SCALES},
+            ["x", "", "s"],
+            mode="nearest",
+            coordinate_transformation_mode=coordinates,
+            nearest_mode=rounding,
+        )
+    CASES[f"Resize-linear-{coordinates}"] = one_node(
+        "Resize",
+        {"x": [1, 2, 4, 5]},
+        {"s": SCALES},
+        ["x", "", "s"],
+        mode="linear",
+        coordinate_transformation_mode=coordinates,
+    )
+CASES["Resize-linear-sizes-shrink"] = one_node(
+    "Resize",
+    {"x": [1, 2, 7, 5]},
+    {"z": np.array([1, 2, 3, 9], np.int64)},
+    ["x", "", "", "z"],
+    mode="linear",
+)
+CASES["Resize-nearest-axes"] = one_node(
+    "Resize",
+    {"x": [1, 2, 3, 4]},
+    {"s": np.array([2, 0.5], np.float32)},
+    ["x", "", "s"],
+    opset=18,
+    axes=[2, 3],
+    mode="nearest",
+)
+
+
+def feeds(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {
+        i.name: RNG.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(
+            np.float32
+        )
+        for i in model.graph.input
+    }
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_handler_matches_onnxruntime(name: str) -> None:
+    model = CASES[name]
+    feed = feeds(model)
+    expected = Runner(model)(feed)
+    with torch.no_grad():
+        actual = convert(model)({k: torch.from_numpy(v) for k, v in feed.items()})
+    for e, a in zip(expected, actual, strict=True):
+        assert e.shape == tuple(a.shape)
+        np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name", ["LSTM-bidirectional-peepholes", "ConvTranspose", "Resize-linear-half_pixel"]
+)
+def test_gradients_reach_weights_and_input(name: str) -> None:
+    model = CASES[name]
+    module = convert(model)
+    x_name = model.graph.input[0].name
+    feed = {k: torch.from_numpy(v) for k, v in feeds(model).items()}
+    feed[x_name].requires_grad_(True)
+    sum(out.square().sum() for out in module(feed)).backward()
+    assert feed[x_name].grad is not None and float(feed[x_name].grad.abs().sum()) > 0
+    for parameter in module.parameters():
+        assert parameter.grad is not None and float(parameter.grad.abs().sum()) > 0
+
+
+def test_unsupported_attributes_raise_by_name() -> None:
+    model = one_node(
+        "Resize",
+        {"x": [1, 1, 2, 2]},
+        {"s": np.array([1, 1, 2, 2], np.float32)},
+        ["x", "", "s"],
+        mode="cubic",
+    )
+    with pytest.raises(ValueError, match="Resize: mode 'cubic' is not supported"):
+        convert(model)({"x": torch.zeros(1, 1, 2, 2)})
+    lstm = rnn("LSTM", "forward", False, input_forget=1)
+    with pytest.raises(ValueError, match="input_forget=1 is not supported"):
+        convert(lstm)({"X": torch.zeros(T, B, IN)})
+
+
+def test_torch_unet_round_trips_through_onnx() -> None:
+    """A small U-Net (a ConvTranspose up-step and a bilinear Resize up-step, skip Concats)
+    exported by torch and converted back matches torch within max-rel 1e-5."""
+    nn = torch.nn
+
+    class UNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down1 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+            self.down2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+            self.bottom = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.up1 = nn.ConvTranspose2d(8, 8, 2, stride=2)
+            self.mix1 = nn.Conv2d(16, 4, 3, padding=1)
+            self.mix2 = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: Any) -> Any:
+            a = self.down1(x)
+            b = self.down2(a)
+            c = self.bottom(b)
+            up = torch.relu(self.mix1(torch.cat([self.up1(c), b], 1)))
+            up = nn.functional.interpolate(up, scale_factor=2, mode="bilinear", align_corners=False)
+            nearest = nn.functional.interpolate(up, scale_factor=1, mode="nearest")
+            return self.mix2(torch.cat([nearest, a], 1))
+
+    torch.manual_seed(0)
+    net = UNet().eval()
+    x = torch.randn(2, 1, 16, 16)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"])
+    model = onnx.load_from_string(buffer.getvalue())
+    ops = {n.op_type for n in model.graph.node}
+    assert {"ConvTranspose", "Resize"} <= ops
+    with torch.no_grad():
+        expected = net(x)
+        (actual,) = convert(model)({"x": x})
+    error = float((actual - expected).abs().max() / expected.abs().max())
+    assert error <= 1e-5
+
+
+def test_distill_tunes_a_fused_bidirectional_lstm() -> None:
+    """The default pipeline fuses two LSTMCell loops into one bidirectional LSTM; distill
+    (through the converter's LSTM handler) pulls a perturbed copy back toward it."""
+    teacher, _ = onnxpress.optimize(bidirectional_loop("lstm", 4, True, "concat"))
+    assert [n.op_type for n in teacher.graph.node].count("LSTM") == 1
+    student = onnx.ModelProto()
+    student.CopyFrom(teacher)
+    for tensor in student.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype == np.float32 and values.size > 8:
+            noise = RNG.standard_normal(values.shape).astype(np.float32) * 0.3
+            tensor.CopyFrom(numpy_helper.from_array(values + noise, tensor.name))
+    x = RNG.standard_normal((256, 4, 3)).astype(np.float32)
+    _, report = distill(student, teacher, [{"x": x}], epochs=4, lr=0.01, task="regression")
+    assert report.metric == "rel-l2" and report.metric_after < 0.6 * report.metric_before
