@@ -47,6 +47,10 @@ class LinearForm:
         """The map from data rows to targets, [groups, row_dim, target_dim]."""
         return self.matrices()
 
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        """Inverse of ``matrices``: [groups, k, n] -> a dense weight in op layout."""
+        raise NotImplementedError
+
     def whitening_gram(self, gram: np.ndarray) -> np.ndarray:
         """XᵀX of the data rows -> the second moment to whiten the factored matrix's rows."""
         return gram
@@ -96,6 +100,9 @@ class MatMulRight(LinearForm):
     def matrices(self) -> np.ndarray:
         return self.values.astype(np.float64)[None]
 
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        return matrices[0]
+
     def rewrite(self, graph: gs.Graph, first: gs.Constant, second: gs.Constant) -> gs.Node:
         mid = self._insert(graph, "MatMul", [self.source, first], {})
         self.node.inputs = [mid, second]
@@ -107,6 +114,9 @@ class MatMulLeft(LinearForm):
 
     def matrices(self) -> np.ndarray:
         return self.values.astype(np.float64).T[None]
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        return matrices[0].T
 
     def rows(self, x: np.ndarray, group: int) -> np.ndarray:
         return (x if x.ndim == 1 else np.swapaxes(x, -1, -2)).reshape(-1, self.k)
@@ -138,6 +148,10 @@ class GemmForm(LinearForm):
     def matrices(self) -> np.ndarray:
         b = self.values.astype(np.float64)
         return (self.alpha * (b.T if self.trans_b else b))[None]
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        b = matrices[0] / (self.alpha if self.alpha else 1.0)
+        return b.T if self.trans_b else b
 
     def key(self) -> tuple[Any, ...]:
         return (self.kind, self.alpha, self.trans_b)
@@ -183,6 +197,9 @@ class ConvChannel(LinearForm):
     def matrices(self) -> np.ndarray:
         w = self._per_group()
         return np.transpose(w.reshape(w.shape[0], w.shape[1], -1), (0, 2, 1))
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        return np.transpose(matrices, (0, 2, 1)).reshape(self.values.shape)
 
     def key(self) -> tuple[Any, ...]:
         return (
@@ -244,6 +261,11 @@ class ConvSpatial(ConvChannel):
         w = self._per_group()  # [g, Mg, Cg, kh, kw]
         g, mg, cg, kh, kw = w.shape
         return np.transpose(w, (0, 2, 3, 1, 4)).reshape(g, cg * kh, mg * kw)
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        g, cg, kh, kw = self.groups, *self.values.shape[1:]
+        blocks = matrices.reshape(g, cg, kh, -1, kw)  # [g, Cg, kh, Mg, kw]
+        return np.transpose(blocks, (0, 3, 1, 2, 4)).reshape(self.values.shape)
 
     def linear_matrices(self) -> np.ndarray:
         return ConvChannel.matrices(self)  # rows are whole patches, in (c, i, j) order
@@ -308,6 +330,9 @@ class GruInput(LinearForm):
 
     def matrices(self) -> np.ndarray:
         return self.values.astype(np.float64)[0].T[None]
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        return matrices[0].T[None]
 
     def teacher_tensor(self) -> str:
         return str(self.source.name)  # targets are the teacher's x·W₀ᵀ
