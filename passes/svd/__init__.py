@@ -12,15 +12,19 @@ all candidate params, allocated greedily where the error per saved param is smal
 ``multiple`` rounding. Under ``budget``, each layer's error is weighed by the measured
 effect of its truncation on the model's outputs (``sensitivity``, see ``sensitivity``), so
 attention projections and feed-forward layers are compared on what they cost the model,
-and no rank goes below ``rank-floor`` of the weight's full rank. ``min-params`` skips small weights; ``include``/``exclude`` select
-nodes by name: an entry is an exact node name, or ``re:PATTERN`` (``re.search``).
+and no rank goes below ``rank-floor`` of the weight's full rank. ``min-params`` skips small
+weights; ``include``/``exclude`` select nodes by name: an entry is an exact node name, or
+``re:PATTERN`` (``re.search``).
 
 With calibration data (``whiten``/``refit`` default to true then), layers are processed in
 waves in topological order: student layer inputs X (the graph as rewritten so far) and
 teacher layer outputs Y (the original model) are streamed into XᵀX, XᵀY; the whitened
 weight Lᵀ·W (L·Lᵀ = XᵀX + λI) is truncated, then V is refit by least squares so that
 X·U·V reproduces the teacher's Y (the plain SVD's factors are kept instead where they do
-better, as can happen for the spatial conv, whose whitening is a proxy). Each factored
+better, as can happen for the spatial conv, whose whitening is a proxy; only there is the
+plain SVD computed). Each
+wave runs the student and the teacher only from the tensors where the previous wave stopped
+(``analysis.segments``), so calibration costs about one pass over the model. Each factored
 weight reports k, n, r, params before and after and its relative output error on the
 calibration data (``details``). Without calibration data the plain SVD of W is truncated.
 """
@@ -31,6 +35,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from itertools import zip_longest
 from typing import Any, Literal
 
 import numpy as np
@@ -50,7 +55,8 @@ from onnxpress.passes.svd.rank import (
 )
 from onnxpress.passes.svd.sensitivity import Probe, measure_sensitivity
 
-from onnxpress.analysis.refit import Spectrum, TensorCapture, collect_moments, layer_waves
+from onnxpress.analysis.refit import Spectrum, accumulate_moments, collect_moments, layer_waves
+from onnxpress.analysis.segments import SegmentCapture
 from onnxpress.calibration.activations import Moments
 from onnxpress.core.context import PassContext
 from onnxpress.core.ir import unique_name
@@ -159,13 +165,18 @@ class Svd(Pass[SvdOptions]):
         by_wave = [
             [t for i in wave for t in taps(groups[i], teacher_names, True)] for wave in waves
         ]
-        # One teacher session for all waves; each wave computes only the tensors it needs.
-        teacher = TensorCapture(ctx.original, [t.teacher for w in by_wave for t in w if t.teacher])
+        # Each wave runs the student and the teacher only from where the last wave stopped.
+        calibration = ctx.calibration
+        student = SegmentCapture(calibration.batches)
+        teacher = SegmentCapture(calibration.batches)
         for wave, wave_taps in zip(waves, by_wave, strict=True):
             moments: dict[str, Moments] = {}
             if wave_taps:
-                student = ctx.export(graph)
-                moments = collect_moments(student, teacher, wave_taps, ctx.calibration.batches())
+                inputs = student.run(ctx.export(graph), [t.student for t in wave_taps])
+                targets = teacher.run(ctx.original, [t.teacher for t in wave_taps if t.teacher])
+                empty: dict[str, np.ndarray] = {}
+                pairs = zip_longest(inputs, targets, fillvalue=empty)  # runs both to the end
+                moments = accumulate_moments(wave_taps, pairs)
             for group in (groups[i] for i in wave):
                 self._factor(graph, group, moments, fixed.get(group.key), whiten, refit, result)
         return result
@@ -341,7 +352,7 @@ class Svd(Pass[SvdOptions]):
                     result.refuse(str(f.node.name), reason)
                 return
         factors = factorize(form, found, rank, group_moments, refit, opts.damping)
-        if whiten and factors.output_error is not None:
+        if whiten and factors.output_error is not None and form.whitening_is_proxy:
             # Whitening is exact for rows that are the layer's inputs and a proxy for the
             # spatial conv; keep the plain factors where they reproduce the teacher better.
             plain_spectra = spectra(form, [None] * form.groups, opts.damping)

@@ -29,6 +29,7 @@ class LinearForm:
 
     kind: ClassVar[str] = ""
     groups: int = 1
+    whitening_is_proxy: ClassVar[bool] = False  # the whitened SVD is not optimal on the rows
 
     def __init__(self, node: gs.Node, weight: gs.Constant, source: gs.Tensor) -> None:
         self.node = node
@@ -251,6 +252,7 @@ class ConvSpatial(ConvChannel):
     """2-D conv: per group W_lin[(c,i), (m,j)] = W[m,c,i,j]; a kh×1 then a 1×kw conv."""
 
     kind = "conv-spatial"
+    whitening_is_proxy = True
 
     def __init__(self, node: gs.Node, weight: gs.Constant, source: gs.Tensor) -> None:
         super().__init__(node, weight, source)
