@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
+from onnxpress.analysis.probes import relative_change, weights_as_inputs
 from onnxpress.core.calibration_data import Batch
 from onnxpress.core.verify import Runner
 
@@ -49,46 +49,13 @@ class Probe:
     layer_error: float  # relative squared error of the layer's output at the probe rank
 
 
-def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """``model`` with the initializers in ``names`` turned into graph inputs (no data)."""
-    kept = [t for t in model.graph.initializer if t.name not in names]
-    moved = [t for t in model.graph.initializer if t.name in names]
-    graph = helper.make_graph(
-        list(model.graph.node),
-        model.graph.name,
-        [
-            *model.graph.input,
-            *(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved),
-        ],
-        list(model.graph.output),
-        kept,
-        value_info=list(model.graph.value_info),
-    )
-    out = helper.make_model(graph, opset_imports=list(model.opset_import))
-    out.ir_version = model.ir_version
-    out.functions.extend(model.functions)
-    return out
-
-
-def _relative_change(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    """‖Δ‖² / ‖reference‖² over every float output."""
-    error = total = 0.0
-    for ref, new in zip(reference, outputs, strict=True):
-        if not np.issubdtype(ref.dtype, np.floating):
-            continue
-        ref64, new64 = ref.astype(np.float64), new.astype(np.float64)
-        error += float(np.sum((new64 - ref64) ** 2))
-        total += float(np.sum(ref64**2))
-    return error / total if total > 0 else 0.0
-
-
 def measure_sensitivity(
     model: onnx.ModelProto, probes: Mapping[str, Probe], batch: Batch
 ) -> dict[str, float]:
     """Initializer name -> sensitivity (mean 1) of the outputs to that weight's truncation."""
     if not probes:
         return {}
-    stripped = _weights_as_inputs(model, set(probes))
+    stripped = weights_as_inputs(model, set(probes))
     runner = Runner(stripped)
     feed: dict[str, np.ndarray] = {**batch}
     feed.update({name: probe.dense for name, probe in probes.items()})
@@ -96,7 +63,7 @@ def measure_sensitivity(
     raw: dict[str, float] = {}
     for name, probe in probes.items():
         moved = runner({**feed, name: probe.truncated})
-        change = _relative_change(reference, moved)
+        change = relative_change(reference, moved)
         raw[name] = change / probe.layer_error if probe.layer_error > 0 else 0.0
         logger.debug(
             "svd sensitivity %s: output %.3g / layer %.3g", name, change, probe.layer_error
