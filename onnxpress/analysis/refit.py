@@ -28,7 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
-from onnxpress.calibration.activations import Moments, regularized_cholesky, with_outputs
+from onnxpress.calibration.activations import Moments, gram, regularized_cholesky, with_outputs
 from onnxpress.core.calibration_data import Batch
 from onnxpress.core.verify import Runner
 
@@ -114,14 +114,29 @@ def accumulate_moments(
         if tap.key not in moments:
             moments[tap.key] = Moments(tap.dim, tap.target_dim)
     for index, (inputs, outputs) in enumerate(pairs):
+        # taps whose rows are the same view of one captured tensor (q, k and v read one
+        # tensor) share one XᵀX; the tensors stay alive for the batch, so the key is unique
+        grams: dict[tuple[str, tuple[int, ...], tuple[int, ...]], np.ndarray] = {}
         for tap in taps:
-            rows = tap.rows(inputs[tap.student])
+            captured = inputs[tap.student]
+            rows = tap.rows(captured)
             targets = None
             if tap.teacher is not None and tap.targets is not None:
                 targets = tap.targets(outputs[tap.teacher])
-            moments[tap.key].add(rows, targets)
+            view = rows.reshape(-1, rows.shape[-1])
+            if _data(view) != _data(captured) or view.dtype != captured.dtype:
+                moments[tap.key].add(rows, targets)
+                continue
+            key = (tap.student, view.shape, view.strides)
+            if key not in grams:
+                grams[key] = gram(view)
+            moments[tap.key].add(rows, targets, grams[key])
         logger.debug("collected moments of %d taps on batch %d", len(taps), index)
     return moments
+
+
+def _data(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
 
 
 @dataclass

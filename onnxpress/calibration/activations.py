@@ -73,14 +73,16 @@ class Moments:
         self.xty = np.zeros((dim, target_dim)) if target_dim is not None else None
         self.yty_trace = 0.0
 
-    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
-        # One batch's products in the input's precision (float32 products run at twice the
-        # speed of float64 ones), summed across batches in float64.
+    def add(
+        self, x: np.ndarray, y: np.ndarray | None = None, xtx: np.ndarray | None = None
+    ) -> None:
+        """Add the rows of ``x`` (and targets ``y``); ``xtx``: their XᵀX, already computed
+        (``gram``) for another Moments of the same rows."""
         work = np.result_type(x.dtype, np.float32)
         rows = x.reshape(-1, x.shape[-1]).astype(work, copy=False)
         self.count += rows.shape[0]
         self.sum += rows.sum(axis=0, dtype=np.float64)
-        self.xtx += rows.T @ rows
+        self.xtx += gram(rows) if xtx is None else xtx
         if y is not None:
             if self.xty is None:
                 raise ValueError("Moments was created without a target dimension")
@@ -94,6 +96,13 @@ class Moments:
     def second_moment(self) -> np.ndarray:
         """E[xxᵀ]."""
         return self.xtx / max(self.count, 1)
+
+
+def gram(x: np.ndarray) -> np.ndarray:
+    """XᵀX of the rows of ``x`` in its precision, at least float32: one batch's products
+    (float32 products run at twice the speed of float64 ones); Moments sums them in float64."""
+    rows = x.reshape(-1, x.shape[-1]).astype(np.result_type(x.dtype, np.float32), copy=False)
+    return np.asarray(rows.T @ rows)
 
 
 def regularized_cholesky(gram: np.ndarray, rel_eps: float = 1e-6) -> np.ndarray:
