@@ -65,7 +65,8 @@ class PruneHeads(Pass[PruneHeadsOptions]):
     options_type = PruneHeadsOptions
     lossless = False
     metric = "rel-l2"
-    default_budget = None
+    default_budget = 0.5  # as prune-channels: structured pruning moves the logits
+    recovery_hint = "try prune-heads{keep=0.9}, or distill the result (onnxpress distill)"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         opts, result = self.options, PassResult()
