@@ -14,6 +14,11 @@ onnxruntime session whose value weights are inputs (``analysis.probes``). Withou
 ‖Wv columns of h‖·‖Wo rows of h‖. ``keep`` is the fraction of all heads kept, the least
 important removed first across blocks, at least ``min-heads`` per block.
 
+Head dimensions: ``qk-dims`` keeps that fraction of every kept head's query/key dimensions
+(the same count in each head, Wq and Wk columns together: the scores q·kᵀ sum over them;
+the softmax scale stays), ``vo-dims`` of its value dimensions (Wv columns and Wo rows
+together), chosen by ‖Wq col‖·‖Wk col‖ and ‖Wv col‖·‖Wo row‖; the head Reshapes follow.
+
 ``refit`` (default with calibration): the output projection is refit by least squares on
 the kept heads' centred context, Wo' = argmin ‖X̄_K·Wo' − X̄·Wo‖² + λ‖Wo' − Wo_K‖², and its
 bias Add takes the difference of the means, E[x]·Wo − E[x_K]·Wo' (X is the model's context before
@@ -44,14 +49,18 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PruneHeadsOptions:
     keep: float = 0.5  # fraction of all heads kept
+    qk_dims: float = 1.0  # fraction of each kept head's query/key dimensions kept
+    vo_dims: float = 1.0  # fraction of each kept head's value dimensions (Wo rows) kept
     min_heads: int = 1  # per block
     batches: int = 4  # calibration batches that measure importance
     refit: bool | None = None  # least-squares output projection; default: with calibration
     damping: float = 0.01  # relative ridge of the refit
 
     def __post_init__(self) -> None:
-        if not 0 < self.keep <= 1:
-            raise ValueError(f"keep must be in (0, 1], not {self.keep}")
+        for name in ("keep", "qk_dims", "vo_dims"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name.replace('_', '-')} must be in (0, 1], not {value}")
         if self.min_heads < 1 or self.batches < 1:
             raise ValueError("min-heads and batches must be >= 1")
         if not self.damping > 0:
@@ -97,11 +106,14 @@ class PruneHeads(Pass[PruneHeadsOptions]):
                     "importance": [float(v) for v in importance[block.name]],
                 }
             )
-            if len(heads) == block.heads:
+            if len(heads) == block.heads and opts.qk_dims == opts.vo_dims == 1.0:
                 continue
             self._rewrite(graph, block, heads, moments.get(block.name))
             result.count("heads_pruned", block.heads - len(heads))
             result.count("blocks_pruned")
+            result.count(
+                "head_dims_kept", len(heads) * max(1, round(opts.qk_dims * block.head_dim))
+            )
         graph.cleanup()  # the head Reshapes' old shape constants
         return result
 
@@ -160,9 +172,8 @@ class PruneHeads(Pass[PruneHeadsOptions]):
     def _rewrite(
         self, graph: gs.Graph, block: AttentionBlock, heads: list[int], moments: Moments | None
     ) -> None:
-        dim = block.head_dim
-        columns = np.concatenate([np.arange(h * dim, (h + 1) * dim) for h in heads])
-        for projection in (block.query, block.key, block.value):
+        qk, vo = _kept_dims(block, heads, self.options.qk_dims, self.options.vo_dims)
+        for projection, columns in ((block.query, qk), (block.key, qk), (block.value, vo)):
             weight = np.asarray(projection.weight.values)
             projection.weight.values = np.ascontiguousarray(weight[:, columns])
             if projection.bias is not None:
@@ -170,15 +181,38 @@ class PruneHeads(Pass[PruneHeadsOptions]):
         out_weight = block.out.inputs[1]
         assert isinstance(out_weight, gs.Constant)
         dense = np.asarray(out_weight.values)
-        rows = dense[columns].astype(np.float64)
+        rows = dense[vo].astype(np.float64)
         if moments is not None:
-            rows = _refit_rows(dense.astype(np.float64), columns, moments, self.options.damping)
-            _shift_bias(block.out, dense, rows, columns, moments)
+            rows = _refit_rows(dense.astype(np.float64), vo, moments, self.options.damping)
+            _shift_bias(block.out, dense, rows, vo, moments)
         out_weight.values = rows.astype(dense.dtype)
-        for reshape in block.split_shapes:
+        for reshape, columns in zip(block.split_shapes, (qk, qk, vo), strict=True):
             _set_shape(graph, reshape, -2, len(heads))
+            _set_shape(graph, reshape, -1, len(columns) // len(heads))
         _forget_shapes(block)
-        _set_shape(graph, block.merge_shape, -1, len(heads) * dim, keep_minus_one=True)
+        _set_shape(graph, block.merge_shape, -1, len(vo), keep_minus_one=True)
+
+
+def _kept_dims(
+    block: AttentionBlock, heads: list[int], qk_dims: float, vo_dims: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Columns kept of Wq/Wk and of Wv (rows of Wo): the same count in every kept head, the
+    dimensions whose products ‖Wq col‖·‖Wk col‖ (‖Wv col‖·‖Wo row‖) are largest."""
+    dim = block.head_dim
+    w = {
+        name: np.linalg.norm(np.asarray(p.weight.values, np.float64), axis=0)
+        for name, p in (("q", block.query), ("k", block.key), ("v", block.value))
+    }
+    out = np.linalg.norm(np.asarray(block.out.inputs[1].values, np.float64), axis=1)
+    picks = []
+    for score, fraction in ((w["q"] * w["k"], qk_dims), (w["v"] * out, vo_dims)):
+        count = max(1, round(fraction * dim))
+        columns = []
+        for h in heads:
+            own = score[h * dim : (h + 1) * dim]
+            columns.append(h * dim + np.sort(np.argsort(-own, kind="stable")[:count]))
+        picks.append(np.concatenate(columns))
+    return picks[0], picks[1]
 
 
 def _forget_shapes(block: AttentionBlock) -> None:

@@ -19,7 +19,7 @@ node = helper.make_node
 
 
 def attention_model(
-    kit: SimpleNamespace, seed: int = 0, zero_head: int | None = None
+    kit: SimpleNamespace, seed: int = 0, zero_head: int | None = None, zero_dim: int | None = None
 ) -> onnx.ModelProto:
     """x [n, SEQ, D] -> two residual multi-head attention blocks -> y."""
     rng = np.random.default_rng(seed)
@@ -36,6 +36,9 @@ def attention_model(
             if t == "v" and zero_head is not None and b == 0:
                 weight[:, zero_head * HEAD_DIM : (zero_head + 1) * HEAD_DIM] = 0
                 bias[zero_head * HEAD_DIM : (zero_head + 1) * HEAD_DIM] = 0
+            if t in ("q", "v") and zero_dim is not None:  # that dimension of every head
+                weight[:, zero_dim::HEAD_DIM] = 0
+                bias[zero_dim::HEAD_DIM] = 0
             inits[f"{p}.{t}.w"], inits[f"{p}.{t}.b"] = weight, bias
             nodes += [
                 node("MatMul", [current, f"{p}.{t}.w"], [f"{p}.{t}.mm"], name=f"{p}/{t}/MatMul"),
@@ -97,6 +100,24 @@ def test_a_zeroed_head_is_removed_exactly(kit: SimpleNamespace) -> None:
     assert list(weights[shapes["b0/q/Reshape"]]) == [-1, SEQ, 3, HEAD_DIM]
     assert list(weights[shapes["b0/merge"]]) == [-1, SEQ, 3 * HEAD_DIM]
     assert shapes["b1/q/Reshape"] == "split"
+
+
+def test_zeroed_head_dimensions_are_removed_exactly(kit: SimpleNamespace) -> None:
+    model = attention_model(kit, zero_dim=1)
+    text = "prune-heads{keep=1.0,qk-dims=0.67,vo-dims=0.67,refit=false}"
+    out, report = onnxpress.optimize(model, passes=text, verify="off")
+    assert report.passes[0].result.counts["blocks_pruned"] == 2
+    x = np.random.default_rng(6).standard_normal((3, SEQ, D)).astype(np.float32)
+    np.testing.assert_allclose(
+        kit.run_ort(out, {"x": x})["y"], kit.run_ort(model, {"x": x})["y"], rtol=1e-5, atol=1e-5
+    )
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in out.graph.initializer}
+    for t in ("q", "k", "v"):
+        assert weights[f"b1.{t}.w"].shape == (D, HEADS * 2)
+    assert weights["b1.o.w"].shape == (HEADS * 2, D)
+    shapes = {n.name: list(weights[n.input[1]]) for n in out.graph.node if n.op_type == "Reshape"}
+    assert shapes["b0/k/Reshape"] == [-1, SEQ, HEADS, 2]
+    assert shapes["b0/merge"] == [-1, SEQ, HEADS * 2]
 
 
 def test_refit_recovers_the_output_of_a_removed_head(kit: SimpleNamespace) -> None:
