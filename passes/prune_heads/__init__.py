@@ -104,6 +104,9 @@ class PruneHeads(Pass[PruneHeadsOptions]):
                     "heads": block.heads,
                     "kept": heads,
                     "importance": [float(v) for v in importance[block.name]],
+                    "head_dim": block.head_dim,
+                    "qk_dims_kept": max(1, round(opts.qk_dims * block.head_dim)),
+                    "vo_dims_kept": max(1, round(opts.vo_dims * block.head_dim)),
                 }
             )
             if len(heads) == block.heads and opts.qk_dims == opts.vo_dims == 1.0:
@@ -111,9 +114,6 @@ class PruneHeads(Pass[PruneHeadsOptions]):
             self._rewrite(graph, block, heads, moments.get(block.name))
             result.count("heads_pruned", block.heads - len(heads))
             result.count("blocks_pruned")
-            result.count(
-                "head_dims_kept", len(heads) * max(1, round(opts.qk_dims * block.head_dim))
-            )
         graph.cleanup()  # the head Reshapes' old shape constants
         return result
 
