@@ -19,7 +19,7 @@ wave and every layer sees the inputs of the already-compressed student.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -28,13 +28,14 @@ import onnx
 import onnx_graphsurgeon as gs
 from numpy.lib.stride_tricks import sliding_window_view
 
-from onnxpress.calibration.activations import Moments, regularized_cholesky, with_outputs
+from onnxpress.calibration.activations import Moments, gram, regularized_cholesky, with_outputs
 from onnxpress.core.calibration_data import Batch
 from onnxpress.core.verify import Runner
 
 logger = logging.getLogger(__name__)
 
 RowsFn = Callable[[np.ndarray], np.ndarray]
+FLOAT32_SVD_SIZE = 128  # whitened_svd: matrices at least this large on both sides
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,6 @@ def collect_moments(
     batches: Iterable[Batch],
 ) -> dict[str, Moments]:
     """Stream the calibration batches once through both models; one Moments per tap key."""
-    moments: dict[str, Moments] = {}
-    for tap in taps:
-        if tap.key not in moments:
-            moments[tap.key] = Moments(tap.dim, tap.target_dim)
     student_names = [t.student for t in taps]
     teacher_names = [t.teacher for t in taps if t.teacher is not None]
     if teacher_names and teacher is None:
@@ -97,17 +94,49 @@ def collect_moments(
         if isinstance(teacher, TensorCapture) or teacher is None
         else TensorCapture(teacher, teacher_names)
     )
-    for index, batch in enumerate(batches):
-        inputs = capture_student(batch, student_names)
-        outputs = capture_teacher(batch, teacher_names) if capture_teacher is not None else {}
+
+    def pairs() -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        for batch in batches:
+            inputs = capture_student(batch, student_names)
+            outputs = capture_teacher(batch, teacher_names) if capture_teacher is not None else {}
+            yield inputs, outputs
+
+    return accumulate_moments(taps, pairs())
+
+
+def accumulate_moments(
+    taps: Sequence[Tap],
+    pairs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+) -> dict[str, Moments]:
+    """One Moments per tap key from (student tensors, teacher tensors) per batch."""
+    moments: dict[str, Moments] = {}
+    for tap in taps:
+        if tap.key not in moments:
+            moments[tap.key] = Moments(tap.dim, tap.target_dim)
+    for index, (inputs, outputs) in enumerate(pairs):
+        # taps whose rows are the same view of one captured tensor (q, k and v read one
+        # tensor) share one XᵀX; the tensors stay alive for the batch, so the key is unique
+        grams: dict[tuple[str, tuple[int, ...], tuple[int, ...]], np.ndarray] = {}
         for tap in taps:
-            rows = tap.rows(inputs[tap.student])
+            captured = inputs[tap.student]
+            rows = tap.rows(captured)
             targets = None
             if tap.teacher is not None and tap.targets is not None:
                 targets = tap.targets(outputs[tap.teacher])
-            moments[tap.key].add(rows, targets)
+            view = rows.reshape(-1, rows.shape[-1])
+            if _data(view) != _data(captured) or view.dtype != captured.dtype:
+                moments[tap.key].add(rows, targets)
+                continue
+            key = (tap.student, view.shape, view.strides)
+            if key not in grams:
+                grams[key] = gram(view)
+            moments[tap.key].add(rows, targets, grams[key])
         logger.debug("collected moments of %d taps on batch %d", len(taps), index)
     return moments
+
+
+def _data(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
 
 
 @dataclass
@@ -136,13 +165,23 @@ class Spectrum:
 
 
 def whitened_svd(weight: np.ndarray, gram: np.ndarray | None, damping: float) -> Spectrum:
-    """SVD of ``weight`` [k, n], whitened by the input second moment ``gram`` [k, k] if given."""
+    """SVD of ``weight`` [k, n], whitened by the input second moment ``gram`` [k, k] if given.
+
+    Matrices with both sides >= ``FLOAT32_SVD_SIZE`` are decomposed in float32 (LAPACK's
+    sgesdd, about twice as fast): the kept directions and the tail energies the rank rules
+    read are far above its rounding (relative 1e-7 of the largest singular value).
+    """
     weight = np.asarray(weight, dtype=np.float64)
-    if gram is None:
-        left, singular, right = np.linalg.svd(weight, full_matrices=False)
+    chol = None if gram is None else regularized_cholesky(gram, damping)
+    matrix = weight if chol is None else chol.T @ weight
+    if min(matrix.shape) >= FLOAT32_SVD_SIZE:
+        left, singular, right = (
+            a.astype(np.float64) for a in np.linalg.svd(matrix.astype(np.float32), False)
+        )
+    else:
+        left, singular, right = np.linalg.svd(matrix, full_matrices=False)
+    if chol is None:
         return Spectrum(left, singular, right)
-    chol = regularized_cholesky(gram, damping)
-    left, singular, right = np.linalg.svd(chol.T @ weight, full_matrices=False)
     return Spectrum(np.linalg.solve(chol.T, left), singular, right)
 
 

@@ -44,6 +44,7 @@ from onnxpress.passes.qdq.annotate import (
     annotate,
 )
 from onnxpress.passes.qdq.calibrate import (
+    CARRIED,
     add_zero_biases,
     apply_bias_deltas,
     bias_deltas,
@@ -273,7 +274,9 @@ class Qdq(Pass[QdqOptions]):
             if corrected_biases:  # the refit set exact biases; correct the other layers only
                 annotated = self._annotate(trial, scope, floats, frozenset())
                 rest = bias_deltas(trial, annotated, obs, opts.reduce_range)
-                refit_deltas = {k: v for k, v in rest.items() if k not in solutions}
+                refit_deltas = {
+                    k: v for k, v in rest.items() if k.partition(CARRIED)[0] not in solutions
+                }
             keep, scores = bool(solutions), {}
             if opts.refit == "auto" and solutions:
                 batches = list(ctx.calibration.batches(opts.fallback_batches))

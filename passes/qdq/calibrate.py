@@ -7,6 +7,9 @@ plus a fixed-size state per tensor (a 2048-bin histogram, or two numbers for ``m
 whatever the number of batches. Bias correction reads per-channel input means the same way:
 
     b' = b + E[x] . (W - dequantize(quantize(W)))   (summed over the kernel, per output channel)
+
+A bias-free MatMul that only feeds a biased MatMul (the two factors x·U·V + b of ``svd``) has
+its shift carried to that bias: b' += E[x] . (U - Uq) . V, applied when both are quantized.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from onnxpress.core.ir import unique_name
 from onnxpress.core.verify import Runner
 
 logger = logging.getLogger(__name__)
+
+CARRIED = "<-"  # key of a delta carried to a reader's bias: "reader<-source"
 
 
 def float_tensor_names(model: onnx.ModelProto) -> set[str]:
@@ -174,9 +179,23 @@ def mean_axes_for(graph: gs.Graph, ann: Annotation) -> dict[str, int]:
             continue
         if node.op == "Conv" or (node.op == "Gemm" and not node.attrs.get("transA", 0)):
             axes[node.inputs[0].name] = 1
-        elif node.op == "MatMul" and _matmul_bias(node) is not None:
+        elif node.op == "MatMul" and (
+            _matmul_bias(node) is not None or _factor_reader(node) is not None
+        ):
             axes[node.inputs[0].name] = -1
     return axes
+
+
+def _factor_reader(node: gs.Node) -> gs.Node | None:
+    """The biased MatMul by a constant that alone reads this bias-free MatMul's output."""
+    out = node.outputs[0]
+    if node.op != "MatMul" or _matmul_bias(node) is not None or len(out.outputs) != 1:
+        return None
+    reader = out.outputs[0]
+    weight = reader.inputs[1] if reader.op == "MatMul" else None
+    if reader.inputs[0] is not out or not isinstance(weight, gs.Constant):
+        return None
+    return reader if _matmul_bias(reader) is not None else None
 
 
 def _matmul_bias(node: gs.Node) -> gs.Constant | None:
@@ -220,19 +239,36 @@ def bias_deltas(
         elif node.op == "Gemm":
             b = error.T if node.attrs.get("transB", 0) else error  # [K, N]
             deltas[name] = x @ b
-        elif node.op == "MatMul":
-            if error.ndim == 2:
+        elif node.op == "MatMul" and error.ndim == 2:
+            reader = _factor_reader(node)
+            if reader is None:
                 deltas[name] = x @ error
+            elif np.ndim(reader.inputs[1].values) == 2:
+                # carried through the reader's weight as the reader will hold it
+                spec_r = ann.weights.get((reader.name, 1))
+                v = np.asarray(reader.inputs[1].values, np.float64)
+                if spec_r is not None:
+                    v = dequantize(
+                        *quantize_weight(v.astype(np.float32), spec_r.axis, reduce_range)
+                    )
+                deltas[f"{reader.name}{CARRIED}{name}"] = (x @ error) @ v
     return deltas
 
 
 def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], quantized: set[str]) -> int:
     """Add each quantized layer's shift to its float bias (before conversion); returns count."""
     applied = 0
+    carried: dict[str, list[np.ndarray]] = {}
+    for key, delta in deltas.items():
+        reader, _, source = key.partition(CARRIED)
+        if source and reader in quantized and source in quantized:
+            carried.setdefault(reader, []).append(delta)
     for node in graph.nodes:
-        delta = deltas.get(node.name)
-        if delta is None or node.name not in quantized:
+        own = deltas.get(node.name)
+        parts = ([own] if own is not None else []) + carried.get(node.name, [])
+        if not parts or node.name not in quantized:
             continue
+        delta = np.sum(parts, axis=0)
         target = (
             _matmul_bias(node)
             if node.op == "MatMul"

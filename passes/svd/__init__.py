@@ -9,15 +9,22 @@ several nodes is factored once and its factors are shared, or refused with a rea
 Rank rules (one of; default ``energy=0.99``): ``rank=N``, ``energy=E`` (kept fraction of
 Σs²), ``params=P`` (kept fraction of the layer's params) and ``budget=B`` (kept fraction of
 all candidate params, allocated greedily where the error per saved param is smallest), with
-``multiple`` rounding. ``min-params`` skips small weights; ``include``/``exclude`` select
-nodes by name: an entry is an exact node name, or ``re:PATTERN`` (``re.search``).
+``multiple`` rounding. Under ``budget``, each layer's error is weighed by the measured
+effect of its truncation on the model's outputs (``sensitivity``, see ``sensitivity``), so
+attention projections and feed-forward layers are compared on what they cost the model,
+and no rank goes below ``rank-floor`` of the weight's full rank. ``min-params`` skips small
+weights; ``include``/``exclude`` select nodes by name: an entry is an exact node name, or
+``re:PATTERN`` (``re.search``).
 
 With calibration data (``whiten``/``refit`` default to true then), layers are processed in
 waves in topological order: student layer inputs X (the graph as rewritten so far) and
 teacher layer outputs Y (the original model) are streamed into XᵀX, XᵀY; the whitened
 weight Lᵀ·W (L·Lᵀ = XᵀX + λI) is truncated, then V is refit by least squares so that
 X·U·V reproduces the teacher's Y (the plain SVD's factors are kept instead where they do
-better, as can happen for the spatial conv, whose whitening is a proxy). Each factored
+better, as can happen for the spatial conv, whose whitening is a proxy; only there is the
+plain SVD computed). Each
+wave runs the student and the teacher only from the tensors where the previous wave stopped
+(``analysis.segments``), so calibration costs about one pass over the model. Each factored
 weight reports k, n, r, params before and after and its relative output error on the
 calibration data (``details``). Without calibration data the plain SVD of W is truncated.
 """
@@ -28,6 +35,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from itertools import zip_longest
 from typing import Any, Literal
 
 import numpy as np
@@ -38,13 +46,17 @@ from onnxpress.passes.svd.match import classify
 from onnxpress.passes.svd.rank import (
     BudgetItem,
     allocate_budget,
+    floor_rank,
     max_useful_rank,
     rank_for_energy,
     rank_for_params,
+    relative_tail,
     round_rank,
 )
+from onnxpress.passes.svd.sensitivity import Probe, measure_sensitivity
 
-from onnxpress.analysis.refit import TensorCapture, collect_moments, layer_waves
+from onnxpress.analysis.refit import Spectrum, accumulate_moments, collect_moments, layer_waves
+from onnxpress.analysis.segments import SegmentCapture
 from onnxpress.calibration.activations import Moments
 from onnxpress.core.context import PassContext
 from onnxpress.core.ir import unique_name
@@ -72,6 +84,9 @@ class SvdOptions:
     whiten: bool | None = None  # factor X·W rather than W; default: with calibration
     refit: bool | None = None  # least-squares V against the teacher; default: with calibration
     damping: float = 0.01  # relative ridge of the whitening Cholesky and of the refit
+    # budget: weigh each layer's error by its measured effect on the outputs (with calibration)
+    sensitivity: bool = True
+    rank_floor: float = 0.0625  # budget: no weight below this fraction of its full rank
 
     def __post_init__(self) -> None:
         given = [name for name in RULES if getattr(self, name) is not None]
@@ -91,6 +106,8 @@ class SvdOptions:
             raise ValueError(f"min-gain must be < 1, not {self.min_gain}")
         if self.scheme not in ("channel", "spatial"):
             raise ValueError(f"scheme must be channel or spatial, not {self.scheme!r}")
+        if not 0 <= self.rank_floor <= 1:
+            raise ValueError(f"rank-floor must be in [0, 1], not {self.rank_floor}")
         if not (math.isfinite(self.damping) and self.damping > 0):
             raise ValueError(f"damping must be > 0, not {self.damping}")
         for entry in (*self.include, *self.exclude):
@@ -132,6 +149,7 @@ class Svd(Pass[SvdOptions]):
         if (whiten or refit) and not has_data:
             raise ValueError("whiten=true and refit=true need calibration data")
         result = PassResult()
+        self._sensitivity: dict[str, float] = {}
         groups = self._candidates(graph, result)
         fixed: dict[str, int] = {}
         if opts.budget is not None and groups:
@@ -147,13 +165,18 @@ class Svd(Pass[SvdOptions]):
         by_wave = [
             [t for i in wave for t in taps(groups[i], teacher_names, True)] for wave in waves
         ]
-        # One teacher session for all waves; each wave computes only the tensors it needs.
-        teacher = TensorCapture(ctx.original, [t.teacher for w in by_wave for t in w if t.teacher])
+        # Each wave runs the student and the teacher only from where the last wave stopped.
+        calibration = ctx.calibration
+        student = SegmentCapture(calibration.batches)
+        teacher = SegmentCapture(calibration.batches)
         for wave, wave_taps in zip(waves, by_wave, strict=True):
             moments: dict[str, Moments] = {}
             if wave_taps:
-                student = ctx.export(graph)
-                moments = collect_moments(student, teacher, wave_taps, ctx.calibration.batches())
+                inputs = student.run(ctx.export(graph), [t.student for t in wave_taps])
+                targets = teacher.run(ctx.original, [t.teacher for t in wave_taps if t.teacher])
+                empty: dict[str, np.ndarray] = {}
+                pairs = zip_longest(inputs, targets, fillvalue=empty)  # runs both to the end
+                moments = accumulate_moments(wave_taps, pairs)
             for group in (groups[i] for i in wave):
                 self._factor(graph, group, moments, fixed.get(group.key), whiten, refit, result)
         return result
@@ -228,30 +251,45 @@ class Svd(Pass[SvdOptions]):
         """Ranks for the budget rule from every candidate's (whitened) spectrum."""
         opts = self.options
         moments: dict[str, Moments] = {}
-        if whiten and ctx.calibration is not None:
+        student = ctx.export(graph) if ctx.calibration is not None else None
+        if whiten and ctx.calibration is not None and student is not None:
             all_taps = [tap for g in groups for tap in taps(g, set(), targets=False)]
-            moments = collect_moments(ctx.export(graph), None, all_taps, ctx.calibration.batches())
-        items = []
-        for group in groups:
-            found = spectra(group.form, per_group(group, moments), opts.damping)
-            items.append(
-                BudgetItem(
-                    group.key,
-                    group.form.k,
-                    group.form.n,
-                    group.form.groups,
-                    [s.singular for s in found],
-                )
+            moments = collect_moments(student, None, all_taps, ctx.calibration.batches())
+        found = {g.key: spectra(g.form, per_group(g, moments), opts.damping) for g in groups}
+        weights: dict[str, float] = {}
+        if opts.sensitivity and ctx.calibration is not None and student is not None:
+            batch = next(iter(ctx.calibration.batches(1)), None)
+            if batch is not None:
+                probes = {str(g.weight.name): self._probe(g, found[g.key]) for g in groups}
+                weights = measure_sensitivity(student, probes, batch)
+        items = [
+            BudgetItem(
+                group.key,
+                group.form.k,
+                group.form.n,
+                group.form.groups,
+                [s.singular for s in found[group.key]],
+                weight=weights.get(str(group.weight.name), 1.0),
+                floor=floor_rank(group.form.k, group.form.n, opts.rank_floor),
             )
+            for group in groups
+        ]
         assert opts.budget is not None
         allocation = allocate_budget(items, opts.budget, opts.multiple, opts.min_gain)
+        self._sensitivity = weights
         for group in groups:
             if group.key not in allocation.ranks:
                 for form in group.forms:
                     result.refuse(
                         str(form.node.name),
-                        "budget: kept dense (its error per "
-                        "saved param was higher than the other candidates')",
+                        "budget: kept dense (its error per saved param"
+                        + (
+                            f", weighed by its measured sensitivity "
+                            f"{weights[str(group.weight.name)]:.2g},"
+                            if str(group.weight.name) in weights
+                            else ""
+                        )
+                        + " was higher than the other candidates')",
                     )
         if allocation.kept > allocation.target:
             result.count("budget_shortfall_params", allocation.kept - allocation.target)
@@ -263,6 +301,19 @@ class Svd(Pass[SvdOptions]):
                 allocation.target,
             )
         return allocation.ranks
+
+    def _probe(self, group: WeightGroup, found: list[Spectrum]) -> Probe:
+        """The weight truncated halfway down its useful ranks (not below the floor)."""
+        form, opts = group.form, self.options
+        rank = max(
+            floor_rank(form.k, form.n, opts.rank_floor),
+            max_useful_rank(form.k, form.n, opts.min_gain) // 2,
+            1,
+        )
+        approx = np.stack([np.matmul(*s.factors(rank)) for s in found])
+        dense = np.asarray(group.weight.values)
+        truncated = form.dense_values(approx).astype(dense.dtype)
+        return Probe(dense, truncated, relative_tail([s.singular for s in found], rank))
 
     def _rank(self, group: WeightGroup, singular: list[np.ndarray]) -> int:
         opts, form = self.options, group.form
@@ -301,7 +352,7 @@ class Svd(Pass[SvdOptions]):
                     result.refuse(str(f.node.name), reason)
                 return
         factors = factorize(form, found, rank, group_moments, refit, opts.damping)
-        if whiten and factors.output_error is not None:
+        if whiten and factors.output_error is not None and form.whitening_is_proxy:
             # Whitening is exact for rows that are the layer's inputs and a proxy for the
             # spatial conv; keep the plain factors where they reproduce the teacher better.
             plain_spectra = spectra(form, [None] * form.groups, opts.damping)
@@ -334,6 +385,7 @@ class Svd(Pass[SvdOptions]):
                 "upstream_error": factors.upstream_error,
                 "whitened": whiten,
                 "refit": factors.refit,
+                "sensitivity": self._sensitivity.get(base),
             }
         )
 

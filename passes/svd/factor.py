@@ -3,7 +3,8 @@
 Spectra: the SVD of each group's matrix W [k, n], whitened when calibration moments are
 given, i.e. of Lᵀ·W with L·Lᵀ = XᵀX + λI, so that truncating it at rank r minimises
 ‖X·W − X·Ŵ‖ on the calibration rows rather than ‖W − Ŵ‖. Factors: the balanced rank-r
-U [k, r] and V [r, n]. Refit: with U fixed, V = argmin ‖X·U·V − Y‖² + λ‖V − V_svd‖² against
+U [k, r] and V [r, n], rescaled with calibration data so that every middle channel x·U
+has the same RMS (``equalize``: exact, and what int8 activations want). Refit: with U fixed, V = argmin ‖X·U·V − Y‖² + λ‖V − V_svd‖² against
 the teacher's layer outputs Y. Errors: ‖W − Ŵ‖/‖W‖ and, with targets, ‖X·Ŵ − Y‖/‖Y‖ on the
 calibration rows; for Ŵ = W the latter is the error the layer's inputs already carry from
 the layers compressed before it ("upstream"). ``WeightGroup`` is one weight with all the
@@ -100,6 +101,17 @@ def relative_error(approx: np.ndarray, moments: Sequence[Moments | None]) -> flo
     return math.sqrt(error / total) if total > 0 else 0.0
 
 
+def equalize(u: np.ndarray, v: np.ndarray, gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """U·D⁻¹, D·V with D the RMS of each middle channel x·U on the calibration rows (up to
+    a common factor): the same product, with middle channels of one scale, so that a
+    per-tensor int8 scale of x·U (``qdq``) serves each of them equally."""
+    rms = np.sqrt(np.maximum(np.einsum("kr,kl,lr->r", u, gram, u), 0.0))
+    if not np.all(rms > 0):
+        return u, v
+    scale = rms / np.exp(np.mean(np.log(rms)))
+    return u / scale, v * scale[:, None]
+
+
 def factorize(
     form: LinearForm,
     spectra: Sequence[Spectrum],
@@ -126,6 +138,8 @@ def factorize(
         if note is True and chunk is not None:
             u_linear, v_linear = form.linear_factors(u, v)
             v = form.right_from_linear(refit_right(u_linear, chunk, v_linear, damping), rank)
+        if chunk is not None:
+            u, v = equalize(u, v, form.whitening_gram(chunk.xtx))
         u_linear, v_linear = form.linear_factors(u, v)
         us.append(u)
         vs.append(v)

@@ -29,6 +29,7 @@ class LinearForm:
 
     kind: ClassVar[str] = ""
     groups: int = 1
+    whitening_is_proxy: ClassVar[bool] = False  # the whitened SVD is not optimal on the rows
 
     def __init__(self, node: gs.Node, weight: gs.Constant, source: gs.Tensor) -> None:
         self.node = node
@@ -46,6 +47,10 @@ class LinearForm:
     def linear_matrices(self) -> np.ndarray:
         """The map from data rows to targets, [groups, row_dim, target_dim]."""
         return self.matrices()
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        """Inverse of ``matrices``: [groups, k, n] -> a dense weight in op layout."""
+        raise NotImplementedError
 
     def whitening_gram(self, gram: np.ndarray) -> np.ndarray:
         """XᵀX of the data rows -> the second moment to whiten the factored matrix's rows."""
@@ -96,6 +101,9 @@ class MatMulRight(LinearForm):
     def matrices(self) -> np.ndarray:
         return self.values.astype(np.float64)[None]
 
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        return matrices[0]
+
     def rewrite(self, graph: gs.Graph, first: gs.Constant, second: gs.Constant) -> gs.Node:
         mid = self._insert(graph, "MatMul", [self.source, first], {})
         self.node.inputs = [mid, second]
@@ -107,6 +115,9 @@ class MatMulLeft(LinearForm):
 
     def matrices(self) -> np.ndarray:
         return self.values.astype(np.float64).T[None]
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        return matrices[0].T
 
     def rows(self, x: np.ndarray, group: int) -> np.ndarray:
         return (x if x.ndim == 1 else np.swapaxes(x, -1, -2)).reshape(-1, self.k)
@@ -138,6 +149,10 @@ class GemmForm(LinearForm):
     def matrices(self) -> np.ndarray:
         b = self.values.astype(np.float64)
         return (self.alpha * (b.T if self.trans_b else b))[None]
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        b = matrices[0] / (self.alpha if self.alpha else 1.0)
+        return b.T if self.trans_b else b
 
     def key(self) -> tuple[Any, ...]:
         return (self.kind, self.alpha, self.trans_b)
@@ -183,6 +198,9 @@ class ConvChannel(LinearForm):
     def matrices(self) -> np.ndarray:
         w = self._per_group()
         return np.transpose(w.reshape(w.shape[0], w.shape[1], -1), (0, 2, 1))
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        return np.transpose(matrices, (0, 2, 1)).reshape(self.values.shape)
 
     def key(self) -> tuple[Any, ...]:
         return (
@@ -234,6 +252,7 @@ class ConvSpatial(ConvChannel):
     """2-D conv: per group W_lin[(c,i), (m,j)] = W[m,c,i,j]; a kh×1 then a 1×kw conv."""
 
     kind = "conv-spatial"
+    whitening_is_proxy = True
 
     def __init__(self, node: gs.Node, weight: gs.Constant, source: gs.Tensor) -> None:
         super().__init__(node, weight, source)
@@ -244,6 +263,11 @@ class ConvSpatial(ConvChannel):
         w = self._per_group()  # [g, Mg, Cg, kh, kw]
         g, mg, cg, kh, kw = w.shape
         return np.transpose(w, (0, 2, 3, 1, 4)).reshape(g, cg * kh, mg * kw)
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        g, cg, kh, kw = self.groups, *self.values.shape[1:]
+        blocks = matrices.reshape(g, cg, kh, -1, kw)  # [g, Cg, kh, Mg, kw]
+        return np.transpose(blocks, (0, 3, 1, 2, 4)).reshape(self.values.shape)
 
     def linear_matrices(self) -> np.ndarray:
         return ConvChannel.matrices(self)  # rows are whole patches, in (c, i, j) order
@@ -308,6 +332,9 @@ class GruInput(LinearForm):
 
     def matrices(self) -> np.ndarray:
         return self.values.astype(np.float64)[0].T[None]
+
+    def dense_values(self, matrices: np.ndarray) -> np.ndarray:
+        return matrices[0].T[None]
 
     def teacher_tensor(self) -> str:
         return str(self.source.name)  # targets are the teacher's x·W₀ᵀ

@@ -8,6 +8,8 @@ factored; it is factored only when r·(k+n) < (1 − min_gain)·k·n. Rules:
 * ``allocate_budget``: across all candidates, start dense and greedily take the step (one
   rank down the ladder of allowed ranks) with the smallest increase of relative squared
   error per parameter saved, until the kept params fit ``fraction`` of the dense params.
+  Each item's error is scaled by its ``weight`` (the measured effect of its relative error
+  on the model's outputs, ``sensitivity``) and its ladder stops at its ``floor`` rank.
 
 ``multiple`` rounds ranks up (rank, energy) or down (params, budget) to a multiple.
 """
@@ -50,6 +52,11 @@ def rank_for_energy(spectra: Sequence[np.ndarray], energy: float) -> int:
     return rank
 
 
+def floor_rank(k: int, n: int, fraction: float) -> int:
+    """The lowest rank a budget may give a [k, n] weight: ``fraction`` of its full rank."""
+    return max(1, math.ceil(fraction * min(k, n)))
+
+
 def rank_for_params(k: int, n: int, fraction: float) -> int:
     """The largest rank whose factors hold at most ``fraction`` of the k·n params."""
     return max(1, math.floor(fraction * k * n / (k + n)))
@@ -71,6 +78,8 @@ class BudgetItem:
     n: int
     groups: int
     spectra: list[np.ndarray]
+    weight: float = 1.0  # model output error per unit of this layer's relative error
+    floor: int = 1  # never below this rank
 
     @property
     def dense(self) -> int:
@@ -93,7 +102,7 @@ def _ladder(item: BudgetItem, multiple: int, min_gain: float) -> list[int]:
     top = max_useful_rank(item.k, item.n, min_gain)
     step = max(multiple, 1)
     ranks = [r for r in range(top, 0, -1) if r % step == 0] or ([top] if top > 0 else [])
-    return ranks
+    return [r for r in ranks if r >= item.floor]
 
 
 def allocate_budget(
@@ -119,7 +128,7 @@ def allocate_budget(
         nxt = ladder[at + 1]
         saved = cost(item, now) - cost(item, nxt)
         error_now = relative_tail(item.spectra, now) if now else 0.0
-        increase = relative_tail(item.spectra, nxt) - error_now
+        increase = item.weight * (relative_tail(item.spectra, nxt) - error_now)
         heapq.heappush(heap, (max(increase, 0.0) / max(saved, 1), len(heap), item.key))
 
     for item in items:

@@ -111,18 +111,25 @@ def test_budget_goes_where_the_error_per_param_is_smallest(kit: SimpleNamespace)
     assert {d["nodes"][0]: d["rank"] for d in result.details} == {"fc0": 3}
     assert result.refusals[0].node == "fc1"
     assert result.refusals[0].reason.startswith("budget: kept dense")
-    # ... and a tight one cuts it to rank 1 before the flat one, which pays for every rank.
-    (pass_,) = parse_pipeline("svd{budget=0.3}")
+    # ... and a tight one cuts it to rank 1 before the flat one, which pays for every rank ...
+    (pass_,) = parse_pipeline("svd{budget=0.3,rank-floor=0}")
     _, result = kit.run_pass(pass_, model)
     assert {d["nodes"][0]: d["rank"] for d in result.details} == {"fc0": 1, "fc1": 8}
     assert sum(d["params_after"] for d in result.details) <= 0.3 * 2 * 32 * 32
+    # ... unless the rank floor (1/8 of 32 here) stops it, and the flat one pays more.
+    (floored,) = parse_pipeline("svd{budget=0.3,rank-floor=0.125}")
+    _, result = kit.run_pass(floored, model)
+    assert {d["nodes"][0]: d["rank"] for d in result.details} == {"fc0": 4, "fc1": 5}
 
 
 def test_budget_that_cannot_be_met_is_reported(kit: SimpleNamespace) -> None:
     model = chain(kit, spectral(32, [1.0] * 32, 1))
-    _, result = kit.run_pass(Svd(SvdOptions(budget=0.01)), model)
+    _, result = kit.run_pass(Svd(SvdOptions(budget=0.01, rank_floor=0.0)), model)
     assert result.details[0]["rank"] == 1
     assert result.counts["budget_shortfall_params"] == 64 - 10
+    _, result = kit.run_pass(Svd(SvdOptions(budget=0.01)), model)  # floor 2 = 32/16
+    assert result.details[0]["rank"] == 2
+    assert result.counts["budget_shortfall_params"] == 128 - 10
 
 
 def test_rank_helpers() -> None:
