@@ -70,6 +70,7 @@ from onnxpress.passes.qdq.recover import (
     get_metric,
     greedy_fallback,
     register_metric,
+    scoring_arithmetic,
     select_calibration,
 )
 from onnxpress.passes.qdq.refit import LINEAR_OPS, apply_solutions, refit_quantized
@@ -247,6 +248,7 @@ class Qdq(Pass[QdqOptions]):
             materialize(candidate, excluded, method, deltas)
             return ctx.export(candidate)
 
+        scoring_kind = scoring_arithmetic(ctx.targets, opts.saturation)
         if opts.method == "auto":
             scoring = list(ctx.calibration.batches(opts.fallback_batches))
             corrections = (True, False) if opts.bias_correction else (False,)
@@ -254,7 +256,7 @@ class Qdq(Pass[QdqOptions]):
             choices = select_calibration(
                 settings,
                 lambda m, c: build(frozenset(), m, all_deltas if c else {}),
-                Evaluator(float_model, scoring, fidelity),
+                Evaluator(float_model, scoring, fidelity, scoring_kind),
             )
             method, corrected_biases = choices[0].method, choices[0].bias_correction
             result.details.append({"auto": [vars(choice) for choice in choices]})
@@ -280,7 +282,7 @@ class Qdq(Pass[QdqOptions]):
             keep, scores = bool(solutions), {}
             if opts.refit == "auto" and solutions:
                 batches = list(ctx.calibration.batches(opts.fallback_batches))
-                judge = Evaluator(float_model, batches, fidelity)
+                judge = Evaluator(float_model, batches, fidelity, scoring_kind)
                 scores["error_before"] = judge.drop(build(frozenset(), method, deltas))[0]
                 scores["error_after"] = judge.drop(build(frozenset(), method, refit_deltas, trial))[
                     0
@@ -294,7 +296,7 @@ class Qdq(Pass[QdqOptions]):
         fallback: FallbackResult | None = None
         if metric is not None and opts.max_drop is not None:
             batches = list(ctx.calibration.batches(opts.fallback_batches))
-            evaluator = Evaluator(float_model, batches, metric)
+            evaluator = Evaluator(float_model, batches, metric, scoring_kind)
             fallback = greedy_fallback(
                 {k: v for k, v in full.quantized_nodes.items() if k not in mixed},
                 lambda excluded: build(excluded, method, deltas),

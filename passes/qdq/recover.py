@@ -27,7 +27,9 @@ import onnx
 import onnxruntime as ort
 
 from onnxpress.core.calibration_data import Batch
+from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.errors import PipelineError
+from onnxpress.core.targets import EXACT, Arithmetic, Target, host_target
 
 logger = logging.getLogger(__name__)
 
@@ -99,19 +101,30 @@ def get_metric(name: str) -> QualityMetric:
 
 
 class Evaluator:
-    """Scores candidate models on calibration batches with onnxruntime's int8 kernels."""
+    """Scores candidate models on calibration batches with onnxruntime's int8 kernels, or
+    with the integer arithmetic ``arithmetic`` emulated (``scoring_arithmetic``)."""
 
-    def __init__(self, float_model: onnx.ModelProto, batches: list[Batch], metric: QualityMetric):
+    def __init__(
+        self,
+        float_model: onnx.ModelProto,
+        batches: list[Batch],
+        metric: QualityMetric,
+        arithmetic: Arithmetic | None = None,
+    ):
         self.batches = batches
         self.metric = metric
+        self.arithmetic = arithmetic
         self.output_names = [o.name for o in float_model.graph.output]
-        self.reference = self.run(float_model)
+        self.reference = Evaluator.run(self, float_model, emulate=False)
         self.baseline = metric(
             MetricInputs(float_model, batches, self.reference, self.reference, self.output_names)
         )
         self.evaluations = 0
 
-    def run(self, model: onnx.ModelProto) -> list[list[np.ndarray]]:
+    def run(self, model: onnx.ModelProto, emulate: bool = True) -> list[list[np.ndarray]]:
+        if emulate and self.arithmetic is not None:
+            runner = EmulatedRunner(model, self.arithmetic)
+            return [[np.asarray(x) for x in runner(b)] for b in self.batches]
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = min(2, os.cpu_count() or 1)
@@ -204,3 +217,15 @@ def select_calibration(
         )
     order = sorted(range(len(scored)), key=lambda i: (scored[i].error, i))
     return [scored[i] for i in order]
+
+
+def scoring_arithmetic(targets: tuple[Target, ...], saturation: str) -> Arithmetic | None:
+    """How calibration candidates are scored: on this CPU's kernels (None), except where this
+    CPU sums int16 pairs with saturation and the output will not: when the remedies make its
+    layers safe (saturation on) or no target saturates. Then exact int32 sums are emulated,
+    so the choice is not made on a loss that the remedies remove afterwards."""
+    if not host_target().saturates:
+        return None
+    if saturation != "off" or not any(t.saturates for t in targets):
+        return EXACT
+    return None

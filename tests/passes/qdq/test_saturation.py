@@ -18,7 +18,7 @@ from onnxpress.analysis.saturation import assess, pairs_at_risk
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.errors import VerificationError
 from onnxpress.core.int8_layers import integer_layers
-from onnxpress.core.targets import EXACT, PAIR_SATURATING
+from onnxpress.core.targets import EXACT, PAIR_SATURATING, TARGETS
 from onnxpress.core.task_metric import task_score
 
 MODELS = Path(__file__).resolve().parents[3] / "models"
@@ -167,3 +167,29 @@ def test_fix_saturation_repairs_onnxruntimes_own_qdq_model(tmp_path: Path) -> No
     assert task_score(reference, after).value < task_score(reference, before).value
     # untouched: activation scales and the graph's shape
     assert [n.op_type for n in repaired.graph.node] == [n.op_type for n in foreign.graph.node]
+
+
+def test_calibration_is_scored_on_exact_sums_where_this_cpu_saturates_and_the_output_will_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On an AVX2 host, qdq's auto/refit/fallback candidates are scored under exact int32
+    arithmetic unless the output is meant to run saturated (saturation=off for an AVX2 target)."""
+    from onnxpress.passes.qdq import recover
+
+    avx2, vnni = TARGETS["avx2"], TARGETS["avx512-vnni"]
+    monkeypatch.setattr(recover, "host_target", lambda: avx2)
+    assert recover.scoring_arithmetic((avx2, vnni), "auto") == EXACT
+    assert recover.scoring_arithmetic((vnni,), "off") == EXACT
+    assert recover.scoring_arithmetic((avx2,), "off") is None
+    monkeypatch.setattr(recover, "host_target", lambda: vnni)
+    assert recover.scoring_arithmetic((avx2, vnni), "auto") is None
+    # the emulated scoring is the emulation: a saturating model scores apart under the two
+    model, _ = _optimize("qdq{saturation=off,recover=false}", "structure")
+    images = [{"input": eval_images("cnn_mnist", 100)}]
+    float_model = onnx.load(MODELS / "cnn_mnist.onnx")
+    exact = recover.Evaluator(float_model, images, recover.fidelity, EXACT)
+    saturated = recover.Evaluator(float_model, images, recover.fidelity, PAIR_SATURATING)
+    np.testing.assert_array_equal(
+        exact.run(model)[0][0], EmulatedRunner(model, EXACT)(images[0])[0]
+    )
+    assert saturated.drop(model)[1] > 2 * exact.drop(model)[1]
