@@ -22,13 +22,13 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxpress.core.errors import InvalidModelError
-from onnxpress.train import torch_ops, torch_ops_qdq
+from onnxpress.train import torch_ops, torch_ops_mobile, torch_ops_qdq
 from onnxpress.train.torch_ops import NodeArgs
 from onnxpress.train.torch_ops_qdq import qrange
 
 logger = logging.getLogger(__name__)
 
-HANDLERS = {**torch_ops.HANDLERS, **torch_ops_qdq.HANDLERS}
+HANDLERS = {**torch_ops.HANDLERS, **torch_ops_qdq.HANDLERS, **torch_ops_mobile.HANDLERS}
 
 # (op type, input index) pairs whose float constants are statistics, not weights.
 FROZEN_INPUTS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
