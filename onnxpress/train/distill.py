@@ -34,7 +34,7 @@ from onnxpress.core.errors import CalibrationError, OnnxpressError, Verification
 from onnxpress.core.io import prepare_model
 from onnxpress.core.verify import METRICS, Runner, check_structure
 from onnxpress.train.distill_features import build_adapters, feature_pairs, hint_pairs
-from onnxpress.train.distill_heads import head_plan, is_sequence, softmax_producer
+from onnxpress.train.distill_heads import Head, head_plan, is_sequence, softmax_producer
 from onnxpress.train.distill_loop import split_rows, train
 from onnxpress.train.distill_options import (
     DistillOptions,
@@ -96,8 +96,22 @@ def _head_inputs(model: onnx.ModelProto) -> list[str]:
     return [node.input[0] for node in found if node is not None]
 
 
-def _subset(samples: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: array[rows] for name, array in samples.items()}
+def _loss_plan(
+    torch: Any,
+    student: onnx.ModelProto,
+    samples: Mapping[str, np.ndarray],
+    train_rows: np.ndarray,
+    heads: list[tuple[Head, Head]],
+    pairs: list[tuple[str, str]],
+    teacher_values: Mapping[str, np.ndarray],
+) -> LossPlan:
+    """Heads and feature pairs, adapters fit on up to 512 training samples of both models."""
+    probe = train_rows[: min(len(train_rows), 512)]
+    subset = {name: array[probe] for name, array in samples.items()}
+    student_values = capture_tensors(student, subset, [s for s, _ in pairs])
+    teacher_probe = {t: teacher_values[t][probe] for _, t in pairs}
+    features = feature_pairs(pairs, student_values, teacher_probe)
+    return LossPlan(heads, features, build_adapters(torch, features, student_values, teacher_probe))
 
 
 class _Deterministic:
@@ -211,20 +225,7 @@ def distill(
                 "several rows of classes per sample (a sequence); distill it without --labels"
             )
     train_rows, held_rows = split_rows(count, opts.holdout, opts.seed)
-    probe = train_rows[: min(len(train_rows), 512)]
-    student_features = capture_tensors(
-        student_model, _subset(samples, probe), [s for s, _ in pairs]
-    )
-    features = feature_pairs(
-        pairs, student_features, {t: teacher_values[t][probe] for _, t in pairs}
-    )
-    plan = LossPlan(
-        heads,
-        features,
-        build_adapters(
-            torch, features, student_features, {t: teacher_values[t][probe] for _, t in pairs}
-        ),
-    )
+    plan = _loss_plan(torch, student_model, samples, train_rows, heads, pairs, teacher_values)
     targets = [teacher_values[name] for name in plan.teacher_tensors]
     with _Deterministic(torch, opts.threads):
         tuned, report = train(
@@ -258,11 +259,7 @@ def distill(
             outputs, held, [o[held_rows] for o in after_outputs], metric
         )
     report.heads = [t.describe() for _, t in heads]
-    report.features = [
-        f"{f.student}:{f.teacher}"
-        + (f" (adapter {f.student_channels}->{f.teacher_channels})" if f.axis is not None else "")
-        for f in features
-    ]
+    report.features = [pair.describe() for pair in plan.features]
     report.seconds = time.perf_counter() - started
     if report.improved:
         logger.info("%s", report.describe())

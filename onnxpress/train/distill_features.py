@@ -39,6 +39,10 @@ class FeaturePair:
     student_channels: int
     teacher_channels: int
 
+    def describe(self) -> str:
+        adapter = f" (adapter {self.student_channels}->{self.teacher_channels})"
+        return f"{self.student}:{self.teacher}" + (adapter if self.axis is not None else "")
+
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return infer_shapes(model)
