@@ -26,6 +26,7 @@ BUILDS = {
     "gru_sunspots": ["gru_sunspots.onnx", "gru_sunspots_unrolled.onnx"],
     "digit_detector": ["digit_detector.onnx"],
     "sr_photos": ["sr_photos.onnx"],
+    "ctc_lines": ["ctc_lines.onnx"],
 }
 
 

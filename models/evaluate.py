@@ -7,7 +7,8 @@
 Classification sets report top-1 accuracy; the sunspots set reports RMSE in sunspot
 numbers (and the naive "same as last year" RMSE for comparison); the detection set reports
 COCO-style mAP (IoU 0.50:0.95) and mAP@0.5 (``detection.py``); the super-resolution set
-reports PSNR in dB (and bicubic upscaling's). Without ``--data`` the
+reports PSNR in dB (and bicubic upscaling's); the text-line set reports the character error
+rate and line accuracy of greedy CTC decoding (``text_lines.py``). Without ``--data`` the
 data set is chosen from ``--kind`` or, failing that, from the file name: the longest known
 model name that the file name starts with (``cnn_mnist.opt.onnx`` -> ``cnn_mnist``).
 Needs only numpy and onnxruntime. Inputs are cast to the dtype the model declares, so
@@ -39,9 +40,10 @@ EVAL_SETS = {
     "gru_sunspots_unrolled": "gru_sunspots",
     "digit_detector": "digit_detector",
     "sr_photos": "sr_photos",
+    "ctc_lines": "ctc_lines",
 }
 # the headline metric of each task (key in scores() and in the eval set) -> its display name
-METRICS = {"accuracy": "accuracy", "rmse": "rmse", "map": "mAP", "psnr": "psnr"}
+METRICS = {"accuracy": "accuracy", "rmse": "rmse", "map": "mAP", "psnr": "psnr", "cer": "CER"}
 ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -62,6 +64,7 @@ class Evaluation:
     naive_rmse: float | None = None
     map50: float | None = None
     bicubic_psnr: float | None = None
+    line_accuracy: float | None = None
 
     def describe(self) -> str:
         text = f"{self.model}: {self.metric} {self.value:.4f} on {self.samples} held-out samples"
@@ -69,6 +72,8 @@ class Evaluation:
             text += f" (as built: {self.reference:.4f})"
         if self.bicubic_psnr is not None:
             text += f"; bicubic upscaling {self.bicubic_psnr:.4f} dB"
+        if self.line_accuracy is not None:
+            text += f"; line accuracy {self.line_accuracy:.4f}"
         if self.map50 is not None:
             text += f"; mAP@0.5 {self.map50:.4f}"
         if self.naive_rmse is not None:
@@ -159,6 +164,7 @@ def evaluate(
         values.get("naive_rmse"),
         values.get("map50"),
         values.get("bicubic_psnr"),
+        values.get("line_accuracy"),
     )
 
 
@@ -187,6 +193,10 @@ def scores(eval_set: dict[str, np.ndarray], outputs: np.ndarray) -> dict[str, fl
             "psnr": psnr(outputs, eval_set["target"]),
             "bicubic_psnr": float(eval_set["bicubic_psnr"]),
         }
+    if task == "ctc":
+        probabilities = outputs.reshape(len(eval_set["labels"]), -1, outputs.shape[-1])
+        cer, lines = _sibling("text_lines").cer_and_line_accuracy(probabilities, eval_set["labels"])
+        return {"cer": cer, "line_accuracy": lines}
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -198,9 +208,14 @@ def psnr(outputs: np.ndarray, target: np.ndarray) -> float:
 
 def _detection() -> Any:
     """``detection.py`` from this folder (evaluate.py is also loaded by file path)."""
-    name = "models_detection"
+    return _sibling("detection")
+
+
+def _sibling(stem: str) -> Any:
+    """``<stem>.py`` from this folder, loaded by file path once."""
+    name = f"models_{stem}"
     if name not in sys.modules:
-        path = Path(__file__).with_name("detection.py")
+        path = Path(__file__).with_name(f"{stem}.py")
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         sys.modules[name] = module = importlib.util.module_from_spec(spec)

@@ -1,7 +1,9 @@
 """``onnxpress distill``: fine-tune a compressed student against its teacher (torch).
 
 Progress is an epoch bar on stderr (plain lines when stderr is not a terminal); the report
-is printed, or written as JSON with ``--json``.
+is printed, or written as JSON with ``--json``. A run that does not lower the held-out loss
+writes nothing: it prints "no improvement: kept the input weights" and why, and exits 3
+(``EXIT_NO_IMPROVEMENT``); a degenerate loss (NaN, negative) is an error (exit 1).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from onnxpress.cli.paths import distill_paths
 from onnxpress.core.errors import PipelineError
 from onnxpress.core.io import save_model
 from onnxpress.report.progress import EpochBar
+
+EXIT_NO_IMPROVEMENT = 3
 
 
 def distill_command(args: argparse.Namespace) -> int:
@@ -36,6 +40,7 @@ def distill_command(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         batch_size=args.batch_size,
         feature_losses=tuple(pairs),
+        hints=args.hints,
         holdout=args.holdout,
         patience=args.patience,
         learn_scales=not args.freeze_scales,
@@ -55,10 +60,15 @@ def distill_command(args: argparse.Namespace) -> int:
         on_progress=progress,
     )
     progress.close()
-    save_model(tuned, output, protect=None if args.in_place else args.model)
+    if report.improved:
+        save_model(tuned, output, protect=None if args.in_place else args.model)
     if args.json:
-        print(json.dumps({**asdict(report), "output_path": str(output)}, indent=2))
-    else:
+        written = str(output) if report.improved else None
+        print(json.dumps({**asdict(report), "output_path": written}, indent=2))
+    elif report.improved:
         print(report.describe())
         print(f"\nwrote {output}")
-    return 0
+    else:
+        print(report.describe())
+        print(f"\nnothing written: {output} would hold the input's weights")
+    return 0 if report.improved else EXIT_NO_IMPROVEMENT

@@ -1,7 +1,8 @@
 """The ``onnxpress`` command: its options, and the dispatch to one module per command.
 
 Errors are one line on stderr with a non-zero exit (1 for bad input or a failed pass, 2 for
-bad usage, 130 on Ctrl-C); ``--debug`` shows tracebacks. Nothing is written unless the whole
+bad usage, 3 when ``distill`` did not improve the student, 130 on Ctrl-C); ``--debug`` shows
+tracebacks. Nothing is written unless the whole
 pipeline passed verification, and the output is written atomically.
 """
 
@@ -197,6 +198,14 @@ def _parser() -> argparse.ArgumentParser:
     dist.add_argument("--batch-size", type=int, default=32)
     dist.add_argument(
         "--feature-loss", metavar="S:T,...", help="MSE between student:teacher tensor pairs"
+    )
+    dist.add_argument(
+        "--hints",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N hint (feature) pairs inferred between student and teacher; a learned 1x1 "
+        "adapter where pruned channels differ, dropped afterwards",
     )
     dist.add_argument("--holdout", type=float, default=0.1, help="held-out fraction")
     dist.add_argument("--patience", type=int, default=3, help="early-stopping patience")

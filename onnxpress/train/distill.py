@@ -1,8 +1,12 @@
 """Knowledge distillation: fine-tune a compressed student ONNX model against its teacher.
 
-    loss = KL(softmax(t/T) ‖ softmax(s/T))·T²  [+ α·CE(s, labels)]  [+ w·Σ MSE(s_f, t_f)/E t_f²]
+    loss = KL(softmax(t/T) ‖ softmax(s/T))·T²  [+ α·CE(s, labels)]  [+ w·Σ ‖A(s_f) − t_f‖²/E t_f²]
 
-for classification outputs (last axis ≥ 2) and MSE to the teacher for regression outputs.
+on the logits behind an output Softmax/LogSoftmax, on probabilities (log p as logits) where
+the output holds them, per time step for sequence outputs (``distill_heads``), and MSE to
+the teacher for regression outputs; hint pairs get a learned adapter where a pruned student
+has fewer channels (``distill_features``). A run whose held-out loss never falls keeps the
+input weights and reports "no improvement"; a degenerate loss is an error.
 The teacher runs once per sample on onnxruntime (cached); the student runs in torch through
 ``onnxpress.train.torch_convert`` (QDQ pairs as fake-quant with a straight-through estimator, so
 a quantized student is trained quantization-aware and its scales can be learned). A seeded
@@ -29,11 +33,14 @@ from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.errors import CalibrationError, OnnxpressError, VerificationError
 from onnxpress.core.io import prepare_model
 from onnxpress.core.verify import METRICS, Runner, check_structure
-from onnxpress.train.distill_loop import train
+from onnxpress.train.distill_features import build_adapters, feature_pairs, hint_pairs
+from onnxpress.train.distill_heads import Head, head_plan, is_sequence, softmax_producer
+from onnxpress.train.distill_loop import split_rows, train
 from onnxpress.train.distill_options import (
     DistillOptions,
     DistillProgress,
     DistillReport,
+    LossPlan,
     require_torch,
 )
 
@@ -73,20 +80,38 @@ def _chunks(samples: Mapping[str, np.ndarray], size: int) -> Iterable[dict[str, 
         yield {name: array[start : start + size] for name, array in samples.items()}
 
 
-def teacher_targets(
-    teacher: onnx.ModelProto, samples: Mapping[str, np.ndarray], features: Iterable[str]
-) -> list[np.ndarray]:
-    """The teacher's outputs then the named feature tensors, for every sample (run once)."""
-    names = [o.name for o in teacher.graph.output] + list(features)
-    capture = TensorCapture(teacher, names)
-    rows = [capture(chunk, names) for chunk in _chunks(samples, TEACHER_BATCH)]
-    return [np.concatenate([row[name] for row in rows]) for name in names]
+def capture_tensors(
+    model: onnx.ModelProto, samples: Mapping[str, np.ndarray], names: Iterable[str]
+) -> dict[str, np.ndarray]:
+    """The named tensors of ``model`` for every sample (one onnxruntime session)."""
+    wanted = list(dict.fromkeys(names))
+    capture = TensorCapture(model, wanted)
+    rows = [capture(chunk, wanted) for chunk in _chunks(samples, TEACHER_BATCH)]
+    return {name: np.concatenate([row[name] for row in rows]) for name in wanted}
 
 
-def is_classification(output: np.ndarray, task: str) -> bool:
-    if task != "auto":
-        return task == "classification"
-    return output.ndim >= 2 and output.shape[-1] >= 2 and np.issubdtype(output.dtype, np.floating)
+def _head_inputs(model: onnx.ModelProto) -> list[str]:
+    """The Softmax/LogSoftmax inputs behind the graph outputs (candidate logits)."""
+    found = (softmax_producer(model, o.name) for o in model.graph.output)
+    return [node.input[0] for node in found if node is not None]
+
+
+def _loss_plan(
+    torch: Any,
+    student: onnx.ModelProto,
+    samples: Mapping[str, np.ndarray],
+    train_rows: np.ndarray,
+    heads: list[tuple[Head, Head]],
+    pairs: list[tuple[str, str]],
+    teacher_values: Mapping[str, np.ndarray],
+) -> LossPlan:
+    """Heads and feature pairs, adapters fit on up to 512 training samples of both models."""
+    probe = train_rows[: min(len(train_rows), 512)]
+    subset = {name: array[probe] for name, array in samples.items()}
+    student_values = capture_tensors(student, subset, [s for s, _ in pairs])
+    teacher_probe = {t: teacher_values[t][probe] for _, t in pairs}
+    features = feature_pairs(pairs, student_values, teacher_probe)
+    return LossPlan(heads, features, build_adapters(torch, features, student_values, teacher_probe))
 
 
 class _Deterministic:
@@ -185,17 +210,30 @@ def distill(
     label_array = load_labels(labels)
     if label_array is not None and len(label_array) != count:
         raise CalibrationError(f"{len(label_array)} labels for {count} samples")
-    _check_feature_names(student_model, teacher_model, opts.feature_losses)
-    targets = teacher_targets(teacher_model, samples, [t for _, t in opts.feature_losses])
-    outputs = len(teacher_model.graph.output)
-    classification = [is_classification(t, opts.task) for t in targets[:outputs]]
+    pairs = [*opts.feature_losses, *hint_pairs(student_model, teacher_model, opts.hints)]
+    _check_feature_names(student_model, teacher_model, pairs)
+    outputs = [o.name for o in teacher_model.graph.output]
+    teacher_values = capture_tensors(
+        teacher_model, samples, [*outputs, *_head_inputs(teacher_model), *(t for _, t in pairs)]
+    )
+    heads = head_plan(student_model, teacher_model, [teacher_values[o] for o in outputs], opts.task)
+    if label_array is not None:
+        sequences = [t.output for _, t in heads if is_sequence(t, teacher_values[t.output])]
+        if sequences:
+            raise CalibrationError(
+                f"distill: labels are one class per sample, but output {sequences[0]} has "
+                "several rows of classes per sample (a sequence); distill it without --labels"
+            )
+    train_rows, held_rows = split_rows(count, opts.holdout, opts.seed)
+    plan = _loss_plan(torch, student_model, samples, train_rows, heads, pairs, teacher_values)
+    targets = [teacher_values[name] for name in plan.teacher_tensors]
     with _Deterministic(torch, opts.threads):
         tuned, report = train(
             torch,
             student_model,
             samples,
             targets,
-            classification,
+            plan,
             label_array,
             opts,
             on_progress,
@@ -206,11 +244,25 @@ def distill(
         check_structure(tuned)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise VerificationError("distill", str(exc).strip().splitlines()[0]) from None
-    names = [o.name for o in teacher_model.graph.output]
-    metric = "top1" if all(classification) else "rel-l2"
+    reference = [teacher_values[o] for o in outputs]
+    metric = "top1" if all(t.kind != "regression" for _, t in heads) else "rel-l2"
+    before_outputs, after_outputs = _run(student_model, samples), _run(tuned, samples)
     report.metric = metric
-    report.metric_before = _metric(names, targets[:outputs], _run(student_model, samples), metric)
-    report.metric_after = _metric(names, targets[:outputs], _run(tuned, samples), metric)
+    report.metric_before = _metric(outputs, reference, before_outputs, metric)
+    report.metric_after = _metric(outputs, reference, after_outputs, metric)
+    if len(held_rows):
+        held = [r[held_rows] for r in reference]
+        report.holdout_metric_before = _metric(
+            outputs, held, [o[held_rows] for o in before_outputs], metric
+        )
+        report.holdout_metric_after = _metric(
+            outputs, held, [o[held_rows] for o in after_outputs], metric
+        )
+    report.heads = [t.describe() for _, t in heads]
+    report.features = [pair.describe() for pair in plan.features]
     report.seconds = time.perf_counter() - started
-    logger.info("%s", report.describe())
+    if report.improved:
+        logger.info("%s", report.describe())
+    else:
+        logger.warning("%s", report.describe())
     return tuned, report

@@ -3,7 +3,10 @@
 Called by ``onnxpress.train.distill.distill`` inside its deterministic torch settings. Shuffling
 uses a private seeded ``torch.Generator``; nothing else is random. The held-out loss is
 measured before training (epoch 0) and after each epoch; the best state is restored, so a
-run that does not help returns the student's own weights.
+run that does not help returns the student's own weights and its report says so
+(``improved`` False, ``verdict`` "no improvement: kept the input weights" and why). A loss
+that is NaN, infinite or negative (every term is a divergence or a squared error) is a
+``DistillError``: it means the loss does not measure what it should.
 """
 
 from __future__ import annotations
@@ -16,18 +19,63 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpress.core.errors import OnnxpressError
 from onnxpress.core.verify import Runner
 from onnxpress.train.distill_options import (
+    NO_IMPROVEMENT,
     DistillOptions,
     DistillProgress,
     DistillReport,
+    LossPlan,
     distill_loss,
 )
 
 logger = logging.getLogger(__name__)
+# A loss this far below zero is not float rounding of a divergence that is ~0.
+NEGATIVE_TOLERANCE = 1e-6
+# Held-out loss at or below this before training: the student already matches its teacher.
+FLAT_LOSS = 1e-7
 
 
-def _split(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+class DistillError(OnnxpressError):
+    """The distillation loss is degenerate (NaN, infinite or negative)."""
+
+
+def check_loss(value: float, where: str) -> None:
+    if not np.isfinite(value):
+        raise DistillError(f"distill: the loss is {value} {where}; nothing was written")
+    if value < -NEGATIVE_TOLERANCE:
+        raise DistillError(
+            f"distill: the loss is negative ({value:.3g}) {where}: it is not a divergence "
+            "between student and teacher; nothing was written"
+        )
+
+
+def verdict(report: DistillReport) -> tuple[bool, str]:
+    """(improved, why): improved when a trained epoch lowered the held-out loss."""
+    if report.best_epoch > 0:
+        return True, "improved"
+    if report.holdout_loss_before <= FLAT_LOSS:
+        why = (
+            f"the held-out loss is {report.holdout_loss_before:.3g} from the start: the "
+            "student already matches the teacher on this data"
+        )
+    elif report.epochs_run == 0:
+        why = "no epochs were run"
+    else:
+        losses = [held for _, held in report.history]
+        spread = max(losses) - min(losses)
+        if spread <= 1e-6 * max(abs(report.holdout_loss_before), 1e-12):
+            why = f"the held-out loss stayed flat at {report.holdout_loss_before:.4g}"
+        else:
+            why = (
+                f"no epoch lowered the held-out loss below {report.holdout_loss_before:.4g} "
+                "(try a lower --lr or more data)"
+            )
+    return False, f"{NO_IMPROVEMENT} ({why})"
+
+
+def split_rows(count: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(count)
     held = round(holdout * count) if count >= 2 and holdout > 0 else 0
     held = min(max(held, 1 if holdout > 0 and count >= 2 else 0), count - 1)
@@ -39,7 +87,7 @@ def train(
     student: onnx.ModelProto,
     samples: Mapping[str, np.ndarray],
     targets: list[np.ndarray],
-    classification: list[bool],
+    plan: LossPlan,
     labels: np.ndarray | None,
     options: DistillOptions,
     on_progress: DistillProgress | None,
@@ -47,21 +95,22 @@ def train(
     from onnxpress.train.torch_convert import convert, write_back
 
     module = convert(student, options.learn_scales)
-    features = [s for s, _ in options.feature_losses]
+    extra = plan.student_tensors
+    outputs = len(module.output_names)
     count = len(targets[0])
-    train_rows, held_rows = _split(count, options.holdout, options.seed)
+    train_rows, held_rows = split_rows(count, options.holdout, options.seed)
     inputs = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in samples.items()}
     teacher = [torch.from_numpy(np.ascontiguousarray(t)) for t in targets]
     label_tensor = torch.from_numpy(labels) if labels is not None else None
 
     def loss_on(rows: Any) -> Any:
         feed = {name: value[rows] for name, value in inputs.items()}
-        out = module(feed, features)
+        out = module(feed, extra)[outputs:]
         return distill_loss(
             torch,
             out,
             [t[rows] for t in teacher],
-            classification,
+            plan,
             options,
             None if label_tensor is None else label_tensor[rows],
         )
@@ -78,12 +127,15 @@ def train(
         return sum(losses) / len(rows)
 
     groups = [{"params": list(module.weights.parameters()), "lr": options.lr}]
+    if len(list(plan.adapters.parameters())):
+        groups.append({"params": list(plan.adapters.parameters()), "lr": options.lr})
     if len(module.scales):
         groups.append({"params": list(module.scales.parameters()), "lr": options.lr / 10})
     optimizer = torch.optim.Adam(groups, weight_decay=options.weight_decay)
     generator = torch.Generator().manual_seed(options.seed)
     select_rows = held_rows if len(held_rows) else train_rows
     best_loss = evaluate(select_rows)
+    check_loss(best_loss, "before training")
     before = best_loss
     best_state, best_epoch, stale, epochs_run = copy.deepcopy(module.state_dict()), 0, 0, 0
     history = [(evaluate(train_rows), best_loss)]
@@ -104,6 +156,7 @@ def train(
                 for scale in module.scales:
                     scale.clamp_(min=1e-8)
             total += float(loss.detach()) * len(rows)
+        check_loss(total / max(len(order), 1), f"in epoch {epoch}")
         held = evaluate(select_rows)
         history.append((total / max(len(order), 1), held))
         epochs_run = epoch
@@ -118,7 +171,11 @@ def train(
                 logger.info("distill: early stop after epoch %d (best %d)", epoch, best_epoch)
                 break
     module.load_state_dict(best_state)
-    tuned = write_back(student, module)
+    if best_epoch == 0:  # bit for bit the input's weights, not a float round trip of them
+        tuned = onnx.ModelProto()
+        tuned.CopyFrom(student)
+    else:
+        tuned = write_back(student, module)
     agreement = _torch_vs_runtime(torch, module, tuned, inputs)
     report = DistillReport(
         samples=count,
@@ -135,6 +192,7 @@ def train(
         trained_tensors=len(module.param_index) + len(module.scale_index),
         history=history,
     )
+    report.improved, report.verdict = verdict(report)
     return tuned, report
 
 

@@ -2,7 +2,10 @@
 (distill.py) and the training loop (distill_loop.py): the options, the progress callback's
 type, the report, the check that torch is installed, and the loss both minimise.
 
-    loss = KL(softmax(t/T) ‖ softmax(s/T))·T²  [+ α·CE(s, labels)]  [+ w·Σ MSE(s_f, t_f)/E t_f²]
+    loss = Σ_heads KD(s, t)  [+ α·CE(s, labels)]  [+ w·Σ ‖A(s_f) − t_f‖²/E t_f²]
+
+KD is temperature KL on logits found through a Softmax, or on probabilities, per time step
+for sequence outputs (``distill_heads``); A is the hint adapter (``distill_features``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from onnxpress.core.errors import OnnxpressError
+from onnxpress.train.distill_features import FeaturePair, feature_loss
+from onnxpress.train.distill_heads import Head, as_logits, class_rows, head_loss
+
+NO_IMPROVEMENT = "no improvement: kept the input weights"
 
 # on_progress(epoch, epochs, train_loss, holdout_loss); epoch 0 is the untuned student.
 DistillProgress = Callable[[int, int, float, float], None]
@@ -30,6 +37,7 @@ class DistillOptions:
     batch_size: int = 32
     feature_losses: tuple[tuple[str, str], ...] = ()  # (student tensor, teacher tensor)
     feature_weight: float = 1.0
+    hints: int = 0  # hint pairs inferred between student and teacher (adapters where pruned)
     holdout: float = 0.1  # fraction of samples held out for early stopping (0: none)
     patience: int = 3  # epochs without held-out improvement before stopping
     learn_scales: bool = True  # QDQ scales are trained (learning rate lr / 10)
@@ -49,6 +57,7 @@ class DistillOptions:
             "patience": self.patience >= 1,
             "threads": self.threads >= 1,
             "feature-weight": self.feature_weight >= 0,
+            "hints": self.hints >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -74,14 +83,46 @@ class DistillReport:
     seconds: float
     trained_tensors: int
     history: list[tuple[float, float]] = field(default_factory=list)  # (train, holdout)
+    improved: bool = True  # the held-out loss fell: False means the input weights were kept
+    verdict: str = ""  # "improved", or NO_IMPROVEMENT and why
+    heads: list[str] = field(default_factory=list)  # what each output was distilled as
+    features: list[str] = field(default_factory=list)  # student:teacher pairs (adapted or not)
+    holdout_metric_before: float = float("nan")  # the metric on the held-out split only
+    holdout_metric_after: float = float("nan")
 
     def describe(self) -> str:
-        return (
+        text = (
             f"distilled on {self.samples - self.holdout_samples} samples for {self.epochs_run} "
             f"epoch(s) (best {self.best_epoch}) in {self.seconds:.1f}s: held-out loss "
-            f"{self.holdout_loss_before:.4f} -> {self.holdout_loss_after:.4f}; {self.metric} "
+            f"{self.holdout_loss_before:.4g} -> {self.holdout_loss_after:.4g}; {self.metric} "
             f"vs teacher {self.metric_before:.4f} -> {self.metric_after:.4f}"
         )
+        if self.holdout_samples:
+            text += (
+                f" (held-out {self.holdout_metric_before:.4f} -> {self.holdout_metric_after:.4f})"
+            )
+        return text if self.improved else f"{self.verdict}\n{text}"
+
+
+@dataclass
+class LossPlan:
+    """What the loss compares: per output (student head, teacher head), then feature pairs.
+
+    Student and teacher values arrive as lists in the order of ``student_tensors`` and
+    ``teacher_tensors``: the heads' tensors, then the features'.
+    """
+
+    heads: list[tuple[Head, Head]]
+    features: list[FeaturePair]
+    adapters: Any  # torch ModuleList, one per feature pair (Identity where shapes agree)
+
+    @property
+    def student_tensors(self) -> list[str]:
+        return [s.tensor for s, _ in self.heads] + [f.student for f in self.features]
+
+    @property
+    def teacher_tensors(self) -> list[str]:
+        return [t.tensor for _, t in self.heads] + [f.teacher for f in self.features]
 
 
 def require_torch() -> Any:
@@ -96,33 +137,22 @@ def distill_loss(
     torch: Any,
     student: list[Any],
     teacher: list[Any],
-    classification: list[bool],
+    plan: LossPlan,
     options: DistillOptions,
     labels: Any | None,
 ) -> Any:
-    """Soft-target KD (or MSE) per output, hard-label CE, normalised feature MSE."""
+    """KD per head, hard-label CE on single-row class heads, normalised hint losses."""
     functional = torch.nn.functional
-    outputs = len(classification)
     total = student[0].new_zeros(())
-    temperature = options.temperature
-    for s, t, soft in zip(student[:outputs], teacher[:outputs], classification, strict=True):
-        if soft:
-            s2, t2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
-            total = (
-                total
-                + functional.kl_div(
-                    functional.log_softmax(s2 / temperature, -1),
-                    functional.log_softmax(t2 / temperature, -1),
-                    log_target=True,
-                    reduction="batchmean",
-                )
-                * temperature**2
-            )
-            if labels is not None and options.alpha > 0:
-                total = total + options.alpha * functional.cross_entropy(s2, labels)
-        else:
-            total = total + functional.mse_loss(s, t)
-    for s, t in zip(student[outputs:], teacher[outputs:], strict=True):
-        scale = t.pow(2).mean().clamp_min(1e-12)
-        total = total + options.feature_weight * functional.mse_loss(s, t) / scale
+    for (s_head, t_head), s, t in zip(plan.heads, student, teacher, strict=False):
+        total = total + head_loss(torch, s, t, t_head, options.temperature)
+        if labels is not None and options.alpha > 0 and s_head.kind != "regression":
+            rows = as_logits(torch, class_rows(torch, s, s_head), s_head.kind)
+            total = total + options.alpha * functional.cross_entropy(rows, labels)
+    offset = len(plan.heads)
+    for index, pair in enumerate(plan.features):
+        loss = feature_loss(
+            torch, student[offset + index], teacher[offset + index], pair, plan.adapters[index]
+        )
+        total = total + options.feature_weight * loss
     return total

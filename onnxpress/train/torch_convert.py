@@ -23,7 +23,13 @@ import torch
 from onnx import helper, numpy_helper
 
 from onnxpress.core.errors import InvalidModelError
-from onnxpress.train import torch_ops, torch_ops_qdq, torch_ops_resize, torch_ops_rnn
+from onnxpress.train import (
+    torch_ops,
+    torch_ops_mobile,
+    torch_ops_qdq,
+    torch_ops_resize,
+    torch_ops_rnn,
+)
 from onnxpress.train.torch_ops import NodeArgs
 from onnxpress.train.torch_ops_qdq import qrange
 
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 HANDLERS = {
     **torch_ops.HANDLERS,
     **torch_ops_qdq.HANDLERS,
+    **torch_ops_mobile.HANDLERS,
     **torch_ops_rnn.HANDLERS,
     **torch_ops_resize.HANDLERS,
 }

@@ -45,13 +45,21 @@ Handler = Callable[[NodeArgs], list[Tensor]]
 HANDLERS: dict[str, Handler] = {}
 
 
-def op(*names: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        for name in names:
-            HANDLERS[name] = fn
-        return fn
+def registrar(table: dict[str, Handler]) -> Callable[..., Callable[[Handler], Handler]]:
+    """A decorator factory ``op(*names)`` that files a handler in ``table`` under each name."""
 
-    return register
+    def op(*names: str) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            for name in names:
+                table[name] = fn
+            return fn
+
+        return register
+
+    return op
+
+
+op = registrar(HANDLERS)
 
 
 def _unary(fn: Callable[[Tensor], Tensor]) -> Handler:
@@ -111,11 +119,33 @@ def _softmax(a: NodeArgs) -> list[Tensor]:
     return [fn(a.x(), dim=int(a.attrs.get("axis", -1)))]
 
 
-def _pads(a: NodeArgs, spatial: int) -> list[int]:
-    if a.attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
-        raise ValueError(f"{a.op_type}: auto_pad={a.attrs['auto_pad']!r} is not supported")
-    pads = list(a.attrs.get("pads", [0] * (2 * spatial)))
-    return pads
+def _pads(a: NodeArgs, x: Tensor, kernel: list[int]) -> list[int]:
+    """ONNX pads [begin..., end...] for ``x``'s spatial dims, ``auto_pad`` resolved.
+
+    SAME_UPPER / SAME_LOWER pad so that out = ceil(in / stride), the odd pixel at the end
+    (UPPER) or the beginning (LOWER); VALID pads nothing.
+    """
+    spatial = len(kernel)
+    mode = a.attrs.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode == "NOTSET":
+        return list(a.attrs.get("pads", [0] * (2 * spatial)))
+    if mode == "VALID":
+        return [0] * (2 * spatial)
+    if mode not in ("SAME_UPPER", "SAME_LOWER"):
+        raise ValueError(f"{a.op_type}: auto_pad={mode!r} is not an ONNX padding mode")
+    strides = list(a.attrs.get("strides", [1] * spatial))
+    dilations = list(a.attrs.get("dilations", [1] * spatial))
+    begin, end = [], []
+    for axis in range(spatial):
+        size = int(x.shape[2 + axis])
+        out = -(-size // strides[axis])
+        extent = (kernel[axis] - 1) * dilations[axis] + 1
+        total = max((out - 1) * strides[axis] + extent - size, 0)
+        small, large = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else large)
+        end.append(large if mode == "SAME_UPPER" else small)
+    return begin + end
 
 
 def _padded(x: Tensor, pads: list[int], value: float = 0.0) -> tuple[Tensor, list[int]]:
@@ -133,7 +163,7 @@ def _padded(x: Tensor, pads: list[int], value: float = 0.0) -> tuple[Tensor, lis
 def _conv(a: NodeArgs) -> list[Tensor]:
     x, w, b = a.x(0), a.x(1), a.opt(2)
     spatial = w.dim() - 2
-    x, pads = _padded(x, _pads(a, spatial))
+    x, pads = _padded(x, _pads(a, x, list(w.shape[2:])))
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return [
         fn(
@@ -185,9 +215,17 @@ def _pool(a: NodeArgs) -> list[Tensor]:
     kernel = list(a.attrs["kernel_shape"])
     spatial = len(kernel)
     is_max = a.op_type == "MaxPool"
-    x, pads = _padded(a.x(), _pads(a, spatial), float("-inf") if is_max else 0.0)
+    raw_pads = _pads(a, a.x(), kernel)
+    x, pads = _padded(a.x(), raw_pads, float("-inf") if is_max else 0.0)
     strides = list(a.attrs.get("strides", [1] * spatial))
     ceil = bool(a.attrs.get("ceil_mode", 0))
+    include_pad = bool(a.attrs.get("count_include_pad", 0))
+    if not is_max and not include_pad and x is not a.x():
+        # padded in advance: divide by the count of real pixels, not the window size
+        mean = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[spatial]
+        ones, _ = _padded(torch.ones_like(a.x()[:1, :1]), raw_pads)
+        total = mean(x, kernel, strides, pads, ceil, True)
+        return [total / mean(ones, kernel, strides, pads, ceil, True)]
     if is_max:
         fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
         return [fn(x, kernel, strides, pads, list(a.attrs.get("dilations", [1] * spatial)), ceil)]

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxpress.passes.prune_channels.data import mean_abs_scores, sensitivity_curves, thinet_scores
+from onnxpress.passes.prune_channels.data import mean_abs_scores, thinet_scores
 from onnxpress.passes.prune_channels.importance import (
     MacModel,
     count_for_ratio,
@@ -38,6 +38,12 @@ from onnxpress.passes.prune_channels.importance import (
 )
 from onnxpress.passes.prune_channels.refit import refit_consumers
 from onnxpress.passes.prune_channels.rewrite import Pruner
+from onnxpress.passes.prune_channels.sensitivity import (
+    cache_key,
+    fast_sensitivity_curves,
+    load_curves,
+    save_curves,
+)
 
 from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
 from onnxpress.analysis.channels.layout import node_key
@@ -216,7 +222,22 @@ class PruneChannels(Pass[PruneChannelsOptions]):
         if opts.allocation == "sensitivity" and ctx.calibration is not None:
             batches = list(ctx.calibration.batches(limit=opts.batches))
             damping = opts.damping if self._reconstruct(ctx) else None
-            curves = sensitivity_curves(groups, candidates, scores, before, batches, damping)
+            settings = {
+                "criterion": opts.criterion,
+                "damping": damping,
+                "groups": sorted(g.index for g in candidates),
+                "scores": [scores[g.index].round(12).tolist() for g in candidates],
+            }
+            key = cache_key(before, batches, settings)
+            cached = load_curves(key)
+            if cached is not None and all(g.index in cached for g in candidates):
+                curves = cached
+            else:
+                curves = fast_sensitivity_curves(
+                    groups, candidates, scores, before, batches, damping
+                )
+                save_curves(key, curves)
+            result.details.append({"kind": "sensitivity", "cached": cached is not None})
             counts = sensitivity_counts(
                 candidates, model, target, curves, opts.multiple, opts.min_channels
             )

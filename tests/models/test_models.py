@@ -30,6 +30,7 @@ EXPECTED = {
     "gru_sunspots_unrolled": ("rmse", 25.0),
     "digit_detector": ("mAP", 0.7),
     "sr_photos": ("psnr", 32.5),
+    "ctc_lines": ("CER", 0.05),  # character error rate: must stay below it
 }
 CALIBRATED = [
     "cnn_mnist",
@@ -91,6 +92,9 @@ def test_model_meets_its_held_out_metric(name: str) -> None:
     elif metric == "psnr":  # and clearly better than bicubic upscaling
         assert result.bicubic_psnr is not None and result.value > result.bicubic_psnr + 0.5
         assert result.value > bound
+    elif metric == "CER":
+        assert result.value < bound and result.line_accuracy is not None
+        assert result.line_accuracy > 0.8
     else:
         assert result.naive_rmse is not None
         assert result.value < min(bound, result.naive_rmse)
@@ -150,6 +154,16 @@ def test_transformer_has_attention_and_layernorm() -> None:
     assert counts["Softmax"] == 2
     assert counts["LayerNormalization"] == 5
     assert counts["MatMul"] >= 12
+
+
+def test_recognizer_ends_in_a_softmax_per_time_step() -> None:
+    model = onnx.load(str(MODELS_DIR / "ctc_lines.onnx"))
+    last = model.graph.node[-1]
+    assert last.op_type == "Softmax" and last.output[0] == "probabilities"
+    assert {"Conv", "HardSwish", "MatMul", "LayerNormalization"} <= set(ops("ctc_lines"))
+    probabilities = session("ctc_lines").run(None, {"input": np.zeros((2, 1, 28, 140), np.float32)})
+    assert probabilities[0].shape == (2, 35, 11)
+    np.testing.assert_allclose(probabilities[0].sum(-1), 1.0, rtol=1e-5)
 
 
 def test_gru_model_uses_a_real_gru_op() -> None:
