@@ -132,6 +132,7 @@ def search_command(args: argparse.Namespace) -> int:
 
 def render_front(data: dict[str, object]) -> str:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     objectives = list(data["objectives"])  # type: ignore[call-overload]
@@ -142,7 +143,7 @@ def render_front(data: dict[str, object]) -> str:
     table.add_column("pipeline")
     for point in data["front"]:  # type: ignore[attr-defined]
         values = [f"{point['values'][o]:.4g}" for o in objectives]
-        table.add_row(str(point["trial"]), *values, point["pipeline"])
+        table.add_row(str(point["trial"]), *values, escape(point["pipeline"]))
     console = Console(width=160, record=True, force_terminal=False, no_color=True)
     with console.capture() as capture:
         console.print(table)

@@ -13,6 +13,7 @@ from typing import TextIO
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -60,7 +61,7 @@ class SearchProgress:
             table.add_row(
                 str(best.number),
                 *[f"{v:.4g}" for v in best.values],
-                str(best.user_attrs.get("pipeline", "")).split("cleanup,")[-1],
+                escape(str(best.user_attrs.get("pipeline", "")).split("cleanup,")[-1]),
             )
         view = Group(Text(line), table)
         if self._live is None:

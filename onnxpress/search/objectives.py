@@ -118,9 +118,14 @@ def load_metric(spec: str) -> Metric:
     return found
 
 
-def model_outputs(model: onnx.ModelProto, eval_set: EvalSet) -> list[np.ndarray]:
-    """Each output of ``model`` over the whole evaluation set (onnxruntime, as users run it)."""
-    batches = run_all(Runner(model, optimized=True), eval_set.batches)
+def model_outputs(
+    model: onnx.ModelProto,
+    eval_set: EvalSet,
+    runner: Callable[[Batch], list[np.ndarray]] | None = None,
+) -> list[np.ndarray]:
+    """Each output of ``model`` over the whole evaluation set: onnxruntime as users run it,
+    or ``runner`` (e.g. a target's emulated int8 arithmetic)."""
+    batches = run_all(runner or Runner(model, optimized=True), eval_set.batches)
     joined = [concatenated(batches, index) for index in range(len(batches[0]))]
     return [
         j if j is not None else np.asarray([b[i] for b in batches], dtype=object)

@@ -2,7 +2,10 @@
 
 A candidate is one pipeline, in a fixed order that makes sense for compression:
 
-    <lossless prefix>, prune-channels{macs,criterion,multiple}, svd{budget}, qdq{...}, toposort
+    <lossless prefix>, svd{budget}, prune-channels{macs,criterion,multiple}, qdq{...}, toposort
+
+(svd first: its data-aware refit reads the original model's layer outputs by name, which a
+pruned layer no longer matches in shape.)
 
 - ``prune-channels``: the share of MACs kept, the channel criterion and, on convolutional
   models, ``multiple=8`` (onnxruntime's blocked conv kernels; docs/BENCHMARKS.md);
@@ -67,6 +70,9 @@ class SearchSpace:
             params["prune.criterion"] = trial.suggest_categorical(
                 "prune.criterion", ["l1", "reconstruction"]
             )
+            params["prune.allocation"] = trial.suggest_categorical(
+                "prune.allocation", ["uniform", "sensitivity"]
+            )
             if self.convolutional:
                 params["prune.multiple"] = trial.suggest_categorical("prune.multiple", [1, 8])
         if self.svd and trial.suggest_categorical("svd", [False, True]):
@@ -89,15 +95,17 @@ class SearchSpace:
     def pipeline(self, params: dict[str, Any]) -> str:
         """The pipeline text of a trial's choices (pasteable into ``optimize --passes``)."""
         steps = [LOSSLESS_PREFIX]
+        if params.get("svd.budget") is not None:
+            steps.append(f"svd{{budget={params['svd.budget']:g}}}")
         if params.get("prune.macs") is not None:
             options = [f"macs={params['prune.macs']:g}"]
             if params.get("prune.criterion", "l1") != "l1":
                 options.append(f"criterion={params['prune.criterion']}")
+            if params.get("prune.allocation", "sensitivity") != "sensitivity":
+                options.append(f"allocation={params['prune.allocation']}")
             if params.get("prune.multiple", 1) != 1:
                 options.append(f"multiple={params['prune.multiple']}")
             steps.append("prune-channels{" + ",".join(options) + "}")
-        if params.get("svd.budget") is not None:
-            steps.append(f"svd{{budget={params['svd.budget']:g}}}")
         if params.get("qdq.method") is not None:
             options = []
             if params["qdq.method"] != "auto":
@@ -137,6 +145,7 @@ class SearchSpace:
             macs = REFERENCE_SETTINGS["prune-channels"]
             prune: dict[str, Any] = {**off, "prune": True, "prune.macs": macs}
             prune["prune.criterion"] = "l1"
+            prune["prune.allocation"] = "sensitivity"
             if self.convolutional:
                 prune["prune.multiple"] = 1
             found[f"prune-channels{{macs={macs:g}}}"] = prune

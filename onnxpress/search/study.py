@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def open_storage(url: str | None, out: Path) -> BaseStorage:
                 f"storage '{url}': expected an RDB URL (sqlite:///file.db) or a journal file "
                 "(journal:PATH or a .journal file)"
             )
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return _rdb_storage(url)
     except SearchError:
         raise
     except Exception as exc:
@@ -60,6 +61,18 @@ def open_storage(url: str | None, out: Path) -> BaseStorage:
         raise SearchError(
             f"storage '{url}' cannot be reached: {type(exc).__name__}: {reason}"
         ) from None
+
+
+def _rdb_storage(url: str, attempts: int = 4) -> RDBStorage:
+    """An RDB storage; workers started together race to create its tables: retry that."""
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:
+            if attempt == attempts - 1 or "IntegrityError" not in type(exc).__name__ + str(exc):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def study_name(*parts: str) -> str:

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 
 from onnxpress.core.calibration_data import CalibrationData
@@ -30,11 +29,8 @@ from onnxpress.core.pipeline import parse_pipeline
 from onnxpress.core.report import Report
 from onnxpress.core.stats import model_stats
 from onnxpress.core.targets import Target, arithmetics, host_target
-from onnxpress.core.task_metric import concatenated
-from onnxpress.core.verify import run_all
 from onnxpress.search.latency import LatencyMeter, LatencyResult
 from onnxpress.search.objectives import (
-    EvalSet,
     Scorer,
     TrialFailed,
     file_size,
@@ -118,7 +114,9 @@ class Evaluator:
             if arithmetic == host or not quantized:
                 outputs = model_outputs(model, self.scorer.eval_set)
             else:
-                outputs = _emulated_outputs(model, self.scorer.eval_set, arithmetic)
+                outputs = model_outputs(
+                    model, self.scorer.eval_set, EmulatedRunner(model, arithmetic)
+                )
             value = self.scorer.score(outputs)
             by_target.update(dict.fromkeys(names, value))
         return min(by_target.values()), by_target
@@ -164,15 +162,6 @@ class Evaluator:
         result = TrialResult(pipeline, compressed, measured, layer_choices(report))
         self._memo[pipeline] = result
         return result
-
-
-def _emulated_outputs(
-    model: onnx.ModelProto, eval_set: EvalSet, arithmetic: Any
-) -> list[np.ndarray]:
-    runner = EmulatedRunner(model, arithmetic)
-    batches = run_all(runner, eval_set.batches)
-    joined = [concatenated(batches, index) for index in range(len(batches[0]))]
-    return [j if j is not None else np.asarray(batches[0][i]) for i, j in enumerate(joined)]
 
 
 def layer_choices(report: Report) -> list[dict[str, Any]]:
