@@ -127,3 +127,18 @@ def test_two_workers_share_one_study(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     stored = json.loads((tmp_path / "out" / "search.json").read_text())
     assert stored["trials_run_now"] == 0 and len(stored["trials"]) == sum(ran)
+
+
+def test_readme_search_example_parses() -> None:
+    """The README's search command names real files and a metric that loads."""
+    import shlex
+
+    from onnxpress.cli.main import _parser
+    from onnxpress.search.objectives import load_metric
+
+    readme = (MODELS.parent / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("onnxpress search models/"))
+    args = _parser().parse_args(shlex.split(line)[1:])
+    for path in (args.model, args.calibration, args.eval):
+        assert (MODELS.parent / path).is_file()
+    assert callable(load_metric(args.metric)) and args.target == ["host"]
