@@ -108,6 +108,7 @@ def fronts(models: list[str], minutes: float, seed: int) -> dict[str, Any]:
                 model, Path(folder), trials=10_000, time_budget=60 * minutes, seed=seed
             )
             outcome = search(config)
+            trials = outcome.trials
         front = _points(outcome)
         checks = []
         for label, accuracy, size, latency in REPORTED.get(model, []):
@@ -130,8 +131,8 @@ def fronts(models: list[str], minutes: float, seed: int) -> dict[str, Any]:
             )
         results[model] = {
             "baseline_accuracy": outcome.baseline.accuracy,
-            "trials": len(outcome.trials),
-            "failed": sum(1 for t in outcome.trials if t.values is None),
+            "trials": len(trials),
+            "failed": sum(1 for t in trials if t.values is None),
             "seconds": outcome.seconds,
             "front": front,
             "references": outcome.references,

@@ -58,7 +58,13 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
         help="hardware the model is built for, repeatable (names of optimize --target; "
         "default: host); accuracy is measured under each one's int8 arithmetic",
     )
-    s.add_argument("--measure", default="ort", help="where latency is measured: ort (this host)")
+    s.add_argument(
+        "--measure",
+        default="ort",
+        help="where latency is measured: ort (onnxruntime here), tvm (a TVM library for the "
+        "first --target, run here) or rpc://HOST:PORT/KEY (that library on the device a TVM "
+        "RPC tracker hands out under KEY; needs the tvm extra)",
+    )
     s.add_argument("--objectives", default="accuracy,latency,size", help="comma-separated")
     s.add_argument("--max-drop", type=float, help="largest accuracy loss a front point may have")
     s.add_argument("--trials", type=int, default=30, help="trials in the study (default 30)")
@@ -102,11 +108,16 @@ def search_command(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(
         optuna.logging.INFO if logging.getLogger().level <= logging.INFO else optuna.logging.WARNING
     )
+    factory = None
+    if config.measure != "ort":
+        from onnxpress.cli.search_tvm import tvm_latency_factory
+
+        factory = tvm_latency_factory(config.measure, config.targets[0])
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     progress = SearchProgress(enabled=not args.json)
     try:
-        outcome = search(config, on_trial=progress)
+        outcome = search(config, on_trial=progress, latency_factory=factory)
     except KeyboardInterrupt:
         progress.clear()
         raise

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -26,8 +27,15 @@ from onnxpress.core.io import prepare_model
 from onnxpress.core.manager import PassManager, VerifyConfig
 from onnxpress.core.pipeline import parse_pipeline
 from onnxpress.core.targets import Target, parse_targets
-from onnxpress.search.latency import OrtLatency
-from onnxpress.search.objectives import EvalSet, Scorer, SearchError, load_metric, model_outputs
+from onnxpress.search.latency import LatencyMeter, OrtLatency
+from onnxpress.search.objectives import (
+    EvalSet,
+    Scorer,
+    SearchError,
+    TrialFailed,
+    load_metric,
+    model_outputs,
+)
 from onnxpress.search.sensitivity import int8_ranking
 from onnxpress.search.space import LOSSLESS_PREFIX, SearchSpace, build_space
 from onnxpress.search.study import (
@@ -43,7 +51,7 @@ from onnxpress.search.trial import OBJECTIVES, Evaluator, Measured, TrialResult
 
 logger = logging.getLogger(__name__)
 
-MEASURES = ("ort",)
+MEASURES = ("ort", "tvm", "rpc://HOST:PORT/KEY")
 LATENCY_BATCH = 64  # samples per timed run (docs/BENCHMARKS.md measures at batch 64)
 
 
@@ -76,8 +84,8 @@ class SearchConfig:
             )
         if "accuracy" not in self.objectives:
             raise SearchError("objectives must include accuracy")
-        if self.measure not in MEASURES:
-            raise SearchError(f"--measure {self.measure}: only {', '.join(MEASURES)} is supported")
+        if self.measure not in ("ort", "tvm") and not self.measure.startswith("rpc://"):
+            raise SearchError(f"--measure {self.measure}: expected {', '.join(MEASURES)}")
         if self.trials < 1:
             raise SearchError(f"--trials must be >= 1, not {self.trials}")
         if self.time_budget is not None and not self.time_budget > 0:
@@ -109,6 +117,8 @@ class SearchOutcome:
 
 
 ProgressHook = Callable[[FrozenTrial, "SearchState"], None]
+# (baseline model, timed batch) -> a latency meter: how --measure tvm|rpc:// is plugged in
+LatencyFactory = Callable[[onnx.ModelProto, dict[str, np.ndarray]], LatencyMeter]
 
 
 @dataclass
@@ -126,8 +136,13 @@ def _digest(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()
 
 
-def search(config: SearchConfig, on_trial: ProgressHook | None = None) -> SearchOutcome:
-    """Run (or resume, or join as a worker) the search; see the module docstring."""
+def search(
+    config: SearchConfig,
+    on_trial: ProgressHook | None = None,
+    latency_factory: LatencyFactory | None = None,
+) -> SearchOutcome:
+    """Run (or resume, or join as a worker) the search; see the module docstring.
+    ``latency_factory`` measures latency elsewhere than onnxruntime here (``--measure``)."""
     started = time.perf_counter()
     config.check()
     targets: tuple[Target, ...] = parse_targets(list(config.targets))
@@ -144,7 +159,12 @@ def search(config: SearchConfig, on_trial: ProgressHook | None = None) -> Search
     scorer = Scorer(eval_set, reference, metric, config.metric or "agreement")
     scorer.score(reference)  # a metric that raises or returns NaN is refused here
     feed = {name: array[:LATENCY_BATCH] for name, array in eval_set.batches[0].items()}
-    meter = OrtLatency(model, feed, rounds=config.latency_rounds)
+    if config.measure == "ort":
+        meter: LatencyMeter = OrtLatency(model, feed, rounds=config.latency_rounds)
+    elif latency_factory is not None:
+        meter = latency_factory(model, feed)
+    else:
+        raise SearchError(f"--measure {config.measure}: no latency factory was given")
     evaluator = Evaluator(
         model, calibration, scorer, meter, targets, config.seed, config.trial_timeout
     )
@@ -184,6 +204,9 @@ def search(config: SearchConfig, on_trial: ProgressHook | None = None) -> Search
         params = space.suggest(trial)
         pipeline = space.pipeline(params)
         trial.set_user_attr("pipeline", pipeline)
+        earlier = _earlier_result(study, pipeline, trial.number)
+        if earlier is not None:  # measured before (by any process): the same model
+            return _repeat(trial, earlier, len(config.objectives))
         result = evaluator.run(pipeline, with_latency)
         measured = result.measured
         trial.set_user_attr("measured", measured.to_json())
@@ -229,7 +252,9 @@ def search(config: SearchConfig, on_trial: ProgressHook | None = None) -> Search
                 "no trial produced a model"
                 + (f" (first failure: {failures[0]})" if failures else "")
             )
-        outcome.front = sorted(study.best_trials, key=lambda t: t.number)
+        # a repeated pipeline is the same model as its first trial: listed once
+        best = [t for t in study.best_trials if "repeats" not in t.user_attrs]
+        outcome.front = sorted(best, key=lambda t: t.number)
         for trial in outcome.front:
             known = memo.get(trial.number)
             if known is None:  # measured by an earlier run or another worker: rebuild it
@@ -237,6 +262,33 @@ def search(config: SearchConfig, on_trial: ProgressHook | None = None) -> Search
             outcome.models[trial.number] = known.model
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+REPEATED_ATTRS = ("measured", "choices", "latency_where", "constraint")
+
+
+def _earlier_result(study: optuna.Study, pipeline: str, number: int) -> FrozenTrial | None:
+    """A finished trial (completed, or failed with a reason) of the same pipeline."""
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number < number and trial.user_attrs.get("pipeline") == pipeline:
+            if trial.state == TrialState.COMPLETE or trial.user_attrs.get(FAILURE):
+                return trial
+    return None
+
+
+def _repeat(trial: optuna.Trial, earlier: FrozenTrial, objectives: int) -> list[float]:
+    """The outcome of ``earlier`` again: samplers may propose a pipeline twice; a pipeline's
+    model is deterministic, so it is not built again."""
+    trial.set_user_attr("repeats", earlier.number)
+    if earlier.state != TrialState.COMPLETE:
+        raise TrialFailed(str(earlier.user_attrs[FAILURE]))
+    for key in REPEATED_ATTRS:
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    if "constraint" in earlier.user_attrs:
+        trial.set_constraint("max-drop", float(earlier.user_attrs["constraint"]))
+    assert earlier.values is not None and len(earlier.values) == objectives
+    return list(earlier.values)
 
 
 def _enqueue_references(study: optuna.Study, space: SearchSpace) -> None:

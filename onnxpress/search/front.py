@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from onnxpress.core.io import save_model
 from onnxpress.search.engine import SearchOutcome
@@ -52,7 +52,11 @@ def trial_json(trial: FrozenTrial, objectives: tuple[str, ...]) -> dict[str, Any
 def search_json(outcome: SearchOutcome) -> dict[str, Any]:
     config = outcome.config
     objectives = config.objectives
-    trials = [trial_json(t, objectives) for t in outcome.study.get_trials(deepcopy=False)]
+    trials = [
+        trial_json(t, objectives)
+        for t in outcome.study.get_trials(deepcopy=False)
+        if t.state != TrialState.WAITING  # queued single-pass pipelines not run yet
+    ]
     return {
         "model": config.model,
         "calibration": config.calibration,

@@ -103,7 +103,7 @@ def test_bad_objectives_and_durations(tmp_path: Path, capsys: pytest.CaptureFixt
     for extra, expect in (
         (["--objectives", "accuracy,speed"], "choose from accuracy, latency, size"),
         (["--time-budget", "soon"], "expected a duration"),
-        (["--measure", "rpc://host:9190/board"], "only ort is supported"),
+        (["--measure", "board"], "expected ort, tvm, rpc://HOST:PORT/KEY"),
     ):
         code = main(_search(*extra, "--out", str(tmp_path / "never")))
         _one_line_error(code, capsys.readouterr().err, expect)
