@@ -9,6 +9,9 @@ single-technique row of docs/BENCHMARKS.md (accuracy, file size and latency rati
 below) is checked for a front point at equal or better accuracy that is no larger and no
 slower. Accuracy is the held-out top-1 (MNIST models) or minus the RMSE in sunspots (GRU).
 
+``workers``: the wall time of N trials by one ``--worker`` process and by two sharing one
+SQLite study (each process one onnxruntime thread; the setup of each process included).
+
 ``random``: the same space and trial budget searched by TPE and by random sampling, 3 seeds
 each, objectives accuracy and size (both deterministic, so the comparison is not latency
 noise); hypervolume of each front (reference: accuracy 0.1 below the float model's, size
@@ -191,6 +194,36 @@ def random_vs_tpe(model: str, trials: int, seeds: int, plot: Path | None) -> dic
     return results
 
 
+def workers(model: str, trials: int) -> dict[str, Any]:
+    """Wall time of ``trials`` trials run by one worker and by two sharing a SQLite study."""
+    import subprocess
+    import sys
+    import time
+
+    results: dict[str, Any] = {}
+    for count in (1, 2):
+        with tempfile.TemporaryDirectory() as folder:
+            config = _config(model, Path(folder))
+            command = [
+                sys.executable, "-m", "onnxpress.cli", "search", config.model,
+                "--calibration", config.calibration, "--eval", str(config.eval_data),
+                "--metric", str(config.metric), "--objectives", "accuracy,size",
+                "--trials", str(trials), "--storage", f"sqlite:///{folder}/study.db",
+                "--out", folder, "--worker", "--json",
+            ]  # fmt: skip
+            start = time.perf_counter()
+            procs = [
+                subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(count)
+            ]
+            ran = [json.loads(p.communicate()[0])["trials_run"] for p in procs]
+            results[f"{count} worker(s)"] = {
+                "seconds": time.perf_counter() - start,
+                "trials_per_worker": ran,
+            }
+        print(json.dumps(results), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -205,8 +238,14 @@ def main() -> None:
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--plot", type=Path)
     b.add_argument("--json", type=Path)
+    c = sub.add_parser("workers")
+    c.add_argument("--model", default="mlp_digits")
+    c.add_argument("--trials", type=int, default=12)
+    c.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.part == "fronts":
+    if args.part == "workers":
+        results = workers(args.model, args.trials)
+    elif args.part == "fronts":
         results = fronts(args.models.split(","), args.minutes, args.seed)
     else:
         results = random_vs_tpe(args.model, args.trials, args.seeds, args.plot)
