@@ -89,3 +89,44 @@ def test_report_embeds_plots_and_escapes_text() -> None:
 def test_without_latency_only_the_size_plot() -> None:
     files = report_files(_data(with_latency=False))
     assert set(files) == {"accuracy_size.png", "report.html"}
+
+
+def test_progress_plain_and_live() -> None:
+    import io
+
+    import optuna
+
+    from onnxpress.report.search_progress import SearchProgress
+    from onnxpress.search.engine import SearchState
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    trial.set_user_attr("pipeline", "fold-constants,cleanup,qdq{exclude=[a]}")
+    study.tell(trial, [0.98, 0.4])
+    failed = study.ask()
+    failed.set_user_attr("failure", "pass 'svd' failed: [boom]")
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    state = SearchState(2, 5, None, study.best_trials, ("accuracy", "size"))
+
+    plain = io.StringIO()
+    progress = SearchProgress(plain)
+    for frozen in study.get_trials():
+        progress(frozen, state)
+    lines = plain.getvalue().splitlines()
+    assert lines == [
+        "trial 0: accuracy 0.98, size 0.4 [2/5]",
+        "trial 1: failed: pass 'svd' failed: [boom] [2/5]",
+    ]
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    live = SearchProgress(screen)
+    for frozen in study.get_trials():
+        live(frozen, state)
+    live.clear()
+    assert (
+        "Pareto front (1 points)" in screen.getvalue() and "qdq{exclude=[a]}" in screen.getvalue()
+    )
