@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt
 from optuna._hypervolume import compute_hypervolume
 
 from onnxpress.search.engine import SearchConfig, search
+from onnxpress.search.study import failed
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -135,7 +136,7 @@ def fronts(models: list[str], minutes: float, seed: int) -> dict[str, Any]:
         results[model] = {
             "baseline_accuracy": outcome.baseline.accuracy,
             "trials": len(trials),
-            "failed": sum(1 for t in trials if t.values is None),
+            "failed": sum(1 for t in trials if failed(t)),
             "seconds": outcome.seconds,
             "front": front,
             "references": outcome.references,

@@ -44,7 +44,7 @@ class SearchProgress:
         left = ""
         if state.deadline is not None:
             left = f", {max(0.0, state.deadline - time.perf_counter()):.0f} s left"
-        if trial.state == TrialState.COMPLETE:
+        if trial.state == TrialState.COMPLETE and not trial.user_attrs.get(FAILURE):
             outcome = _format_values(trial.values, state.objectives)
         else:
             outcome = f"failed: {trial.user_attrs.get(FAILURE, trial.state.name.lower())}"

@@ -42,6 +42,7 @@ from onnxpress.search.study import (
     FAILURE,
     ReplayableSampler,
     counted,
+    measured,
     open_storage,
     open_study,
     run_trials,
@@ -208,16 +209,16 @@ def search(
         if earlier is not None:  # measured before (by any process): the same model
             return _repeat(trial, earlier, len(config.objectives))
         result = evaluator.run(pipeline, with_latency)
-        measured = result.measured
-        trial.set_user_attr("measured", measured.to_json())
+        scores = result.measured
+        trial.set_user_attr("measured", scores.to_json())
         trial.set_user_attr("choices", result.choices)
-        trial.set_user_attr("latency_where", measured.latency.where if measured.latency else "")
+        trial.set_user_attr("latency_where", scores.latency.where if scores.latency else "")
         if config.max_drop is not None:
             floor = baseline.accuracy - config.max_drop
-            trial.set_user_attr("constraint", floor - measured.accuracy)
-            trial.set_constraint("max-drop", floor - measured.accuracy)
+            trial.set_user_attr("constraint", floor - scores.accuracy)
+            trial.set_constraint("max-drop", floor - scores.accuracy)
         memo[trial.number] = result
-        return measured.values(list(config.objectives), baseline)
+        return scores.values(list(config.objectives), baseline)
 
     deadline = started + config.time_budget if config.time_budget is not None else None
 
@@ -227,7 +228,12 @@ def search(
             state = SearchState(done, config.trials, deadline, study.best_trials, config.objectives)
             on_trial(trial, state)
 
-    ran = run_trials(study, objective, config.trials, deadline, time.perf_counter, progress)
+    worst = {"accuracy": baseline.accuracy - 1e3, "latency": 1e3, "size": 1e3}
+    failed_values = [worst[name] for name in config.objectives]
+    extra = ("max-drop",) if config.max_drop is not None else ()
+    ran = run_trials(
+        study, objective, failed_values, config.trials, deadline, time.perf_counter, progress, extra
+    )
     outcome = SearchOutcome(
         config,
         space,
@@ -239,7 +245,7 @@ def search(
         ran=ran,
         sensitivities=errors,
     )
-    complete = [t for t in outcome.trials if t.state == TrialState.COMPLETE]
+    complete = [t for t in outcome.trials if measured(t)]
     if not config.worker:
         if not complete:
             failures = [t.user_attrs.get(FAILURE, "?") for t in outcome.trials]
@@ -271,7 +277,7 @@ def _earlier_result(study: optuna.Study, pipeline: str, number: int) -> FrozenTr
     """A finished trial (completed, or failed with a reason) of the same pipeline."""
     for trial in study.get_trials(deepcopy=False):
         if trial.number < number and trial.user_attrs.get("pipeline") == pipeline:
-            if trial.state == TrialState.COMPLETE or trial.user_attrs.get(FAILURE):
+            if trial.state == TrialState.COMPLETE:
                 return trial
     return None
 
@@ -280,7 +286,7 @@ def _repeat(trial: optuna.Trial, earlier: FrozenTrial, objectives: int) -> list[
     """The outcome of ``earlier`` again: samplers may propose a pipeline twice; a pipeline's
     model is deterministic, so it is not built again."""
     trial.set_user_attr("repeats", earlier.number)
-    if earlier.state != TrialState.COMPLETE:
+    if earlier.user_attrs.get(FAILURE):
         raise TrialFailed(str(earlier.user_attrs[FAILURE]))
     for key in REPEATED_ATTRS:
         if key in earlier.user_attrs:

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from onnxpress.core.io import save_model
 from onnxpress.search.engine import SearchOutcome
-from onnxpress.search.study import FAILURE, INTERRUPTED
+from onnxpress.search.study import FAILURE, INTERRUPTED, failed
 from onnxpress.search.trial import VERIFY_BUDGET
 
 PARETO = "pareto"
@@ -33,10 +33,12 @@ def trial_json(trial: FrozenTrial, objectives: tuple[str, ...]) -> dict[str, Any
     attrs = trial.user_attrs
     return {
         "number": trial.number,
-        "state": trial.state.name.lower(),
+        "state": "fail" if failed(trial) else trial.state.name.lower(),
         "params": dict(trial.params),
         "pipeline": attrs.get("pipeline"),
-        "values": dict(zip(objectives, trial.values, strict=True)) if trial.values else None,
+        "values": dict(zip(objectives, trial.values, strict=True))
+        if trial.values and not failed(trial)
+        else None,
         "measured": attrs.get("measured"),
         "choices": attrs.get("choices", []),
         "latency_measured_on": attrs.get("latency_where") or None,

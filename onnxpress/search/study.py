@@ -36,6 +36,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_JOURNAL = "study.journal"
 INTERRUPTED = "interrupted"  # user attr of a trial stopped by Ctrl-C: not counted, not replayed
 FAILURE = "failure"  # user attr: why a trial failed
+FAILED_CONSTRAINT = "failed"  # 1 for a failed trial: infeasible, so samplers learn from it
 
 
 def open_storage(url: str | None, out: Path) -> BaseStorage:
@@ -78,6 +79,16 @@ def _rdb_storage(url: str, attempts: int = 4) -> RDBStorage:
 def study_name(*parts: str) -> str:
     """A name fixed by what the search measures, so a rerun with other settings is a new study."""
     return "onnxpress-" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def failed(trial: FrozenTrial) -> bool:
+    """A trial that produced no model (refused, not verified, crashed, timed out)."""
+    return trial.state == TrialState.FAIL or bool(trial.user_attrs.get(FAILURE))
+
+
+def measured(trial: FrozenTrial) -> bool:
+    """A trial whose model was built and measured."""
+    return trial.state == TrialState.COMPLETE and not trial.user_attrs.get(FAILURE)
 
 
 def counted(trial: FrozenTrial) -> bool:
@@ -171,14 +182,21 @@ TrialFunction = Callable[[optuna.Trial], list[float]]
 def run_trials(
     study: optuna.Study,
     objective: TrialFunction,
+    failed_values: list[float],
     total: int,
     deadline: float | None,
     clock: Callable[[], float],
     on_trial: Callable[[FrozenTrial], None] | None = None,
+    constraints: tuple[str, ...] = (),
 ) -> int:
     """Ask and tell trials until ``total`` count in the study (all workers together) or the
     deadline passes; return how many this process ran. ``objective`` raises ``TrialFailed``
-    for a failed trial; Ctrl-C marks the running trial interrupted and propagates."""
+    for a failed trial; Ctrl-C marks the running trial interrupted and propagates.
+
+    A failed trial keeps its reason (user attr ``failure``) and is told to Optuna as an
+    infeasible trial with ``failed_values`` (constraint ``failed`` = 1): samplers ignore
+    failed trials (TPE proposed one refused pipeline thousands of times in a row), but they
+    steer away from infeasible ones, and the front never holds one."""
     ran = 0
     while True:
         done = sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
@@ -191,10 +209,13 @@ def run_trials(
             trial.set_user_attr(INTERRUPTED, True)
             study.tell(trial, state=TrialState.FAIL)
             raise
-        except TrialFailed as failed:
-            trial.set_user_attr(FAILURE, str(failed))
-            study.tell(trial, state=TrialState.FAIL)
+        except TrialFailed as failure:
+            trial.set_user_attr(FAILURE, str(failure))
+            for key in (FAILED_CONSTRAINT, *constraints):
+                trial.set_constraint(key, 1.0)
+            study.tell(trial, failed_values)
         else:
+            trial.set_constraint(FAILED_CONSTRAINT, 0.0)
             study.tell(trial, values)
         ran += 1
         if on_trial is not None:

@@ -16,7 +16,7 @@ from onnxpress.search.engine import SearchConfig, search
 from onnxpress.search.front import search_json, write_outputs
 from onnxpress.search.objectives import EvalSet, top1_accuracy
 from onnxpress.search.space import SearchSpace
-from onnxpress.search.study import INTERRUPTED, counted
+from onnxpress.search.study import INTERRUPTED, counted, measured
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
@@ -53,7 +53,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> engine.SearchOutc
 
 def test_front_is_measured_and_non_dominated(uninterrupted: engine.SearchOutcome) -> None:
     outcome = uninterrupted
-    complete = [t for t in outcome.trials if t.values is not None]
+    complete = [t for t in outcome.trials if measured(t)]
     assert len(outcome.trials) == 20 and len(complete) >= 15
     directions = ["maximize", "minimize"]
     for point in outcome.front:
