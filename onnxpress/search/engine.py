@@ -223,10 +223,13 @@ def search(
     deadline = started + config.time_budget if config.time_budget is not None else None
 
     def progress(trial: FrozenTrial) -> None:
+        front = study.best_trials
+        on_front = {t.number for t in front}
+        for number in [n for n in memo if n not in on_front]:
+            del memo[number]  # only the current front's models are kept in memory
         if on_trial is not None:
             done = sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
-            state = SearchState(done, config.trials, deadline, study.best_trials, config.objectives)
-            on_trial(trial, state)
+            on_trial(trial, SearchState(done, config.trials, deadline, front, config.objectives))
 
     worst = {"accuracy": baseline.accuracy - 1e3, "latency": 1e3, "size": 1e3}
     failed_values = [worst[name] for name in config.objectives]

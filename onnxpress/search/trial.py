@@ -8,7 +8,6 @@ target's integer arithmetic: onnxruntime where the target computes like this hos
 emulation of ``onnxpress.core.emulated_runner`` where it does not. The worst target counts.
 
 A refusal, a failed verification, a crash or a timeout is a ``TrialFailed`` with its reason.
-Identical pipelines are evaluated once per process (a sampler may propose one twice).
 """
 
 from __future__ import annotations
@@ -103,7 +102,6 @@ class Evaluator:
         self.targets = targets
         self.seed = seed
         self.trial_timeout = trial_timeout
-        self._memo: dict[str, TrialResult] = {}
 
     def accuracy(self, model: onnx.ModelProto) -> tuple[float, dict[str, float]]:
         """The metric on the evaluation set under each target's arithmetic; the worst."""
@@ -138,8 +136,6 @@ class Evaluator:
 
     def run(self, pipeline: str, with_latency: bool) -> TrialResult:
         """Build and score one pipeline; TrialFailed with the reason when it cannot."""
-        if pipeline in self._memo:
-            return self._memo[pipeline]
         timeout = self.trial_timeout
         expired = TrialFailed(f"timed out after {timeout:g} s (--trial-timeout)" if timeout else "")
         try:
@@ -159,9 +155,7 @@ class Evaluator:
             raise TrialFailed(f"{type(exc).__name__}") from None
         except Exception as exc:
             raise TrialFailed(f"crashed: {type(exc).__name__}: {_one_line(str(exc))}") from None
-        result = TrialResult(pipeline, compressed, measured, layer_choices(report))
-        self._memo[pipeline] = result
-        return result
+        return TrialResult(pipeline, compressed, measured, layer_choices(report))
 
 
 def layer_choices(report: Report) -> list[dict[str, Any]]:
