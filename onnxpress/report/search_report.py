@@ -134,6 +134,7 @@ def render_html(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
         [
             t["number"],
             t["state"] + (" (interrupted)" if t["interrupted"] else ""),
+            "" if t["state"] != "complete" else ("yes" if t.get("feasible", True) else "no"),
             *[(t["values"] or {}).get(o) for o in objectives],
             t["latency_measured_on"],
             t["seconds"],
@@ -162,7 +163,7 @@ Baseline: accuracy {baseline["accuracy"]:.4g}, {baseline["bytes"]:,} bytes, {bas
 <h2>Per-layer choices of each Pareto point</h2>
 <table><tr><th>trial</th><th>choices</th></tr>{choice_rows}</table>
 <h2>All trials</h2>
-{_table(["trial", "state", *objectives, "latency measured on", "seconds", "pipeline", "failure"], trial_rows)}
+{_table(["trial", "state", "within --max-drop", *objectives, "latency measured on", "seconds", "pipeline", "failure"], trial_rows)}
 </body></html>
 """
 
