@@ -18,15 +18,11 @@ import re
 import shutil
 from pathlib import Path
 
-import optuna
-
 from onnxpress.core.io import model_files
-from onnxpress.report.search_progress import SearchProgress
-from onnxpress.report.search_report import report_files
-from onnxpress.search.engine import SearchConfig, search
-from onnxpress.search.front import search_json, write_outputs
 from onnxpress.search.objectives import SearchError
-from onnxpress.search.study import SAMPLERS
+
+# optuna and matplotlib are imported when a search runs: the other commands start without them
+SAMPLERS = ("tpe", "nsga2", "random")  # onnxpress.search.study.SAMPLERS
 
 UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -79,6 +75,13 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def search_command(args: argparse.Namespace) -> int:
+    import optuna
+
+    from onnxpress.report.search_progress import SearchProgress
+    from onnxpress.report.search_report import report_files
+    from onnxpress.search.engine import SearchConfig, search
+    from onnxpress.search.front import search_json, write_outputs
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SearchError(f"--out {out}: exists and is not a folder")

@@ -142,3 +142,10 @@ def test_readme_search_example_parses() -> None:
     for path in (args.model, args.calibration, args.eval):
         assert (MODELS.parent / path).is_file()
     assert callable(load_metric(args.metric)) and args.target == ["host"]
+
+
+def test_samplers_listed_by_the_parser_are_the_study_s() -> None:
+    from onnxpress.cli.search import SAMPLERS as parser_samplers
+    from onnxpress.search.study import SAMPLERS
+
+    assert parser_samplers == SAMPLERS
