@@ -30,7 +30,8 @@ def _format_values(values: list[float] | None, objectives: tuple[str, ...]) -> s
 
 
 class SearchProgress:
-    def __init__(self, stream: TextIO = sys.stderr, enabled: bool = True) -> None:
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        stream = stream if stream is not None else sys.stderr  # as it is now, not at import
         tty = bool(getattr(stream, "isatty", lambda: False)())
         self.console = Console(file=stream, force_terminal=tty, no_color=not tty, highlight=False)
         self.stream = stream

@@ -23,6 +23,7 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.samplers import BaseSampler, NSGAIISampler, RandomSampler, TPESampler
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
@@ -202,7 +203,11 @@ def run_trials(
         done = sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
         if done >= total or (deadline is not None and clock() >= deadline):
             return ran
-        trial = study.ask()
+        try:
+            trial = study.ask()
+        except UpdateFinishedTrialError:
+            # another worker took and finished the queued trial this one was taking
+            continue
         try:
             values = objective(trial)
         except KeyboardInterrupt:
