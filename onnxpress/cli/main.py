@@ -19,6 +19,7 @@ from onnxpress.cli.compile import compile_command, run_command
 from onnxpress.cli.distill import distill_command
 from onnxpress.cli.inspect import inspect_command, passes_command
 from onnxpress.cli.optimize import optimize_command
+from onnxpress.cli.search import add_search_parser, search_command
 from onnxpress.core.errors import OnnxpressError, OutputConflictError, PluginError
 from onnxpress.core.manager import time_limit
 from onnxpress.core.registry import load_plugin_file
@@ -214,6 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     dist.add_argument("--json", action="store_true", help="print the report as JSON")
     dist.add_argument("--in-place", action="store_true", help="allow overwriting the input")
 
+    add_search_parser(sub)
+
     run = sub.add_parser("run", help="run a compiled folder on inputs from an .npz file")
     run.add_argument("folder", help="output folder of 'onnxpress compile'")
     run.add_argument("--inputs", required=True, help=".npz file keyed by input name")
@@ -260,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return compile_command(args)
         if args.command == "run":
             return run_command(args)
+        if args.command == "search":
+            return search_command(args)
     except KeyboardInterrupt:
         print("\nonnxpress: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -7,15 +7,7 @@ tunes through them; it needs tornado (the tracker's event loop), a dev dependenc
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +16,7 @@ import onnx
 import pytest
 from helpers import make_mlp, run_cli
 from onnx import TensorProto, helper, numpy_helper
+from tvm_rpc import RPC_KEY, free_port, loopback_rpc_device
 
 pytest.importorskip("tvm")
 
@@ -33,7 +26,6 @@ from onnxpress.backends.tvm.tune import TuneOptions, TuningError, TuningProgress
 from onnxpress.backends.tvm.tune_db import LEDGER
 
 SHAPES = {"x": [2, 8]}
-RPC_KEY = "onnxpress-test"
 
 
 def _records(db: Path) -> list[str]:
@@ -167,7 +159,7 @@ def test_bad_rpc_and_tuning_options_are_one_line_errors(tmp_path: Path) -> None:
             "x86",
             tmp_path / "o",
             input_shapes=SHAPES,
-            tuning=TuneOptions(2, tmp_path / "db", RpcSpec("127.0.0.1", _free_port(), "k")),
+            tuning=TuneOptions(2, tmp_path / "db", RpcSpec("127.0.0.1", free_port(), "k")),
         )
     assert not (tmp_path / "o").exists()
     done = run_cli("compile", "m.onnx", "--tune-trials", "2", "--rpc", "tracker", "-o", "x")
@@ -178,71 +170,12 @@ def test_bad_rpc_and_tuning_options_are_one_line_errors(tmp_path: Path) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(  # own session: its popen workers go with it
-            [sys.executable, "-m", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
 @pytest.fixture
 def rpc_device(tmp_path: Path) -> Iterator[tuple[RpcSpec, Path]]:
     """A TVM RPC tracker and one server registered under RPC_KEY, both on 127.0.0.1."""
-    if importlib.util.find_spec("tornado") is None:
-        pytest.skip("the TVM RPC tracker needs tornado")
-    from tvm import rpc
-
-    port = _free_port()
-    server_log = tmp_path / "server.log"
-    tracker = _start(
-        [
-            "tvm.exec.rpc_tracker",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--port-end",
-            str(port + 1),
-        ],
-        tmp_path / "tracker.log",
-    )
-    server = _start(
-        [
-            "tvm.exec.rpc_server",
-            "--host",
-            "127.0.0.1",
-            f"--tracker=127.0.0.1:{port}",
-            "--key",
-            RPC_KEY,
-        ],
-        server_log,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                queues = rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"]
-                if queues.get(RPC_KEY, {}).get("free"):
-                    break
-            except Exception:  # not up yet
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "tracker.log").read_text()
-            time.sleep(0.3)
-        yield RpcSpec("127.0.0.1", port, RPC_KEY), server_log
-    finally:
-        for process in (server, tracker):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
+    with loopback_rpc_device(tmp_path) as (spec, log):
+        assert isinstance(spec, RpcSpec)
+        yield spec, log
 
 
 def test_tuning_measures_on_an_rpc_device(tmp_path: Path, rpc_device: tuple[RpcSpec, Path]) -> None:
