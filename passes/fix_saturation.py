@@ -30,7 +30,7 @@ from onnxpress.core.registry import register_pass
 class FixSaturationOptions:
     remedy: Literal["auto", "reround", "narrow", "u8"] = "auto"
     margin: float = 1.25  # headroom over the activation bytes seen in calibration data
-    tolerance: float = 0.01  # auto: rel-L2 a fast remedy may add to a layer before u8
+    tolerance: float = 0.002  # auto: rel-L2 a fast remedy may add to a layer before u8
     batches: int = 8  # calibration batches measured
 
     def __post_init__(self) -> None:

@@ -124,7 +124,7 @@ class QdqOptions:
     # saturation-tolerance, else u8 weights (exact, slower kernels); off = never
     saturation: Literal["auto", "reround", "narrow", "u8", "off"] = "auto"
     saturation_margin: float = 1.25  # headroom over the activation bytes seen in calibration
-    saturation_tolerance: float = 0.01  # rel-L2 of a layer's output vs exact int32 sums
+    saturation_tolerance: float = 0.002  # rel-L2 of a layer's output vs exact int32 sums
     # GRU/LSTM/RNN weights: int8 weight-only (4x smaller, but onnxruntime dequantizes them on
     # every run: slower than float) or float; auto = float when --target names the hardware
     # (speed), int8 otherwise (size)

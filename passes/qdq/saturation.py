@@ -66,7 +66,7 @@ class Policy:
 
     remedy: str = "auto"
     margin: float = 1.25
-    tolerance: float = 0.01
+    tolerance: float = 0.002
 
 
 @dataclass
