@@ -26,7 +26,6 @@ reason counted in the result.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +49,7 @@ from onnxpress.backends.tvm.int8_patterns import (
     Window,
     constant_value,
     op_name,
+    signed_weight,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,14 +130,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             dq = self._dequantized(expr)
             if dq is None or dq.constant is None:
                 raise Refused("weight is not a dequantized constant")
-            if dq.dtype == "uint8" and dq.constant is not None and np.all(dq.zero_point == 128):
-                # u8 weights made saturation-safe for onnxruntime: the same int8 values
-                dq = replace(
-                    dq,
-                    dtype="int8",
-                    constant=(dq.constant.astype(np.int16) - 128).astype(np.int8),
-                    zero_point=np.zeros_like(dq.zero_point, dtype=np.int8),
-                )
+            dq = signed_weight(dq)
             if dq.dtype != "int8":
                 raise Refused(f"{dq.dtype} weight")
             if np.any(dq.zero_point != 0):

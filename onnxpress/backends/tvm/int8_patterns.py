@@ -5,7 +5,7 @@ like (``Dequantized``), the rewrite's record (``Int8Lowering``), a refusal with 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -74,3 +74,16 @@ class Window(NamedTuple):
 
 class Refused(Exception):
     """A quantized op that this rewrite leaves in float (the message is the reason)."""
+
+
+def signed_weight(dq: Dequantized) -> Dequantized:
+    """u8 weights with zero point 128 (qdq's saturation remedy for onnxruntime) as the int8
+    values they hold; any other weight unchanged."""
+    if dq.dtype != "uint8" or dq.constant is None or not np.all(dq.zero_point == 128):
+        return dq
+    return replace(
+        dq,
+        dtype="int8",
+        constant=(dq.constant.astype(np.int16) - 128).astype(np.int8),
+        zero_point=np.zeros_like(dq.zero_point, dtype=np.int8),
+    )
