@@ -223,12 +223,20 @@ def bidirectional(
     return make(net, inputs, ["y"])
 
 
-def make(net: Net, inputs: dict[str, Any], outputs: list[str]) -> onnx.ModelProto:
-    """A checked model; output types come from shape inference."""
+def make(
+    net: Net, inputs: dict[str, Any], outputs: list[str], lengths: str = ""
+) -> onnx.ModelProto:
+    """A checked model; output types come from shape inference. ``lengths`` names an int32
+    [batch] input, after the float ones."""
+    values = [
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs.items()
+    ]
+    if lengths:
+        values.append(helper.make_tensor_value_info(lengths, onnx.TensorProto.INT32, ["batch"]))
     graph = helper.make_graph(
         net.nodes,
         "cells",
-        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s) for n, s in inputs.items()],
+        values,
         [],
         [numpy_helper.from_array(v, n) for n, v in net.inits.items()],
     )

@@ -184,3 +184,40 @@ def lstm_cell_loop(
     x = torch.randn(2, steps, IN) if batch_first else torch.randn(steps, 2, IN)
     axes = {"x": 0 if batch_first else 1} if dynamic else None
     return export(Loop(), (x,), ["x"], ["y", "h", "c"], axes)
+
+
+def masked_loop(kind: str, steps: int, direction: str, batch_first: bool = True) -> onnx.ModelProto:
+    """GRUCell/LSTMCell loops over a padded batch x with lengths ``lens`` (the usual export of
+    packed sequences): past a row's length the state is kept and the output is zero. One
+    loop forward or reverse, or both joined by Concat; outputs y and each final h."""
+    torch = pytest.importorskip("torch")
+    cell_type = {"gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}[kind]
+    runs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+
+    class Masked(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells = torch.nn.ModuleList(cell_type(IN, HID) for _ in runs)
+
+        def run(self, cell: Any, x: Any, lens: Any, backwards: bool) -> tuple[Any, Any]:
+            zero = torch.zeros(x.shape[0 if batch_first else 1], HID)
+            state = (zero,) if kind == "gru" else (zero, zero)
+            outputs = {}
+            for t in reversed(range(steps)) if backwards else range(steps):
+                new = cell(x[:, t] if batch_first else x[t], state[0] if kind == "gru" else state)
+                new = (new,) if kind == "gru" else new
+                keep = (t < lens).unsqueeze(1)
+                state = tuple(torch.where(keep, n, s) for n, s in zip(new, state, strict=True))
+                outputs[t] = torch.where(keep, new[0], torch.zeros_like(new[0]))
+            stacked = torch.stack([outputs[t] for t in range(steps)], 1 if batch_first else 0)
+            return stacked, state[0]
+
+        def forward(self, x: Any, lens: Any) -> Any:
+            done = [self.run(c, x, lens, b) for c, b in zip(self.cells, runs, strict=True)]
+            return torch.cat([d[0] for d in done], -1), *(d[1] for d in done)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, steps, IN) if batch_first else torch.randn(steps, 2, IN)
+    finals = [f"h{k}" for k in range(len(runs))]
+    axes = {"x": 0 if batch_first else 1, "lens": 0}
+    return export(Masked(), (x, torch.tensor([steps, 1])), ["x", "lens"], ["y", *finals], axes)

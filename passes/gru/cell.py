@@ -30,6 +30,7 @@ from onnxpress.passes.gru.graph import (
     describe_node,
     producer,
 )
+from onnxpress.passes.gru.mask import Mask
 
 CELL_OPS = ELEMENTWISE | SLICING | PROJECTIONS | {"Concat", "Transpose"}
 MAX_UPDATE_DEPTH = 4  # elementwise nodes between n and h'
@@ -48,6 +49,7 @@ class CellMatch:
     z_keeps_state: bool  # True: h' = (1-z)*n + z*h;  False: h' = z*n + (1-z)*h
     gate_sigmoids: list[gs.Node]
     nodes: dict[int, gs.Node] = field(default_factory=dict)  # id(node) -> node
+    mask: Mask | None = None  # set when the states are masked by a length (mask.py)
 
     @property
     def name(self) -> str:

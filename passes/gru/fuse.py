@@ -45,6 +45,13 @@ from onnxpress.passes.gru.fusion import (
     without_dead_readers,
 )
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
+from onnxpress.passes.gru.mask import (
+    attach_masks,
+    check_masks,
+    sequence_lens,
+    state_out,
+    step_views,
+)
 from onnxpress.passes.gru.outputs import StepOutputs
 from onnxpress.passes.gru.pair import FusedRnn
 from onnxpress.passes.gru.probe import CellSpec, GruWeights, probe_weights, self_check
@@ -80,6 +87,7 @@ class GruCandidate:
     head: CellMatch | None = None  # a first step that differs, kept if it matches from zeros
     weights: GruWeights | None = None
     error: float = 0.0
+    lengths: gs.Tensor | None = None  # the lengths the cells are masked by, if any
 
 
 class FuseGruRule(Rule[GruCandidate]):
@@ -119,7 +127,10 @@ class FuseGruRule(Rule[GruCandidate]):
             lambda node: match_cell(index, node, self.types),
             lambda name, reason: GruCandidate(name, problem=reason),
         )
-        for chain in link_chains(cells, lambda c: id(c.h), lambda c: id(c.h_new)):
+        cells, refused = attach_masks(index, self.types, cells, lambda c: {"h": (c.h_new, c.h)})
+        found.extend(GruCandidate(name, problem=reason) for name, reason in refused)
+        next_state = lambda c: id(state_out(c, "h", c.h_new))  # noqa: E731
+        for chain in link_chains(cells, lambda c: id(c.h), next_state):
             found.extend(self._runs(chain))
         return found
 
@@ -190,6 +201,11 @@ class FuseGruRule(Rule[GruCandidate]):
                 self.refusals.append(Refusal(match.head.name, _per_step([match.head, first], 0)))
                 if len(match.cells) == 1:
                     return _per_step([match.head, first], 1)
+        zero_start = is_zero(self.index, match.cells[0].h)
+        lengths = check_masks(self.model, self.index, self.types, match.cells, zero_start)
+        if isinstance(lengths, str):
+            return lengths
+        match.lengths = lengths
         return None
 
     def _hidden(self, cell: CellMatch) -> int:
@@ -225,6 +241,9 @@ class FuseGruRule(Rule[GruCandidate]):
             emit.const("B", weights.B),
         ]
         zero_start = is_zero(index, cells[0].h)
+        if match.lengths is not None:
+            elem = self.types[match.lengths.name][0]
+            inputs.append(sequence_lens(emit, match.lengths, elem, len(cells)))
         if not zero_start:
             inputs += [
                 gs.Variable.empty(),
@@ -246,14 +265,25 @@ class FuseGruRule(Rule[GruCandidate]):
             ],
             name=unique_name(graph, rule_node_name(self, match.anchor), emit.taken),
         )
-        outputs = StepOutputs(emit, index, cells, reverse, y, y_last)
+        masked = match.lengths is not None
+        views = step_views(cells) if masked else cells
+        outputs = StepOutputs(emit, index, views, reverse, y, y_last, masked)
         batch = self._dims(cells[0].x)[0]
         outputs.rewire(self.types, (TensorProto.FLOAT, [len(cells), batch, spec.hidden]))
+        if masked:
+            outputs.last_state(state_out(cells[-1], "h", cells[-1].h_new), y_last)
         if outputs.concat is not None:
             self.replaced.append(outputs.concat)
         self.replaced.extend(node for cell in cells for node in cell.nodes.values())
         self.fused.append(
-            FusedRnn(y.inputs[0], source, outputs.stacked, outputs.stacked_axis, not zero_start)
+            FusedRnn(
+                y.inputs[0],
+                source,
+                outputs.stacked,
+                outputs.stacked_axis,
+                not zero_start,
+                match.lengths,
+            )
         )
         logger.debug("fuse-gru: %d cells from %s into one GRU", len(cells), match.anchor)
         return {
@@ -269,6 +299,7 @@ class FuseGruRule(Rule[GruCandidate]):
             "update": "(1-z)*n + z*h" if spec.z_keeps_state else "z*n + (1-z)*h, z negated",
             "layout": layout,
             "initial_state": "zeros" if zero_start else cells[0].h.name,
+            "sequence_lens": match.lengths.name if match.lengths is not None else None,
             "stacked_output": outputs.stacked.name if outputs.stacked is not None else None,
             "self_check_max_abs_error": match.error,
         }

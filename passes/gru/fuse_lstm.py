@@ -25,7 +25,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 from onnxpress.passes.gru.cell import cell_signature
-from onnxpress.passes.gru.emit import Emitter, gate_order, is_zero, sequence_input
+from onnxpress.passes.gru.emit import (
+    Emitter,
+    gate_order,
+    is_zero,
+    sequence_input,
+)
 from onnxpress.passes.gru.fusion import (
     ChainOptions,
     link_chains,
@@ -37,6 +42,13 @@ from onnxpress.passes.gru.fusion import (
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
 from onnxpress.passes.gru.lstm_cell import LstmCellMatch, is_cell_output, match_lstm_cell
 from onnxpress.passes.gru.lstm_probe import LstmSpec, LstmWeights, lstm_self_check, probe_lstm
+from onnxpress.passes.gru.mask import (
+    attach_masks,
+    check_masks,
+    sequence_lens,
+    state_out,
+    step_views,
+)
 from onnxpress.passes.gru.outputs import StepOutputs
 from onnxpress.passes.gru.pair import FusedRnn
 
@@ -64,6 +76,7 @@ class LstmCandidate:
     head: LstmCellMatch | None = None  # a first step from zeros that differs (folded h @ R)
     weights: LstmWeights | None = None
     error: float = 0.0
+    lengths: gs.Tensor | None = None  # the lengths the cells are masked by, if any
 
 
 class FuseLstmRule(Rule[LstmCandidate]):
@@ -97,8 +110,12 @@ class FuseLstmRule(Rule[LstmCandidate]):
             lambda node: match_lstm_cell(index, node, self.types),
             lambda name, reason: LstmCandidate(name, problem=reason),
         )
+        cells, refused = attach_masks(index, self.types, cells, _states)
+        found.extend(LstmCandidate(name, problem=reason) for name, reason in refused)
         chains = link_chains(
-            cells, lambda c: (id(c.h), id(c.c)), lambda c: (id(c.h_new), id(c.c_new))
+            cells,
+            lambda c: (id(c.h), id(c.c)),
+            lambda c: (id(state_out(c, "h", c.h_new)), id(state_out(c, "c", c.c_new))),
         )
         for chain in chains:
             found.extend(self._runs(chain))
@@ -162,6 +179,11 @@ class FuseLstmRule(Rule[LstmCandidate]):
                 match.anchor = match.head.name
             else:
                 self.refusals.append(Refusal(match.head.name, _per_step(match.head, len(cells))))
+        zero_start = _zero_start(self.index, match.cells[0])
+        lengths = check_masks(self.model, self.index, self.types, match.cells, zero_start)
+        if isinstance(lengths, str):
+            return lengths
+        match.lengths = lengths
         return None
 
     def _spec(self, cell: LstmCellMatch) -> LstmSpec:
@@ -189,8 +211,12 @@ class FuseLstmRule(Rule[LstmCandidate]):
         inputs = [sequence, *(emit.const(k, getattr(weights, k)) for k in ("W", "R", "B"))]
         first = cells[0]
         zero_start = _zero_start(index, first)
+        if match.lengths is not None:
+            elem = self.types[match.lengths.name][0]
+            inputs.append(sequence_lens(emit, match.lengths, elem, len(cells)))
         if not zero_start or weights.P is not None:
-            inputs.append(gs.Variable.empty())
+            if match.lengths is None:
+                inputs.append(gs.Variable.empty())
             for state in (first.h, first.c):
                 inputs.append(
                     gs.Variable.empty()
@@ -209,18 +235,23 @@ class FuseLstmRule(Rule[LstmCandidate]):
             [gs.Variable(emit.name(n), dtype=np.float32) for n in ("Y", "Y_h", "Y_c")],
             name=unique_name(graph, rule_node_name(self, match.anchor), emit.taken),
         )
-        outputs = StepOutputs(emit, index, cells, reverse, y, y_last)
+        masked = match.lengths is not None
+        views = step_views(cells) if masked else cells
+        outputs = StepOutputs(emit, index, views, reverse, y, y_last, masked)
         batch = self._dims(first.x)[0]
         outputs.rewire(self.types, (TensorProto.FLOAT, [len(cells), batch, spec.hidden]))
-        last_c = cells[-1].c_new
-        if last_c.outputs or any(last_c is o for o in graph.outputs):
-            emit.one("Squeeze", [c_last, emit.const("axes", [0])], output=last_c)
+        last = cells[-1]
+        if masked:
+            outputs.last_state(state_out(last, "h", last.h_new), y_last)
+        outputs.last_state(state_out(last, "c", last.c_new), c_last)
         if outputs.concat is not None:
             self.replaced.append(outputs.concat)
         self.replaced.extend(node for cell in cells for node in cell.nodes.values())
         node = y.inputs[0]
         self.fused.append(
-            FusedRnn(node, source, outputs.stacked, outputs.stacked_axis, not zero_start)
+            FusedRnn(
+                node, source, outputs.stacked, outputs.stacked_axis, not zero_start, match.lengths
+            )
         )
         return {
             "node": node.name,
@@ -234,9 +265,14 @@ class FuseLstmRule(Rule[LstmCandidate]):
             "peepholes": weights.P is not None,
             "layout": layout,
             "initial_state": "zeros" if zero_start else f"{first.h.name}, {first.c.name}",
+            "sequence_lens": match.lengths.name if match.lengths is not None else None,
             "stacked_output": outputs.stacked.name if outputs.stacked is not None else None,
             "self_check_max_abs_error": match.error,
         }
+
+
+def _states(cell: LstmCellMatch) -> dict[str, tuple[gs.Tensor, gs.Tensor]]:
+    return {"h": (cell.h_new, cell.h), "c": (cell.c_new, cell.c)}
 
 
 def _zero_start(index: GraphIndex, cell: LstmCellMatch) -> bool:

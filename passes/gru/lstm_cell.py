@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnxpress.passes.gru.cell import read_outside, walk_cell
 from onnxpress.passes.gru.emit import is_zero
 from onnxpress.passes.gru.graph import SLICING, GraphIndex, TensorTypes, producer
+from onnxpress.passes.gru.mask import MASK_OPS, Mask
 
 
 @dataclass
@@ -36,6 +37,7 @@ class LstmCellMatch:
     gates: dict[str, gs.Tensor]  # i, f, g, o as the cell uses them (after any slicing)
     activations: dict[str, gs.Node]  # the Sigmoid of i, f, o and the Tanh of g
     nodes: dict[int, gs.Node] = field(default_factory=dict)  # id(node) -> node
+    mask: Mask | None = None  # set when the states are masked by a length (mask.py)
 
     @property
     def name(self) -> str:
@@ -207,8 +209,14 @@ def _recurrent_state(
     return "cannot tell the step input from the state h (both are inputs of width hidden)"
 
 
-def _is_cell_output(t: gs.Tensor) -> bool:
+def _is_cell_output(t: gs.Tensor, depth: int = 0) -> bool:
+    """Whether ``t`` is o * tanh(c), or that state kept by a length mask (Where, m*h + ...)."""
     node = producer(t)
+    if node is not None and node.op in MASK_OPS and node.op != "Mul" and depth < 3:
+        return any(_is_cell_output(i, depth + 1) for i in node.inputs)
+    if node is not None and node.op == "Mul" and depth < 3:
+        if any(_is_cell_output(i, depth + 1) for i in node.inputs if producer(i) is not node):
+            return True
     return (
         node is not None
         and node.op == "Mul"

@@ -31,9 +31,11 @@ class StepOutputs:
         reverse: bool,
         y: gs.Tensor,
         y_last: gs.Tensor,
+        masked: bool = False,
     ) -> None:
         self.emit, self.index, self.cells, self.reverse = emit, index, cells, reverse
         self.y, self.y_last = y, y_last
+        self.masked = masked  # step outputs differ from the final state: never from Y_h
         self.concat: gs.Node | None = None  # the stacking Concat, replaced
         self.stacked: gs.Tensor | None = None  # its output, now written from Y
         self.stacked_axis = 0
@@ -71,7 +73,7 @@ class StepOutputs:
             for t, unsqueeze in enumerate(unsqueezes):
                 readers[by_time[t]].remove(unsqueeze)
         wanted = [k for k in range(len(cells)) if readers[k] or outputs[k]]
-        if self.steps is None and any(k + 1 < len(cells) for k in wanted):
+        if self.steps is None and any(k + 1 < len(cells) or self.masked for k in wanted):
             self.steps = emit.one("Squeeze", [self.y, emit.const("axes", [1])])
         if self.steps is not None:  # a later chain (a stacked layer) can take its X from here
             types[self.steps.name] = steps_type
@@ -81,3 +83,8 @@ class StepOutputs:
             else:
                 step = emit.const("step", np.array(self.time_of(k), np.int64))
                 emit.one("Gather", [self.steps, step], {"axis": 0}, output=cells[k].h_new)
+
+    def last_state(self, state: gs.Tensor, final: gs.Tensor) -> None:
+        """The chain's last (kept) state from the op's Y_h or Y_c, where it is read."""
+        if state.outputs or id(state) in self.index.outputs:
+            self.emit.one("Squeeze", [final, self.emit.const("axes", [0])], output=state)

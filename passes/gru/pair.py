@@ -36,6 +36,7 @@ class FusedRnn:
     stacked: gs.Tensor | None  # the stacked step output it now writes, if any
     stacked_axis: int
     has_initial_state: bool
+    lengths: gs.Tensor | None = None  # what sequence_lens is computed from, if masked
 
     @property
     def reverse(self) -> bool:
@@ -46,7 +47,16 @@ class FusedRnn:
             return None
         attrs = {k: v for k, v in self.node.attrs.items() if k != "direction"}
         s = self.source
-        return (self.node.op, id(s.data), s.axis, s.start, s.length, repr(sorted(attrs.items())))
+        lengths = id(self.lengths) if self.lengths is not None else None
+        return (
+            self.node.op,
+            id(s.data),
+            s.axis,
+            s.start,
+            s.length,
+            lengths,
+            repr(sorted(attrs.items())),
+        )
 
 
 def _weight(node: gs.Node, k: int, like: np.ndarray) -> np.ndarray:
@@ -92,23 +102,18 @@ def record_pairs(details: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> 
 def _merge(graph: gs.Graph, ahead: FusedRnn, back: FusedRnn, dead: list[gs.Node]) -> dict[str, Any]:
     op, f, r = ahead.node.op, ahead.node, back.node
     emit = Emitter(graph, f.name)
-    inputs: list[gs.Tensor] = [f.inputs[0]]
+    names = {1: "W", 2: "R", 3: "B", 7: "P"}
+    given: dict[int, gs.Tensor] = {0: f.inputs[0]}
+    if len(f.inputs) > 4 and f.inputs[4].name:  # sequence_lens: the same lengths in both
+        given[4] = f.inputs[4]
     for k in WEIGHT_INPUTS[op]:
-        both = [_weight(n, k, _weight(m, k, np.zeros(0))) for n, m in ((f, r), (r, f))]
-        names = {1: "W", 2: "R", 3: "B", 7: "P"}
-        present = any(k < len(n.inputs) and n.inputs[k].name for n in (f, r))
-        while len(inputs) < k:
-            inputs.append(gs.Variable.empty())
-        inputs.append(
-            emit.const(names[k], np.concatenate(both)) if present else gs.Variable.empty()
-        )
+        if any(k < len(n.inputs) and n.inputs[k].name for n in (f, r)):
+            both = [_weight(n, k, _weight(m, k, np.zeros(0))) for n, m in ((f, r), (r, f))]
+            given[k] = emit.const(names[k], np.concatenate(both))
     if ahead.has_initial_state:
         for k in STATE_INPUTS[op]:
-            while len(inputs) < k:
-                inputs.append(gs.Variable.empty())
-            inputs.append(emit.one("Concat", [f.inputs[k], r.inputs[k]], {"axis": 0}))
-    while inputs and not inputs[-1].name:
-        inputs.pop()
+            given[k] = emit.one("Concat", [f.inputs[k], r.inputs[k]], {"axis": 0})
+    inputs = [given.get(k, gs.Variable.empty()) for k in range(max(given) + 1)]
     attrs = {**f.attrs, "direction": "bidirectional"}
     count = len(f.outputs)
     outs = [gs.Variable(emit.name(n), dtype=np.float32) for n in ("Y", "Y_h", "Y_c")[:count]]

@@ -1,0 +1,374 @@
+"""Cells masked by sequence length, for fuse-gru and fuse-lstm: the ``sequence_lens`` input.
+
+The usual export of a padded batch keeps each state where the step is past the length and
+zeroes the output there (torch ``where``, Keras arithmetic, any operand order):
+  kept = Where(m_t, h', h)   or  m_t*h' + (1-m_t)*h       (for an LSTM, c too)
+  out  = Where(m_t, h', 0)   or  m_t*h'                   (optional: the step output)
+  m_t  = t < L  for a rank-1 integer tensor L of lengths, in any form (Greater, Less,
+         a precomputed [B, T] mask sliced per step, Cast to float, Unsqueeze ...)
+which is ONNX's GRU/LSTM with sequence_lens = L (clipped to [0, T]): Y zero past the
+length, Y_h the last valid state; a reverse loop starts at step L-1. ``find_mask`` matches
+kept and out around one cell by evaluating the expressions on random values;
+``lengths_of`` finds L and checks numerically, on onnxruntime, that every step's mask is
+``t < L`` for lengths -1..T+1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto
+from onnxpress.passes.gru.emit import Emitter, is_zero, sequence_source
+from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, producer
+from onnxpress.passes.gru.probe import submodel
+
+from onnxpress.core.verify import Runner
+
+CellT = TypeVar("CellT")
+MASK_OPS = frozenset({"Where", "Mul", "Add", "Sub", "Neg", "Not", "Cast"})
+MAX_DEPTH = 4
+INTEGER_TYPES = frozenset(
+    {TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64}
+    | {TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32}
+)
+
+
+@dataclass
+class Mask:
+    """How one cell's results are masked: the mask, the kept states, the zeroed output."""
+
+    mask: gs.Tensor  # m_t, [batch, 1] or [batch, hidden], bool or 0/1
+    kept: dict[str, gs.Tensor]  # state ('h', 'c') -> the state the next step reads
+    out: gs.Tensor | None  # the zeroed step output, if the loop has one
+    nodes: dict[int, gs.Node] = field(default_factory=dict)
+
+
+@dataclass
+class StepView:
+    """A masked cell as StepOutputs sees it: its step output is the zeroed one."""
+
+    x: gs.Tensor
+    h: gs.Tensor
+    h_new: gs.Tensor
+    nodes: dict[int, gs.Node]
+    name: str
+
+
+def _expression(
+    index: GraphIndex,
+    t: gs.Tensor,
+    new: gs.Tensor,
+    old: gs.Tensor,
+    depth: int,
+    leaves: dict[int, gs.Tensor],
+    nodes: list[gs.Node],
+) -> tuple:
+    if t is new:
+        return ("new",)
+    if t is old:
+        return ("old",)
+    value = index.literal(t)
+    if value is not None and value.size == 1:
+        return ("c", float(value.ravel()[0]))
+    if is_zero(index, t):
+        return ("c", 0.0)
+    node = producer(t)
+    if node is None or node.op not in MASK_OPS or depth >= MAX_DEPTH or index.is_const(t):
+        leaves[id(t)] = t
+        return ("m",)
+    nodes.append(node)
+    return (
+        node.op,
+        *(_expression(index, i, new, old, depth + 1, leaves, nodes) for i in node.inputs),
+    )
+
+
+def _evaluate(expr: tuple, env: dict[str, np.ndarray]) -> np.ndarray:
+    tag = expr[0]
+    if tag == "c":
+        return np.asarray(expr[1])
+    if tag in env:
+        return env[tag]
+    args = [_evaluate(a, env) for a in expr[1:]]
+    if tag == "Where":
+        return np.where(args[0] != 0, args[1], args[2])
+    if tag == "Cast":
+        return args[0].astype(np.float64)
+    if tag == "Neg":
+        return -args[0]
+    if tag == "Not":
+        return 1.0 - (args[0] != 0)
+    return {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[tag](args[0], args[1])
+
+
+def _classify(
+    index: GraphIndex, types: TensorTypes, t: gs.Tensor, new: gs.Tensor, old: gs.Tensor
+) -> tuple[str, gs.Tensor, list[gs.Node]] | None:
+    """('kept' | 'out', mask, nodes) when ``t`` is Where(m, new, old) or Where(m, new, 0)
+    for a boolean m (used through Cast and Not too; a float gate is no mask)."""
+    leaves: dict[int, gs.Tensor] = {}
+    nodes: list[gs.Node] = []
+    expr = _expression(index, t, new, old, 0, leaves, nodes)
+    if len(leaves) != 1 or not nodes:
+        return None
+    if types.get(next(iter(leaves.values())).name, (0, []))[0] != TensorProto.BOOL:
+        return None
+    rng = np.random.default_rng(0)
+    env = {
+        "new": rng.uniform(-1, 1, (6, 5)),
+        "old": rng.uniform(-1, 1, (6, 5)),
+        "m": np.array([[1.0], [0.0], [1.0], [0.0], [0.0], [1.0]]),
+    }
+    try:
+        value = np.broadcast_to(_evaluate(expr, env), env["new"].shape)
+    except (ValueError, KeyError, IndexError):
+        return None
+    mask = next(iter(leaves.values()))
+    for kind, other in (("kept", env["old"]), ("out", 0.0)):
+        if np.allclose(value, np.where(env["m"] != 0, env["new"], other), rtol=0, atol=1e-12):
+            return kind, mask, nodes
+    return None
+
+
+def _candidates(
+    index: GraphIndex,
+    types: TensorTypes,
+    new: gs.Tensor,
+    old: gs.Tensor,
+    cell_nodes: dict[int, gs.Node],
+) -> list[tuple[str, gs.Tensor, gs.Tensor, list[gs.Node]]]:
+    """(kind, tensor, mask, nodes) for each masking expression a few nodes after ``new``."""
+    found = []
+    level, seen = [new], set()
+    for _ in range(MAX_DEPTH):
+        following = []
+        for t in level:
+            for node in t.outputs:
+                if node.op not in MASK_OPS or id(node) in seen or id(node) in cell_nodes:
+                    continue
+                seen.add(id(node))
+                following.extend(node.outputs)
+                match = _classify(index, types, node.outputs[0], new, old)
+                if match is not None:
+                    found.append((match[0], node.outputs[0], match[1], match[2]))
+        level = following
+    return found
+
+
+def find_mask(
+    index: GraphIndex,
+    types: TensorTypes,
+    states: dict[str, tuple[gs.Tensor, gs.Tensor]],
+    cell_nodes: dict[int, gs.Node],
+) -> Mask | str | None:
+    """How the cell's new states (name -> (new, old)) are masked; None when they are not,
+    a reason when they are masked in a way the ONNX op cannot express."""
+    found: Mask | None = None
+    for name, (new, old) in states.items():
+        candidates = _candidates(index, types, new, old, cell_nodes)
+        kept = next((c for c in candidates if c[0] == "kept"), None)
+        inner = {id(n) for n in kept[3]} if kept is not None else set()
+        outs = [
+            c
+            for c in candidates
+            if c[0] == "out" and name == "h" and any(id(r) not in inner for r in c[1].outputs)
+        ]
+        for kind, tensor, mask, nodes in [c for c in (kept, *outs[:1]) if c is not None]:
+            if found is not None and mask is not found.mask:
+                return "the cell's states are masked by different tensors"
+            found = found or Mask(mask, {}, None)
+            found.nodes.update((id(n), n) for n in nodes)
+            if kind == "kept":
+                found.kept[name] = tensor
+            else:
+                found.out = tensor
+        read = [r for r in new.outputs if id(r) not in cell_nodes and r.op not in ("Shape", "Size")]
+        if found is not None and name not in found.kept and read:  # unread: a last step's c
+            return f"the {name} state is not kept where the mask is off"
+    return found
+
+
+def outside_readers(
+    mask: Mask, states: dict[str, tuple[gs.Tensor, gs.Tensor]], cell_nodes: dict[int, gs.Node]
+) -> str | None:
+    """Why an unmasked new state is also read outside the mask (a step output the op's
+    zeroed Y cannot give)."""
+    for name, (new, _) in states.items():
+        for reader in new.outputs:
+            if id(reader) in mask.nodes or id(reader) in cell_nodes:
+                continue
+            if reader.op in ("Shape", "Size"):
+                continue
+            return (
+                f"the unmasked state '{new.name}' is read by '{reader.name}': past the length "
+                f"the {name} output is neither zero nor kept"
+            )
+    return None
+
+
+def lengths_of(
+    model: onnx.ModelProto,
+    index: GraphIndex,
+    types: TensorTypes,
+    masks: list[gs.Tensor],
+    times: list[int],
+    batch: int | None,
+) -> gs.Tensor | str:
+    """The lengths tensor L with masks[k] == (times[k] < L) for every k, or a reason."""
+    candidates = _integer_ancestors(index, types, masks[0])
+    for mask in masks[1:]:
+        common = {id(t) for t in _integer_ancestors(index, types, mask)}
+        candidates = [t for t in candidates if id(t) in common]
+    if not candidates:
+        return "the mask is not computed from one rank-1 integer tensor of lengths"
+    lengths = candidates[0]
+    elem = types[lengths.name][0]
+    values = np.arange(-1, len(masks) + 2)
+    try:
+        sub = submodel(model, {lengths.name: 1}, [m.name for m in masks], None)
+        vi = sub.graph.input[0].type.tensor_type
+        vi.elem_type = elem
+        del vi.shape.dim[1:]
+        for out in sub.graph.output:
+            out.type.tensor_type.elem_type = types.get(out.name, (TensorProto.BOOL, []))[0]
+        runner = Runner(sub)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+        rows = batch or len(values)
+        results = []
+        for start in range(0, len(values), rows):
+            part = values[start : start + rows]
+            padded = np.concatenate([part, np.repeat(part[-1:], rows - len(part))])
+            outs = runner({lengths.name: padded.astype(dtype)})
+            results.append([np.asarray(o).reshape(rows, -1)[: len(part)] for o in outs])
+    except Exception as exc:
+        return (
+            f"the mask cannot be computed from '{lengths.name}' alone: {str(exc).splitlines()[0]}"
+        )
+    for k, t in enumerate(times):
+        got = np.concatenate([r[k] for r in results]).astype(np.float64)
+        wanted = (t < values).astype(np.float64)[:, None]
+        if got.shape[0] != len(values) or not np.array_equal(
+            got, np.broadcast_to(wanted, got.shape)
+        ):
+            return f"the mask '{masks[k].name}' of step {k} is not 'step < {lengths.name}'"
+    return lengths
+
+
+def _integer_ancestors(index: GraphIndex, types: TensorTypes, mask: gs.Tensor) -> list[gs.Tensor]:
+    """Non-constant rank-1 integer tensors the mask is computed from, nearest first."""
+    found: list[gs.Tensor] = []
+    stack, seen = [mask], set()
+    while stack:
+        t = stack.pop(0)
+        if id(t) in seen or index.is_const(t):
+            continue
+        seen.add(id(t))
+        elem, dims = types.get(t.name, (0, []))
+        if elem in INTEGER_TYPES and len(dims) == 1:
+            found.append(t)
+        node = producer(t)
+        if node is not None and len(seen) < 64:
+            stack.extend(node.inputs)
+    return found
+
+
+def sequence_lens(emit: Emitter, lengths: gs.Tensor, elem: int, steps: int) -> gs.Tensor:
+    """Clip(Cast(L, int32), 0, T): the op's sequence_lens, equal to the masks for any L."""
+    value = lengths
+    if elem != TensorProto.INT32:
+        cast = gs.Variable(emit.name("lengths_int32"), dtype=np.int32)
+        value = emit.one("Cast", [value], {"to": TensorProto.INT32}, output=cast)
+    bounds = [
+        gs.Constant(emit.name(n), np.array(v, np.int32)) for n, v in (("min", 0), ("max", steps))
+    ]
+    clipped = gs.Variable(emit.name("sequence_lens"), dtype=np.int32)
+    return emit.one("Clip", [value, *bounds], output=clipped)
+
+
+def attach_masks(
+    index: GraphIndex,
+    types: TensorTypes,
+    cells: list[CellT],
+    states: Callable[[CellT], dict[str, tuple[gs.Tensor, gs.Tensor]]],
+) -> tuple[list[CellT], list[tuple[str, str]]]:
+    """Each cell with its mask (``cell.mask``, its nodes added to ``cell.nodes``); cells
+    masked in a way the op cannot express are left out, as (cell name, reason)."""
+    kept: list[CellT] = []
+    refused: list[tuple[str, str]] = []
+    for cell in cells:
+        pairs = states(cell)
+        nodes: dict[int, gs.Node] = cell.nodes  # type: ignore[attr-defined]
+        mask = find_mask(index, types, pairs, nodes)
+        if isinstance(mask, Mask):
+            reason = outside_readers(mask, pairs, nodes)
+            mask = reason if reason is not None else mask
+        if isinstance(mask, str):
+            refused.append((cell.name, mask))  # type: ignore[attr-defined]
+            continue
+        if mask is not None:
+            nodes.update(mask.nodes)
+        cell.mask = mask  # type: ignore[attr-defined]
+        kept.append(cell)
+    return kept, refused
+
+
+def state_out(cell: Any, name: str, new: gs.Tensor) -> gs.Tensor:
+    """The state the next step reads: the kept one when the cell is masked."""
+    mask: Mask | None = cell.mask
+    return new if mask is None else mask.kept.get(name, new)
+
+
+def step_views(cells: Sequence[Any]) -> list[StepView]:
+    """Masked cells as StepOutputs sees them (their zeroed outputs as step outputs)."""
+    return [
+        StepView(
+            c.x, c.h, c.mask.out if c.mask.out is not None else gs.Variable(""), c.nodes, c.name
+        )
+        for c in cells
+    ]
+
+
+def check_masks(
+    model: onnx.ModelProto,
+    index: GraphIndex,
+    types: TensorTypes,
+    cells: Sequence[Any],
+    zero_start: bool,
+) -> gs.Tensor | str | None:
+    """The lengths tensor of a chain of masked cells (None: not masked), or a reason."""
+    masks: list[Mask | None] = [c.mask for c in cells]
+    if all(m is None for m in masks):
+        return None
+    if any(m is None for m in masks):
+        return "some steps of the chain are masked by a length and others are not"
+    if not zero_start:
+        return (
+            "a masked loop from a given initial state: onnxruntime's op gives a zero final "
+            "state for length 0, the loop keeps the initial one"
+        )
+    for k, cell in enumerate(cells[:-1]):
+        for name, kept in cell.mask.kept.items():
+            readers = [r for r in kept.outputs if id(r) not in cells[k + 1].nodes]
+            if any(r.op not in ("Shape", "Size") for r in readers) or id(kept) in index.outputs:
+                return (
+                    f"the kept {name} state '{kept.name}' of step {k} is read outside the loop "
+                    "(the op gives only the last one)"
+                )
+    source = sequence_source(index, cells, types)
+    reverse = source is not None and source.reverse
+    count = len(cells)
+    times = [count - 1 - k if reverse else k for k in range(count)]
+    batch = types.get(cells[0].x.name, (0, [None]))[1][0]
+    return lengths_of(
+        model,
+        index,
+        types,
+        [c.mask.mask for c in cells],
+        times,
+        batch if isinstance(batch, int) else None,
+    )
