@@ -1,8 +1,10 @@
 """Torch handlers for the ONNX ops that grow spatial size: ConvTranspose, Resize, Upsample.
 
 ConvTranspose: torch's conv_transposeNd with no padding, then the ONNX ``pads`` cropped
-from each end (so asymmetric pads work); strides, dilations, group, output_padding and
-output_shape (which sets the total padding, split as auto_pad=SAME_UPPER would) are read.
+from each end (so asymmetric pads work); strides, dilations, group, output_padding, and
+output_shape or auto_pad SAME_UPPER/SAME_LOWER (output = input * stride without
+output_shape), which set the total padding, split with the odd one at the end (UPPER) or
+the start (LOWER); auto_pad VALID crops nothing.
 
 Resize/Upsample are separable: each axis whose size changes is resampled on its own, by a
 gather of precomputed source indices (nearest) or a weighted sum of two gathers (linear),
@@ -32,11 +34,7 @@ def _text(value: object) -> str:
 def _conv_transpose(a: NodeArgs) -> list[Tensor]:
     x, w, b = a.x(0), a.x(1), a.opt(2)
     spatial = w.dim() - 2
-    if (
-        _text(a.attrs.get("auto_pad", "NOTSET")) not in ("NOTSET",)
-        and "output_shape" not in a.attrs
-    ):
-        raise ValueError("ConvTranspose: auto_pad is only supported with output_shape")
+    auto_pad = _text(a.attrs.get("auto_pad", "NOTSET"))
     strides = list(a.attrs.get("strides", [1] * spatial))
     dilations = list(a.attrs.get("dilations", [1] * spatial))
     out_pad = list(a.attrs.get("output_padding", [0] * spatial))
@@ -46,12 +44,16 @@ def _conv_transpose(a: NodeArgs) -> list[Tensor]:
         strides[k] * (x.shape[2 + k] - 1) + out_pad[k] + (kernel[k] - 1) * dilations[k] + 1
         for k in range(spatial)
     ]
-    if "output_shape" in a.attrs:
-        wanted = list(a.attrs["output_shape"])[-spatial:]
+    if "output_shape" in a.attrs or auto_pad.startswith("SAME"):
+        wanted = list(a.attrs.get("output_shape", []))[-spatial:] or [
+            x.shape[2 + k] * strides[k] for k in range(spatial)
+        ]
         total = [full[k] - wanted[k] for k in range(spatial)]
-        lower = _text(a.attrs.get("auto_pad", "NOTSET")) == "SAME_LOWER"
+        lower = auto_pad == "SAME_LOWER"
         begin = [(t + 1) // 2 if lower else t // 2 for t in total]
         pads = begin + [t - s for t, s in zip(total, begin, strict=True)]
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * spatial)
     else:
         pads = list(a.attrs.get("pads", [0] * (2 * spatial)))
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]

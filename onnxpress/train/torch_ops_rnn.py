@@ -6,8 +6,10 @@
   LSTM: i, o, f = σ(x W + h R + b [+ P ⊙ c]),  g = tanh(x Wc + h Rc + bc)
         c = f*c + i*g,  h = o * tanh(c)           (o's peephole reads the new c)
 Gate orders are ONNX's (GRU z, r, h; LSTM i, o, f, c). direction forward, reverse or
-bidirectional (Y [T, D, B, H]), layout 0 or 1; initial states and peepholes optional. The
-default activations only; sequence_lens, clip and input_forget=1 raise.
+bidirectional (Y [T, D, B, H]), layout 0 or 1; initial states and peepholes optional.
+sequence_lens L: past a row's length the state is kept and Y is zero (a reverse direction
+starts at step L-1); as in onnxruntime, a row of length 0 ends with zero states. The
+default activations only; clip and input_forget=1 raise.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ def _check(a: NodeArgs) -> None:
     for unsupported in ("activations", "activation_alpha", "activation_beta", "clip"):
         if unsupported in a.attrs:
             raise ValueError(f"{a.op_type}: attribute {unsupported} is not supported")
-    if a.opt(4) is not None:
-        raise ValueError(f"{a.op_type}: sequence_lens is not supported")
     if a.attrs.get("input_forget", 0):
         raise ValueError("LSTM: input_forget=1 is not supported")
 
@@ -47,14 +47,24 @@ def _run(a: NodeArgs, initial: list[Tensor | None], step: Step) -> list[Tensor]:
     layout = int(a.attrs.get("layout", 0))
     x = a.x(0).transpose(0, 1) if layout else a.x(0)  # [T, B, I]
     hidden = a.x(2).shape[-1]
+    lengths = a.opt(4)
     ys, finals = [], []
     for d, backwards in enumerate(_directions(a)):
         state = tuple(s[d] if s is not None else x.new_zeros(x.shape[1], hidden) for s in initial)
         steps: list[Tensor] = []
         times = range(x.shape[0] - 1, -1, -1) if backwards else range(x.shape[0])
         for t in times:
-            state = step(x[t], state, d)
-            steps.append(state[0])
+            new = step(x[t], state, d)
+            if lengths is None:
+                state = new
+                steps.append(new[0])
+                continue
+            valid = (t < lengths).unsqueeze(1)
+            state = tuple(torch.where(valid, n, s) for n, s in zip(new, state, strict=True))
+            steps.append(torch.where(valid, new[0], torch.zeros_like(new[0])))
+        if lengths is not None:
+            started = (lengths > 0).unsqueeze(1)
+            state = tuple(torch.where(started, s, torch.zeros_like(s)) for s in state)
         if backwards:
             steps.reverse()
         ys.append(torch.stack(steps) if steps else x.new_zeros(0, x.shape[1], hidden))

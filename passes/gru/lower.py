@@ -12,7 +12,9 @@ For each direction d (forward, reverse, or both), with gates in ONNX order z, r,
 Why: TVM 0.27's Relax ONNX importer has no GRU converter, so ``onnxpress compile`` runs this
 pass first; the unrolled form is also what a kernel tuner sees as a few repeated tasks.
 Refused, with a reason: unknown or dynamic sizes (T, batch), activations other than
-Sigmoid/Tanh, sequence_lens that are not a constant equal to T, and opsets < 13.
+Sigmoid/Tanh, and opsets < 13. sequence_lens L (any int32 tensor) masks each step:
+H = Where(t < L, H_new, H), Y[t] = Where(t < L, H_new, 0), and with given initial states
+the final ones are zero where L = 0, as onnxruntime does.
 """
 
 from __future__ import annotations
@@ -121,10 +123,6 @@ def refusal(
     steps = x_shape[1] if layout else x_shape[0]
     if steps is not None and steps > options.max_steps:
         return f"{steps} steps > max-steps {options.max_steps}"
-    if len(node.inputs) > 4 and node.inputs[4].name:
-        lens = constant_value(node.inputs[4])
-        if lens is None or not np.all(lens == steps):
-            return "sequence_lens is not a constant equal to the sequence length"
     return ""
 
 
@@ -147,6 +145,8 @@ class Lowering:
         self.lbr = int(node.attrs.get("linear_before_reset", 0))
         self.clip = node.attrs.get("clip")
         self.dtype = np.asarray(constant_value(node.inputs[1])).dtype
+        given = len(node.inputs) > 4 and node.inputs[4].name
+        self.lengths: gs.Tensor | None = node.inputs[4] if given else None
 
     def _name(self, base: str) -> str:
         candidate, i = f"{self.prefix}/{base}", 1
@@ -181,6 +181,37 @@ class Lowering:
             hi = self.const(f"{base}/clip_max", np.array(limit, self.dtype))
             value = self.op("Clip", f"{base}/clip", [value, lo, hi])[0]
         return self.op(activation, base, [value])[0]
+
+    def masked(
+        self, s: str, t: int, new: list[gs.Variable], old: list[gs.Tensor]
+    ) -> tuple[list[gs.Tensor], gs.Variable]:
+        """Step t's states kept past each row's length, and its output zeroed there."""
+        if self.lengths is None:
+            return list(new), new[0]
+        step = self.const(f"{s}/step", np.array(t, np.int32))
+        valid = self.op("Less", f"{s}/valid", [step, self.lengths])[0]
+        rows = self.op("Unsqueeze", f"{s}/valid_rows", [valid, self.const(f"{s}/axis", [1])])[0]
+        kept: list[gs.Tensor] = [
+            self.op("Where", f"{s}/keep{k}", [rows, n, o])[0]
+            for k, (n, o) in enumerate(zip(new, old, strict=True))
+        ]
+        zero = self.const(f"{s}/zero", np.zeros((), self.dtype))
+        return kept, self.op("Where", f"{s}/y", [rows, new[0], zero])[0]
+
+    def finals(self, d: int, states: list[gs.Tensor], given: bool) -> list[gs.Tensor]:
+        """The final states; zero for rows of length 0 when the initial ones were given."""
+        if self.lengths is None or not given:
+            return states
+        zero = self.const(f"d{d}/zero", np.zeros((), self.dtype))
+        started = self.op(
+            "Greater",
+            f"d{d}/started",
+            [self.lengths, self.const(f"d{d}/none", np.array(0, np.int32))],
+        )[0]
+        rows = self.op("Unsqueeze", f"d{d}/started_rows", [started, self.const(f"d{d}/axis", [1])])
+        return [
+            self.op("Where", f"d{d}/final{k}", [rows[0], v, zero])[0] for k, v in enumerate(states)
+        ]
 
     def emit(self) -> int:
         node, hidden = self.node, self.hidden
@@ -287,7 +318,7 @@ class Lowering:
             rzr_t = self.const(f"{p}/Rzr_T", r[:h2].T.copy())
             rh_t = self.const(f"{p}/Rh_T", r[h2:].T.copy())
         order = range(self.steps) if kind == "forward" else range(self.steps - 1, -1, -1)
-        states: dict[int, gs.Variable] = {}
+        states: dict[int, gs.Tensor] = {}
         if self.steps == 0:
             raise ValueError("a GRU over 0 steps")
         for t in order:
@@ -316,7 +347,6 @@ class Lowering:
             diff = self.op("Sub", f"{s}/h_minus_n", [state, n])[0]
             keep = self.op("Mul", f"{s}/z_keep", [z, diff])[0]
             new_state = self.op("Add", f"{s}/h", [n, keep])[0]
-            states[t] = new_state
-            state = new_state
+            (state,), states[t] = self.masked(s, t, [new_state], [state])
         # Y_h is the last state computed: t = T-1 forward, t = 0 reverse.
-        return [states[t] for t in range(self.steps)], [state]
+        return [states[t] for t in range(self.steps)], self.finals(d, [state], inits[0] is not None)

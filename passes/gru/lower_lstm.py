@@ -9,8 +9,9 @@ For each direction d (forward, reverse, or both), with gates in ONNX order i, o,
   Y = stack of the step states [T, D, B, H] (layout 1: [B, T, D, H]); Y_h, Y_c = last H, C.
 
 Why: targets that want loops, or kernels tuned per step; ``fuse-lstm`` is the inverse.
+sequence_lens masks the steps as in lower-gru (h and c kept past the length, Y zero).
 Refused, with a reason, as lower-gru refuses (unknown sizes, other activations,
-sequence_lens that is not a constant equal to T, opset < 13), and also: clip,
+opset < 13), and also: clip,
 input_forget=1, and peepholes that are not a constant.
 """
 
@@ -84,7 +85,7 @@ class LstmLowering(Lowering):
         h = self.initial(d, inits[0], f"{p}/h0")
         c = self.initial(d, inits[1], f"{p}/c0")
         order = range(self.steps) if kind == "forward" else range(self.steps - 1, -1, -1)
-        states: dict[int, gs.Variable] = {}
+        states: dict[int, gs.Tensor] = {}
         for t in order:
             s = f"{p}/t{t}"
             index = self.const(f"{s}/index", np.array(t, np.int64))
@@ -101,6 +102,7 @@ class LstmLowering(Lowering):
                 ]
             i, f = self.gate(f"{s}/i", i, "Sigmoid"), self.gate(f"{s}/f", f, "Sigmoid")
             g = self.gate(f"{s}/g", g, "Tanh")
+            c_old = c
             kept = self.op("Mul", f"{s}/f_c", [f, c])[0]
             c = self.op("Add", f"{s}/c", [kept, self.op("Mul", f"{s}/i_g", [i, g])[0]])[0]
             if peep is not None:
@@ -108,9 +110,10 @@ class LstmLowering(Lowering):
                     0
                 ]
             o = self.gate(f"{s}/o", o, "Sigmoid")
-            h = self.op("Mul", f"{s}/h", [o, self.op("Tanh", f"{s}/c_tanh", [c])[0]])[0]
-            states[t] = h
-        return [states[t] for t in range(self.steps)], [h, c]
+            h_new = self.op("Mul", f"{s}/h", [o, self.op("Tanh", f"{s}/c_tanh", [c])[0]])[0]
+            (h, c), states[t] = self.masked(s, t, [h_new, c], [h, c_old])
+        given = inits[0] is not None or inits[1] is not None
+        return [states[t] for t in range(self.steps)], self.finals(d, [h, c], given)
 
 
 @register_pass("lower-lstm")

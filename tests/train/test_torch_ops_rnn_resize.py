@@ -51,13 +51,21 @@ def one_node(
 
 
 def rnn(
-    op: str, direction: str, states: bool, peepholes: bool = False, **attrs: Any
+    op: str,
+    direction: str,
+    states: bool,
+    peepholes: bool = False,
+    lengths: list[int] | None = None,
+    **attrs: Any,
 ) -> onnx.ModelProto:
     gates = {"GRU": 3, "LSTM": 4}[op]
     dirs = 2 if direction == "bidirectional" else 1
     consts = {"W": w(dirs, gates * H, IN), "R": w(dirs, gates * H, H), "B": w(dirs, 2 * gates * H)}
     inputs: dict[str, list[int]] = {"X": [T, B, IN]}
     order = ["X", "W", "R", "B", ""]
+    if lengths is not None:
+        consts["lens"] = np.array(lengths, np.int32)
+        order[4] = "lens"
     if states:
         inputs["h0"] = [dirs, B, H]
         order.append("h0")
@@ -77,6 +85,11 @@ CASES = {
     "LSTM-forward": rnn("LSTM", "forward", False),
     "LSTM-reverse-states": rnn("LSTM", "reverse", True),
     "LSTM-bidirectional-peepholes": rnn("LSTM", "bidirectional", True, peepholes=True),
+    "GRU-bidirectional-lengths": rnn("GRU", "bidirectional", True, lengths=[T - 1, 0]),
+    "LSTM-reverse-lengths": rnn("LSTM", "reverse", False, lengths=[2, T]),
+    "LSTM-bidirectional-lengths-states": rnn(
+        "LSTM", "bidirectional", True, peepholes=True, lengths=[1, T - 2]
+    ),
     "ConvTranspose": one_node(
         "ConvTranspose",
         {"x": [2, 3, 5, 5]},
@@ -103,6 +116,32 @@ CASES = {
         strides=[2, 2],
         output_shape=[8, 8],
         auto_pad="SAME_UPPER",
+    ),
+    "ConvTranspose-same-lower-group": one_node(
+        "ConvTranspose",
+        {"x": [1, 4, 5, 3]},
+        {"w": w(4, 2, 4, 3)},
+        ["x", "w"],
+        strides=[2, 3],
+        group=2,
+        output_padding=[1, 0],
+        auto_pad="SAME_LOWER",
+    ),
+    "ConvTranspose-same-upper": one_node(
+        "ConvTranspose",
+        {"x": [1, 2, 5]},
+        {"w": w(2, 3, 4)},
+        ["x", "w"],
+        strides=[3],
+        auto_pad="SAME_UPPER",
+    ),
+    "ConvTranspose-valid": one_node(
+        "ConvTranspose",
+        {"x": [1, 2, 4, 4]},
+        {"w": w(2, 2, 3, 3)},
+        ["x", "w"],
+        strides=[2, 2],
+        auto_pad="VALID",
     ),
     "Upsample-nearest": one_node(
         "Upsample",
@@ -210,9 +249,11 @@ def test_unsupported_attributes_raise_by_name() -> None:
         convert(lstm)({"X": torch.zeros(T, B, IN)})
 
 
-def test_torch_unet_round_trips_through_onnx() -> None:
-    """A small U-Net (a ConvTranspose up-step and a bilinear Resize up-step, skip Concats)
-    exported by torch and converted back matches torch within max-rel 1e-5."""
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_torch_unet_round_trips_through_onnx(align_corners: bool) -> None:
+    """A small U-Net (a ConvTranspose up-step with a nearest x2 skip of the bottom, then a
+    bilinear Resize up-step, with or without align_corners; skip Concats) exported by torch
+    and converted back matches torch within max-rel 1e-5."""
     nn = torch.nn
 
     class UNet(nn.Module):
@@ -229,10 +270,12 @@ def test_torch_unet_round_trips_through_onnx() -> None:
             a = self.down1(x)
             b = self.down2(a)
             c = self.bottom(b)
-            up = torch.relu(self.mix1(torch.cat([self.up1(c), b], 1)))
-            up = nn.functional.interpolate(up, scale_factor=2, mode="bilinear", align_corners=False)
-            nearest = nn.functional.interpolate(up, scale_factor=1, mode="nearest")
-            return self.mix2(torch.cat([nearest, a], 1))
+            skip = nn.functional.interpolate(c, scale_factor=2, mode="nearest")
+            up = torch.relu(self.mix1(torch.cat([self.up1(c) + skip, b], 1)))
+            up = nn.functional.interpolate(
+                up, scale_factor=2, mode="bilinear", align_corners=align_corners
+            )
+            return self.mix2(torch.cat([up, a], 1))
 
     torch.manual_seed(0)
     net = UNet().eval()
@@ -242,8 +285,11 @@ def test_torch_unet_round_trips_through_onnx() -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"])
     model = onnx.load_from_string(buffer.getvalue())
-    ops = {n.op_type for n in model.graph.node}
-    assert {"ConvTranspose", "Resize"} <= ops
+    resizes = [n for n in model.graph.node if n.op_type == "Resize"]
+    modes = {helper.get_attribute_value(a) for n in resizes for a in n.attribute}
+    assert "ConvTranspose" in {n.op_type for n in model.graph.node} and len(resizes) == 2
+    wanted = b"align_corners" if align_corners else b"half_pixel"
+    assert {b"nearest", b"linear", wanted} <= modes
     with torch.no_grad():
         expected = net(x)
         (actual,) = convert(model)({"x": x})
