@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnxpress.passes.gru.probe import FIT_TOLERANCE, RANDOM_ROWS, run_rows, submodel
+from onnxpress.passes.gru.probe import (
+    FIT_TOLERANCE,
+    RANDOM_ROWS,
+    max_difference,
+    random_steps,
+    run_rows,
+    submodel,
+)
 
 from onnxpress.core.verify import Runner
 
@@ -155,21 +162,10 @@ def lstm_self_check(
     weights: LstmWeights,
     seed: int,
     zero_state: bool = False,
-    rows: int = 16,
 ) -> float:
     """Max |cell - LSTM| of h' and c' over random x ~ N(0, 2) and h, c ~ U(-1, 1) (or 0)."""
-    rng = np.random.default_rng(seed + 1)
-    x = rng.standard_normal((rows, spec.input_size)) * 2
-    scale = 0.0 if zero_state else 1.0
-    h, c = (rng.uniform(-1, 1, (rows, spec.hidden)) * scale for _ in range(2))
-    sizes = {spec.x: spec.input_size, spec.h: spec.hidden, spec.c: spec.hidden}
-    cell = Runner(submodel(model, sizes, [spec.h_new, spec.c_new], spec.batch))
-    lstm = Runner(lstm_step_model(weights, spec.input_size, spec.hidden, spec.batch))
-    expected = run_rows(cell, {spec.x: x, spec.h: h, spec.c: c}, spec.batch)
-    actual = run_rows(lstm, {"x": x, "h": h, "c": c}, spec.batch)
-    if any(e.shape != a.shape for e, a in zip(expected, actual, strict=True)):
-        return float("inf")
-    return max(
-        float(np.max(np.abs(e.astype(np.float64) - a)))
-        for e, a in zip(expected, actual, strict=True)
-    )
+    x, (h, c) = random_steps(spec, 2, seed, zero_state)
+    lstm = lstm_step_model(weights, spec.input_size, spec.hidden, spec.batch)
+    cell_feeds = {spec.x: x, spec.h: h, spec.c: c}
+    outputs = [spec.h_new, spec.c_new]
+    return max_difference(model, cell_feeds, outputs, lstm, {"x": x, "h": h, "c": c}, spec.batch)

@@ -14,6 +14,7 @@ weights run on the same random inputs: a fusion whose outputs differ is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -225,24 +226,45 @@ def gru_step_model(
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def random_steps(
+    spec: CellSpec | Any, states: int, seed: int, zero_state: bool, rows: int = 16
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Self-check inputs: x ~ N(0, 2) and ``states`` tensors ~ U(-1, 1) (or zeros)."""
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal((rows, spec.input_size)) * 2
+    scale = 0.0 if zero_state else 1.0
+    return x, [rng.uniform(-1, 1, (rows, spec.hidden)) * scale for _ in range(states)]
+
+
+def max_difference(
+    model: onnx.ModelProto,
+    cell_feeds: dict[str, np.ndarray],
+    outputs: list[str],
+    op_model: onnx.ModelProto,
+    op_feeds: dict[str, np.ndarray],
+    batch: int | None,
+) -> float:
+    """Max |cell - op| over the outputs: the cell cut from ``model`` and the one-step op."""
+    sizes = {name: int(value.shape[1]) for name, value in cell_feeds.items()}
+    expected = run_rows(Runner(submodel(model, sizes, outputs, batch)), cell_feeds, batch)
+    actual = run_rows(Runner(op_model), op_feeds, batch)
+    if any(e.shape != a.shape for e, a in zip(expected, actual, strict=True)):
+        return float("inf")
+    return max(
+        float(np.max(np.abs(e.astype(np.float64) - a)))
+        for e, a in zip(expected, actual, strict=True)
+    )
+
+
 def self_check(
     model: onnx.ModelProto,
     spec: CellSpec,
     weights: GruWeights,
     seed: int,
     zero_state: bool = False,
-    rows: int = 16,
 ) -> float:
     """Max |cell - GRU| of h' over random x ~ N(0, 2) and h ~ U(-1, 1) (or h = 0)."""
-    rng = np.random.default_rng(seed + 1)
-    x = rng.standard_normal((rows, spec.input_size)) * 2
-    h = rng.uniform(-1, 1, (rows, spec.hidden)) * (0.0 if zero_state else 1.0)
-    cell = Runner(
-        submodel(model, {spec.x: spec.input_size, spec.h: spec.hidden}, [spec.h_new], spec.batch)
-    )
-    gru = Runner(gru_step_model(weights, spec.input_size, spec.hidden, spec.batch))
-    (expected,) = run_rows(cell, {spec.x: x, spec.h: h}, spec.batch)
-    (actual,) = run_rows(gru, {"x": x, "h": h}, spec.batch)
-    if expected.shape != actual.shape:
-        return float("inf")
-    return float(np.max(np.abs(expected.astype(np.float64) - actual)))
+    x, (h,) = random_steps(spec, 1, seed, zero_state)
+    gru = gru_step_model(weights, spec.input_size, spec.hidden, spec.batch)
+    cell_feeds = {spec.x: x, spec.h: h}
+    return max_difference(model, cell_feeds, [spec.h_new], gru, {"x": x, "h": h}, spec.batch)

@@ -332,6 +332,39 @@ def test_gru_is_weight_only(kit: SimpleNamespace) -> None:
     assert record.verification.value < 0.02
 
 
+def test_fused_lstm_is_weight_only_with_float_peepholes(kit: SimpleNamespace) -> None:
+    """A bidirectional LSTM with peepholes and initial states, as fuse-lstm writes it: W and
+    R int8 per gate row (axis 1); B and the peepholes P stay float."""
+    hidden = 16
+    w, r, b, p = weights(
+        9, (2, 4 * hidden, 4), (2, 4 * hidden, hidden), (2, 8 * hidden), (2, 3 * hidden)
+    )
+    model = kit.model(
+        [
+            node(
+                "LSTM",
+                ["x", "W", "R", "B", "", "h0", "c0", "P"],
+                ["seq", "h", "c"],
+                name="lstm",
+                hidden_size=hidden,
+                direction="bidirectional",
+            )
+        ],
+        {"x": [5, 2, 4], "h0": [2, 2, hidden], "c0": [2, 2, hidden]},
+        {"seq": None, "h": None, "c": None},
+        {"W": w, "R": r, "B": b, "P": p},
+    )
+    result, record = quantize(model)
+    view = View(result)
+    for index, shape in ((1, (2, 64, 4)), (2, (2, 64, 16))):
+        q, scale, axis = view.dq("lstm", index)
+        assert q.dtype == np.int8 and q.shape == shape and axis == 1 and scale.shape == (64,)
+    inputs = view.by_name["lstm"].input
+    assert inputs[3] == "B" and inputs[7] == "P" and view.input_of("lstm", 5) is None
+    assert record.result.counts["weights_int8_weight_only"] == 2
+    assert record.verification.value < 0.02
+
+
 def test_per_tensor_weights_and_int8_activations(kit: SimpleNamespace) -> None:
     view = View(
         quantize(conv_relu_model(kit), "qdq{per-channel=false,activations=int8}", targets=EXACT)[0]
