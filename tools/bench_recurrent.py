@@ -9,7 +9,11 @@ batch, all from zero states, random weights (seed 0):
     batch-first input, each stacked and joined with ``cat(..., -1)``;
   * keras-bi-gru: the same written Keras-style (one kernel per operand, gate order z, r, h,
     ``reset_after``, ``z*h + (1-z)*n``, the reverse layer reading x backwards and its outputs
-    flipped back).
+    flipped back); keras-bi-lstm: a Keras-style LSTM cell (kernels [in, 4H] and [H, 4H],
+    gate order i, f, c, o split by ``chunk``);
+  * masked-bi-gru / masked-bi-lstm: bi-gru / bi-lstm over a padded batch with lengths
+    ``lens`` (int64 input): past a row's length the state is kept (``where``) and the output
+    zeroed, which fuses into the op's sequence_lens; timed on random lengths in [1, T].
 For each: nodes before/after, the recurrent ops left, the max abs error of the optimized
 model against the original on onnxruntime over all outputs (one random batch), and the
 latency of both, measured side by side (``bench_gru_fusion.paired_ms``: one call each,
@@ -83,6 +87,14 @@ class DecoderStep(torch.nn.Module):
         return torch.log_softmax(self.out(h), -1), h
 
 
+MODELS = {
+    "bi-gru": "gru",
+    "bi-lstm": "lstm",
+    "keras-bi-gru": "keras",
+    "keras-bi-lstm": "keras-lstm",
+}
+
+
 class KerasGruCell(torch.nn.Module):
     """Keras GRU(reset_after=True) arithmetic: kernels [in, 3H], gate order z, r, h."""
 
@@ -103,25 +115,67 @@ class KerasGruCell(torch.nn.Module):
         return z * h + (1 - z) * n
 
 
-class BidirectionalLoops(torch.nn.Module):
-    def __init__(self, kind: str, steps: int, hidden: int) -> None:
-        super().__init__()
-        make = {"gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell, "keras": KerasGruCell}[kind]
-        self.ahead, self.back = make(INPUT_SIZE, hidden), make(INPUT_SIZE, hidden)
-        self.kind, self.steps, self.hidden = kind, steps, hidden
+class KerasLstmCell(torch.nn.Module):
+    """Keras LSTM arithmetic: kernels [in, 4H] and [H, 4H], one bias, gate order i, f, c, o."""
 
-    def run(self, cell: torch.nn.Module, x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    def __init__(self, inputs: int, hidden: int) -> None:
+        super().__init__()
+        self.kernel = torch.nn.Parameter(torch.randn(inputs, 4 * hidden) * 0.2)
+        self.recurrent = torch.nn.Parameter(torch.randn(hidden, 4 * hidden) * 0.2)
+        self.bias = torch.nn.Parameter(torch.randn(4 * hidden) * 0.1)
+
+    def forward(
+        self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, c = state
+        z = x @ self.kernel + h @ self.recurrent + self.bias
+        i, f, g, o = z.chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+CELLS = {
+    "gru": torch.nn.GRUCell,
+    "lstm": torch.nn.LSTMCell,
+    "keras": KerasGruCell,
+    "keras-lstm": KerasLstmCell,
+}
+
+
+class BidirectionalLoops(torch.nn.Module):
+    """Forward and reverse cell loops joined on features; with ``masked``, over a padded
+    batch with lengths: past a row's length the state is kept and the output is zero."""
+
+    def __init__(self, kind: str, steps: int, hidden: int, masked: bool = False) -> None:
+        super().__init__()
+        make = CELLS[kind]
+        self.ahead, self.back = make(INPUT_SIZE, hidden), make(INPUT_SIZE, hidden)
+        self.pairs = kind in ("lstm", "keras-lstm")  # the state is (h, c)
+        self.steps, self.hidden, self.masked = steps, hidden, masked
+
+    def run(
+        self, cell: torch.nn.Module, x: torch.Tensor, order: list[int], lens: torch.Tensor | None
+    ) -> torch.Tensor:
         zero = torch.zeros(x.shape[0], self.hidden)
-        state: Any = (zero, zero) if self.kind == "lstm" else zero
+        state: Any = (zero, zero) if self.pairs else zero
         outputs = {}
         for t in order:
-            state = cell(x[:, t], state)
-            outputs[t] = state[0] if self.kind == "lstm" else state
+            new = cell(x[:, t], state)
+            out = new[0] if self.pairs else new
+            if lens is not None:
+                keep = (t < lens).unsqueeze(1)
+                if self.pairs:
+                    new = tuple(torch.where(keep, n, s) for n, s in zip(new, state, strict=True))
+                else:
+                    new = torch.where(keep, new, state)
+                out = torch.where(keep, out, torch.zeros_like(out))
+            state, outputs[t] = new, out
         return torch.stack([outputs[t] for t in range(self.steps)], 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
         order = list(range(self.steps))
-        return torch.cat([self.run(self.ahead, x, order), self.run(self.back, x, order[::-1])], -1)
+        ahead = self.run(self.ahead, x, order, lens)
+        return torch.cat([ahead, self.run(self.back, x, order[::-1], lens)], -1)
 
 
 def build(
@@ -141,11 +195,16 @@ def build(
             for batch in (1, BATCH)
         ]
         return model, feeds
-    cell = {"bi-gru": "gru", "bi-lstm": "lstm", "keras-bi-gru": "keras"}[kind]
-    module = BidirectionalLoops(cell, steps, hidden)
-    model = export(module, (torch.randn(2, steps, INPUT_SIZE),), ["x"])
+    masked = kind.startswith("masked-")
+    cell = MODELS[kind.removeprefix("masked-")]
+    module = BidirectionalLoops(cell, steps, hidden, masked)
     x = rng.standard_normal((BATCH, steps, INPUT_SIZE)).astype(np.float32)
-    return model, [{"x": x}]
+    if not masked:
+        return export(module, (torch.randn(2, steps, INPUT_SIZE),), ["x"]), [{"x": x}]
+    args = (torch.randn(2, steps, INPUT_SIZE), torch.tensor([steps, 1]))
+    lens = rng.integers(1, steps + 1, BATCH)
+    lens[0] = steps
+    return export(module, args, ["x", "lens"]), [{"x": x, "lens": lens}]
 
 
 @dataclass
@@ -216,7 +275,10 @@ def table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="decoder-step,bi-gru,bi-lstm,keras-bi-gru")
+    parser.add_argument(
+        "--models",
+        default="decoder-step,bi-gru,bi-lstm,keras-bi-gru,keras-bi-lstm,masked-bi-gru,masked-bi-lstm",
+    )
     parser.add_argument("--steps", default="20,50")
     parser.add_argument("--hidden", default="64,128")
     parser.add_argument("--pairs", type=int, default=300)

@@ -187,7 +187,8 @@ def find_mask(
                 found.kept[name] = tensor
             else:
                 found.out = tensor
-        read = [r for r in new.outputs if id(r) not in cell_nodes and r.op not in ("Shape", "Size")]
+        inside = cell_nodes.keys() | (found.nodes.keys() if found is not None else set())
+        read = [r for r in new.outputs if id(r) not in inside and r.op not in ("Shape", "Size")]
         if found is not None and name not in found.kept and read:  # unread: a last step's c
             return f"the {name} state is not kept where the mask is off"
     return found
@@ -361,6 +362,8 @@ def check_masks(
                 )
     source = sequence_source(index, cells, types)
     reverse = source is not None and source.reverse
+    if source is not None and source.start != 0:
+        return f"a masked chain over steps {source.start}.. of its input, not from step 0"
     count = len(cells)
     times = [count - 1 - k if reverse else k for k in range(count)]
     batch = types.get(cells[0].x.name, (0, [None]))[1][0]

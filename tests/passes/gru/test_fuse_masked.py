@@ -129,3 +129,16 @@ def test_masks_the_op_cannot_express_are_refused(build: Any, reason: str) -> Non
     out, result = fuse(model, "fuse-gru")
     assert "GRU" not in [n.op_type for n in out.graph.node]
     assert any(reason in r.reason for r in result.refusals)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_masked_bidirectional_loop_read_only_through_y(kind: str) -> None:
+    """The final kept states are dead (only y is an output): the last steps keep nothing."""
+    model = masked_loop(kind, 4, "bidirectional")
+    del model.graph.output[1:]
+    out, result = fuse(model, f"fuse-{kind}")
+    assert sorted(n.op_type for n in out.graph.node) == sorted(
+        ["Cast", "Clip", "Transpose", kind.upper(), "Transpose", "Reshape"]
+    )
+    assert result.counts["bidirectional"] == 1 and not result.refusals
+    same_on_lengths(model, out, True)
