@@ -8,7 +8,9 @@
 
 A chain whose steps read x_{T-1} first becomes direction="reverse"; a forward and a
 reverse GRU over the same X then become one direction="bidirectional" GRU, and a Concat
-or Add joining their stacked outputs is rewritten from its Y (pair).
+or Add joining their stacked outputs is rewritten from its Y (pair). Cells masked by a
+length L (h kept and the output zeroed where t >= L: a padded batch) give the op
+sequence_lens = Clip(Cast(L, int32), 0, T) (mask).
 
 One rule, ``fuse-gru``. Pattern: chains of cells matched around each gated Tanh
 (cell), linked state to state and cut where the weights change. Check: refuses, with a

@@ -12,6 +12,8 @@ weights, recovered by probing (lstm_probe), do not reproduce the cell within
 ``tolerance``. Rewrite: one LSTM node (reverse chains get direction="reverse", and a
 forward and a reverse LSTM over the same X are paired into a bidirectional one, as in
 fuse-gru); step states read outside come from Y, the last h and c from Y_h and Y_c.
+Cells masked by a length (h and c kept past it, the output zeroed) give the op
+sequence_lens, as in fuse-gru (mask.py).
 """
 
 from __future__ import annotations

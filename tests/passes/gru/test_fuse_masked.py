@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
-from rnn_cells import HID, IN, Net, keras_cell, make, step_inputs
+from rnn_cells import HID, IN, Net, keras_cell, keras_lstm_cell, make, step_inputs
 from rnn_exports import masked_loop
 
 import onnxpress
@@ -81,39 +81,52 @@ def test_torch_masked_loops_take_sequence_lens(kind: str, direction: str, after:
     same_on_lengths(model, out, batch_first)
 
 
-def keras_masked(steps: int, outputs_zeroed: bool = True, h0: bool = False) -> onnx.ModelProto:
-    """A Keras-style GRU loop over x [batch, T, I] with lengths ``n`` (int32): a float mask
-    m_t = Cast(t < n), kept = m*h' + (1-m)*h, out = m*h' (or h' itself, unmasked)."""
+def keras_masked(
+    steps: int, outputs_zeroed: bool = True, h0: bool = False, lstm: bool = False
+) -> onnx.ModelProto:
+    """A Keras-style GRU loop (or LSTM loop with peepholes) over x [batch, T, I] with
+    lengths ``n`` (int32): a float mask m_t = Cast(t < n), each state kept as
+    m*s' + (1-m)*s, the output m*h' (or h' itself, unmasked)."""
     net = Net()
     if h0:
-        h = "h0"
+        state = ["h0"]
     else:
         batch = net.op("Shape", "x", start=0, end=1)
-        h = net.op("ConstantOfShape", net.op("Concat", batch, net.ints("hidden", [HID]), axis=0))
+        zero = net.op("ConstantOfShape", net.op("Concat", batch, net.ints("hidden", [HID]), axis=0))
+        state = [zero, zero] if lstm else [zero]
     outs = []
     for t, x_t in enumerate(step_inputs(net, steps, 1, "gather")):
         step = net.op("Constant", value=helper.make_tensor("t", onnx.TensorProto.INT32, [], [t]))
         mask = net.op("Less", step, "n")
         m = net.op("Cast", net.op("Unsqueeze", mask, net.ints("ax1", [1])), to=1)
-        new = keras_cell(net, x_t, h)
-        kept = net.op("Add", net.op("Mul", m, new), net.op("Mul", net.op("Sub", "one", m), h))
-        out = net.op("Mul", new, m) if outputs_zeroed else new
+        if lstm:
+            new = list(keras_lstm_cell(net, x_t, (state[0], state[1]), peepholes=True))
+        else:
+            new = [keras_cell(net, x_t, state[0])]
+        off = net.op("Sub", "one", m)
+        state = [
+            net.op("Add", net.op("Mul", m, n), net.op("Mul", off, s))
+            for n, s in zip(new, state, strict=True)
+        ]
+        out = net.op("Mul", new[0], m) if outputs_zeroed else new[0]
         outs.append(net.op("Unsqueeze", out, net.ints("ax1", [1])))
-        h = kept
     net.nodes.append(helper.make_node("Concat", outs, ["y"], axis=1, name="stack"))
-    net.nodes.append(helper.make_node("Identity", [h], ["h_last"], name="last"))
+    net.nodes.append(helper.make_node("Identity", [state[0]], ["h_last"], name="last"))
     inputs: dict[str, Any] = {"x": ["batch", steps, IN]}
     if h0:
         inputs["h0"] = ["batch", HID]
     return make(net, inputs, ["y", "h_last"], lengths="n")
 
 
-def test_keras_style_float_mask() -> None:
-    model = keras_masked(4)
-    out, result = fuse(model, "fuse-gru")
-    ops = ["Clip", "Transpose", "GRU", "Squeeze", "Transpose", "Squeeze", "Identity"]
+@pytest.mark.parametrize("lstm", [False, True])
+def test_keras_style_float_mask(lstm: bool) -> None:
+    model = keras_masked(4, lstm=lstm)
+    out, result = fuse(model, "fuse-lstm" if lstm else "fuse-gru")
+    op = "LSTM" if lstm else "GRU"
+    ops = ["Clip", "Transpose", op, "Squeeze", "Transpose", "Squeeze", "Identity"]
     assert sorted(n.op_type for n in out.graph.node) == sorted(ops)
     assert result.details[0]["sequence_lens"] == "n"
+    assert result.details[0].get("peepholes", False) == lstm  # LSTM inputs up to P at 7
     same_on_lengths(model, out, True)
 
 
