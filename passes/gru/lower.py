@@ -40,6 +40,7 @@ _DEFAULT_ACTIVATIONS = ("Sigmoid", "Tanh")
 @dataclass(frozen=True)
 class LowerGruOptions:
     max_steps: int = 4096  # refuse to unroll sequences longer than this
+    masked_only: bool = False  # lower only ops given sequence_lens (for loop kernels without)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_steps, bool) or self.max_steps < 1:
@@ -75,6 +76,8 @@ def lower_ops(
     shapes = ctx.analysis(TensorShapes, graph)
     for node in found:
         reason = refusal(node, shapes, opset, options, defaults) or (extra(node) if extra else "")
+        if options.masked_only and not (len(node.inputs) > 4 and node.inputs[4].name):
+            reason = "no sequence_lens, and masked-only=true (left for a loop kernel)"
         if reason:
             result.refuse(node.name, reason)
             continue

@@ -29,6 +29,20 @@ logger = logging.getLogger(__name__)
 PREPARE_PIPELINE = "lower-gru,fold-constants,cleanup,toposort"
 # GRUs kept for the loop-form converter (onnxpress.backends.tvm.rnn) instead of unrolled.
 LOOP_GRU_PIPELINE = "fold-constants,cleanup,toposort"
+
+
+def with_masked_lowering(model: onnx.ModelProto, pipeline: str) -> str:
+    """``pipeline``, led by lower-gru/lower-lstm{masked-only=true} where a GRU or LSTM has
+    sequence_lens (a fused masked loop): the loop kernels run full-length sequences only."""
+    masked = {
+        n.op_type
+        for n in model.graph.node
+        if n.op_type in ("GRU", "LSTM") and len(n.input) > 4 and n.input[4]
+    }
+    lowering = [f"lower-{op.lower()}{{masked-only=true}}" for op in sorted(masked)]
+    return ",".join([*lowering, pipeline])
+
+
 # Handled by the importer outside its converter table.
 _IMPORTER_BUILTINS = {"Constant", "If"}
 _DEFAULT_DOMAINS = ("", "ai.onnx")

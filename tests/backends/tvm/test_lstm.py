@@ -16,7 +16,7 @@ pytest.importorskip("tvm")
 from onnxpress.backends.tvm.backend import compile_model
 from onnxpress.backends.tvm.build import build, export, import_relax
 from onnxpress.backends.tvm.prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
-from onnxpress.backends.tvm.runtime import CompiledModel
+from onnxpress.backends.tvm.runtime import CompiledModel, run_compiled
 from onnxpress.backends.tvm.targets import parse_target
 from onnxpress.core.manager import VerifyConfig
 
@@ -115,3 +115,25 @@ def test_unsupported_lstm_attributes_are_named() -> None:
     model = lstm_model(input_forget=1)
     with pytest.raises(UnsupportedOpsError, match=r"LSTM \(input_forget\) \(1: 'lstm'\)"):
         import_relax(prepare(model, pipeline=LOOP_GRU_PIPELINE))
+
+
+def test_masked_lstm_is_unrolled_with_its_lengths(tmp_path: Path) -> None:
+    """A fused masked loop (sequence_lens) goes through lower-lstm{masked-only=true}: the loop
+    kernel runs full-length sequences only. Checked on lengths 0..T against onnxruntime."""
+    from rnn_exports import masked_loop
+
+    import onnxpress
+
+    fused, _ = onnxpress.optimize(masked_loop("lstm", 4, "bidirectional"))
+    assert "LSTM" in {n.op_type for n in fused.graph.node}
+    result = compile_model(fused, "x86", tmp_path / "m", input_shapes={"x": [3, 4, 3], "lens": [3]})
+    passes = {p["name"]: p["counts"] for p in result.manifest["prepare"]["passes"]}
+    assert passes["lower-lstm"]["lstm_lowered"] == 1
+    feed = {
+        "x": np.random.default_rng(0).standard_normal((3, 4, 3)).astype(np.float32),
+        "lens": np.array([4, 0, 2], np.int64),
+    }
+    expected = onnxpress.core.verify.Runner(fused)(feed)
+    got = run_compiled(tmp_path / "m", feed)
+    for want, have in zip(expected, got.values(), strict=True):
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)

@@ -100,6 +100,19 @@ def test_sequence_lens_masks_the_steps(op: str, direction: str) -> None:
             np.testing.assert_allclose(have, want, rtol=0, atol=1e-5)
 
 
+def test_masked_only_leaves_full_length_ops_for_loop_kernels() -> None:
+    """What `onnxpress compile` runs before the loop kernels, which take no sequence_lens."""
+    masked, whole = gru_model(seq_lens=[4, 2]), gru_model(op="LSTM")
+    for model, op in ((masked, "GRU"), (whole, "LSTM")):
+        passes = f"lower-{op.lower()}{{masked-only=true}}"
+        result, report = onnxpress.optimize(model, passes)
+        record = report.passes[0].result
+        left = op in {n.op_type for n in result.graph.node}
+        assert left == (model is whole)
+        if left:
+            assert "no sequence_lens, and masked-only=true" in record.refusals[0].reason
+
+
 def test_long_sequence_matches_onnxruntime() -> None:
     _, record = lower(gru_model(steps=200, lbr=1))
     assert record.counts["steps_unrolled"] == 200
