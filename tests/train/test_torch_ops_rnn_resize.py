@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from rnn_exports import bidirectional_loop  # noqa: E402
+from rnn_exports import bidirectional_loop, masked_loop  # noqa: E402
 
 import onnxpress  # noqa: E402
 from onnxpress.core.verify import Runner  # noqa: E402
@@ -312,3 +312,18 @@ def test_distill_tunes_a_fused_bidirectional_lstm() -> None:
     x = RNG.standard_normal((256, 4, 3)).astype(np.float32)
     _, report = distill(student, teacher, [{"x": x}], epochs=4, lr=0.01, task="regression")
     assert report.metric == "rel-l2" and report.metric_after < 0.6 * report.metric_before
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_fused_masked_loop_converts(kind: str) -> None:
+    """A masked bidirectional loop, fused by the default pipeline into one op with
+    sequence_lens (Clip(Cast(lens))), runs in torch as on onnxruntime, lengths 0 included."""
+    fused, _ = onnxpress.optimize(masked_loop(kind, 4, "bidirectional"))
+    assert kind.upper() in {n.op_type for n in fused.graph.node}
+    x = RNG.standard_normal((3, 4, 3)).astype(np.float32)
+    lens = np.array([4, 0, 2], np.int64)
+    expected = Runner(fused)({"x": x, "lens": lens})
+    with torch.no_grad():
+        actual = convert(fused)({"x": torch.from_numpy(x), "lens": torch.from_numpy(lens)})
+    for e, a in zip(expected, actual, strict=True):
+        np.testing.assert_allclose(a.numpy(), e, rtol=1e-5, atol=1e-5)
