@@ -186,7 +186,9 @@ def lstm_cell_loop(
     return export(Loop(), (x,), ["x"], ["y", "h", "c"], axes)
 
 
-def masked_loop(kind: str, steps: int, direction: str, batch_first: bool = True) -> onnx.ModelProto:
+def masked_loop(
+    kind: str, steps: int, direction: str, batch_first: bool = True, dynamic: bool = True
+) -> onnx.ModelProto:
     """GRUCell/LSTMCell loops over a padded batch x with lengths ``lens`` (the usual export of
     packed sequences): past a row's length the state is kept and the output is zero. One
     loop forward or reverse, or both joined by Concat; outputs y and each final h."""
@@ -219,5 +221,5 @@ def masked_loop(kind: str, steps: int, direction: str, batch_first: bool = True)
     torch.manual_seed(0)
     x = torch.randn(2, steps, IN) if batch_first else torch.randn(steps, 2, IN)
     finals = [f"h{k}" for k in range(len(runs))]
-    axes = {"x": 0 if batch_first else 1, "lens": 0}
+    axes = {"x": 0 if batch_first else 1, "lens": 0} if dynamic else None
     return export(Masked(), (x, torch.tensor([steps, 1])), ["x", "lens"], ["y", *finals], axes)

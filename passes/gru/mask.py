@@ -154,8 +154,12 @@ def _candidates(
                 seen.add(id(node))
                 following.extend(node.outputs)
                 match = _classify(index, types, node.outputs[0], new, old)
-                if match is not None:
-                    found.append((match[0], node.outputs[0], match[1], match[2]))
+                if match is None:
+                    continue
+                # From a zero state (an exporter may write each zero as its own constant)
+                # the kept state and the zeroed output are the same expression.
+                kinds = ("kept", "out") if is_zero(index, old) else (match[0],)
+                found.extend((kind, node.outputs[0], match[1], match[2]) for kind in kinds)
         level = following
     return found
 
@@ -165,19 +169,23 @@ def find_mask(
     types: TensorTypes,
     states: dict[str, tuple[gs.Tensor, gs.Tensor]],
     cell_nodes: dict[int, gs.Node],
+    next_states: set[int],
 ) -> Mask | str | None:
     """How the cell's new states (name -> (new, old)) are masked; None when they are not,
-    a reason when they are masked in a way the ONNX op cannot express."""
+    a reason when they are masked in a way the ONNX op cannot express. A kept state that
+    is some cell's state (``next_states``, by id) is preferred."""
     found: Mask | None = None
     for name, (new, old) in states.items():
         candidates = _candidates(index, types, new, old, cell_nodes)
-        kept = next((c for c in candidates if c[0] == "kept"), None)
+        keeps = [c for c in candidates if c[0] == "kept"]
+        kept = next((c for c in keeps if id(c[1]) in next_states), keeps[0] if keeps else None)
         inner = {id(n) for n in kept[3]} if kept is not None else set()
         outs = [
             c
             for c in candidates
             if c[0] == "out" and name == "h" and any(id(r) not in inner for r in c[1].outputs)
         ]
+        outs.sort(key=lambda c: kept is not None and c[1] is kept[1])  # its own tensor last
         for kind, tensor, mask, nodes in [c for c in (kept, *outs[:1]) if c is not None]:
             if found is not None and mask is not found.mask:
                 return "the cell's states are masked by different tensors"
@@ -301,10 +309,11 @@ def attach_masks(
     masked in a way the op cannot express are left out, as (cell name, reason)."""
     kept: list[CellT] = []
     refused: list[tuple[str, str]] = []
+    olds = {id(old) for cell in cells for _, old in states(cell).values()}
     for cell in cells:
         pairs = states(cell)
         nodes: dict[int, gs.Node] = cell.nodes  # type: ignore[attr-defined]
-        mask = find_mask(index, types, pairs, nodes)
+        mask = find_mask(index, types, pairs, nodes, olds)
         if isinstance(mask, Mask):
             reason = outside_readers(mask, pairs, nodes)
             mask = reason if reason is not None else mask
@@ -354,6 +363,8 @@ def check_masks(
         )
     for k, cell in enumerate(cells[:-1]):
         for name, kept in cell.mask.kept.items():
+            if kept is cell.mask.out:  # from a zero state the kept h is the step output too
+                continue
             readers = [r for r in kept.outputs if id(r) not in cells[k + 1].nodes]
             if any(r.op not in ("Shape", "Size") for r in readers) or id(kept) in index.outputs:
                 return (
