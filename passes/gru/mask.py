@@ -143,7 +143,7 @@ def _candidates(
     cell_nodes: dict[int, gs.Node],
 ) -> list[tuple[str, gs.Tensor, gs.Tensor, list[gs.Node]]]:
     """(kind, tensor, mask, nodes) for each masking expression a few nodes after ``new``."""
-    found = []
+    found: list[tuple[str, gs.Tensor, gs.Tensor, list[gs.Node]]] = []
     level, seen = [new], set()
     for _ in range(MAX_DEPTH):
         following = []
