@@ -47,13 +47,8 @@ from onnxpress.passes.gru.fusion import (
     without_dead_readers,
 )
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
-from onnxpress.passes.gru.mask import (
-    attach_masks,
-    check_masks,
-    sequence_lens,
-    state_out,
-    step_views,
-)
+from onnxpress.passes.gru.lengths import check_masks, sequence_lens
+from onnxpress.passes.gru.mask import attach_masks, state_out, step_views
 from onnxpress.passes.gru.outputs import StepOutputs
 from onnxpress.passes.gru.pair import FusedRnn
 from onnxpress.passes.gru.probe import CellSpec, GruWeights, probe_weights, self_check

@@ -42,15 +42,10 @@ from onnxpress.passes.gru.fusion import (
     without_dead_readers,
 )
 from onnxpress.passes.gru.graph import GraphIndex, TensorTypes, tensor_types
+from onnxpress.passes.gru.lengths import check_masks, sequence_lens
 from onnxpress.passes.gru.lstm_cell import LstmCellMatch, is_cell_output, match_lstm_cell
 from onnxpress.passes.gru.lstm_probe import LstmSpec, LstmWeights, lstm_self_check, probe_lstm
-from onnxpress.passes.gru.mask import (
-    attach_masks,
-    check_masks,
-    sequence_lens,
-    state_out,
-    step_views,
-)
+from onnxpress.passes.gru.mask import attach_masks, state_out, step_views
 from onnxpress.passes.gru.outputs import StepOutputs
 from onnxpress.passes.gru.pair import FusedRnn
 
