@@ -131,6 +131,7 @@ class PassManager:
                 original, feeds, verification_data is not None, verification_runner
             )
             output_names = runner.output_names
+            del runner  # its session holds a copy of the weights; the passes need the memory
         previous = reference
         lossy_seen = False
         ctx = PassContext(

@@ -40,7 +40,14 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes.svd.factor import WeightGroup, factorize, per_group, spectra, taps
+from onnxpress.passes.svd.factor import (
+    WeightGroup,
+    allocation_moments,
+    factorize,
+    per_group,
+    spectra,
+    taps,
+)
 from onnxpress.passes.svd.layers import LinearForm
 from onnxpress.passes.svd.match import classify
 from onnxpress.passes.svd.rank import (
@@ -53,9 +60,9 @@ from onnxpress.passes.svd.rank import (
     relative_tail,
     round_rank,
 )
-from onnxpress.passes.svd.sensitivity import Probe, measure_sensitivity
+from onnxpress.passes.svd.sensitivity import Probe, Stage, measure_sensitivity
 
-from onnxpress.analysis.refit import Spectrum, accumulate_moments, collect_moments, layer_waves
+from onnxpress.analysis.refit import Spectrum, accumulate_moments, layer_waves
 from onnxpress.analysis.segments import SegmentCapture
 from onnxpress.calibration.activations import Moments
 from onnxpress.core.context import PassContext
@@ -251,24 +258,39 @@ class Svd(Pass[SvdOptions]):
         """Ranks for the budget rule from every candidate's (whitened) spectrum."""
         opts = self.options
         moments: dict[str, Moments] = {}
-        student = ctx.export(graph) if ctx.calibration is not None else None
-        if whiten and ctx.calibration is not None and student is not None:
-            all_taps = [tap for g in groups for tap in taps(g, set(), targets=False)]
-            moments = collect_moments(student, None, all_taps, ctx.calibration.batches())
-        found = {g.key: spectra(g.form, per_group(g, moments), opts.damping) for g in groups}
         weights: dict[str, float] = {}
-        if opts.sensitivity and ctx.calibration is not None and student is not None:
-            batch = next(iter(ctx.calibration.batches(1)), None)
+        if ctx.calibration is not None and whiten:
+            all_taps = [tap for g in groups for tap in taps(g, set(), targets=False)]
+            moments = allocation_moments(ctx.export(graph), all_taps, ctx.calibration.batches)
+        found: dict[str, list[Spectrum]] = {}
+        for group in groups:  # each group's moments go as soon as its spectra are known
+            found[group.key] = spectra(group.form, per_group(group, moments), opts.damping)
+            for index in range(group.form.groups):
+                moments.pop(f"{group.key}#{index}", None)
+        singular = {key: [s.singular for s in found[key]] for key in found}
+        if ctx.calibration is not None:
+            batch = next(iter(ctx.calibration.batches(1)), None) if opts.sensitivity else None
+            probes: dict[str, Probe] = {}
+            for group in groups if batch is not None else []:
+                probes[str(group.weight.name)] = self._probe(group, found.pop(group.key))
+            found.clear()  # the factors: only the spectra's singular values are read below
             if batch is not None:
-                probes = {str(g.weight.name): self._probe(g, found[g.key]) for g in groups}
-                weights = measure_sensitivity(student, probes, batch)
+                waves = layer_waves(graph, [[f.node for f in g.forms] for g in groups])
+                stages = [
+                    Stage(
+                        [str(groups[i].weight.name) for i in wave],
+                        [str(f.source.name) for i in wave for f in groups[i].forms],
+                    )
+                    for wave in waves
+                ]
+                weights = measure_sensitivity(ctx.export(graph), probes, batch, stages)
         items = [
             BudgetItem(
                 group.key,
                 group.form.k,
                 group.form.n,
                 group.form.groups,
-                [s.singular for s in found[group.key]],
+                singular[group.key],
                 weight=weights.get(str(group.weight.name), 1.0),
                 floor=floor_rank(group.form.k, group.form.n, opts.rank_floor),
             )
@@ -311,9 +333,8 @@ class Svd(Pass[SvdOptions]):
             1,
         )
         approx = np.stack([np.matmul(*s.factors(rank)) for s in found])
-        dense = np.asarray(group.weight.values)
-        truncated = form.dense_values(approx).astype(dense.dtype)
-        return Probe(dense, truncated, relative_tail([s.singular for s in found], rank))
+        truncated = form.dense_values(approx).astype(form.values.dtype)
+        return Probe(truncated, relative_tail([s.singular for s in found], rank))
 
     def _rank(self, group: WeightGroup, singular: list[np.ndarray]) -> int:
         opts, form = self.options, group.form
