@@ -12,7 +12,9 @@ all candidate params, allocated greedily where the error per saved param is smal
 ``multiple`` rounding. Under ``budget``, each layer's error is weighed by the measured
 effect of its truncation on the model's outputs (``sensitivity``, see ``sensitivity``), so
 attention projections and feed-forward layers are compared on what they cost the model,
-and no rank goes below ``rank-floor`` of the weight's full rank. ``min-params`` skips small
+and no rank goes below ``rank-floor`` of the weight's full rank. The allocation's spectra
+come from the first calibration batches that give every candidate ``ALLOCATION_ROWS`` rows
+(``factor``), and each probe runs the model only from its layer's inputs on. ``min-params`` skips small
 weights; ``include``/``exclude`` select nodes by name: an entry is an exact node name, or
 ``re:PATTERN`` (``re.search``).
 
@@ -57,10 +59,9 @@ from onnxpress.passes.svd.rank import (
     max_useful_rank,
     rank_for_energy,
     rank_for_params,
-    relative_tail,
     round_rank,
 )
-from onnxpress.passes.svd.sensitivity import Probe, Stage, measure_sensitivity
+from onnxpress.passes.svd.sensitivity import Probe, measure_sensitivity, probe, wave_stages
 
 from onnxpress.analysis.refit import Spectrum, accumulate_moments, layer_waves
 from onnxpress.analysis.segments import SegmentCapture
@@ -272,17 +273,13 @@ class Svd(Pass[SvdOptions]):
             batch = next(iter(ctx.calibration.batches(1)), None) if opts.sensitivity else None
             probes: dict[str, Probe] = {}
             for group in groups if batch is not None else []:
-                probes[str(group.weight.name)] = self._probe(group, found.pop(group.key))
+                found_group = found.pop(group.key)
+                probes[str(group.weight.name)] = probe(
+                    group, found_group, opts.rank_floor, opts.min_gain
+                )
             found.clear()  # the factors: only the spectra's singular values are read below
             if batch is not None:
-                waves = layer_waves(graph, [[f.node for f in g.forms] for g in groups])
-                stages = [
-                    Stage(
-                        [str(groups[i].weight.name) for i in wave],
-                        [str(f.source.name) for i in wave for f in groups[i].forms],
-                    )
-                    for wave in waves
-                ]
+                stages = wave_stages(graph, groups)
                 weights = measure_sensitivity(ctx.export(graph), probes, batch, stages)
         items = [
             BudgetItem(
@@ -323,18 +320,6 @@ class Svd(Pass[SvdOptions]):
                 allocation.target,
             )
         return allocation.ranks
-
-    def _probe(self, group: WeightGroup, found: list[Spectrum]) -> Probe:
-        """The weight truncated halfway down its useful ranks (not below the floor)."""
-        form, opts = group.form, self.options
-        rank = max(
-            floor_rank(form.k, form.n, opts.rank_floor),
-            max_useful_rank(form.k, form.n, opts.min_gain) // 2,
-            1,
-        )
-        approx = np.stack([np.matmul(*s.factors(rank)) for s in found])
-        truncated = form.dense_values(approx).astype(form.values.dtype)
-        return Probe(truncated, relative_tail([s.singular for s in found], rank))
 
     def _rank(self, group: WeightGroup, singular: list[np.ndarray]) -> int:
         opts, form = self.options, group.form

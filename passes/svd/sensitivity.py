@@ -26,8 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
+from onnxpress.passes.svd.factor import WeightGroup
+from onnxpress.passes.svd.rank import floor_rank, max_useful_rank, relative_tail
 
 from onnxpress.analysis.probes import relative_change
+from onnxpress.analysis.refit import Spectrum, layer_waves
 from onnxpress.analysis.segments import SegmentCapture
 from onnxpress.core.calibration_data import Batch
 
@@ -56,6 +60,29 @@ class Stage:
 
     weights: list[str]
     sources: list[str]
+
+
+def probe(group: WeightGroup, found: list[Spectrum], rank_floor: float, min_gain: float) -> Probe:
+    """The weight truncated halfway down its useful ranks (not below the floor)."""
+    form = group.form
+    rank = max(
+        floor_rank(form.k, form.n, rank_floor), max_useful_rank(form.k, form.n, min_gain) // 2, 1
+    )
+    approx = np.stack([np.matmul(*s.factors(rank)) for s in found])
+    truncated = form.dense_values(approx).astype(form.values.dtype)
+    return Probe(truncated, relative_tail([s.singular for s in found], rank))
+
+
+def wave_stages(graph: gs.Graph, groups: Sequence[WeightGroup]) -> list[Stage]:
+    """The candidates in topological waves, each with the tensors its layers read."""
+    waves = layer_waves(graph, [[f.node for f in g.forms] for g in groups])
+    return [
+        Stage(
+            [str(groups[i].weight.name) for i in wave],
+            [str(f.source.name) for i in wave for f in groups[i].forms],
+        )
+        for wave in waves
+    ]
 
 
 def measure_sensitivity(
