@@ -227,6 +227,7 @@ class SegmentCapture:
         read = _reads(nodes) | set(outputs)
         inits, weights = [], {}
         inputs = [i for i in graph.input if i.name in read]
+        declared = {i.name for i in inputs}
         for tensor in graph.initializer:
             if tensor.name not in read:
                 continue
@@ -234,9 +235,10 @@ class SegmentCapture:
                 inits.append(tensor)
                 continue
             weights[tensor.name] = numpy_helper.to_array(tensor)
-            inputs.append(
-                helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-            )
+            if tensor.name not in declared:  # an initializer may be a graph input already
+                inputs.append(
+                    helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                )
         sample = self.stored[0] if self.stored else {}
         for name in stored_inputs:
             dtype = helper.np_dtype_to_tensor_dtype(sample[name].dtype)
