@@ -26,7 +26,9 @@ weights (one session per border, one run per probe, each only from that layer on
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +57,24 @@ def _streamable(model: onnx.ModelProto) -> bool:
     )
 
 
+class WeightArrays:
+    """Initializers as arrays, one array per distinct content while any region uses it: the
+    regions of a student and of its teacher that read the same (unchanged) weight share it."""
+
+    def __init__(self) -> None:
+        self._arrays: weakref.WeakValueDictionary[tuple[str, bytes], np.ndarray] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def get(self, tensor: onnx.TensorProto) -> np.ndarray:
+        key = (tensor.name, hashlib.blake2b(tensor.SerializeToString(), digest_size=20).digest())
+        array = self._arrays.get(key)
+        if array is None:
+            array = numpy_helper.to_array(tensor)
+            self._arrays[key] = array
+        return array
+
+
 @dataclass
 class _Border:
     """What one region's stream reads, yields and stores."""
@@ -72,10 +92,15 @@ class SegmentCapture:
     """Per calibration batch, tensors of a model computed segment by segment."""
 
     def __init__(
-        self, batches: Callable[[], Iterable[Batch]], limit_bytes: int = DEFAULT_LIMIT_BYTES
+        self,
+        batches: Callable[[], Iterable[Batch]],
+        limit_bytes: int = DEFAULT_LIMIT_BYTES,
+        arrays: WeightArrays | None = None,
     ) -> None:
         self.batches = batches
         self.limit_bytes = limit_bytes
+        # fed initializers, shared with other captures (a student's and its teacher's)
+        self.arrays = arrays if arrays is not None else WeightArrays()
         self.stored: list[dict[str, np.ndarray]] = []  # per batch
         self.covered: set[str] = set()  # names of the nodes already computed
         self.streaming = True
@@ -234,7 +259,7 @@ class SegmentCapture:
             if _nbytes(tensor) < FEED_BYTES and tensor.name not in (replaceable or ()):
                 inits.append(tensor)
                 continue
-            weights[tensor.name] = numpy_helper.to_array(tensor)
+            weights[tensor.name] = self.arrays.get(tensor)
             if tensor.name not in declared:  # an initializer may be a graph input already
                 inputs.append(
                     helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))

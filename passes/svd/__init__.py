@@ -64,7 +64,7 @@ from onnxpress.passes.svd.rank import (
 from onnxpress.passes.svd.sensitivity import Probe, measure_sensitivity, probe, wave_stages
 
 from onnxpress.analysis.refit import Spectrum, accumulate_moments, layer_waves
-from onnxpress.analysis.segments import SegmentCapture
+from onnxpress.analysis.segments import SegmentCapture, WeightArrays
 from onnxpress.calibration.activations import Moments
 from onnxpress.core.context import PassContext
 from onnxpress.core.ir import unique_name
@@ -175,8 +175,9 @@ class Svd(Pass[SvdOptions]):
         ]
         # Each wave runs the student and the teacher only from where the last wave stopped.
         calibration = ctx.calibration
-        student = SegmentCapture(calibration.batches)
-        teacher = SegmentCapture(calibration.batches)
+        arrays = WeightArrays()  # the teacher's regions share the weights the student kept
+        student = SegmentCapture(calibration.batches, arrays=arrays)
+        teacher = SegmentCapture(calibration.batches, arrays=arrays)
         for wave, wave_taps in zip(waves, by_wave, strict=True):
             moments: dict[str, Moments] = {}
             if wave_taps:

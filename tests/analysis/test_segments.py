@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxpress.analysis.segments import SegmentCapture
+from onnxpress.analysis.segments import SegmentCapture, WeightArrays
 
 SIZE = 8
 
@@ -136,3 +136,20 @@ def test_large_weights_are_fed_and_a_store_over_the_limit_midway_keeps_values_ri
         for name, got in (("a", got_a["a"]), ("y", got_y["y"])):  # fed weights: other kernels
             scale = float(np.abs(full[name]).max())
             np.testing.assert_allclose(got, full[name], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_captures_share_the_arrays_of_identical_weights_only() -> None:
+    arrays = WeightArrays()
+    model = residual_chain(1)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    changed.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.eye(SIZE, dtype=np.float32), "W0")
+    )
+    same = arrays.get(model.graph.initializer[0])
+    assert (
+        arrays.get(onnx.TensorProto.FromString(model.graph.initializer[0].SerializeToString()))
+        is same
+    )
+    assert arrays.get(changed.graph.initializer[0]) is not same
+    np.testing.assert_array_equal(arrays.get(changed.graph.initializer[0]), np.eye(SIZE))
