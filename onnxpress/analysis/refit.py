@@ -107,12 +107,13 @@ def collect_moments(
 def accumulate_moments(
     taps: Sequence[Tap],
     pairs: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]],
+    dtype: type[np.floating] = np.float64,
 ) -> dict[str, Moments]:
     """One Moments per tap key from (student tensors, teacher tensors) per batch."""
     moments: dict[str, Moments] = {}
     for tap in taps:
         if tap.key not in moments:
-            moments[tap.key] = Moments(tap.dim, tap.target_dim)
+            moments[tap.key] = Moments(tap.dim, tap.target_dim, dtype)
     for index, (inputs, outputs) in enumerate(pairs):
         # taps whose rows are the same view of one captured tensor (q, k and v read one
         # tensor) share one XᵀX; the tensors stay alive for the batch, so the key is unique

@@ -15,16 +15,26 @@ tensors it asked for); a request that would run a node again, a model with unnam
 duplicate node names or with subgraphs (If, Loop, Scan: outer-scope reads), and a store
 over ``limit_bytes`` turn streaming off: from then on requests run from the inputs. Stored
 tensors that no node outside the computed region reads any more are dropped.
+
+Each region's sub-model holds its small initializers; the large ones (``FEED_BYTES`` and
+up: the weights) become inputs of the session, fed as arrays read from the model. A region
+then costs one copy of its weights, not three (a sub-model proto, its serialization and
+onnxruntime's own), and a caller may feed other values for them: ``rest`` gives a runner
+of everything after the border that the probes of a layer-wise analysis feed altered
+weights (one session per border, one run per probe, each only from that layer on).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxpress.core.calibration_data import Batch
 from onnxpress.core.verify import Runner
@@ -32,6 +42,7 @@ from onnxpress.core.verify import Runner
 logger = logging.getLogger(__name__)
 
 DEFAULT_LIMIT_BYTES = 512 * 2**20
+FEED_BYTES = 256 * 2**10  # initializers at least this large are fed to a region's session
 
 
 def _streamable(model: onnx.ModelProto) -> bool:
@@ -46,14 +57,50 @@ def _streamable(model: onnx.ModelProto) -> bool:
     )
 
 
+class WeightArrays:
+    """Initializers as arrays, one array per distinct content while any region uses it: the
+    regions of a student and of its teacher that read the same (unchanged) weight share it."""
+
+    def __init__(self) -> None:
+        self._arrays: weakref.WeakValueDictionary[tuple[str, bytes], np.ndarray] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def get(self, tensor: onnx.TensorProto) -> np.ndarray:
+        key = (tensor.name, hashlib.blake2b(tensor.SerializeToString(), digest_size=20).digest())
+        array = self._arrays.get(key)
+        if array is None:
+            array = numpy_helper.to_array(tensor)
+            self._arrays[key] = array
+        return array
+
+
+@dataclass
+class _Border:
+    """What one region's stream reads, yields and stores."""
+
+    wanted: list[str]
+    used: list[str]  # stored tensors the region reads
+    outputs: list[str]  # the region session's outputs
+    produced: list[str]  # outputs stored for later regions
+    keep: list[str]  # stored tensors still read later
+    region_names: set[str]
+    store: bool
+
+
 class SegmentCapture:
     """Per calibration batch, tensors of a model computed segment by segment."""
 
     def __init__(
-        self, batches: Callable[[], Iterable[Batch]], limit_bytes: int = DEFAULT_LIMIT_BYTES
+        self,
+        batches: Callable[[], Iterable[Batch]],
+        limit_bytes: int = DEFAULT_LIMIT_BYTES,
+        arrays: WeightArrays | None = None,
     ) -> None:
         self.batches = batches
         self.limit_bytes = limit_bytes
+        # fed initializers, shared with other captures (a student's and its teacher's)
+        self.arrays = arrays if arrays is not None else WeightArrays()
         self.stored: list[dict[str, np.ndarray]] = []  # per batch
         self.covered: set[str] = set()  # names of the nodes already computed
         self.streaming = True
@@ -63,16 +110,18 @@ class SegmentCapture:
         return sum(a.nbytes for batch in self.stored for a in batch.values())
 
     def run(self, model: onnx.ModelProto, wanted: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
-        """Per batch (in the order of ``batches``), the values of ``wanted``."""
+        """Per batch (in the order of ``batches``), the values of ``wanted``.
+
+        The region's session is built here, at once: the iterator keeps no reference to
+        ``model``, which a caller may drop (an exported student) while it streams."""
         wanted = list(dict.fromkeys(wanted))
         region: list[onnx.NodeProto] | None = None
         if self.streaming and _streamable(model):
             region = self._region(model, wanted, set(self.stored[0]) if self.stored else set())
         if region is None:
             self.streaming, self.stored, self.covered = False, [], set()
-            yield from self._run_region(model, list(model.graph.node), wanted, store=False)
-        else:
-            yield from self._run_region(model, region, wanted, store=True)
+            return self._run_region(model, list(model.graph.node), wanted, store=False)
+        return self._run_region(model, region, wanted, store=True)
 
     def _run_region(
         self, model: onnx.ModelProto, region: list[onnx.NodeProto], wanted: list[str], store: bool
@@ -87,35 +136,86 @@ class SegmentCapture:
         used = sorted(available & ({t for n in region for t in n.input} | set(wanted)))
         computed = [t for t in wanted if t not in available and t not in graph_inputs]
         outputs = list(dict.fromkeys([*computed, *produced]))
-        runner = Runner(self._sub_model(model, region, used, outputs)) if outputs else None
+        runner: Runner | None = None
+        weights: dict[str, np.ndarray] = {}
+        if outputs:
+            sub, weights = self._sub_model(model, region, used, outputs)
+            runner = Runner(sub)
+        border = _Border(wanted, used, outputs, produced, keep, region_names, store)
+        return self._stream(runner, weights, border)
+
+    def _stream(
+        self, runner: Runner | None, weights: dict[str, np.ndarray], border: _Border
+    ) -> Iterator[dict[str, np.ndarray]]:
+        wanted, used, outputs, produced, keep, store = (
+            border.wanted,
+            border.used,
+            border.outputs,
+            border.produced,
+            border.keep,
+            border.store,
+        )
         fed = {i.name for i in runner.session.get_inputs()} if runner else set()
-        new_store: list[dict[str, np.ndarray]] = []
-        total = 0
-        for index, batch in enumerate(self.batches()):
-            previous = self.stored[index] if index < len(self.stored) else {}
-            feed = {**batch, **{t: previous[t] for t in used}}
-            values = {t: feed[t] for t in wanted if t in feed}
-            if runner is not None:
-                run = runner({k: v for k, v in feed.items() if k in fed})
-                values.update(zip(outputs, run, strict=True))
-            yield {t: values[t] for t in wanted}
-            if store:
-                state = {t: previous[t] for t in keep} | {t: values[t] for t in produced}
+        total, complete, stored = 0, False, self.stored  # kept when the store resets
+        try:
+            for index, batch in enumerate(self.batches()):
+                previous = stored[index] if index < len(stored) else {}
+                feed = {**batch, **{t: previous[t] for t in used}}
+                values = {t: feed[t] for t in wanted if t in feed}
+                if runner is not None:
+                    run = runner({k: v for k, v in {**feed, **weights}.items() if k in fed})
+                    values.update(zip(outputs, run, strict=True))
+                yield {t: values[t] for t in wanted}
+                if not store:
+                    continue
+                # Each batch's border replaces its previous one at once: one store in memory.
+                # Copied: onnxruntime's outputs live in its session's arena and would keep
+                # all of it (hundreds of MB per region) alive as long as they are stored.
+                state = {t: previous[t] for t in keep} | {t: np.array(values[t]) for t in produced}
                 total += sum(a.nbytes for a in state.values())
-                new_store.append(state)
-        if not store:
-            return
-        if total > self.limit_bytes:
-            logger.info(
-                "segment capture: %d MB of border tensors over the %d MB limit; "
-                "running from the inputs from now on",
-                total >> 20,
-                self.limit_bytes >> 20,
-            )
-            self.streaming, self.stored, self.covered = False, [], set()
-            return
-        self.stored = new_store
-        self.covered |= region_names
+                if total > self.limit_bytes:
+                    logger.info(
+                        "segment capture: over %d MB of border tensors (the limit); "
+                        "running from the inputs from now on",
+                        self.limit_bytes >> 20,
+                    )
+                    store = False
+                    self.streaming, self.stored, self.covered = False, [], set()
+                elif index < len(stored):
+                    stored[index] = state
+                else:
+                    stored.append(state)
+            complete = True
+        finally:
+            if store and not complete:  # a caller stopped early: the store is half-moved
+                self.streaming, self.stored, self.covered = False, [], set()
+        if store:
+            self.covered |= border.region_names
+
+    def rest(
+        self, model: onnx.ModelProto, replaceable: Collection[str] = ()
+    ) -> tuple[Callable[[dict[str, np.ndarray]], list[np.ndarray]], set[str]]:
+        """A runner of the graph outputs on the first batch, from the stored border (from the
+        inputs when not streaming), and the initializers it takes as inputs (the large ones
+        and those in ``replaceable`` that it reads): a feed ``{name: array}`` replaces
+        those weights for one run."""
+        outputs = [o.name for o in model.graph.output]
+        available = set(self.stored[0]) if self.streaming and self.stored else set()
+        region = self._region(model, outputs, available) if self.streaming else None
+        if region is None:
+            region, available = list(model.graph.node), set()
+        used = sorted(available & {t for n in region for t in n.input})
+        sub, weights = self._sub_model(model, region, used, outputs, set(replaceable))
+        runner = Runner(sub)
+        del sub
+        fed = {i.name for i in runner.session.get_inputs()}
+        batch = next(iter(self.batches()))
+        feed = {**batch, **{t: self.stored[0][t] for t in used}, **weights}
+
+        def run(replaced: dict[str, np.ndarray]) -> list[np.ndarray]:
+            return runner({k: v for k, v in {**feed, **replaced}.items() if k in fed})
+
+        return run, set(weights)
 
     def _region(
         self, model: onnx.ModelProto, wanted: Sequence[str], available: set[str]
@@ -145,11 +245,25 @@ class SegmentCapture:
         nodes: list[onnx.NodeProto],
         stored_inputs: list[str],
         outputs: list[str],
-    ) -> onnx.ModelProto:
+        replaceable: set[str] | None = None,
+    ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """The region as a model; its large initializers are inputs, returned as arrays."""
         graph = model.graph
-        read = {t for n in nodes for t in n.input} | set(outputs)
-        inits = [t for t in graph.initializer if t.name in read]
+        read = _reads(nodes) | set(outputs)
+        inits, weights = [], {}
         inputs = [i for i in graph.input if i.name in read]
+        declared = {i.name for i in inputs}
+        for tensor in graph.initializer:
+            if tensor.name not in read:
+                continue
+            if _nbytes(tensor) < FEED_BYTES and tensor.name not in (replaceable or ()):
+                inits.append(tensor)
+                continue
+            weights[tensor.name] = self.arrays.get(tensor)
+            if tensor.name not in declared:  # an initializer may be a graph input already
+                inputs.append(
+                    helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                )
         sample = self.stored[0] if self.stored else {}
         for name in stored_inputs:
             dtype = helper.np_dtype_to_tensor_dtype(sample[name].dtype)
@@ -164,4 +278,28 @@ class SegmentCapture:
         out = helper.make_model(sub, opset_imports=list(model.opset_import))
         out.ir_version = model.ir_version
         out.functions.extend(model.functions)
-        return out
+        return out, weights
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of an initializer's values (0 for external data, which stays in the model)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return 0
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if not np.issubdtype(dtype, np.number):
+        return 0
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * dtype.itemsize
+
+
+def _reads(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Names the nodes read, including those read from inside their subgraphs."""
+    names: set[str] = set()
+    for node in nodes:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                names |= _reads(sub.node)
+    return names

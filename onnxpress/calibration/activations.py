@@ -66,11 +66,13 @@ class Moments:
     Accumulates in float64 (each batch's products in float32 or wider): n, Σx, XᵀX and, when targets are given, XᵀY and YᵀY.
     """
 
-    def __init__(self, dim: int, target_dim: int | None = None) -> None:
+    def __init__(
+        self, dim: int, target_dim: int | None = None, dtype: type[np.floating] = np.float64
+    ) -> None:
         self.count = 0
         self.sum = np.zeros(dim)
-        self.xtx = np.zeros((dim, dim))
-        self.xty = np.zeros((dim, target_dim)) if target_dim is not None else None
+        self.xtx = np.zeros((dim, dim), dtype)  # float32: half the memory, for a few batches
+        self.xty = np.zeros((dim, target_dim), dtype) if target_dim is not None else None
         self.yty_trace = 0.0
 
     def add(

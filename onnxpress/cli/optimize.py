@@ -80,7 +80,7 @@ def optimize_command(args: argparse.Namespace) -> int:
         pass_timeout=args.pass_timeout,
     )
     try:
-        result, report = manager.run(model)
+        result, report = manager.run(model, copy=False)  # the model was loaded for this run
     except BaseException:
         progress.clear()
         raise

@@ -102,10 +102,13 @@ class PassManager:
         self.pass_timeout = pass_timeout
         self._original_structure_error: str | None = None  # checked only when a pass fails
 
-    def run(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, Report]:
-        """Run every pass on a copy of ``model``; return the result and its report."""
+    def run(self, model: onnx.ModelProto, copy: bool = True) -> tuple[onnx.ModelProto, Report]:
+        """Run every pass on a copy of ``model``; return the result and its report.
+
+        ``copy=False``: the caller hands ``model`` over (it must not use it afterwards), which
+        saves a copy of the weights (the CLI, which loaded it for this run)."""
         started = time.perf_counter()
-        original = copy_model(model)
+        original = copy_model(model) if copy else model
         level = self.verify.level
         verification_data = self.calibration
         if self.calibration is not None:
@@ -131,6 +134,7 @@ class PassManager:
                 original, feeds, verification_data is not None, verification_runner
             )
             output_names = runner.output_names
+            del runner  # its session holds a copy of the weights; the passes need the memory
         previous = reference
         lossy_seen = False
         ctx = PassContext(

@@ -12,7 +12,9 @@ all candidate params, allocated greedily where the error per saved param is smal
 ``multiple`` rounding. Under ``budget``, each layer's error is weighed by the measured
 effect of its truncation on the model's outputs (``sensitivity``, see ``sensitivity``), so
 attention projections and feed-forward layers are compared on what they cost the model,
-and no rank goes below ``rank-floor`` of the weight's full rank. ``min-params`` skips small
+and no rank goes below ``rank-floor`` of the weight's full rank. The allocation's spectra
+come from the first calibration batches that give every candidate ``ALLOCATION_ROWS`` rows
+(``factor``), and each probe runs the model only from its layer's inputs on. ``min-params`` skips small
 weights; ``include``/``exclude`` select nodes by name: an entry is an exact node name, or
 ``re:PATTERN`` (``re.search``).
 
@@ -40,7 +42,14 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnxpress.passes.svd.factor import WeightGroup, factorize, per_group, spectra, taps
+from onnxpress.passes.svd.factor import (
+    WeightGroup,
+    allocation_moments,
+    factorize,
+    per_group,
+    spectra,
+    taps,
+)
 from onnxpress.passes.svd.layers import LinearForm
 from onnxpress.passes.svd.match import classify
 from onnxpress.passes.svd.rank import (
@@ -50,13 +59,12 @@ from onnxpress.passes.svd.rank import (
     max_useful_rank,
     rank_for_energy,
     rank_for_params,
-    relative_tail,
     round_rank,
 )
-from onnxpress.passes.svd.sensitivity import Probe, measure_sensitivity
+from onnxpress.passes.svd.sensitivity import Probe, measure_sensitivity, probe, wave_stages
 
-from onnxpress.analysis.refit import Spectrum, accumulate_moments, collect_moments, layer_waves
-from onnxpress.analysis.segments import SegmentCapture
+from onnxpress.analysis.refit import Spectrum, accumulate_moments, layer_waves
+from onnxpress.analysis.segments import SegmentCapture, WeightArrays
 from onnxpress.calibration.activations import Moments
 from onnxpress.core.context import PassContext
 from onnxpress.core.ir import unique_name
@@ -167,8 +175,9 @@ class Svd(Pass[SvdOptions]):
         ]
         # Each wave runs the student and the teacher only from where the last wave stopped.
         calibration = ctx.calibration
-        student = SegmentCapture(calibration.batches)
-        teacher = SegmentCapture(calibration.batches)
+        arrays = WeightArrays()  # the teacher's regions share the weights the student kept
+        student = SegmentCapture(calibration.batches, arrays=arrays)
+        teacher = SegmentCapture(calibration.batches, arrays=arrays)
         for wave, wave_taps in zip(waves, by_wave, strict=True):
             moments: dict[str, Moments] = {}
             if wave_taps:
@@ -251,24 +260,35 @@ class Svd(Pass[SvdOptions]):
         """Ranks for the budget rule from every candidate's (whitened) spectrum."""
         opts = self.options
         moments: dict[str, Moments] = {}
-        student = ctx.export(graph) if ctx.calibration is not None else None
-        if whiten and ctx.calibration is not None and student is not None:
-            all_taps = [tap for g in groups for tap in taps(g, set(), targets=False)]
-            moments = collect_moments(student, None, all_taps, ctx.calibration.batches())
-        found = {g.key: spectra(g.form, per_group(g, moments), opts.damping) for g in groups}
         weights: dict[str, float] = {}
-        if opts.sensitivity and ctx.calibration is not None and student is not None:
-            batch = next(iter(ctx.calibration.batches(1)), None)
+        if ctx.calibration is not None and whiten:
+            all_taps = [tap for g in groups for tap in taps(g, set(), targets=False)]
+            moments = allocation_moments(ctx.export(graph), all_taps, ctx.calibration.batches)
+        found: dict[str, list[Spectrum]] = {}
+        for group in groups:  # each group's moments go as soon as its spectra are known
+            found[group.key] = spectra(group.form, per_group(group, moments), opts.damping)
+            for index in range(group.form.groups):
+                moments.pop(f"{group.key}#{index}", None)
+        singular = {key: [s.singular for s in found[key]] for key in found}
+        if ctx.calibration is not None:
+            batch = next(iter(ctx.calibration.batches(1)), None) if opts.sensitivity else None
+            probes: dict[str, Probe] = {}
+            for group in groups if batch is not None else []:
+                found_group = found.pop(group.key)
+                probes[str(group.weight.name)] = probe(
+                    group, found_group, opts.rank_floor, opts.min_gain
+                )
+            found.clear()  # the factors: only the spectra's singular values are read below
             if batch is not None:
-                probes = {str(g.weight.name): self._probe(g, found[g.key]) for g in groups}
-                weights = measure_sensitivity(student, probes, batch)
+                stages = wave_stages(graph, groups)
+                weights = measure_sensitivity(ctx.export(graph), probes, batch, stages)
         items = [
             BudgetItem(
                 group.key,
                 group.form.k,
                 group.form.n,
                 group.form.groups,
-                [s.singular for s in found[group.key]],
+                singular[group.key],
                 weight=weights.get(str(group.weight.name), 1.0),
                 floor=floor_rank(group.form.k, group.form.n, opts.rank_floor),
             )
@@ -301,19 +321,6 @@ class Svd(Pass[SvdOptions]):
                 allocation.target,
             )
         return allocation.ranks
-
-    def _probe(self, group: WeightGroup, found: list[Spectrum]) -> Probe:
-        """The weight truncated halfway down its useful ranks (not below the floor)."""
-        form, opts = group.form, self.options
-        rank = max(
-            floor_rank(form.k, form.n, opts.rank_floor),
-            max_useful_rank(form.k, form.n, opts.min_gain) // 2,
-            1,
-        )
-        approx = np.stack([np.matmul(*s.factors(rank)) for s in found])
-        dense = np.asarray(group.weight.values)
-        truncated = form.dense_values(approx).astype(dense.dtype)
-        return Probe(dense, truncated, relative_tail([s.singular for s in found], rank))
 
     def _rank(self, group: WeightGroup, singular: list[np.ndarray]) -> int:
         opts, form = self.options, group.form

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxpress.analysis.segments import SegmentCapture
+from onnxpress.analysis.segments import SegmentCapture, WeightArrays
 
 SIZE = 8
 
@@ -83,3 +83,73 @@ def test_unnamed_nodes_and_a_full_store_run_from_the_inputs() -> None:
     tiny = SegmentCapture(batches, limit_bytes=16)
     list(tiny.run(residual_chain(3), ["r0"]))
     assert not tiny.streaming and tiny.stored == []
+
+
+def test_rest_runs_from_the_border_and_takes_replaced_weights() -> None:
+    model = residual_chain(4)
+    capture = SegmentCapture(batches)
+    list(capture.run(model, ["r1"]))  # border after block 1
+    run, fed = capture.rest(model, ["W3", "W0"])
+    assert fed == {"W3"}  # W0 is behind the border: nothing after it reads it
+    first = batches()[0]
+    np.testing.assert_allclose(run({})[0], everything(model, first)["r3"], rtol=1e-6)
+    altered = onnx.ModelProto()
+    altered.CopyFrom(model)
+    zero = np.zeros((SIZE, SIZE), np.float32)
+    for index, tensor in enumerate(altered.graph.initializer):
+        if tensor.name == "W3":
+            altered.graph.initializer[index].CopyFrom(numpy_helper.from_array(zero, "W3"))
+    np.testing.assert_allclose(run({"W3": zero})[0], everything(altered, first)["r3"], rtol=1e-6)
+
+
+def test_large_weights_are_fed_and_a_store_over_the_limit_midway_keeps_values_right() -> None:
+    rng = np.random.default_rng(2)
+    wide = 300  # 300x300 float32: over FEED_BYTES, fed to the session as an input
+    nodes = [
+        helper.make_node("MatMul", ["x", "A"], ["a"], name="a"),
+        helper.make_node("Relu", ["a"], ["b"], name="b"),
+        helper.make_node("MatMul", ["b", "B"], ["y"], name="y"),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((wide, wide)).astype(np.float32), n)
+        for n in ("A", "B")
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", wide])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", wide])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    def data() -> list[dict[str, np.ndarray]]:
+        return [{"x": np.full((2, wide), i + 1.0, np.float32)} for i in range(3)]
+
+    # room for one batch's border ("a" and "b" are read later) but not for three
+    capture = SegmentCapture(data, limit_bytes=2 * 2 * wide * 4 + 1)
+    reference = [everything(model, b) for b in data()]
+    first = list(capture.run(model, ["a"]))
+    assert not capture.streaming  # the store went over the limit at the second batch
+    second = list(capture.run(model, ["y"]))
+    for got_a, got_y, full in zip(first, second, reference, strict=True):
+        for name, got in (("a", got_a["a"]), ("y", got_y["y"])):  # fed weights: other kernels
+            scale = float(np.abs(full[name]).max())
+            np.testing.assert_allclose(got, full[name], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_captures_share_the_arrays_of_identical_weights_only() -> None:
+    arrays = WeightArrays()
+    model = residual_chain(1)
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    changed.graph.initializer[0].CopyFrom(
+        numpy_helper.from_array(np.eye(SIZE, dtype=np.float32), "W0")
+    )
+    same = arrays.get(model.graph.initializer[0])
+    assert (
+        arrays.get(onnx.TensorProto.FromString(model.graph.initializer[0].SerializeToString()))
+        is same
+    )
+    assert arrays.get(changed.graph.initializer[0]) is not same
+    np.testing.assert_array_equal(arrays.get(changed.graph.initializer[0]), np.eye(SIZE))
