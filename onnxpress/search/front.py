@@ -78,6 +78,12 @@ def search_json(outcome: SearchOutcome) -> dict[str, Any]:
         "baseline": outcome.baseline.to_json(),
         "space": outcome.space.to_json(),
         "int8_sensitivity": outcome.sensitivities,
+        "calibration_statistics": {
+            "reused": outcome.statistics.hits,
+            "measured": outcome.statistics.misses,
+        }
+        if outcome.statistics is not None
+        else None,
         "references": outcome.references,
         "front": [
             {
