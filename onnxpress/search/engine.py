@@ -28,6 +28,7 @@ from onnxpress.core.io import prepare_model
 from onnxpress.core.manager import PassManager, VerifyConfig
 from onnxpress.core.pipeline import parse_pipeline
 from onnxpress.core.targets import Target, parse_targets
+from onnxpress.search.finish import Finished, Finisher, finish_front
 from onnxpress.search.latency import LatencyMeter, OrtLatency
 from onnxpress.search.objectives import (
     EvalSet,
@@ -118,6 +119,7 @@ class SearchOutcome:
     seconds: float = 0.0
     sensitivities: dict[str, float] = field(default_factory=dict)
     statistics: StatisticsCache | None = None  # its hits and misses: what trials reused
+    finished: dict[int, Finished] = field(default_factory=dict)  # front trial -> --distill
 
     @property
     def trials(self) -> list[FrozenTrial]:
@@ -148,9 +150,11 @@ def search(
     config: SearchConfig,
     on_trial: ProgressHook | None = None,
     latency_factory: LatencyFactory | None = None,
+    finisher: Finisher | None = None,
 ) -> SearchOutcome:
     """Run (or resume, or join as a worker) the search; see the module docstring.
-    ``latency_factory`` measures latency elsewhere than onnxruntime here (``--measure``)."""
+    ``latency_factory`` measures latency elsewhere than onnxruntime here (``--measure``);
+    ``finisher`` tunes each front model afterwards (``--distill``; ``finish.py``)."""
     started = time.perf_counter()
     config.check()
     targets: tuple[Target, ...] = parse_targets(list(config.targets))
@@ -285,6 +289,17 @@ def search(
             if known is None:  # measured by an earlier run or another worker: rebuild it
                 known = evaluator.run(trial.user_attrs["pipeline"], with_latency=False)
             outcome.models[trial.number] = known.model
+        if finisher is not None:
+            outcome.finished = finish_front(
+                outcome.front,
+                outcome.models,
+                model,
+                calibration,
+                finisher,
+                evaluator,
+                config.objectives,
+                baseline,
+            )
     outcome.seconds = time.perf_counter() - started
     return outcome
 
