@@ -12,6 +12,9 @@ slower. Accuracy is the held-out top-1 (MNIST models) or minus the RMSE in sunsp
 ``workers``: the wall time of N trials by one ``--worker`` process and by two sharing one
 SQLite study (each process one onnxruntime thread; the setup of each process included).
 
+``statistics``: the same search with and without reusing calibration statistics across
+trials (``onnxpress.calibration.cache``): wall time, time in qdq trials, tensors reused.
+
 ``random``: the same space and trial budget searched by TPE and by random sampling, 3 seeds
 each, objectives accuracy and size (both deterministic, so the comparison is not latency
 noise); hypervolume of each front (reference: accuracy 0.1 below the float model's, size
@@ -277,6 +280,44 @@ def workers(model: str, trials: int) -> dict[str, Any]:
     return results
 
 
+def statistics(model: str, trials: int) -> dict[str, Any]:
+    """The same search (objectives accuracy and size, TPE, seed 0) with and without reusing
+    calibration statistics across trials: wall time, tensors reused, and the same front."""
+    import time
+
+    results: dict[str, Any] = {}
+    fronts: dict[bool, list[Any]] = {}
+    for reuse in (False, True):
+        with tempfile.TemporaryDirectory() as folder:
+            config = _config(
+                model,
+                Path(folder),
+                trials=trials,
+                objectives=("accuracy", "size"),
+                reuse_statistics=reuse,
+            )
+            start = time.perf_counter()
+            outcome = search(config)
+            seconds = time.perf_counter() - start
+        qdq = [t for t in outcome.trials if "qdq" in str(t.user_attrs.get("pipeline"))]
+        fronts[reuse] = sorted((t.user_attrs["pipeline"], tuple(t.values)) for t in outcome.front)
+        cache = outcome.statistics
+        results["reuse" if reuse else "no reuse"] = {
+            "seconds": seconds,
+            "qdq_trial_seconds": sum(
+                (t.datetime_complete - t.datetime_start).total_seconds()
+                for t in qdq
+                if t.datetime_complete and t.datetime_start and "repeats" not in t.user_attrs
+            ),
+            "qdq_trials": len([t for t in qdq if "repeats" not in t.user_attrs]),
+            "tensors_reused": cache.hits if cache else 0,
+            "tensors_measured": cache.misses if cache else None,
+        }
+        print(json.dumps(results), flush=True)
+    results["same_front"] = fronts[False] == fronts[True]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -295,8 +336,14 @@ def main() -> None:
     c.add_argument("--model", default="mlp_digits")
     c.add_argument("--trials", type=int, default=12)
     c.add_argument("--json", type=Path)
+    d = sub.add_parser("statistics")
+    d.add_argument("--model", default="cnn_mnist")
+    d.add_argument("--trials", type=int, default=20)
+    d.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.part == "workers":
+    if args.part == "statistics":
+        results = statistics(args.model, args.trials)
+    elif args.part == "workers":
         results = workers(args.model, args.trials)
     elif args.part == "fronts":
         results = fronts(args.models.split(","), args.minutes, args.seed)

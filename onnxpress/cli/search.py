@@ -73,6 +73,12 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", default="search", help="search folder (default: ./search)")
     s.add_argument("--worker", action="store_true", help="only run trials of the shared study")
     s.add_argument(
+        "--threads",
+        type=int,
+        help="onnxruntime threads per session (default: the CPUs allowed, at most 4); "
+        "--threads 1 for one worker per core",
+    )
+    s.add_argument(
         "--distill",
         action="store_true",
         help="distill each Pareto model from the original afterwards (needs torch: the train "
@@ -115,6 +121,12 @@ def search_command(args: argparse.Namespace) -> int:
         trial_timeout=args.trial_timeout,
     )
     config.check()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SearchError(f"--threads must be >= 1, not {args.threads}")
+        from onnxpress.core.verify import set_session_threads
+
+        set_session_threads(args.threads)
     # optuna logs each trial on its own handler; the CLI owns the terminal (-v shows them)
     optuna.logging.set_verbosity(
         optuna.logging.INFO if logging.getLogger().level <= logging.INFO else optuna.logging.WARNING
@@ -131,8 +143,11 @@ def search_command(args: argparse.Namespace) -> int:
         if args.distill_epochs < 1:
             raise SearchError(f"--distill-epochs must be >= 1, not {args.distill_epochs}")
         finisher = distill_finisher(args.distill_epochs, args.seed)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # workers started together: only the one that made the folder may remove it
+        out.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
     progress = SearchProgress(enabled=not args.json)
     try:
         outcome = search(config, on_trial=progress, latency_factory=factory, finisher=finisher)

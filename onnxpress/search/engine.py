@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +56,7 @@ from onnxpress.search.trial import OBJECTIVES, Evaluator, Measured, TrialResult
 
 logger = logging.getLogger(__name__)
 
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial
 STATISTICS = "calibration-statistics"  # folder in --out: onnxpress.calibration.cache entries
 MEASURES = ("ort", "tvm", "rpc://HOST:PORT/KEY")
 LATENCY_BATCH = 64  # samples per timed run (docs/BENCHMARKS.md measures at batch 64)
@@ -224,6 +227,7 @@ def search(
         params = space.suggest(trial)
         pipeline = space.pipeline(params)
         trial.set_user_attr("pipeline", pipeline)
+        trial.set_user_attr("worker", WORKER)
         earlier = _earlier_result(study, pipeline, trial.number)
         if earlier is not None:  # measured before (by any process): the same model
             return _repeat(trial, earlier, len(config.objectives))
