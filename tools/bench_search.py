@@ -299,8 +299,8 @@ def statistics(model: str, trials: int) -> dict[str, Any]:
             start = time.perf_counter()
             outcome = search(config)
             seconds = time.perf_counter() - start
-            trials = outcome.trials  # read before the folder (and its journal) goes
-        qdq = [t for t in trials if "qdq" in str(t.user_attrs.get("pipeline"))]
+            done = outcome.trials  # read before the folder (and its journal) goes
+        qdq = [t for t in done if "qdq" in str(t.user_attrs.get("pipeline"))]
         fronts[reuse] = sorted((t.user_attrs["pipeline"], tuple(t.values)) for t in outcome.front)
         cache = outcome.statistics
         results["reuse" if reuse else "no reuse"] = {
