@@ -12,6 +12,9 @@ slower. Accuracy is the held-out top-1 (MNIST models) or minus the RMSE in sunsp
 ``workers``: the wall time of N trials by one ``--worker`` process and by two sharing one
 SQLite study (each process one onnxruntime thread; the setup of each process included).
 
+``statistics``: the same search with and without reusing calibration statistics across
+trials (``onnxpress.calibration.cache``): wall time, time in qdq trials, tensors reused.
+
 ``random``: the same space and trial budget searched by TPE and by random sampling, 3 seeds
 each, objectives accuracy and size (both deterministic, so the comparison is not latency
 noise); hypervolume of each front (reference: accuracy 0.1 below the float model's, size
@@ -80,6 +83,28 @@ REPORTED: dict[str, list[tuple[str, float, float, float]]] = {
 }
 
 
+THINET = {"criterion": "reconstruction"}
+# the search space's settings of each row: queued as the first trials (the warm start), so
+# the same run measures them under the same load
+SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "prune 0.9 thinet+sensitivity": ("prune", {"macs": 0.9, **THINET}),
+    "prune 0.8 thinet+sensitivity": ("prune", {"macs": 0.8, **THINET}),
+    "prune 0.8 sensitivity multiple=8": ("prune", {"macs": 0.8, "multiple": 8}),
+    "prune 0.75 sensitivity": ("prune", {"macs": 0.75}),
+    "prune 0.6 sensitivity": ("prune", {"macs": 0.6}),
+    "prune 0.6 sensitivity multiple=8": ("prune", {"macs": 0.6, "multiple": 8}),
+    "prune 0.6 reconstruction": ("prune", {"macs": 0.6, "allocation": "uniform"}),
+    "prune 0.6 thinet+sensitivity": ("prune", {"macs": 0.6, **THINET}),
+    "prune 0.4 thinet+sensitivity": ("prune", {"macs": 0.4, **THINET}),
+    "prune 0.4 sensitivity multiple=8": ("prune", {"macs": 0.4, "multiple": 8}),
+    "svd 0.75 data-aware+refit": ("svd", {"budget": 0.75}),
+    "svd 0.5 data-aware+refit": ("svd", {"budget": 0.5}),
+    "qdq split-hardswish": ("qdq", {"split_hardswish": True}),
+    "qdq default (QDQ table)": ("qdq", {}),
+    "qdq default (target-aware table)": ("qdq", {}),
+}
+
+
 def _config(model: str, out: Path, **changes: Any) -> SearchConfig:
     settings: dict[str, Any] = {
         "model": str(MODELS / f"{model}.onnx"),
@@ -104,33 +129,59 @@ def _points(outcome: Any) -> list[dict[str, Any]]:
     ]
 
 
+def _dominating(front: list[dict[str, Any]], row: dict[str, float]) -> dict[str, Any] | None:
+    """The smallest, then fastest, front point at equal or better accuracy that is no larger
+    and no slower than ``row``."""
+    winners = [
+        p
+        for p in front
+        if p["accuracy"] >= row["accuracy"] - 1e-9
+        and p["size"] <= row["size"] + 1e-9
+        and p["latency"] <= row["latency"] + 1e-9
+    ]
+    return min(winners, key=lambda p: (p["size"], p["latency"])) if winners else None
+
+
 def fronts(models: list[str], minutes: float, seed: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for model in models:
+        rows = REPORTED.get(model, [])
+        warm = tuple(dict.fromkeys(_as_key(SETTINGS[label]) for label, *_ in rows))
         with tempfile.TemporaryDirectory() as folder:
             config = _config(
-                model, Path(folder), trials=10_000, time_budget=60 * minutes, seed=seed
+                model,
+                Path(folder),
+                trials=10_000,
+                time_budget=60 * minutes,
+                seed=seed,
+                warm_start=tuple((name, dict(items)) for name, items in warm),
             )
             outcome = search(config)
             trials = outcome.trials
+            pipelines: dict[str, Any] = {}
+            for t in trials:  # the first trial of each pipeline (later ones repeat it)
+                if t.values and not failed(t):
+                    pipelines.setdefault(str(t.user_attrs.get("pipeline")), t)
+            space = outcome.space
         front = _points(outcome)
         checks = []
-        for label, accuracy, size, latency in REPORTED.get(model, []):
-            winners = [
-                p
-                for p in front
-                if p["accuracy"] >= accuracy - 1e-9
-                and p["size"] <= size
-                and p["latency"] <= latency
-            ]
-            best = min(winners, key=lambda p: (p["size"], p["latency"])) if winners else None
+        for label, accuracy, size, latency in rows:
+            name, settings = SETTINGS[label]
+            params = space.single(name, **settings)
+            same_run = pipelines.get(space.pipeline({k: v for k, v in params.items() if "." in k}))
+            measured = (
+                dict(zip(config.objectives, same_run.values, strict=True), trial=same_run.number)
+                if same_run is not None
+                else None
+            )
+            reported = {"accuracy": accuracy, "size": size, "latency": latency}
             checks.append(
                 {
                     "row": label,
-                    "accuracy": accuracy,
-                    "size": size,
-                    "latency": latency,
-                    "dominated_by": best,
+                    "reported": reported,
+                    "dominated_by": _dominating(front, reported),
+                    "same_run": measured,
+                    "same_run_dominated_by": _dominating(front, measured) if measured else None,
                 }
             )
         results[model] = {
@@ -144,6 +195,10 @@ def fronts(models: list[str], minutes: float, seed: int) -> dict[str, Any]:
         }
         print(json.dumps({model: results[model]}, indent=1), flush=True)
     return results
+
+
+def _as_key(setting: tuple[str, dict[str, Any]]) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    return setting[0], tuple(sorted(setting[1].items()))
 
 
 def random_vs_tpe(model: str, trials: int, seeds: int, plot: Path | None) -> dict[str, Any]:
@@ -225,6 +280,45 @@ def workers(model: str, trials: int) -> dict[str, Any]:
     return results
 
 
+def statistics(model: str, trials: int) -> dict[str, Any]:
+    """The same search (objectives accuracy and size, TPE, seed 0) with and without reusing
+    calibration statistics across trials: wall time, tensors reused, and the same front."""
+    import time
+
+    results: dict[str, Any] = {}
+    fronts: dict[bool, list[Any]] = {}
+    for reuse in (False, True):
+        with tempfile.TemporaryDirectory() as folder:
+            config = _config(
+                model,
+                Path(folder),
+                trials=trials,
+                objectives=("accuracy", "size"),
+                reuse_statistics=reuse,
+            )
+            start = time.perf_counter()
+            outcome = search(config)
+            seconds = time.perf_counter() - start
+            done = outcome.trials  # read before the folder (and its journal) goes
+        qdq = [t for t in done if "qdq" in str(t.user_attrs.get("pipeline"))]
+        fronts[reuse] = sorted((t.user_attrs["pipeline"], tuple(t.values)) for t in outcome.front)
+        cache = outcome.statistics
+        results["reuse" if reuse else "no reuse"] = {
+            "seconds": seconds,
+            "qdq_trial_seconds": sum(
+                (t.datetime_complete - t.datetime_start).total_seconds()
+                for t in qdq
+                if t.datetime_complete and t.datetime_start and "repeats" not in t.user_attrs
+            ),
+            "qdq_trials": len([t for t in qdq if "repeats" not in t.user_attrs]),
+            "tensors_reused": cache.hits if cache else 0,
+            "tensors_measured": cache.misses if cache else None,
+        }
+        print(json.dumps(results), flush=True)
+    results["same_front"] = fronts[False] == fronts[True]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="part", required=True)
@@ -243,8 +337,14 @@ def main() -> None:
     c.add_argument("--model", default="mlp_digits")
     c.add_argument("--trials", type=int, default=12)
     c.add_argument("--json", type=Path)
+    d = sub.add_parser("statistics")
+    d.add_argument("--model", default="cnn_mnist")
+    d.add_argument("--trials", type=int, default=20)
+    d.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.part == "workers":
+    if args.part == "statistics":
+        results = statistics(args.model, args.trials)
+    elif args.part == "workers":
         results = workers(args.model, args.trials)
     elif args.part == "fronts":
         results = fronts(args.models.split(","), args.minutes, args.seed)

@@ -2,7 +2,8 @@
 
     onnxpress search MODEL --calibration DATA [--eval DATA] [--metric module:function]
         [--target T] [--objectives accuracy,latency,size] [--max-drop 0.005]
-        [--trials N] [--time-budget 30m] [--storage URL] [--out DIR] [--worker] [--json]
+        [--trials N] [--time-budget 30m] [--storage URL] [--out DIR] [--worker] [--distill]
+        [--json]
 
 Nothing is written before every input has been checked; on an error a search folder this
 run created is removed again, and the front, ``search.json`` and the report are written all
@@ -71,6 +72,19 @@ def add_search_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="search", help="search folder (default: ./search)")
     s.add_argument("--worker", action="store_true", help="only run trials of the shared study")
+    s.add_argument(
+        "--threads",
+        type=int,
+        help="onnxruntime threads per session (default: the CPUs allowed, at most 4); "
+        "--threads 1 for one worker per core",
+    )
+    s.add_argument(
+        "--distill",
+        action="store_true",
+        help="distill each Pareto model from the original afterwards (needs torch: the train "
+        "extra); a point keeps the distilled model where it measures better",
+    )
+    s.add_argument("--distill-epochs", type=int, default=5, help="epochs of --distill (5)")
     s.add_argument("--json", action="store_true", help="print the front as JSON")
 
 
@@ -107,6 +121,12 @@ def search_command(args: argparse.Namespace) -> int:
         trial_timeout=args.trial_timeout,
     )
     config.check()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SearchError(f"--threads must be >= 1, not {args.threads}")
+        from onnxpress.core.verify import set_session_threads
+
+        set_session_threads(args.threads)
     # optuna logs each trial on its own handler; the CLI owns the terminal (-v shows them)
     optuna.logging.set_verbosity(
         optuna.logging.INFO if logging.getLogger().level <= logging.INFO else optuna.logging.WARNING
@@ -116,11 +136,21 @@ def search_command(args: argparse.Namespace) -> int:
         from onnxpress.cli.search_tvm import tvm_latency_factory
 
         factory = tvm_latency_factory(config.measure, config.targets[0])
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    finisher = None
+    if args.distill and not args.worker:
+        from onnxpress.cli.search_distill import distill_finisher
+
+        if args.distill_epochs < 1:
+            raise SearchError(f"--distill-epochs must be >= 1, not {args.distill_epochs}")
+        finisher = distill_finisher(args.distill_epochs, args.seed)
+    try:  # workers started together: only the one that made the folder may remove it
+        out.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
     progress = SearchProgress(enabled=not args.json)
     try:
-        outcome = search(config, on_trial=progress, latency_factory=factory)
+        outcome = search(config, on_trial=progress, latency_factory=factory, finisher=finisher)
     except KeyboardInterrupt:
         progress.clear()
         raise
@@ -149,15 +179,21 @@ def render_front(data: dict[str, object]) -> str:
     from rich.markup import escape
     from rich.table import Table
 
+    from onnxpress.search.finish import describe
+
     objectives = list(data["objectives"])  # type: ignore[call-overload]
     table = Table(title=f"Pareto front of {data['model']}", title_justify="left")
     table.add_column("trial", justify="right")
     for name in objectives:
         table.add_column(name, justify="right")
+    distilled = bool(data.get("distill"))
+    if distilled:
+        table.add_column("distilled")
     table.add_column("pipeline")
     for point in data["front"]:  # type: ignore[attr-defined]
         values = [f"{point['values'][o]:.4g}" for o in objectives]
-        table.add_row(str(point["trial"]), *values, escape(point["pipeline"]))
+        note = [escape(describe(point.get("distilled")))] if distilled else []
+        table.add_row(str(point["trial"]), *values, *note, escape(point["pipeline"]))
     console = Console(width=160, record=True, force_terminal=False, no_color=True)
     with console.capture() as capture:
         console.print(table)

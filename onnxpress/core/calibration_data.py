@@ -8,6 +8,7 @@ Folders are re-read batch by batch, so large calibration sets are never held in 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import zipfile
@@ -89,6 +90,7 @@ class CalibrationData:
         self._source = source
         self._size = size
         self.origin = origin
+        self._fingerprints: dict[int | None, str] = {}
 
     @classmethod
     def from_path(cls, path: str | Path) -> CalibrationData:
@@ -135,6 +137,19 @@ class CalibrationData:
             if limit is not None and i >= limit:
                 return
             yield batch
+
+    def fingerprint(self, limit: int | None = None) -> str:
+        """A digest of the first ``limit`` batches' names, dtypes, shapes and bytes (computed
+        once): equal digests, equal data, so statistics measured on it may be reused."""
+        if limit not in self._fingerprints:
+            digest = hashlib.sha256()
+            for batch in self.batches(limit):
+                for name in sorted(batch):
+                    array = np.ascontiguousarray(batch[name])
+                    digest.update(f"{name}|{array.dtype}|{array.shape}|".encode())
+                    digest.update(array.data)
+            self._fingerprints[limit] = digest.hexdigest()
+        return self._fingerprints[limit]
 
     def fitted_to(self, model: onnx.ModelProto) -> CalibrationData:
         """These batches, split along axis 0 where the model's inputs have a static batch

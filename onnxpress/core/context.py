@@ -1,5 +1,7 @@
 """What a pass may use besides the graph: calibration data, a seed, the original model
-(the teacher for distillation) and a cache of analyses.
+(the teacher for distillation), a cache of analyses and, optionally, a store of calibration
+statistics shared across runs (``onnxpress.calibration.cache``: a search's trials reuse what
+an earlier trial observed on the same graph prefix).
 
 An analysis is a class with ``compute(graph, ctx)``; ``ctx.analysis(Cls)`` computes it once
 and caches it. After each pass the manager drops every cached analysis the pass does not
@@ -28,6 +30,14 @@ class Analysis(Protocol):
 AnalysisT = TypeVar("AnalysisT")
 
 
+class StatisticsStore(Protocol):
+    """Named arrays by key, kept across pass-manager runs (``calibration.cache``)."""
+
+    def load(self, key: str) -> dict[str, np.ndarray] | None: ...
+
+    def store(self, key: str, state: dict[str, np.ndarray]) -> None: ...
+
+
 @dataclass
 class PassContext:
     template: onnx.ModelProto
@@ -37,6 +47,7 @@ class PassContext:
     # the hardware the model must hold on (optimize --target); int8 passes read it
     targets: tuple[Target, ...] = field(default_factory=lambda: parse_targets(None))
     targets_named: bool = False  # the user named them (optimize for speed there), or defaults
+    statistics: StatisticsStore | None = None  # calibration statistics reused across runs
     _analyses: dict[type, Any] = field(default_factory=dict)
 
     def analysis(self, cls: type[AnalysisT], graph: gs.Graph) -> AnalysisT:

@@ -11,7 +11,6 @@ level L + 1 are final. Each layer is computed once; onnxruntime runs depth + 1 t
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import onnx
@@ -21,6 +20,7 @@ from onnx import helper
 from onnxpress.core.int8_emulation import Batch, layer_output
 from onnxpress.core.int8_layers import integer_layers
 from onnxpress.core.targets import Arithmetic
+from onnxpress.core.verify import session_threads
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
+    options.intra_op_num_threads = session_threads()
     return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )

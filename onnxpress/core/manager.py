@@ -23,7 +23,7 @@ import onnx
 
 from onnxpress.core import io as model_io
 from onnxpress.core.calibration_data import CalibrationData
-from onnxpress.core.context import PassContext
+from onnxpress.core.context import PassContext, StatisticsStore
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.errors import OnnxpressError, PassError, PipelineError, VerificationError
 from onnxpress.core.int8_layers import integer_layers
@@ -85,6 +85,7 @@ class PassManager:
         on_progress: ProgressCallback | None = None,
         targets: tuple[Target, ...] | None = None,
         pass_timeout: float | None = None,
+        statistics: StatisticsStore | None = None,
     ) -> None:
         if not passes:
             raise PipelineError("empty pipeline")
@@ -100,6 +101,7 @@ class PassManager:
                 f"pass timeout must be a positive number of seconds, not {pass_timeout}"
             )
         self.pass_timeout = pass_timeout
+        self.statistics = statistics
         self._original_structure_error: str | None = None  # checked only when a pass fails
 
     def run(self, model: onnx.ModelProto, copy: bool = True) -> tuple[onnx.ModelProto, Report]:
@@ -144,6 +146,7 @@ class PassManager:
             seed=self.seed,
             targets=self.targets,
             targets_named=self.targets_named,
+            statistics=self.statistics,
         )
         graph = to_graph(copy_model(original))
         current = original

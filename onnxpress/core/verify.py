@@ -123,6 +123,24 @@ def check_structure(model: onnx.ModelProto) -> None:
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
 
 
+_THREADS: list[int | None] = [None]  # set_session_threads: None = as many as allowed
+
+
+def set_session_threads(threads: int | None) -> None:
+    """Threads of every onnxruntime session this process opens from now on (None: the CPUs
+    this process may run on, at most 4); ``search --threads 1`` for one-thread workers."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, not {threads}")
+    _THREADS[0] = threads
+
+
+def session_threads() -> int:
+    if _THREADS[0] is not None:
+        return _THREADS[0]
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return min(4, allowed or os.cpu_count() or 1)
+
+
 class Runner:
     """An onnxruntime session over a ModelProto: graph optimizations off, or with
     ``optimized`` at onnxruntime's default level, as users run it (QDQ on integer kernels)."""
@@ -135,7 +153,7 @@ class Runner:
             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
         options.log_severity_level = 3
-        options.intra_op_num_threads = min(4, os.cpu_count() or 1)
+        options.intra_op_num_threads = session_threads()
         # A session here runs a few feeds once each. The memory pattern is planned on the
         # first run and pays off only when a shape repeats; planning it is superlinear in
         # the node count (seconds at 80k nodes) and never changes the results.

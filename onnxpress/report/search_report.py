@@ -4,6 +4,7 @@ Built from ``search.json`` alone (``onnxpress.search.front.search_json``):
 
 - accuracy against latency and against size, every completed trial, the Pareto front
   joined, the baseline and each single-pass pipeline marked;
+- the front, and with ``--distill`` whether each point's model was distilled (and kept);
 - per Pareto point, what each pass chose per layer (kept channels, ranks, layers left float);
 - a table of all trials: pipeline, values, where the latency was measured, failures and why.
 """
@@ -19,6 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from onnxpress.search.finish import describe
 
 _TRIAL: dict[str, Any] = {"s": 14, "c": "#9aa5b1", "label": "trial"}
 _FRONT: dict[str, Any] = {"s": 30, "c": "#d1495b", "label": "Pareto front (all objectives)"}
@@ -122,10 +125,13 @@ def render_html(data: dict[str, Any], pngs: dict[str, bytes]) -> str:
             *[f["values"][o] for o in objectives],
             (by_number[f["trial"]].get("measured") or {}).get("macs"),
             f["model"],
+            *([describe(f.get("distilled"))] if data.get("distill") else []),
             f["pipeline"],
         ]
         for f in data["front"]
     ]
+    front_headers = ["trial", *objectives, "MACs", "model"]
+    front_headers += ["distilled", "pipeline"] if data.get("distill") else ["pipeline"]
     choice_rows = "".join(
         f"<tr><td>{f['trial']}</td><td>{_choices(by_number[f['trial']])}</td></tr>"
         for f in data["front"]
@@ -159,7 +165,7 @@ seed {data["seed"]}; {len(data["trials"])} trials, {failed} failed.
 Baseline: accuracy {baseline["accuracy"]:.4g}, {baseline["bytes"]:,} bytes, {baseline["macs"]:,} MACs.</p>
 {images}
 <h2>Pareto front</h2>
-{_table(["trial", *objectives, "MACs", "model", "pipeline"], front_rows)}
+{_table(front_headers, front_rows)}
 <h2>Per-layer choices of each Pareto point</h2>
 <table><tr><th>trial</th><th>choices</th></tr>{choice_rows}</table>
 <h2>All trials</h2>

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +24,13 @@ import onnx
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from onnxpress.calibration.cache import StatisticsCache
 from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.io import prepare_model
 from onnxpress.core.manager import PassManager, VerifyConfig
 from onnxpress.core.pipeline import parse_pipeline
 from onnxpress.core.targets import Target, parse_targets
+from onnxpress.search.finish import Finished, Finisher, finish_front
 from onnxpress.search.latency import LatencyMeter, OrtLatency
 from onnxpress.search.objectives import (
     EvalSet,
@@ -52,6 +56,8 @@ from onnxpress.search.trial import OBJECTIVES, Evaluator, Measured, TrialResult
 
 logger = logging.getLogger(__name__)
 
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial
+STATISTICS = "calibration-statistics"  # folder in --out: onnxpress.calibration.cache entries
 MEASURES = ("ort", "tvm", "rpc://HOST:PORT/KEY")
 LATENCY_BATCH = 64  # samples per timed run (docs/BENCHMARKS.md measures at batch 64)
 
@@ -75,6 +81,10 @@ class SearchConfig:
     worker: bool = False
     trial_timeout: float | None = None
     latency_rounds: int = 7
+    reuse_statistics: bool = True  # calibration statistics shared by trials (in out/)
+    # further single-pass pipelines to measure first, beside the references:
+    # (pass, settings), e.g. ("prune", {"macs": 0.6, "multiple": 8}); see SearchSpace.single
+    warm_start: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def check(self) -> None:
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
@@ -111,6 +121,8 @@ class SearchOutcome:
     ran: int = 0
     seconds: float = 0.0
     sensitivities: dict[str, float] = field(default_factory=dict)
+    statistics: StatisticsCache | None = None  # its hits and misses: what trials reused
+    finished: dict[int, Finished] = field(default_factory=dict)  # front trial -> --distill
 
     @property
     def trials(self) -> list[FrozenTrial]:
@@ -141,9 +153,11 @@ def search(
     config: SearchConfig,
     on_trial: ProgressHook | None = None,
     latency_factory: LatencyFactory | None = None,
+    finisher: Finisher | None = None,
 ) -> SearchOutcome:
     """Run (or resume, or join as a worker) the search; see the module docstring.
-    ``latency_factory`` measures latency elsewhere than onnxruntime here (``--measure``)."""
+    ``latency_factory`` measures latency elsewhere than onnxruntime here (``--measure``);
+    ``finisher`` tunes each front model afterwards (``--distill``; ``finish.py``)."""
     started = time.perf_counter()
     config.check()
     targets: tuple[Target, ...] = parse_targets(list(config.targets))
@@ -166,8 +180,16 @@ def search(
         meter = latency_factory(model, feed)
     else:
         raise SearchError(f"--measure {config.measure}: no latency factory was given")
+    statistics = StatisticsCache(config.out / STATISTICS) if config.reuse_statistics else None
     evaluator = Evaluator(
-        model, calibration, scorer, meter, targets, config.seed, config.trial_timeout
+        model,
+        calibration,
+        scorer,
+        meter,
+        targets,
+        config.seed,
+        config.trial_timeout,
+        statistics,
     )
     with_latency = "latency" in config.objectives
     baseline = evaluator.measure(model, with_latency)
@@ -198,13 +220,14 @@ def search(
     )
     directions = [OBJECTIVES[o] for o in config.objectives]
     study = open_study(storage, name, directions, ReplayableSampler(config.sampler, config.seed))
-    _enqueue_references(study, space)
+    _enqueue_references(study, space, config.warm_start)
     memo: dict[int, TrialResult] = {}
 
     def objective(trial: optuna.Trial) -> list[float]:
         params = space.suggest(trial)
         pipeline = space.pipeline(params)
         trial.set_user_attr("pipeline", pipeline)
+        trial.set_user_attr("worker", WORKER)
         earlier = _earlier_result(study, pipeline, trial.number)
         if earlier is not None:  # measured before (by any process): the same model
             return _repeat(trial, earlier, len(config.objectives))
@@ -247,6 +270,7 @@ def search(
         where=meter.where,
         ran=ran,
         sensitivities=errors,
+        statistics=statistics,
     )
     complete = [t for t in outcome.trials if measured(t)]
     if not config.worker:
@@ -269,6 +293,17 @@ def search(
             if known is None:  # measured by an earlier run or another worker: rebuild it
                 known = evaluator.run(trial.user_attrs["pipeline"], with_latency=False)
             outcome.models[trial.number] = known.model
+        if finisher is not None:
+            outcome.finished = finish_front(
+                outcome.front,
+                outcome.models,
+                model,
+                calibration,
+                finisher,
+                evaluator,
+                config.objectives,
+                baseline,
+            )
     outcome.seconds = time.perf_counter() - started
     return outcome
 
@@ -300,11 +335,19 @@ def _repeat(trial: optuna.Trial, earlier: FrozenTrial, objectives: int) -> list[
     return list(earlier.values)
 
 
-def _enqueue_references(study: optuna.Study, space: SearchSpace) -> None:
-    """Queue the single-pass pipelines first, once per study (the first process does)."""
+def _enqueue_references(
+    study: optuna.Study, space: SearchSpace, extra: tuple[tuple[str, dict[str, Any]], ...]
+) -> None:
+    """Queue the single-pass pipelines first (the warm start: the front can only improve on
+    them), once per study (the first process does)."""
     if study.user_attrs.get("references") is None:
         study.set_user_attr("references", list(space.references()))
-        for params in space.references().values():
+        queued = [*space.references().values()]
+        try:
+            queued += [space.single(name, **settings) for name, settings in extra]
+        except ValueError as exc:
+            raise SearchError(f"warm start: {exc}") from None
+        for params in queued:
             study.enqueue_trial(params, skip_if_exists=True)
 
 

@@ -78,18 +78,33 @@ def search_json(outcome: SearchOutcome) -> dict[str, Any]:
         "baseline": outcome.baseline.to_json(),
         "space": outcome.space.to_json(),
         "int8_sensitivity": outcome.sensitivities,
+        "calibration_statistics": {
+            "reused": outcome.statistics.hits,
+            "measured": outcome.statistics.misses,
+        }
+        if outcome.statistics is not None
+        else None,
         "references": outcome.references,
-        "front": [
-            {
-                "trial": t.number,
-                "values": dict(zip(objectives, t.values, strict=True)),
-                "pipeline": t.user_attrs.get("pipeline"),
-                "model": f"{PARETO}/trial-{t.number}.onnx",
-                "recipe": f"{PARETO}/trial-{t.number}.toml",
-            }
-            for t in outcome.front
-        ],
+        "distill": bool(outcome.finished),
+        "front": [_front_point(t, outcome) for t in outcome.front],
         "trials": trials,
+    }
+
+
+def _front_point(trial: FrozenTrial, outcome: SearchOutcome) -> dict[str, Any]:
+    """A front point; after --distill its values are the distilled model's where that one
+    was kept, and ``distilled`` says what distillation did (None: not tried)."""
+    finished = outcome.finished.get(trial.number)
+    values = dict(zip(outcome.config.objectives, trial.values, strict=True))
+    if finished is not None and finished.kept and finished.after is not None:
+        values = finished.after
+    return {
+        "trial": trial.number,
+        "values": values,
+        "pipeline": trial.user_attrs.get("pipeline"),
+        "model": f"{PARETO}/trial-{trial.number}.onnx",
+        "recipe": f"{PARETO}/trial-{trial.number}.toml",
+        "distilled": finished.to_json() if finished is not None else None,
     }
 
 
@@ -103,9 +118,18 @@ def recipe_text(trial: FrozenTrial, outcome: SearchOutcome) -> str:
         for name, value in zip(outcome.config.objectives, trial.values, strict=True)
     )
     targets = " ".join(f"--target {t}" for t in outcome.config.targets)
+    finished = outcome.finished.get(trial.number)
+    distilled = (
+        "# then distilled: onnxpress distill REBUILT.onnx --teacher "
+        f"{outcome.config.model} --data {outcome.config.calibration} (pareto/"
+        f"trial-{trial.number}.onnx is the distilled model)\n"
+        if finished is not None and finished.kept
+        else ""
+    )
     return (
         f"# onnxpress search, trial {trial.number}: {values}\n"
         f"# rebuild: onnxpress optimize {outcome.config.model} --recipe THIS_FILE {targets}\n"
+        f"{distilled}"
         f"pipeline = {json.dumps(trial.user_attrs['pipeline'])}\n"
         f"calibration = {json.dumps(str(Path(outcome.config.calibration).resolve()))}\n\n"
         "[verify]\n"

@@ -7,8 +7,9 @@ A candidate is one pipeline, in a fixed order that makes sense for compression:
 (svd first: its data-aware refit reads the original model's layer outputs by name, which a
 pruned layer no longer matches in shape.)
 
-- ``prune-channels``: the share of MACs kept, the channel criterion and, on convolutional
-  models, ``multiple=8`` (onnxruntime's blocked conv kernels; docs/BENCHMARKS.md);
+- ``prune-channels``: the share of MACs kept, the channel criterion, the allocation and
+  ``multiple=8`` (kept counts that onnxruntime's blocked kernels run fastest;
+  docs/BENCHMARKS.md);
 - ``svd``: the global budget (the pass spreads it over layers by their measured spectra);
 - ``qdq``: the calibration method, HardSwish split on models that have one, GRU/LSTM weights
   int8 or float, and how many of the layers most sensitive to int8 stay float (from the
@@ -51,7 +52,7 @@ class SearchSpace:
     prune: bool = False
     svd: bool = False
     qdq: bool = False
-    convolutional: bool = False  # prune-channels may round to multiples of 8
+    convolutional: bool = False  # the model has Conv layers
     hardswish: bool = False  # qdq may split HardSwish
     recurrent: bool = False  # qdq may keep GRU/LSTM weights float
     int8_layers: tuple[str, ...] = ()  # quantizable layers, most int8-sensitive first
@@ -73,8 +74,7 @@ class SearchSpace:
             params["prune.allocation"] = trial.suggest_categorical(
                 "prune.allocation", ["uniform", "sensitivity"]
             )
-            if self.convolutional:
-                params["prune.multiple"] = trial.suggest_categorical("prune.multiple", [1, 8])
+            params["prune.multiple"] = trial.suggest_categorical("prune.multiple", [1, 8])
         if self.svd and trial.suggest_categorical("svd", [False, True]):
             params["svd.budget"] = trial.suggest_float("svd.budget", 0.3, 0.95, step=0.05)
         if self.qdq and trial.suggest_categorical("qdq", [False, True]):
@@ -121,34 +121,51 @@ class SearchSpace:
         steps.append(SUFFIX)
         return ",".join(steps)
 
-    def references(self) -> dict[str, dict[str, Any]]:
-        """Each single-pass pipeline at its usual setting: label -> the trial's params."""
-        off = {
-            name: False
-            for name, on in (("prune", self.prune), ("svd", self.svd), ("qdq", self.qdq))
+    def single(self, name: str, **settings: Any) -> dict[str, Any]:
+        """The params of a trial that runs only pass ``name`` (``prune``, ``svd``, ``qdq``), at
+        its defaults except ``settings`` (keys without the prefix: ``macs=0.8``); for
+        ``study.enqueue_trial`` (the warm start)."""
+        params: dict[str, Any] = {
+            key: key == name
+            for key, on in (("prune", self.prune), ("svd", self.svd), ("qdq", self.qdq))
             if on
         }
+        if not params.get(name):
+            raise ValueError(f"pass '{name}' is not in this model's search space")
+        defaults: dict[str, Any] = {}
+        if name == "qdq":
+            defaults["method"] = "auto"
+            if self.int8_layers:
+                defaults["float_layers"] = 0
+            if self.hardswish:
+                defaults["split_hardswish"] = False
+            if self.recurrent:
+                defaults["recurrent"] = "auto"
+        elif name == "svd":
+            defaults["budget"] = REFERENCE_SETTINGS["svd"]
+        else:
+            defaults.update(
+                macs=REFERENCE_SETTINGS["prune-channels"],
+                criterion="l1",
+                allocation="sensitivity",
+                multiple=1,
+            )
+        unknown = set(settings) - set(defaults)
+        if unknown:
+            raise ValueError(f"pass '{name}' has no search knob {', '.join(sorted(unknown))}")
+        params.update({f"{name}.{key}": value for key, value in {**defaults, **settings}.items()})
+        return params
+
+    def references(self) -> dict[str, dict[str, Any]]:
+        """Each single-pass pipeline at its usual setting: label -> the trial's params."""
         found: dict[str, dict[str, Any]] = {}
         if self.qdq:
-            qdq: dict[str, Any] = {**off, "qdq": True, "qdq.method": "auto"}
-            if self.int8_layers:
-                qdq["qdq.float_layers"] = 0
-            if self.hardswish:
-                qdq["qdq.split_hardswish"] = False
-            if self.recurrent:
-                qdq["qdq.recurrent"] = "auto"
-            found["qdq"] = qdq
+            found["qdq"] = self.single("qdq")
         if self.svd:
-            budget = REFERENCE_SETTINGS["svd"]
-            found[f"svd{{budget={budget:g}}}"] = {**off, "svd": True, "svd.budget": budget}
+            found[f"svd{{budget={REFERENCE_SETTINGS['svd']:g}}}"] = self.single("svd")
         if self.prune:
             macs = REFERENCE_SETTINGS["prune-channels"]
-            prune: dict[str, Any] = {**off, "prune": True, "prune.macs": macs}
-            prune["prune.criterion"] = "l1"
-            prune["prune.allocation"] = "sensitivity"
-            if self.convolutional:
-                prune["prune.multiple"] = 1
-            found[f"prune-channels{{macs={macs:g}}}"] = prune
+            found[f"prune-channels{{macs={macs:g}}}"] = self.single("prune")
         return found
 
     def to_json(self) -> dict[str, Any]:

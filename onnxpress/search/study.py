@@ -66,12 +66,16 @@ def open_storage(url: str | None, out: Path) -> BaseStorage:
 
 
 def _rdb_storage(url: str, attempts: int = 4) -> RDBStorage:
-    """An RDB storage; workers started together race to create its tables: retry that."""
+    """An RDB storage; workers started together race to create its tables (an
+    IntegrityError, or SQLite's "table ... already exists"): retry that."""
     for attempt in range(attempts):
         try:
             return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
         except Exception as exc:
-            if attempt == attempts - 1 or "IntegrityError" not in type(exc).__name__ + str(exc):
+            text = f"{type(exc).__name__} {exc}"
+            if attempt == attempts - 1 or not (
+                "IntegrityError" in text or "already exists" in text
+            ):
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
@@ -209,20 +213,43 @@ def run_trials(
             # another worker took and finished the queued trial this one was taking
             continue
         try:
-            values = objective(trial)
-        except KeyboardInterrupt:
-            trial.set_user_attr(INTERRUPTED, True)
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        except TrialFailed as failure:
-            trial.set_user_attr(FAILURE, str(failure))
-            for key in (FAILED_CONSTRAINT, *constraints):
-                trial.set_constraint(key, 1.0)
-            study.tell(trial, failed_values)
-        else:
-            trial.set_constraint(FAILED_CONSTRAINT, 0.0)
-            study.tell(trial, values)
+            _run_one(study, trial, objective, failed_values, constraints)
+        except UpdateFinishedTrialError:
+            # SQLite cannot lock the row of a queued trial: two workers may both take it;
+            # the one that finished first told it, the other's result is dropped
+            logger.info("trial %d was finished by another worker", trial.number)
+            continue
         ran += 1
         if on_trial is not None:
             finished = [t for t in study.get_trials(deepcopy=False) if t.number == trial.number]
             on_trial(finished[0])
+
+
+def _run_one(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    objective: TrialFunction,
+    failed_values: list[float],
+    constraints: tuple[str, ...],
+) -> None:
+    try:
+        values = objective(trial)
+    except KeyboardInterrupt:
+        trial.set_user_attr(INTERRUPTED, True)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    except TrialFailed as failure:
+        trial.set_user_attr(FAILURE, str(failure))
+        for key in (FAILED_CONSTRAINT, *constraints):
+            trial.set_constraint(key, 1.0)
+        _tell(study, trial, failed_values)
+    else:
+        trial.set_constraint(FAILED_CONSTRAINT, 0.0)
+        _tell(study, trial, values)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float]) -> None:
+    state = study._storage.get_trial(trial._trial_id).state
+    if state.is_finished():
+        raise UpdateFinishedTrialError(f"trial {trial.number} is already {state.name}")
+    study.tell(trial, values, skip_if_finished=True)

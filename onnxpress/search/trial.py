@@ -20,6 +20,7 @@ from typing import Any
 import onnx
 
 from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.context import StatisticsStore
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.errors import OnnxpressError
 from onnxpress.core.int8_layers import integer_layers
@@ -94,8 +95,10 @@ class Evaluator:
         targets: tuple[Target, ...],
         seed: int = 0,
         trial_timeout: float | None = None,
+        statistics: StatisticsStore | None = None,
     ) -> None:
         self.model = model
+        self.statistics = statistics  # calibration statistics shared by the trials
         self.calibration = calibration
         self.scorer = scorer
         self.latency = latency
@@ -143,7 +146,12 @@ class Evaluator:
                 passes = parse_pipeline(pipeline)
                 verify = VerifyConfig(level="numeric", metric="rel-l2", budget=VERIFY_BUDGET)
                 manager = PassManager(
-                    passes, verify, self.calibration, self.seed, targets=self.targets
+                    passes,
+                    verify,
+                    self.calibration,
+                    self.seed,
+                    targets=self.targets,
+                    statistics=self.statistics,
                 )
                 compressed, report = manager.run(self.model)
                 measured = self.measure(compressed, with_latency)

@@ -223,7 +223,10 @@ class Qdq(Pass[QdqOptions]):
             ctx.calibration,
             None if opts.method == "minmax" else opts.bins,
             opts.calibration_batches or None,
+            ctx.statistics,
         )
+        if ctx.statistics is not None:
+            result.count("calibration_statistics_reused", obs.reused)
         symmetric = opts.activations == "int8"
         outputs = {t.name for t in graph.outputs}
         all_deltas = (

@@ -15,7 +15,6 @@ its shift carried to that bias: b' += E[x] . (U - Uq) . V, applied when both are
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +24,12 @@ from onnxpress.passes.qdq.annotate import Annotation
 from onnxpress.passes.qdq.convert import dequantize, quantize_weight
 
 from onnxpress.calibration.activations import with_outputs
+from onnxpress.calibration.cache import (
+    cone_keys,
+    observer_from_state,
+    observer_state,
+    statistics_key,
+)
 from onnxpress.calibration.observers import (
     HistogramObserver,
     MeanObserver,
@@ -34,6 +39,7 @@ from onnxpress.calibration.observers import (
     minmax_range,
 )
 from onnxpress.core.calibration_data import CalibrationData
+from onnxpress.core.context import StatisticsStore
 from onnxpress.core.errors import CalibrationError
 from onnxpress.core.ir import unique_name
 from onnxpress.core.verify import Runner
@@ -60,6 +66,7 @@ class Observations:
     ranges: dict[str, HistogramObserver | MinMaxObserver] = field(default_factory=dict)
     means: dict[str, MeanObserver] = field(default_factory=dict)
     batches: int = 0
+    reused: int = 0  # statistics taken from the store (an earlier run, same graph above)
 
     @property
     def nbytes(self) -> int:
@@ -73,46 +80,82 @@ def observe(
     calibration: CalibrationData,
     histogram_bins: int | None,
     limit: int | None = None,
+    store: StatisticsStore | None = None,
 ) -> Observations:
     """Stream ``model`` over the calibration batches into one observer per tensor.
 
     ``histogram_bins`` None keeps only running min/max; ``mean_axes`` maps tensors whose
-    per-channel mean is wanted (bias correction) to their channel axis.
+    per-channel mean is wanted (bias correction) to their channel axis. With a ``store``,
+    a tensor whose ancestor cone and data match an earlier run's takes that run's
+    statistics, and only the others are streamed (``onnxpress.calibration.cache``).
     """
     obs = Observations()
-    for name in tensors:
-        obs.ranges[name] = (
-            MinMaxObserver() if histogram_bins is None else HistogramObserver(histogram_bins)
-        )
-    for name, axis in mean_axes.items():
-        obs.means[name] = MeanObserver(axis)
-    inputs = {i.name for i in model.graph.input}
-    wanted = sorted(set(tensors) | set(mean_axes))
-    exposed = [n for n in wanted if n not in inputs]
-    runner = Runner(with_outputs(model, exposed)) if exposed else None
-    index = {n: runner.output_names.index(n) for n in exposed} if runner else {}
-
-    def stream() -> Iterator[dict[str, np.ndarray]]:
-        for batch in calibration.batches(limit):
-            outputs = runner(batch) if runner is not None else []
-            yield {n: (batch[n] if n in inputs else outputs[index[n]]) for n in wanted}
-
-    for arrays in stream():
-        for name, values in arrays.items():
-            if name in obs.ranges:
-                obs.ranges[name].update(values)
-            if name in obs.means:
-                obs.means[name].update(values)
-        obs.batches += 1
+    wanted = [(name, "range") for name in tensors] + [(name, "mean") for name in mean_axes]
+    keys: dict[tuple[str, str], str] = {}
+    if store is not None:
+        cones = cone_keys(model, [name for name, _ in wanted])
+        data = calibration.fingerprint(limit)
+        kind = "minmax" if histogram_bins is None else f"histogram:{histogram_bins}"
+        for name, role in wanted:
+            cone = cones[name]
+            if cone is not None:
+                what = kind if role == "range" else f"mean:{mean_axes[name]}"
+                keys[(name, role)] = statistics_key(cone, data, what)
+        for (name, _), key in keys.items():
+            state = store.load(key)
+            if state is None:
+                continue
+            observer, obs.batches = observer_from_state(state)
+            if isinstance(observer, MeanObserver):
+                obs.means[name] = observer
+            else:
+                obs.ranges[name] = observer
+            obs.reused += 1
+    fresh: dict[tuple[str, str], HistogramObserver | MinMaxObserver | MeanObserver] = {}
+    for name, role in wanted:
+        if role == "range" and name not in obs.ranges:
+            fresh[(name, role)] = obs.ranges[name] = (
+                MinMaxObserver() if histogram_bins is None else HistogramObserver(histogram_bins)
+            )
+        elif role == "mean" and name not in obs.means:
+            fresh[(name, role)] = obs.means[name] = MeanObserver(mean_axes[name])
+    if fresh or not wanted:
+        obs.batches = _stream(model, fresh, calibration, limit)
     if obs.batches == 0:
         raise CalibrationError("pass 'qdq': the calibration data yielded no batches")
+    if store is not None:
+        for slot, observer in fresh.items():
+            if slot in keys:
+                store.store(keys[slot], observer_state(observer, obs.batches))
     logger.debug(
-        "observed %d tensors over %d batches (%d bytes of state)",
+        "observed %d tensors over %d batches (%d bytes of state, %d reused)",
         len(tensors),
         obs.batches,
         obs.nbytes,
+        obs.reused,
     )
     return obs
+
+
+def _stream(
+    model: onnx.ModelProto,
+    observers: dict[tuple[str, str], HistogramObserver | MinMaxObserver | MeanObserver],
+    calibration: CalibrationData,
+    limit: int | None,
+) -> int:
+    """Update ``observers`` ((tensor, role) -> observer) batch by batch; the batch count."""
+    inputs = {i.name for i in model.graph.input}
+    names = sorted({name for name, _ in observers})
+    exposed = [n for n in names if n not in inputs]
+    runner = Runner(with_outputs(model, exposed)) if exposed else None
+    index = {n: runner.output_names.index(n) for n in exposed} if runner else {}
+    batches = 0
+    for batch in calibration.batches(limit):
+        outputs = runner(batch) if runner is not None else []
+        for (name, _), observer in observers.items():
+            observer.update(batch[name] if name in inputs else outputs[index[name]])
+        batches += 1
+    return batches
 
 
 def tensor_ranges(

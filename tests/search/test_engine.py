@@ -74,6 +74,8 @@ def test_front_is_measured_and_non_dominated(uninterrupted: engine.SearchOutcome
             _dominates(p.values, reference.values, directions) for p in outcome.front
         )
     assert min(p.values[1] for p in outcome.front) < 0.4  # int8 at least: < 0.4x the bytes
+    # qdq trials after the first took the float graph's calibration statistics from it
+    assert outcome.statistics is not None and outcome.statistics.hits > 0
 
 
 def test_front_models_match_their_values(uninterrupted: engine.SearchOutcome) -> None:
@@ -100,6 +102,7 @@ def test_outputs_and_recipes(uninterrupted: engine.SearchOutcome, tmp_path: Path
         recipe = load_recipe(out / point["recipe"])
         assert ",".join(p.spec() for p in recipe.passes) == point["pipeline"]
     assert (out / "extra.txt").read_bytes() == b"x"
+    assert stored["calibration_statistics"]["reused"] == outcome.statistics.hits  # type: ignore[union-attr]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
