@@ -40,6 +40,7 @@ import onnxpress
 from onnxpress.backends.tvm.backend import compile_model
 from onnxpress.backends.tvm.runtime import CompiledModel
 from onnxpress.backends.tvm.tune import TuneOptions
+from onnxpress.core.errors import OnnxpressError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved_ms, session
@@ -199,10 +200,15 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             for batch in batches:
                 model, feed = export(name, batch)
-                row = measure(
-                    model, feed, Path(tmp), name=name, batch=batch, int8=args.int8,
-                    rounds=args.rounds, target=args.target, tuning=tuning,
-                )  # fmt: skip
+                try:
+                    row = measure(
+                        model, feed, Path(tmp), name=name, batch=batch, int8=args.int8,
+                        rounds=args.rounds, target=args.target, tuning=tuning,
+                    )  # fmt: skip
+                except OnnxpressError as error:  # one failed model does not end the run
+                    failed = {"model": name, "batch": batch, "error": str(error)}
+                    print(json.dumps(failed) if args.json else f"| {name} | {batch} | {error} |")
+                    continue
                 print(json.dumps(_rounded(row)) if args.json else markdown_row(row), flush=True)
     return 0
 

@@ -184,7 +184,7 @@ def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | No
     best: tuple[tuple[int, bool, bool, int], TilePlan] | None = None
     for axis in range(spatial - 1, -1, -1):
         width = vector_width(extents[axis], lanes)
-        strides = _lane_strides(stmt.reads, axes[axis], extents[axis], width) if width else None
+        strides = lane_strides(stmt.reads, axes[axis], extents[axis], width) if width else None
         if strides is None:
             continue
         contiguous = all(stride in (0, 1) for stride in strides)
@@ -220,7 +220,7 @@ def _uses(read: Any, var: Any) -> bool:
     return any(v.same_as(var) for rng in read.region for v in tirx.analysis.undefined_vars(rng.min))
 
 
-def _lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | None:
+def lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | None:
     """For vector lanes ``var = o * width + i``, per read: 0 if no lane varies it, else the
     lane stride of its last index (-1 if not constant); None if some read varies with the
     lanes before its last dimension."""
