@@ -21,7 +21,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from onnxpress.backends.tvm.tile_schedule import lane_strides, plan_tile, tiled_reduction_rule
+from onnxpress.backends.tvm.tile_schedule import (
+    lane_strides,
+    one_reduction,
+    plan_tile,
+    tiled_reduction_rule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +62,18 @@ def _split_last(step: int) -> Any:
 def deinterleaved_rule(lanes: int, registers: int) -> Any:
     """The dlight rule ``Deinterleaved`` (see the module docstring); None when no read of
     the kernel's one reduction is strided across vector lanes."""
-    from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
 
     tiled = tiled_reduction_rule(lanes, registers)
 
     class Deinterleaved(dl.ScheduleRule):
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc):
-                return None
             try:
-                sch = s_tir.Schedule(func)
-                blocks = sch.get_child_blocks(sch.get_sblock("root"))
-                reductions = [b for b in blocks if sch.get(b).init is not None]
-                if len(reductions) != 1:
+                found = one_reduction(func)
+                if found is None:
                     return None
-                if not deinterleave_strided_reads(sch, reductions[0], lanes, registers):
+                sch, _, reduction = found
+                if not deinterleave_strided_reads(sch, reduction, lanes, registers):
                     return None
                 transformed = sch.mod["main"]
             except Exception as exc:
