@@ -31,6 +31,7 @@ import logging
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,
@@ -188,6 +189,7 @@ def cpu_pipeline(target: Any) -> Any:
             seq = tvm.transform.Sequential(
                 [
                     *cpu_generic.library_dispatch_passes(target),
+                    fast_math_pass(),
                     conv_kernel_layout_pass(lanes),
                     *cpu_generic.legalize_passes(target),
                     dl.ApplyDefaultSchedule(*rules),
