@@ -70,9 +70,10 @@ def _activations_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_compiled_fast_math_matches_onnxruntime(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["x86", "avx2"])  # this CPU, and AVX2 code without AVX-512
+def test_compiled_fast_math_matches_onnxruntime(target: str, tmp_path: Path) -> None:
     model = _activations_model()
-    result = compile_model(model, "x86", tmp_path / "out")
+    result = compile_model(model, target, tmp_path / "out")
     assert max(result.manifest["verification"]["errors"].values()) <= 1e-4
     x = np.linspace(-30, 30, 128, dtype=np.float32).reshape(2, 64)  # saturating ends too
     got = CompiledModel(result.library)(x)
