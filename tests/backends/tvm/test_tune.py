@@ -223,3 +223,6 @@ def test_a_spent_time_budget_starts_no_kernel_and_records_none(tmp_path: Path) -
     assert [t["trials"] for t in again.manifest["tuning"]["tasks"]] == [2, 2]
     with pytest.raises(TuningError, match="budget must be positive"):
         TuneOptions(4, db, minutes=0)
+    done = run_cli("compile", "m.onnx", "--tune-minutes", "2", "-o", "x")
+    assert done.returncode == 1
+    assert "--tune-minutes need --tune-trials N" in done.stderr
