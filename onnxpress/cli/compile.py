@@ -30,11 +30,11 @@ def _tune_options(args: argparse.Namespace) -> TuneOptions | None:
 
     rpc = parse_rpc(args.rpc) if args.rpc else None
     if not args.tune_trials:
-        if rpc is not None or args.tuning_db:
-            raise TuningError("--rpc and --tuning-db need --tune-trials N")
+        if rpc is not None or args.tuning_db or args.tune_minutes:
+            raise TuningError("--rpc, --tuning-db and --tune-minutes need --tune-trials N")
         return None
     database = Path(args.tuning_db).expanduser() if args.tuning_db else default_database()
-    return TuneOptions(args.tune_trials, database, rpc, args.seed)
+    return TuneOptions(args.tune_trials, database, rpc, args.seed, args.tune_minutes)
 
 
 def _tuning_line(tuning: dict[str, Any]) -> str:

@@ -165,6 +165,13 @@ def _parser() -> argparse.ArgumentParser:
         "kernels the database already tuned with that share are reused (default 0: no tuning)",
     )
     comp.add_argument(
+        "--tune-minutes",
+        type=float,
+        metavar="M",
+        help="with --tune-trials: stop starting kernels after M minutes (heaviest kernels "
+        "first); the rest keep their default schedules",
+    )
+    comp.add_argument(
         "--tuning-db",
         metavar="DIR",
         help="tuning database reused across runs and models "

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.gru import convert_gru
 from onnxpress.backends.tvm.lstm import convert_lstm
 from onnxpress.backends.tvm.prepare import Prepared, check_coverage
@@ -125,7 +126,7 @@ def fuse(mod: Any, target: Any, default_schedules: bool = True) -> Any:
 
     passes = [*relax_pipeline.library_dispatch_passes(target)]
     if default_schedules and str(target.kind.name) == "llvm":
-        passes.append(conv_kernel_layout_pass(vector_lanes(target)))
+        passes += [fast_math_pass(), conv_kernel_layout_pass(vector_lanes(target))]
     passes += [
         tvm.relax.transform.LegalizeOps(),
         tvm.relax.transform.AnnotateTIROpPattern(),

@@ -12,6 +12,8 @@ naive single-threaded loop nest. This pipeline
    one vector; FoldConstant transposes constant weights once, at compile time. Depthwise
    and narrow-group convolutions keep OIHW;
 2. after fusion, applies ``dlight.ApplyDefaultSchedule`` with, in order:
+   ``Deinterleaved`` (strided_schedule.py: a padded input read with strided vector lanes,
+   as in stride-2 depthwise convs, stored de-interleaved, then TiledReduction),
    ``TiledReduction`` (tile_schedule.py: register-tiled, vectorized, parallel conv2d /
    matmul / batch-matmul kernels), dlight's CPU ``GEMV`` and ``Reduction``, and
    ``LoopParallel``: a fallback that inlines elementwise chains, vectorizes the innermost
@@ -29,6 +31,8 @@ import logging
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.fast_math import fast_math_pass
+from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,
     conv_kernel_layout_pass,
@@ -130,6 +134,7 @@ def schedule_rules(target: Any) -> list[Any]:
 
     lanes = vector_lanes(target)
     return [
+        deinterleaved_rule(lanes, vector_registers(target)),
         tiled_reduction_rule(lanes, vector_registers(target)),
         dl.cpu.GEMV(),
         _only_big_kernels(dl.cpu.Reduction()),
@@ -184,6 +189,7 @@ def cpu_pipeline(target: Any) -> Any:
             seq = tvm.transform.Sequential(
                 [
                     *cpu_generic.library_dispatch_passes(target),
+                    fast_math_pass(),
                     conv_kernel_layout_pass(lanes),
                     *cpu_generic.legalize_passes(target),
                     dl.ApplyDefaultSchedule(*rules),

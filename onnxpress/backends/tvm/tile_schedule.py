@@ -184,7 +184,7 @@ def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | No
     best: tuple[tuple[int, bool, bool, int], TilePlan] | None = None
     for axis in range(spatial - 1, -1, -1):
         width = vector_width(extents[axis], lanes)
-        strides = _lane_strides(stmt.reads, axes[axis], extents[axis], width) if width else None
+        strides = lane_strides(stmt.reads, axes[axis], extents[axis], width) if width else None
         if strides is None:
             continue
         contiguous = all(stride in (0, 1) for stride in strides)
@@ -220,7 +220,7 @@ def _uses(read: Any, var: Any) -> bool:
     return any(v.same_as(var) for rng in read.region for v in tirx.analysis.undefined_vars(rng.min))
 
 
-def _lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | None:
+def lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | None:
     """For vector lanes ``var = o * width + i``, per read: 0 if no lane varies it, else the
     lane stride of its last index (-1 if not constant); None if some read varies with the
     lanes before its last dimension."""
@@ -293,10 +293,7 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
 
 
 def _permutation(order: list[int]) -> Any:
-    def index_map(*axes: Any) -> tuple[Any, ...]:
-        return tuple(axes[a] for a in order)
-
-    return index_map
+    return lambda *axes: tuple(axes[a] for a in order)
 
 
 def _vectorize_tail(sch: Any, block: Any, width: int, unroll: bool) -> None:
@@ -362,29 +359,38 @@ def schedule_elementwise(sch: Any, block: Any, lanes: int) -> bool:
     return changed
 
 
+def one_reduction(func: Any) -> tuple[Any, list[Any], Any] | None:
+    """(schedule, the root's blocks, its one reduction block) of a PrimFunc, else None."""
+    from tvm import s_tir, tirx
+
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+    reductions = [b for b in blocks if sch.get(b).init is not None]
+    return (sch, blocks, reductions[0]) if len(reductions) == 1 else None
+
+
 def tiled_reduction_rule(lanes: int, registers: int) -> Any:
     """The dlight rule ``TiledReduction`` (see the module docstring)."""
-    from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
 
     class TiledReduction(dl.ScheduleRule):
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc):
-                return None
             try:
-                sch = s_tir.Schedule(func)
-                blocks = sch.get_child_blocks(sch.get_sblock("root"))
-                names = [sch.get(b).name_hint for b in blocks]
-                reductions = [b for b in blocks if sch.get(b).init is not None]
-                if len(reductions) != 1:
+                found = one_reduction(func)
+                if found is None:
                     return None
-                plan = plan_tile(sch, reductions[0], lanes, registers)
+                sch, blocks, reduction = found
+                names = [sch.get(b).name_hint for b in blocks]
+                plan = plan_tile(sch, reduction, lanes, registers)
                 if plan is None:
                     return None
-                main = sch.get(reductions[0]).name_hint
-                schedule_tile(sch, reductions[0], plan)
+                main = sch.get(reduction).name_hint
+                schedule_tile(sch, reduction, plan)
+                left = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
                 for name in names:  # padding, and epilogues not inlined into the write-back
-                    if name != main and name in _block_names(sch):
+                    if name != main and name in left:
                         schedule_elementwise(sch, sch.get_sblock(name), lanes)
             except Exception as exc:
                 logger.debug("TiledReduction skipped a kernel: %s", exc, exc_info=True)
@@ -392,7 +398,3 @@ def tiled_reduction_rule(lanes: int, registers: int) -> Any:
             return sch
 
     return TiledReduction()
-
-
-def _block_names(sch: Any) -> set[str]:
-    return {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}

@@ -68,10 +68,15 @@ class TuneOptions:
     database: Path = field(default_factory=default_database)
     rpc: RpcSpec | None = None
     seed: int = 0
+    # A time budget: kernels are tuned heaviest first (FLOPs x uses), and none is started
+    # once it is spent (those left are listed in the summary's "skipped").
+    minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.trials < 1:
             raise TuningError(f"--tune-trials must be at least 1 (got {self.trials})")
+        if self.minutes is not None and not self.minutes > 0:
+            raise TuningError(f"the tuning budget must be positive (got {self.minutes} minutes)")
 
 
 @dataclass(frozen=True)
@@ -238,11 +243,19 @@ def tune_module(
     summary.skipped = skipped
     keys = [workload_key(t.dispatched[0]) for t in tasks]
     todo = [i for i, key in enumerate(keys) if ledger.share(key) < share]
+    if options.minutes is not None:
+        todo.sort(key=lambda i: -_flops(tasks[i]) * float(tasks[i].weight))
     trials_run: dict[int, int] = {}
     if todo:
-        trials_run = _run_search(tasks, todo, share, database, spec, options, summary, on_progress)
+        deadline = started + options.minutes * 60 if options.minutes is not None else math.inf
+        trials_run = _run_search(
+            tasks, todo, share, database, spec, options, summary, on_progress, deadline
+        )
     for i in todo:
-        ledger.add(keys[i], tasks[i].task_name, share, trials_run.get(i, 0))
+        if i in trials_run:
+            ledger.add(keys[i], tasks[i].task_name, share, trials_run[i])
+        else:
+            summary.skipped[tasks[i].task_name] = "the tuning time budget was spent"
     ledger.save()
     task_mods = {t.task_name: t.dispatched[0] for t in tasks}
     best, counts = best_records(database, task_mods)
@@ -279,6 +292,16 @@ def tune_module(
     return Tuned(chosen, summary)
 
 
+def _flops(task: Any) -> float:
+    """Estimated floating-point operations of one call of a task's kernel (0 if unknown)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(task.dispatched[0]))
+    except Exception:  # kernels the estimator cannot read are ordered last
+        return 0.0
+
+
 def cost_model() -> str:
     """MetaSchedule's XGBoost cost model when xgboost is installed, else random scores."""
     return "xgb" if importlib.util.find_spec("xgboost") is not None else "random"
@@ -306,10 +329,12 @@ def _run_search(
     options: TuneOptions,
     summary: TuningSummary,
     on_progress: Callable[[TuningProgress], None] | None,
+    deadline: float = math.inf,
 ) -> dict[int, int]:
     """Run MetaSchedule on tasks[todo], one kernel at a time with ``share`` trials each
     (one task scheduler per kernel: with several tasks in one scheduler, TVM 0.27 filed
-    some batches of records under the wrong kernel); returns trials measured per task."""
+    some batches of records under the wrong kernel) until ``deadline`` (perf_counter
+    seconds); returns trials measured per task that was started."""
     from tvm.s_tir import meta_schedule as ms
 
     threads = os.cpu_count() or 1
@@ -322,6 +347,8 @@ def _run_search(
     try:
         builder = in_process_builder(spec.cross_compiler, scratch)
         for n, i in enumerate(todo):
+            if time.perf_counter() >= deadline:
+                break
             task = tasks[i]
             progress.task = task.task_name
             context = ms.TuneContext(

@@ -22,6 +22,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic  # noqa: E402
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
 from onnxpress.backends.tvm.schedule import cpu_pipeline, schedule_rules  # noqa: E402
+from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule  # noqa: E402
 from onnxpress.backends.tvm.tile_schedule import (  # noqa: E402
     conv_kernel_layout_pass,
     row_tile,
@@ -42,6 +43,7 @@ CONVS = {
     "grouped": (16, 9, 32, 3, 1, 1, 1, 2, True),
     "depthwise": (16, 10, 16, 3, 1, 1, 1, 16, True),
     "depthwise-strided": (16, 9, 16, 3, 2, 1, 1, 16, False),
+    "depthwise-strided-even": (16, 10, 16, 3, 2, 1, 1, 16, True),  # padding de-interleaved
     "pointwise-odd": (6, 7, 10, 1, 1, 0, 1, 1, True),
 }
 
@@ -189,7 +191,32 @@ def test_avx2_schedule_is_exact(groups: int, stride: int) -> None:
     expected = _run(mod, AVX2, relax.get_default_pipeline(AVX2), args)
     got = _run(mod, AVX2, cpu_pipeline(AVX2), args)
     np.testing.assert_array_equal(got, expected)  # same reduction order per output
-    assert len(schedule_rules(AVX2)) == 4
+    assert len(schedule_rules(AVX2)) == 5
+
+
+def test_strided_depthwise_reads_its_padding_deinterleaved() -> None:
+    """Stride 2: the padding is stored as [.., w % 2, w // 2], so that the vector of output
+    columns loads consecutive floats; bit-exact against TVM's own pipeline."""
+    mod = relax_conv(16, 10, 16, groups=16, stride=2)
+    conv = next(
+        text
+        for name, text in scheduled_kernels(mod, AVX2, deinterleaved_rule(8, 16)).items()
+        if "conv2d" in name
+    )
+    assert conv is not None and "T.int64(2), T.int64(6)" in conv  # pad: 12 columns -> 2 x 6
+    assert "v_rx % T.int64(2), v_rx // T.int64(2) + v_xx" in conv  # unit-stride in x
+    assert "T.vectorized(T.int64(5))" in conv  # 5 output columns, one vector
+    refused = scheduled_kernels(
+        relax_conv(16, 9, 16, groups=16, stride=2), AVX2, deinterleaved_rule(8, 16)
+    )
+    assert all(text is None for text in refused.values())  # 11 padded columns: odd
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if tvm.target.codegen.target_has_features("avx2", host):
+        rng = np.random.default_rng(2)
+        args = [rng.standard_normal((1, 16, 10, 10)), rng.standard_normal((16, 1, 3, 3))]
+        args = [a.astype(np.float32) for a in args]
+        expected = _run(mod, AVX2, relax.get_default_pipeline(AVX2), args)
+        np.testing.assert_array_equal(_run(mod, AVX2, cpu_pipeline(AVX2), args), expected)
 
 
 @pytest.mark.parametrize("name", sorted(CONVS))

@@ -205,3 +205,24 @@ def test_tuning_measures_on_an_rpc_device(tmp_path: Path, rpc_device: tuple[RpcS
     # The server loaded every measured candidate and the final library.
     loads = server_log.read_text().count("load_module")
     assert loads >= tuning["trials_run"] + 1, server_log.read_text()
+
+
+def test_a_spent_time_budget_starts_no_kernel_and_records_none(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    spent = TuneOptions(4, db, minutes=1e-9)
+    result = compile_model(make_mlp(), "x86", tmp_path / "a", input_shapes=SHAPES, tuning=spent)
+    tuning = result.manifest["tuning"]
+    assert tuning["trials_run"] == 0 and [t["trials"] for t in tuning["tasks"]] == [0, 0]
+    assert list(tuning["skipped"].values()) == ["the tuning time budget was spent"] * 2
+    ledger = json.loads(next(db.glob(f"*/{LEDGER}")).read_text())
+    assert _records(db) == [] and ledger["workloads"] == {}
+    # The ledger does not claim them: a run with time to spare tunes both.
+    again = compile_model(
+        make_mlp(), "x86", tmp_path / "b", input_shapes=SHAPES, tuning=TuneOptions(4, db, minutes=5)
+    )
+    assert [t["trials"] for t in again.manifest["tuning"]["tasks"]] == [2, 2]
+    with pytest.raises(TuningError, match="budget must be positive"):
+        TuneOptions(4, db, minutes=0)
+    done = run_cli("compile", "m.onnx", "--tune-minutes", "2", "-o", "x")
+    assert done.returncode == 1
+    assert "--tune-minutes need --tune-trials N" in done.stderr

@@ -1,0 +1,81 @@
+"""The FastMath pass: float32 exp / tanh / erf / sigmoid / softmax become TOPI's polynomial
+forms (vectorizable), other dtypes are left alone, and compiled models that use them still
+match onnxruntime within the compile-time limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.fast_math import fast_math_pass  # noqa: E402
+from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
+from onnxpress.core.verify import Runner  # noqa: E402
+
+
+def _relax_module(dtype: str) -> object:
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), dtype))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            y = builder.emit(relax.op.sigmoid(x))
+            y = builder.emit(relax.op.tanh(builder.emit(relax.op.exp(y))))
+            y = builder.emit(relax.op.nn.softmax(builder.emit(relax.op.erf(y)), axis=-1))
+            out = builder.emit_output(y)
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def test_float32_transcendentals_become_fast_forms_and_float16_stays() -> None:
+    text = fast_math_pass()(_relax_module("float32"))["main"].script()
+    for op in ("R.sigmoid", "R.exp", "R.tanh", "R.erf", "R.nn.softmax"):
+        assert op not in text
+    for kernel in ("fast_sigmoid", "fast_exp", "fast_tanh", "fast_erf", "fast_softmax"):
+        assert f"R.call_tir({kernel}" in text
+    half = fast_math_pass()(_relax_module("float16"))["main"].script()
+    assert "R.sigmoid" in half and "call_tir" not in half
+
+
+def _activations_model() -> onnx.ModelProto:
+    """y = Softmax(Erf(Tanh(x)) + Sigmoid(x) * x) and z = Exp(x / 4), x [2, 64]."""
+    nodes = [
+        helper.make_node("Sigmoid", ["x"], ["s"]),
+        helper.make_node("Mul", ["s", "x"], ["silu"]),
+        helper.make_node("Tanh", ["x"], ["t"]),
+        helper.make_node("Erf", ["t"], ["e"]),
+        helper.make_node("Add", ["e", "silu"], ["a"]),
+        helper.make_node("Softmax", ["a"], ["y"], axis=-1),
+        helper.make_node("Div", ["x", "four"], ["q"]),
+        helper.make_node("Exp", ["q"], ["z"]),
+    ]
+    four = helper.make_tensor("four", TensorProto.FLOAT, [], [4.0])
+    graph = helper.make_graph(
+        nodes,
+        "activations",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 64]),
+        ],
+        [four],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("target", ["x86", "avx2"])  # this CPU, and AVX2 code without AVX-512
+def test_compiled_fast_math_matches_onnxruntime(target: str, tmp_path: Path) -> None:
+    model = _activations_model()
+    result = compile_model(model, target, tmp_path / "out")
+    assert max(result.manifest["verification"]["errors"].values()) <= 1e-4
+    x = np.linspace(-30, 30, 128, dtype=np.float32).reshape(2, 64)  # saturating ends too
+    got = CompiledModel(result.library)(x)
+    for ref, new in zip(Runner(model)({"x": x}), got, strict=True):
+        np.testing.assert_allclose(new, ref, rtol=2e-6, atol=1e-7 * float(np.abs(ref).max()))
