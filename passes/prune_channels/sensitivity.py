@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +245,19 @@ def _merged(
     return merged, frontier, outputs
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One allocation unit's trials: each (ratio, kept channels per group) is pruned alone;
+    the trial differs from the original downstream of ``producers`` (node keys), and the
+    ``consumers`` are refit as the pass will."""
+
+    index: int
+    name: str
+    producers: frozenset[str]
+    consumers: frozenset[str]
+    trials: tuple[tuple[float, Mapping[int, np.ndarray]], ...]
+
+
 def fast_sensitivity_curves(
     groups: ChannelGroups,
     candidates: list[ChannelGroup],
@@ -253,6 +267,37 @@ def fast_sensitivity_curves(
     damping: float | None,
 ) -> Curves:
     """(ratios, output errors) per group, as ``data.sensitivity_curves`` defines them."""
+    probes = []
+    for group in candidates:
+        counts = sorted(
+            {max(1, round(group.size * (1 - r))) for r in SENSITIVITY_RATIOS} - {group.size},
+            reverse=True,
+        )
+        trials = tuple(
+            (1 - count / group.size, {group.index: keep_top(scores[group.index], count)})
+            for count in counts
+        )
+        probes.append(
+            Probe(
+                group.index,
+                group.name,
+                frozenset(group.producers),
+                frozenset(group.consumers),
+                trials,
+            )
+        )
+    return probe_curves(groups, probes, model, batches, damping)
+
+
+def probe_curves(
+    groups: ChannelGroups,
+    probes: list[Probe],
+    model: onnx.ModelProto,
+    batches: list[Batch],
+    damping: float | None,
+) -> Curves:
+    """(ratios, output errors) per probe: each trial pruned alone, refit, run from the
+    original activations at its frontier."""
     compared = compared_outputs(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {
@@ -263,7 +308,7 @@ def fast_sensitivity_curves(
     base_nodes = {node_key(n): n for n in base.nodes}
     layers = {}
     if damping is not None:
-        for key in sorted({k for g in candidates for k in g.consumers}):
+        for key in sorted({k for probe in probes for k in probe.consumers}):
             layer = LinearLayer.of(base_nodes[key]) if key in base_nodes else None
             if layer is not None and base_nodes[key].op != "GRU":
                 layers[key] = layer
@@ -280,27 +325,23 @@ def fast_sensitivity_curves(
 
     reference = [original(i, compared) for i in range(len(batches))]
     curves: Curves = {}
-    for group in candidates:
-        counts = sorted(
-            {max(1, round(group.size * (1 - r))) for r in SENSITIVITY_RATIOS} - {group.size},
-            reverse=True,
-        )
-        if not counts:
-            curves[group.index] = ([1.0], [0.0])
+    for probe in probes:
+        if not probe.trials:
+            curves[probe.index] = ([1.0], [0.0])
             continue
         trials = []
-        for count in counts:
+        for _, kept in probe.trials:
             trial = to_graph(model)
-            pruner = Pruner(trial, groups, {group.index: keep_top(scores[group.index], count)})
+            pruner = Pruner(trial, groups, kept)
             pruner.apply()
-            if damping is not None and chained(model, set(group.consumers)):
+            if damping is not None and chained(model, set(probe.consumers)):
                 refit_consumers(
-                    trial, groups, pruner, set(group.consumers), [model], lambda: batches, damping
+                    trial, groups, pruner, set(probe.consumers), [model], lambda: batches, damping
                 )
             elif damping is not None:
-                _refit_from_moments(trial, pruner, list(group.consumers), full, damping)
+                _refit_from_moments(trial, pruner, sorted(probe.consumers), full, damping)
             trials.append(to_model(trial, model))
-        merged, frontier, names = _merged(trials, set(group.producers), compared, types)
+        merged, frontier, names = _merged(trials, set(probe.producers), compared, types)
         runner = Runner(merged)
         outputs: list[list[list[np.ndarray]]] = [[] for _ in trials]
         for index in range(len(batches)):
@@ -313,8 +354,8 @@ def fast_sensitivity_curves(
                         for k, name in enumerate(trial_names)
                     ]
                 )
-        ratios = [1 - count / group.size for count in counts]
+        ratios = [ratio for ratio, _ in probe.trials]
         errors = [_relative_error(reference, trial_outputs) for trial_outputs in outputs]
-        curves[group.index] = (ratios, errors)
-        logger.debug("sensitivity of %s: %s", group.name, list(zip(ratios, errors, strict=True)))
+        curves[probe.index] = (ratios, errors)
+        logger.debug("sensitivity of %s: %s", probe.name, list(zip(ratios, errors, strict=True)))
     return curves
