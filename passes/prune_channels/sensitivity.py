@@ -170,17 +170,30 @@ def _refit_from_moments(
             layer.write(trial, solved[:-1], solved[-1])
 
 
-def _downstream(model: onnx.ModelProto, sources: set[str]) -> list[onnx.NodeProto]:
-    """Nodes of ``model`` (topological order) fed, transitively, by the ``sources`` nodes."""
+def _downstream(
+    model: onnx.ModelProto, sources: set[str], known: set[str] | None = None
+) -> list[onnx.NodeProto]:
+    """Nodes of ``model`` (topological order) fed, transitively, by the ``sources`` nodes,
+    and those making what they read that is not ``known`` (a tensor the pruning added)."""
+    nodes = list(model.graph.node)
     dirty_tensors: set[str] = set()
-    chosen = []
-    for node in model.graph.node:
+    chosen: set[int] = set()
+    for index, node in enumerate(nodes):
         if (node.output and node.output[0] in sources) or any(
             i in dirty_tensors for i in node.input
         ):
-            chosen.append(node)
+            chosen.add(index)
             dirty_tensors.update(node.output)
-    return chosen
+    if known is not None:
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+        stack = list(chosen)
+        while stack:
+            for name in nodes[stack.pop()].input:
+                found = producer.get(name)
+                if name not in known and found is not None and found not in chosen:
+                    chosen.add(found)
+                    stack.append(found)
+    return [nodes[i] for i in sorted(chosen)]
 
 
 def chained(model: onnx.ModelProto, consumers: set[str]) -> bool:
@@ -193,7 +206,11 @@ def chained(model: onnx.ModelProto, consumers: set[str]) -> bool:
 
 
 def _merged(
-    trials: list[onnx.ModelProto], sources: set[str], compared: list[str], types: Mapping[str, int]
+    trials: list[onnx.ModelProto],
+    sources: set[str],
+    compared: list[str],
+    types: Mapping[str, int],
+    known: set[str] | None = None,
 ) -> tuple[onnx.ModelProto, list[str], list[list[str | None]]]:
     """One model holding each trial's downstream part, tensors suffixed by the trial index.
 
@@ -205,7 +222,7 @@ def _merged(
     frontier: list[str] = []
     outputs: list[list[str | None]] = []
     for index, trial in enumerate(trials):
-        part = _downstream(trial, sources)
+        part = _downstream(trial, sources, known)
         produced = {o for n in part for o in n.output}
         weights = {t.name: t for t in trial.graph.initializer}
         rename = {name: f"{name}~{index}" for name in produced}
@@ -315,6 +332,7 @@ def probe_curves(
     full = _full_moments(model, layers, batches)
     capture = TensorCapture(model, compared + [t for n in model.graph.node for t in n.output])
     activations: list[dict[str, np.ndarray]] = [dict(batch) for batch in batches]
+    known = {t for n in model.graph.node for t in n.output} | {i.name for i in model.graph.input}
 
     def original(index: int, names: list[str]) -> list[np.ndarray]:
         """Original tensors of batch ``index``, captured once and kept for later groups."""
@@ -341,7 +359,7 @@ def probe_curves(
             elif damping is not None:
                 _refit_from_moments(trial, pruner, sorted(probe.consumers), full, damping)
             trials.append(to_model(trial, model))
-        merged, frontier, names = _merged(trials, set(probe.producers), compared, types)
+        merged, frontier, names = _merged(trials, set(probe.producers), compared, types, known)
         runner = Runner(merged)
         outputs: list[list[list[np.ndarray]]] = [[] for _ in trials]
         for index in range(len(batches)):
