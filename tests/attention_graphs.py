@@ -3,10 +3,10 @@
 ``Attention`` writes one self-attention block x [n, SEQ, D] -> y [n, SEQ, D] (y = x + the
 output projection of the attention) with HEADS heads of HEAD_DIM, in the form asked for:
 
-* ``legacy``: torch's legacy export, MatMul + Add + Reshape [-1, SEQ, H, Dh] + Transpose,
+* ``legacy``: torch's legacy export, MatMul + Add + Reshape [0, SEQ, H, -1] + Transpose,
   kᵀ by Transpose [0,2,3,1], Div by √Dh, Softmax, MatMul, Transpose, Reshape, MatMul + Add;
 * ``dynamo``: torch.onnx.export(dynamo=True) of the same module at opset 18 with a dynamic
-  batch: Reshape(allowzero=1) by one shape constant shared by q, k and v;
+  batch: Reshape(allowzero=1) by one shape constant [-1, SEQ, H, Dh] shared by q, k and v;
 * ``dynamo-sdpa``: dynamo=True at opset 23 of scaled_dot_product_attention with dynamic
   batch and sequence: the shapes are Concat(Shape(x)[0:1], Shape(x)[1:2], [H], [Dh]), and the
   attention is the opset-23 ``Attention`` op on [n, H, SEQ, Dh];
@@ -83,7 +83,9 @@ class Attention:
                     "Concat", [batch, seq, self.init("width", [D], np.int64)], "shape/merge", axis=0
                 )
             else:
-                split = self.init("split_shape", [-1, SEQ, HEADS, HEAD_DIM], np.int64)
+                legacy = self.form == "legacy"  # view(x.size(0), t, h, -1) -> [0, t, h, -1]
+                prefix, dim = (0, -1) if legacy else (-1, HEAD_DIM)
+                split = self.init("split_shape", [prefix, SEQ, HEADS, dim], np.int64)
                 merged = self.init("merge_shape", [-1, SEQ, D], np.int64)
             k_perm = [0, 2, 1, 3] if form == "dynamo-sdpa" else [0, 2, 3, 1]
             q = self.split(self.linear("x", "q"), "q", split, [0, 2, 1, 3])

@@ -24,6 +24,7 @@ from typing import Protocol
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.analysis.channels.attention import shape_tail
 from onnxpress.analysis.channels.groups import ChannelGroups
 from onnxpress.analysis.channels.layout import Layout, node_key
 from onnxpress.analysis.channels.trace import constant_array
@@ -88,7 +89,9 @@ def head_shape(p: Slicer, node: gs.Node) -> bool:
         return False
     heads = kept_heads(kept, record.dim)
     if record.split:
-        _set_tail(p, node, [heads, len(kept) // max(heads, 1)])
+        tail = [heads, len(kept) // max(heads, 1)]
+        given = shape_tail(node.inputs[1], 2) or tail
+        _set_tail(p, node, [-1 if old == -1 else new for old, new in zip(given, tail, strict=True)])
         return True
     values = constant_array(node.inputs[1])
     if values is not None and int(values.reshape(-1)[-1]) == -1:

@@ -101,7 +101,12 @@ def head_split(t: Tracer, node: gs.Node) -> bool:
     if dims_out is not None and len(dims_out) != rank + 1:
         return False
     heads, dim = tail
-    if heads < 1 or dim < 1 or heads * dim != t.length(layout):
+    length = t.length(layout)
+    if heads == -1 and dim > 0 and length % dim == 0:  # view(.., -1, Dh) / view(.., H, -1)
+        heads = length // dim
+    elif dim == -1 and heads > 0 and length % heads == 0:
+        dim = length // heads
+    if heads < 1 or dim < 1 or heads * dim != length:
         return False
     if len(layout.segments) != 1 or layout.segments[0].block != 1:
         t.refuse(layout, node, "splits into heads the channels of several layers or blocks")

@@ -64,8 +64,9 @@ def assert_structure(model: onnx.ModelProto, form: str, heads: int, dims: int) -
             assert weight(model, f"{role}/Add").shape == (width,)
     assert weight(model, "o/MatMul").shape == (width, D)
     if form in ("legacy", "dynamo", "dynamo-sdpa"):
+        split = [heads, -1 if form == "legacy" else dims]
         for role in ("q", "k", "v"):
-            assert shape_tail(model, f"{role}/Reshape", 2) == [heads, dims]
+            assert shape_tail(model, f"{role}/Reshape", 2) == split
         assert shape_tail(model, "merge", 1) == [width]
     if form == "attention23":
         assert attrs(model, "attention")["q_num_heads"] == heads
