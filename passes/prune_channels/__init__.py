@@ -5,6 +5,12 @@ input channels, where the input's channels were pruned upstream); Gemm / MatMul 
 units (a transformer FFN's neurons), ConvTranspose channels and GRU/LSTM hidden units likewise. The model gets smaller
 in MACs and bytes; nothing is masked with zeros.
 
+Multi-head attention is pruned by whole heads (the same heads in q, k, v and the output
+projection's rows) and by head dimensions (the same count per head; q with k, v with the
+output rows): ``heads.py`` makes them allocation units beside the groups, with head
+importance measured by masking each head on calibration data; ``attention.py`` rewrites the
+head Reshapes and the fused attention ops.
+
 Channels coupled through the graph form one group (``onnxpress.analysis.channels.groups``: residual
 Adds, Concat, depthwise and grouped Convs, Flatten into a Gemm, Split, GRU, ...) and are
 pruned together; a group the analysis cannot prove safe is refused with its reasons. Per
@@ -31,10 +37,10 @@ from onnxpress.passes.prune_channels.heads import (
     HeadUnit,
     UnitMacs,
     attention_units,
+    cut_split,
+    heads_kept,
     masked_head_scores,
     ratio_counts,
-    site_counts,
-    site_kept,
     unit_probes,
     weight_head_scores,
 )
@@ -57,7 +63,6 @@ from onnxpress.passes.prune_channels.sensitivity import (
     save_curves,
 )
 
-from onnxpress.analysis.channels.attention import AttentionSite
 from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
 from onnxpress.analysis.channels.layout import node_key
 from onnxpress.core.context import PassContext
@@ -147,22 +152,7 @@ class PruneChannels(Pass[PruneChannelsOptions]):
             for g in candidates
             if counts[g.index] < g.size
         }
-        sites = {id(u.site): u.site for u in units}.values()
-        for site in sites:
-            site_counted = site_counts(site, units, counts)
-            kept.update(
-                site_kept(
-                    site,
-                    site_counted,
-                    head_scores[site.name],
-                    scores[site.query],
-                    scores[site.value],
-                )
-            )
-            result.details.append(_site_record(site, site_counted, head_scores[site.name]))
-            result.count("heads_removed", site.heads - site_counted[0])
-            result.count("qk_dims_removed", (site.qk_dim - site_counted[1]) * site_counted[0])
-            result.count("vo_dims_removed", (site.vo_dim - site_counted[2]) * site_counted[0])
+        kept.update(heads_kept(units, counts, head_scores, scores, result))
         if not kept:
             result.refuse("prune-channels", "every group keeps all channels at this ratio")
             return result
@@ -333,41 +323,12 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 "allocation": allocation,
                 "macs_target": opts.macs,
                 "macs_estimate": round(estimate, 4),
-                "cut": _cut_split(model, counts, units),
+                "cut": cut_split(model, counts, units),
             }
         )
         if estimate > opts.macs + 1e-9:
             result.refuse("prune-channels", f"MAC target {opts.macs} not reached: {estimate:.3f}")
         return counts
-
-
-def _cut_split(model: UnitMacs, counts: dict[int, int], units: list[HeadUnit]) -> dict[str, float]:
-    """The fraction of the model's MACs each kind of cut removes when applied alone."""
-    kinds = {"heads": ("heads",), "head_dims": ("qk", "vo")}
-    split = {}
-    for name, unit_kinds in kinds.items():
-        mine = {
-            u.index: counts[u.index] for u in units if u.kind in unit_kinds and u.index in counts
-        }
-        split[name] = round(1 - model.macs(mine) / max(model.total, 1.0), 4)
-    channels = {i: c for i, c in counts.items() if i >= 0}
-    split["channels"] = round(1 - model.macs(channels) / max(model.total, 1.0), 4)
-    return split
-
-
-def _site_record(
-    site: AttentionSite, counts: tuple[int, int, int], importance: np.ndarray
-) -> dict[str, Any]:
-    heads, qk, vo = counts
-    return {
-        "kind": "attention",
-        "site": site.name,
-        "heads": site.heads,
-        "kept_heads": sorted(np.argsort(-importance, kind="stable")[:heads].tolist()),
-        "head_importance": [round(float(v), 8) for v in importance],
-        "qk_dims": f"{qk} of {site.qk_dim}",
-        "vo_dims": f"{vo} of {site.vo_dim}",
-    }
 
 
 def _group_record(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -34,6 +34,7 @@ from onnxpress.analysis.channels.attention import AttentionSite
 from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
 from onnxpress.analysis.probes import relative_change
 from onnxpress.core.calibration_data import Batch
+from onnxpress.core.pass_base import PassResult
 from onnxpress.core.verify import Runner
 
 logger = logging.getLogger(__name__)
@@ -263,3 +264,52 @@ def masked_head_scores(
         out[site.name] = errors / max(len(batches), 1)
         logger.debug("head importance of %s: %s", site.name, out[site.name].tolist())
     return out
+
+
+def heads_kept(
+    units: list[HeadUnit],
+    counts: Mapping[int, int],
+    head_scores: Mapping[str, np.ndarray],
+    scores: Mapping[int, np.ndarray],
+    result: PassResult,
+) -> dict[int, np.ndarray]:
+    """Kept channels of every site's groups for the allocated unit counts; records them."""
+    kept: dict[int, np.ndarray] = {}
+    for site in {id(u.site): u.site for u in units}.values():
+        counted = site_counts(site, units, counts)
+        importance = head_scores[site.name]
+        kept.update(site_kept(site, counted, importance, scores[site.query], scores[site.value]))
+        result.details.append(_site_record(site, counted, importance))
+        result.count("heads_removed", site.heads - counted[0])
+        result.count("qk_dims_removed", (site.qk_dim - counted[1]) * counted[0])
+        result.count("vo_dims_removed", (site.vo_dim - counted[2]) * counted[0])
+    return kept
+
+
+def cut_split(model: UnitMacs, counts: dict[int, int], units: list[HeadUnit]) -> dict[str, float]:
+    """The fraction of the model's MACs each kind of cut removes when applied alone."""
+    kinds = {"heads": ("heads",), "head_dims": ("qk", "vo")}
+    split = {}
+    for name, unit_kinds in kinds.items():
+        mine = {
+            u.index: counts[u.index] for u in units if u.kind in unit_kinds and u.index in counts
+        }
+        split[name] = round(1 - model.macs(mine) / max(model.total, 1.0), 4)
+    channels = {i: c for i, c in counts.items() if i >= 0}
+    split["channels"] = round(1 - model.macs(channels) / max(model.total, 1.0), 4)
+    return split
+
+
+def _site_record(
+    site: AttentionSite, counts: tuple[int, int, int], importance: np.ndarray
+) -> dict[str, Any]:
+    heads, qk, vo = counts
+    return {
+        "kind": "attention",
+        "site": site.name,
+        "heads": site.heads,
+        "kept_heads": sorted(np.argsort(-importance, kind="stable")[:heads].tolist()),
+        "head_importance": [round(float(v), 8) for v in importance],
+        "qk_dims": f"{qk} of {site.qk_dim}",
+        "vo_dims": f"{vo} of {site.vo_dim}",
+    }
