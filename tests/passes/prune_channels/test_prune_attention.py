@@ -13,8 +13,13 @@ import onnx
 import pytest
 from attention_graphs import FORMS, HEAD_DIM, HEADS, SEQ, D, attention_model
 from onnx import helper, numpy_helper
+from onnxpress.passes.prune_channels.heads import site_kept
+from onnxpress.passes.prune_channels.rewrite import Pruner
 
 import onnxpress
+from onnxpress import PassContext
+from onnxpress.analysis.channels.groups import ChannelGroups
+from onnxpress.core.ir import to_graph, to_model
 from onnxpress.core.verify import Runner
 
 
@@ -164,3 +169,27 @@ def test_bundled_transformer_spreads_the_cut_over_attention_and_ffn() -> None:
     images = (held_out["images"] / held_out["divisor"]).astype(np.float32)
     logits = Runner(out)({"input": images})[0]
     assert np.mean(logits.argmax(axis=1) == held_out["labels"]) > 0.93
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_query_key_and_value_head_sizes_may_differ(form: str) -> None:
+    """3 heads of 3 query/key and 2 value dimensions: every form still runs, and the
+    shapes (a shared or computed head-split shape gets its own copy per Reshape) follow."""
+    model = attention_model(form)
+    graph = to_graph(model)
+    groups = PassContext(model, model).analysis(ChannelGroups, graph)
+    (site,) = groups.sites
+    order = np.arange(float(D))  # the later heads and dimensions score higher
+    Pruner(graph, groups, site_kept(site, (3, 3, 2), order[:HEADS], order, order)).apply()
+    out = to_model(graph, model)
+    x = np.random.default_rng(3).standard_normal((2, SEQ, D)).astype(np.float32)
+    assert Runner(out)({"x": x})[0].shape == (2, SEQ, D)
+    assert weight(out, "o/MatMul").shape == (3 * 2, D)
+    if form == "fused":
+        assert attrs(out, "attention")["qkv_hidden_sizes"] == [9, 9, 6]
+    else:
+        assert weight(out, "q/MatMul").shape == (D, 9)
+        assert weight(out, "v/MatMul").shape == (D, 6)
+    if form in ("dynamo", "dynamo-sdpa"):
+        assert shape_tail(out, "q/Reshape", 2) == [3, 3]
+        assert shape_tail(out, "v/Reshape", 2) == [3, 2]
