@@ -5,10 +5,12 @@
    allocation before this change (``sensitivity=false,rank-floor=0``) and after, ``qdq``
    alone, and each svd followed by ``qdq``. Accuracy, logits rel-L2 against fp32 on the
    held-out digits, and where the factored params went (attention projections vs FFN).
-2. ``transformer_mnist`` at 0.6 of its MACs: ``prune-channels`` alone (only the FFN can be
-   cut) against ``prune-heads`` (whole heads, or query/key head dimensions) carrying part
-   of the cut before it; accuracy before and after ``onnxpress.distill`` against the original
-   (the 4000 training digits with labels, KD T=4 + 0.5·CE, Adam 3e-4, ``--distill-epochs``).
+2. ``transformer_mnist`` at 0.6 of its MACs: ``prune-channels`` with one budget over the
+   FFN neurons only, heads + FFN, head dimensions + FFN, and all of them (the default); with
+   ``--prune-heads-pass`` instead ``prune-heads`` followed by an FFN-only ``prune-channels``.
+   Accuracy before and after ``onnxpress.distill`` against the original (the 4000 training
+   digits with labels, KD T=4 + 0.5·CE, Adam 3e-4, ``--distill-epochs``), and how much of
+   the model's MACs each kind of cut removes alone (heads / head dims / channels).
 3. The synthetic 22M-param encoder of ``bench_svd.py`` (6 layers, d 384, FFN 1536, 128
    tokens, random weights): ``svd{budget=0.75}`` time and peak RSS in a subprocess.
 
@@ -51,12 +53,20 @@ PIPELINES.update({f"{name} + qdq": f"{spec},qdq" for name, spec in list(PIPELINE
 
 PRUNE = "prune-channels{{macs={macs},criterion=l1,allocation=sensitivity}}"
 # (name, pipeline): prune-heads first; prune-channels' target is relative to its own input,
-# chosen so that the whole pipeline lands at 0.6 of the original MACs
-PRUNING = [
+# chosen so that the whole pipeline lands at 0.6 of the original MACs (--prune-heads-pass)
+PRUNE_HEADS = [
     ("FFN only", PRUNE.format(macs=0.6)),
     ("1 of 8 heads + FFN", "prune-heads{keep=0.875}," + PRUNE.format(macs=0.646)),
     ("2 of 8 heads + FFN", "prune-heads{keep=0.75}," + PRUNE.format(macs=0.693)),
     ("half the q/k dims + FFN", "prune-heads{keep=1.0,qk-dims=0.5}," + PRUNE.format(macs=0.7)),
+]
+# one prune-channels pass, one MAC budget spread by measured sensitivity over the units
+# it may cut (the default)
+PRUNING = [
+    ("FFN only", "prune-channels{macs=0.6,heads=false,head-dims=false}"),
+    ("heads + FFN", "prune-channels{macs=0.6,head-dims=false}"),
+    ("head dims + FFN", "prune-channels{macs=0.6,heads=false}"),
+    ("heads, head dims, FFN", "prune-channels{macs=0.6}"),
 ]
 
 
@@ -104,23 +114,31 @@ def mnist_rows() -> dict[str, Any]:
     return {"rows": rows}
 
 
-def pruning_rows(epochs: int) -> list[dict[str, Any]]:
+def pruning_rows(epochs: int, rows: list[tuple[str, str]]) -> list[dict[str, Any]]:
     from bench_distill import accuracy, training_data
 
     inputs, labels = training_data((28, 28))
-    rows = []
-    for name, spec in PRUNING:
+    out = []
+    for name, spec in rows:
         model, report = onnxpress.optimize(str(MODEL), passes=spec, calibration=str(CALIBRATION))
-        heads = report.passes[0].result.counts.get("heads_pruned", 0) if "heads" in spec else 0
+        counts: dict[str, int] = {}
+        for step in report.passes:
+            for key, value in step.result.counts.items():
+                counts[key] = counts.get(key, 0) + value
+        allocation = next(
+            (d for d in report.passes[-1].result.details if d.get("kind") == "allocation"), {}
+        )
         row: dict[str, Any] = {
             "cut": name,
             "passes": spec,
             "macs": report.after.macs / report.before.macs,
-            "heads_pruned": heads,
+            "heads_pruned": counts.get("heads_pruned", 0) + counts.get("heads_removed", 0),
+            "qk_dims_removed": counts.get("qk_dims_removed", 0),
+            "vo_dims_removed": counts.get("vo_dims_removed", 0),
+            "split": allocation.get("cut"),
             "accuracy": accuracy(model, "transformer_mnist"),
         }
-        channels = report.passes[-1].result.counts.get("channels_removed", 0)
-        row["ffn_neurons_removed"] = channels
+        row["ffn_neurons_removed"] = report.passes[-1].result.counts.get("channels_removed", 0)
         if epochs:
             start = time.perf_counter()
             tuned, _ = onnxpress.distill(
@@ -135,9 +153,9 @@ def pruning_rows(epochs: int) -> list[dict[str, Any]]:
             )
             row["distilled"] = accuracy(tuned, "transformer_mnist")
             row["distill_seconds"] = time.perf_counter() - start
-        rows.append(row)
+        out.append(row)
         print(f"  {name}: {row}", file=sys.stderr)
-    return rows
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -166,14 +184,20 @@ def markdown(results: dict[str, Any]) -> str:
     if results.get("pruning"):
         lines += [
             "",
-            "| cut at 0.6 MACs | MACs kept | heads removed | FFN neurons removed | accuracy | "
+            "| cut at 0.6 MACs | MACs kept | heads removed | q/k, v dims removed | "
+            "FFN neurons removed | MACs cut by heads / head dims / channels | accuracy | "
             "distilled | distill time |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in results["pruning"]:
+            split = row.get("split") or {}
+            shares = " / ".join(
+                f"{split.get(k, 0.0):.3f}" for k in ("heads", "head_dims", "channels")
+            )
             lines.append(
                 f"| {row['cut']} | {row['macs']:.3f} | {row['heads_pruned']} | "
-                f"{row['ffn_neurons_removed']} | {row['accuracy']:.4f} | "
+                f"{row['qk_dims_removed']}, {row['vo_dims_removed']} | "
+                f"{row['ffn_neurons_removed']} | {shares} | {row['accuracy']:.4f} | "
                 f"{row.get('distilled', float('nan')):.4f} | {row.get('distill_seconds', 0):.0f} s |"
             )
     encoder = results.get("encoder")
@@ -195,12 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-svd", action="store_true")
     parser.add_argument("--skip-pruning", action="store_true")
     parser.add_argument("--distill-epochs", type=int, default=8, help="0: no distillation")
+    parser.add_argument(
+        "--prune-heads-pass",
+        action="store_true",
+        help="the pruning rows of prune-heads followed by prune-channels (FFN only)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"machine": platform.processor() or platform.machine()}
     results["mnist"] = {"rows": []} if args.skip_svd else mnist_rows()
     if not args.skip_pruning:
-        results["pruning"] = pruning_rows(args.distill_epochs)
+        rows = PRUNE_HEADS if args.prune_heads_pass else PRUNING
+        results["pruning"] = pruning_rows(args.distill_epochs, rows)
     if not args.skip_encoder:
         results["encoder"] = memory_run()
     if args.json:

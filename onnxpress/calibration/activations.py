@@ -39,11 +39,15 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     if not wanted:
         return out
     types = _elem_types(model)
+    produced = {o for node in model.graph.node for o in node.output}
     for name in wanted:
         elem = types.get(name, 0)
-        if not elem:
+        if not elem and name in produced:  # an op ONNX cannot type (contrib): onnxruntime does
+            out.graph.output.append(helper.make_empty_tensor_value_info(name))
+        elif not elem:
             raise ValueError(f"tensor '{name}' has no inferred type; cannot expose it")
-        out.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+        else:
+            out.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     return out
 
 

@@ -96,6 +96,7 @@ def _prod(values: list[int]) -> int:
 MAC_OPS = frozenset(
     {"Conv", "ConvInteger", "QLinearConv", "ConvTranspose", "MatMul", "MatMulInteger"}
     | {"QLinearMatMul", "Gemm", "GRU", "LSTM", "RNN"}
+    | {"Attention", "MultiHeadAttention"}  # opset 23, com.microsoft
 )
 
 
@@ -133,6 +134,8 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
             trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
             k = a[0] if trans_a else a[1]
             return _prod(y) * k
+        if op in ("Attention", "MultiHeadAttention"):
+            return _attention_macs(node, ins)
         if op in ("GRU", "LSTM", "RNN"):
             x, w = ins[0], ins[1]
             if x is None or w is None:
@@ -146,6 +149,23 @@ def node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     except (IndexError, TypeError, ValueError):
         return 0
     return 0
+
+
+def _attention_macs(node: onnx.NodeProto, ins: list[list[int] | None]) -> int:
+    """q·kᵀ and scores·v: B·S·L·(Dq + Dv) over all heads; com.microsoft Attention also
+    projects its input [B, S, D] by its weight [D, N]."""
+    if node.domain == "com.microsoft" and node.op_type == "Attention":
+        x, w = ins[0], ins[1]
+        if x is None or w is None or len(x) != 3:
+            return 0
+        sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [])
+        q, v = (sizes[0], sizes[2]) if sizes else (w[1] // 3, w[1] // 3)
+        return _prod(x[:2]) * (x[2] * w[1] + x[1] * (q + v))
+    q, k, v = (ins + [None] * 3)[:3]
+    if q is None or k is None or v is None or len(q) not in (3, 4) or len(k) != len(q):
+        return 0
+    length = k[1] if len(k) == 3 else k[2]
+    return _prod(q[:-1]) * length * (q[-1] + v[-1])
 
 
 def model_stats(model: onnx.ModelProto, with_macs: bool = True) -> ModelStats:

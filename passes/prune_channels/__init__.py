@@ -5,6 +5,12 @@ input channels, where the input's channels were pruned upstream); Gemm / MatMul 
 units (a transformer FFN's neurons), ConvTranspose channels and GRU/LSTM hidden units likewise. The model gets smaller
 in MACs and bytes; nothing is masked with zeros.
 
+Multi-head attention is pruned by whole heads (the same heads in q, k, v and the output
+projection's rows) and by head dimensions (the same count per head; q with k, v with the
+output rows): ``heads.py`` makes them allocation units beside the groups, with head
+importance measured by masking each head on calibration data; ``attention.py`` rewrites the
+head Reshapes and the fused attention ops.
+
 Channels coupled through the graph form one group (``onnxpress.analysis.channels.groups``: residual
 Adds, Concat, depthwise and grouped Convs, Flatten into a Gemm, Split, GRU, ...) and are
 pruned together; a group the analysis cannot prove safe is refused with its reasons. Per
@@ -27,6 +33,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnxpress.passes.prune_channels.data import mean_abs_scores, thinet_scores
+from onnxpress.passes.prune_channels.heads import (
+    HeadUnit,
+    UnitMacs,
+    attention_units,
+    cut_split,
+    heads_kept,
+    masked_head_scores,
+    ratio_counts,
+    unit_probes,
+    weight_head_scores,
+)
 from onnxpress.passes.prune_channels.importance import (
     MacModel,
     count_for_ratio,
@@ -42,6 +59,7 @@ from onnxpress.passes.prune_channels.sensitivity import (
     cache_key,
     fast_sensitivity_curves,
     load_curves,
+    probe_curves,
     save_curves,
 )
 
@@ -70,6 +88,8 @@ class PruneChannelsOptions:
     reconstruct: bool | None = None  # least-squares refit; default: when calibrated
     batches: int = 8  # calibration batches the data-aware steps read
     damping: float = 1e-3  # refit ridge, relative to the mean eigenvalue of XᵀX
+    heads: bool = True  # prune whole attention heads
+    head_dims: bool = True  # prune query/key and value dimensions, the same count per head
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.macs is not None:
@@ -106,8 +126,15 @@ class PruneChannels(Pass[PruneChannelsOptions]):
             raise ValueError(f"{what} needs calibration data")
         groups = ctx.analysis(ChannelGroups, graph)
         nodes = {node_key(n): n for n in graph.nodes}
-        candidates = self._candidates(groups, nodes, result)
-        if not candidates:
+        chosen = self._candidates(groups, nodes, result)
+        in_sites = {g for s in groups.sites for g in (s.query, s.value)}
+        candidates = [g for g in chosen if g.index not in in_sites]
+        units, unit_refusals = attention_units(
+            groups, {g.index for g in chosen}, opts.heads, opts.head_dims
+        )
+        for name, reason in unit_refusals:
+            result.refuse(name, reason)
+        if not candidates and not units:
             if not result.refusals:
                 result.refuse(
                     "prune-channels",
@@ -115,13 +142,17 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 )
             return result
         before = ctx.export(graph)
-        scores = self._scores(groups, candidates, nodes, before, ctx, reconstruct)
-        counts = self._counts(groups, candidates, scores, before, ctx, result)
+        in_units = {g for u in units for g in (u.site.query, u.site.value)}
+        scored = candidates + [groups.groups[g] for g in sorted(in_units)]
+        scores = self._scores(groups, scored, nodes, before, ctx, reconstruct)
+        head_scores = self._head_scores(groups, units, scores, before, ctx)
+        counts = self._counts(groups, candidates, scores, before, ctx, result, units, head_scores)
         kept = {
             g.index: keep_top(scores[g.index], counts[g.index])
             for g in candidates
             if counts[g.index] < g.size
         }
+        kept.update(heads_kept(units, counts, head_scores, scores, result))
         if not kept:
             result.refuse("prune-channels", "every group keeps all channels at this ratio")
             return result
@@ -138,7 +169,7 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 graph,
                 groups,
                 pruner,
-                {key for g in candidates if g.index in kept for key in g.consumers},
+                {key for g in scored if g.index in kept for key in g.consumers},
                 [ctx.original, before],
                 lambda: calibration.batches(limit=opts.batches),
                 opts.damping,
@@ -201,6 +232,22 @@ class PruneChannels(Pass[PruneChannelsOptions]):
             scores.update(measured)
         return scores
 
+    def _head_scores(
+        self,
+        groups: ChannelGroups,
+        units: list[HeadUnit],
+        scores: dict[int, np.ndarray],
+        before: onnx.ModelProto,
+        ctx: PassContext,
+    ) -> dict[str, np.ndarray]:
+        """Per site: masked-head output error with calibration data, else weight scores."""
+        sites = list({id(u.site): u.site for u in units}.values())
+        found = {s.name: weight_head_scores(s, scores) for s in sites}
+        if ctx.calibration is not None and any(u.kind == "heads" for u in units):
+            batches = list(ctx.calibration.batches(limit=self.options.batches))
+            found.update(masked_head_scores(groups, sites, before, batches))
+        return found
+
     def _counts(
         self,
         groups: ChannelGroups,
@@ -209,16 +256,22 @@ class PruneChannels(Pass[PruneChannelsOptions]):
         before: onnx.ModelProto,
         ctx: PassContext,
         result: PassResult,
+        units: list[HeadUnit],
+        head_scores: dict[str, np.ndarray],
     ) -> dict[int, int]:
+        """Kept count per group, and per head unit (negative indices)."""
         opts = self.options
         if opts.macs is None:
             ratio = opts.ratio if opts.ratio is not None else DEFAULT_RATIO
-            return {
+            counts = {
                 g.index: count_for_ratio(g.size, ratio, opts.multiple, opts.min_channels)
                 for g in candidates
             }
-        model = MacModel(before, groups)
+            return {**counts, **ratio_counts(units, ratio, opts.heads)}
+        model = UnitMacs(MacModel(before, groups), units)
         target = opts.macs * model.total
+        stand_ins = [u.as_group(groups) for u in units]
+        levels = {u.index: list(range(1, u.size + 1)) for u in units}
         if opts.allocation == "sensitivity" and ctx.calibration is not None:
             batches = list(ctx.calibration.batches(limit=opts.batches))
             damping = opts.damping if self._reconstruct(ctx) else None
@@ -227,23 +280,41 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 "damping": damping,
                 "groups": sorted(g.index for g in candidates),
                 "scores": [scores[g.index].round(12).tolist() for g in candidates],
+                "units": [u.name for u in units],
+                "heads": {k: v.round(12).tolist() for k, v in sorted(head_scores.items())},
+                "site_scores": [
+                    scores[g].round(12).tolist()
+                    for u in units
+                    for g in (u.site.query, u.site.value)
+                ],
             }
             key = cache_key(before, batches, settings)
             cached = load_curves(key)
-            if cached is not None and all(g.index in cached for g in candidates):
+            wanted = [g.index for g in candidates] + [u.index for u in units]
+            if cached is not None and all(i in cached for i in wanted):
                 curves = cached
             else:
                 curves = fast_sensitivity_curves(
                     groups, candidates, scores, before, batches, damping
                 )
+                probes = unit_probes(groups, units, head_scores, scores)
+                curves.update(probe_curves(groups, probes, before, batches, damping))
                 save_curves(key, curves)
             result.details.append({"kind": "sensitivity", "cached": cached is not None})
             counts = sensitivity_counts(
-                candidates, model, target, curves, opts.multiple, opts.min_channels
+                candidates + stand_ins,
+                model,
+                target,
+                curves,
+                opts.multiple,
+                opts.min_channels,
+                levels,
             )
             allocation = "sensitivity"
         else:
-            counts, _ = uniform_counts(candidates, model, target, opts.multiple, opts.min_channels)
+            cut = ratio_counts(units, 0.0, opts.heads)  # the units a ratio steps down
+            uniform = candidates + [g for g in stand_ins if g.index in cut]
+            counts, _ = uniform_counts(uniform, model, target, opts.multiple, opts.min_channels)
             allocation = "uniform"
         estimate = model.macs(counts) / max(model.total, 1.0)
         result.details.append(
@@ -252,6 +323,7 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 "allocation": allocation,
                 "macs_target": opts.macs,
                 "macs_estimate": round(estimate, 4),
+                "cut": cut_split(model, counts, units),
             }
         )
         if estimate > opts.macs + 1e-9:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -67,7 +68,7 @@ def _own_norms(node: gs.Node, order: int) -> np.ndarray | None:
         sums = np.swapaxes(w, 0, 1).reshape(w.shape[1], -1).sum(axis=1)
     elif node.op == "Gemm":
         sums = w.sum(axis=1) if node.attrs.get("transB", 0) else w.sum(axis=0)
-    elif node.op == "MatMul":
+    elif node.op in ("MatMul", "Attention"):  # com.microsoft Attention: [D, q|k|v]
         sums = w.sum(axis=0)
     else:  # GRU: W [D, 3H, I], R [D, 3H, H]; LSTM: 4H
         recurrence = np.abs(np.asarray(constant_array(node.inputs[2]), np.float64)) ** order
@@ -156,7 +157,9 @@ class MacModel:
             own = groups.producers.get(key)
             feeds = groups.consumers.get(key)
             source = [groups.layouts[feeds]] if feeds is not None else []
-            if key in groups.depthwise and key in groups.layouts:
+            if key in groups.scaled:  # attention products: scale with the heads' channels
+                self.terms.extend((base * share, lays) for share, lays in groups.scaled[key])
+            elif key in groups.depthwise and key in groups.layouts:
                 self.terms.append((base, [groups.layouts[key]]))
             elif node.op_type in ("GRU", "LSTM") and own is not None:
                 _, gates, inputs = initializers.get(
@@ -191,7 +194,7 @@ def count_for_ratio(size: int, ratio: float, multiple: int, min_channels: int) -
 
 
 def uniform_counts(
-    candidates: list[ChannelGroup], model: MacModel, target: float, multiple: int, low: int
+    candidates: list[ChannelGroup], model: MacCounter, target: float, multiple: int, low: int
 ) -> tuple[dict[int, int], float]:
     """The smallest uniform ratio whose MACs are within ``target`` (or the largest ratio)."""
 
@@ -207,13 +210,22 @@ def uniform_counts(
     return counts(hi), hi
 
 
+class MacCounter(Protocol):
+    """What the allocations read of a MAC model: the total and MACs at given kept counts."""
+
+    total: float
+
+    def macs(self, kept_counts: Mapping[int, int]) -> float: ...
+
+
 def sensitivity_counts(
     candidates: list[ChannelGroup],
-    model: MacModel,
+    model: MacCounter,
     target: float,
     curves: Mapping[int, tuple[list[float], list[float]]],
     multiple: int,
     low: int,
+    levels: Mapping[int, list[int]] | None = None,
 ) -> dict[int, int]:
     """Greedy: step down the group whose error rises least per MAC saved, until on target.
 
@@ -230,7 +242,10 @@ def sensitivity_counts(
         slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9)
         return ys[-1] + max(slope, 0.0) * (ratio - xs[-1])
 
-    levels = {g.index: allowed_counts(g.size, multiple, low) for g in candidates}
+    levels = {
+        g.index: list((levels or {}).get(g.index, allowed_counts(g.size, multiple, low)))
+        for g in candidates
+    }
     counts = {g.index: g.size for g in candidates}
     current = model.macs(counts)
     while current > target:

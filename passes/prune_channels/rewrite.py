@@ -16,7 +16,8 @@ that survive along each tensor's channel axis follow from its layout. Then:
 * BatchNormalization / InstanceNormalization: the per-channel constants;
 * constant operands of elementwise ops that span the channel axis;
 * Split sizes, Slice starts / ends, the Reshape shape entry and the Resize size of the
-  channel axis.
+  channel axis;
+* attention heads: the head Reshapes and the fused attention ops (``attention.py``).
 
 Constants are replaced by new ones, never edited in place (another node may share them);
 the recorded shapes of rewritten intermediate tensors are dropped for shape inference to
@@ -29,6 +30,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxpress.passes.prune_channels.attention import forget_head_shapes, fused, head_shape
 
 from onnxpress.analysis.channels.groups import ChannelGroups
 from onnxpress.analysis.channels.layout import node_key
@@ -78,6 +80,7 @@ class Pruner:
             if isinstance(tensor, gs.Variable) and id(tensor) not in outputs:
                 if self.groups.tensor_indices(name, self.kept) is not None:
                     tensor.shape = None
+        forget_head_shapes(self)
         self.graph.cleanup(remove_unused_graph_inputs=False)
         return changed
 
@@ -313,6 +316,10 @@ HANDLERS: dict[str, Handler] = {
     "InstanceNormalization": normalization,
     "Split": split,
     "Slice": slice_,
-    "Reshape": sized_axis(1),
+    "Reshape": lambda p, node: (
+        head_shape(p, node) if node_key(node) in p.groups.head_shapes else sized_axis(1)(p, node)
+    ),
+    "Attention": fused,
+    "MultiHeadAttention": fused,
     "Resize": sized_axis(3),
 }

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,17 +170,30 @@ def _refit_from_moments(
             layer.write(trial, solved[:-1], solved[-1])
 
 
-def _downstream(model: onnx.ModelProto, sources: set[str]) -> list[onnx.NodeProto]:
-    """Nodes of ``model`` (topological order) fed, transitively, by the ``sources`` nodes."""
+def _downstream(
+    model: onnx.ModelProto, sources: set[str], known: set[str] | None = None
+) -> list[onnx.NodeProto]:
+    """Nodes of ``model`` (topological order) fed, transitively, by the ``sources`` nodes,
+    and those making what they read that is not ``known`` (a tensor the pruning added)."""
+    nodes = list(model.graph.node)
     dirty_tensors: set[str] = set()
-    chosen = []
-    for node in model.graph.node:
+    chosen: set[int] = set()
+    for index, node in enumerate(nodes):
         if (node.output and node.output[0] in sources) or any(
             i in dirty_tensors for i in node.input
         ):
-            chosen.append(node)
+            chosen.add(index)
             dirty_tensors.update(node.output)
-    return chosen
+    if known is not None:
+        producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+        stack = list(chosen)
+        while stack:
+            for name in nodes[stack.pop()].input:
+                found = producer.get(name)
+                if name not in known and found is not None and found not in chosen:
+                    chosen.add(found)
+                    stack.append(found)
+    return [nodes[i] for i in sorted(chosen)]
 
 
 def chained(model: onnx.ModelProto, consumers: set[str]) -> bool:
@@ -192,7 +206,11 @@ def chained(model: onnx.ModelProto, consumers: set[str]) -> bool:
 
 
 def _merged(
-    trials: list[onnx.ModelProto], sources: set[str], compared: list[str], types: Mapping[str, int]
+    trials: list[onnx.ModelProto],
+    sources: set[str],
+    compared: list[str],
+    types: Mapping[str, int],
+    known: set[str] | None = None,
 ) -> tuple[onnx.ModelProto, list[str], list[list[str | None]]]:
     """One model holding each trial's downstream part, tensors suffixed by the trial index.
 
@@ -204,7 +222,7 @@ def _merged(
     frontier: list[str] = []
     outputs: list[list[str | None]] = []
     for index, trial in enumerate(trials):
-        part = _downstream(trial, sources)
+        part = _downstream(trial, sources, known)
         produced = {o for n in part for o in n.output}
         weights = {t.name: t for t in trial.graph.initializer}
         rename = {name: f"{name}~{index}" for name in produced}
@@ -244,6 +262,19 @@ def _merged(
     return merged, frontier, outputs
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One allocation unit's trials: each (ratio, kept channels per group) is pruned alone;
+    the trial differs from the original downstream of ``producers`` (node keys), and the
+    ``consumers`` are refit as the pass will."""
+
+    index: int
+    name: str
+    producers: frozenset[str]
+    consumers: frozenset[str]
+    trials: tuple[tuple[float, Mapping[int, np.ndarray]], ...]
+
+
 def fast_sensitivity_curves(
     groups: ChannelGroups,
     candidates: list[ChannelGroup],
@@ -253,6 +284,37 @@ def fast_sensitivity_curves(
     damping: float | None,
 ) -> Curves:
     """(ratios, output errors) per group, as ``data.sensitivity_curves`` defines them."""
+    probes = []
+    for group in candidates:
+        counts = sorted(
+            {max(1, round(group.size * (1 - r))) for r in SENSITIVITY_RATIOS} - {group.size},
+            reverse=True,
+        )
+        trials = tuple(
+            (1 - count / group.size, {group.index: keep_top(scores[group.index], count)})
+            for count in counts
+        )
+        probes.append(
+            Probe(
+                group.index,
+                group.name,
+                frozenset(group.producers),
+                frozenset(group.consumers),
+                trials,
+            )
+        )
+    return probe_curves(groups, probes, model, batches, damping)
+
+
+def probe_curves(
+    groups: ChannelGroups,
+    probes: list[Probe],
+    model: onnx.ModelProto,
+    batches: list[Batch],
+    damping: float | None,
+) -> Curves:
+    """(ratios, output errors) per probe: each trial pruned alone, refit, run from the
+    original activations at its frontier."""
     compared = compared_outputs(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {
@@ -263,13 +325,14 @@ def fast_sensitivity_curves(
     base_nodes = {node_key(n): n for n in base.nodes}
     layers = {}
     if damping is not None:
-        for key in sorted({k for g in candidates for k in g.consumers}):
+        for key in sorted({k for probe in probes for k in probe.consumers}):
             layer = LinearLayer.of(base_nodes[key]) if key in base_nodes else None
             if layer is not None and base_nodes[key].op != "GRU":
                 layers[key] = layer
     full = _full_moments(model, layers, batches)
     capture = TensorCapture(model, compared + [t for n in model.graph.node for t in n.output])
     activations: list[dict[str, np.ndarray]] = [dict(batch) for batch in batches]
+    known = {t for n in model.graph.node for t in n.output} | {i.name for i in model.graph.input}
 
     def original(index: int, names: list[str]) -> list[np.ndarray]:
         """Original tensors of batch ``index``, captured once and kept for later groups."""
@@ -280,27 +343,23 @@ def fast_sensitivity_curves(
 
     reference = [original(i, compared) for i in range(len(batches))]
     curves: Curves = {}
-    for group in candidates:
-        counts = sorted(
-            {max(1, round(group.size * (1 - r))) for r in SENSITIVITY_RATIOS} - {group.size},
-            reverse=True,
-        )
-        if not counts:
-            curves[group.index] = ([1.0], [0.0])
+    for probe in probes:
+        if not probe.trials:
+            curves[probe.index] = ([1.0], [0.0])
             continue
         trials = []
-        for count in counts:
+        for _, kept in probe.trials:
             trial = to_graph(model)
-            pruner = Pruner(trial, groups, {group.index: keep_top(scores[group.index], count)})
+            pruner = Pruner(trial, groups, kept)
             pruner.apply()
-            if damping is not None and chained(model, set(group.consumers)):
+            if damping is not None and chained(model, set(probe.consumers)):
                 refit_consumers(
-                    trial, groups, pruner, set(group.consumers), [model], lambda: batches, damping
+                    trial, groups, pruner, set(probe.consumers), [model], lambda: batches, damping
                 )
             elif damping is not None:
-                _refit_from_moments(trial, pruner, list(group.consumers), full, damping)
+                _refit_from_moments(trial, pruner, sorted(probe.consumers), full, damping)
             trials.append(to_model(trial, model))
-        merged, frontier, names = _merged(trials, set(group.producers), compared, types)
+        merged, frontier, names = _merged(trials, set(probe.producers), compared, types, known)
         runner = Runner(merged)
         outputs: list[list[list[np.ndarray]]] = [[] for _ in trials]
         for index in range(len(batches)):
@@ -313,8 +372,8 @@ def fast_sensitivity_curves(
                         for k, name in enumerate(trial_names)
                     ]
                 )
-        ratios = [1 - count / group.size for count in counts]
+        ratios = [ratio for ratio, _ in probe.trials]
         errors = [_relative_error(reference, trial_outputs) for trial_outputs in outputs]
-        curves[group.index] = (ratios, errors)
-        logger.debug("sensitivity of %s: %s", group.name, list(zip(ratios, errors, strict=True)))
+        curves[probe.index] = (ratios, errors)
+        logger.debug("sensitivity of %s: %s", probe.name, list(zip(ratios, errors, strict=True)))
     return curves

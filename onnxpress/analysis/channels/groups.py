@@ -23,12 +23,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from onnxpress.analysis.channels.attention import (
+    AttentionSite,
+    HeadShape,
+    attention_sites,
+    head_rule,
+)
 from onnxpress.analysis.channels.layout import Layout
 from onnxpress.analysis.channels.rules import RULES, unknown_op
 from onnxpress.analysis.channels.trace import Tracer, topological_nodes
@@ -71,6 +77,10 @@ class ChannelGroups:
     group_of: dict[int, int]  # space -> group index
     space_sizes: dict[int, int]
     depthwise: set[str]  # depthwise Conv keys: channels pass through, MACs scale once
+    sites: list[AttentionSite] = field(default_factory=list)  # multi-head attention
+    head_shapes: dict[str, HeadShape] = field(default_factory=dict)  # Reshape key -> heads
+    head_tensors: dict[str, Layout] = field(default_factory=dict)  # split tensor -> channels
+    scaled: dict[str, list[tuple[float, list[Layout]]]] = field(default_factory=dict)
 
     @classmethod
     def compute(cls, graph: gs.Graph, ctx: PassContext) -> ChannelGroups:
@@ -79,7 +89,7 @@ class ChannelGroups:
             tracer.refuse_captures(node)
             default_domain = node.domain in (None, "", "ai.onnx")
             rule = RULES.get(node.op, unknown_op) if default_domain else unknown_op
-            rule(tracer, node)
+            head_rule(tracer, node, rule)(tracer, node)
         return _groups(tracer)
 
     def spans(self, layout: Layout) -> list[tuple[int, int, int]]:
@@ -122,8 +132,10 @@ def _groups(tracer: Tracer) -> ChannelGroups:
     """Refuse channels that reach a graph output, then one group per connected component."""
     for tensor in tracer.graph.outputs:
         layout = tracer.layout(tensor)
-        if layout is not None:
-            tracer.spaces.refuse(layout, f"reaches graph output '{tensor.name}'")
+        heads = tracer.heads.get(tensor.name)
+        for found in (layout, heads.layout if heads is not None else None):
+            if found is not None:
+                tracer.spaces.refuse(found, f"reaches graph output '{tensor.name}'")
     expand = tracer.spaces.expand
     layouts = {name: expand(layout) for name, layout in tracer.layouts.items()}
     producers = {key: expand(layout) for key, layout in tracer.producers.items()}
@@ -132,6 +144,7 @@ def _groups(tracer: Tracer) -> ChannelGroups:
         tracer.spaces.components(), key=lambda c: min(order.get(s, len(order)) for s in c)
     )
     group_of = {space: index for index, comp in enumerate(components) for space in comp}
+    sites = attention_sites(tracer, group_of)
 
     def keys_by_group(records: dict[str, Layout]) -> dict[int, list[str]]:
         found: dict[int, list[str]] = {}
@@ -179,4 +192,11 @@ def _groups(tracer: Tracer) -> ChannelGroups:
         group_of=group_of,
         space_sizes=sizes,
         depthwise=set(tracer.depthwise),
+        sites=sites,
+        head_shapes={k: replace(v, layout=expand(v.layout)) for k, v in tracer.head_shapes.items()},
+        head_tensors={name: expand(h.layout) for name, h in tracer.heads.items()},
+        scaled={
+            key: [(share, [expand(lay) for lay in lays]) for share, lays in terms]
+            for key, terms in tracer.scaled.items()
+        },
     )

@@ -38,6 +38,14 @@ def unknown_op(t: Tracer, node: gs.Node) -> None:
 
 
 def shape_dependent(t: Tracer, node: gs.Node) -> None:
+    """Shape and Size read the channel count; a Shape sliced (start, end) to other axes
+    (an exported batch or sequence length) does not."""
+    layout, rank = t.layout(node.inputs[0]), t.rank(node.inputs[0])
+    if node.op == "Shape" and layout is not None and rank is not None:
+        start, end = (int(attr(node, name, value)) for name, value in (("start", 0), ("end", rank)))
+        start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+        if not start <= layout.axis < end:
+            return
     t.refuse_inputs(node, "shape-dependent consumer")
 
 

@@ -98,12 +98,7 @@ def conv_transpose(t: Tracer, node: gs.Node) -> None:
     if int(attr(node, "group", 1)) != 1:
         t.refuse_inputs(node, "a grouped ConvTranspose is not pruned")
         return
-    layout = t.layout(node.inputs[0])
-    if layout is not None:
-        if layout.axis != 1:
-            t.refuse(layout, node, "channels are not on axis 1")
-        else:
-            t.consumers[node_key(node)] = node.inputs[0].name
+    t.consume(node, node.inputs[0], 1, "channels are not on axis 1")
     out = t.new_producer(node, weight.shape[1], 1)
     t.set(node.outputs[0], t.spaces.expand(out))
 
@@ -127,7 +122,8 @@ def gemm(t: Tracer, node: gs.Node) -> None:
 def matmul(t: Tracer, node: gs.Node) -> None:
     weight = constant_array(node.inputs[1])
     x = node.inputs[0]
-    rank, out_rank = t.rank(x), t.rank(node.outputs[0])
+    rank = t.rank(x)
+    out_rank = t.rank(node.outputs[0]) or rank  # x [.., K] · W [K, N] keeps x's rank
     if weight is None or weight.ndim != 2 or rank is None or out_rank is None:
         t.refuse_inputs(node, "not a MatMul by a constant matrix")
         return

@@ -63,6 +63,12 @@ class Tracer:
         self.norms: dict[str, str] = {}
         self.names: dict[str, str] = {}
         self.depthwise: set[str] = set()
+        # multi-head attention (attention.py): split heads, head Reshapes, sites, and the
+        # nodes whose MACs scale with kept channels they neither produce nor consume
+        self.heads: dict[str, Any] = {}
+        self.head_shapes: dict[str, Any] = {}
+        self.sites: list[Any] = []
+        self.scaled: dict[str, list[tuple[float, list[Layout]]]] = {}
 
     # tensors ---------------------------------------------------------------------------
     def layout(self, tensor: gs.Tensor | None) -> Layout | None:
@@ -110,6 +116,14 @@ class Tracer:
                     for tensor in inner.inputs:
                         self.refuse(self.layout(tensor), node, "a subgraph reads the channels")
                     self.refuse_captures(inner)
+
+    def consume(self, node: gs.Node, tensor: gs.Tensor, axis: int, reason: str) -> None:
+        """``node`` contracts the channels of ``tensor`` on ``axis``; elsewhere: refused."""
+        layout = self.layout(tensor)
+        if layout is not None and layout.axis != axis:
+            self.refuse(layout, node, reason)
+        elif layout is not None:
+            self.consumers[node_key(node)] = tensor.name
 
     def new_producer(self, node: gs.Node, size: int, axis: int) -> Layout:
         key = node_key(node)

@@ -169,4 +169,21 @@ def test_layernorm_over_channels_and_head_reshape_are_refused() -> None:
     model = net.model({"x": ["N", 5, 8]}, ["ln", "heads"])
     _, named = analyse(model)
     assert "LayerNormalization 'ln': normalizes over the channel axis" in named["fc1"].refusals
-    assert "Reshape 'heads': splits or moves the channel axis" in named["q"].refusals
+    # the head split is followed (analysis.channels.attention); split heads are refused
+    # where they reach a graph output
+    assert named["q"].refusals == ("reaches graph output 'heads'",)
+
+
+def test_shape_of_other_axes_does_not_refuse_the_channels() -> None:
+    """An exported batch / sequence length (Shape with start, end) reads no channel count."""
+    net = Net()
+    h = net.op("MatMul", ["x", net.weight("w1", (8, 6))], "fc1")
+    net.op("Shape", [h], "lengths", start=0, end=2)
+    net.op("Shape", [h], "width", start=-1)
+    g = net.op("MatMul", ["x", net.weight("w2", (8, 6))], "fc2")
+    net.op("Shape", [g], "batch", start=0, end=1)
+    r = net.op("Relu", [g], "relu")
+    net.op("MatMul", [r, net.weight("w3", (6, 4))], "fc3")
+    _, named = analyse(net.model({"x": ["N", 5, 8]}, ["lengths", "width", "batch", "fc3"]))
+    assert named["fc1"].refusals == ("Shape 'width': shape-dependent consumer",)
+    assert named["fc2"].prunable
