@@ -47,6 +47,7 @@ from onnxpress.passes.prune_channels.sensitivity import (
 
 from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
 from onnxpress.analysis.channels.layout import node_key
+from onnxpress.analysis.channels.residual import renormalized
 from onnxpress.core.context import PassContext
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.registry import register_pass
@@ -70,6 +71,9 @@ class PruneChannelsOptions:
     reconstruct: bool | None = None  # least-squares refit; default: when calibrated
     batches: int = 8  # calibration batches the data-aware steps read
     damping: float = 1e-3  # refit ridge, relative to the mean eigenvalue of XᵀX
+    # a LayerNorm over a pruned residual width: statistics over the kept channels, or over
+    # the original width with the removed channels as zeros (Pad/Slice; width.py)
+    norm_stats: Literal["kept", "full"] = "kept"
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.macs is not None:
@@ -125,7 +129,7 @@ class PruneChannels(Pass[PruneChannelsOptions]):
         if not kept:
             result.refuse("prune-channels", "every group keeps all channels at this ratio")
             return result
-        pruner = Pruner(graph, groups, kept)
+        pruner = Pruner(graph, groups, kept, opts.norm_stats)
         result.count("nodes_rewritten", pruner.apply())
         for group in candidates:
             if group.index in kept:
@@ -227,6 +231,7 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 "damping": damping,
                 "groups": sorted(g.index for g in candidates),
                 "scores": [scores[g.index].round(12).tolist() for g in candidates],
+                **({"norm_stats": opts.norm_stats} if opts.norm_stats != "kept" else {}),
             }
             key = cache_key(before, batches, settings)
             cached = load_curves(key)
@@ -234,7 +239,7 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 curves = cached
             else:
                 curves = fast_sensitivity_curves(
-                    groups, candidates, scores, before, batches, damping
+                    groups, candidates, scores, before, batches, damping, opts.norm_stats
                 )
                 save_curves(key, curves)
             result.details.append({"kind": "sensitivity", "cached": cached is not None})
@@ -271,4 +276,5 @@ def _group_record(
         "removed": removed.tolist(),
         "producers": [nodes[k].name or k for k in group.producers],
         "consumers": [nodes[k].name or k for k in group.consumers],
+        "width": renormalized(group.norms, nodes),
     }

@@ -8,7 +8,8 @@ pruned model for each trial. Here the work each trial shares is done once:
   kept channels, so its refit needs only a sub-block of the full XᵀX, XᵀY of the original
   model, collected in one pass over the calibration batches for every consumer. Where one
   consumer of the group feeds another (a residual stream), the later one's input carries
-  the earlier refit's error; such a group is refit on its pruned model, as the pass does;
+  the earlier refit's error; such a group is refit on its pruned model, as the pass does,
+  and so is a residual width, whose LayerNorms change the kept channels' values too;
 * **activations reused**: a trial differs from the original only downstream of the group's
   producers, so only that part runs, fed the original activations at its frontier;
 * **ratios in one batch**: the three pruned copies of that part form one model (tensors
@@ -46,6 +47,7 @@ from onnxpress.passes.prune_channels.rewrite import Pruner
 
 from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
 from onnxpress.analysis.channels.layout import node_key
+from onnxpress.analysis.channels.residual import renormalized
 from onnxpress.analysis.refit import Tap, TensorCapture, collect_moments, refit_right
 from onnxpress.calibration.activations import Moments
 from onnxpress.core.calibration_data import Batch
@@ -251,6 +253,7 @@ def fast_sensitivity_curves(
     model: onnx.ModelProto,
     batches: list[Batch],
     damping: float | None,
+    norm_stats: str = "kept",
 ) -> Curves:
     """(ratios, output errors) per group, as ``data.sensitivity_curves`` defines them."""
     compared = compared_outputs(model)
@@ -291,9 +294,11 @@ def fast_sensitivity_curves(
         trials = []
         for count in counts:
             trial = to_graph(model)
-            pruner = Pruner(trial, groups, {group.index: keep_top(scores[group.index], count)})
+            kept = {group.index: keep_top(scores[group.index], count)}
+            pruner = Pruner(trial, groups, kept, norm_stats)
             pruner.apply()
-            if damping is not None and chained(model, set(group.consumers)):
+            rescaled = renormalized(group.norms, base_nodes)  # a width: LayerNorm stats change
+            if damping is not None and (rescaled or chained(model, set(group.consumers))):
                 refit_consumers(
                     trial, groups, pruner, set(group.consumers), [model], lambda: batches, damping
                 )
