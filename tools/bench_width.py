@@ -228,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_cuts:
         only = {m for m in args.models.split(",") if m}
         results["cuts"] = cut_rows(args.distill_epochs, only)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    print(markdown(results))
+    table = markdown(results)
+    if args.json is not None:
+        args.json.write_text(json.dumps({**results, "markdown": table}, indent=2))
+    sys.stdout.write(table + "\n")
     return 0
 
 

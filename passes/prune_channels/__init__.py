@@ -7,7 +7,13 @@ in MACs and bytes; nothing is masked with zeros.
 
 Channels coupled through the graph form one group (``onnxpress.analysis.channels.groups``: residual
 Adds, Concat, depthwise and grouped Convs, Flatten into a Gemm, Split, GRU, ...) and are
-pruned together; a group the analysis cannot prove safe is refused with its reasons. Per
+pruned together; a group the analysis cannot prove safe is refused with its reasons. A
+transformer's residual width is one such group: the embedding, every residual Add, the
+LayerNorms over the channels and the projections reading and writing the stream
+(``onnxpress.analysis.channels.residual``). Its LayerNorms then normalize over the kept
+channels (``norm-stats=kept``) or, with ``norm-stats=full``, over the original width with
+the removed channels as zeros (``passes/prune_channels/width.py``); either way the
+consumers are refit, on the pruned model, by least squares. Per
 group a criterion scores the channels (l1, l2, bn-gamma, activation, reconstruction;
 ``passes/prune_channels/importance.py``) and the best ``count`` are kept, where ``count`` comes from
 ``ratio`` (uniform) or from ``macs``, the fraction of the model's MACs to keep, spread by
