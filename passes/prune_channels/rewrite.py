@@ -53,9 +53,7 @@ class Pruner:
         self.graph = graph
         self.groups = groups
         self.kept = kept
-        self.norm_stats = (
-            norm_stats  # a LayerNorm over a pruned width: passes/prune_channels/width.py
-        )
+        self.norm_stats = norm_stats  # LayerNorms over a pruned width: kept | full (width.py)
         self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
 
     def indices(self, tensor: gs.Tensor | None) -> np.ndarray | None:
