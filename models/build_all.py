@@ -23,6 +23,7 @@ BUILDS = {
     "mobilenet_mnist": ["mobilenet_mnist.onnx"],
     "mlp_digits": ["mlp_digits.onnx"],
     "transformer_mnist": ["transformer_mnist.onnx"],
+    "encoder_digits": ["encoder_digits.onnx"],
     "gru_sunspots": ["gru_sunspots.onnx", "gru_sunspots_unrolled.onnx"],
     "digit_detector": ["digit_detector.onnx"],
     "sr_photos": ["sr_photos.onnx"],

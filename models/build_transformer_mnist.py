@@ -17,9 +17,7 @@ Usage: python models/build_transformer_mnist.py
 
 from __future__ import annotations
 
-import math
-
-import torch
+from _attention import TokenEncoder
 from _common import MnistTraining, build_mnist_classifier, report
 from torch import nn
 
@@ -34,61 +32,11 @@ BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with explicit q/k/v/out projections."""
-
-    def __init__(self, d_model: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.head_dim = d_model // heads
-        self.query = nn.Linear(d_model, d_model)
-        self.key = nn.Linear(d_model, d_model)
-        self.value = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, d_model)
-
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[B,T,D] -> [B,H,T,D/H]; the batch axis is inferred (-1) to stay dynamic."""
-        return x.reshape(-1, ROWS, self.heads, self.head_dim).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        query = self.split_heads(self.query(x))
-        key = self.split_heads(self.key(x))
-        value = self.split_heads(self.value(x))
-        scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        context = torch.matmul(torch.softmax(scores, dim=-1), value)
-        merged = context.transpose(1, 2).reshape(-1, ROWS, self.heads * self.head_dim)
-        return self.out(merged)
-
-
-class EncoderLayer(nn.Module):
-    """Pre-norm transformer encoder layer: attention and ReLU feed-forward, each residual."""
-
-    def __init__(self, d_model: int, heads: int, ffn: int) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(d_model)
-        self.attention = SelfAttention(d_model, heads)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(nn.Linear(d_model, ffn), nn.ReLU(), nn.Linear(ffn, d_model))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
-
-
-class RowTransformer(nn.Module):
+class RowTransformer(TokenEncoder):
     """Transformer encoder reading MNIST digits row by row (transformer_mnist)."""
 
     def __init__(self, classes: int = 10) -> None:
-        super().__init__()
-        self.embed = nn.Linear(ROWS, D_MODEL)
-        self.position = nn.Parameter(torch.randn(1, ROWS, D_MODEL) * 0.02)
-        self.layers = nn.Sequential(*(EncoderLayer(D_MODEL, HEADS, FFN) for _ in range(LAYERS)))
-        self.norm = nn.LayerNorm(D_MODEL)
-        self.classifier = nn.Linear(D_MODEL, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.layers(self.embed(x) + self.position)
-        return self.classifier(self.norm(hidden).mean(dim=1))
+        super().__init__((ROWS, ROWS), (D_MODEL, HEADS, FFN), LAYERS, nn.ReLU, classes)
 
 
 TRAINING = MnistTraining(

@@ -36,6 +36,7 @@ EVAL_SETS = {
     "mobilenet_mnist": "mobilenet_mnist",
     "mlp_digits": "mlp_digits",
     "transformer_mnist": "transformer_mnist",
+    "encoder_digits": "encoder_digits",
     "gru_sunspots": "gru_sunspots",
     "gru_sunspots_unrolled": "gru_sunspots",
     "digit_detector": "digit_detector",

@@ -13,7 +13,13 @@ head Reshapes and the fused attention ops.
 
 Channels coupled through the graph form one group (``onnxpress.analysis.channels.groups``: residual
 Adds, Concat, depthwise and grouped Convs, Flatten into a Gemm, Split, GRU, ...) and are
-pruned together; a group the analysis cannot prove safe is refused with its reasons. Per
+pruned together; a group the analysis cannot prove safe is refused with its reasons. A
+transformer's residual width is one such group: the embedding, every residual Add, the
+LayerNorms over the channels and the projections reading and writing the stream
+(``onnxpress.analysis.channels.residual``). Its LayerNorms then normalize over the kept
+channels (``norm-stats=kept``) or, with ``norm-stats=full``, over the original width with
+the removed channels as zeros (``passes/prune_channels/width.py``); either way the
+consumers are refit, on the pruned model, by least squares. Per
 group a criterion scores the channels (l1, l2, bn-gamma, activation, reconstruction;
 ``passes/prune_channels/importance.py``) and the best ``count`` are kept, where ``count`` comes from
 ``ratio`` (uniform) or from ``macs``, the fraction of the model's MACs to keep, spread by
@@ -65,6 +71,7 @@ from onnxpress.passes.prune_channels.sensitivity import (
 
 from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
 from onnxpress.analysis.channels.layout import node_key
+from onnxpress.analysis.channels.residual import renormalized
 from onnxpress.core.context import PassContext
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.registry import register_pass
@@ -90,6 +97,9 @@ class PruneChannelsOptions:
     damping: float = 1e-3  # refit ridge, relative to the mean eigenvalue of XᵀX
     heads: bool = True  # prune whole attention heads
     head_dims: bool = True  # prune query/key and value dimensions, the same count per head
+    # a LayerNorm over a pruned residual width: statistics over the kept channels, or over
+    # the original width with the removed channels as zeros (Pad/Slice; width.py)
+    norm_stats: Literal["kept", "full"] = "kept"
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.macs is not None:
@@ -156,7 +166,7 @@ class PruneChannels(Pass[PruneChannelsOptions]):
         if not kept:
             result.refuse("prune-channels", "every group keeps all channels at this ratio")
             return result
-        pruner = Pruner(graph, groups, kept)
+        pruner = Pruner(graph, groups, kept, opts.norm_stats)
         result.count("nodes_rewritten", pruner.apply())
         for group in candidates:
             if group.index in kept:
@@ -287,6 +297,7 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                     for u in units
                     for g in (u.site.query, u.site.value)
                 ],
+                **({"norm_stats": opts.norm_stats} if opts.norm_stats != "kept" else {}),
             }
             key = cache_key(before, batches, settings)
             cached = load_curves(key)
@@ -295,10 +306,12 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 curves = cached
             else:
                 curves = fast_sensitivity_curves(
-                    groups, candidates, scores, before, batches, damping
+                    groups, candidates, scores, before, batches, damping, opts.norm_stats
                 )
                 probes = unit_probes(groups, units, head_scores, scores)
-                curves.update(probe_curves(groups, probes, before, batches, damping))
+                curves.update(
+                    probe_curves(groups, probes, before, batches, damping, opts.norm_stats)
+                )
                 save_curves(key, curves)
             result.details.append({"kind": "sensitivity", "cached": cached is not None})
             counts = sensitivity_counts(
@@ -343,4 +356,5 @@ def _group_record(
         "removed": removed.tolist(),
         "producers": [nodes[k].name or k for k in group.producers],
         "consumers": [nodes[k].name or k for k in group.consumers],
+        "width": renormalized(group.norms, nodes),
     }

@@ -13,7 +13,8 @@ that survive along each tensor's channel axis follow from its layout. Then:
   of a bidirectional op keep the same units), the 6 (8) blocks of B, the 3 peephole blocks
   of P, the columns of R, the input columns of W, ``hidden_size``; initial_h (initial_c) is
   sliced, or dropped when zeros;
-* BatchNormalization / InstanceNormalization: the per-channel constants;
+* BatchNormalization / InstanceNormalization: the per-channel constants; a
+  LayerNormalization over the channels (the residual width): ``width.py``;
 * constant operands of elementwise ops that span the channel axis;
 * Split sizes, Slice starts / ends, the Reshape shape entry and the Resize size of the
   channel axis;
@@ -30,6 +31,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnxpress.passes.prune_channels import width
 from onnxpress.passes.prune_channels.attention import forget_head_shapes, fused, head_shape
 
 from onnxpress.analysis.channels.groups import ChannelGroups
@@ -43,10 +45,17 @@ Handler = Callable[["Pruner", gs.Node], bool]
 class Pruner:
     """Applies one choice of kept channels (group index -> sorted indices) to a graph."""
 
-    def __init__(self, graph: gs.Graph, groups: ChannelGroups, kept: Mapping[int, np.ndarray]):
+    def __init__(
+        self,
+        graph: gs.Graph,
+        groups: ChannelGroups,
+        kept: Mapping[int, np.ndarray],
+        norm_stats: str = "kept",
+    ):
         self.graph = graph
         self.groups = groups
         self.kept = kept
+        self.norm_stats = norm_stats  # LayerNorms over a pruned width: kept | full (width.py)
         self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
 
     def indices(self, tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -204,6 +213,23 @@ def normalization(p: Pruner, node: gs.Node) -> bool:
     return True
 
 
+def layer_norm(p: Pruner, node: gs.Node) -> bool:
+    """A LayerNormalization over a pruned residual width (``width.py``): γ and β at the kept
+    channels; with norm-stats=full, zero-padded to the original width between Pad and Slice."""
+    x = node.inputs[0]
+    kept = p.indices(x)
+    if kept is None or node_key(node) not in p.groups.norms:
+        return False
+    full = p.groups.length(p.groups.layouts[x.name]) if p.norm_stats == "full" else len(kept)
+    for index, values in width.norm_parameters(node, kept, full):
+        p.constant(node, index, values)
+    if full > len(kept):
+        width.pad_and_slice(
+            p.graph, node, len(kept), full - len(kept), p.groups.ranks[x.name], p.taken
+        )
+    return True
+
+
 def elementwise(p: Pruner, node: gs.Node) -> bool:
     """Slice constant operands that span the channel axis (right-aligned broadcasting)."""
     out = node.outputs[0]
@@ -314,6 +340,7 @@ HANDLERS: dict[str, Handler] = {
     "LSTM": gru,
     "BatchNormalization": normalization,
     "InstanceNormalization": normalization,
+    "LayerNormalization": layer_norm,
     "Split": split,
     "Slice": slice_,
     "Reshape": lambda p, node: (

@@ -8,7 +8,8 @@ pruned model for each trial. Here the work each trial shares is done once:
   kept channels, so its refit needs only a sub-block of the full XᵀX, XᵀY of the original
   model, collected in one pass over the calibration batches for every consumer. Where one
   consumer of the group feeds another (a residual stream), the later one's input carries
-  the earlier refit's error; such a group is refit on its pruned model, as the pass does;
+  the earlier refit's error; such a group is refit on its pruned model, as the pass does,
+  and so is a residual width, whose LayerNorms change the kept channels' values too;
 * **activations reused**: a trial differs from the original only downstream of the group's
   producers, so only that part runs, fed the original activations at its frontier;
 * **ratios in one batch**: the three pruned copies of that part form one model (tensors
@@ -47,6 +48,7 @@ from onnxpress.passes.prune_channels.rewrite import Pruner
 
 from onnxpress.analysis.channels.groups import ChannelGroup, ChannelGroups
 from onnxpress.analysis.channels.layout import node_key
+from onnxpress.analysis.channels.residual import renormalized
 from onnxpress.analysis.refit import Tap, TensorCapture, collect_moments, refit_right
 from onnxpress.calibration.activations import Moments
 from onnxpress.core.calibration_data import Batch
@@ -273,6 +275,7 @@ class Probe:
     producers: frozenset[str]
     consumers: frozenset[str]
     trials: tuple[tuple[float, Mapping[int, np.ndarray]], ...]
+    norms: frozenset[str] = frozenset()  # LayerNorms over the channels (a residual width)
 
 
 def fast_sensitivity_curves(
@@ -282,6 +285,7 @@ def fast_sensitivity_curves(
     model: onnx.ModelProto,
     batches: list[Batch],
     damping: float | None,
+    norm_stats: str = "kept",
 ) -> Curves:
     """(ratios, output errors) per group, as ``data.sensitivity_curves`` defines them."""
     probes = []
@@ -301,9 +305,10 @@ def fast_sensitivity_curves(
                 frozenset(group.producers),
                 frozenset(group.consumers),
                 trials,
+                frozenset(group.norms),
             )
         )
-    return probe_curves(groups, probes, model, batches, damping)
+    return probe_curves(groups, probes, model, batches, damping, norm_stats)
 
 
 def probe_curves(
@@ -312,6 +317,7 @@ def probe_curves(
     model: onnx.ModelProto,
     batches: list[Batch],
     damping: float | None,
+    norm_stats: str = "kept",
 ) -> Curves:
     """(ratios, output errors) per probe: each trial pruned alone, refit, run from the
     original activations at its frontier."""
@@ -350,9 +356,10 @@ def probe_curves(
         trials = []
         for _, kept in probe.trials:
             trial = to_graph(model)
-            pruner = Pruner(trial, groups, kept)
+            pruner = Pruner(trial, groups, kept, norm_stats)
             pruner.apply()
-            if damping is not None and chained(model, set(probe.consumers)):
+            rescaled = renormalized(probe.norms, base_nodes)  # a width: LayerNorm stats change
+            if damping is not None and (rescaled or chained(model, set(probe.consumers))):
                 refit_consumers(
                     trial, groups, pruner, set(probe.consumers), [model], lambda: batches, damping
                 )

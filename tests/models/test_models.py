@@ -26,6 +26,7 @@ EXPECTED = {
     "mobilenet_mnist": ("accuracy", 0.95),
     "mlp_digits": ("accuracy", 0.95),
     "transformer_mnist": ("accuracy", 0.90),
+    "encoder_digits": ("accuracy", 0.90),
     "gru_sunspots": ("rmse", 25.0),
     "gru_sunspots_unrolled": ("rmse", 25.0),
     "digit_detector": ("mAP", 0.7),
@@ -38,6 +39,7 @@ CALIBRATED = [
     "mobilenet_mnist",
     "mlp_digits",
     "transformer_mnist",
+    "encoder_digits",
     "gru_sunspots",
     "digit_detector",
     "sr_photos",
@@ -154,6 +156,18 @@ def test_transformer_has_attention_and_layernorm() -> None:
     assert counts["Softmax"] == 2
     assert counts["LayerNormalization"] == 5
     assert counts["MatMul"] >= 12
+
+
+def test_larger_encoder_has_four_layers_of_eight_heads() -> None:
+    model = onnx.load(str(MODELS_DIR / "encoder_digits.onnx"))
+    counts = ops("encoder_digits")
+    assert counts["Softmax"] == 4 and counts["LayerNormalization"] == 9 and counts["Erf"] == 4
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer if len(t.dims) >= 1)
+    assert params >= 1_000_000
+    shapes = [tuple(t.dims) for t in model.graph.initializer]
+    assert shapes.count((144, 576)) == 4  # FFN up projections
+    reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+    assert len(reshapes) == 16  # q, k, v split into 8 heads and the merge, per layer
 
 
 def test_recognizer_ends_in_a_softmax_per_time_step() -> None:

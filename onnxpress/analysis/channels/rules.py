@@ -27,7 +27,6 @@ from onnxpress.analysis.channels.moves import (
     elementwise,
     flatten,
     gather,
-    layer_norm,
     normalization,
     over_axis,
     pad,
@@ -44,6 +43,7 @@ from onnxpress.analysis.channels.moves import (
     unknown_op,
     unsqueeze,
 )
+from onnxpress.analysis.channels.residual import layer_norm
 from onnxpress.analysis.channels.trace import Tracer, attr, constant_array
 
 __all__ = ["RULES", "Rule", "unknown_op"]

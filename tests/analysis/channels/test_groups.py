@@ -163,12 +163,13 @@ def test_unsafe_groups_are_refused_with_a_reason(case: str, reason: str) -> None
 def test_layernorm_over_channels_and_head_reshape_are_refused() -> None:
     net = Net()
     h = net.op("MatMul", ["x", net.weight("w1", (8, 8))], "fc1")
-    net.op("LayerNormalization", [h, net.const("g", np.ones(8), np.float32)], "ln", axis=-1)
+    net.op("LayerNormalization", [h, net.const("g", np.ones((5, 8)), np.float32)], "ln", axis=1)
     q = net.op("MatMul", ["x", net.weight("wq", (8, 8))], "q")
     net.op("Reshape", [q, net.const("heads_shape", [0, 0, 2, 4])], "heads")
     model = net.model({"x": ["N", 5, 8]}, ["ln", "heads"])
     _, named = analyse(model)
-    assert "LayerNormalization 'ln': normalizes over the channel axis" in named["fc1"].refusals
+    ln = "LayerNormalization 'ln': normalizes over axes 1..2, not the channel axis 2 alone"
+    assert ln in named["fc1"].refusals  # over the channels alone: a residual width
     # the head split is followed (analysis.channels.attention); split heads are refused
     # where they reach a graph output
     assert named["q"].refusals == ("reaches graph output 'heads'",)

@@ -150,9 +150,10 @@ def test_a_per_head_operand_is_refused_with_its_reason() -> None:
     assert weight(out, "v/MatMul").shape == (D, HEADS * (HEAD_DIM - 1))
 
 
-def test_bundled_transformer_spreads_the_cut_over_attention_and_ffn() -> None:
-    """transformer_mnist at 0.6 MACs: heads or head dimensions carry part of the cut, and
-    the held-out accuracy stays above the FFN-only cut's 0.918 (docs/BENCHMARKS.md)."""
+def test_bundled_transformer_allocates_one_budget_over_attention_ffn_and_width() -> None:
+    """transformer_mnist at 0.6 MACs: the heads, head dimensions, FFN and residual width
+    compete for one budget; the held-out accuracy stays above the 0.919 of the cut over
+    heads and FFN alone (docs/BENCHMARKS.md), the width taking most of it."""
     models = Path(__file__).resolve().parents[3] / "models"
     out, report = onnxpress.optimize(
         models / "transformer_mnist.onnx",
@@ -162,13 +163,14 @@ def test_bundled_transformer_spreads_the_cut_over_attention_and_ffn() -> None:
     )
     result = report.passes[0].result
     allocation = next(d for d in result.details if d["kind"] == "allocation")
-    assert allocation["cut"]["heads"] + allocation["cut"]["head_dims"] > 0.05
+    assert set(allocation["cut"]) == {"heads", "head_dims", "channels"}
+    assert allocation["cut"]["channels"] > 0.3
     assert len([d for d in result.details if d["kind"] == "attention"]) == 2
     assert report.after.macs <= 0.6 * report.before.macs
     held_out = np.load(models / "data" / "transformer_mnist_eval.npz")
     images = (held_out["images"] / held_out["divisor"]).astype(np.float32)
     logits = Runner(out)({"input": images})[0]
-    assert np.mean(logits.argmax(axis=1) == held_out["labels"]) > 0.93
+    assert np.mean(logits.argmax(axis=1) == held_out["labels"]) > 0.94
 
 
 @pytest.mark.parametrize("form", FORMS)
