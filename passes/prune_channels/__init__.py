@@ -238,10 +238,14 @@ class PruneChannels(Pass[PruneChannelsOptions]):
                 )
                 save_curves(key, curves)
             result.details.append({"kind": "sensitivity", "cached": cached is not None})
+            order: list[tuple[int, float]] = []
             counts = sensitivity_counts(
-                candidates, model, target, curves, opts.multiple, opts.min_channels
+                candidates, model, target, curves, opts.multiple, opts.min_channels, order
             )
             allocation = "sensitivity"
+            names = {g.index: g.name for g in candidates}
+            first = [names[i] for i, after in order if after >= 0.8 * model.total - 1e-9]
+            result.details.append({"kind": "first-fifth", "groups": sorted(set(first))})
         else:
             counts, _ = uniform_counts(candidates, model, target, opts.multiple, opts.min_channels)
             allocation = "uniform"
