@@ -28,6 +28,7 @@ BUILDS = {
     "digit_detector": ["digit_detector.onnx"],
     "sr_photos": ["sr_photos.onnx"],
     "ctc_lines": ["ctc_lines.onnx"],
+    "crnn_lines": ["crnn_lines.onnx"],
 }
 
 

@@ -25,6 +25,7 @@ Usage: python models/build_ctc_lines.py
 from __future__ import annotations
 
 import _common as common
+import _ctc
 import numpy as np
 import text_lines
 import torch
@@ -93,76 +94,33 @@ class CtcLines(nn.Module):
         return torch.softmax(self.logits(x), dim=-1)
 
 
-def ctc_targets(labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated class targets (digit + 1) and their lengths."""
-    rows = text_lines.references(labels)
-    flat = torch.tensor([d + 1 for row in rows for d in row], dtype=torch.long)
-    return flat, torch.tensor([len(row) for row in rows], dtype=torch.long)
-
-
-def train(model: CtcLines, images: np.ndarray, labels: np.ndarray, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
-    steps = (LINES_PER_EPOCH + BATCH_SIZE - 1) // BATCH_SIZE
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=LEARNING_RATE, epochs=EPOCHS, steps_per_epoch=steps
-    )
-    ctc = nn.CTCLoss(blank=text_lines.BLANK, zero_infinity=True)
-    for epoch in range(EPOCHS):
-        model.train()
-        lines, targets = text_lines.draw_lines(images, labels, LINES_PER_EPOCH, rng)
-        total = 0.0
-        for start in range(0, LINES_PER_EPOCH, BATCH_SIZE):
-            batch = torch.from_numpy(lines[start : start + BATCH_SIZE])
-            flat, lengths = ctc_targets(targets[start : start + BATCH_SIZE])
-            log_probs = torch.log_softmax(model.logits(batch), -1).transpose(0, 1)
-            steps_in = torch.full((len(batch),), log_probs.shape[0], dtype=torch.long)
-            loss = ctc(log_probs, flat, steps_in, lengths)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(batch)
-        print(f"  epoch {epoch + 1:2d}/{EPOCHS}: ctc loss {total / LINES_PER_EPOCH:.4f}")
-    model.eval()
-
-
 def main() -> None:
     common.make_deterministic()
     train_images, train_labels, test_images, test_labels = common.mnist_split()
     model = CtcLines()
     params = sum(p.numel() for p in model.parameters())
     print(f"{NAME}: {params} parameters")
-    train(model, train_images, train_labels, common.SEED)
-    rng = np.random.default_rng(common.SEED + 1)
-    test_x, test_y = text_lines.draw_lines(test_images, test_labels, TEST_LINES, rng)
-    calib_x, _ = text_lines.draw_lines(train_images, train_labels, CALIBRATION_LINES, rng)
-    path = common.MODELS_DIR / f"{NAME}.onnx"
-    expected = common.predict(model, torch.from_numpy(test_x))
-    common.export(model, torch.from_numpy(test_x[:2]), path, output_name="probabilities")
-    onnx_model = common.check_model(path)
-    common.check_dynamic_batch(onnx_model)
-    produced = common.run_onnx(path, {"input": test_x})
-    common.assert_close(f"{NAME} onnxruntime vs torch", expected, produced)
-    cer, line_accuracy = text_lines.cer_and_line_accuracy(produced, test_y)
-    eval_path = common.DATA_DIR / f"{NAME}_eval.npz"
-    common.save_npz(
-        eval_path,
-        {
-            "task": np.array("ctc"),
-            "input": test_x,
-            "labels": test_y,
-            "cer": np.float64(cer),
-            "line_accuracy": np.float64(line_accuracy),
-        },
+    _ctc.train_ctc(
+        model,
+        lambda count, rng: text_lines.draw_lines(train_images, train_labels, count, rng),
+        epochs=EPOCHS,
+        lines_per_epoch=LINES_PER_EPOCH,
+        batch_size=BATCH_SIZE,
+        lr=LEARNING_RATE,
+        seed=common.SEED,
     )
-    calib_path = common.save_calibration(NAME, "input", calib_x)
+    rng = np.random.default_rng(common.SEED + 1)
+    test = text_lines.draw_lines(test_images, test_labels, TEST_LINES, rng)
+    calibration, _ = text_lines.draw_lines(train_images, train_labels, CALIBRATION_LINES, rng)
+    onnx_model, path, cer, line_accuracy, files = _ctc.export_recognizer(
+        NAME, model, test, calibration
+    )
     ops = {node.op_type for node in onnx_model.graph.node}
     required = {"Conv", "HardSwish", "LayerNormalization", "MatMul", "Softmax"}
     if not required <= ops:
         raise AssertionError(f"{NAME}: expected {sorted(required)}, got {sorted(ops)}")
     metrics = {"held-out CER": cer, "held-out line accuracy": line_accuracy}
-    common.report(NAME, path, metrics, [eval_path, calib_path])
+    common.report(NAME, path, metrics, files)
 
 
 if __name__ == "__main__":

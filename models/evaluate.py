@@ -8,7 +8,7 @@ Classification sets report top-1 accuracy; the sunspots set reports RMSE in suns
 numbers (and the naive "same as last year" RMSE for comparison); the detection set reports
 COCO-style mAP (IoU 0.50:0.95) and mAP@0.5 (``detection.py``); the super-resolution set
 reports PSNR in dB (and bicubic upscaling's); the text-line set reports the character error
-rate and line accuracy of greedy CTC decoding (``text_lines.py``). Without ``--data`` the
+rate, character accuracy (1 - CER) and line accuracy of greedy CTC decoding (``text_lines.py``). Without ``--data`` the
 data set is chosen from ``--kind`` or, failing that, from the file name: the longest known
 model name that the file name starts with (``cnn_mnist.opt.onnx`` -> ``cnn_mnist``).
 Needs only numpy and onnxruntime. Inputs are cast to the dtype the model declares, so
@@ -42,6 +42,7 @@ EVAL_SETS = {
     "digit_detector": "digit_detector",
     "sr_photos": "sr_photos",
     "ctc_lines": "ctc_lines",
+    "crnn_lines": "crnn_lines",
 }
 # the headline metric of each task (key in scores() and in the eval set) -> its display name
 METRICS = {"accuracy": "accuracy", "rmse": "rmse", "map": "mAP", "psnr": "psnr", "cer": "CER"}
@@ -66,6 +67,7 @@ class Evaluation:
     map50: float | None = None
     bicubic_psnr: float | None = None
     line_accuracy: float | None = None
+    character_accuracy: float | None = None
 
     def describe(self) -> str:
         text = f"{self.model}: {self.metric} {self.value:.4f} on {self.samples} held-out samples"
@@ -73,6 +75,8 @@ class Evaluation:
             text += f" (as built: {self.reference:.4f})"
         if self.bicubic_psnr is not None:
             text += f"; bicubic upscaling {self.bicubic_psnr:.4f} dB"
+        if self.character_accuracy is not None:
+            text += f"; character accuracy {self.character_accuracy:.4f}"
         if self.line_accuracy is not None:
             text += f"; line accuracy {self.line_accuracy:.4f}"
         if self.map50 is not None:
@@ -166,12 +170,14 @@ def evaluate(
         values.get("map50"),
         values.get("bicubic_psnr"),
         values.get("line_accuracy"),
+        values.get("character_accuracy"),
     )
 
 
 def scores(eval_set: dict[str, np.ndarray], outputs: np.ndarray) -> dict[str, float]:
     """The held-out metrics of ``outputs``, a model's first output on ``model_inputs(eval_set)``:
-    accuracy; rmse and naive_rmse (sunspot numbers); map and map50; psnr and bicubic_psnr."""
+    accuracy; rmse and naive_rmse (sunspot numbers); map and map50; psnr and bicubic_psnr;
+    cer, character_accuracy and line_accuracy."""
     task = str(eval_set["task"])
     if task == "classification":
         labels = eval_set["labels"]
@@ -197,7 +203,7 @@ def scores(eval_set: dict[str, np.ndarray], outputs: np.ndarray) -> dict[str, fl
     if task == "ctc":
         probabilities = outputs.reshape(len(eval_set["labels"]), -1, outputs.shape[-1])
         cer, lines = _sibling("text_lines").cer_and_line_accuracy(probabilities, eval_set["labels"])
-        return {"cer": cer, "line_accuracy": lines}
+        return {"cer": cer, "line_accuracy": lines, "character_accuracy": 1.0 - cer}
     raise ValueError(f"unknown task {task!r}")
 
 

@@ -1,12 +1,15 @@
-"""Digit text lines for the CTC recognizer ``ctc_lines``: drawing, greedy decoding, CER.
+"""Text lines for the CTC recognizers ``ctc_lines`` and ``crnn_lines``: drawing, greedy
+decoding, CER.
 
-A line is 3 to 6 MNIST digits, each cropped to its ink columns, laid side by side with gaps
+``ctc_lines``: a line is 3 to 6 MNIST digits, each cropped to its ink columns, laid side by side with gaps
 of 1-4 pixels on a 28 x 140 canvas at a random left offset. The label is the digit string.
 The recognizer's output is [batch, time, 11] probabilities: class 0 is the CTC blank and
 class d + 1 is digit d. ``greedy_decode`` takes the best class per step, merges repeats and
 drops blanks; ``cer`` is the edit distance over the reference length, summed over lines.
 
-Needs only numpy: the build script, ``evaluate.py`` and the benchmark tools all use it.
+Decoding and scoring are alphabet-blind (class - 1 per character) and need only numpy: the
+build scripts, ``evaluate.py`` and the benchmark tools all use them. Character accuracy is
+``1 - CER``, ``(n - edits) / n`` as the ISRI OCR evaluation defines it.
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
-"""Channel pruning and distillation of the CTC text-line recognizer (``models/ctc_lines.onnx``).
+"""Channel pruning, distillation and int8 of the CTC text-line recognizers in models/.
 
-Variants, all with ``onnxpress.optimize`` on the bundled 256-line calibration set
-(``models/data/ctc_lines_calib.npz``) and measured by greedy CTC decoding on the 300
-held-out lines (``models/evaluate.py``: CER and line accuracy):
+``--model ctc_lines`` (default: CNN + attention over MNIST digit lines) or ``--model
+crnn_lines`` (CNN + BiLSTM over printed lines). Variants, all with ``onnxpress.optimize`` on
+the model's bundled 256-line calibration set (``models/data/<model>_calib.npz``) and
+measured by greedy CTC decoding on its held-out lines (``models/evaluate.py``: CER,
+character accuracy = 1 - CER, line accuracy):
 
 * ``prune-channels{macs=0.8}`` (sensitivity allocation, refit), no distillation;
 * ``prune-channels{macs=0.6}`` and ``prune-channels{macs=0.6,allocation=uniform}``, each
   then distilled with ``onnxpress.distill`` against the original on 2000 unlabeled lines
-  drawn from the training digits (``text_lines.draw_lines``; KD per time step on the
-  logits behind the Softmax, ``--hints`` pairs with adapters).
+  drawn as the model's training lines were (``text_lines.draw_lines`` from the training
+  digits, or ``printed_lines.draw_lines``; another seed than training); KD per time step on
+  the logits behind the Softmax, ``--hints`` pairs with adapters;
+* the default pipeline with calibration (``qdq``: static int8).
+
+Each pruned row also names the groups the allocation stepped down while it removed the
+first 20 % of the MACs (``first-fifth``).
 
 Times: the whole ``optimize`` call with an empty sensitivity cache, again with the cache
 filled, and the ``distill`` call. The allocation itself is also timed both ways on the same
@@ -16,6 +23,7 @@ groups, scores and batch: the former whole-model trials (``data.sensitivity_curv
 the fast curves (``sensitivity.fast_sensitivity_curves``).
 
     OPENBLAS_NUM_THREADS=1 python tools/bench_recognizer.py --json recognizer.json
+    OPENBLAS_NUM_THREADS=1 python tools/bench_recognizer.py --model crnn_lines
 """
 
 from __future__ import annotations
@@ -38,42 +46,51 @@ MODELS = ROOT / "models"
 sys.path.insert(0, str(MODELS))
 
 import evaluate as model_eval  # noqa: E402
+import printed_lines  # noqa: E402
 import text_lines  # noqa: E402
 
 import onnxpress  # noqa: E402
 
-MODEL = MODELS / "ctc_lines.onnx"
-CALIBRATION = MODELS / "data" / "ctc_lines_calib.npz"
+RECOGNIZERS = ("ctc_lines", "crnn_lines")
 
 
-def cer(model: onnx.ModelProto, folder: Path, name: str) -> tuple[float, float]:
+def cer(model: onnx.ModelProto, folder: Path, name: str, kind: str) -> tuple[float, float]:
+    """(CER, line accuracy) on the held-out lines of ``kind``."""
     path = folder / f"{name}.onnx"
     onnx.save(model, str(path))
-    result = model_eval.evaluate(path, kind="ctc_lines")
-    return result.value, float(result.line_accuracy or 0.0)
+    result = model_eval.evaluate(path, kind=kind)
+    return round(result.value, 5), round(float(result.line_accuracy or 0.0), 4)
 
 
-def distill_lines(count: int) -> np.ndarray:
+def distill_lines(kind: str, count: int) -> np.ndarray:
+    """Unlabeled lines drawn as ``kind``'s training lines were, with another seed."""
+    rng = np.random.default_rng(7)
+    if kind == "crnn_lines":
+        return printed_lines.draw_lines(count, rng)[0]
     from _common import mnist_split
 
     images, labels, _, _ = mnist_split()
-    lines, _ = text_lines.draw_lines(images, labels, count, np.random.default_rng(7))
-    return lines
+    return text_lines.draw_lines(images, labels, count, rng)[0]
 
 
-def prune(spec: str, cache: Path) -> tuple[onnx.ModelProto, float, float, float]:
-    """(pruned model, seconds without cache, seconds with it, MAC fraction)."""
+def prune(
+    model: Path, calibration: Path, spec: str, cache: Path
+) -> tuple[onnx.ModelProto, float, float, float, list[str]]:
+    """(pruned model, seconds without cache, seconds with it, MAC fraction, groups stepped
+    down in the first 20 % of the MACs)."""
     os.environ["ONNXPRESS_CACHE_DIR"] = str(cache)
     timings = []
     for _ in range(2):
         started = time.perf_counter()
-        out, report = onnxpress.optimize(MODEL, spec, calibration=CALIBRATION, verify="structure")
+        out, report = onnxpress.optimize(model, spec, calibration=calibration, verify="structure")
         timings.append(time.perf_counter() - started)
     record = report.passes[0]
-    return out, timings[0], timings[1], record.after.macs / record.before.macs
+    details = record.result.details
+    first: list[str] = next((d["groups"] for d in details if d.get("kind") == "first-fifth"), [])
+    return out, timings[0], timings[1], record.after.macs / record.before.macs, first
 
 
-def allocation_times() -> dict[str, float]:
+def allocation_times(model_path: Path, calibration: Path) -> dict[str, float]:
     from onnxpress.passes.prune_channels.data import sensitivity_curves
     from onnxpress.passes.prune_channels.importance import weight_norms
     from onnxpress.passes.prune_channels.sensitivity import fast_sensitivity_curves
@@ -83,13 +100,13 @@ def allocation_times() -> dict[str, float]:
     from onnxpress.analysis.channels.layout import node_key
     from onnxpress.core.ir import to_graph
 
-    model = onnx.load(str(MODEL))
+    model = onnx.load(str(model_path))
     graph = to_graph(model)
     groups = PassContext(template=model, original=model).analysis(ChannelGroups, graph)
     nodes = {node_key(n): n for n in graph.nodes}
     candidates = [g for g in groups.groups if g.producers and not g.refusals and g.size > 1]
     scores = {g.index: weight_norms(groups, g, nodes, 1) for g in candidates}
-    with np.load(CALIBRATION) as archive:
+    with np.load(calibration) as archive:
         batches = [{"input": archive["input"]}]
     times = {"groups": float(len(candidates))}
     for label, fn in (
@@ -104,31 +121,45 @@ def allocation_times() -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=RECOGNIZERS, default="ctc_lines")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lines", type=int, default=2000, help="unlabeled distillation lines")
     parser.add_argument("--hints", type=int, default=4)
     args = parser.parse_args()
+    model_path = MODELS / f"{args.model}.onnx"
+    calibration = MODELS / "data" / f"{args.model}_calib.npz"
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        base = onnx.load(str(MODEL))
-        rows.append({"variant": "fp32", "cer_line": cer(base, folder, "fp32")})
+        base = onnx.load(str(model_path))
+        rows.append({"variant": "fp32", "cer_line": cer(base, folder, "fp32", args.model)})
         print(rows[-1], flush=True)
-        data = [{"input": distill_lines(args.lines)}]
+        started = time.perf_counter()
+        quantized, _ = onnxpress.optimize(model_path, calibration=calibration, verify="structure")
+        rows.append(
+            {
+                "variant": "default pipeline (qdq int8)",
+                "optimize_s": round(time.perf_counter() - started, 1),
+                "cer_line": cer(quantized, folder, "int8", args.model),
+            }
+        )
+        print(rows[-1], flush=True)
+        data = [{"input": distill_lines(args.model, args.lines)}]
         for spec, distil in (
             ("prune-channels{macs=0.8}", False),
             ("prune-channels{macs=0.6}", True),
             ("prune-channels{macs=0.6,allocation=uniform}", True),
         ):
             cache = folder / f"cache{len(rows)}"
-            pruned, cold, warm, macs = prune(spec, cache)
+            pruned, cold, warm, macs, first = prune(model_path, calibration, spec, cache)
             row: dict[str, Any] = {
                 "variant": spec,
                 "macs": round(macs, 4),
                 "optimize_s": round(cold, 1),
                 "optimize_cached_s": round(warm, 1),
-                "cer_line": cer(pruned, folder, f"p{len(rows)}"),
+                "first_fifth": first,
+                "cer_line": cer(pruned, folder, f"p{len(rows)}", args.model),
             }
             if distil:
                 started = time.perf_counter()
@@ -136,16 +167,18 @@ def main() -> int:
                     pruned, base, data, epochs=args.epochs, hints=args.hints, batch_size=32
                 )
                 row["distill_s"] = round(time.perf_counter() - started, 1)
-                row["distilled_cer_line"] = cer(tuned, folder, f"d{len(rows)}")
+                row["distilled_cer_line"] = cer(tuned, folder, f"d{len(rows)}", args.model)
                 row["distill"] = report.describe()
             rows.append(row)
             print(row, flush=True)
-    allocation = allocation_times()
+    allocation = allocation_times(model_path, calibration)
     print(allocation, flush=True)
     result = {
+        "model": args.model,
         "rows": rows,
         "allocation_s": allocation,
         "cpu": platform.processor() or platform.machine(),
+        "load": os.getloadavg(),
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -4,13 +4,16 @@
 * ``thinet_scores``: the consumers' input moments (im2col rows for a Conv), turned into
   ThiNet's greedy removal order (``greedy_removal_scores``);
 * ``sensitivity_curves``: the relative L2 error of the model's outputs with one group pruned
-  at 25, 50 and 75 % (by its scores), the others intact: what ``macs=`` spreads ratios by.
+  at 25, 50 and 75 % (by its scores), the others intact: what ``macs=`` spreads ratios by;
+* ``output_error``: that error, and for a sequence head (a [batch, time, classes] Softmax, a
+  CTC recognizer's) ``sequence_error``, the change of its per-step class distributions and
+  greedy decoding.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -146,9 +149,45 @@ def sensitivity_curves(
 
 def _relative_error(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
     """‖y − ŷ‖ / ‖y‖ over every batch and output, outputs weighted alike."""
+    return output_error(reference, outputs, [None] * len(reference[0]))
+
+
+def output_error(
+    reference: list[list[np.ndarray]],
+    outputs: list[list[np.ndarray]],
+    sequence_axes: Sequence[int | None],
+) -> float:
+    """Mean over the outputs of their error, batches concatenated: ``sequence_error`` for a
+    sequence head's logits (``sequence_axes[k]``, the class axis), else ‖y − ŷ‖ / ‖y‖."""
     errors = []
-    for index in range(len(reference[0])):
-        ref = np.concatenate([r[index].reshape(-1) for r in reference]).astype(np.float64)
-        new = np.concatenate([o[index].reshape(-1) for o in outputs]).astype(np.float64)
-        errors.append(float(np.linalg.norm(ref - new) / max(np.linalg.norm(ref), 1e-12)))
+    for index, axis in enumerate(sequence_axes):
+        ref = [r[index].astype(np.float64) for r in reference]
+        new = [o[index].astype(np.float64) for o in outputs]
+        if axis is not None:
+            errors.append(sequence_error(ref, new, axis))
+            continue
+        flat_ref = np.concatenate([r.reshape(-1) for r in ref])
+        flat_new = np.concatenate([o.reshape(-1) for o in new])
+        errors.append(
+            float(np.linalg.norm(flat_ref - flat_new) / max(np.linalg.norm(flat_ref), 1e-12))
+        )
     return float(np.mean(errors))
+
+
+def sequence_error(reference: list[np.ndarray], logits: list[np.ndarray], axis: int) -> float:
+    """The CTC-level change of a [batch, time, classes] head, from the logits behind its
+    Softmax: per time step KL(p ‖ p̂) of the class distributions plus the fraction of steps
+    whose greedy (arg-max) class changed, averaged over the steps of every batch. A shift of
+    a step's logits by a constant costs nothing; a near-flip costs more than a far one."""
+    kl_sum, flips, steps = 0.0, 0, 0
+    for ref, new in zip(reference, logits, strict=True):
+        log_p, log_q = _log_softmax(ref, axis), _log_softmax(new, axis)
+        kl_sum += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+        flips += int(np.count_nonzero(ref.argmax(axis) != new.argmax(axis)))
+        steps += ref.size // ref.shape[axis]
+    return (kl_sum + flips) / max(steps, 1)
+
+
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = x - x.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))

@@ -225,12 +225,17 @@ def sensitivity_counts(
     curves: Mapping[int, tuple[list[float], list[float]]],
     multiple: int,
     low: int,
+    *,
     levels: Mapping[int, list[int]] | None = None,
+    order: list[tuple[int, float]] | None = None,
 ) -> dict[int, int]:
     """Greedy: step down the group whose error rises least per MAC saved, until on target.
 
     ``curves[g]`` is (ratios, output errors) measured with only group g pruned; the error
-    at other ratios is interpolated linearly (extrapolated past the last ratio).
+    at other ratios is interpolated linearly. Steps first stay within the measured ratios;
+    only where that cannot reach the target does a second round go past them, on the error
+    extrapolated from the last measured slope. ``order`` receives each step as (group
+    index, MACs after it).
     """
 
     def error(group: ChannelGroup, count: int) -> float:
@@ -246,24 +251,31 @@ def sensitivity_counts(
         g.index: list((levels or {}).get(g.index, allowed_counts(g.size, multiple, low)))
         for g in candidates
     }
+
+    def measured(group: ChannelGroup, count: int) -> bool:
+        return 1.0 - count / group.size <= max(curves[group.index][0]) + 1e-9
+
     counts = {g.index: g.size for g in candidates}
     current = model.macs(counts)
-    while current > target:
-        best: tuple[float, int, float] | None = None
-        for group in candidates:
-            options = [c for c in levels[group.index] if c < counts[group.index]]
-            if not options:
-                continue
-            trial = {**counts, group.index: options[-1]}
-            saved = current - model.macs(trial)
-            if saved <= 0:
-                continue
-            cost = error(group, options[-1]) - error(group, counts[group.index])
-            rate = max(cost, 0.0) / saved
-            if best is None or rate < best[0]:
-                best = (rate, group.index, current - saved)
-        if best is None:
-            break
-        _, index, current = best
-        counts[index] = max(c for c in levels[index] if c < counts[index])
+    for extrapolate in (False, True):
+        while current > target:
+            best: tuple[float, int, float] | None = None
+            for group in candidates:
+                options = [c for c in levels[group.index] if c < counts[group.index]]
+                if not options or not (extrapolate or measured(group, options[-1])):
+                    continue
+                trial = {**counts, group.index: options[-1]}
+                saved = current - model.macs(trial)
+                if saved <= 0:
+                    continue
+                cost = error(group, options[-1]) - error(group, counts[group.index])
+                rate = max(cost, 0.0) / saved
+                if best is None or rate < best[0]:
+                    best = (rate, group.index, current - saved)
+            if best is None:
+                break
+            _, index, current = best
+            counts[index] = max(c for c in levels[index] if c < counts[index])
+            if order is not None:
+                order.append((index, current))
     return counts

@@ -17,7 +17,9 @@ pruned model for each trial. Here the work each trial shares is done once:
 
 Outputs made by Softmax/LogSoftmax are compared on the Softmax input (the logits): a
 probability saturates near 0 and 1 and hides how close a sequence head came to flipping a
-class. Curves are cached in ``$ONNXPRESS_CACHE_DIR`` (default ``~/.cache/onnxpress``; ``off``
+class. A sequence head ([batch, time, classes], a CTC recognizer's) is measured at the CTC
+level (``data.sequence_error``): the per-step KL divergence of its class distributions plus
+the fraction of steps whose greedy class changed, not the logits' L2 distance. Curves are cached in ``$ONNXPRESS_CACHE_DIR`` (default ``~/.cache/onnxpress``; ``off``
 turns it off), keyed by a hash of the model, the calibration batches and the settings, so a
 rerun or a search reuses them.
 """
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper
-from onnxpress.passes.prune_channels.data import SENSITIVITY_RATIOS, _relative_error
+from onnxpress.passes.prune_channels.data import SENSITIVITY_RATIOS, output_error
 from onnxpress.passes.prune_channels.importance import keep_top
 from onnxpress.passes.prune_channels.refit import (
     LinearLayer,
@@ -58,7 +60,7 @@ from onnxpress.core.verify import Runner
 logger = logging.getLogger(__name__)
 
 Curves = dict[int, tuple[list[float], list[float]]]
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: sequence heads measured by data.sequence_error
 
 
 def cache_key(model: onnx.ModelProto, batches: list[Batch], settings: Mapping[str, Any]) -> str:
@@ -110,6 +112,22 @@ def compared_outputs(model: onnx.ModelProto) -> list[str]:
         softmax = node is not None and node.op_type in ("Softmax", "LogSoftmax")
         names.append(node.input[0] if softmax and node is not None else output.name)
     return names
+
+
+def sequence_axes(model: onnx.ModelProto) -> list[int | None]:
+    """Per graph output, the class axis where it is a sequence head: a Softmax/LogSoftmax
+    over the last axis of a tensor of rank 3 or more ([batch, time, classes], CTC)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    axes: list[int | None] = []
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        rank = len(output.type.tensor_type.shape.dim) if output.type.HasField("tensor_type") else 0
+        axis = -1
+        if node is not None:
+            axis = next((int(a.i) for a in node.attribute if a.name == "axis"), -1)
+        sequence = node is not None and node.op_type in ("Softmax", "LogSoftmax") and rank >= 3
+        axes.append(rank - 1 if sequence and axis in (-1, rank - 1) else None)
+    return axes
 
 
 def _full_moments(
@@ -321,7 +339,7 @@ def probe_curves(
 ) -> Curves:
     """(ratios, output errors) per probe: each trial pruned alone, refit, run from the
     original activations at its frontier."""
-    compared = compared_outputs(model)
+    compared, axes = compared_outputs(model), sequence_axes(model)
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {
         v.name: v.type.tensor_type.elem_type
@@ -380,7 +398,7 @@ def probe_curves(
                     ]
                 )
         ratios = [ratio for ratio, _ in probe.trials]
-        errors = [_relative_error(reference, trial_outputs) for trial_outputs in outputs]
+        errors = [output_error(reference, trial, axes) for trial in outputs]
         curves[probe.index] = (ratios, errors)
         logger.debug("sensitivity of %s: %s", probe.name, list(zip(ratios, errors, strict=True)))
     return curves

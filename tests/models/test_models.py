@@ -32,6 +32,7 @@ EXPECTED = {
     "digit_detector": ("mAP", 0.7),
     "sr_photos": ("psnr", 32.5),
     "ctc_lines": ("CER", 0.05),  # character error rate: must stay below it
+    "crnn_lines": ("CER", 0.01),
 }
 CALIBRATED = [
     "cnn_mnist",
@@ -177,6 +178,20 @@ def test_recognizer_ends_in_a_softmax_per_time_step() -> None:
     assert {"Conv", "HardSwish", "MatMul", "LayerNormalization"} <= set(ops("ctc_lines"))
     probabilities = session("ctc_lines").run(None, {"input": np.zeros((2, 1, 28, 140), np.float32)})
     assert probabilities[0].shape == (2, 35, 11)
+    np.testing.assert_allclose(probabilities[0].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_crnn_recognizer_reads_with_one_bidirectional_lstm_op() -> None:
+    model = onnx.load(str(MODELS_DIR / "crnn_lines.onnx"))
+    (lstm,) = [n for n in model.graph.node if n.op_type == "LSTM"]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in lstm.attribute}
+    assert attributes["direction"] == b"bidirectional"
+    assert model.graph.node[-1].op_type == "Softmax"
+    assert ops("crnn_lines")["Conv"] == 5
+    probabilities = session("crnn_lines").run(
+        None, {"input": np.zeros((3, 1, 32, 128), np.float32)}
+    )
+    assert probabilities[0].shape == (3, 32, 37)
     np.testing.assert_allclose(probabilities[0].sum(-1), 1.0, rtol=1e-5)
 
 

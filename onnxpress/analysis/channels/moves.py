@@ -38,15 +38,38 @@ def unknown_op(t: Tracer, node: gs.Node) -> None:
 
 
 def shape_dependent(t: Tracer, node: gs.Node) -> None:
-    """Shape and Size read the channel count; a Shape sliced (start, end) to other axes
-    (an exported batch or sequence length) does not."""
+    """Shape and Size read the channel count. A Shape sliced (start, end) to other axes (an
+    exported batch or sequence length) does not, nor does a Shape whose only readers are
+    Gathers of constant indices off the channel axis (a batch or time size, as torch's RNN
+    exports read it for the zero initial state)."""
     layout, rank = t.layout(node.inputs[0]), t.rank(node.inputs[0])
     if node.op == "Shape" and layout is not None and rank is not None:
         start, end = (int(attr(node, name, value)) for name, value in (("start", 0), ("end", rank)))
         start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
         if not start <= layout.axis < end:
             return
+    if node.op == "Shape" and _reads_other_dims(t, node):
+        return
     t.refuse_inputs(node, "shape-dependent consumer")
+
+
+def _reads_other_dims(t: Tracer, node: gs.Node) -> bool:
+    layout, rank = t.layout(node.inputs[0]), t.rank(node.inputs[0])
+    if layout is None or rank is None or not node.outputs:
+        return layout is None
+    dims = list(range(rank))[attr(node, "start", 0) : attr(node, "end", rank)]
+    output = node.outputs[0]
+    if any(output is o for o in t.graph.outputs) or not output.outputs:
+        return False
+    for reader in output.outputs:
+        index = constant_array(reader.inputs[1]) if len(reader.inputs) > 1 else None
+        if reader.op != "Gather" or reader.inputs[0] is not output or index is None:
+            return False
+        if attr(reader, "axis", 0) != 0 or layout.axis % rank in {
+            dims[int(i)] for i in index.reshape(-1)
+        }:
+            return False
+    return True
 
 
 def unary(t: Tracer, node: gs.Node) -> None:

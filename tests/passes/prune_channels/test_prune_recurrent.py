@@ -135,3 +135,50 @@ def test_torch_bidirectional_lstm_joined_on_features() -> None:
     sizes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
     pruned_matmul = next(n for n in pruned.graph.node if n.op_type == "MatMul")
     assert sizes[pruned_matmul.input[1]] == (2 * (HIDDEN - 2), 5)
+
+
+def test_conv_channels_feeding_a_bidirectional_lstm() -> None:
+    """A CRNN's neck as torch exports it: Conv -> Relu -> Squeeze -> Transpose -> LSTM
+    (bidirectional, batch-first; the zero initial state sized by Shape -> Gather of the
+    batch). The Conv's channels prune through to the LSTM's input columns in both
+    directions, the LSTM's units through to the Linear; the Shape reads no channels."""
+    torch = pytest.importorskip("torch")
+
+    class Neck(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 6, (3, 1))
+            self.rnn = torch.nn.LSTM(6, HIDDEN, bidirectional=True, batch_first=True)
+            self.fc = torch.nn.Linear(2 * HIDDEN, 5)
+
+        def forward(self, x: Any) -> Any:
+            features = torch.relu(self.conv(x)).squeeze(2).transpose(1, 2)
+            return torch.softmax(self.fc(self.rnn(features)[0]), -1)
+
+    torch.manual_seed(0)
+    model = export(Neck(), (torch.randn(2, 2, 3, 7),), ["x"], ["y"], {"x": 0})
+    assert {"Shape", "LSTM", "Squeeze"} <= {n.op_type for n in model.graph.node}
+    pruned, result = prune(model, "prune-channels{ratio=0.25}")
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    assert result.counts["groups_pruned"] == 2
+    assert [r.node for r in result.refusals] == [matmul.name]  # the class axis of the Softmax
+    gone, units = removed(result, conv.name), removed(result, lstm.name)
+    assert len(gone) == 1 and len(units) == 2
+    rows = (HIDDEN * np.arange(8)[:, None] + units).reshape(-1)
+    zeros = {
+        conv.input[1]: (0, gone),
+        conv.input[2]: (0, gone),
+        lstm.input[1]: (1, rows[: 4 * len(units)]),
+        lstm.input[2]: (1, rows[: 4 * len(units)]),
+        lstm.input[3]: (1, rows),
+        matmul.input[1]: (0, np.concatenate([units, HIDDEN + units])),
+    }
+    assert_same(masked(model, zeros), pruned)
+    kept = HIDDEN - 2
+    assert shapes(pruned, conv.name) == [(5, 2, 3, 1), (5,)]
+    assert shapes(pruned, lstm.name) == [(2, 4 * kept, 5), (2, 4 * kept, kept), (2, 8 * kept)]
+    pruned_matmul = next(n for n in pruned.graph.node if n.op_type == "MatMul")
+    sizes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert sizes[pruned_matmul.input[1]] == (2 * kept, 5)
