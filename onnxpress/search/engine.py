@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from onnxpress.search.sensitivity import int8_ranking
 from onnxpress.search.space import LOSSLESS_PREFIX, SearchSpace, build_space
 from onnxpress.search.study import (
     FAILURE,
+    WORKER,
     ReplayableSampler,
     counted,
     measured,
@@ -56,7 +55,6 @@ from onnxpress.search.trial import OBJECTIVES, Evaluator, Measured, TrialResult
 
 logger = logging.getLogger(__name__)
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process ran a trial
 STATISTICS = "calibration-statistics"  # folder in --out: onnxpress.calibration.cache entries
 MEASURES = ("ort", "tvm", "rpc://HOST:PORT/KEY")
 LATENCY_BATCH = 64  # samples per timed run (docs/BENCHMARKS.md measures at batch 64)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -94,6 +96,36 @@ def failed(trial: FrozenTrial) -> bool:
 def measured(trial: FrozenTrial) -> bool:
     """A trial whose model was built and measured."""
     return trial.state == TrialState.COMPLETE and not trial.user_attrs.get(FAILURE)
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # which process runs a trial (user attr)
+STALE_AFTER = 3600.0  # s: a running trial of an unknown or remote worker older than this is dead
+
+
+def _owner_alive(trial: FrozenTrial, now: float) -> bool:
+    """Whether a RUNNING trial's worker still runs it: a process of this host is looked up
+    by its pid; a trial of another host, or one not yet marked with its worker, is taken
+    to be alive for ``STALE_AFTER`` seconds from its start."""
+    host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    started = trial.datetime_start.timestamp() if trial.datetime_start else now
+    return now - started < STALE_AFTER
+
+
+def taken(trial: FrozenTrial, now: float) -> bool:
+    """Whether a trial counts against --trials when a worker decides to start another: the
+    counted ones, and those another live worker is running (so that workers sharing a study
+    run the N trials between them, not N plus one each at the end)."""
+    if counted(trial):
+        return True
+    return trial.state == TrialState.RUNNING and _owner_alive(trial, now)
 
 
 def counted(trial: FrozenTrial) -> bool:
@@ -204,7 +236,8 @@ def run_trials(
     steer away from infeasible ones, and the front never holds one."""
     ran = 0
     while True:
-        done = sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
+        now = time.time()
+        done = sum(1 for t in study.get_trials(deepcopy=False) if taken(t, now))
         if done >= total or (deadline is not None and clock() >= deadline):
             return ran
         try:
