@@ -85,6 +85,8 @@ CASES = {
     "LSTM-forward": rnn("LSTM", "forward", False),
     "LSTM-reverse-states": rnn("LSTM", "reverse", True),
     "LSTM-bidirectional-peepholes": rnn("LSTM", "bidirectional", True, peepholes=True),
+    "LSTM-bidirectional-states": rnn("LSTM", "bidirectional", True),
+    "GRU-bidirectional-reset-after": rnn("GRU", "bidirectional", False, linear_before_reset=1),
     "GRU-bidirectional-lengths": rnn("GRU", "bidirectional", True, lengths=[T - 1, 0]),
     "LSTM-reverse-lengths": rnn("LSTM", "reverse", False, lengths=[2, T]),
     "LSTM-bidirectional-lengths-states": rnn(
@@ -232,6 +234,36 @@ def test_gradients_reach_weights_and_input(name: str) -> None:
     assert feed[x_name].grad is not None and float(feed[x_name].grad.abs().sum()) > 0
     for parameter in module.parameters():
         assert parameter.grad is not None and float(parameter.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize(
+    "name", ["LSTM-bidirectional-states", "LSTM-reverse-states", "GRU-bidirectional-reset-after"]
+)
+def test_fused_kernel_and_step_loop_agree_with_gradients(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ops that run on torch's fused LSTM/GRU kernel give the outputs and the gradients of
+    the step-by-step loop (forced by declaring nothing fusable)."""
+    from onnxpress.train import torch_ops_rnn
+
+    model = CASES[name]
+    x_name = model.graph.input[0].name
+    values = feeds(model)
+    results = []
+    for fusable in (True, False):
+        if not fusable:
+            monkeypatch.setattr(torch_ops_rnn, "_fusable", lambda a: False)
+        module = convert(model)
+        feed = {k: torch.from_numpy(v.copy()) for k, v in values.items()}
+        feed[x_name].requires_grad_(True)
+        outputs = module(feed)
+        sum(
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum() for out in outputs
+        ).backward()
+        grads = [feed[x_name].grad] + [p.grad for p in module.parameters()]
+        results.append(([o.detach() for o in outputs], grads))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_attributes_raise_by_name() -> None:
