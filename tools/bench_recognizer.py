@@ -126,7 +126,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lines", type=int, default=2000, help="unlabeled distillation lines")
     parser.add_argument("--hints", type=int, default=4)
+    parser.add_argument(
+        "--rows",
+        default="int8,0.8,0.6,0.6-uniform,allocation",
+        help="which rows to run, comma-separated (default: all)",
+    )
     args = parser.parse_args()
+    wanted = set(args.rows.split(","))
     model_path = MODELS / f"{args.model}.onnx"
     calibration = MODELS / "data" / f"{args.model}_calib.npz"
     rows: list[dict[str, Any]] = []
@@ -135,22 +141,27 @@ def main() -> int:
         base = onnx.load(str(model_path))
         rows.append({"variant": "fp32", "cer_line": cer(base, folder, "fp32", args.model)})
         print(rows[-1], flush=True)
-        started = time.perf_counter()
-        quantized, _ = onnxpress.optimize(model_path, calibration=calibration, verify="structure")
-        rows.append(
-            {
-                "variant": "default pipeline (qdq int8)",
-                "optimize_s": round(time.perf_counter() - started, 1),
-                "cer_line": cer(quantized, folder, "int8", args.model),
-            }
-        )
-        print(rows[-1], flush=True)
+        if "int8" in wanted:
+            started = time.perf_counter()
+            quantized, _ = onnxpress.optimize(
+                model_path, calibration=calibration, verify="structure"
+            )
+            rows.append(
+                {
+                    "variant": "default pipeline (qdq int8)",
+                    "optimize_s": round(time.perf_counter() - started, 1),
+                    "cer_line": cer(quantized, folder, "int8", args.model),
+                }
+            )
+            print(rows[-1], flush=True)
         data = [{"input": distill_lines(args.model, args.lines)}]
-        for spec, distil in (
-            ("prune-channels{macs=0.8}", False),
-            ("prune-channels{macs=0.6}", True),
-            ("prune-channels{macs=0.6,allocation=uniform}", True),
+        for key, spec, distil in (
+            ("0.8", "prune-channels{macs=0.8}", False),
+            ("0.6", "prune-channels{macs=0.6}", True),
+            ("0.6-uniform", "prune-channels{macs=0.6,allocation=uniform}", True),
         ):
+            if key not in wanted:
+                continue
             cache = folder / f"cache{len(rows)}"
             pruned, cold, warm, macs, first = prune(model_path, calibration, spec, cache)
             row: dict[str, Any] = {
@@ -171,7 +182,7 @@ def main() -> int:
                 row["distill"] = report.describe()
             rows.append(row)
             print(row, flush=True)
-    allocation = allocation_times(model_path, calibration)
+    allocation = allocation_times(model_path, calibration) if "allocation" in wanted else {}
     print(allocation, flush=True)
     result = {
         "model": args.model,

@@ -43,6 +43,7 @@ def distill_command(args: argparse.Namespace) -> int:
         hints=args.hints,
         holdout=args.holdout,
         patience=args.patience,
+        schedule=args.schedule,
         learn_scales=not args.freeze_scales,
         seed=args.seed,
     )

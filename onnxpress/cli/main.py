@@ -217,6 +217,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     dist.add_argument("--holdout", type=float, default=0.1, help="held-out fraction")
     dist.add_argument("--patience", type=int, default=3, help="early-stopping patience")
+    dist.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="cosine",
+        help="learning rate over the steps: constant, or a half cosine down to 0 (default)",
+    )
     dist.add_argument("--freeze-scales", action="store_true", help="do not learn QDQ scales")
     dist.add_argument("--seed", type=int, default=0)
     dist.add_argument("--json", action="store_true", help="print the report as JSON")

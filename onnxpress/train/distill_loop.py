@@ -132,6 +132,12 @@ def train(
     if len(module.scales):
         groups.append({"params": list(module.scales.parameters()), "lr": options.lr / 10})
     optimizer = torch.optim.Adam(groups, weight_decay=options.weight_decay)
+    steps = options.epochs * -(-len(train_rows) // options.batch_size)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+        if options.schedule == "cosine"
+        else None
+    )
     generator = torch.Generator().manual_seed(options.seed)
     select_rows = held_rows if len(held_rows) else train_rows
     best_loss = evaluate(select_rows)
@@ -152,6 +158,8 @@ def train(
             loss = loss_on(rows)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             with torch.no_grad():
                 for scale in module.scales:
                     scale.clamp_(min=1e-8)

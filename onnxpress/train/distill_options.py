@@ -40,6 +40,9 @@ class DistillOptions:
     hints: int = 0  # hint pairs inferred between student and teacher (adapters where pruned)
     holdout: float = 0.1  # fraction of samples held out for early stopping (0: none)
     patience: int = 3  # epochs without held-out improvement before stopping
+    # learning rate over the steps: constant, or a half cosine from lr down to 0 over the
+    # planned epochs (the last epochs fine-tune at small steps)
+    schedule: Literal["constant", "cosine"] = "cosine"
     learn_scales: bool = True  # QDQ scales are trained (learning rate lr / 10)
     weight_decay: float = 0.0
     task: Literal["auto", "classification", "regression"] = "auto"
@@ -62,6 +65,8 @@ class DistillOptions:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise OnnxpressError(f"distill: invalid option(s) {', '.join(bad)}")
+        if self.schedule not in ("constant", "cosine"):
+            raise OnnxpressError("distill: schedule must be constant or cosine")
         if self.task not in ("auto", "classification", "regression"):
             raise OnnxpressError("distill: task must be auto, classification or regression")
 
