@@ -16,6 +16,11 @@ duplicate node names or with subgraphs (If, Loop, Scan: outer-scope reads), and 
 over ``limit_bytes`` turn streaming off: from then on requests run from the inputs. Stored
 tensors that no node outside the computed region reads any more are dropped.
 
+Border tensors beyond ``spill_bytes`` per capture (a transformer's 1536-wide FFN activations
+over 16 batches are 200 MB) are written to a temporary folder on disk, one uncompressed
+.npz per batch, and read back one tensor at a time when a region needs them: the store
+then costs disk and page cache, not the process's memory.
+
 Each region's sub-model holds its small initializers; the large ones (``FEED_BYTES`` and
 up: the weights) become inputs of the session, fed as arrays read from the model. A region
 then costs one copy of its weights, not three (a sub-model proto, its serialization and
@@ -28,9 +33,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -43,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LIMIT_BYTES = 512 * 2**20
 FEED_BYTES = 256 * 2**10  # initializers at least this large are fed to a region's session
+SPILL_BYTES = 64 * 2**20  # border tensors kept in memory per capture; the rest go to disk
 
 
 def _streamable(model: onnx.ModelProto) -> bool:
@@ -75,6 +83,32 @@ class WeightArrays:
         return array
 
 
+class _Spilled(Mapping[str, np.ndarray]):
+    """One batch's border tensors in an uncompressed .npz on disk, each read on access."""
+
+    def __init__(self, path: Path, state: Mapping[str, np.ndarray]) -> None:
+        self.path = path
+        self.names = list(state)
+        np.savez(path, *(state[name] for name in self.names))  # arr_0, ...: names hold '/'
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.names:
+            raise KeyError(name)
+        with np.load(self.path, allow_pickle=False) as archive:
+            return archive[f"arr_{self.names.index(name)}"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _drop(state: Mapping[str, np.ndarray]) -> None:
+    if isinstance(state, _Spilled):
+        state.path.unlink(missing_ok=True)
+
+
 @dataclass
 class _Border:
     """What one region's stream reads, yields and stores."""
@@ -96,18 +130,33 @@ class SegmentCapture:
         batches: Callable[[], Iterable[Batch]],
         limit_bytes: int = DEFAULT_LIMIT_BYTES,
         arrays: WeightArrays | None = None,
+        spill_bytes: int = SPILL_BYTES,
     ) -> None:
         self.batches = batches
         self.limit_bytes = limit_bytes
+        self.spill_bytes = spill_bytes
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+        self._files = 0
         # fed initializers, shared with other captures (a student's and its teacher's)
         self.arrays = arrays if arrays is not None else WeightArrays()
-        self.stored: list[dict[str, np.ndarray]] = []  # per batch
+        self.stored: list[Mapping[str, np.ndarray]] = []  # per batch, in memory or spilled
         self.covered: set[str] = set()  # names of the nodes already computed
         self.streaming = True
 
-    @property
-    def stored_bytes(self) -> int:
-        return sum(a.nbytes for batch in self.stored for a in batch.values())
+    def _keep(self, state: dict[str, np.ndarray], in_memory: int) -> Mapping[str, np.ndarray]:
+        """``state`` as it is, or written to disk once this wave's memory share is used."""
+        size = sum(a.nbytes for a in state.values())
+        if in_memory + size <= self.spill_bytes or any(a.dtype.hasobject for a in state.values()):
+            return state
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="onnxpress-border-")
+        self._files += 1
+        return _Spilled(Path(self._folder.name) / f"border{self._files}.npz", state)
+
+    def _reset(self) -> None:
+        for state in self.stored:
+            _drop(state)
+        self.streaming, self.stored, self.covered = False, [], set()
 
     def run(self, model: onnx.ModelProto, wanted: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         """Per batch (in the order of ``batches``), the values of ``wanted``.
@@ -119,7 +168,7 @@ class SegmentCapture:
         if self.streaming and _streamable(model):
             region = self._region(model, wanted, set(self.stored[0]) if self.stored else set())
         if region is None:
-            self.streaming, self.stored, self.covered = False, [], set()
+            self._reset()
             return self._run_region(model, list(model.graph.node), wanted, store=False)
         return self._run_region(model, region, wanted, store=True)
 
@@ -156,7 +205,8 @@ class SegmentCapture:
             border.store,
         )
         fed = {i.name for i in runner.session.get_inputs()} if runner else set()
-        total, complete, stored = 0, False, self.stored  # kept when the store resets
+        total, in_memory, complete, stored = 0, 0, False, self.stored  # kept on a reset
+        orphans: list[Mapping[str, np.ndarray]] = []
         try:
             for index, batch in enumerate(self.batches()):
                 previous = stored[index] if index < len(stored) else {}
@@ -172,23 +222,30 @@ class SegmentCapture:
                 # Copied: onnxruntime's outputs live in its session's arena and would keep
                 # all of it (hundreds of MB per region) alive as long as they are stored.
                 state = {t: previous[t] for t in keep} | {t: np.array(values[t]) for t in produced}
-                total += sum(a.nbytes for a in state.values())
+                size = sum(a.nbytes for a in state.values())
+                total += size
                 if total > self.limit_bytes:
                     logger.info(
                         "segment capture: over %d MB of border tensors (the limit); "
                         "running from the inputs from now on",
                         self.limit_bytes >> 20,
                     )
-                    store = False
+                    store, orphans = False, stored  # still read by the rest of this wave
                     self.streaming, self.stored, self.covered = False, [], set()
-                elif index < len(stored):
-                    stored[index] = state
+                    continue
+                kept = self._keep(state, in_memory)
+                in_memory += 0 if isinstance(kept, _Spilled) else size
+                if index < len(stored):
+                    _drop(stored[index])
+                    stored[index] = kept
                 else:
-                    stored.append(state)
+                    stored.append(kept)
             complete = True
         finally:
             if store and not complete:  # a caller stopped early: the store is half-moved
-                self.streaming, self.stored, self.covered = False, [], set()
+                self._reset()
+            for orphan in orphans:
+                _drop(orphan)
         if store:
             self.covered |= border.region_names
 

@@ -64,13 +64,48 @@ def count_params(model: onnx.ModelProto) -> int:
     return sum(sizes.values())
 
 
+SKELETON_BYTES = 1 << 16  # initializers this large become typed graph inputs for inference
+
+
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without its large initializers' values: each becomes a graph input of its
+    type and shape, which is all shape inference reads of a weight (the values it folds,
+    such as Reshape shapes, are small and stay). Inferring a 90 MB encoder's shapes then
+    does not copy its weights twice."""
+    graph = model.graph
+    large = [t for t in graph.initializer if t.ByteSize() >= SKELETON_BYTES]
+    if not large:
+        return model
+    names = {t.name for t in large}
+    declared = {i.name for i in graph.input}
+    inputs = list(graph.input) + [
+        onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in large
+        if t.name not in declared
+    ]
+    skeleton = onnx.helper.make_graph(
+        list(graph.node),
+        graph.name,
+        inputs,
+        list(graph.output),
+        [t for t in graph.initializer if t.name not in names],
+        value_info=list(graph.value_info),
+    )
+    out = onnx.helper.make_model(skeleton, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    out.functions.extend(model.functions)
+    return out
+
+
 def infer_shapes(
     model: onnx.ModelProto, names: Collection[str] | None = None
 ) -> dict[str, list[int]]:
     """Tensor name -> shape (symbolic dims as 1) for every tensor shape inference can type,
     or only for ``names`` (reading every inferred shape costs seconds at 80k nodes)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(
+            shape_skeleton(model), check_type=False, strict_mode=False
+        )
     except Exception as exc:  # shape inference is best effort for statistics
         logger.debug("shape inference failed for stats: %s", exc)
         inferred = model

@@ -4,6 +4,9 @@ cut (unnamed nodes) run from the inputs."""
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -69,6 +72,32 @@ def test_waves_match_the_whole_model_and_run_only_what_is_new() -> None:
     assert capture.covered == {f"{op}{i}" for op in ("mm", "relu", "add") for i in range(4)}
     # the border after the last wave: r3 (the graph output) only
     assert set(capture.stored[0]) == {"r3"}
+
+
+def test_a_store_over_the_spill_size_goes_to_disk_and_reads_back_the_same() -> None:
+    """With room in memory for one batch's border, the other batches' borders are .npz files
+    in a temporary folder; every wave still equals the whole model, replaced files are
+    removed, and the folder goes with the capture."""
+    model = residual_chain(4)
+    capture = SegmentCapture(batches, spill_bytes=2 * 4 * SIZE * 4)  # two [4, 8] tensors
+    full = [everything(model, b) | b for b in batches()]
+    for wanted in (["r0"], ["m2", "r1"], ["x", "r3"]):
+        for values, reference in zip(capture.run(model, wanted), full, strict=True):
+            for name in wanted:
+                np.testing.assert_allclose(values[name], reference[name], rtol=1e-6)
+        assert isinstance(capture.stored[0], dict)  # the first batch stays in memory
+        folder = capture._folder
+        assert folder is not None
+        files = sorted(p.name for p in Path(folder.name).iterdir())
+        on_disk = [b for b in capture.stored if not isinstance(b, dict)]
+        assert on_disk and len(files) == len(on_disk)  # replaced files are gone
+        assert all(f.endswith(".npz") for f in files)
+    assert capture.streaming and set(capture.stored[2]) == {"r3"}
+    np.testing.assert_array_equal(capture.stored[2]["r3"], full[2]["r3"])
+    path = Path(folder.name)
+    del capture, folder
+    gc.collect()
+    assert not path.exists()
 
 
 def test_unnamed_nodes_and_a_full_store_run_from_the_inputs() -> None:
