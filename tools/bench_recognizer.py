@@ -126,6 +126,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lines", type=int, default=2000, help="unlabeled distillation lines")
     parser.add_argument("--hints", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of distill")
     parser.add_argument(
         "--rows",
         default="int8,0.8,0.6,0.6-uniform,allocation",
@@ -175,7 +177,14 @@ def main() -> int:
             if distil:
                 started = time.perf_counter()
                 tuned, report = onnxpress.distill(
-                    pruned, base, data, epochs=args.epochs, hints=args.hints, batch_size=32
+                    pruned,
+                    base,
+                    data,
+                    epochs=args.epochs,
+                    hints=args.hints,
+                    batch_size=32,
+                    lr=args.lr,
+                    threads=args.threads,
                 )
                 row["distill_s"] = round(time.perf_counter() - started, 1)
                 row["distilled_cer_line"] = cer(tuned, folder, f"d{len(rows)}", args.model)
