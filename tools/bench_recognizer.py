@@ -128,6 +128,7 @@ def main() -> int:
     parser.add_argument("--hints", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of distill")
+    parser.add_argument("--patience", type=int, default=3, help="distill early-stop patience")
     parser.add_argument(
         "--rows",
         default="int8,0.8,0.6,0.6-uniform,allocation",
@@ -185,6 +186,7 @@ def main() -> int:
                     batch_size=32,
                     lr=args.lr,
                     threads=args.threads,
+                    patience=args.patience,
                 )
                 row["distill_s"] = round(time.perf_counter() - started, 1)
                 row["distilled_cer_line"] = cer(tuned, folder, f"d{len(rows)}", args.model)
