@@ -48,6 +48,16 @@ def _directions(a: NodeArgs) -> list[bool]:
     return table[direction]
 
 
+def _outputs(ys: list[Tensor], finals: list[State], layout: int) -> list[Tensor]:
+    """Y [T, D, B, H] from each direction's steps, then each state's final value per
+    direction; batch first for layout 1."""
+    y = torch.stack(ys, 1)
+    states = [torch.stack([f[k] for f in finals]) for k in range(len(finals[0]))]
+    if layout:
+        return [y.permute(2, 0, 1, 3), *(o.transpose(0, 1) for o in states)]
+    return [y, *states]
+
+
 def _run(a: NodeArgs, initial: list[Tensor | None], step: Step) -> list[Tensor]:
     """Run ``step`` over time for each direction; Y, then the final value of each state."""
     layout = int(a.attrs.get("layout", 0))
@@ -75,11 +85,7 @@ def _run(a: NodeArgs, initial: list[Tensor | None], step: Step) -> list[Tensor]:
             steps.reverse()
         ys.append(torch.stack(steps) if steps else x.new_zeros(0, x.shape[1], hidden))
         finals.append(state)
-    y = torch.stack(ys, 1)  # [T, D, B, H]
-    outputs = [torch.stack([f[k] for f in finals]) for k in range(len(initial))]
-    if layout:
-        return [y.permute(2, 0, 1, 3), *(o.transpose(0, 1) for o in outputs)]
-    return [y, *outputs]
+    return _outputs(ys, finals, layout)
 
 
 # torch's gate blocks in ONNX's order: LSTM i, f, g(c), o from ONNX i, o, f, c; GRU r, z, n
@@ -135,11 +141,7 @@ def _fused(a: NodeArgs) -> list[Tensor]:
             final = (h[0],)
         ys.append(torch.flip(y, (0,)) if backwards else y)
         finals.append(final)
-    y = torch.stack(ys, 1)  # [T, D, B, H]
-    outputs = [torch.stack([f[k] for f in finals]) for k in range(len(initial))]
-    if layout:
-        return [y.permute(2, 0, 1, 3), *(o.transpose(0, 1) for o in outputs)]
-    return [y, *outputs]
+    return _outputs(ys, finals, layout)
 
 
 def _bias(a: NodeArgs, gates: int) -> Tensor:
