@@ -43,6 +43,38 @@ def make_mlp(seed: int = 0, hidden: int = 16) -> onnx.ModelProto:
     return model
 
 
+def residual_chain(
+    blocks: int,
+    size: int,
+    activation: str = "Relu",
+    scale: float = 1.0,
+    named: bool = True,
+) -> onnx.ModelProto:
+    """x -> [x = x + act(x·W_i)] * blocks -> y, a residual stream like a transformer's: nodes
+    ``mm{i}``, ``{act}{i}`` (lower case), ``add{i}`` (unnamed when not ``named``), tensors
+    ``m{i}``, ``a{i}``, ``r{i}``; weights ``W{i}`` drawn from N(0, scale²), seed 0."""
+    rng = np.random.default_rng(0)
+    nodes, inits, current = [], [], "x"
+    act = activation.lower()
+    for i in range(blocks):
+        weight = (rng.standard_normal((size, size)) * scale).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"W{i}"))
+        nodes += [
+            helper.make_node("MatMul", [current, f"W{i}"], [f"m{i}"], name=f"mm{i}" * named),
+            helper.make_node(activation, [f"m{i}"], [f"a{i}"], name=f"{act}{i}" * named),
+            helper.make_node("Add", [current, f"a{i}"], [f"r{i}"], name=f"add{i}" * named),
+        ]
+        current = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", size])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["n", size])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import helpers
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -18,29 +19,7 @@ SIZE = 8
 
 
 def residual_chain(blocks: int, named: bool = True) -> onnx.ModelProto:
-    """x -> [h = Relu(x·W_i); x = x + h] * blocks -> y: a residual stream like a transformer's."""
-    rng = np.random.default_rng(0)
-    nodes, inits, current = [], [], "x"
-    for i in range(blocks):
-        inits.append(
-            numpy_helper.from_array(rng.standard_normal((SIZE, SIZE), np.float32), f"W{i}")
-        )
-        nodes += [
-            helper.make_node(
-                "MatMul", [current, f"W{i}"], [f"m{i}"], name=f"mm{i}" if named else ""
-            ),
-            helper.make_node("Relu", [f"m{i}"], [f"h{i}"], name=f"relu{i}" if named else ""),
-            helper.make_node("Add", [current, f"h{i}"], [f"r{i}"], name=f"add{i}" if named else ""),
-        ]
-        current = f"r{i}"
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", SIZE])],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["n", SIZE])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helpers.residual_chain(blocks, SIZE, named=named)
 
 
 def everything(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

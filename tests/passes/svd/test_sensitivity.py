@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from helpers import residual_chain
+from onnx import numpy_helper
 from onnxpress.passes.svd import factor
 from onnxpress.passes.svd.sensitivity import (
     SENSITIVITY_POWER,
@@ -25,25 +26,7 @@ SIZE = 16
 
 def chain(blocks: int) -> onnx.ModelProto:
     """x -> [x = x + Tanh(x·W_i)] * blocks -> y."""
-    rng = np.random.default_rng(0)
-    nodes, inits, current = [], [], "x"
-    for i in range(blocks):
-        weight = rng.standard_normal((SIZE, SIZE)).astype(np.float32) / 4
-        inits.append(numpy_helper.from_array(weight, f"W{i}"))
-        nodes += [
-            helper.make_node("MatMul", [current, f"W{i}"], [f"m{i}"], name=f"mm{i}"),
-            helper.make_node("Tanh", [f"m{i}"], [f"t{i}"], name=f"tanh{i}"),
-            helper.make_node("Add", [current, f"t{i}"], [f"r{i}"], name=f"add{i}"),
-        ]
-        current = f"r{i}"
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", SIZE])],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["n", SIZE])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return residual_chain(blocks, SIZE, "Tanh", scale=0.25)
 
 
 def outputs(model: onnx.ModelProto, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
