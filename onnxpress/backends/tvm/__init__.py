@@ -8,4 +8,9 @@ with the GRU/LSTM loop converters of ``rnn.py``/``gru.py``/``lstm.py``; int8 low
 ``targets.py``. TVM itself is imported lazily, inside functions.
 
 May import: onnxpress.core, calibration, analysis, passes. Read first: ``backend.py``.
+Importing the package sizes TVM's runtime thread pool to the physical cores (targets.py).
 """
+
+from onnxpress.backends.tvm.targets import configure_threads
+
+configure_threads()

@@ -24,20 +24,32 @@ Each spec also names its ``int8`` target (a core Target): how its integer kernel
 products, which is what ``compile --int8 auto`` decides by (int8.py). A target is plain data
 (``TargetSpec``) so it can be written into the manifest and parsed without importing TVM;
 ``tvm_target()`` builds the TVM object when TVM is loaded.
+
+Threads: TVM sizes its runtime thread pool once, when the first parallel kernel runs, from
+``TVM_NUM_THREADS`` (else ``OMP_NUM_THREADS``), else from the hardware thread count *halved
+on x86* (it assumes two hyper-threads per core). On VMs and containers without SMT that
+leaves half of the cores idle (every library ran on one of this machine's two cores).
+``configure_threads`` sets ``TVM_NUM_THREADS`` to the physical cores of this process's
+affinity mask unless the user set either variable; the package calls it on import.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
 import shutil
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from onnxpress.core.errors import OnnxpressError
 from onnxpress.core.targets import TARGETS as CORE_TARGETS
 from onnxpress.core.targets import Target, host_target
+
+logger = logging.getLogger(__name__)
 
 ARM_CROSS_CXX = "aarch64-linux-gnu-g++"
 DEFAULT_CUDA_ARCH = "sm_90"
@@ -202,3 +214,42 @@ def tvm_target(spec: TargetSpec) -> Any:
     import tvm
 
     return tvm.target.Target(spec.config)
+
+
+TOPOLOGY = Path("/sys/devices/system/cpu")
+USER_VARIABLES = ("TVM_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def allowed_cpus() -> list[int]:
+    """The logical CPUs this process may run on (all of them where affinity is unknown)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: list[int], topology: Path = TOPOLOGY) -> int:
+    """Distinct physical cores among ``cpus`` (SMT siblings count once); the CPU count where
+    the topology cannot be read."""
+    cores = set()
+    for cpu in cpus:
+        folder = topology / f"cpu{cpu}" / "topology"
+        try:
+            package = (folder / "physical_package_id").read_text(encoding="utf-8").strip()
+            core = (folder / "core_id").read_text(encoding="utf-8").strip()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add((package, core))
+    return max(1, len(cores))
+
+
+def configure_threads(environ: MutableMapping[str, str] | None = None) -> int | None:
+    """Set TVM_NUM_THREADS to the physical cores available here, unless the user chose a
+    thread count; returns the count set, or None when left to the user."""
+    env: MutableMapping[str, str] = os.environ if environ is None else environ
+    if any(env.get(name) for name in USER_VARIABLES):
+        return None
+    count = physical_cores(allowed_cpus())
+    env["TVM_NUM_THREADS"] = str(count)
+    logger.debug("TVM runtime threads: %d (physical cores in the affinity mask)", count)
+    return count

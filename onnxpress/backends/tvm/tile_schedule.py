@@ -6,20 +6,16 @@ dlight rule ``TiledReduction``, for a kernel whose one reduction block is
 ``out[s...] += a[...] * b[...]`` (a legalized conv2d, matmul or batch matmul), with
 producers (padding, transposes) and consumers (bias, activation, residual) around it:
 
-    pick v: the spatial axis to vectorize, one that every input indexes at most in its last
-        dimension (whole vectors never straddle a group: checked with the arith analyzer);
-        widest vector first, then row reuse, then unit-stride loads (IHWO conv:
-        out-channel; matmul: column; depthwise: output column).
-    pick rows: the innermost other spatial axis that the vector loads do not depend on
-        (conv: output column, then row for small images; matmul: row).
-    loops:  other spatial..., rows/P, v/W  |  reductions (small kernel windows unrolled)
-            |  rows%P (unrolled), v%W (vector)
-    a local P x W accumulator tile (v innermost): one vector load + P broadcasts + P FMAs
-    a step; copy-only producers inlined, elementwise consumers inlined into the
+    plan: the vector axis v in W lanes, S vectors side by side, P rows (tile_plan.py);
+    loops:  other spatial..., rows/P, v/(S*W)  |  reductions (small kernel windows
+            unrolled)  |  rows%P (unrolled), S (unrolled), v%W (vector)
+    a local P x S*W accumulator tile (v innermost): S vector loads + P broadcasts + S*P
+    FMAs a step; copy-only producers inlined, elementwise consumers inlined into the
     write-back; outer spatial loops parallel when there are enough multiply-adds.
 
 W: the target's lanes (AVX-512 16, AVX2 8, SSE/NEON 4), else a divisor of the axis; P: up
-to half the vector registers less two (LLVM keeps loads of the unrolled window live too).
+to half the vector registers less two for one vector (LLVM keeps loads of the unrolled
+window live too), S*P up to three quarters of them for a stack.
 Each output's reduction order is unchanged, so results match the naive kernel. A kernel
 that does not fit returns None (next rule).
 """
@@ -28,8 +24,31 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
+
+from onnxpress.backends.tvm.tile_plan import (
+    TilePlan,
+    lane_strides,
+    plan_tile,
+    row_tile,
+    vector_width,
+)
+
+__all__ = [
+    "MIN_PARALLEL_MACS",
+    "TilePlan",
+    "conv_kernel_layout_pass",
+    "lane_strides",
+    "one_reduction",
+    "plan_tile",
+    "row_tile",
+    "schedule_elementwise",
+    "schedule_tile",
+    "tiled_reduction_rule",
+    "vector_lanes",
+    "vector_registers",
+    "vector_width",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,141 +139,6 @@ def _wants_ihwo(call: Any, lanes: int) -> bool:
     return any(per_group % width == 0 for width in (lanes, lanes // 2, lanes // 4) if width >= 4)
 
 
-def vector_width(extent: int, lanes: int) -> int:
-    """Vector width for an axis: lanes, lanes/2 or lanes/4 (at least 4) when it divides
-    ``extent`` (odd widths split into several registers: 28 -> 4, not 14), else another
-    divisor in [lanes/4, lanes], else the whole axis when shorter than ``lanes``; else 0."""
-    for width in (lanes, lanes // 2, lanes // 4):
-        if width >= 4 and extent % width == 0:
-            return width
-    for width in range(lanes, max(4, lanes // 4) - 1, -1):
-        if extent % width == 0:
-            return width
-    return extent if 4 <= extent < lanes else 0
-
-
-def row_tile(extent: int, limit: int) -> int:
-    """Rows per register tile: the largest divisor of ``extent`` up to ``limit`` when it is
-    at least half of ``min(extent, limit)``, else ``min(extent, limit)`` (a ragged tail)."""
-    cap = max(1, min(extent, limit))
-    best = max(d for d in range(1, cap + 1) if extent % d == 0)
-    return best if 2 * best >= cap else cap
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """Where the register tile goes: spatial axis ``vector`` in ``width`` lanes, and
-    ``rows``: (axis, tile) pairs, innermost first, whose tiles multiply to the rows of
-    accumulators; axes are positions in the block's loops."""
-
-    extents: tuple[int, ...]
-    spatial: int  # the first ``spatial`` loops are spatial, the rest reductions
-    vector: int
-    width: int
-    contiguous: bool
-    rows: tuple[tuple[int, int], ...]
-
-    @property
-    def macs(self) -> int:
-        return math.prod(self.extents)
-
-
-def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | None:
-    """The TilePlan of a ``out[s...] += a * b`` reduction block, or None if it does not fit."""
-    stmt = sch.get(block)
-    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
-    spatial = kinds.index(2) if 2 in kinds else len(kinds)
-    if stmt.init is None or spatial in (0, len(kinds)) or set(kinds[spatial:]) != {2}:
-        return None
-    if len(stmt.writes) != 1 or not str(stmt.writes[0].source.dtype).startswith("float"):
-        return None
-    loops = sch.get_loops(block)
-    try:
-        extents = tuple(int(sch.get(loop).extent) for loop in loops)
-        if extents != tuple(int(iv.dom.extent) for iv in stmt.iter_vars):
-            return None
-    except TypeError:  # symbolic extents
-        return None
-    out_index = [rng.min for rng in stmt.writes[0].region]
-    axes = [iv.var for iv in stmt.iter_vars]
-    if len(out_index) != spatial or any(
-        not e.same_as(v) for e, v in zip(out_index, axes[:spatial], strict=True)
-    ):
-        return None
-    best: tuple[tuple[int, bool, bool, int], TilePlan] | None = None
-    for axis in range(spatial - 1, -1, -1):
-        width = vector_width(extents[axis], lanes)
-        strides = lane_strides(stmt.reads, axes[axis], extents[axis], width) if width else None
-        if strides is None:
-            continue
-        contiguous = all(stride in (0, 1) for stride in strides)
-        varying = [r for r in stmt.reads if _uses(r, axes[axis])]
-        others = [a for a in range(spatial - 1, -1, -1) if a != axis and extents[a] > 1]
-        reuse = [a for a in others if not any(_uses(r, axes[a]) for r in varying)]
-        rows = _row_tiles(extents, reuse or others[:1], max(2, registers // 2 - 2))
-        key = (width, bool(reuse), contiguous, axis)
-        if best is None or key > best[0]:
-            best = (key, TilePlan(extents, spatial, axis, width, contiguous, rows))
-    return best[1] if best is not None else None
-
-
-def _row_tiles(
-    extents: tuple[int, ...], axes: list[int], limit: int
-) -> tuple[tuple[int, int], ...]:
-    """Tile the first axis (row_tile), and when it fits whole, a divisor of the next one
-    with what is left of ``limit`` (a 2-D tile of output pixels for small images)."""
-    if not axes:
-        return ()
-    first = row_tile(extents[axes[0]], limit)
-    rows = [(axes[0], first)]
-    if first == extents[axes[0]] and len(axes) > 1 and limit // first >= 2:
-        second = max(d for d in range(1, limit // first + 1) if extents[axes[1]] % d == 0)
-        if second > 1:
-            rows.append((axes[1], second))
-    return tuple(rows)
-
-
-def _uses(read: Any, var: Any) -> bool:
-    from tvm import tirx
-
-    return any(v.same_as(var) for rng in read.region for v in tirx.analysis.undefined_vars(rng.min))
-
-
-def lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | None:
-    """For vector lanes ``var = o * width + i``, per read: 0 if no lane varies it, else the
-    lane stride of its last index (-1 if not constant); None if some read varies with the
-    lanes before its last dimension."""
-    from tvm import tirx
-    from tvm.ir import Range
-    from tvm.sym import Analyzer
-
-    dtype = str(var.ty.dtype)
-    outer, inner = tirx.Var("o", dtype), tirx.Var("i", dtype)
-
-    def lanes_at(offset: int) -> Analyzer:
-        analyzer = Analyzer()
-        zero = tirx.const(0, dtype)
-        analyzer.bind(outer, Range.from_min_extent(zero, tirx.const(extent // width, dtype)))
-        analyzer.bind(inner, Range.from_min_extent(zero, tirx.const(width, dtype)))
-        analyzer.bind(var, outer * tirx.const(width, dtype) + inner + tirx.const(offset, dtype))
-        return analyzer
-
-    base, step = lanes_at(0), lanes_at(1)
-    strides = []
-    for read in reads:
-        index = [rng.min for rng in read.region]
-        varying = [
-            any(v.same_as(inner) for v in tirx.analysis.undefined_vars(base.simplify(e)))
-            for e in index
-        ]
-        if any(varying[:-1]):
-            return None
-        stride = Analyzer().simplify(step.simplify(index[-1]) - base.simplify(index[-1]))
-        constant = int(stride) if isinstance(stride, tirx.IntImm) else -1
-        strides.append(constant if varying[-1] else 0)
-    return strides
-
-
 def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     """Apply a TilePlan to its reduction block (see the module docstring)."""
     _inline_copies(sch, block)
@@ -262,10 +146,16 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     spatial, reductions = loops[: plan.spatial], loops[plan.spatial :]
     acc = sch.cache_write(block, 0, "local")
     _inline_consumers(sch, acc)
-    v_outer, v_inner = sch.split(spatial[plan.vector], factors=[None, plan.width])
+    if plan.stack > 1:
+        v_outer, v_stack, v_inner = sch.split(
+            spatial[plan.vector], factors=[None, plan.stack, plan.width]
+        )
+        inner = [v_stack, v_inner]
+    else:
+        v_outer, v_inner = sch.split(spatial[plan.vector], factors=[None, plan.width])
+        inner = [v_inner]
     outer = list(spatial)
     outer[plan.vector] = v_outer
-    inner = [v_inner]
     for axis, tile in plan.rows:
         r_outer, r_inner = sch.split(spatial[axis], factors=[None, tile])
         outer[axis] = r_outer
@@ -302,7 +192,11 @@ def _vectorize_tail(sch: Any, block: Any, width: int, unroll: bool) -> None:
     loops = sch.get_loops(block)[1:]
     if not loops:
         return
-    if int(sch.get(loops[-1]).extent) == width:
+    extent = int(sch.get(loops[-1]).extent)
+    if extent % width == 0:
+        if extent > width:  # a stacked tile: several vectors
+            sch.split(loops[-1], factors=[None, width])
+            loops = sch.get_loops(block)[1:]
         sch.vectorize(loops[-1])
         loops = loops[:-1]
     for loop in loops if unroll else []:

@@ -7,6 +7,7 @@ must match onnxruntime (compile_model's check) and the unscheduled pipeline exac
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from onnxpress.backends.tvm.schedule import cpu_pipeline, schedule_rules  # noqa
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule  # noqa: E402
 from onnxpress.backends.tvm.tile_schedule import (  # noqa: E402
     conv_kernel_layout_pass,
+    one_reduction,
+    plan_tile,
     row_tile,
     tiled_reduction_rule,
     vector_lanes,
@@ -138,6 +141,33 @@ def test_rule_tiles_conv_kernels(groups: int, stride: int, lanes: int) -> None:
     assert "T.max(" in conv  # relu inlined into the write-back
     if groups == 1 and stride == 1:  # 2.4M multiply-adds: worth two threads
         assert "T.parallel(" in conv
+
+
+@pytest.mark.parametrize(
+    "cout, size, target, lanes, registers, stack, rows",
+    [
+        (64, 14, AVX512, 16, 32, 2, 7),  # 2 x 16 channels x 7 columns: 14 accumulators
+        (64, 56, AVX512, 16, 32, 4, 4),  # 4 x 16 x 4 columns (56 = 14 x 4, no ragged tail)
+        (16, 9, AVX2, 8, 16, 2, 3),  # 2 x 8 x 3 of 9 columns
+        (16, 7, AVX512, 16, 32, 1, 7),  # one vector of channels: nothing to stack
+    ],
+)
+def test_tile_stacks_channel_vectors_beside_the_rows(
+    cout: int, size: int, target: Any, lanes: int, registers: int, stack: int, rows: int
+) -> None:
+    """Several vectors of output channels share each broadcast input value, so a step loads
+    ``stack + rows`` values for ``stack * rows`` FMAs; ragged row tiles are not stacked."""
+    with target:
+        mod = conv_kernel_layout_pass(lanes)(relax_conv(16, size, cout))
+        mod = tvm.transform.Sequential(cpu_generic.legalize_passes(target))(mod)
+    func = next(f for g, f in mod.functions.items() if "conv2d" in g.name_hint)
+    found = one_reduction(func)
+    assert found is not None
+    sch, _, block = found
+    plan = plan_tile(sch, block, lanes, registers)
+    assert plan is not None and plan.vector == 1 and plan.width == lanes
+    assert (plan.stack, plan.rows[0][1]) == (stack, rows)
+    assert plan.stack * math.prod(tile for _, tile in plan.rows) <= registers * 3 // 4
 
 
 def test_rule_tiles_matmul_and_refuses_softmax() -> None:

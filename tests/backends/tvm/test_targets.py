@@ -5,10 +5,17 @@ names keep working."""
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 
-from onnxpress.backends.tvm.targets import TargetError, parse_target
+from onnxpress.backends.tvm.targets import (
+    TargetError,
+    allowed_cpus,
+    configure_threads,
+    parse_target,
+    physical_cores,
+)
 from onnxpress.core.targets import host_target
 
 
@@ -72,3 +79,33 @@ def test_x86_targets_run_here_only_with_their_cpu_flags() -> None:
     assert avx2.runs_here() == (platform.machine() == "x86_64" and {"avx2", "fma"} <= flags)
     vnni = parse_target("avx512-vnni")
     assert vnni.runs_here() == (platform.machine() == "x86_64" and "avx512_vnni" in flags)
+
+
+def _topology(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
+    for cpu, (package, core) in cores.items():
+        folder = root / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "physical_package_id").write_text(f"{package}\n")
+        (folder / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_physical_cores_count_smt_siblings_once(tmp_path: Path) -> None:
+    smt = _topology(tmp_path / "smt", {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)})
+    assert physical_cores([0, 1, 2, 3], smt) == 2
+    assert physical_cores([0, 2], smt) == 1  # two hyper-threads of one core
+    flat = _topology(tmp_path / "flat", {0: (0, 0), 1: (0, 1)})  # a VM: one thread per core
+    assert physical_cores([0, 1], flat) == 2
+    two_sockets = _topology(tmp_path / "sockets", {0: (0, 0), 1: (1, 0)})
+    assert physical_cores([0, 1], two_sockets) == 2
+    assert physical_cores([0, 1, 2], tmp_path / "missing") == 3  # unreadable: every CPU
+
+
+def test_tvm_threads_follow_cores_unless_the_user_chose() -> None:
+    env: dict[str, str] = {}
+    count = configure_threads(env)
+    assert count is not None and count >= 1 and env["TVM_NUM_THREADS"] == str(count)
+    assert count == physical_cores(allowed_cpus())
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        chosen = {name: "1"}
+        assert configure_threads(chosen) is None and chosen == {name: "1"}

@@ -1,0 +1,184 @@
+"""Where the register tile of ``TiledReduction`` (tile_schedule.py) goes: ``plan_tile``
+reads a legalized ``out[s...] += a[...] * b[...]`` block and returns a ``TilePlan``.
+
+    v: the spatial axis to vectorize, one that every input indexes at most in its last
+        dimension (whole vectors never straddle a group: checked with the arith analyzer,
+        ``lane_strides``); widest vector first, then row reuse, then unit-stride loads;
+    rows: the innermost other spatial axis that the vector loads do not depend on, tiled by
+        ``row_tile`` (and a second axis for small images);
+    S: vectors of v side by side, when the rows reuse the vector loads and tile evenly; the
+        S and rows with the most FMAs per load win.
+
+Widths come from ``vector_width`` (the target's lanes, else a divisor of the axis). Pure
+planning: nothing here changes a schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+def vector_width(extent: int, lanes: int) -> int:
+    """Vector width for an axis: lanes, lanes/2 or lanes/4 (at least 4) when it divides
+    ``extent`` (odd widths split into several registers: 28 -> 4, not 14), else another
+    divisor in [lanes/4, lanes], else the whole axis when shorter than ``lanes``; else 0."""
+    for width in (lanes, lanes // 2, lanes // 4):
+        if width >= 4 and extent % width == 0:
+            return width
+    for width in range(lanes, max(4, lanes // 4) - 1, -1):
+        if extent % width == 0:
+            return width
+    return extent if 4 <= extent < lanes else 0
+
+
+def row_tile(extent: int, limit: int) -> int:
+    """Rows per register tile: the largest divisor of ``extent`` up to ``limit`` when it is
+    at least half of ``min(extent, limit)``, else ``min(extent, limit)`` (a ragged tail)."""
+    cap = max(1, min(extent, limit))
+    best = max(d for d in range(1, cap + 1) if extent % d == 0)
+    return best if 2 * best >= cap else cap
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the register tile goes: spatial axis ``vector`` in ``width`` lanes, and
+    ``rows``: (axis, tile) pairs, innermost first, whose tiles multiply to the rows of
+    accumulators; axes are positions in the block's loops."""
+
+    extents: tuple[int, ...]
+    spatial: int  # the first ``spatial`` loops are spatial, the rest reductions
+    vector: int
+    width: int
+    contiguous: bool
+    rows: tuple[tuple[int, int], ...]
+    stack: int = 1  # vectors of the vector axis side by side in the tile
+
+    @property
+    def macs(self) -> int:
+        return math.prod(self.extents)
+
+
+def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | None:
+    """The TilePlan of a ``out[s...] += a * b`` reduction block, or None if it does not fit."""
+    stmt = sch.get(block)
+    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
+    spatial = kinds.index(2) if 2 in kinds else len(kinds)
+    if stmt.init is None or spatial in (0, len(kinds)) or set(kinds[spatial:]) != {2}:
+        return None
+    if len(stmt.writes) != 1 or not str(stmt.writes[0].source.dtype).startswith("float"):
+        return None
+    loops = sch.get_loops(block)
+    try:
+        extents = tuple(int(sch.get(loop).extent) for loop in loops)
+        if extents != tuple(int(iv.dom.extent) for iv in stmt.iter_vars):
+            return None
+    except TypeError:  # symbolic extents
+        return None
+    out_index = [rng.min for rng in stmt.writes[0].region]
+    axes = [iv.var for iv in stmt.iter_vars]
+    if len(out_index) != spatial or any(
+        not e.same_as(v) for e, v in zip(out_index, axes[:spatial], strict=True)
+    ):
+        return None
+    best: tuple[tuple[int, bool, bool, float, int], TilePlan] | None = None
+    for axis in range(spatial - 1, -1, -1):
+        width = vector_width(extents[axis], lanes)
+        strides = lane_strides(stmt.reads, axes[axis], extents[axis], width) if width else None
+        if strides is None:
+            continue
+        contiguous = all(stride in (0, 1) for stride in strides)
+        varying = [r for r in stmt.reads if _uses(r, axes[axis])]
+        others = [a for a in range(spatial - 1, -1, -1) if a != axis and extents[a] > 1]
+        reuse = [a for a in others if not any(_uses(r, axes[a]) for r in varying)]
+        for stack in _stacks(extents[axis] // width, bool(reuse) and contiguous):
+            rows = _row_tiles(extents, reuse or others[:1], _row_limit(registers, stack))
+            if stack > 1 and any(extents[a] % tile for a, tile in rows):
+                continue  # a ragged tail is not worth the wider tile
+            key = (width, bool(reuse), contiguous, _loads_per_fma(extents, rows, stack), axis)
+            if best is None or key > best[0]:
+                best = (key, TilePlan(extents, spatial, axis, width, contiguous, rows, stack))
+    return best[1] if best is not None else None
+
+
+def _stacks(vectors: int, stackable: bool) -> list[int]:
+    """Vector counts to try side by side: 1, and 2-4 when they divide the axis' vectors and
+    the rows reuse the vector loads (each row value is broadcast once for all of them)."""
+    return [1] + [s for s in (2, 3, 4) if stackable and vectors % s == 0]
+
+
+def _row_limit(registers: int, stack: int) -> int:
+    """Accumulator rows per tile: one stacked vector (the old, measured limit) keeps half
+    the registers less two; a stack shares three quarters of them."""
+    if stack == 1:
+        return max(2, registers // 2 - 2)
+    return max(1, registers * 3 // 4 // stack)
+
+
+def _loads_per_fma(
+    extents: tuple[int, ...], rows: tuple[tuple[int, int], ...], stack: int
+) -> float:
+    """FMAs per load of a tile step (higher is better): ``stack`` vector loads and one
+    broadcast per row feed ``stack * rows`` FMAs; a ragged row tile counts its average."""
+    count = 1.0
+    for axis, tile in rows:
+        count *= extents[axis] / -(-extents[axis] // tile)
+    return round(stack * count / (stack + count), 2)
+
+
+def _row_tiles(
+    extents: tuple[int, ...], axes: list[int], limit: int
+) -> tuple[tuple[int, int], ...]:
+    """Tile the first axis (row_tile), and when it fits whole, a divisor of the next one
+    with what is left of ``limit`` (a 2-D tile of output pixels for small images)."""
+    if not axes:
+        return ()
+    first = row_tile(extents[axes[0]], limit)
+    rows = [(axes[0], first)]
+    if first == extents[axes[0]] and len(axes) > 1 and limit // first >= 2:
+        second = max(d for d in range(1, limit // first + 1) if extents[axes[1]] % d == 0)
+        if second > 1:
+            rows.append((axes[1], second))
+    return tuple(rows)
+
+
+def _uses(read: Any, var: Any) -> bool:
+    from tvm import tirx
+
+    return any(v.same_as(var) for rng in read.region for v in tirx.analysis.undefined_vars(rng.min))
+
+
+def lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | None:
+    """For vector lanes ``var = o * width + i``, per read: 0 if no lane varies it, else the
+    lane stride of its last index (-1 if not constant); None if some read varies with the
+    lanes before its last dimension."""
+    from tvm import tirx
+    from tvm.ir import Range
+    from tvm.sym import Analyzer
+
+    dtype = str(var.ty.dtype)
+    outer, inner = tirx.Var("o", dtype), tirx.Var("i", dtype)
+
+    def lanes_at(offset: int) -> Analyzer:
+        analyzer = Analyzer()
+        zero = tirx.const(0, dtype)
+        analyzer.bind(outer, Range.from_min_extent(zero, tirx.const(extent // width, dtype)))
+        analyzer.bind(inner, Range.from_min_extent(zero, tirx.const(width, dtype)))
+        analyzer.bind(var, outer * tirx.const(width, dtype) + inner + tirx.const(offset, dtype))
+        return analyzer
+
+    base, step = lanes_at(0), lanes_at(1)
+    strides = []
+    for read in reads:
+        index = [rng.min for rng in read.region]
+        varying = [
+            any(v.same_as(inner) for v in tirx.analysis.undefined_vars(base.simplify(e)))
+            for e in index
+        ]
+        if any(varying[:-1]):
+            return None
+        stride = Analyzer().simplify(step.simplify(index[-1]) - base.simplify(index[-1]))
+        constant = int(stride) if isinstance(stride, tirx.IntImm) else -1
+        strides.append(constant if varying[-1] else 0)
+    return strides
