@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from onnxpress.backends.tvm.conv_packed import legalize_passes
 from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.gru import convert_gru
 from onnxpress.backends.tvm.lstm import convert_lstm
@@ -24,7 +25,11 @@ from onnxpress.backends.tvm.prepare import Prepared, check_coverage
 from onnxpress.backends.tvm.runtime import CompileError, require_tvm
 from onnxpress.backends.tvm.schedule import cpu_pipeline
 from onnxpress.backends.tvm.targets import TargetSpec, tvm_target
-from onnxpress.backends.tvm.tile_schedule import conv_kernel_layout_pass, vector_lanes
+from onnxpress.backends.tvm.tile_schedule import (
+    conv_kernel_layout_pass,
+    vector_lanes,
+    vector_registers,
+)
 
 LIBRARY_STEM = "model"
 
@@ -119,21 +124,25 @@ def export(executable: Any, spec: TargetSpec, folder: Path) -> Path:
 
 def fuse(mod: Any, target: Any, default_schedules: bool = True) -> Any:
     """Legalize and fuse: the kernels MetaSchedule tunes and the compile pipeline builds.
-    With ``default_schedules`` on CPU, first the layout rewrite that schedule.py's pipeline
-    runs before legalizing (conv weights to IHWO), so tuned kernels are the ones it builds."""
+    With ``default_schedules`` on CPU, the layout rewrite and legalization that
+    schedule.py's pipeline runs (conv weights to IHWO, packed: conv_packed.py), so tuned
+    kernels are the ones it builds."""
     import tvm
     from tvm.relax import pipeline as relax_pipeline
 
     passes = [*relax_pipeline.library_dispatch_passes(target)]
     if default_schedules and str(target.kind.name) == "llvm":
-        passes += [fast_math_pass(), conv_kernel_layout_pass(vector_lanes(target))]
-    passes += [
-        tvm.relax.transform.LegalizeOps(),
-        tvm.relax.transform.AnnotateTIROpPattern(),
-        tvm.relax.transform.FoldConstant(),
-        tvm.relax.transform.FuseOps(),
-        tvm.relax.transform.FuseTIR(),
-    ]
+        lanes = vector_lanes(target)
+        passes += [fast_math_pass(), conv_kernel_layout_pass(lanes)]
+        passes += legalize_passes(lanes, vector_registers(target))
+    else:
+        passes += [
+            tvm.relax.transform.LegalizeOps(),
+            tvm.relax.transform.AnnotateTIROpPattern(),
+            tvm.relax.transform.FoldConstant(),
+            tvm.relax.transform.FuseOps(),
+            tvm.relax.transform.FuseTIR(),
+        ]
     with target:
         return tvm.transform.Sequential(passes)(mod)
 

@@ -31,6 +31,7 @@ import logging
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.conv_packed import legalize_passes
 from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
@@ -191,7 +192,7 @@ def cpu_pipeline(target: Any) -> Any:
                     *cpu_generic.library_dispatch_passes(target),
                     fast_math_pass(),
                     conv_kernel_layout_pass(lanes),
-                    *cpu_generic.legalize_passes(target),
+                    *legalize_passes(lanes, vector_registers(target)),
                     dl.ApplyDefaultSchedule(*rules),
                     *cpu_generic.dataflow_lower_passes(target),
                     *cpu_generic.finalize_passes(target),

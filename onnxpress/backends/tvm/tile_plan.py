@@ -92,14 +92,37 @@ def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | No
         varying = [r for r in stmt.reads if _uses(r, axes[axis])]
         others = [a for a in range(spatial - 1, -1, -1) if a != axis and extents[a] > 1]
         reuse = [a for a in others if not any(_uses(r, axes[a]) for r in varying)]
-        for stack in _stacks(extents[axis] // width, bool(reuse) and contiguous):
-            rows = _row_tiles(extents, reuse or others[:1], _row_limit(registers, stack))
-            if stack > 1 and any(extents[a] % tile for a, tile in rows):
-                continue  # a ragged tail is not worth the wider tile
-            key = (width, bool(reuse), contiguous, _loads_per_fma(extents, rows, stack), axis)
-            if best is None or key > best[0]:
-                best = (key, TilePlan(extents, spatial, axis, width, contiguous, rows, stack))
+        stackable = bool(reuse) and contiguous
+        stack, rows, score = stacked_rows(
+            extents, axis, width, reuse or others[:1], registers, stackable
+        )
+        key = (width, bool(reuse), contiguous, score, axis)
+        if best is None or key > best[0]:
+            best = (key, TilePlan(extents, spatial, axis, width, contiguous, rows, stack))
     return best[1] if best is not None else None
+
+
+def stacked_rows(
+    extents: tuple[int, ...],
+    axis: int,
+    width: int,
+    row_axes: list[int],
+    registers: int,
+    stackable: bool = True,
+) -> tuple[int, tuple[tuple[int, int], ...], float]:
+    """(S, rows, FMAs per load) of the best tile for vector axis ``axis`` in ``width``
+    lanes with rows from ``row_axes``: S vectors side by side (1-4, see ``_stacks``), rows
+    tiled within the registers left; a stack with a ragged row tail is not considered."""
+    best: tuple[float, int, tuple[tuple[int, int], ...]] | None = None
+    for stack in _stacks(extents[axis] // width, stackable):
+        rows = _row_tiles(extents, row_axes, _row_limit(registers, stack))
+        if stack > 1 and any(extents[a] % tile for a, tile in rows):
+            continue  # a ragged tail is not worth the wider tile
+        score = _loads_per_fma(extents, rows, stack)
+        if best is None or score > best[0]:
+            best = (score, stack, rows)
+    assert best is not None  # stack 1 is always a candidate
+    return best[1], best[2], best[0]
 
 
 def _stacks(vectors: int, stackable: bool) -> list[int]:
