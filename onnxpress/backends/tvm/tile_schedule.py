@@ -11,7 +11,10 @@ producers (padding, transposes) and consumers (bias, activation, residual) aroun
             unrolled)  |  rows%P (unrolled), S (unrolled), v%W (vector)
     a local P x S*W accumulator tile (v innermost): S vector loads + P broadcasts + S*P
     FMAs a step; copy-only producers inlined, elementwise consumers inlined into the
-    write-back; outer spatial loops parallel when there are enough multiply-adds.
+    write-back, which runs one accumulator vector at a time (scattered stores when v is
+    not the output's last axis: cheaper than reading the tile transposed, which cost as
+    much as a 64-deep reduction); outer spatial loops parallel when there are enough
+    multiply-adds.
 
 W: the target's lanes (AVX-512 16, AVX2 8, SSE/NEON 4), else a divisor of the axis; P: up
 to half the vector registers less two for one vector (LLVM keeps loads of the unrolled
@@ -179,7 +182,27 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
         sch.parallel(fused)
     init = sch.decompose_reduction(block, reductions[0])
     _vectorize_tail(sch, init, plan.width, unroll=True)
-    _vectorize_tail(sch, acc, plan.width, unroll=False)  # unrolled: slower builds, no gain
+    if plan.vector == plan.spatial - 1 or not _write_back_by_vectors(sch, acc, plan):
+        _vectorize_tail(sch, acc, plan.width, unroll=False)  # unrolled: slower builds, no gain
+
+
+def _write_back_by_vectors(sch: Any, acc: Any, plan: TilePlan) -> bool:
+    """Write the tile back one accumulator vector at a time (the vector axis innermost,
+    W lanes) when that axis is not the output's last: the register tile is read in its
+    own order and the epilogue (bias, residual, activation) runs on whole vectors; the
+    stores scatter W lanes. Returns False (nothing changed) if the loops do not fit."""
+    loops = sch.get_loops(acc)[1:]
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    span = plan.width * plan.stack
+    position = next((i for i, e in enumerate(extents) if e == span), None)
+    if position is None:
+        return False
+    vector = loops[position]
+    outer, lanes = sch.split(vector, factors=[None, plan.width])
+    rest = [loop for i, loop in enumerate(loops) if i != position]
+    sch.reorder(outer, *rest, lanes)
+    sch.vectorize(lanes)
+    return True
 
 
 def _permutation(order: list[int]) -> Any:
