@@ -179,7 +179,8 @@ def _uses(read: Any, var: Any) -> bool:
 def lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | None:
     """For vector lanes ``var = o * width + i``, per read: 0 if no lane varies it, else the
     lane stride of its last index (-1 if not constant); None if some read varies with the
-    lanes before its last dimension."""
+    lanes before its last dimension, unless its row-major offset advances by exactly one
+    per lane (then 1)."""
     from tvm import tirx
     from tvm.ir import Range
     from tvm.sym import Analyzer
@@ -204,8 +205,26 @@ def lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | N
             for e in index
         ]
         if any(varying[:-1]):
-            return None
+            # lanes that cross a row (p // W, p % W of a flattened spatial axis) are still
+            # consecutive in memory when the flattened offset advances by one per lane
+            if _offset_stride(read, base, step) != 1:
+                return None
+            strides.append(1)
+            continue
         stride = Analyzer().simplify(step.simplify(index[-1]) - base.simplify(index[-1]))
         constant = int(stride) if isinstance(stride, tirx.IntImm) else -1
         strides.append(constant if varying[-1] else 0)
     return strides
+
+
+def _offset_stride(read: Any, base: Any, step: Any) -> int | None:
+    """The lane stride of a read's row-major offset in its buffer, if constant."""
+    from tvm import tirx
+    from tvm.sym import Analyzer
+
+    index = [rng.min for rng in read.region]
+    offset = index[0]
+    for extent, position in zip(list(read.source.shape)[1:], index[1:], strict=True):
+        offset = offset * extent + position
+    stride = Analyzer().simplify(step.simplify(offset) - base.simplify(offset))
+    return int(stride) if isinstance(stride, tirx.IntImm) else None

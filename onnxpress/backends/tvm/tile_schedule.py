@@ -163,6 +163,7 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
         r_outer, r_inner = sch.split(spatial[axis], factors=[None, tile])
         outer[axis] = r_outer
         inner.insert(0, r_inner)
+    outer = _vector_blocks_first(outer, plan)
     sch.reorder(*outer, *reductions, *inner)
     # the accumulator tile: other axes first, then the rows, then the vector lanes
     tiled = [axis for axis, _ in reversed(plan.rows)] + [plan.vector]
@@ -184,6 +185,21 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     _vectorize_tail(sch, init, plan.width, unroll=True)
     if plan.vector == plan.spatial - 1 or not _write_back_by_vectors(sch, acc, plan):
         _vectorize_tail(sch, acc, plan.width, unroll=False)  # unrolled: slower builds, no gain
+
+
+def _vector_blocks_first(outer: list[Any], plan: TilePlan) -> list[Any]:
+    """The outer tile loops with the vector axis' blocks ahead of the row axes' blocks
+    when the vector side of the tile is the longer one (S*W > P): each operand panel that
+    varies with the inner of the two outer loops is then re-read fewer times (a 1x1 conv
+    as a GEMM: the image is read once and the small weight panel many times, instead of
+    the image once per row block of output channels)."""
+    row_axes = sorted(axis for axis, _ in plan.rows)
+    rows = math.prod(tile for _, tile in plan.rows)
+    if not row_axes or row_axes[0] > plan.vector or plan.width * plan.stack <= rows:
+        return outer
+    moved = [loop for index, loop in enumerate(outer) if index != plan.vector]
+    moved.insert(row_axes[0], outer[plan.vector])
+    return moved
 
 
 def _write_back_by_vectors(sch: Any, acc: Any, plan: TilePlan) -> bool:

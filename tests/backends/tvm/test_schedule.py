@@ -48,6 +48,8 @@ CONVS = {
     "depthwise-strided": (16, 9, 16, 3, 2, 1, 1, 16, False),
     "depthwise-strided-even": (16, 10, 16, 3, 2, 1, 1, 16, True),  # padding de-interleaved
     "pointwise-odd": (6, 7, 10, 1, 1, 0, 1, 1, True),
+    "pointwise-flat": (8, 8, 32, 1, 1, 0, 1, 1, True),  # 64 pixels: one flat GEMM axis
+    "packed-channels": (16, 7, 64, 3, 1, 1, 1, 1, True),  # weights in blocks of channels
 }
 
 

@@ -1,0 +1,71 @@
+"""Convolution legalization of the CPU pipeline (onnxpress.backends.tvm.conv_packed): regular
+convolutions read weights packed in the tile's channel blocks (packed once, at compile time),
+1x1 convolutions on images of whole vectors run as a GEMM over the flattened image, and
+both match TVM's own legalization; skipped without TVM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from onnxpress.backends.tvm.conv_packed import packed_block  # noqa: E402
+from onnxpress.backends.tvm.schedule import cpu_pipeline  # noqa: E402
+from onnxpress.backends.tvm.tile_schedule import conv_kernel_layout_pass  # noqa: E402
+
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+
+
+def conv_module(cin: int, size: int, cout: int, kernel: int, weight: np.ndarray) -> Any:
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, cin, size, size), "float32"))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            conv = relax.op.nn.conv2d(x, relax.const(weight), padding=kernel // 2)
+            out = builder.emit_output(builder.emit(relax.op.nn.relu(builder.emit(conv))))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def test_block_is_the_tile_plans_channel_span() -> None:
+    assert packed_block(1, 512, 7, 7, 16, 32) == 32  # two vectors of 16 beside 7 columns
+    assert packed_block(1, 64, 56, 56, 16, 32) == 64  # four vectors beside 4 columns
+    assert packed_block(1, 64, 56, 56, 8, 16) == 8  # AVX2: one vector, no stack
+    assert packed_block(1, 3, 8, 8, 16, 32) == 0  # no vector of channels
+
+
+@pytest.mark.parametrize(
+    "kernel, size, target, marker",
+    [
+        (3, 7, AVX512, "T.int64(1), T.int64(16), T.int64(3), T.int64(3), T.int64(32)"),
+        (3, 7, AVX2, "T.int64(4), T.int64(16), T.int64(3), T.int64(3), T.int64(8)"),
+        (1, 8, AVX512, "T.int64(64)"),  # the flattened 8 x 8 image
+    ],
+)
+def test_legalized_kernels_and_results(kernel: int, size: int, target: Any, marker: str) -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((32, 16, kernel, kernel)).astype(np.float32)
+    mod = conv_module(16, size, 32, kernel, weight)
+    lowered = cpu_pipeline(target)(mod)
+    kernels = {g.name_hint: f for g, f in lowered.functions.items() if "conv" in g.name_hint}
+    assert list(kernels) == ["fused_conv2d_relu"]  # packing folded away, relu fused
+    assert marker in kernels["fused_conv2d_relu"].script()
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if not tvm.target.codegen.target_has_features("avx2", host):
+        return
+    x = rng.standard_normal((1, 16, size, size)).astype(np.float32)
+
+    def run(pipeline: Any, module: Any) -> np.ndarray:
+        vm = relax.VirtualMachine(
+            tvm.compile(module, target=AVX2, relax_pipeline=pipeline), tvm.cpu()
+        )
+        return np.asarray(vm["main"](tvm.runtime.tensor(x)).numpy())
+
+    expected = run(relax.get_default_pipeline(AVX2), conv_kernel_layout_pass(8)(mod))
+    np.testing.assert_allclose(run(cpu_pipeline(AVX2), mod), expected, rtol=1e-5, atol=1e-5)
