@@ -94,7 +94,7 @@ def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | No
         reuse = [a for a in others if not any(_uses(r, axes[a]) for r in varying)]
         stackable = bool(reuse) and contiguous
         stack, rows, score = stacked_rows(
-            extents, axis, width, reuse or others[:1], registers, stackable
+            extents, axis, width, reuse or others[:1], registers, stackable, chains=not others
         )
         key = (width, bool(reuse), contiguous, score, axis)
         if best is None or key > best[0]:
@@ -109,12 +109,20 @@ def stacked_rows(
     row_axes: list[int],
     registers: int,
     stackable: bool = True,
+    chains: bool = False,
 ) -> tuple[int, tuple[tuple[int, int], ...], float]:
     """(S, rows, FMAs per load) of the best tile for vector axis ``axis`` in ``width``
-    lanes with rows from ``row_axes``: S vectors side by side (1-4, see ``_stacks``), rows
-    tiled within the registers left; a stack with a ragged row tail is not considered."""
+    lanes with rows from ``row_axes``: S vectors side by side (1-4, see ``_stacks``; up to 8
+    with ``chains``, a tile without rows), rows tiled within the registers left; a stack
+    with a ragged row tail is not considered."""
     best: tuple[float, int, tuple[tuple[int, int], ...]] | None = None
-    for stack in _stacks(extents[axis] // width, stackable and registers >= STACK_REGISTERS):
+    vectors = extents[axis] // width
+    if chains:  # no rows (a matrix-vector product): vectors side by side are what keeps
+        # several FMA chains in flight
+        candidates = [1] + [s for s in range(2, 9) if vectors % s == 0 and 2 * s <= registers]
+    else:
+        candidates = _stacks(vectors, stackable and registers >= STACK_REGISTERS)
+    for stack in candidates:
         rows = _row_tiles(extents, row_axes, _row_limit(registers, stack))
         if stack > 1 and any(extents[a] % tile for a, tile in rows):
             continue  # a ragged tail is not worth the wider tile

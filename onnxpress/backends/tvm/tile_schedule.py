@@ -56,6 +56,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIN_PARALLEL_MACS = 1 << 20  # multiply-adds below which a kernel stays single-threaded
+MIN_PARALLEL_GEMV = 1 << 17  # the same for a tile without rows: each weight read once
 MIN_PARALLEL_ELEMENTS = 1 << 16  # same for elementwise blocks (pad, unfused epilogues)
 MAX_UNROLLED_WINDOW = 16  # reduction window (kh * kw) unrolled inside the tile
 
@@ -179,7 +180,7 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
             break
         sch.unroll(reductions[-depth])
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if plan.macs >= MIN_PARALLEL_MACS:
+    if plan.macs >= (MIN_PARALLEL_MACS if plan.rows else MIN_PARALLEL_GEMV):
         sch.parallel(fused)
     init = sch.decompose_reduction(block, reductions[0])
     _vectorize_tail(sch, init, plan.width, unroll=True)
