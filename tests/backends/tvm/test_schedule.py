@@ -172,6 +172,26 @@ def test_tile_stacks_channel_vectors_beside_the_rows(
     assert plan.stack * math.prod(tile for _, tile in plan.rows) <= registers * 3 // 4
 
 
+def test_matrix_vector_product_keeps_several_chains() -> None:
+    """Batch 1 classifier (1 x 512 @ 512 x 1000): no rows to tile, so 5 vectors of 8
+    columns side by side keep 5 FMA chains in flight, on all cores."""
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 512), "float32"))
+    w = relax.Var("w", relax.TensorType((512, 1000), "float32"))
+    with builder.function("main", [x, w]):
+        with builder.dataflow():
+            out = builder.emit_output(builder.emit(relax.op.matmul(x, w)))
+        builder.emit_func_output(out)
+    with AVX512:
+        mod = tvm.transform.Sequential(cpu_generic.legalize_passes(AVX512))(builder.get())
+    found = one_reduction(next(f for g, f in mod.functions.items() if "matmul" in g.name_hint))
+    assert found is not None
+    plan = plan_tile(found[0], found[2], 16, 32)
+    assert plan is not None and (plan.width, plan.stack, plan.rows) == (8, 5, ())
+    text = scheduled_kernels(builder.get(), AVX512, tiled_reduction_rule(16, 32))["matmul"]
+    assert text is not None and "T.parallel(T.int64(25))" in text
+
+
 def test_rule_tiles_matmul_and_refuses_softmax() -> None:
     builder = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((12, 24), "float32"))
