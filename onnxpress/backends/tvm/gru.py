@@ -12,8 +12,9 @@ steps (passes/gru/lower.py), so compile time does not grow with the sequence len
               h  = (1 - z) * n + z * h ;  Y_d[t] = h
     Y = stack_d(Y_d) [T, D, B, H] (layout 1: [B, T, D, H]);  Y_h = last state of each direction.
 
-The kernel is written for the static sizes; the gate sweep runs over R^T so that its inner
-loop is a contiguous, vectorizable axpy. onnxpress.backends.tvm.rnn registers the converter with
+The kernel is written for the static sizes: each step runs in parallel over blocks of hidden
+units with the block's gates for a tile of batch rows in vector registers, R^T packed per
+block (rnn.packed_recurrent), sigmoid / tanh as vectorizable polynomials (rnn.fast_exp). onnxpress.backends.tvm.rnn registers the converter with
 TVM's importer and holds what GRU and LSTM share.
 """
 
@@ -25,62 +26,115 @@ import numpy as np
 
 from onnxpress.backends.tvm.rnn import (
     attribute,
+    batch_block,
+    fast_sigmoid,
+    fast_tanh,
     initial_state,
     last_step,
     outputs,
+    packed_recurrent,
     projection,
     sequence,
+    unit_block,
     weights,
 )
 
 
 def recurrence_kernel(steps: int, batch: int, hidden: int, lbr: bool, reverse: bool) -> Any:
-    """The PrimFunc (xw[T,B,3H], rt[H,3H], rbh[H], h0[B,H]) -> y[T,B,H]."""
+    """The PrimFunc (xw[T,B,3H], rt[H/U,H,3,U], rbh[H], h0[B,H]) -> y[T,B,H]; ``rt`` is R^T
+    packed by ``packed_recurrent``. Like the LSTM kernel (lstm.py): each step in parallel
+    over blocks of U units, a tile of batch rows of the block's gates in registers, the
+    state double-buffered. With linear_before_reset=0 the candidate needs r * h of every
+    unit, so a step runs two parallel sweeps (z and r, then the candidate); with 1, one."""
     from tvm.script import tirx as T
 
     h3, h2 = 3 * hidden, 2 * hidden
-    sweep = h3 if lbr else h2
+    width, rows = unit_block(hidden), batch_block(batch)
+    blocks, tiles = hidden // width, batch // rows
+    sweep = 3 if lbr else 2
 
     @T.prim_func
     def gru_recurrence(
         xw: T.Buffer((steps, batch, h3), "float32"),
-        rt: T.Buffer((hidden, h3), "float32"),
+        rt: T.Buffer((blocks, hidden, 3, width), "float32"),
         rbh: T.Buffer((hidden,), "float32"),
         h0: T.Buffer((batch, hidden), "float32"),
         y: T.Buffer((steps, batch, hidden), "float32"),
     ) -> None:
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        state = T.alloc_buffer((hidden,), "float32")
-        gates = T.alloc_buffer((h3,), "float32")
-        reset_state = T.alloc_buffer((hidden,), "float32")
-        for b in range(batch):
-            for j in range(hidden):
-                state[j] = h0[b, j]
-            for step in range(steps):
-                t = (steps - 1 - step) if reverse else step
-                for j in range(h2):
-                    gates[j] = xw[t, b, j]
-                for j in range(hidden):
-                    gates[h2 + j] = rbh[j]
-                for k in range(hidden):
-                    for j in range(sweep):
-                        gates[j] = gates[j] + rt[k, j] * state[k]
-                for j in range(h2):
-                    gates[j] = T.sigmoid(gates[j])
-                if not lbr:
+        state = T.alloc_buffer((2, batch, hidden), "float32")
+        update = T.alloc_buffer((batch, hidden), "float32")
+        reset_state = T.alloc_buffer((batch, hidden), "float32")
+        for b, j in T.grid(batch, hidden):
+            state[0, b, j] = h0[b, j]
+        for step in range(steps):
+            t = (steps - 1 - step) if reverse else step
+            now = step % 2
+            for block in T.parallel(blocks):
+                acc = T.decl_buffer((rows, 3, width), "float32", scope="local")
+                for tile in range(tiles):
+                    for r, g in T.grid(rows, sweep):
+                        for u in T.vectorized(width):
+                            acc[r, g, u] = (
+                                xw[t, tile * rows + r, g * hidden + block * width + u]
+                                if g < 2
+                                else rbh[block * width + u]
+                            )
                     for k in range(hidden):
-                        reset_state[k] = gates[hidden + k] * state[k]
-                    for k in range(hidden):
-                        for j in range(hidden):
-                            gates[h2 + j] = gates[h2 + j] + rt[k, h2 + j] * reset_state[k]
-                for j in range(hidden):
-                    candidate = T.tanh(
-                        xw[t, b, h2 + j] + gates[h2 + j] * gates[hidden + j]
-                        if lbr
-                        else xw[t, b, h2 + j] + gates[h2 + j]
-                    )
-                    state[j] = (T.float32(1) - gates[j]) * candidate + gates[j] * state[j]
-                    y[t, b, j] = state[j]
+                        for r in T.unroll(rows):
+                            for g in T.unroll(sweep):
+                                for u in T.vectorized(width):
+                                    acc[r, g, u] = (
+                                        acc[r, g, u]
+                                        + rt[block, k, g, u] * state[now, tile * rows + r, k]
+                                    )
+                    for r in range(rows):
+                        # no Let bindings: TVM's vectorizer turns a float Let into lane 0
+                        for u in T.vectorized(width):
+                            update[tile * rows + r, block * width + u] = fast_sigmoid(acc[r, 0, u])
+                            reset_state[tile * rows + r, block * width + u] = fast_sigmoid(
+                                acc[r, 1, u]
+                            ) * (
+                                acc[r, 2, u]
+                                if lbr
+                                else state[now, tile * rows + r, block * width + u]
+                            )
+                            if lbr:  # the candidate needs only this block's units
+                                state[1 - now, tile * rows + r, block * width + u] = (
+                                    T.float32(1) - update[tile * rows + r, block * width + u]
+                                ) * fast_tanh(
+                                    xw[t, tile * rows + r, h2 + block * width + u]
+                                    + reset_state[tile * rows + r, block * width + u]
+                                ) + update[tile * rows + r, block * width + u] * state[
+                                    now, tile * rows + r, block * width + u
+                                ]
+                                y[t, tile * rows + r, block * width + u] = state[
+                                    1 - now, tile * rows + r, block * width + u
+                                ]
+            if not lbr:
+                for block in T.parallel(blocks):
+                    candidate = T.decl_buffer((rows, width), "float32", scope="local")
+                    for tile in range(tiles):
+                        for r in range(rows):
+                            for u in T.vectorized(width):
+                                candidate[r, u] = xw[t, tile * rows + r, h2 + block * width + u]
+                        for k in range(hidden):
+                            for r in T.unroll(rows):
+                                for u in T.vectorized(width):
+                                    candidate[r, u] = (
+                                        candidate[r, u]
+                                        + rt[block, k, 2, u] * reset_state[tile * rows + r, k]
+                                    )
+                        for r in range(rows):
+                            for u in T.vectorized(width):
+                                state[1 - now, tile * rows + r, block * width + u] = (
+                                    T.float32(1) - update[tile * rows + r, block * width + u]
+                                ) * fast_tanh(candidate[r, u]) + update[
+                                    tile * rows + r, block * width + u
+                                ] * state[now, tile * rows + r, block * width + u]
+                                y[t, tile * rows + r, block * width + u] = state[
+                                    1 - now, tile * rows + r, block * width + u
+                                ]
 
     return gru_recurrence.without_attr("global_symbol")
 
@@ -104,7 +158,7 @@ def convert_gru(bb: Any, inputs: list[Any], attrs: dict[str, Any]) -> Any:
         kernel = recurrence_kernel(seq.steps, seq.batch, hidden, lbr, seq.reverse[d])
         gvar = bb.add_func(kernel, "onnxpress_gru_recurrence")
         rbh = rb[2 * hidden :] if lbr else np.zeros(hidden, np.float32)
-        recurrent = relax.const(np.ascontiguousarray(r_np[d].T))
+        recurrent = relax.const(packed_recurrent(r_np[d], 3))
         y = bb.emit(
             relax.call_tir(
                 gvar,

@@ -7,6 +7,8 @@ for the input projection of every step and one TIR kernel that keeps the recurre
 constant (or weight-only int8, DequantizeLinear(constant)) weights, the layout=1 transposes,
 per-direction initial states, and stacking the outputs as ONNX lays them out:
 Y [T, D, B, H] (layout 1: [B, T, D, H]) and the last states [D, B, H] (layout 1: [B, D, H]).
+The kernels' shared pieces are here too: fast sigmoid / tanh as TIR expressions, the block
+sizes (``unit_block``, ``batch_block``) and R^T packed per block (``packed_recurrent``).
 """
 
 from __future__ import annotations
@@ -136,3 +138,74 @@ def outputs(bb: Any, ys: list[Any], states: list[list[Any]], seq: Sequence) -> A
         y_all = bb.emit(relax.op.permute_dims(y_all, [2, 0, 1, 3]))
         finals = [bb.emit(relax.op.permute_dims(f, [1, 0, 2])) for f in finals]
     return relax.Tuple([y_all, *finals])
+
+
+# Fast activations for the recurrence kernels (TIR expressions): T.sigmoid / T.tanh lower to
+# one libm ``expf`` call per element on x86, which kept the loops scalar. These are TOPI's
+# fast_exp polynomial (range reduction to 2^n e^r, |rel err| ~1e-7 on [-88, 88]), written
+# as PrimExprs so LLVM vectorizes them with the rest of the step.
+EXP_POLY = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
+EXP_LIMIT = 88.3762626647949
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+
+
+def fast_exp(x: Any) -> Any:
+    """exp(x) as a float32 PrimExpr (TOPI's fast_exp)."""
+    from tvm import tirx
+
+    def f32(value: float) -> Any:
+        return tirx.const(value, "float32")
+
+    x = tirx.max(tirx.min(x, f32(EXP_LIMIT)), f32(-EXP_LIMIT))
+    n = tirx.floor(x * f32(LOG2E) + f32(0.5))
+    r = x - n * f32(LN2)
+    poly = f32(EXP_POLY[0])
+    for coefficient in EXP_POLY[1:]:
+        poly = poly * r + f32(coefficient)
+    poly = poly * r * r + r + f32(1.0)
+    exponent = tirx.shift_left(tirx.Cast("int32", n) + tirx.const(127, "int32"), 23)
+    return poly * tirx.reinterpret("float32", exponent)
+
+
+def fast_sigmoid(x: Any) -> Any:
+    from tvm import tirx
+
+    one = tirx.const(1.0, "float32")
+    return one / (one + fast_exp(-x))
+
+
+def fast_tanh(x: Any) -> Any:
+    """tanh(x) = 2 sigmoid(2x) - 1 (absolute error ~1e-7)."""
+    from tvm import tirx
+
+    two = tirx.const(2.0, "float32")
+    return two * fast_sigmoid(two * x) - tirx.const(1.0, "float32")
+
+
+def unit_block(hidden: int) -> int:
+    """Hidden units per vector block of a recurrence kernel: 16 lanes (AVX-512; two AVX2
+    registers) when they divide the hidden size, else the largest smaller divisor."""
+    return next(width for width in (16, 8, 4, 2, 1) if hidden % width == 0)
+
+
+def batch_block(batch: int) -> int:
+    """Batch rows per register tile: the largest divisor of the batch up to 4."""
+    return next(rows for rows in (4, 3, 2, 1) if batch % rows == 0)
+
+
+def packed_recurrent(r: np.ndarray, gate_count: int) -> np.ndarray:
+    """R [G*H, H] as the recurrence kernels read it: [H/U, H, G, U], block b holding R^T's
+    columns g*H + b*U .. + U for every k. A thread's share of the weights is then one
+    contiguous run that stays in its core's cache across steps (R^T read by rows at a
+    4 KB stride mapped a 256-unit LSTM's blocks onto a sixteenth of the cache sets)."""
+    hidden = r.shape[1]
+    width = unit_block(hidden)
+    rt = np.asarray(r, np.float32).T.reshape(hidden, gate_count, hidden // width, width)
+    return np.ascontiguousarray(rt.transpose(2, 0, 1, 3))

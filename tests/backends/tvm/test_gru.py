@@ -36,7 +36,7 @@ def test_loop_form_is_one_kernel_per_direction() -> None:
     mod = import_relax(prepare(gru_model(direction="bidirectional"), pipeline=LOOP_GRU_PIPELINE))
     text = mod.script()
     assert text.count("R.call_tir(cls.onnxpress_gru_recurrence") == 2
-    assert "T.sigmoid" in text and "for step in range(4)" in text  # the loop is kept
+    assert "T.parallel(" in text and "for step in range(4)" in text  # the loop is kept
 
 
 def test_batch_first_layout(tmp_path: Path) -> None:

@@ -137,3 +137,41 @@ def test_masked_lstm_is_unrolled_with_its_lengths(tmp_path: Path) -> None:
     got = run_compiled(tmp_path / "m", feed)
     for want, have in zip(expected, got.values(), strict=True):
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_activations_and_packed_weights() -> None:
+    """The recurrence kernels' sigmoid / tanh polynomials (vectorized with the step) stay
+    within 1e-6 of numpy, and R^T is packed so that block b holds units b*U .. b*U+U of
+    every gate for every k."""
+    tvm = pytest.importorskip("tvm")
+    from tvm.script import tirx as T
+
+    from onnxpress.backends.tvm.rnn import fast_exp, fast_sigmoid, fast_tanh, packed_recurrent
+
+    @T.prim_func
+    def activations(
+        x: T.Buffer((64,), "float32"),
+        e: T.Buffer((64,), "float32"),
+        s: T.Buffer((64,), "float32"),
+        h: T.Buffer((64,), "float32"),
+    ) -> None:
+        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "global_symbol": "main"})
+        for i in T.vectorized(64):
+            e[i] = fast_exp(x[i])
+            s[i] = fast_sigmoid(x[i])
+            h[i] = fast_tanh(x[i])
+
+    library = tvm.compile(tvm.IRModule({"main": activations}), target="llvm")
+    x = np.linspace(-12, 12, 64).astype(np.float32)
+    out = [tvm.runtime.tensor(np.zeros(64, np.float32)) for _ in range(3)]
+    library["main"](tvm.runtime.tensor(x), *out)
+    e, s, h = (o.numpy().astype(np.float64) for o in out)
+    np.testing.assert_allclose(e, np.exp(x.astype(np.float64)), rtol=1e-6)
+    np.testing.assert_allclose(s, 1 / (1 + np.exp(-x.astype(np.float64))), atol=1e-6)
+    np.testing.assert_allclose(h, np.tanh(x.astype(np.float64)), atol=1e-6)
+
+    r = np.arange(4 * 32 * 32, dtype=np.float32).reshape(4 * 32, 32)  # [G*H, H], H = 32
+    packed = packed_recurrent(r, 4)
+    assert packed.shape == (2, 32, 4, 16)  # 16-unit blocks
+    block, k, gate, unit = 1, 5, 2, 3
+    assert packed[block, k, gate, unit] == r[gate * 32 + block * 16 + unit, k]
