@@ -29,6 +29,7 @@ from onnxpress.backends.tvm.rnn import (
     batch_block,
     fast_sigmoid,
     fast_tanh,
+    gate_sums,
     initial_state,
     last_step,
     outputs,
@@ -52,6 +53,7 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, lbr: bool, reverse: b
     width, rows = unit_block(hidden), batch_block(batch)
     blocks, tiles = hidden // width, batch // rows
     sweep = 3 if lbr else 2
+    accumulate = gate_sums(hidden, rows, sweep, width)
 
     @T.prim_func
     def gru_recurrence(
@@ -80,14 +82,7 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, lbr: bool, reverse: b
                                 if g < 2
                                 else rbh[block * width + u]
                             )
-                    for k in range(hidden):
-                        for r in T.unroll(rows):
-                            for g in T.unroll(sweep):
-                                for u in T.vectorized(width):
-                                    acc[r, g, u] = (
-                                        acc[r, g, u]
-                                        + rt[block, k, g, u] * state[now, tile * rows + r, k]
-                                    )
+                    accumulate(acc, rt, state, now, block, tile)
                     for r in range(rows):
                         # no Let bindings: TVM's vectorizer turns a float Let into lane 0
                         for u in T.vectorized(width):

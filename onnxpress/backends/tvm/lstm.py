@@ -30,6 +30,7 @@ from onnxpress.backends.tvm.rnn import (
     constant_input,
     fast_sigmoid,
     fast_tanh,
+    gate_sums,
     initial_state,
     last_step,
     outputs,
@@ -56,6 +57,7 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, reverse: bool) -> Any
     h4 = 4 * hidden
     width, rows = unit_block(hidden), batch_block(batch)
     blocks, tiles = hidden // width, batch // rows
+    accumulate = gate_sums(hidden, rows, 4, width)
 
     @T.prim_func
     def lstm_recurrence(
@@ -83,14 +85,7 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, reverse: bool) -> Any
                     for r, g in T.grid(rows, 4):
                         for u in T.vectorized(width):
                             acc[r, g, u] = xw[t, tile * rows + r, g * hidden + block * width + u]
-                    for k in range(hidden):
-                        for r in T.unroll(rows):
-                            for g in T.unroll(4):
-                                for u in T.vectorized(width):
-                                    acc[r, g, u] = (
-                                        acc[r, g, u]
-                                        + rt[block, k, g, u] * state[now, tile * rows + r, k]
-                                    )
+                    accumulate(acc, rt, state, now, block, tile)
                     for r in range(rows):
                         # no Let bindings here: TVM's vectorizer turns a float Let into lane 0
                         for u in T.vectorized(width):

@@ -209,3 +209,22 @@ def packed_recurrent(r: np.ndarray, gate_count: int) -> np.ndarray:
     width = unit_block(hidden)
     rt = np.asarray(r, np.float32).T.reshape(hidden, gate_count, hidden // width, width)
     return np.ascontiguousarray(rt.transpose(2, 0, 1, 3))
+
+
+def gate_sums(hidden: int, rows: int, gates: int, width: int) -> Any:
+    """TIR macro ``accumulate(acc, rt, state, now, block, tile)``: add h R^T to a block's
+    gate tile, ``acc[r, g, u] += sum_k rt[block, k, g, u] * state[now, tile * rows + r, k]``
+    in k order (rows x gates vectors of ``width`` lanes kept in registers)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def accumulate(acc: Any, rt: Any, state: Any, now: Any, block: Any, tile: Any) -> None:
+        for k in range(hidden):
+            for r in T.unroll(rows):
+                for g in T.unroll(gates):
+                    for u in T.vectorized(width):
+                        acc[r, g, u] = (
+                            acc[r, g, u] + rt[block, k, g, u] * state[now, tile * rows + r, k]
+                        )
+
+    return accumulate
