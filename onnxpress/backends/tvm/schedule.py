@@ -15,7 +15,9 @@ naive single-threaded loop nest. This pipeline
    ``Deinterleaved`` (strided_schedule.py: a padded input read with strided vector lanes,
    as in stride-2 depthwise convs, stored de-interleaved, then TiledReduction),
    ``TiledReduction`` (tile_schedule.py: register-tiled, vectorized, parallel conv2d /
-   matmul / batch-matmul kernels), dlight's CPU ``GEMV`` and ``Reduction``, and
+   matmul / batch-matmul kernels), ``RowReduction`` (a sum over an input's trailing axes,
+   e.g. global average pooling: W partial sums in a vector via rfactor, rows in parallel;
+   it was a scalar chain of dependent adds), dlight's CPU ``GEMV`` and ``Reduction``, and
    ``LoopParallel``: a fallback that inlines elementwise chains, vectorizes the innermost
    loop of elementwise blocks, moves the innermost spatial loop of a reduction under the
    reduction loops as vector lanes, and parallelizes the outer spatial loops of big kernels.
@@ -37,6 +39,7 @@ from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,
     conv_kernel_layout_pass,
+    inline_elementwise,
     schedule_elementwise,
     tiled_reduction_rule,
     vector_lanes,
@@ -60,7 +63,7 @@ def _loop_parallel_rule(lanes: int) -> Any:
             for vector_reductions in (True, False):
                 try:
                     sch = s_tir.Schedule(func)
-                    changed = _inline_elementwise(sch)
+                    changed = inline_elementwise(sch)
                     for block in sch.get_child_blocks(sch.get_sblock("root")):
                         if sch.get(block).init is None:
                             changed |= schedule_elementwise(sch, block, lanes)
@@ -73,28 +76,6 @@ def _loop_parallel_rule(lanes: int) -> Any:
             return None
 
     return LoopParallel()
-
-
-def _inline_elementwise(sch: Any) -> bool:
-    """Inline every spatial block whose consumers are all spatial blocks (BN, GELU chains)."""
-    changed = False
-    progress = True
-    while progress:
-        progress = False
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            consumers = sch.get_consumers(block)
-            if not consumers or sch.get(block).init is not None:
-                continue
-            if any(sch.get(c).init is not None for c in consumers):
-                continue
-            try:
-                sch.compute_inline(block)
-            except Exception as exc:  # writes an output, or not inlinable
-                logger.debug("not inlined: %s", exc)
-                continue
-            changed = progress = True
-            break
-    return changed
 
 
 def _schedule_reduction(sch: Any, block: Any, lanes: int, vector_reductions: bool) -> bool:
@@ -129,6 +110,81 @@ def _schedule_reduction(sch: Any, block: Any, lanes: int, vector_reductions: boo
     return changed
 
 
+def _row_reduction_rule(lanes: int) -> Any:
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+
+    class RowReduction(dl.ScheduleRule):
+        """A sum over an input's trailing axes (global average pooling, the squeeze of
+        squeeze-excitation): the run is fused, split into W lanes, and ``rfactor`` keeps W
+        partial sums in a vector that the final block adds up."""
+
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            try:
+                sch = s_tir.Schedule(func)
+                return sch if _row_reduction(sch, lanes) else None
+            except Exception as exc:  # a reduction of another shape: the next rule
+                logger.debug("RowReduction skipped a kernel: %s", exc)
+                return None
+
+    return RowReduction()
+
+
+def _row_reduction(sch: Any, lanes: int) -> bool:
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    reductions = [b for b in blocks if sch.get(b).init is not None]
+    if len(reductions) != 1:
+        return False
+    block = reductions[0]
+    stmt = sch.get(block)
+    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
+    spatial = kinds.index(2) if 2 in kinds else len(kinds)
+    loops = sch.get_loops(block)
+    if spatial == len(kinds) or set(kinds[spatial:]) != {2} or len(loops) != len(kinds):
+        return False
+    extents = [int(iv.dom.extent) for iv in stmt.iter_vars]
+    inputs = [r for r in stmt.reads if not r.source.same_as(stmt.writes[0].source)]
+    reduced = [iv.var for iv in stmt.iter_vars[spatial:]]
+    if len(inputs) != 1 or not _trailing(inputs[0], reduced, extents[spatial:]):
+        return False
+    run = math.prod(extents[spatial:])
+    width = vector_width(run, lanes)
+    if not width or run == width:
+        return False
+    fused = sch.fuse(*loops[spatial:]) if len(loops) - spatial > 1 else loops[spatial]
+    _, lane = sch.split(fused, factors=[None, width])
+    partial = sch.rfactor(lane, factor_axis=spatial)
+    rf_loops = sch.get_loops(partial)  # spatial..., run / W, W (the lanes, innermost)
+    outer = sch.fuse(*rf_loops[:spatial]) if spatial > 1 else rf_loops[0]
+    if math.prod(extents) >= MIN_PARALLEL_MACS // 4:
+        sch.parallel(outer)
+    sch.vectorize(sch.get_loops(partial)[-1])
+    init = sch.decompose_reduction(partial, sch.get_loops(partial)[1])
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.reverse_compute_at(block, outer)
+    for consumer in sch.get_consumers(block):  # mean's divide
+        try:
+            sch.reverse_compute_inline(consumer)
+        except Exception as exc:  # not elementwise
+            logger.debug("reduction epilogue not inlined: %s", exc)
+    return True
+
+
+def _trailing(read: Any, reduced: list[Any], extents: list[int]) -> bool:
+    """Whether ``read`` indexes its last dimensions with exactly the reduction variables, in
+    order and over the whole dimension: the reduced values are one contiguous run."""
+    index = [rng.min for rng in read.region]
+    shape = [int(d) for d in read.source.shape]
+    tail = index[len(index) - len(reduced) :]
+    return (
+        len(index) >= len(reduced)
+        and all(e.same_as(v) for e, v in zip(tail, reduced, strict=True))
+        and shape[len(shape) - len(extents) :] == extents
+    )
+
+
 def schedule_rules(target: Any) -> list[Any]:
     """The dlight rules of the pipeline for an llvm target, first match wins."""
     from tvm.s_tir import dlight as dl
@@ -137,6 +193,7 @@ def schedule_rules(target: Any) -> list[Any]:
     return [
         deinterleaved_rule(lanes, vector_registers(target)),
         tiled_reduction_rule(lanes, vector_registers(target)),
+        _row_reduction_rule(lanes),
         dl.cpu.GEMV(),
         _only_big_kernels(dl.cpu.Reduction()),
         _loop_parallel_rule(lanes),

@@ -196,43 +196,55 @@ def lane_strides(reads: Any, var: Any, extent: int, width: int) -> list[int] | N
     dtype = str(var.ty.dtype)
     outer, inner = tirx.Var("o", dtype), tirx.Var("i", dtype)
 
-    def lanes_at(offset: int) -> Analyzer:
+    zero = tirx.const(0, dtype)
+
+    def lanes(bound: Any) -> Analyzer:
+        """Lanes of the vector: ``bound`` is the lane index's Range, or a constant lane."""
         analyzer = Analyzer()
-        zero = tirx.const(0, dtype)
         analyzer.bind(outer, Range.from_min_extent(zero, tirx.const(extent // width, dtype)))
-        analyzer.bind(inner, Range.from_min_extent(zero, tirx.const(width, dtype)))
-        analyzer.bind(var, outer * tirx.const(width, dtype) + inner + tirx.const(offset, dtype))
+        analyzer.bind(inner, bound)
+        analyzer.bind(var, outer * tirx.const(width, dtype) + inner)
         return analyzer
 
-    base, step = lanes_at(0), lanes_at(1)
+    whole = lanes(Range.from_min_extent(zero, tirx.const(width, dtype)))
+    first, second = lanes(zero), lanes(tirx.const(1, dtype))
+    at = (whole, first, second)
     strides = []
     for read in reads:
         index = [rng.min for rng in read.region]
         varying = [
-            any(v.same_as(inner) for v in tirx.analysis.undefined_vars(base.simplify(e)))
+            any(v.same_as(inner) for v in tirx.analysis.undefined_vars(whole.simplify(e)))
             for e in index
         ]
         if any(varying[:-1]):
             # lanes that cross a row (p // W, p % W of a flattened spatial axis) are still
             # consecutive in memory when the flattened offset advances by one per lane
-            if _offset_stride(read, base, step) != 1:
+            if _lane_stride(_row_major_offset(read), at, inner) != 1:
                 return None
             strides.append(1)
             continue
-        stride = Analyzer().simplify(step.simplify(index[-1]) - base.simplify(index[-1]))
-        constant = int(stride) if isinstance(stride, tirx.IntImm) else -1
-        strides.append(constant if varying[-1] else 0)
+        stride = _lane_stride(index[-1], at, inner) if varying[-1] else 0
+        strides.append(-1 if stride is None else stride)
     return strides
 
 
-def _offset_stride(read: Any, base: Any, step: Any) -> int | None:
-    """The lane stride of a read's row-major offset in its buffer, if constant."""
-    from tvm import tirx
-    from tvm.sym import Analyzer
-
+def _row_major_offset(read: Any) -> Any:
     index = [rng.min for rng in read.region]
     offset = index[0]
     for extent, position in zip(list(read.source.shape)[1:], index[1:], strict=True):
         offset = offset * extent + position
-    stride = Analyzer().simplify(step.simplify(offset) - base.simplify(offset))
-    return int(stride) if isinstance(stride, tirx.IntImm) else None
+    return offset
+
+
+def _lane_stride(expr: Any, at: tuple[Any, Any, Any], inner: Any) -> int | None:
+    """s when ``expr`` at lane i is its value at lane 0 plus s * i for every lane of the
+    vector, else None; ``at``: analyzers binding the lanes (all of them, lane 0, lane 1)."""
+    from tvm import tirx
+    from tvm.sym import Analyzer
+
+    whole, first, second = at
+    stride = Analyzer().simplify(second.simplify(expr) - first.simplify(expr))
+    if not isinstance(stride, tirx.IntImm):
+        return None
+    rest = Analyzer().simplify(whole.simplify(expr) - first.simplify(expr) - stride * inner)
+    return int(stride) if isinstance(rest, tirx.IntImm) and int(rest) == 0 else None

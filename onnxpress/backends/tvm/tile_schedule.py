@@ -41,6 +41,7 @@ __all__ = [
     "MIN_PARALLEL_MACS",
     "TilePlan",
     "conv_kernel_layout_pass",
+    "inline_elementwise",
     "lane_strides",
     "one_reduction",
     "plan_tile",
@@ -146,6 +147,7 @@ def _wants_ihwo(call: Any, lanes: int) -> bool:
 def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     """Apply a TilePlan to its reduction block (see the module docstring)."""
     _inline_copies(sch, block)
+    inline_elementwise(sch)  # an epilogue DAG (x * sigmoid(x)) becomes one chain
     loops = sch.get_loops(block)
     spatial, reductions = loops[: plan.spatial], loops[plan.spatial :]
     acc = sch.cache_write(block, 0, "local")
@@ -241,6 +243,28 @@ def _vectorize_tail(sch: Any, block: Any, width: int, unroll: bool) -> None:
         loops = loops[:-1]
     for loop in loops if unroll else []:
         sch.unroll(loop)
+
+
+def inline_elementwise(sch: Any) -> bool:
+    """Inline every spatial block whose consumers are all spatial blocks (BN, GELU chains)."""
+    changed = False
+    progress = True
+    while progress:
+        progress = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            consumers = sch.get_consumers(block)
+            if not consumers or sch.get(block).init is not None:
+                continue
+            if any(sch.get(c).init is not None for c in consumers):
+                continue
+            try:
+                sch.compute_inline(block)
+            except Exception as exc:  # writes an output, or not inlinable
+                logger.debug("not inlined: %s", exc)
+                continue
+            changed = progress = True
+            break
+    return changed
 
 
 def _inline_copies(sch: Any, block: Any) -> None:

@@ -192,6 +192,27 @@ def test_matrix_vector_product_keeps_several_chains() -> None:
     assert text is not None and "T.parallel(T.int64(25))" in text
 
 
+def test_global_average_pool_sums_in_vector_lanes() -> None:
+    """mean over H, W (squeeze-excitation, global pooling): the 56 x 56 run is summed in 16
+    partial lanes per channel (rfactor), channels in parallel; within float rounding of
+    numpy's sum."""
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 96, 56, 56), "float32"))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            out = builder.emit_output(builder.emit(relax.op.mean(x, axis=[2, 3], keepdims=True)))
+        builder.emit_func_output(out)
+    mod = builder.get()
+    lowered = cpu_pipeline(AVX512)(mod)
+    text = next(f.script() for g, f in lowered.functions.items() if "mean" in g.name_hint)
+    assert "_rf" in text and "T.vectorized(T.int64(16))" in text and "T.parallel(" in text
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if tvm.target.codegen.target_has_features("avx2", host):
+        data = np.random.default_rng(3).standard_normal((1, 96, 56, 56)).astype(np.float32)
+        got = _run(mod, AVX2, cpu_pipeline(AVX2), [data])
+        np.testing.assert_allclose(got, data.mean(axis=(2, 3), keepdims=True), atol=1e-6)
+
+
 def test_rule_tiles_matmul_and_refuses_softmax() -> None:
     builder = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((12, 24), "float32"))
@@ -243,7 +264,7 @@ def test_avx2_schedule_is_exact(groups: int, stride: int) -> None:
     expected = _run(mod, AVX2, relax.get_default_pipeline(AVX2), args)
     got = _run(mod, AVX2, cpu_pipeline(AVX2), args)
     np.testing.assert_array_equal(got, expected)  # same reduction order per output
-    assert len(schedule_rules(AVX2)) == 5
+    assert len(schedule_rules(AVX2)) == 6
 
 
 def test_strided_depthwise_reads_its_padding_deinterleaved() -> None:
