@@ -5,6 +5,7 @@ both match TVM's own legalization; skipped without TVM."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,3 +70,50 @@ def test_legalized_kernels_and_results(kernel: int, size: int, target: Any, mark
 
     expected = run(relax.get_default_pipeline(AVX2), conv_kernel_layout_pass(8)(mod))
     np.testing.assert_allclose(run(cpu_pipeline(AVX2), mod), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, pads, output_padding, blocks",
+    [
+        (2, 2, 0, 0, True),  # U-Net upsampling: one 1x1 conv per kernel position
+        (3, 2, 1, 1, False),  # overlapping windows: TVM's own legalization
+    ],
+)
+def test_transposed_convolutions_match_onnxruntime(
+    kernel: int, stride: int, pads: int, output_padding: int, blocks: bool, tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpress.backends.tvm.backend import compile_model
+
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((16, 32, kernel, kernel)).astype(np.float32)  # [C, O, kh, kw]
+    bias = rng.standard_normal(32).astype(np.float32)
+    size = 8
+    out = (size - 1) * stride - 2 * pads + kernel + output_padding
+    node = helper.make_node(
+        "ConvTranspose",
+        ["x", "w", "b"],
+        ["y"],
+        kernel_shape=[kernel, kernel],
+        strides=[stride, stride],
+        pads=[pads] * 4,
+        output_padding=[output_padding] * 2,
+    )
+    graph = helper.make_graph(
+        [node],
+        "deconv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, out, out])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    result = compile_model(model, "x86", tmp_path / "deconv")
+    assert result.manifest["verification"]["errors"]["y"] <= 1e-5
+    with AVX512:
+        mod = tvm.relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)
+        text = cpu_pipeline(AVX512)(mod).script()
+    packed = "(T.int64(2), T.int64(2), T.int64(16), T.int64(32))"  # [kh, kw, C, O], folded
+    assert (packed in text) == blocks
