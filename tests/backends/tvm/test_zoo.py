@@ -143,3 +143,17 @@ def test_gru_row_end_to_end(zoo: ModuleType, capsys: pytest.CaptureFixture[str])
     row = json.loads(capsys.readouterr().out.strip())
     assert set(zoo.KEYS) <= set(row) and row["model"] == "gru"
     assert row["max_rel_err"] <= 1e-4 and row["tvm_ms"] > 0 and row["int8_ratio"] is None
+
+
+def test_conv_kernel_bench_row(capsys: pytest.CaptureFixture[str]) -> None:
+    """tools/bench_tvm_convs.py: a verified JSON row per shape, GFLOP/s from the MAC count."""
+    convs = _tool("bench_tvm_convs")
+    model, macs = convs.conv_model(convs.SHAPES["1x1-576-96@14"])
+    onnx.checker.check_model(model)
+    assert macs == 576 * 96 * 14 * 14
+    assert convs.main(["--shapes", "1x1-576-96@14", "--rounds", "1", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["max_rel_err"] <= 1e-5 and row["tvm_ms"] > 0 and row["ort_ms"] > 0
+    assert abs(row["tvm_gflops"] - 2 * macs / row["tvm_ms"] / 1e6) <= 0.01 * row["tvm_gflops"]
+    with pytest.raises(SystemExit):
+        convs.main(["--shapes", "no-such-shape"])
