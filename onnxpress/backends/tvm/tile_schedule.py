@@ -16,9 +16,9 @@ producers (padding, transposes) and consumers (bias, activation, residual) aroun
     much as a 64-deep reduction); outer spatial loops parallel when there are enough
     multiply-adds.
 
-W: the target's lanes (AVX-512 16, AVX2 8, SSE/NEON 4), else a divisor of the axis; P: up
-to half the vector registers less two for one vector (LLVM keeps loads of the unrolled
-window live too), S*P up to three quarters of them for a stack.
+W: the target's lanes (AVX-512 16, AVX2 8, SSE/NEON 4), else a divisor of the axis; P: for
+one vector, 14 of 32 registers and 10 of 16 (LLVM keeps loads of the unrolled window live
+too); S*P up to three quarters of them for a stack (stacks need 32 registers).
 Each output's reduction order is unchanged, so results match the naive kernel. A kernel
 that does not fit returns None (next rule).
 """
@@ -213,9 +213,10 @@ def _write_back_by_vectors(sch: Any, acc: Any, plan: TilePlan) -> bool:
     loops = sch.get_loops(acc)[1:]
     extents = [int(sch.get(loop).extent) for loop in loops]
     span = plan.width * plan.stack
-    position = next((i for i, e in enumerate(extents) if e == span), None)
-    if position is None:
+    matches = [i for i, e in enumerate(extents) if e == span]
+    if len(matches) != 1:  # none, or a row loop of the same length: do not guess
         return False
+    position = matches[0]
     vector = loops[position]
     outer, lanes = sch.split(vector, factors=[None, plan.width])
     rest = [loop for i, loop in enumerate(loops) if i != position]
