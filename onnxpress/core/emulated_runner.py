@@ -1,24 +1,28 @@
 """``EmulatedRunner``: a QDQ model run with its integer layers computed as a target computes.
 
-The integer layers (``int8_layers``) are cut out of the graph: each one's output becomes an
-input of the remaining graph and each one's 8-bit operand becomes an output. onnxruntime
-(optimizations off) runs the rest; ``int8_emulation.layer_output`` computes the layers from
-the operands it returns, one level at a time: a layer's level is one more than the deepest
-integer layer upstream of it, so after the layers of level L go back in, the operands of
-level L + 1 are final. Each layer is computed once; onnxruntime runs depth + 1 times.
+The integer layers (``int8_layers``) are cut out of the graph and computed by
+``int8_emulation.layer_output`` from their 8-bit operands. A layer's level is one more than
+the deepest integer layer upstream of it; every other node's level is the deepest integer
+layer upstream of it. The float nodes of one level form a segment, a model of its own that
+onnxruntime (optimizations off) runs once: segment L reads the graph inputs, the outputs of
+the layers of levels <= L and the tensors of earlier segments, and returns what later
+segments, layers and the graph's outputs read. So each node runs once per call, however
+deep the model (a whole-graph run per level made a 50-layer chain 50 times slower).
+Segments are built on the first call, with the dtypes of the values they receive.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxpress.core.int8_emulation import Batch, layer_output
-from onnxpress.core.int8_layers import integer_layers
+from onnxpress.core.int8_layers import IntegerLayer, integer_layers
 from onnxpress.core.targets import Arithmetic
 from onnxpress.core.verify import session_threads
 
@@ -30,9 +34,33 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     options.intra_op_num_threads = session_threads()
+    # numpy computes the layers between runs: idle pool threads must not spin over it
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The outer-scope tensors ``node`` reads: its inputs and those its subgraphs capture."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        graphs = [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs
+        for graph in graphs:
+            inner = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+            for inner_node in graph.node:
+                names.extend(name for name in _reads(inner_node) if name not in inner)
+                inner.update(inner_node.output)
+    return names
+
+
+@dataclass
+class _Segment:
+    level: int
+    nodes: list[onnx.NodeProto]
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    session: ort.InferenceSession | None = None
 
 
 class EmulatedRunner:
@@ -42,87 +70,97 @@ class EmulatedRunner:
         self.arithmetic = arithmetic
         self.layers = integer_layers(model)
         self.output_names = [o.name for o in model.graph.output]
-        graph_inputs = {i.name for i in model.graph.input}
-        self._operands = sorted(
-            {
-                name
-                for layer in self.layers
-                for name in (layer.activation.tensor, layer.weight.tensor)
-                if (layer is not None and name not in graph_inputs)
-                and not (name == layer.weight.tensor and layer.weight.value is not None)
-            }
+        self._model = model
+        self._constants = {t.name: t for t in model.graph.initializer}
+        cut = {layer.node.output[0]: layer for layer in self.layers}
+        self.levels, self._segments = _plan(model, cut, self._constants)
+        self._by_level: dict[int, list[IntegerLayer]] = {}
+        for layer in self.layers:
+            self._by_level.setdefault(self.levels[layer.node.output[0]], []).append(layer)
+
+    def _build(self, segment: _Segment, values: dict[str, np.ndarray]) -> ort.InferenceSession:
+        graph = helper.make_graph(
+            segment.nodes,
+            f"level{segment.level}",
+            [
+                helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(np.asarray(values[name]).dtype), None
+                )
+                for name in segment.inputs
+            ],
+            [helper.ValueInfoProto(name=name) for name in segment.outputs],
+            [self._constants[name] for name in _used_constants(segment.nodes, self._constants)],
         )
-        self._cut = {layer.node.output[0] for layer in self.layers}
-        self.levels = _levels(model, self._cut)
-        self._first = _session(self._with_outputs(model, [*self._operands, *sorted(self._cut)]))
-        self._rest = _session(self._cut_model(model)) if self.layers else None
-
-    def _with_outputs(self, model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-        extended = onnx.ModelProto()
-        extended.CopyFrom(model)
-        have = {o.name for o in extended.graph.output}
-        for name in names:
-            if name not in have:
-                extended.graph.output.append(helper.ValueInfoProto(name=name))
-        return extended
-
-    def _cut_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        cut = onnx.ModelProto()
-        cut.CopyFrom(model)
-        graph = cut.graph
-        kept = [onnx.NodeProto() for n in graph.node if not (n.output and n.output[0] in self._cut)]
-        for copy, node in zip(
-            kept,
-            (n for n in graph.node if not (n.output and n.output[0] in self._cut)),
-            strict=True,
-        ):
-            copy.CopyFrom(node)
-        del graph.node[:]
-        graph.node.extend(kept)
-        for name in sorted(self._cut):
-            graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        outputs = [o for o in graph.output if o.name not in self._cut]
-        del graph.output[:]
-        graph.output.extend(outputs)
-        for name in self._operands:
-            graph.output.append(helper.ValueInfoProto(name=name))
-        if not graph.output:
-            graph.output.append(helper.ValueInfoProto(name=next(iter(self._cut))))
-        return cut
+        model = helper.make_model(
+            graph, opset_imports=list(self._model.opset_import), ir_version=self._model.ir_version
+        )
+        model.functions.extend(self._model.functions)
+        return _session(model)
 
     def __call__(self, feed: Batch) -> list[np.ndarray]:
-        first_names = [o.name for o in self._first.get_outputs()]
-        values = {**feed, **dict(zip(first_names, self._first.run(None, feed), strict=True))}
-        if self._rest is None:
-            return [np.asarray(values[name]) for name in self.output_names]
-        rest_names = [o.name for o in self._rest.get_outputs()]
-        injected: dict[str, np.ndarray] = {}
-        for level in sorted({self.levels[layer.node.output[0]] for layer in self.layers}):
-            for layer in self.layers:
-                if self.levels[layer.node.output[0]] == level:
-                    injected[layer.node.output[0]] = layer_output(
-                        layer,
-                        values[layer.activation.tensor],
-                        None if layer.weight.value is not None else values[layer.weight.tensor],
-                        self.arithmetic,
-                    )
-            if len(injected) < len(self.layers):  # the first run's outputs stand in until then
-                missing = {n: values[n] for n in self._cut if n not in injected}
-            else:
-                missing = {}
-            run = self._rest.run(None, {**feed, **missing, **injected})
-            values.update(dict(zip(rest_names, run, strict=True)))
-        values.update(injected)
+        values: dict[str, np.ndarray] = dict(feed)
+        for segment in self._segments:
+            for layer in self._by_level.get(segment.level, []):
+                values[layer.node.output[0]] = layer_output(
+                    layer,
+                    values[layer.activation.tensor],
+                    None if layer.weight.value is not None else values[layer.weight.tensor],
+                    self.arithmetic,
+                )
+            if not segment.outputs:
+                continue
+            if segment.session is None:
+                segment.session = self._build(segment, values)
+            run = segment.session.run(None, {name: values[name] for name in segment.inputs})
+            values.update(zip(segment.outputs, run, strict=True))
+        for name in self.output_names:
+            if name not in values and name in self._constants:
+                values[name] = numpy_helper.to_array(self._constants[name])
         return [np.asarray(values[name]) for name in self.output_names]
 
 
-def _levels(model: onnx.ModelProto, cut: set[str]) -> dict[str, int]:
-    """Integer-layer output -> 1 + the deepest integer layer upstream of it."""
+def _used_constants(
+    nodes: list[onnx.NodeProto], constants: dict[str, onnx.TensorProto]
+) -> list[str]:
+    return sorted({name for node in nodes for name in _reads(node) if name in constants})
+
+
+def _plan(
+    model: onnx.ModelProto, cut: dict[str, IntegerLayer], constants: dict[str, onnx.TensorProto]
+) -> tuple[dict[str, int], list[_Segment]]:
+    """Each layer's level, and the float nodes grouped by level with what each group reads
+    from outside itself and returns. The layers of level L run just before segment L."""
     depth: dict[str, int] = {}
+    levels: dict[str, int] = {}
+    by_level: dict[int, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        level = max((depth.get(name, 0) for name in node.input), default=0)
+        level = max((depth.get(name, 0) for name in _reads(node)), default=0)
         if node.output and node.output[0] in cut:
             level += 1
+            levels[node.output[0]] = level
+        else:
+            by_level.setdefault(level, []).append(node)
         for name in node.output:
             depth[name] = level
-    return {name: depth[name] for name in cut}
+    top = max([*by_level, *levels.values()], default=0)
+    segments = [_Segment(level, by_level.get(level, [])) for level in range(top + 1)]
+    wanted = {o.name for o in model.graph.output}
+    for layer in cut.values():
+        wanted.add(layer.activation.tensor)
+        if layer.weight.value is None:
+            wanted.add(layer.weight.tensor)
+    readers: dict[str, set[int]] = {}
+    for segment in segments:
+        for node in segment.nodes:
+            for name in _reads(node):
+                readers.setdefault(name, set()).add(segment.level)
+    for segment in segments:
+        made = {name for node in segment.nodes for name in node.output if name}
+        outside = {name for node in segment.nodes for name in _reads(node)} - made
+        segment.inputs = sorted(outside - set(constants))
+        segment.outputs = sorted(
+            name
+            for name in made
+            if name in wanted or readers.get(name, {segment.level}) - {segment.level}
+        )
+    return levels, segments

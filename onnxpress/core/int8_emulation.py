@@ -10,10 +10,11 @@ integer layer (``int8_layers``) is computed here from its 8-bit operands:
   the exact column sums. int8 activations are shifted to u8 first (+128). u8 weights run
   on a widening kernel and depthwise convolutions on their own int32 kernel: both exact.
 
-then ``(acc + bias) * s_x * s_w`` in float, as the kernels requantize. Everything else runs on
-onnxruntime with graph optimizations off, i.e. the QDQ float semantics of the other ops.
-The layers' outputs are fed back in until they stop changing (one pass per level of
-integer layers on a path; two runs when nothing saturates).
+then ``(acc + bias) * s_x * s_w`` in float, as the kernels requantize. Exact sums run as one
+float64 product per layer over zero-point-centered operands (exact below 2**53); depthwise
+convolutions sum tap by tap over shifted images (float32 while every partial sum stays
+below 2**24). Everything else runs on onnxruntime with graph optimizations off, i.e. the
+QDQ float semantics of the other ops, one level segment at a time (``emulated_runner``).
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ def saturating_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _columns(layer: IntegerLayer, x: np.ndarray, pad_value: float) -> tuple[np.ndarray, tuple]:
-    """im2col of x [B, C, *S] -> [groups, B * prod(out), K] in (taps, channels) order."""
+def _padded(layer: IntegerLayer, x: np.ndarray, pad_value: float) -> tuple[np.ndarray, Geometry]:
+    """x [B, C, *S] padded as the Conv pads it (auto_pad too), and its kernel geometry."""
     w = layer.weight.value
     assert w is not None
-    kernel = w.shape[2:]
+    kernel = tuple(int(k) for k in w.shape[2:])
     dims = len(kernel)
     attrs = layer.attributes
     strides = list(attrs.get("strides", [1] * dims))  # type: ignore[call-overload]
@@ -93,6 +94,18 @@ def _columns(layer: IntegerLayer, x: np.ndarray, pad_value: float) -> tuple[np.n
     widths = [(0, 0), (0, 0)] + [(pads[i], pads[i + dims]) for i in range(dims)]
     padded = np.pad(x, widths, constant_values=pad_value)
     extent = [(kernel[i] - 1) * dilations[i] + 1 for i in range(dims)]
+    out_shape = tuple((padded.shape[2 + i] - extent[i]) // strides[i] + 1 for i in range(dims))
+    return padded, (kernel, tuple(strides), tuple(dilations), out_shape)
+
+
+Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _columns(layer: IntegerLayer, x: np.ndarray, pad_value: float) -> tuple[np.ndarray, tuple]:
+    """im2col of x [B, C, *S] -> [groups, B * prod(out), K] in (taps, channels) order."""
+    padded, (kernel, strides, dilations, _) = _padded(layer, x, pad_value)
+    dims = len(kernel)
+    extent = [(kernel[i] - 1) * dilations[i] + 1 for i in range(dims)]
     windows = np.lib.stride_tricks.sliding_window_view(
         padded, extent, axis=tuple(range(2, 2 + dims))
     )
@@ -109,16 +122,52 @@ def _columns(layer: IntegerLayer, x: np.ndarray, pad_value: float) -> tuple[np.n
     return cols, (batch, *out_shape)
 
 
+def _depthwise_sums(layer: IntegerLayer, x: np.ndarray) -> tuple[np.ndarray, tuple]:
+    """Exact sums of a depthwise Conv over centered x [B, C, *S] (zero-padded): one multiply-
+    add of shifted images per kernel tap, no im2col. -> ([B * prod(out), O], (B, *out))."""
+    w = layer.weight.value
+    assert w is not None
+    centered_w = w.astype(np.float64) - layer.weight.zero_point.astype(np.float64).reshape(
+        (-1,) + (1,) * (w.ndim - 1)
+    )
+    per_group = w.shape[0] // x.shape[1]
+    if per_group > 1:  # a channel multiplier: output o reads input channel o // per_group
+        x = np.repeat(x, per_group, axis=1)
+    padded, (kernel, strides, dilations, out_shape) = _padded(layer, x, 0)
+    taps = int(np.prod(kernel))
+    bound = taps * float(np.abs(x).max(initial=0)) * float(np.abs(centered_w).max(initial=0))
+    exact = np.float32 if bound < 2**24 else np.float64  # every partial sum an exact integer
+    image = padded.astype(exact)
+    acc = np.zeros((x.shape[0], w.shape[0], *out_shape), exact)
+    channel_weights = centered_w.astype(exact).reshape(w.shape[0], taps)
+    for tap, offset in enumerate(np.ndindex(*kernel)):
+        spans = zip(offset, dilations, strides, out_shape, strict=True)
+        window = (
+            slice(None),
+            slice(None),
+            *(slice(o * d, o * d + (n - 1) * s + 1, s) for o, d, s, n in spans),
+        )
+        weight = channel_weights[:, tap].reshape((1, -1) + (1,) * len(kernel))
+        acc += image[window] * weight
+    rows = np.moveaxis(acc, 1, -1).reshape(-1, w.shape[0]).astype(np.float64)
+    return rows, (x.shape[0], *out_shape)
+
+
 def layer_output(
     layer: IntegerLayer, x_q: np.ndarray, w_q: np.ndarray | None, arithmetic: Arithmetic
 ) -> np.ndarray:
     """The float output of one integer layer from its 8-bit activation (and weight) values."""
     act, wt = layer.activation, layer.weight
-    x = x_q.astype(np.int64)
+    x = x_q.astype(np.int16)
     x_zero = int(act.zero_point)
     saturating = pair_saturates(layer, arithmetic)
     if saturating and act.dtype == np.dtype(np.int8):
         x, x_zero = x + 128, x_zero + 128  # the kernels run s8 activations as u8
+    if not saturating:  # exact sums: center x, so no zero-point terms remain (pads are 0)
+        x, x_zero = x - np.int16(x_zero), 0
+    if layer.depthwise and not saturating:
+        acc, shape = _depthwise_sums(layer, x)
+        return _requantized(layer, acc, shape)
     if layer.op == "Conv":
         cols, shape = _columns(layer, x, x_zero)
         matrices = reduction_matrix(layer)
@@ -130,31 +179,34 @@ def layer_output(
         shape = x.shape[:-1]
         cols = x.reshape(1, -1, x.shape[-1])
         if weights.ndim > 2:  # activation x activation MatMul: one matrix per batch entry
-            return _batched_matmul(layer, x, weights, arithmetic)
+            return _batched_matmul(layer, x_q.astype(np.int64), weights, arithmetic)
         matrices = reduction_matrix(layer, weights)
-    w_zero = wt.zero_point.astype(np.int64)
-    outputs = []
-    for group in range(matrices.shape[0]):
-        w = matrices[group].astype(np.int64)
-        n = w.shape[1]
-        zw = np.broadcast_to(
-            w_zero.reshape(-1)[group * n : (group + 1) * n]
-            if w_zero.size > 1
-            else w_zero.reshape(-1),
-            (n,),
-        )
-        xg = cols[group]
-        raw = (
-            saturating_matmul(xg, w) if saturating else xg.astype(np.float64) @ w.astype(np.float64)
-        )
-        acc = (
-            raw
-            - x_zero * w.sum(axis=0)
-            - xg.sum(axis=1, keepdims=True) * zw
-            + w.shape[0] * x_zero * zw
-        )
-        outputs.append(acc)
-    acc = np.concatenate(outputs, axis=1)
+    groups, n = matrices.shape[0], matrices.shape[2]
+    w_zero = wt.zero_point.astype(np.int64).reshape(-1)
+    zw = w_zero.reshape(groups, 1, n) if w_zero.size > 1 else w_zero.reshape(1, 1, 1)
+    if not saturating:  # one batched float64 product over the groups: exact below 2**53
+        centered = matrices.astype(np.float64) - zw
+        acc = np.matmul(cols.astype(np.float64), centered).transpose(1, 0, 2)
+        acc = acc.reshape(acc.shape[0], groups * n)
+    else:
+        outputs = []
+        for group in range(groups):
+            w = matrices[group].astype(np.int64)
+            zg = zw[min(group, zw.shape[0] - 1), 0]
+            xg = cols[group]
+            outputs.append(
+                saturating_matmul(xg, w)
+                - x_zero * w.sum(axis=0)
+                - xg.sum(axis=1, keepdims=True, dtype=np.int64) * zg
+                + w.shape[0] * x_zero * zg
+            )
+        acc = np.concatenate(outputs, axis=1)
+    return _requantized(layer, acc, shape)
+
+
+def _requantized(layer: IntegerLayer, acc: np.ndarray, shape: tuple) -> np.ndarray:
+    """(acc + bias) * s_x * s_w (+ a float bias) as float32, [B, N, *out] for a Conv."""
+    act, wt = layer.activation, layer.weight
     if layer.bias_int32 is not None:
         acc = acc + layer.bias_int32.reshape(1, -1)
     scale = act.scale.astype(np.float64) * wt.scale.astype(np.float64).reshape(1, -1)

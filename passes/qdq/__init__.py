@@ -78,7 +78,7 @@ from onnxpress.passes.qdq.report import report
 from onnxpress.passes.qdq.saturation import Policy, protect_from_saturation
 from onnxpress.passes.qdq.target_fit import fit_targets
 
-from onnxpress.calibration.observers import RANGE_METHODS
+from onnxpress.calibration.observers import RANGE_METHODS, Range
 from onnxpress.core.context import PassContext
 from onnxpress.core.errors import CalibrationError
 from onnxpress.core.pass_base import Pass, PassResult
@@ -234,12 +234,17 @@ class Qdq(Pass[QdqOptions]):
         )
         method, corrected_biases = opts.method, opts.bias_correction
         mixed = mixed_range_concats(graph, full, obs, symmetric, opts.concat_spread)
+        range_cache: dict[str, dict[str, Range]] = {}
 
         def materialize(
             target: gs.Graph, excluded: frozenset[str], method: str, deltas: Deltas
         ) -> tuple[Annotation, ConvertSummary, int]:
             ann = self._annotate(target, scope, floats, excluded | frozenset(mixed))
-            ranges = tensor_ranges(full, obs, method, symmetric, opts.percentile, outputs)
+            if method not in range_cache:  # every candidate of one method shares its ranges
+                range_cache[method] = tensor_ranges(
+                    full, obs, method, symmetric, opts.percentile, outputs
+                )
+            ranges = range_cache[method]
             corrected = apply_bias_deltas(target, deltas, set(ann.quantized_nodes))
             summary = convert(target, ann, ranges, symmetric, opts.reduce_range)
             return ann, summary, corrected

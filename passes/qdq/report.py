@@ -60,14 +60,20 @@ def report(
                     "initial_drop": fallback.initial_drop,
                     "final_drop": fallback.final_drop,
                     "within_budget": fallback.within_budget,
+                    "evaluations": fallback.evaluations,
                 }
             }
         )
-        for step in fallback.steps:
+        kept = len(fallback.steps)
+        for rank, step in enumerate(fallback.steps, 1):
+            measured = (
+                f"drop {step.drop_after:.4f} with it and the layers before it in float"
+                if step.drop_after is not None
+                else f"drop {fallback.final_drop:.4f} with the {kept} most sensitive in float"
+            )
             reason = (
-                f"accuracy fallback: alone in float it recovers {step.gain:.4f} of "
-                f"{metric}; drop {step.drop_after:.4f} with it and the layers "
-                f"before it in float (budget {budget})"
+                f"accuracy fallback: rank {rank}, alone in float it recovers {step.gain:.4f} "
+                f"of {metric}; {measured} (budget {budget})"
             )
             result.refuse(step.node, reason)
             result.details.append(

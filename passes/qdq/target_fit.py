@@ -10,6 +10,7 @@ once for the fully quantized model, so fallback never trades a layer that a reme
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ from onnxpress.passes.qdq.saturation import Change, Policy, Remedy, apply, plan
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.int8_emulation import Batch
 from onnxpress.core.int8_layers import IntegerLayer
-from onnxpress.core.targets import Target, arithmetics
+from onnxpress.core.targets import Arithmetic, Target, arithmetics
 from onnxpress.core.verify import compare_task
 
 logger = logging.getLogger(__name__)
@@ -44,34 +45,42 @@ class TargetEvaluator(Evaluator):
         self, float_model: onnx.ModelProto, batches: list[Batch], targets: tuple[Target, ...]
     ) -> None:
         super().__init__(float_model, batches, task_fit)
-        self.kinds = list(arithmetics(targets))
+        self.judges: list[Arithmetic | None] = [None, *arithmetics(targets)]  # None: this CPU
+        self.worst: Arithmetic | None = None  # the judge of the last drop's worst score
 
     def drop(self, model: onnx.ModelProto) -> tuple[float, float]:
         self.evaluations += 1
         worst, error = -np.inf, 0.0
-        runs = [self.run(model)]
-        for kind in self.kinds:
-            runner = EmulatedRunner(model, kind)
-            runs.append([runner(batch) for batch in self.batches])
-        for outputs in runs:
+        for judge in self.judges:
+            if judge is None:
+                outputs = self.run(model, emulate=False)
+            else:
+                runner = EmulatedRunner(model, judge)
+                outputs = [runner(batch) for batch in self.batches]
             score = task_fit(
                 MetricInputs(model, self.batches, outputs, self.reference, self.output_names)
             )
             if self.baseline - score > worst:
-                worst = self.baseline - score
-                error = (
-                    max(
+                worst, self.worst = self.baseline - score, judge
+                error = max(
+                    (
                         float(
                             np.linalg.norm(n.astype(np.float64) - r) / max(np.linalg.norm(r), 1e-12)
                         )
                         for ref, new in zip(self.reference, outputs, strict=True)
                         for r, n in zip(ref, new, strict=True)
                         if np.issubdtype(r.dtype, np.floating)
-                    )
-                    if outputs and outputs[0]
-                    else 0.0
+                    ),
+                    default=0.0,
                 )
         return float(worst), error
+
+    def ranking(self) -> Evaluator:
+        """Layers are ranked by the judge that scored the last candidate worst alone: the
+        sensitivity that matters, at a fraction of the cost of every judge."""
+        narrowed = copy.copy(self)
+        narrowed.judges = [self.worst]
+        return narrowed
 
 
 def with_remedies(model: onnx.ModelProto, planned: Planned) -> onnx.ModelProto:

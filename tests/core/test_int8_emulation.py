@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxpress
 from onnxpress.core.emulated_runner import EmulatedRunner
-from onnxpress.core.int8_emulation import saturating_matmul
-from onnxpress.core.int8_layers import integer_layers
+from onnxpress.core.int8_emulation import layer_output, saturating_matmul
+from onnxpress.core.int8_layers import IntegerLayer, Quantized, integer_layers
 from onnxpress.core.targets import EXACT, PAIR_SATURATING, host_target
 
 
@@ -164,3 +164,56 @@ def test_pair_saturating_emulation_matches_onnxruntime_avx2_under_qemu(tmp_path:
     assert np.abs(exact - avx2).max() > 0.05 * float(np.abs(avx2).max())
     # u8 weights: AVX2's u8 x u8 kernel widens to int16 first, no pair saturates
     assert np.abs(np.load(tmp_path / "u8.onnx.npy") - exact).max() <= step
+
+
+@pytest.mark.parametrize(
+    ("channels", "multiplier", "kernel", "attributes"),
+    [
+        (8, 1, (3, 3), {"pads": [1, 1, 1, 1]}),
+        (6, 2, (3, 3), {"strides": [2, 2], "pads": [0, 1, 1, 0]}),
+        (5, 1, (5, 5), {"strides": [2, 2], "dilations": [2, 2], "pads": [2, 2, 2, 2]}),
+        (4, 1, (3, 3), {"strides": [2, 2], "auto_pad": b"SAME_UPPER"}),
+        (3, 3, (1, 3), {"pads": [0, 1, 0, 1]}),
+    ],
+)
+def test_depthwise_taps_match_the_im2col_sums(
+    channels: int, multiplier: int, kernel: tuple[int, int], attributes: dict[str, object]
+) -> None:
+    """Depthwise convs sum tap by tap over shifted images; the general im2col path (the
+    property patched off) must give the very same floats, zero points and bias included."""
+    rng = np.random.default_rng(channels)
+    out = channels * multiplier
+    weights = rng.integers(-128, 128, (out, 1, *kernel)).astype(np.int8)
+    activation = Quantized(
+        "xq", np.array(0.1, np.float32), np.array(7, np.uint8), None, np.dtype(np.uint8)
+    )
+    weight = Quantized(
+        "wq",
+        rng.uniform(0.01, 0.02, out).astype(np.float32),
+        rng.integers(-3, 3, out).astype(np.int8),
+        0,
+        np.dtype(np.int8),
+        value=weights,
+    )
+    layer = IntegerLayer(
+        helper.make_node("Conv", ["a", "b"], ["y"], name="dw"),
+        activation,
+        weight,
+        bias_int32=rng.integers(-100, 100, out).astype(np.int32),
+        attributes={"group": channels, **attributes},
+    )
+    x = rng.integers(0, 256, (2, channels, 9, 11)).astype(np.uint8)
+    assert layer.depthwise
+    taps = layer_output(layer, x, None, EXACT)
+    im2col = _general_sums(layer, x)
+    assert taps.shape == im2col.shape and taps.dtype == np.float32
+    np.testing.assert_array_equal(taps, im2col)
+
+
+def _general_sums(layer: IntegerLayer, x: np.ndarray) -> np.ndarray:
+    original = IntegerLayer.depthwise
+    IntegerLayer.depthwise = property(lambda self: False)  # type: ignore[assignment,method-assign]
+    try:
+        return layer_output(layer, x, None, EXACT)
+    finally:
+        IntegerLayer.depthwise = original  # type: ignore[method-assign]

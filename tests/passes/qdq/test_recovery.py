@@ -16,6 +16,7 @@ import pytest
 from onnx import helper
 from onnxpress.passes.qdq import MetricInputs, register_metric
 from onnxpress.passes.qdq.calibrate import observe
+from onnxpress.passes.qdq.recover import Evaluator, greedy_fallback
 from qdq_helpers import View, batches, conv_relu_model, quantize, weights
 
 import onnxpress
@@ -212,3 +213,43 @@ def test_agreement_is_top1_only_for_batch_by_class_outputs() -> None:
     args = (onnx.ModelProto(), [{}], [[noisy]], [[detections]], ["detections"])
     error = np.linalg.norm(noisy - detections) / np.linalg.norm(detections)
     assert agreement(MetricInputs(*args)) == pytest.approx(1 - error)
+
+
+class _Additive(Evaluator):
+    """A judge over stand-in 'models' (the excluded names): each layer adds its own drop."""
+
+    def __init__(self, costs: dict[str, float]) -> None:
+        self.costs, self.evaluations = costs, 0
+
+    def drop(self, model: onnx.ModelProto) -> tuple[float, float]:
+        self.evaluations += 1
+        excluded: frozenset[str] = model  # type: ignore[assignment]
+        return sum(v for k, v in self.costs.items() if k not in excluded), 0.0
+
+
+def test_fallback_finds_the_shortest_prefix_in_logarithmic_evaluations() -> None:
+    costs = {f"layer{i:02d}": 0.01 * (i % 7) for i in range(60)}
+    costs.update(big1=0.5, big2=0.4, big3=0.3)
+    judge = _Additive(costs)
+    result = greedy_fallback(
+        {name: "Conv" for name in costs},
+        lambda excluded: excluded,  # type: ignore[arg-type,return-value]
+        judge,
+        0.2,
+    )
+    assert result.excluded[:3] == ["big1", "big2", "big3"] and result.within_budget
+    # the three big ones and the costliest small layers until the rest is within 0.2
+    rest = sorted((v for k, v in costs.items() if not k.startswith("big")), reverse=True)
+    shortest = next(n for n in range(len(rest)) if sum(rest[n:]) <= 0.2)
+    assert len(result.excluded) == 3 + shortest
+    assert result.final_drop <= 0.2 < sum(rest[shortest - 1 :])
+    ranking = len(costs) + 1
+    assert result.evaluations == judge.evaluations <= ranking + 2 * 7  # not one per layer
+    assert [step.drop_after is not None for step in result.steps].count(True) < 14
+    hopeless = greedy_fallback(
+        {"a": "Conv"},
+        lambda excluded: excluded,
+        _Additive({"a": 0.1, "b": 1.0}),
+        0.2,  # type: ignore[arg-type,return-value]
+    )
+    assert hopeless.excluded == ["a"] and not hopeless.within_budget
