@@ -6,7 +6,12 @@ so they agree up to rounding ties in a requantization, which move a value by one
 quantization step. Their error is measured in steps: max |diff| / step, where the step of
 an output is the scale of the DequantizeLinear that produces it or, for a float output
 (e.g. a last Gemm), the largest scale of the activations dequantized into the op(s) that
-compute it. The limit is one step.
+compute it. The limit is one step beyond onnxruntime's own spread: in a deep model a tie
+rounded one way in an early layer moves many values of the next, so two exact integer
+implementations drift apart with depth (onnxruntime's fixed-point QLinearAdd and its
+requantization order are not the ONNX formulas). The spread is measured on the same input
+as the distance in steps between onnxruntime and the exact integer result of the ONNX QDQ
+semantics (``core.emulated_runner`` with exact int32 sums); it is recorded with the error.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from onnx import numpy_helper
 
 from onnxpress.backends.tvm.prepare import graph_inputs
 from onnxpress.backends.tvm.runtime import CompiledModel, max_rel
+from onnxpress.core.emulated_runner import EmulatedRunner
+from onnxpress.core.targets import EXACT
 from onnxpress.core.verify import Runner, random_inputs
 
 MAX_WALK = 8  # producers followed back from an output to find its quantized inputs
@@ -72,6 +79,7 @@ def differential_check(
     got = compiled(*[feed[vi.name] for vi in graph_inputs(reference_model)])
     names = [o.name for o in reference_model.graph.output]
     steps = quantization_steps(reference_model) if in_steps else {}
+    spread = onnxruntime_spread(reference_model, feed, expected, steps) if steps else {}
     checks: dict[str, dict[str, Any]] = {}
     for name, ref, new in zip(names, expected, got, strict=True):
         step = steps.get(name)
@@ -82,10 +90,30 @@ def differential_check(
             checks[name] = {
                 "metric": "max-abs/step",
                 "error": diff / step,
-                "limit": STEP_LIMIT,
+                "limit": STEP_LIMIT + spread.get(name, 0.0),
                 "step": step,
+                "onnxruntime_spread": spread.get(name, 0.0),
             }
     return checks
+
+
+def onnxruntime_spread(
+    model: onnx.ModelProto,
+    feed: dict[str, np.ndarray],
+    expected: list[np.ndarray],
+    steps: dict[str, float | None],
+) -> dict[str, float]:
+    """Per output with a step: max |onnxruntime - exact integer QDQ result| in steps."""
+    exact = EmulatedRunner(model, EXACT)
+    if not exact.layers:
+        return {}
+    names = [o.name for o in model.graph.output]
+    spread = {}
+    for name, ref, own in zip(names, expected, exact(feed), strict=True):
+        step = steps.get(name)
+        if step is not None and ref.shape == own.shape and ref.size:
+            spread[name] = float(np.max(np.abs(ref.astype(np.float64) - own))) / step
+    return spread
 
 
 def has_qdq(model: onnx.ModelProto) -> bool:

@@ -20,8 +20,11 @@ from onnxpress.backends.tvm.build import import_relax  # noqa: E402
 from onnxpress.backends.tvm.int8 import lower_qdq_to_integer  # noqa: E402
 from onnxpress.backends.tvm.int8_kernels import VNNI, dot_isa, pack_weight, packed_gemm  # noqa: E402
 from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
+from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
 from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
-from onnxpress.backends.tvm.verify import quantization_steps  # noqa: E402
+from onnxpress.backends.tvm.verify import onnxruntime_spread, quantization_steps  # noqa: E402
+from onnxpress.core.emulated_runner import EmulatedRunner  # noqa: E402
+from onnxpress.core.targets import EXACT  # noqa: E402
 
 HOST = parse_target("x86")
 PORTABLE = parse_target("x86-64")  # no VNNI: Relax's own integer conv2d/matmul
@@ -70,6 +73,8 @@ def test_conv_model_lowers_and_matches_onnxruntime(tmp_path: Path, activations: 
         check = result.manifest["verification"]
         assert check["metric"] in ("max-abs/step", "max-abs/step, max-rel")
         assert check["errors"]["y"] <= 1.0  # within one quantization step of onnxruntime
+        spread = check["onnxruntime_spread"]["y"]  # shallow: onnxruntime near exact sums
+        assert 0.0 <= spread < 1.0 and check["limits"]["y"] == pytest.approx(1.0 + spread)
         kernel = "vnni" if spec is HOST and HAS_VNNI else "relax"
         assert result.manifest["int8"]["kernel"] == ("avx2" if spec is avx2 else kernel)
 
@@ -156,3 +161,47 @@ def test_quantization_step_of_outputs() -> None:
     assert dq.op_type == "DequantizeLinear"
     assert steps["y"] == pytest.approx(float(inits[dq.input[1]]))
     assert quantization_steps(conv_model()) == {"y": None}
+
+
+def test_spread_is_onnxruntime_s_distance_from_exact_sums_in_steps() -> None:
+    qdq, _ = quantize(conv_model())
+    step = quantization_steps(qdq)["y"]
+    assert step is not None
+    feed = {"x": np.random.default_rng(4).normal(size=(1, 3, 9, 9)).astype(np.float32)}
+    exact = EmulatedRunner(qdq, EXACT)(feed)
+    assert onnxruntime_spread(qdq, feed, exact, {"y": step}) == {"y": 0.0}
+    shifted = [exact[0] + np.float32(2.5 * step)]
+    assert onnxruntime_spread(qdq, feed, shifted, {"y": step})["y"] == pytest.approx(2.5, 1e-4)
+    assert onnxruntime_spread(qdq, feed, shifted, {"y": None}) == {}
+
+
+def tie_model() -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [
+            node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])],
+        [
+            numpy_helper.from_array(np.array(0.25, np.float32), "s"),
+            numpy_helper.from_array(np.array(128, np.uint8), "z"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_quantize_rounds_ties_to_even_here_and_in_cuda_source(tmp_path: Path) -> None:
+    """ONNX rounds half to even. Relax legalizes quantize with TIR round, which TVM lowers
+    to llvm.nearbyint on CPUs and nearbyintf in CUDA source (not roundf: ties away)."""
+    halves = [0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, 0.49, 7.5, -7.5, 100.5, -200.5]
+    x = np.array([halves], np.float32) * np.float32(0.25)
+    expected = np.array([[0, 2, 2, 4, 0, -2, -2, 0, 8, -8, 100, -128]], np.float32) * 0.25
+    for int8 in ("auto", "off"):
+        result = compile_model(tie_model(), HOST, tmp_path / int8, int8=int8)
+        got = CompiledModel(result.library)(x)[0]
+        np.testing.assert_array_equal(got, expected)
+    compile_model(tie_model(), "cuda:sm_80", tmp_path / "cuda")
+    blob = (tmp_path / "cuda" / "model.so").read_bytes()
+    assert b"nearbyintf" in blob and b"roundf(" not in blob
