@@ -8,7 +8,8 @@ Per model and batch: export it (tools/_zoo_models.py: torchvision / transformers
 torch, random weights, generated here, never committed), compile it for ``--target`` (default
 this CPU, both cores) with onnxpress's default schedules, ``--tune-minutes`` adding
 MetaSchedule tuning into one database shared by all models (``--tuning-db``); compile_model
-checks every library against onnxruntime (max-rel 1e-4 fp32, one quantization step int8).
+checks every library against onnxruntime (max-rel 1e-4 fp32, one quantization step int8
+beyond onnxruntime's own spread).
 With ``--int8`` the model is also quantized by the default calibrated pipeline (``qdq``) on
 random calibration batches, and that QDQ model runs on onnxruntime (its int8 kernels) and on
 TVM (``--int8 auto``: integer kernels). All runners of one model and batch (onnxruntime and
@@ -18,7 +19,9 @@ medians, ratios = TVM / onnxruntime within the run (> 1: TVM is slower).
 ``--json`` prints one JSON object per model and batch: model, batch, ort_ms, tvm_ms, ratio,
 ort_int8_ms, tvm_int8_ms, int8_ratio (null without --int8), compile_s (fp32 compile, tuning
 included), max_rel_err (fp32 library vs onnxruntime at compile time), plus int8_compile_s,
-int8_error_steps (quantization steps) and tune_s. Without it, a markdown table.
+int8_error_steps (quantization steps; limit one step beyond int8_spread_steps, onnxruntime's
+own distance from exact integer sums), quantize_s (the default pipeline's optimize) and
+tune_s. Without it, a markdown table.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def measure(
     arrays = [np.ascontiguousarray(a) for a in feed.values()]
     row: dict[str, Any] = dict.fromkeys(KEYS)
     row.update(model=name, batch=batch, tune_s=None, int8_compile_s=None, int8_error_steps=None)
+    row.update(quantize_s=None, int8_spread_steps=None)
     fp32, manifest, row["compile_s"] = compile_timed(
         model, folder / f"{name}-b{batch}-fp32", target, tuning=tuning
     )
@@ -125,13 +129,17 @@ def measure(
         "tvm": lambda: fp32(*arrays),
     }
     if int8:
+        start = time.perf_counter()
         qdq, _ = onnxpress.optimize(
             model, calibration=calibration_batches(feed, CALIBRATION_BATCHES)
         )
+        row["quantize_s"] = time.perf_counter() - start
         lowered, int8_manifest, row["int8_compile_s"] = compile_timed(
             qdq, folder / f"{name}-b{batch}-int8", target, int8="auto"
         )
         row["int8_error_steps"] = _verification_error(int8_manifest)
+        spread = (int8_manifest.get("verification") or {}).get("onnxruntime_spread", {})
+        row["int8_spread_steps"] = max(spread.values(), default=None)
         ort_int8 = session(qdq, threads)
         runners["ort_int8"] = lambda: ort_int8.run(None, dict(feed))
         runners["tvm_int8"] = lambda: lowered(*arrays)

@@ -17,8 +17,10 @@ naive single-threaded loop nest. This pipeline
    ``TiledReduction`` (tile_schedule.py: register-tiled, vectorized, parallel conv2d /
    matmul / batch-matmul kernels), ``RowReduction`` (a sum over an input's trailing axes,
    e.g. global average pooling: W partial sums in a vector via rfactor, rows in parallel;
-   it was a scalar chain of dependent adds), dlight's CPU ``GEMV`` and ``Reduction``, and
-   ``LoopParallel``: a fallback that inlines elementwise chains, vectorizes the innermost
+   it was a scalar chain of dependent adds), dlight's CPU ``GEMV`` and ``Reduction``,
+   ``TiledTranspose`` (transpose_schedule.py: an elementwise kernel reading a tensor
+   transposed, as int8 GEMM epilogues and layout changes do, tiled so its reads stay in
+   cache), and ``LoopParallel``: a fallback that inlines elementwise chains, vectorizes the innermost
    loop of elementwise blocks, moves the innermost spatial loop of a reduction under the
    reduction loops as vector lanes, and parallelizes the outer spatial loops of big kernels.
 
@@ -46,6 +48,7 @@ from onnxpress.backends.tvm.tile_schedule import (
     vector_registers,
     vector_width,
 )
+from onnxpress.backends.tvm.transpose_schedule import tiled_transpose_rule
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +199,7 @@ def schedule_rules(target: Any) -> list[Any]:
         _row_reduction_rule(lanes),
         dl.cpu.GEMV(),
         _only_big_kernels(dl.cpu.Reduction()),
+        tiled_transpose_rule(lanes),
         _loop_parallel_rule(lanes),
     ]
 
