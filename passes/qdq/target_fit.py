@@ -4,7 +4,8 @@ The verifier judges ``qdq`` by the task metric (``onnxpress.core.task_metric``) 
 onnxruntime's kernels of this CPU and under each target's emulated int8 arithmetic. Before it
 can refuse, the pass checks the same on its scoring batches; when the worst output is over
 its budget on any of them, the most sensitive layers go back to float (``greedy_fallback``)
-until every target is within budget. Each candidate carries the saturation remedies planned
+until every target is within budget; layers are ranked by the judge that scored the fully
+quantized model worst (one judge per candidate, not all of them). Each candidate carries the saturation remedies planned
 once for the fully quantized model, so fallback never trades a layer that a remedy fixes.
 """
 
