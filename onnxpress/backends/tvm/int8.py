@@ -8,6 +8,8 @@ makes its convolutions and matmuls integer.
   matmul of two dequantized activations (attention scores) stays float: without a packed
       integer kernel for a runtime right-hand side it is faster that way
   quantize(max_pool2d(dequantize(q, s, z)), s, z) -> max_pool2d(q)
+  quantize(sigmoid(dequantize(q))) and other one-tensor functions -> a 256-entry table
+      (int8_unary.py)
 
 The integer accumulation is exact; the float epilogue (bias, activation, the next quantize)
 is what onnxruntime's QLinear kernels do too, so results match onnxruntime's QDQ run within
@@ -51,6 +53,7 @@ from onnxpress.backends.tvm.int8_patterns import (
     op_name,
     signed_weight,
 )
+from onnxpress.backends.tvm.int8_unary import pooled_integers, table_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 rule = {
                     "relax.nn.conv2d": self._conv2d,
                     "relax.matmul": self._matmul,
-                    "relax.quantize": self._pool,
+                    "relax.quantize": self._quantize,
                 }.get(name)
                 new = rule(call) if rule is not None else None
                 if new is not None:
@@ -363,32 +366,12 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             )
             return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
 
-        def _pool(self, call: Any) -> Any:
-            pooled = self._producer(call.args[0])
-            if op_name(pooled) != "relax.nn.max_pool2d":
-                return None
-            source = self._dequantized(pooled.args[0])
-            scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
-            if source is None or scale is None or zero is None or not source.per_tensor:
-                return None
-            if str(call.attrs.out_dtype) != source.dtype or not (
-                np.array_equal(scale.reshape(-1), source.scale.reshape(-1))
-                and np.array_equal(zero.reshape(-1), source.zero_point.reshape(-1))
-            ):
-                return None
-            attrs = pooled.attrs
-            result.lowered["max_pool2d"] += 1
-            return relax.op.nn.max_pool2d(
-                source.data,
-                pool_size=[int(v) for v in attrs.pool_size],
-                strides=[int(v) for v in attrs.strides],
-                padding=[int(v) for v in attrs.padding],
-                dilation=[int(v) for v in attrs.dilation],
-                ceil_mode=bool(attrs.ceil_mode),
-                count_include_pad=bool(attrs.count_include_pad),
-                layout=str(attrs.layout),
-                out_layout=str(attrs.out_layout),
-            )
+        def _quantize(self, call: Any) -> Any:
+            for rewrite in (pooled_integers, table_lookup):
+                new = rewrite(call, self._producer, self._dequantized, result)
+                if new is not None:
+                    return new
+            return None
 
         def run(self) -> Any:
             for gvar, func in list(self.builder_.get().functions.items()):

@@ -1,0 +1,139 @@
+"""int8.py's rewrites of ``quantize(f(dequantize(q)))``, where no multiply-add is involved.
+
+* ``f`` = max_pool2d with the input's own scale and zero point: the pool runs on the 8-bit
+  integers (max commutes with the monotone dequantize and quantize).
+* ``f`` = an elementwise function of one tensor (sigmoid, tanh, exp, erf, GELU, SiLU), with
+  per-tensor parameters on both sides: the 8-bit result depends only on the 8-bit input,
+  so it becomes a 256-entry table computed at compile time and one gather per element,
+  ``take(table, q)``. EfficientNet's SiLU (``x * sigmoid(x)``, quantized between) spent most
+  of its epilogues in the float sigmoid (a polynomial exp and a division) and in the
+  divisions of the quantizes around it. The table computes ``f`` in float64 on the
+  dequantized float32 values and quantizes as ONNX does (divide, round half to even, add
+  the zero point, saturate); onnxruntime's own float sigmoid is an approximation, so a
+  value can land one step away where its result sits on a rounding boundary, which the
+  compile-time check measures like every other requantization.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from onnxpress.backends.tvm.int8_patterns import (
+    Dequantized,
+    Int8Lowering,
+    constant_value,
+    op_name,
+)
+
+INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf)(x)
+
+
+FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "relax.sigmoid": _sigmoid,
+    "relax.tanh": np.tanh,
+    "relax.exp": np.exp,
+    "relax.erf": _erf,
+    "relax.nn.gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "relax.nn.silu": lambda x: x * _sigmoid(x),
+}
+
+
+def table(
+    function: Callable[[np.ndarray], np.ndarray],
+    source: Dequantized,
+    scale: float,
+    zero_point: int,
+    out_dtype: str,
+) -> np.ndarray:
+    """``quantize(function(dequantize(q)))`` for every 8-bit q, in the order of q's bytes as
+    unsigned (uint8: q; int8: q + 128)."""
+    low, high = INT_RANGES[source.dtype]
+    codes = np.arange(low, high + 1, dtype=np.int32)
+    zero = int(source.zero_point.reshape(-1)[0])
+    x = (codes - zero).astype(np.float32) * np.float32(source.scale.reshape(-1)[0])
+    y = function(x.astype(np.float64)).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.rint(y / np.float32(scale)).astype(np.float64) + zero_point
+    out_low, out_high = INT_RANGES[out_dtype]
+    scaled = np.nan_to_num(scaled, nan=out_low, posinf=out_high, neginf=out_low)
+    return np.clip(scaled, out_low, out_high).astype(out_dtype)
+
+
+def table_lookup(
+    call: Any,
+    producer: Callable[[Any], Any],
+    dequantized: Callable[[Any], Dequantized | None],
+    result: Int8Lowering,
+) -> Any:
+    """``quantize(f(dequantize(q)))`` -> ``take(table, q)``, or None where it does not fit."""
+    from tvm import relax
+
+    inner = producer(call.args[0])
+    name = op_name(inner)
+    if name not in FUNCTIONS or len(inner.args) != 1:
+        return None
+    source = dequantized(inner.args[0])
+    scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
+    out_dtype = str(call.attrs.out_dtype)
+    if source is None or scale is None or zero is None or not source.per_tensor:
+        return None
+    if scale.size != 1 or zero.size != 1 or source.dtype not in INT_RANGES:
+        return None
+    if out_dtype not in INT_RANGES or source.constant is not None:
+        return None
+    values = table(
+        FUNCTIONS[name], source, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), out_dtype
+    )
+    index = relax.op.astype(source.data, "int32")
+    if source.dtype == "int8":
+        index = relax.op.add(index, relax.const(128, "int32"))
+    result.lowered[f"{name.removeprefix('relax.')} (table)"] += 1
+    return relax.op.take(relax.const(values), index, axis=0)
+
+
+def pooled_integers(
+    call: Any,
+    producer: Callable[[Any], Any],
+    dequantized: Callable[[Any], Dequantized | None],
+    result: Int8Lowering,
+) -> Any:
+    """``quantize(max_pool2d(dequantize(q)))`` with q's own parameters -> ``max_pool2d(q)``."""
+    from tvm import relax
+
+    pooled = producer(call.args[0])
+    if op_name(pooled) != "relax.nn.max_pool2d":
+        return None
+    source = dequantized(pooled.args[0])
+    scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
+    if source is None or scale is None or zero is None or not source.per_tensor:
+        return None
+    if str(call.attrs.out_dtype) != source.dtype or not (
+        np.array_equal(scale.reshape(-1), source.scale.reshape(-1))
+        and np.array_equal(zero.reshape(-1), source.zero_point.reshape(-1))
+    ):
+        return None
+    attrs = pooled.attrs
+    result.lowered["max_pool2d"] += 1
+    return relax.op.nn.max_pool2d(
+        source.data,
+        pool_size=[int(v) for v in attrs.pool_size],
+        strides=[int(v) for v in attrs.strides],
+        padding=[int(v) for v in attrs.padding],
+        dilation=[int(v) for v in attrs.dilation],
+        ceil_mode=bool(attrs.ceil_mode),
+        count_include_pad=bool(attrs.count_include_pad),
+        layout=str(attrs.layout),
+        out_layout=str(attrs.out_layout),
+    )
