@@ -368,7 +368,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
 
         def _quantize(self, call: Any) -> Any:
             for rewrite in (pooled_integers, table_lookup):
-                new = rewrite(call, self._producer, self._dequantized, result)
+                new = rewrite(call, self.builder_, self._producer, self._dequantized, result)
                 if new is not None:
                     return new
             return None

@@ -5,7 +5,7 @@
 * ``f`` = an elementwise function of one tensor (sigmoid, tanh, exp, erf, GELU, SiLU), with
   per-tensor parameters on both sides: the 8-bit result depends only on the 8-bit input,
   so it becomes a 256-entry table computed at compile time and one gather per element,
-  ``take(table, q)``. EfficientNet's SiLU (``x * sigmoid(x)``, quantized between) spent most
+  ``table[q]``. EfficientNet's SiLU (``x * sigmoid(x)``, quantized between) spent most
   of its epilogues in the float sigmoid (a polynomial exp and a division) and in the
   divisions of the quantizes around it. The table computes ``f`` in float64 on the
   dequantized float32 values and quantizes as ONNX does (divide, round half to even, add
@@ -30,6 +30,7 @@ from onnxpress.backends.tvm.int8_patterns import (
 )
 
 INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+INJECTIVE = 2  # relax's OpPatternKind for ops that FuseOps fuses with their neighbours
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -73,11 +74,12 @@ def table(
 
 def table_lookup(
     call: Any,
+    builder: Any,
     producer: Callable[[Any], Any],
     dequantized: Callable[[Any], Dequantized | None],
     result: Int8Lowering,
 ) -> Any:
-    """``quantize(f(dequantize(q)))`` -> ``take(table, q)``, or None where it does not fit."""
+    """``quantize(f(dequantize(q)))`` -> ``table[q]``, or None where it does not fit."""
     from tvm import relax
 
     inner = producer(call.args[0])
@@ -96,15 +98,28 @@ def table_lookup(
     values = table(
         FUNCTIONS[name], source, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), out_dtype
     )
-    index = relax.op.astype(source.data, "int32")
-    if source.dtype == "int8":
-        index = relax.op.add(index, relax.const(128, "int32"))
+    offset = 128 if source.dtype == "int8" else 0
     result.lowered[f"{name.removeprefix('relax.')} (table)"] += 1
-    return relax.op.take(relax.const(values), index, axis=0)
+    lookup = builder.call_te(_lookup, source.data, relax.const(values), offset)
+    gvar = lookup.args[0]
+    # one gather per element: fusable with the ops around it like any injective op
+    builder.update_func(gvar, builder.get()[gvar].with_attr("op_pattern", INJECTIVE))
+    return lookup
+
+
+def _lookup(codes: Any, values: Any, offset: int) -> Any:
+    from tvm import te
+
+    return te.compute(
+        codes.shape,
+        lambda *i: values[codes[i].astype("int32") + offset],
+        name="table_lookup",
+    )
 
 
 def pooled_integers(
     call: Any,
+    builder: Any,
     producer: Callable[[Any], Any],
     dequantized: Callable[[Any], Dequantized | None],
     result: Int8Lowering,
