@@ -71,7 +71,12 @@ class EmulatedRunner:
         self.layers = integer_layers(model)
         self.output_names = [o.name for o in model.graph.output]
         self._model = model
-        self._constants = {t.name: t for t in model.graph.initializer}
+        inputs = {i.name for i in model.graph.input}
+        # an initializer that is also a graph input is a default the feed may override
+        self._constants = {t.name: t for t in model.graph.initializer if t.name not in inputs}
+        self._defaults = {
+            t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in inputs
+        }
         cut = {layer.node.output[0]: layer for layer in self.layers}
         self.levels, self._segments = _plan(model, cut, self._constants)
         self._by_level: dict[int, list[IntegerLayer]] = {}
@@ -98,7 +103,7 @@ class EmulatedRunner:
         return _session(model)
 
     def __call__(self, feed: Batch) -> list[np.ndarray]:
-        values: dict[str, np.ndarray] = dict(feed)
+        values: dict[str, np.ndarray] = {**self._defaults, **feed}
         for segment in self._segments:
             for layer in self._by_level.get(segment.level, []):
                 values[layer.node.output[0]] = layer_output(

@@ -85,3 +85,18 @@ def test_segments_compute_what_onnxruntime_computes() -> None:
         assert np.abs(got - want).max() <= step
     np.testing.assert_allclose(first[1], expected[1], rtol=1e-5, atol=1e-6)  # h: exact sums
     np.testing.assert_array_equal(first[2], expected[2])
+
+
+def test_an_input_with_a_default_takes_the_fed_value_or_the_default() -> None:
+    model = skip_model()
+    graph = model.graph
+    graph.node.append(helper.make_node("Add", ["y", "offset"], ["shifted"]))
+    graph.input.append(helper.make_tensor_value_info("offset", TensorProto.FLOAT, [16]))
+    graph.initializer.append(numpy_helper.from_array(np.full(16, 0.5, np.float32), "offset"))
+    graph.output.append(helper.make_tensor_value_info("shifted", TensorProto.FLOAT, [4, 16]))
+    runner = EmulatedRunner(model, EXACT)
+    x = np.random.default_rng(1).normal(size=(4, 16)).astype(np.float32)
+    default = runner({"x": x})
+    np.testing.assert_array_equal(default[3], default[0] + np.float32(0.5))
+    fed = runner({"x": x, "offset": np.full(16, -2.0, np.float32)})
+    np.testing.assert_array_equal(fed[3], fed[0] - np.float32(2.0))
