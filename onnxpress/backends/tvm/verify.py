@@ -16,6 +16,7 @@ semantics (``core.emulated_runner`` with exact int32 sums); it is recorded with 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from onnxpress.backends.tvm.runtime import CompiledModel, max_rel
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.targets import EXACT
 from onnxpress.core.verify import Runner, random_inputs
+
+logger = logging.getLogger(__name__)
 
 MAX_WALK = 8  # producers followed back from an output to find its quantized inputs
 STEP_LIMIT = 1.0
@@ -103,13 +106,17 @@ def onnxruntime_spread(
     expected: list[np.ndarray],
     steps: dict[str, float | None],
 ) -> dict[str, float]:
-    """Per output with a step: max |onnxruntime - exact integer QDQ result| in steps."""
-    exact = EmulatedRunner(model, EXACT)
-    if not exact.layers:
+    """Per output with a step: max |onnxruntime - exact integer QDQ result| in steps; empty
+    (the limit stays one step) where the emulation cannot run this model."""
+    try:
+        exact = EmulatedRunner(model, EXACT)
+        results = exact(feed) if exact.layers else []
+    except Exception as exc:  # an emulation gap must not refuse a library: strict limit
+        logger.warning("int8 check: no exact reference for the spread (%s)", exc)
         return {}
     names = [o.name for o in model.graph.output]
     spread = {}
-    for name, ref, own in zip(names, expected, exact(feed), strict=True):
+    for name, ref, own in zip(names, expected, results, strict=False):
         step = steps.get(name)
         if step is not None and ref.shape == own.shape and ref.size:
             spread[name] = float(np.max(np.abs(ref.astype(np.float64) - own))) / step
