@@ -63,7 +63,7 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, lbr: bool, reverse: b
         h0: T.Buffer((batch, hidden), "float32"),
         y: T.Buffer((steps, batch, hidden), "float32"),
     ) -> None:
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         state = T.alloc_buffer((2, batch, hidden), "float32")
         update = T.alloc_buffer((batch, hidden), "float32")
         reset_state = T.alloc_buffer((batch, hidden), "float32")

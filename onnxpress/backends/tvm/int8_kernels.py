@@ -278,7 +278,7 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
     sch.tensorize(n_lanes, intrin)
     sch.unroll(m_inner)
     sch.unroll(n_inner)
-    func = sch.mod["main"].with_attr("tir.is_scheduled", True)
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return func.without_attr("global_symbol")
 
 
@@ -318,5 +318,5 @@ def im2col(
         sch.vectorize(lanes)
     if rows * kh * kw * channels >= MIN_PARALLEL_MACS // 4:
         sch.parallel(row_loop)
-    func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("tir.is_scheduled", True)
+    func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
     return func.without_attr("global_symbol")

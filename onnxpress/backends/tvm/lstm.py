@@ -69,7 +69,7 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, reverse: bool) -> Any
         y: T.Buffer((steps, batch, hidden), "float32"),
         cell_out: T.Buffer((batch, hidden), "float32"),
     ) -> None:
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         state = T.alloc_buffer((2, batch, hidden), "float32")
         cell = T.alloc_buffer((batch, hidden), "float32")
         for b, j in T.grid(batch, hidden):

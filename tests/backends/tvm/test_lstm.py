@@ -155,7 +155,7 @@ def test_fast_activations_and_packed_weights() -> None:
         s: T.Buffer((64,), "float32"),
         h: T.Buffer((64,), "float32"),
     ) -> None:
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "global_symbol": "main"})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": "main"})
         for i in T.vectorized(64):
             e[i] = fast_exp(x[i])
             s[i] = fast_sigmoid(x[i])
