@@ -20,6 +20,7 @@ QDQ float semantics of the other ops, one level segment at a time (``emulated_ru
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 INT16_MAX, INT16_MIN = 32767, -32768
 CHUNK_ELEMENTS = 1 << 24  # pair sums held at once (float32: 64 MB)
+FLOAT32_EXACT = float(1 << 24)  # every integer below it is exact in float32
 Batch = dict[str, np.ndarray]
 
 
@@ -170,7 +172,7 @@ def layer_output(
         return _requantized(layer, acc, shape)
     if layer.op == "Conv":
         cols, shape = _columns(layer, x, x_zero)
-        matrices = reduction_matrix(layer)
+        matrices = _cached(layer, "matrices", lambda: reduction_matrix(layer))
     else:
         weights = wt.value if wt.value is not None else w_q
         assert weights is not None
@@ -180,14 +182,16 @@ def layer_output(
         cols = x.reshape(1, -1, x.shape[-1])
         if weights.ndim > 2:  # activation x activation MatMul: one matrix per batch entry
             return _batched_matmul(layer, x_q.astype(np.int64), weights, arithmetic)
-        matrices = reduction_matrix(layer, weights)
+        if wt.value is None:  # a runtime weight: nothing to keep
+            layer.cache.clear()
+        matrices = _cached(layer, "matrices", lambda: reduction_matrix(layer, weights))
     groups, n = matrices.shape[0], matrices.shape[2]
     w_zero = wt.zero_point.astype(np.int64).reshape(-1)
     zw = w_zero.reshape(groups, 1, n) if w_zero.size > 1 else w_zero.reshape(1, 1, 1)
-    if not saturating:  # one batched float64 product over the groups: exact below 2**53
-        centered = matrices.astype(np.float64) - zw
-        acc = np.matmul(cols.astype(np.float64), centered).transpose(1, 0, 2)
-        acc = acc.reshape(acc.shape[0], groups * n)
+    if not saturating:
+        acc = _exact_product(layer, cols, matrices, zw)
+        if wt.value is None:
+            layer.cache.clear()
     else:
         outputs = []
         for group in range(groups):
@@ -202,6 +206,30 @@ def layer_output(
             )
         acc = np.concatenate(outputs, axis=1)
     return _requantized(layer, acc, shape)
+
+
+def _cached(layer: IntegerLayer, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    if key not in layer.cache:
+        layer.cache[key] = compute()
+    return layer.cache[key]
+
+
+def _exact_product(
+    layer: IntegerLayer, cols: np.ndarray, matrices: np.ndarray, zw: np.ndarray
+) -> np.ndarray:
+    """sum_k cols[g, m, k] * (w[g, k, n] - zw) for every group, exactly: one batched float32
+    product while K * max|x| * max|w - zw| (a bound on every partial sum) stays below 2**24,
+    where float32 holds every integer; float64 (below 2**53) otherwise. -> [M, groups * n]."""
+    centered = _cached(layer, "centered", lambda: matrices.astype(np.float64) - zw)
+    largest = _cached(layer, "largest", lambda: np.abs(centered).max(initial=0.0))
+    bound = cols.shape[-1] * float(np.abs(cols).max(initial=0)) * float(largest)
+    if bound < FLOAT32_EXACT:
+        narrow = _cached(layer, "centered32", lambda: centered.astype(np.float32))
+        acc = np.matmul(cols.astype(np.float32), narrow).astype(np.float64)
+    else:
+        acc = np.matmul(cols.astype(np.float64), centered)
+    acc = acc.transpose(1, 0, 2)
+    return acc.reshape(acc.shape[0], -1)
 
 
 def _requantized(layer: IntegerLayer, acc: np.ndarray, shape: tuple) -> np.ndarray:

@@ -51,6 +51,11 @@ class IntegerLayer:
     # it into the integer kernel assuming its scale is s_x * s_w)
     bias_add: Quantized | None = None
     attributes: dict[str, object] = field(default_factory=dict)
+    # derived constant arrays (weight matrices) computed once per layer by the emulation;
+    # not an init field, so dataclasses.replace (another weight) starts an empty one
+    cache: dict[str, np.ndarray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def name(self) -> str:

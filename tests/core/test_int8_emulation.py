@@ -217,3 +217,46 @@ def _general_sums(layer: IntegerLayer, x: np.ndarray) -> np.ndarray:
         return layer_output(layer, x, None, EXACT)
     finally:
         IntegerLayer.depthwise = original  # type: ignore[method-assign]
+
+
+def test_float32_sums_are_taken_only_where_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact kinds sum in float32 while a bound on every partial sum is below 2**24:
+    the same floats as the float64 product, layer by layer, on the whole model."""
+    import onnxpress.core.int8_emulation as emulation
+
+    model, feed = qdq_model(), bright_inputs()
+    fast = EmulatedRunner(model, EXACT)(feed)[0]
+    monkeypatch.setattr(emulation, "FLOAT32_EXACT", 0.0)  # float64 everywhere
+    wide = EmulatedRunner(model, EXACT)(feed)[0]
+    np.testing.assert_array_equal(fast, wide)
+    layers = integer_layers(model)
+    x = np.full((2, 3, 8, 8), 255, np.uint8)  # bound 27 * 252 * 127 < 2**24: float32 path
+    monkeypatch.setattr(emulation, "FLOAT32_EXACT", float(1 << 24))
+    layer_output(layers[0], x, None, EXACT)
+    assert "centered32" in layers[0].cache
+
+
+def test_a_replaced_layer_does_not_inherit_the_cached_weights() -> None:
+    """saturation.py tries remedies with dataclasses.replace(layer, weight=...): the copy
+    must compute with its own weights, not the matrices cached for the original."""
+    import dataclasses
+
+    layer = integer_layers(qdq_model())[0]
+    x = bright_inputs()["x"].clip(0, 5).astype(np.uint8)
+    before = layer_output(layer, x, None, EXACT)
+    assert layer.cache
+    assert layer.weight.value is not None
+    flipped = dataclasses.replace(
+        layer, weight=dataclasses.replace(layer.weight, value=-layer.weight.value)
+    )
+    assert flipped.cache == {} and flipped.cache is not layer.cache
+    after = layer_output(flipped, x, None, EXACT)
+    bias = layer_output(
+        dataclasses.replace(
+            layer, weight=dataclasses.replace(layer.weight, value=np.zeros_like(layer.weight.value))
+        ),
+        x,
+        None,
+        EXACT,
+    )
+    np.testing.assert_allclose(after - bias, -(before - bias), rtol=1e-5, atol=1e-5)
