@@ -72,6 +72,18 @@ def table(
     return np.clip(scaled, out_low, out_high).astype(out_dtype)
 
 
+def _per_tensor(
+    call: Any, operand: Any, dequantized: Callable[[Any], Dequantized | None]
+) -> tuple[Dequantized, np.ndarray, np.ndarray] | None:
+    """The per-tensor dequantize that ``operand`` is, and the constant scale and zero point
+    of the quantize ``call``; None when either is missing."""
+    source = dequantized(operand)
+    scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
+    if source is None or scale is None or zero is None or not source.per_tensor:
+        return None
+    return source, scale, zero
+
+
 def table_lookup(
     call: Any,
     builder: Any,
@@ -86,11 +98,11 @@ def table_lookup(
     name = op_name(inner)
     if name not in FUNCTIONS or len(inner.args) != 1:
         return None
-    source = dequantized(inner.args[0])
-    scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
-    out_dtype = str(call.attrs.out_dtype)
-    if source is None or scale is None or zero is None or not source.per_tensor:
+    found = _per_tensor(call, inner.args[0], dequantized)
+    if found is None:
         return None
+    source, scale, zero = found
+    out_dtype = str(call.attrs.out_dtype)
     if scale.size != 1 or zero.size != 1 or source.dtype not in INT_RANGES:
         return None
     if out_dtype not in INT_RANGES or source.constant is not None:
@@ -130,10 +142,10 @@ def pooled_integers(
     pooled = producer(call.args[0])
     if op_name(pooled) != "relax.nn.max_pool2d":
         return None
-    source = dequantized(pooled.args[0])
-    scale, zero = constant_value(call.args[1]), constant_value(call.args[2])
-    if source is None or scale is None or zero is None or not source.per_tensor:
+    found = _per_tensor(call, pooled.args[0], dequantized)
+    if found is None:
         return None
+    source, scale, zero = found
     if str(call.attrs.out_dtype) != source.dtype or not (
         np.array_equal(scale.reshape(-1), source.scale.reshape(-1))
         and np.array_equal(zero.reshape(-1), source.zero_point.reshape(-1))
