@@ -53,7 +53,7 @@ from onnxpress.backends.tvm.int8_patterns import (
     op_name,
     signed_weight,
 )
-from onnxpress.backends.tvm.int8_unary import pooled_integers, table_lookup
+from onnxpress.backends.tvm.int8_unary import Rewriting, pooled_integers, table_lookup
 
 logger = logging.getLogger(__name__)
 
@@ -367,8 +367,9 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
 
         def _quantize(self, call: Any) -> Any:
+            at = Rewriting(self.builder_, self._producer, self._dequantized, result)
             for rewrite in (pooled_integers, table_lookup):
-                new = rewrite(call, self.builder_, self._producer, self._dequantized, result)
+                new = rewrite(call, at)
                 if new is not None:
                     return new
             return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,17 @@ def table(
     return np.clip(scaled, out_low, out_high).astype(out_dtype)
 
 
+@dataclass(frozen=True)
+class Rewriting:
+    """What a rewrite reads from int8.py's mutator: its block builder, the expression bound
+    to a variable, a dequantize's parts, and the record of what was lowered."""
+
+    builder: Any
+    producer: Callable[[Any], Any]
+    dequantized: Callable[[Any], Dequantized | None]
+    result: Int8Lowering
+
+
 def _per_tensor(
     call: Any, operand: Any, dequantized: Callable[[Any], Dequantized | None]
 ) -> tuple[Dequantized, np.ndarray, np.ndarray] | None:
@@ -84,21 +96,15 @@ def _per_tensor(
     return source, scale, zero
 
 
-def table_lookup(
-    call: Any,
-    builder: Any,
-    producer: Callable[[Any], Any],
-    dequantized: Callable[[Any], Dequantized | None],
-    result: Int8Lowering,
-) -> Any:
+def table_lookup(call: Any, at: Rewriting) -> Any:
     """``quantize(f(dequantize(q)))`` -> ``table[q]``, or None where it does not fit."""
     from tvm import relax
 
-    inner = producer(call.args[0])
+    inner = at.producer(call.args[0])
     name = op_name(inner)
     if name not in FUNCTIONS or len(inner.args) != 1:
         return None
-    found = _per_tensor(call, inner.args[0], dequantized)
+    found = _per_tensor(call, inner.args[0], at.dequantized)
     if found is None:
         return None
     source, scale, zero = found
@@ -111,11 +117,11 @@ def table_lookup(
         FUNCTIONS[name], source, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), out_dtype
     )
     offset = 128 if source.dtype == "int8" else 0
-    result.lowered[f"{name.removeprefix('relax.')} (table)"] += 1
-    lookup = builder.call_te(_lookup, source.data, relax.const(values), offset)
+    at.result.lowered[f"{name.removeprefix('relax.')} (table)"] += 1
+    lookup = at.builder.call_te(_lookup, source.data, relax.const(values), offset)
     gvar = lookup.args[0]
     # one gather per element: fusable with the ops around it like any injective op
-    builder.update_func(gvar, builder.get()[gvar].with_attr("op_pattern", INJECTIVE))
+    at.builder.update_func(gvar, at.builder.get()[gvar].with_attr("op_pattern", INJECTIVE))
     return lookup
 
 
@@ -129,20 +135,14 @@ def _lookup(codes: Any, values: Any, offset: int) -> Any:
     )
 
 
-def pooled_integers(
-    call: Any,
-    builder: Any,
-    producer: Callable[[Any], Any],
-    dequantized: Callable[[Any], Dequantized | None],
-    result: Int8Lowering,
-) -> Any:
+def pooled_integers(call: Any, at: Rewriting) -> Any:
     """``quantize(max_pool2d(dequantize(q)))`` with q's own parameters -> ``max_pool2d(q)``."""
     from tvm import relax
 
-    pooled = producer(call.args[0])
+    pooled = at.producer(call.args[0])
     if op_name(pooled) != "relax.nn.max_pool2d":
         return None
-    found = _per_tensor(call, pooled.args[0], dequantized)
+    found = _per_tensor(call, pooled.args[0], at.dequantized)
     if found is None:
         return None
     source, scale, zero = found
@@ -152,7 +152,7 @@ def pooled_integers(
     ):
         return None
     attrs = pooled.attrs
-    result.lowered["max_pool2d"] += 1
+    at.result.lowered["max_pool2d"] += 1
     return relax.op.nn.max_pool2d(
         source.data,
         pool_size=[int(v) for v in attrs.pool_size],
