@@ -1,7 +1,7 @@
 """The TVM steps of a compile: ONNX -> Relax module -> fused, scheduled, built, exported.
 
   import_relax: TVM's ONNX importer (with the GRU/LSTM loop converters of gru.py and lstm.py
-      for the duration of one import, ``importer_with_rnn``) on a prepared model;
+      and a Clip of Relax ops, for the duration of one import: ``importer_overrides``) on a prepared model;
   fuse / apply_database: legalize and fuse the module, give tuned kernels their records;
   build: ``tvm.compile`` with onnxpress's default CPU schedules (schedule.py);
   export: the library file in a folder.
@@ -17,19 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from onnxpress.backends.tvm.conv_packed import legalize_passes
-from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.gru import convert_gru
 from onnxpress.backends.tvm.lstm import convert_lstm
 from onnxpress.backends.tvm.prepare import Prepared, check_coverage
 from onnxpress.backends.tvm.runtime import CompileError, require_tvm
-from onnxpress.backends.tvm.schedule import cpu_pipeline
+from onnxpress.backends.tvm.schedule import cpu_lowering_passes, cpu_pipeline
 from onnxpress.backends.tvm.targets import TargetSpec, tvm_target
-from onnxpress.backends.tvm.tile_schedule import (
-    conv_kernel_layout_pass,
-    vector_lanes,
-    vector_registers,
-)
 
 LIBRARY_STEM = "model"
 
@@ -44,8 +37,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def importer_with_rnn() -> Iterator[None]:
-    """TVM's ONNX importer with the GRU and LSTM loop converters, for the duration of the block."""
+def importer_overrides(loop_rnn: bool) -> Iterator[None]:
+    """TVM's ONNX importer, for the duration of the block, with Clip as Relax maximum and
+    minimum ops when its bounds are constants (the stock converter emits TE kernels, which
+    no Relax pass sees through: blocked_layout.py) and, with ``loop_rnn``, the GRU and LSTM
+    loop converters."""
+    import tvm
+    from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
     class Gru(frontend.OnnxOpConverter):
@@ -58,14 +56,47 @@ def importer_with_rnn() -> Iterator[None]:
         def _impl_v7(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
             return convert_lstm(bb, list(inputs), dict(attr))
 
+    class Clip(frontend.Clip):
+        @classmethod
+        def _impl_v13(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            x = inputs[0]
+            bounds = [_scalar(b) for b in list(inputs[1:3]) + [None] * (3 - len(inputs))]
+            if str(x.ty.dtype) != "float32" or any(b is False for b in bounds):
+                return super()._impl_v13(bb, inputs, attr, params)
+            return _clipped(bb, x, bounds[0], bounds[1])
+
+        @classmethod
+        def _impl_v1(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            if str(inputs[0].ty.dtype) != "float32":
+                return super()._impl_v1(bb, inputs, attr, params)
+            return _clipped(bb, inputs[0], attr.get("min"), attr.get("max"))
+
+    def _scalar(bound: Any) -> float | bool | None:
+        """A bound's value, None when absent (or NaN: unbounded), False when not constant."""
+        if bound is None:
+            return None
+        if not isinstance(bound, tvm.ir.Constant) or bound.value.numpy().size != 1:
+            return False
+        value = float(bound.value.numpy().reshape(()))
+        return None if value != value else value
+
+    def _clipped(bb: Any, x: Any, low: float | None, high: float | None) -> Any:
+        if low is not None:
+            x = bb.emit(relax.op.maximum(x, relax.const(float(low), "float32")))
+        if high is not None:
+            x = bb.emit(relax.op.minimum(x, relax.const(float(high), "float32")))
+        return x
+
     original = frontend._get_convert_map
 
-    def with_rnn() -> dict[str, Any]:
+    def overridden() -> dict[str, Any]:
         table = dict(original())
-        table.update({"GRU": Gru, "LSTM": Lstm})
+        table["Clip"] = Clip
+        if loop_rnn:
+            table.update({"GRU": Gru, "LSTM": Lstm})
         return table
 
-    frontend._get_convert_map = with_rnn
+    frontend._get_convert_map = overridden
     try:
         yield
     finally:
@@ -80,7 +111,7 @@ def import_relax(prepared: Prepared, *, loop_rnn: bool = True) -> Any:
     from tvm.relax.frontend.onnx import from_onnx
 
     try:
-        with importer_with_rnn() if loop_rnn else contextlib.nullcontext():
+        with importer_overrides(loop_rnn):
             return from_onnx(
                 prepared.model,
                 shape_dict=dict(prepared.input_shapes),
@@ -132,9 +163,7 @@ def fuse(mod: Any, target: Any, default_schedules: bool = True) -> Any:
 
     passes = [*relax_pipeline.library_dispatch_passes(target)]
     if default_schedules and str(target.kind.name) == "llvm":
-        lanes = vector_lanes(target)
-        passes += [fast_math_pass(), conv_kernel_layout_pass(lanes)]
-        passes += legalize_passes(lanes, vector_registers(target))
+        passes += cpu_lowering_passes(target)
     else:
         passes += [
             tvm.relax.transform.LegalizeOps(),

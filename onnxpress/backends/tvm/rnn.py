@@ -1,7 +1,7 @@
 """Recurrent ONNX ops (GRU, LSTM) on TVM as loops: what the two converters share.
 
 TVM 0.27's Relax ONNX importer has no GRU or LSTM converter. onnxpress adds its own for the
-duration of one import (``build.importer_with_rnn``): each direction becomes one Relax matmul
+duration of one import (``build.importer_overrides``): each direction becomes one Relax matmul
 for the input projection of every step and one TIR kernel that keeps the recurrence as a loop
 (gru.py, lstm.py). This module holds the common parts, below both converters: reading
 constant (or weight-only int8, DequantizeLinear(constant)) weights, the layout=1 transposes,

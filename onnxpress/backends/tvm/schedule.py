@@ -35,6 +35,7 @@ import logging
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass
 from onnxpress.backends.tvm.conv_packed import legalize_passes
 from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
@@ -236,13 +237,31 @@ def _largest_block(sch: Any) -> int:
     return largest
 
 
-def cpu_pipeline(target: Any) -> Any:
-    """A relax pipeline for an llvm target: cpu_generic plus default schedules."""
+def cpu_lowering_passes(target: Any, *, blocked: bool = True) -> list[Any]:
+    """Layouts, fast math, legalization and fusion for an llvm target, before scheduling:
+    the kernels the default schedules (and MetaSchedule, tune.py) see. ``blocked``: convs
+    and the ops between them in NCHWc (blocked_layout.py); else NCHW throughout, with
+    conv_packed.py's kernels (what the blocked pass leaves in NCHW always gets those)."""
+    import tvm
+
+    lanes = vector_lanes(target)
+    layout = [blocked_layout_pass(lanes)] if blocked else []
+    return [
+        tvm.relax.transform.FoldConstant(),
+        *layout,
+        fast_math_pass(),
+        conv_kernel_layout_pass(lanes),
+        *legalize_passes(lanes, vector_registers(target)),
+    ]
+
+
+def cpu_pipeline(target: Any, *, blocked: bool = True) -> Any:
+    """A relax pipeline for an llvm target: cpu_generic plus default schedules
+    (``blocked``: see cpu_lowering_passes)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight as dl
 
-    lanes = vector_lanes(target)
     rules = schedule_rules(target)
 
     @tvm.transform.module_pass(opt_level=0, name="OnnxpressCpuPipeline")
@@ -251,9 +270,7 @@ def cpu_pipeline(target: Any) -> Any:
             seq = tvm.transform.Sequential(
                 [
                     *cpu_generic.library_dispatch_passes(target),
-                    fast_math_pass(),
-                    conv_kernel_layout_pass(lanes),
-                    *legalize_passes(lanes, vector_registers(target)),
+                    *cpu_lowering_passes(target, blocked=blocked),
                     dl.ApplyDefaultSchedule(*rules),
                     *cpu_generic.dataflow_lower_passes(target),
                     *cpu_generic.finalize_passes(target),

@@ -53,7 +53,7 @@ def test_legalized_kernels_and_results(kernel: int, size: int, target: Any, mark
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((32, 16, kernel, kernel)).astype(np.float32)
     mod = conv_module(16, size, 32, kernel, weight)
-    lowered = cpu_pipeline(target)(mod)
+    lowered = cpu_pipeline(target, blocked=False)(mod)
     kernels = {g.name_hint: f for g, f in lowered.functions.items() if "conv" in g.name_hint}
     assert list(kernels) == ["fused_conv2d_relu"]  # packing folded away, relu fused
     assert marker in kernels["fused_conv2d_relu"].script()
@@ -69,7 +69,9 @@ def test_legalized_kernels_and_results(kernel: int, size: int, target: Any, mark
         return np.asarray(vm["main"](tvm.runtime.tensor(x)).numpy())
 
     expected = run(relax.get_default_pipeline(AVX2), conv_kernel_layout_pass(8)(mod))
-    np.testing.assert_allclose(run(cpu_pipeline(AVX2), mod), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run(cpu_pipeline(AVX2, blocked=False), mod), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,6 +116,6 @@ def test_transposed_convolutions_match_onnxruntime(
     assert result.manifest["verification"]["errors"]["y"] <= 1e-5
     with AVX512:
         mod = tvm.relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)
-        text = cpu_pipeline(AVX512)(mod).script()
+        text = cpu_pipeline(AVX512, blocked=False)(mod).script()
     packed = "(T.int64(2), T.int64(2), T.int64(16), T.int64(32))"  # [kh, kw, C, O], folded
     assert (packed in text) == blocks

@@ -1,0 +1,170 @@
+"""The blocked (NCHWc) layout of the CPU pipeline (onnxpress.backends.tvm.blocked_layout and
+blocked_kernels): constant packing, which ops run blocked and where the one conversion back
+to NCHW goes, padded channels that never leak (a divide by a convolution's output stays
+NCHW), and compiled models that match onnxruntime on this CPU and in AVX2 code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxpress.backends.tvm.blocked_kernels import (
+    channel_block,
+    pack_channels,
+    pack_conv_weight,
+    pack_depthwise_weight,
+)
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass  # noqa: E402
+from onnxpress.backends.tvm.build import import_relax  # noqa: E402
+from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
+from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
+from onnxpress.core.verify import Runner  # noqa: E402
+
+
+def test_channel_blocks_pad_to_whole_vectors() -> None:
+    assert channel_block(24, 16) == 16  # two blocks of 16, the second three quarters used
+    assert channel_block(96, 16) == 16
+    assert channel_block(8, 16) == 8  # at most half the lanes: a narrower block
+    assert channel_block(3, 16) == 4
+    assert channel_block(24, 8) == 8
+    assert channel_block(3, 4) == 4  # NEON: never below four lanes
+
+
+def test_packed_constants_hold_each_channel_once_and_zero_padding() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((24, 5, 3, 3)).astype(np.float32)
+    packed = pack_conv_weight(weight, 8, 16)  # 5 input channels read as a padded block of 8
+    assert packed.shape == (2, 8, 3, 3, 16)
+    for o in range(24):
+        np.testing.assert_array_equal(packed[o // 16, :5, :, :, o % 16], weight[o])
+    assert not packed[:, 5:].any() and not packed[1, :, :, :, 8:].any()
+    depthwise = rng.standard_normal((24, 1, 3, 3)).astype(np.float32)
+    dw = pack_depthwise_weight(depthwise, 16)
+    assert dw.shape == (2, 3, 3, 16)
+    np.testing.assert_array_equal(dw[1, :, :, 3], depthwise[19, 0])
+    assert not dw[1, :, :, 8:].any()
+    bias = np.arange(24, dtype=np.float32).reshape(1, 24, 1, 1)
+    blocked = pack_channels(bias, 16, fill=1.0)
+    assert blocked.shape == (1, 2, 1, 1, 16)
+    assert blocked[0, 1, 0, 0, 7] == 23 and blocked[0, 1, 0, 0, 8] == 1.0
+
+
+def _const(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(array.astype(np.float32), name)
+
+
+def convnet() -> onnx.ModelProto:
+    """A small convnet over every op the blocked layout handles: a 3-channel stem (stride 2,
+    Clip), a depthwise stride-2 conv of 24 channels (padded blocks on AVX-512), squeeze-and-
+    excitation (GlobalAveragePool, Sigmoid, Mul), a residual Add, Div by a constant,
+    MaxPool, a channel Concat, a Div by a conv output (must stay NCHW: its padded channels
+    are 0), a 2x2 stride-2 ConvTranspose, then Flatten and Gemm."""
+    rng = np.random.default_rng(1)
+
+    def conv(
+        name: str, x: str, cin: int, cout: int, k: int, stride: int = 1, group: int = 1
+    ) -> onnx.NodeProto:
+        w = rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(cin // group * k * k)
+        b = rng.standard_normal(cout) + (8.0 if name == "den" else 0.0)  # den: away from 0
+        inits.extend([_const(f"{name}_w", w), _const(f"{name}_b", b)])
+        return helper.make_node(
+            "Conv", [x, f"{name}_w", f"{name}_b"], [name], kernel_shape=[k, k],
+            strides=[stride, stride], pads=[k // 2] * 4, group=group,
+        )  # fmt: skip
+
+    inits: list[onnx.TensorProto] = [
+        _const("lo", np.array(0.0)),
+        _const("hi", np.array(6.0)),
+        _const("six", np.array(6.0)),
+        _const("up_w", rng.standard_normal((32, 16, 2, 2)) / 11),
+        _const("fc_w", rng.standard_normal((10, 16 * 6 * 6)) / 24),
+        _const("fc_b", rng.standard_normal(10)),
+    ]
+    nodes = [
+        conv("stem", "x", 3, 24, 3, stride=2),
+        helper.make_node("Clip", ["stem", "lo", "hi"], ["stem_c"]),
+        conv("dw", "stem_c", 24, 24, 3, stride=2, group=24),
+        helper.make_node("Relu", ["dw"], ["dw_r"]),
+        helper.make_node("GlobalAveragePool", ["dw_r"], ["pool"]),
+        conv("se1", "pool", 24, 8, 1),
+        helper.make_node("Relu", ["se1"], ["se1_r"]),
+        conv("se2", "se1_r", 8, 24, 1),
+        helper.make_node("Sigmoid", ["se2"], ["gate"]),
+        helper.make_node("Mul", ["dw_r", "gate"], ["scaled"]),
+        conv("proj", "scaled", 24, 24, 1),
+        helper.make_node("Add", ["proj", "dw_r"], ["res"]),
+        helper.make_node("Div", ["res", "six"], ["res6"]),
+        helper.make_node("MaxPool", ["res6"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
+        conv("a", "mp", 24, 16, 3),
+        conv("b", "mp", 24, 16, 1),
+        helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+        conv("den", "cat", 32, 32, 1),
+        helper.make_node("Div", ["cat", "den"], ["ratio"]),
+        conv("tail", "ratio", 32, 32, 3),
+        helper.make_node(
+            "ConvTranspose", ["tail", "up_w"], ["up"], kernel_shape=[2, 2], strides=[2, 2]
+        ),
+        helper.make_node("Flatten", ["up"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "blocked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 24, 24])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _calls(mod: Any) -> list[str]:
+    names = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call):
+                name = value.op.name
+                kernel = (
+                    value.args[0].name_hint.rstrip("0123456789") if name == "relax.call_tir" else ""
+                )
+                names.append(kernel or name)
+    return names
+
+
+def test_convolutions_and_the_ops_between_them_run_blocked() -> None:
+    mod = import_relax(prepare(convnet()))
+    calls = _calls(blocked_layout_pass(16)(relax.transform.FoldConstant()(mod)))
+    assert "relax.nn.conv2d" not in calls
+    assert "relax.nn.conv2d_transpose" not in calls and "upsample_nchwc" in calls
+    assert calls.count("conv2d_nchwc") == 8 and calls.count("depthwise_nchwc") == 1
+    for op in ("relax.mean", "relax.sigmoid", "relax.nn.max_pool2d", "relax.concat"):
+        assert op in calls
+    # back to NCHW for both operands of the divide by a conv output, and for Flatten
+    assert calls.count("from_blocked") == 3
+    first = calls.index("from_blocked")
+    assert calls[first : first + 3] == ["from_blocked", "from_blocked", "relax.divide"]
+    # the Div by the constant six ran blocked: one divide before the first conversion
+    assert calls[: calls.index("from_blocked")].count("relax.divide") == 1
+
+
+@pytest.mark.parametrize("target", ["x86", "avx2"])  # this CPU (16 lanes), AVX2 code (8)
+def test_compiled_blocked_model_matches_onnxruntime(target: str, tmp_path: Path) -> None:
+    model = convnet()
+    result = compile_model(model, target, tmp_path / "out")
+    assert max(result.manifest["verification"]["errors"].values()) <= 1e-4
+    x = np.random.default_rng(2).standard_normal((1, 3, 24, 24)).astype(np.float32)
+    (got,) = CompiledModel(result.library)(x)
+    (expected,) = Runner(model)({"x": x})
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
