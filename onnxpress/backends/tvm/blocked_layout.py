@@ -48,6 +48,7 @@ from onnxpress.backends.tvm.blocked_kernels import (
     to_blocked,
     upsample_nchwc,
 )
+from onnxpress.backends.tvm.fast_math import rewriting_pass
 
 logger = logging.getLogger(__name__)
 
@@ -192,37 +193,20 @@ def blocked_layout_pass(lanes: int) -> Any:
             return None
 
         def _conv(self, call: Any) -> Blocked | None:
-            attrs = call.attrs
-            data, weight = call.args
-            in_shape, out_shape = _shape(data), _shape(call)
-            if (
-                not isinstance(weight, tvm.ir.Constant)
-                or in_shape is None
-                or out_shape is None
-                or len(in_shape) != 4
-                or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-                != ("NCHW", "OIHW", "NCHW")
-                or _dtype(data) != "float32"
-                or _dtype(weight) != "float32"
-            ):
+            found = _float_conv(call, "OIHW")
+            if found is None:
                 return None
-            w = weight.value.numpy()
-            groups = int(attrs.groups)
-            geometry = ConvGeometry.of(attrs)
-            held = self.blocked.get(data)
-            if groups == 1:
-                block = channel_block(out_shape[1], lanes)
-                in_block = held.block if held is not None else 0
-                reduced = blocks(in_shape[1], in_block) * in_block if in_block else in_shape[1]
-                packed = relax.const(pack_conv_weight(w, reduced, block))
-                source = held.var if held is not None else self._to_nchw(data)
-                out = self.builder_.emit_te(
-                    lambda x, k: conv2d_nchwc(x, k, geometry, in_block), source, packed,
-                    primfunc_name_hint="conv2d_nchwc",
+            data, w, in_shape, out_shape = found
+            geometry = ConvGeometry.of(call.attrs)
+            if int(call.attrs.groups) == 1:
+                return self._dense(
+                    data, w, out_shape, "conv2d_nchwc",
+                    lambda x, k, in_block: conv2d_nchwc(x, k, geometry, in_block),
                 )  # fmt: skip
-                return Blocked(out, out_shape, block)
+            groups = int(call.attrs.groups)
             if groups != in_shape[1] or w.shape[0] != groups or w.shape[1] != 1:
                 return None
+            held = self.blocked.get(data)
             block = held.block if held is not None else channel_block(groups, lanes)
             source = self._as_blocked(data, block)
             if source is None:
@@ -238,19 +222,10 @@ def blocked_layout_pass(lanes: int) -> Any:
 
         def _upsample(self, call: Any) -> Blocked | None:
             attrs = call.attrs
-            data, weight = call.args
-            in_shape, out_shape = _shape(data), _shape(call)
-            if (
-                not isinstance(weight, tvm.ir.Constant)
-                or in_shape is None
-                or out_shape is None
-                or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
-                != ("NCHW", "IOHW", "NCHW")
-                or _dtype(data) != "float32"
-                or _dtype(weight) != "float32"
-            ):
+            found = _float_conv(call, "IOHW")
+            if found is None:
                 return None
-            w = weight.value.numpy()
+            data, w, _, out_shape = found
             if (
                 int(attrs.groups) != 1
                 or _ints(attrs.strides) != w.shape[2:]
@@ -259,16 +234,23 @@ def blocked_layout_pass(lanes: int) -> Any:
                 or set(_ints(attrs.dilation)) != {1}
             ):
                 return None
+            return self._dense(data, w.transpose(1, 0, 2, 3), out_shape, "upsample_nchwc",
+                               upsample_nchwc)  # fmt: skip
+
+        def _dense(
+            self, data: Any, w: np.ndarray, out_shape: tuple[int, ...], name: str, kernel: Any
+        ) -> Blocked:
+            """A convolution over all input channels (OIHW weights ``w``): blocked input
+            when there is one, else NCHW read directly; ``kernel(x, packed, in_block)``."""
             held = self.blocked.get(data)
             block = channel_block(out_shape[1], lanes)
             in_block = held.block if held is not None else 0
-            reduced = blocks(in_shape[1], in_block) * in_block if in_block else in_shape[1]
-            packed = relax.const(pack_conv_weight(w.transpose(1, 0, 2, 3), reduced, block))
+            reduced = blocks(w.shape[1], in_block) * in_block if in_block else w.shape[1]
+            packed = relax.const(pack_conv_weight(w, reduced, block))
             source = held.var if held is not None else self._to_nchw(data)
             out = self.builder_.emit_te(
-                lambda x, k: upsample_nchwc(x, k, in_block), source, packed,
-                primfunc_name_hint="upsample_nchwc",
-            )  # fmt: skip
+                lambda x, k: kernel(x, k, in_block), source, packed, primfunc_name_hint=name
+            )
             return Blocked(out, out_shape, block)
 
         def _binary(self, call: Any) -> Blocked | None:
@@ -347,15 +329,29 @@ def blocked_layout_pass(lanes: int) -> Any:
             new = relax.op.concat(converted, axis=1)
             return Blocked(self.builder_.emit(new), out_shape, block)
 
-    @tvm.transform.module_pass(opt_level=0, name="BlockedLayout")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        rewriter = _Rewriter(mod)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+    return rewriting_pass("BlockedLayout", _Rewriter)
 
-    return _pass
+
+def _float_conv(call: Any, kernel_layout: str) -> tuple[Any, np.ndarray, Any, Any] | None:
+    """(data, weights, input shape, output shape) of a float32 NCHW convolution with constant
+    ``kernel_layout`` weights and static 4-D shapes, else None."""
+    import tvm
+
+    attrs = call.attrs
+    data, weight = call.args
+    in_shape, out_shape = _shape(data), _shape(call)
+    if (
+        not isinstance(weight, tvm.ir.Constant)
+        or in_shape is None
+        or out_shape is None
+        or len(in_shape) != 4
+        or (attrs.data_layout, attrs.kernel_layout, attrs.out_layout)
+        != ("NCHW", kernel_layout, "NCHW")
+        or _dtype(data) != "float32"
+        or _dtype(weight) != "float32"
+    ):
+        return None
+    return data, weight.value.numpy(), in_shape, out_shape
 
 
 def _nonzero_constant(expr: Any) -> bool:

@@ -28,7 +28,6 @@ def fast_sigmoid(x: Any) -> Any:
 
 def fast_math_pass() -> Any:
     """The relax module pass ``FastMath`` (see the module docstring); float32 only."""
-    import tvm
     from tvm import relax, topi
 
     @relax.expr_functor.mutator
@@ -49,13 +48,22 @@ def fast_math_pass() -> Any:
             }[name]
             return self.builder_.call_te(build, x)
 
-    @tvm.transform.module_pass(opt_level=0, name="FastMath")
+    return rewriting_pass("FastMath", _Rewriter)
+
+
+def rewriting_pass(name: str, rewriter: Any) -> Any:
+    """A module pass that runs ``rewriter(mod)`` (a Relax PyExprMutator class) over every
+    Relax function of the module."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: Any, _ctx: Any) -> Any:
-        rewriter = _Rewriter(mod)
+        mutator = rewriter(mod)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+                mutator.builder_.update_func(gvar, mutator.visit_expr(func))
+        return mutator.builder_.get()
 
     return _pass
 
