@@ -53,7 +53,8 @@ class TilePlan:
     width: int
     contiguous: bool
     rows: tuple[tuple[int, int], ...]
-    stack: int = 1  # vectors of the vector axis side by side in the tile
+    stack: int = 1  # vectors side by side in the tile: of the vector axis, or of ...
+    stack_axis: int | None = None  # ... this axis (a channel-block axis: blocked layout)
 
     @property
     def macs(self) -> int:
@@ -96,10 +97,42 @@ def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | No
         stack, rows, score = stacked_rows(
             extents, axis, width, reuse or others[:1], registers, stackable, chains=not others
         )
+        plan = TilePlan(extents, spatial, axis, width, contiguous, rows, stack)
+        if stackable and extents[axis] == width:
+            plan, score = _block_stack(plan, score, stmt.reads, axes, varying, reuse, registers)
         key = (width, bool(reuse), contiguous, score, axis)
         if best is None or key > best[0]:
-            best = (key, TilePlan(extents, spatial, axis, width, contiguous, rows, stack))
+            best = (key, plan)
     return best[1] if best is not None else None
+
+
+def _block_stack(
+    plan: TilePlan,
+    score: float,
+    reads: Any,
+    axes: list[Any],
+    varying: list[Any],
+    reuse: list[int],
+    registers: int,
+) -> tuple[TilePlan, float]:
+    """``plan`` with vectors of another axis side by side when the vector axis is one
+    vector (the lanes of a channel block) and that axis (the blocks) indexes only the
+    vector loads: each row value, broadcast once, feeds every block of the stack, as the
+    stack of a long channel axis does in NCHW. Keeps ``plan`` unless this scores higher."""
+    extents = plan.extents
+    shared = [r for r in reads if not any(r.same_as(v) for v in varying)]
+    for axis in range(plan.spatial):
+        if axis == plan.vector or extents[axis] < 2 or axis in reuse:
+            continue
+        if any(_uses(r, axes[axis]) for r in shared) or not any(
+            _uses(r, axes[axis]) for r in varying
+        ):
+            continue
+        stack, rows, stacked = stacked_rows(extents, axis, 1, reuse, registers)
+        if stack > 1 and stacked > score:
+            plan = TilePlan(extents, plan.spatial, plan.vector, plan.width, True, rows, stack, axis)
+            score = stacked
+    return plan, score
 
 
 def stacked_rows(

@@ -152,7 +152,8 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     spatial, reductions = loops[: plan.spatial], loops[plan.spatial :]
     acc = sch.cache_write(block, 0, "local")
     _inline_consumers(sch, acc)
-    if plan.stack > 1:
+    outer = list(spatial)
+    if plan.stack > 1 and plan.stack_axis is None:
         v_outer, v_stack, v_inner = sch.split(
             spatial[plan.vector], factors=[None, plan.stack, plan.width]
         )
@@ -160,7 +161,10 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     else:
         v_outer, v_inner = sch.split(spatial[plan.vector], factors=[None, plan.width])
         inner = [v_inner]
-    outer = list(spatial)
+    if plan.stack > 1 and plan.stack_axis is not None:
+        s_outer, s_inner = sch.split(spatial[plan.stack_axis], factors=[None, plan.stack])
+        outer[plan.stack_axis] = s_outer
+        inner.insert(0, s_inner)
     outer[plan.vector] = v_outer
     for axis, tile in plan.rows:
         r_outer, r_inner = sch.split(spatial[axis], factors=[None, tile])
@@ -169,7 +173,8 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     outer = _vector_blocks_first(outer, plan)
     sch.reorder(*outer, *reductions, *inner)
     # the accumulator tile: other axes first, then the rows, then the vector lanes
-    tiled = [axis for axis, _ in reversed(plan.rows)] + [plan.vector]
+    stacked = [plan.stack_axis] if plan.stack > 1 and plan.stack_axis is not None else []
+    tiled = [axis for axis, _ in reversed(plan.rows)] + stacked + [plan.vector]
     order = [a for a in range(plan.spatial) if a not in tiled] + tiled
     if order != list(range(plan.spatial)):
         sch.transform_layout(block, ("write", 0), _permutation(order))
