@@ -5,6 +5,7 @@ NCHW), and compiled models that match onnxruntime on this CPU and in AVX2 code."
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -170,14 +171,14 @@ def test_compiled_blocked_model_matches_onnxruntime(target: str, tmp_path: Path)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def _conv_kernel(blocks_out: int, channels: int, size: int) -> Any:
+def _conv_kernel(channels: int, size: int, block: int) -> Any:
     from tvm import te
 
     from onnxpress.backends.tvm.blocked_kernels import ConvGeometry, conv2d_nchwc
 
-    data = te.placeholder((1, channels // 16, size, size, 16), name="x")
-    weight = te.placeholder((blocks_out, channels, 3, 3, 16), name="w")
-    out = conv2d_nchwc(data, weight, ConvGeometry((1, 1), (1, 1, 1, 1), (1, 1)), 16)
+    data = te.placeholder((1, channels // block, size, size, block), name="x")
+    weight = te.placeholder((channels // block, channels, 3, 3, block), name="w")
+    out = conv2d_nchwc(data, weight, ConvGeometry((1, 1), (1, 1, 1, 1), (1, 1)), block)
     return te.create_prim_func([data, weight, out])
 
 
@@ -186,11 +187,13 @@ def test_tile_stacks_channel_blocks_beside_the_rows() -> None:
 
     from onnxpress.backends.tvm.tile_schedule import plan_tile
 
-    sch = s_tir.Schedule(_conv_kernel(8, 128, 28))
-    block = sch.get_sblock("conv2d_nchwc")
-    wide = plan_tile(sch, block, 16, 32)  # AVX-512: 32 registers
+    sch = s_tir.Schedule(_conv_kernel(128, 28, 16))
+    wide = plan_tile(sch, sch.get_sblock("conv2d_nchwc"), 16, 32)  # AVX-512: 32 registers
     assert wide is not None and wide.vector == 4 and wide.width == 16
     assert wide.stack_axis == 1 and wide.stack == 4  # four blocks of output channels
     assert wide.rows == ((3, 4),)  # beside four output columns: 16 accumulators
-    narrow = plan_tile(sch, block, 8, 16)  # AVX2's 16 registers: no stacks
-    assert narrow is not None and narrow.stack == 1
+    sch = s_tir.Schedule(_conv_kernel(128, 28, 8))
+    narrow = plan_tile(sch, sch.get_sblock("conv2d_nchwc"), 8, 16)  # AVX2: 16 registers
+    assert narrow is not None and narrow.stack_axis == 1 and narrow.stack > 1
+    rows = math.prod(tile for _, tile in narrow.rows)
+    assert narrow.stack * rows <= 12  # accumulators leave registers for loads
