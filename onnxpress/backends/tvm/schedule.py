@@ -3,6 +3,9 @@
 TVM 0.27's ``cpu_generic`` pipeline legalizes and fuses ops but leaves every kernel as a
 naive single-threaded loop nest. This pipeline
 
+0. ``BlockedLayout`` (blocked_layout.py), after folding constants: float convolutions and
+   the ops between them in NCHWc (with ``blocked``, the default); what it leaves in NCHW
+   goes on through step 1;
 1. ``ConvKernelLayout`` (tile_schedule.py), before legalization:
 
        conv2d(x[N,C,H,W], w[O,I,KH,KW], OIHW) -> conv2d(x, permute_dims(w) : [I,KH,KW,O], IHWO)
@@ -237,18 +240,30 @@ def _largest_block(sch: Any) -> int:
     return largest
 
 
+def layout_passes(target: Any, *, blocked: bool = True) -> list[Any]:
+    """The first passes of cpu_lowering_passes: batch norm decomposed into elementwise ops
+    (so it fuses into the conv before it and runs blocked), constants folded, and with
+    ``blocked`` the BlockedLayout pass."""
+    import tvm
+
+    transform = tvm.relax.transform
+    layout = [blocked_layout_pass(vector_lanes(target))] if blocked else []
+    return [
+        transform.DecomposeOpsForInference(),
+        transform.CanonicalizeBindings(),  # batch_norm(...)[0] -> its first output
+        transform.FoldConstant(),
+        *layout,
+    ]
+
+
 def cpu_lowering_passes(target: Any, *, blocked: bool = True) -> list[Any]:
     """Layouts, fast math, legalization and fusion for an llvm target, before scheduling:
     the kernels the default schedules (and MetaSchedule, tune.py) see. ``blocked``: convs
     and the ops between them in NCHWc (blocked_layout.py); else NCHW throughout, with
     conv_packed.py's kernels (what the blocked pass leaves in NCHW always gets those)."""
-    import tvm
-
     lanes = vector_lanes(target)
-    layout = [blocked_layout_pass(lanes)] if blocked else []
     return [
-        tvm.relax.transform.FoldConstant(),
-        *layout,
+        *layout_passes(target, blocked=blocked),
         fast_math_pass(),
         conv_kernel_layout_pass(lanes),
         *legalize_passes(lanes, vector_registers(target)),

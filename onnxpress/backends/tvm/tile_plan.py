@@ -7,7 +7,9 @@ reads a legalized ``out[s...] += a[...] * b[...]`` block and returns a ``TilePla
     rows: the innermost other spatial axis that the vector loads do not depend on, tiled by
         ``row_tile`` (and a second axis for small images);
     S: vectors of v side by side, when the rows reuse the vector loads and tile evenly; the
-        S and rows with the most FMAs per load win.
+        S and rows with the most FMAs per load win. When v is one vector (the lanes of a
+        blocked layout's channel block), S vectors of another axis that only the vector
+        loads index (the channel blocks): ``stack_axis``.
 
 Widths come from ``vector_width`` (the target's lanes, else a divisor of the axis). Pure
 planning: nothing here changes a schedule.

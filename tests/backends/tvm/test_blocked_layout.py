@@ -26,11 +26,13 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
-from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass  # noqa: E402
 from onnxpress.backends.tvm.build import import_relax  # noqa: E402
 from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
 from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
+from onnxpress.backends.tvm.schedule import layout_passes  # noqa: E402
 from onnxpress.core.verify import Runner  # noqa: E402
+
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
 
 
 def test_channel_blocks_pad_to_whole_vectors() -> None:
@@ -69,7 +71,7 @@ def convnet() -> onnx.ModelProto:
     """A small convnet over every op the blocked layout handles: a 3-channel stem (stride 2,
     Clip), a depthwise stride-2 conv of 24 channels (padded blocks on AVX-512), squeeze-and-
     excitation (GlobalAveragePool, Sigmoid, Mul), a residual Add, Div by a constant,
-    MaxPool, a channel Concat, a Div by a conv output (must stay NCHW: its padded channels
+    MaxPool, BatchNormalization, a channel Concat, a Div by a conv output (must stay NCHW: its padded channels
     are 0), a 2x2 stride-2 ConvTranspose, then Flatten and Gemm."""
     rng = np.random.default_rng(1)
 
@@ -88,6 +90,10 @@ def convnet() -> onnx.ModelProto:
         _const("lo", np.array(0.0)),
         _const("hi", np.array(6.0)),
         _const("six", np.array(6.0)),
+        _const("bn_s", rng.uniform(0.5, 2.0, 16)),
+        _const("bn_b", rng.standard_normal(16)),
+        _const("bn_m", rng.standard_normal(16)),
+        _const("bn_v", rng.uniform(0.5, 2.0, 16)),
         _const("up_w", rng.standard_normal((32, 16, 2, 2)) / 11),
         _const("fc_w", rng.standard_normal((10, 16 * 6 * 6)) / 24),
         _const("fc_b", rng.standard_normal(10)),
@@ -107,7 +113,8 @@ def convnet() -> onnx.ModelProto:
         helper.make_node("Add", ["proj", "dw_r"], ["res"]),
         helper.make_node("Div", ["res", "six"], ["res6"]),
         helper.make_node("MaxPool", ["res6"], ["mp"], kernel_shape=[2, 2], strides=[2, 2]),
-        conv("a", "mp", 24, 16, 3),
+        conv("a0", "mp", 24, 16, 3),
+        helper.make_node("BatchNormalization", ["a0", "bn_s", "bn_b", "bn_m", "bn_v"], ["a"]),
         conv("b", "mp", 24, 16, 1),
         helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
         conv("den", "cat", 32, 32, 1),
@@ -145,8 +152,9 @@ def _calls(mod: Any) -> list[str]:
 
 def test_convolutions_and_the_ops_between_them_run_blocked() -> None:
     mod = import_relax(prepare(convnet()))
-    calls = _calls(blocked_layout_pass(16)(relax.transform.FoldConstant()(mod)))
-    assert "relax.nn.conv2d" not in calls
+    with AVX512:
+        calls = _calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
+    assert "relax.nn.conv2d" not in calls and "relax.nn.batch_norm" not in calls
     assert "relax.nn.conv2d_transpose" not in calls and "upsample_nchwc" in calls
     assert calls.count("conv2d_nchwc") == 8 and calls.count("depthwise_nchwc") == 1
     for op in ("relax.mean", "relax.sigmoid", "relax.nn.max_pool2d", "relax.concat"):
@@ -155,8 +163,10 @@ def test_convolutions_and_the_ops_between_them_run_blocked() -> None:
     assert calls.count("from_blocked") == 3
     first = calls.index("from_blocked")
     assert calls[first : first + 3] == ["from_blocked", "from_blocked", "relax.divide"]
-    # the Div by the constant six ran blocked: one divide before the first conversion
-    assert calls[: calls.index("from_blocked")].count("relax.divide") == 1
+    # the divides by constants ran blocked (Div by six, the decomposed batch norm's divide
+    # by its standard deviation): two divides before the first conversion, none between
+    assert calls[: calls.index("from_blocked")].count("relax.divide") == 2
+    assert "to_blocked" not in calls
 
 
 @pytest.mark.parametrize("target", ["x86", "avx2"])  # this CPU (16 lanes), AVX2 code (8)
