@@ -202,6 +202,41 @@ def upsample_nchwc(data: Any, weight: Any, in_block: int) -> Any:
     return te.compute(shape, body, name="upsample_nchwc")
 
 
+def max_pool_nchwc(
+    data: Any, pool: tuple[int, int], geometry: ConvGeometry, out_hw: tuple[int, int]
+) -> Any:
+    """Max pooling of blocked data into ``out_hw`` (Relax's output size, ceil mode
+    included), windows outside the image ignored (read as the lowest float) by a condition
+    on the read, like the convolutions: TOPI's pool copied a padded input first, which
+    took longer than the pooling (ResNet's first max-pool)."""
+    from tvm import te, tirx
+
+    batch, cblocks, height, width, block = (int(d) for d in data.shape)
+    (sy, sx), (top, left, _, _), (dy, dx) = geometry.strides, geometry.padding, geometry.dilation
+    oh, ow = out_hw
+    ry = te.reduce_axis((0, pool[0]), "ry")
+    rx = te.reduce_axis((0, pool[1]), "rx")
+    lowest = tirx.min_value(data.dtype)
+
+    def body(n: Any, cb: Any, y: Any, x: Any, ci: Any) -> Any:
+        iy, ix = y * sy + ry * dy - top, x * sx + rx * dx - left
+        conditions = []
+        if top:
+            conditions.append(iy >= 0)
+        if (oh - 1) * sy + (pool[0] - 1) * dy - top >= height:
+            conditions.append(iy < height)
+        if left:
+            conditions.append(ix >= 0)
+        if (ow - 1) * sx + (pool[1] - 1) * dx - left >= width:
+            conditions.append(ix < width)
+        value = data[n, cb, iy, ix, ci]
+        if conditions:
+            value = te.if_then_else(te.all(*conditions), value, lowest)
+        return te.max(value, axis=[ry, rx])
+
+    return te.compute((batch, cblocks, oh, ow, block), body, name="max_pool_nchwc")
+
+
 def to_blocked(data: Any, block: int) -> Any:
     """NCHW ``[N, C, H, W]`` -> ``[N, C / B, H, W, B]``, padded channels zero."""
     from tvm import te, tirx

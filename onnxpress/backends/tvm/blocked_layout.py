@@ -42,6 +42,7 @@ from onnxpress.backends.tvm.blocked_kernels import (
     conv2d_nchwc,
     depthwise_nchwc,
     from_blocked,
+    max_pool_nchwc,
     pack_channels,
     pack_conv_weight,
     pack_depthwise_weight,
@@ -299,15 +300,20 @@ def blocked_layout_pass(lanes: int) -> Any:
         def _max_pool(self, call: Any) -> Blocked | None:
             attrs = call.attrs
             held = self.blocked.get(call.args[0])
-            if held is None or (attrs.layout, attrs.out_layout) != ("NCHW", "NCHW"):
+            out_shape = _shape(call)
+            if held is None or out_shape is None:
                 return None
-            layout = f"NCHW{held.block}c"
-            new = relax.op.nn.max_pool2d(
-                held.var, _ints(attrs.pool_size), _ints(attrs.strides), _ints(attrs.padding),
-                _ints(attrs.dilation), bool(attrs.ceil_mode), bool(attrs.count_include_pad),
-                layout, layout,
-            )  # fmt: skip
-            return Blocked(self.builder_.emit(new), _shape(call) or (), held.block)
+            if (attrs.layout, attrs.out_layout) != ("NCHW", "NCHW"):
+                return None
+            geometry = ConvGeometry.of(attrs)
+            pool = _ints(attrs.pool_size)
+            size = (out_shape[2], out_shape[3])
+            out = self.builder_.emit_te(
+                lambda x: max_pool_nchwc(x, (pool[0], pool[1]), geometry, size),
+                held.var,
+                primfunc_name_hint="max_pool_nchwc",
+            )
+            return Blocked(out, out_shape, held.block)
 
         def _concat(self, call: Any) -> Blocked | None:
             parts = list(call.args[0].fields) if isinstance(call.args[0], relax.Tuple) else None
