@@ -89,3 +89,15 @@ def test_int8_lowered_conv_runs_on_aarch64(tmp_path: Path, target: str, kernel: 
     x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 9, 9)).astype(np.float32)
     result = _emulate(tmp_path / "int8", qdq, {"x": x})
     assert result["ok"] and result["errors"]["y"] <= 1e-4
+
+
+def test_blocked_convnet_runs_on_aarch64(tmp_path: Path) -> None:
+    """The blocked layout with NEON's 4-lane channel blocks (padded 24-channel tensors,
+    depthwise, squeeze-and-excitation, ceil-mode max-pool, upsampling) under qemu."""
+    from backends.tvm.test_blocked_layout import convnet
+
+    model = convnet()
+    compile_model(model, "arm64-linux", tmp_path / "blocked")
+    x = np.random.default_rng(3).standard_normal((1, 3, 24, 24)).astype(np.float32)
+    result = _emulate(tmp_path / "blocked", model, {"x": x})
+    assert result["ok"] and result["errors"]["y"] <= 1e-4
