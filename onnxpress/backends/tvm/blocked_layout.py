@@ -16,7 +16,7 @@ runs blocked:
   blocked tensor and another operand whose NCHW shape broadcasts over channels (a
   constant, a blocked tensor of the same block, a per-channel [N, C, 1, 1] tensor, or a
   scalar), when the result has the blocked operand's shape;
-- ``mean`` over H and W with keepdims (global average pooling), ``nn.max_pool2d``,
+- ``mean`` over H and W with keepdims (global average pooling), max and average pooling,
   and ``concat`` along channels when every part is whole blocks.
 
 Everything else (reshape, matmul, transposed convs, ...) reads NCHW. Only ops that map
@@ -189,6 +189,8 @@ def blocked_layout_pass(lanes: int) -> Any:
                 return self._mean(call)
             if name == "relax.nn.max_pool2d":
                 return self._max_pool(call)
+            if name == "relax.nn.avg_pool2d":
+                return self._avg_pool(call)
             if name == "relax.concat":
                 return self._concat(call)
             return None
@@ -314,6 +316,20 @@ def blocked_layout_pass(lanes: int) -> Any:
                 primfunc_name_hint="max_pool_nchwc",
             )
             return Blocked(out, out_shape, held.block)
+
+        def _avg_pool(self, call: Any) -> Blocked | None:
+            """Relax's own avg_pool2d in the blocked layout (TOPI pools NCHW[B]c)."""
+            attrs = call.attrs
+            held = self.blocked.get(call.args[0])
+            if held is None or (attrs.layout, attrs.out_layout) != ("NCHW", "NCHW"):
+                return None
+            layout = f"NCHW{held.block}c"
+            new = relax.op.nn.avg_pool2d(
+                held.var, _ints(attrs.pool_size), _ints(attrs.strides), _ints(attrs.padding),
+                _ints(attrs.dilation), bool(attrs.ceil_mode), bool(attrs.count_include_pad),
+                layout, layout,
+            )  # fmt: skip
+            return Blocked(self.builder_.emit(new), _shape(call) or (), held.block)
 
         def _concat(self, call: Any) -> Blocked | None:
             parts = list(call.args[0].fields) if isinstance(call.args[0], relax.Tuple) else None

@@ -71,9 +71,9 @@ def convnet() -> onnx.ModelProto:
     """A small convnet over every op the blocked layout handles: a 3-channel stem (stride 2,
     Clip), a depthwise stride-2 conv of 24 channels (padded blocks on AVX-512), squeeze-and-
     excitation (GlobalAveragePool, Sigmoid, Mul), a residual Add, Div by a constant,
-    MaxPool (ceil mode), BatchNormalization, a channel Concat, a Div by a conv output (must
-    stay NCHW: its padded channels are 0), a 2x2 stride-2 ConvTranspose, then Flatten and
-    Gemm."""
+    MaxPool (ceil mode), BatchNormalization, a channel Concat, AveragePool, a Div by a conv
+    output (must stay NCHW: its padded channels are 0), a 2x2 stride-2 ConvTranspose, then
+    Flatten and Gemm."""
     rng = np.random.default_rng(1)
 
     def conv(
@@ -119,7 +119,8 @@ def convnet() -> onnx.ModelProto:
         conv("a0", "mp", 24, 16, 3),
         helper.make_node("BatchNormalization", ["a0", "bn_s", "bn_b", "bn_m", "bn_v"], ["a"]),
         conv("b", "mp", 24, 16, 1),
-        helper.make_node("Concat", ["a", "b"], ["cat"], axis=1),
+        helper.make_node("Concat", ["a", "b"], ["cat0"], axis=1),
+        helper.make_node("AveragePool", ["cat0"], ["cat"], kernel_shape=[3, 3], pads=[1] * 4),
         conv("den", "cat", 32, 32, 1),
         helper.make_node("Div", ["cat", "den"], ["ratio"]),
         conv("tail", "ratio", 32, 32, 3),
@@ -160,7 +161,13 @@ def test_convolutions_and_the_ops_between_them_run_blocked() -> None:
     assert "relax.nn.conv2d" not in calls and "relax.nn.batch_norm" not in calls
     assert "relax.nn.conv2d_transpose" not in calls and "upsample_nchwc" in calls
     assert calls.count("conv2d_nchwc") == 8 and calls.count("depthwise_nchwc") == 1
-    for op in ("relax.mean", "relax.sigmoid", "max_pool_nchwc", "relax.concat"):
+    for op in (
+        "relax.mean",
+        "relax.sigmoid",
+        "max_pool_nchwc",
+        "relax.concat",
+        "relax.nn.avg_pool2d",
+    ):
         assert op in calls
     # back to NCHW for both operands of the divide by a conv output, and for Flatten
     assert calls.count("from_blocked") == 3
