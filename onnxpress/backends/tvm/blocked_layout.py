@@ -138,6 +138,11 @@ def blocked_layout_pass(lanes: int) -> Any:
                 self._to_nchw(var)
             super().visit_var_binding_(binding)
 
+        def visit_match_cast_(self, binding: Any) -> None:
+            for var in relax.analysis.free_vars(binding.value):
+                self._to_nchw(var)
+            super().visit_match_cast_(binding)
+
         # -- conversions ------------------------------------------------------------
         def _to_nchw(self, var: Any) -> Any:
             """The NCHW value of an original variable (a conversion, once, when blocked)."""

@@ -29,7 +29,7 @@ from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
 from onnxpress.backends.tvm.build import import_relax  # noqa: E402
 from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
 from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
-from onnxpress.backends.tvm.schedule import layout_passes  # noqa: E402
+from onnxpress.backends.tvm.schedule import cpu_pipeline, layout_passes  # noqa: E402
 from onnxpress.core.verify import Runner  # noqa: E402
 
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
@@ -217,3 +217,32 @@ def test_tile_stacks_channel_blocks_beside_the_rows() -> None:
     assert narrow is not None and narrow.stack_axis == 1 and narrow.stack > 1
     rows = math.prod(tile for _, tile in narrow.rows)
     assert narrow.stack * rows <= 12  # accumulators leave registers for loads
+
+
+def test_a_match_cast_of_a_blocked_tensor_reads_it_back_in_nchw() -> None:
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 8, 8), "float32"))
+    weight = np.random.default_rng(5).standard_normal((16, 16, 3, 3)).astype(np.float32)
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            conv = builder.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1))
+            relu = builder.emit(relax.op.nn.relu(conv))
+            cast = builder.match_cast(relu, relax.TensorType((1, 16, 8, 8), "float32"))
+            out = builder.emit_output(relax.op.add(cast, cast))
+        builder.emit_func_output(out)
+    mod = builder.get()
+    with AVX512:
+        calls = _calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
+    assert calls == ["conv2d_nchwc", "relax.nn.relu", "from_blocked", "relax.add"]
+    data = np.random.default_rng(6).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    padded = np.pad(data, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    expected = np.zeros((1, 16, 8, 8), np.float32)
+    for ky in range(3):
+        for kx in range(3):
+            window = padded[:, :, ky : ky + 8, kx : kx + 8]
+            expected += np.einsum("nchw,oc->nohw", window, weight[:, :, ky, kx])
+    expected = 2 * np.maximum(expected, 0)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})  # AVX2 code runs here
+    executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
