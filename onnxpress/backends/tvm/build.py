@@ -1,7 +1,8 @@
 """The TVM steps of a compile: ONNX -> Relax module -> fused, scheduled, built, exported.
 
-  import_relax: TVM's ONNX importer (with the GRU/LSTM loop converters of gru.py and lstm.py
-      and a Clip of Relax ops, for the duration of one import: ``importer_overrides``) on a prepared model;
+  import_relax: TVM's ONNX importer on a prepared model, with the GRU/LSTM loop converters of
+      gru.py and lstm.py and a Clip of Relax ops for the duration of one import
+      (``importer_overrides``);
   fuse / apply_database: legalize and fuse the module, give tuned kernels their records;
   build: ``tvm.compile`` with onnxpress's default CPU schedules (schedule.py);
   export: the library file in a folder.

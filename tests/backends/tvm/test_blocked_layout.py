@@ -160,6 +160,8 @@ def test_convolutions_and_the_ops_between_them_run_blocked() -> None:
     with AVX512:
         calls = _calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
     assert "relax.nn.conv2d" not in calls and "relax.nn.batch_norm" not in calls
+    # Clip(0, 6) imports as Relax maximum/minimum (not opaque TE kernels) and runs blocked
+    assert calls[:4] == ["conv2d_nchwc", "relax.add", "relax.maximum", "relax.minimum"]
     assert "relax.nn.conv2d_transpose" not in calls and "upsample_nchwc" in calls
     assert calls.count("conv2d_nchwc") == 8 and calls.count("depthwise_nchwc") == 1
     for op in (
