@@ -9,7 +9,9 @@ runs blocked:
 - ``nn.conv2d`` in NCHW/OIHW with constant weights, float32, groups 1 (input blocked, or
   NCHW read directly, e.g. the 3-channel stem) or depthwise (groups = channels, one filter
   each): ``conv2d_nchwc`` / ``depthwise_nchwc``, weights packed here with numpy;
-  ``nn.conv2d_transpose`` whose kernel equals its stride (``upsample_nchwc``);
+  ``nn.conv2d_transpose`` whose kernel equals its stride (``upsample_nchwc``); a 3x3
+  stride-1 conv of a blocked input with enough channels runs as three Winograd kernels
+  instead (winograd.py);
 - elementwise ops with one argument (relu, clip, sigmoid, tanh, SiLU, GELU, exp, ...) on a
   blocked argument;
 - add, subtract, multiply, maximum, minimum (and divide by a constant without zeros) of a
@@ -50,6 +52,7 @@ from onnxpress.backends.tvm.blocked_kernels import (
     upsample_nchwc,
 )
 from onnxpress.backends.tvm.fast_math import rewriting_pass
+from onnxpress.backends.tvm.winograd import emit_winograd, winograd_tile
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +209,14 @@ def blocked_layout_pass(lanes: int) -> Any:
                 return None
             data, w, in_shape, out_shape = found
             geometry = ConvGeometry.of(call.attrs)
+            held = self.blocked.get(data)
+            if int(call.attrs.groups) == 1 and held is not None:
+                kernel, channels = (w.shape[2], w.shape[3]), (w.shape[1], w.shape[0])
+                m = winograd_tile(geometry, kernel, channels, (out_shape[2], out_shape[3]))
+                if m:
+                    block = channel_block(out_shape[1], lanes)
+                    out = emit_winograd(self.builder_, held.var, w, geometry, m, out_shape, block)
+                    return Blocked(out, out_shape, block)
             if int(call.attrs.groups) == 1:
                 return self._dense(
                     data, w, out_shape, "conv2d_nchwc",
@@ -214,7 +225,6 @@ def blocked_layout_pass(lanes: int) -> Any:
             groups = int(call.attrs.groups)
             if groups != in_shape[1] or w.shape[0] != groups or w.shape[1] != 1:
                 return None
-            held = self.blocked.get(data)
             block = held.block if held is not None else channel_block(groups, lanes)
             source = self._as_blocked(data, block)
             if source is None:

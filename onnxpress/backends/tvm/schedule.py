@@ -4,8 +4,8 @@ TVM 0.27's ``cpu_generic`` pipeline legalizes and fuses ops but leaves every ker
 naive single-threaded loop nest. This pipeline
 
 0. ``BlockedLayout`` (blocked_layout.py), after folding constants: float convolutions and
-   the ops between them in NCHWc (with ``blocked``, the default); what it leaves in NCHW
-   goes on through step 1;
+   the ops between them in NCHWc (with ``blocked``, the default), 3x3 stride-1 convs as
+   Winograd kernels (winograd.py); what it leaves in NCHW goes on through step 1;
 1. ``ConvKernelLayout`` (tile_schedule.py), before legalization:
 
        conv2d(x[N,C,H,W], w[O,I,KH,KW], OIHW) -> conv2d(x, permute_dims(w) : [I,KH,KW,O], IHWO)
@@ -15,7 +15,8 @@ naive single-threaded loop nest. This pipeline
    one vector; FoldConstant transposes constant weights once, at compile time. Depthwise
    and narrow-group convolutions keep OIHW;
 2. after fusion, applies ``dlight.ApplyDefaultSchedule`` with, in order:
-   ``Deinterleaved`` (strided_schedule.py: a padded input read with strided vector lanes,
+   ``WinogradTransforms`` (winograd_schedule.py: the input and output transforms of
+   Winograd convolutions, with whatever epilogue fusion put beside them), ``Deinterleaved`` (strided_schedule.py: a padded input read with strided vector lanes,
    as in stride-2 depthwise convs, stored de-interleaved, then TiledReduction),
    ``TiledReduction`` (tile_schedule.py: register-tiled, vectorized, parallel conv2d /
    matmul / batch-matmul kernels), ``RowReduction`` (a sum over an input's trailing axes,
@@ -53,6 +54,7 @@ from onnxpress.backends.tvm.tile_schedule import (
     vector_width,
 )
 from onnxpress.backends.tvm.transpose_schedule import tiled_transpose_rule
+from onnxpress.backends.tvm.winograd_schedule import winograd_rule
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +200,7 @@ def schedule_rules(target: Any) -> list[Any]:
 
     lanes = vector_lanes(target)
     return [
+        winograd_rule(lanes),
         deinterleaved_rule(lanes, vector_registers(target)),
         tiled_reduction_rule(lanes, vector_registers(target)),
         _row_reduction_rule(lanes),
