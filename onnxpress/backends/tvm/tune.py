@@ -3,7 +3,8 @@
   tune_module(mod, spec, options, on_progress) -> Tuned(records to apply, summary)
     1. legalize and fuse the Relax module (the passes the CPU/GPU pipelines run first) and
        extract one MetaSchedule task per distinct fused kernel, leaving out kernels that
-       arrive scheduled or take integer inputs (random test data would index out of bounds);
+       arrive scheduled, take integer inputs (random test data would index out of bounds)
+       or hold a Winograd transform (winograd_schedule.has_transform);
     2. open the database for this target: <tuning-db>/<target key>/ holds MetaSchedule's JSON
        workload and record files plus onnxpress's ledger (budgets.json);
     3. a kernel's share of the budget is ceil(N / kernels). A kernel already tuned with at
@@ -51,6 +52,7 @@ from onnxpress.backends.tvm.tune_db import (
     open_database,
     workload_key,
 )
+from onnxpress.backends.tvm.winograd_schedule import has_transform
 from onnxpress.core.errors import OnnxpressError
 
 __all__ = ["TuneOptions", "Tuned", "TuningError", "TuningProgress", "tune_module"]
@@ -187,6 +189,8 @@ def _not_tunable(task: Any) -> str:
             bool(attrs.get(key, False)) for key in ("tirx.is_scheduled", "tir.is_scheduled")
         ):
             return "scheduled by onnxpress (e.g. a loop-form RNN kernel)"
+    if has_transform(func):
+        return "a Winograd transform: scheduled by onnxpress's WinogradTransforms rule"
     for arg in ms.arg_info.ArgInfo.from_prim_func(func):
         if not str(arg.as_json()[1]).startswith(("float", "bfloat")):
             # Candidates are timed on random data: random indices would read out of bounds.

@@ -119,6 +119,16 @@ def schedule_winograd(sch: Any, lanes: int) -> bool:
     return True
 
 
+def has_transform(func: Any) -> bool:
+    """Whether a TIR function holds a Winograd input or output transform. tune.py leaves
+    such kernels to this rule: MetaSchedule spends minutes sampling each batch of
+    candidates for their unrolled, padded expressions and finds nothing faster."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    return any(_role(sch, b) for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
 def winograd_rule(lanes: int) -> Any:
     """The dlight rule ``WinogradTransforms`` (see the module docstring)."""
     from tvm import s_tir, tirx
