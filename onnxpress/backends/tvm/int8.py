@@ -20,7 +20,9 @@ kernel (convolutions through im2col; activations shifted by 128 to the operand's
 signedness); elsewhere in Relax's own integer conv2d/matmul. AVX2's fast u8 x s8 kernel
 (vpmaddubsw) sums product pairs in int16 with saturation: a layer runs on it only when its
 weights, in that kernel's K order, cannot saturate for any activation byte; the others run on
-an exact int16 kernel (vpmaddwd). Each layer's kernel is recorded in the result. Patterns that do not fit (per-channel
+an exact int16 kernel (vpmaddwd). There, 3x3 stride-1 convs of 16+ channels run as exact
+integer Winograd F(2x2, 3x3) on that int16 kernel (int8_winograd.py: 2.25x fewer products,
+any weights). Each layer's kernel is recorded in the result. Patterns that do not fit (per-channel
 activation scales, weights with a zero point, non-NCHW layouts) stay in float, with the
 reason counted in the result.
 """
@@ -32,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxpress.backends.tvm import int8_winograd
 from onnxpress.backends.tvm.int8_kernels import (
     GROUP,
     DotIsa,
@@ -65,6 +68,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
 
     choice: KernelChoice | None = target_kernels(target)
     isa: DotIsa | None = choice.exact if choice is not None else None
+    # exact int16 Winograd for 3x3 convs where the exact kernel is int16 (AVX2 without VNNI)
+    winograd = isa if isa is not None and isa.form == "madd16" else None
     result = Int8Lowering(
         "relax" if choice is None else "avx2" if choice.saturation_safe else choice.exact.name
     )
@@ -257,7 +262,11 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             dilation = (int(attrs.dilation[0]), int(attrs.dilation[1]))
             groups = int(attrs.groups)
             out_shape = [int(d) for d in call.ty.shape]
-            if isa is not None and groups == 1:
+            if winograd is not None and groups == 1 and int8_winograd.fits(w, strides, dilation):
+                result.record("conv2d", w.shape, f"{winograd.name}-winograd")
+                acc = int8_winograd.emit(self.builder_, act.data, int(act.zero_point.reshape(-1)[0]), w, padding, out_shape, winograd)  # fmt: skip
+                zero = 0  # subtracted before the transform
+            elif isa is not None and groups == 1:
                 acc, zero = self._conv_gemm(act, w, Window(padding, strides, dilation), out_shape)
             elif isa is not None and groups == out_channels == w.shape[0] and w.shape[1] == 1:
                 acc, zero = self._depthwise_nhwc(act, w, Window(padding, strides, dilation))

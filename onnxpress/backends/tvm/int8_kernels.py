@@ -240,8 +240,10 @@ def _register_intrinsic(isa: DotIsa) -> str:
     return name
 
 
-def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
-    """The scheduled (dot-product-tensorized) PrimFunc for C = A . B on padded sizes."""
+def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int, batch: int = 0) -> Any:
+    """The scheduled (dot-product-tensorized) PrimFunc for C = A . B on padded sizes; with
+    ``batch`` > 0 a batch of independent GEMMs, A [batch, rows, depth], B [batch, ...packed],
+    C [batch, rows, cols] (the batch joins the parallel outer loop)."""
     from tvm import s_tir, te
 
     lanes, group = isa.lanes, isa.group
@@ -249,29 +251,33 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int) -> Any:
     if rows % row_tile or depth % GROUP or cols % lanes:
         raise ValueError(f"packed_gemm needs padded sizes, got {rows}x{depth}x{cols}")
     intrin = _register_intrinsic(isa)
-    a = te.placeholder((rows, depth), isa.a_dtype, name="A")
-    b = te.placeholder((cols // lanes, depth // group, lanes, group), isa.b_dtype, name="B")
+    lead = (batch,) if batch else ()
+    a = te.placeholder((*lead, rows, depth), isa.a_dtype, name="A")
+    b = te.placeholder((*lead, cols // lanes, depth // group, lanes, group), isa.b_dtype, name="B")
     k = te.reduce_axis((0, depth), name="k")
-    c = te.compute(
-        (rows, cols),
-        lambda m, n: te.sum(
-            a[m, k].astype("int32")
-            * b[n // lanes, k // group, n % lanes, k % group].astype("int32"),
+
+    def product(*index: Any) -> Any:
+        *t, m, n = index
+        a_index = [*t, m, k]
+        b_index = [*t, n // lanes, k // group, n % lanes, k % group]
+        return te.sum(
+            a[tuple(a_index)].astype("int32") * b[tuple(b_index)].astype("int32"),
             axis=k,
-        ),
-        name="C",
-    )
+        )
+
+    c = te.compute((*lead, rows, cols), product, name="C")
     sch = s_tir.Schedule(te.create_prim_func([a, b, c]))
     block = sch.get_sblock("C")
-    m, n, kk = sch.get_loops(block)
+    *t_loop, m, n, kk = sch.get_loops(block)
     n_blocks = cols // lanes
     m_outer, m_inner = sch.split(m, [None, row_tile])
     n_outer, n_lanes = sch.split(n, [None, lanes])
     n_tile, n_inner = sch.split(n_outer, [None, block_tile])
     k_outer, k_inner = sch.split(kk, [None, group])
-    sch.reorder(m_outer, n_tile, k_outer, m_inner, n_inner, n_lanes, k_inner)
-    outer = sch.fuse(m_outer, n_tile)
-    if rows * depth * cols >= MIN_PARALLEL_MACS and rows // row_tile * (n_blocks // block_tile) > 1:
+    sch.reorder(*t_loop, m_outer, n_tile, k_outer, m_inner, n_inner, n_lanes, k_inner)
+    outer = sch.fuse(*t_loop, m_outer, n_tile)
+    outer_tiles = max(batch, 1) * rows // row_tile * (n_blocks // block_tile)
+    if max(batch, 1) * rows * depth * cols >= MIN_PARALLEL_MACS and outer_tiles > 1:
         sch.parallel(outer)
     init = sch.decompose_reduction(block, k_outer)
     sch.vectorize(sch.get_loops(init)[-1])
