@@ -35,6 +35,7 @@ from onnxpress.backends.tvm.int8_kernels import (
     round_up,
     tiles,
 )
+from onnxpress.backends.tvm.winograd import combine, select_by_index
 
 BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.int64)
 G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)  # 2 G
@@ -61,29 +62,6 @@ def transform_weight(w: np.ndarray) -> np.ndarray:
     return u.reshape(POINTS, w.shape[1], w.shape[0])
 
 
-def _select(index: Any, values: list[Any]) -> Any:
-    from tvm import tirx
-
-    out = values[-1]
-    for i in range(len(values) - 2, -1, -1):
-        out = tirx.Select(index == i, values[i], out)
-    return out
-
-
-def _combine(coefficients: np.ndarray, terms: list[Any], dtype: str) -> Any:
-    """sum(c * t) over the nonzero integer coefficients (+-1 as adds and subtracts)."""
-    from tvm import tirx
-
-    total = None
-    for coefficient, term in zip(coefficients.reshape(-1), terms, strict=True):
-        c = int(coefficient)
-        if c == 0:
-            continue
-        value = term if c == 1 else -term if c == -1 else term * tirx.const(c, dtype)
-        total = value if total is None else total + value
-    return total if total is not None else tirx.const(0, dtype)
-
-
 def _vectorize(sch: Any, loop: Any, extent: int) -> None:
     for lanes in (16, 8, 4):
         if extent % lanes == 0:
@@ -108,8 +86,8 @@ def input_transform(
         real = tirx.min(row, used - 1)
         n, ty, tx = real // (th * tw), (real // tw) % th, real % tw
         d = [data[n, ty * 2 + i, tx * 2 + j, c] for i in range(4) for j in range(4)]
-        values = [_combine(np.outer(BT[a], BT[b]), d, "int16") for a in range(4) for b in range(4)]
-        return _select(t, values)
+        values = [combine(np.outer(BT[a], BT[b]), d, "int16") for a in range(4) for b in range(4)]
+        return select_by_index(t, values)
 
     v = te.compute((POINTS, rows, channels), point, name="winograd_int_input")
     sch = s_tir.Schedule(te.create_prim_func([data, v]))
@@ -139,8 +117,10 @@ def output_transform(
     def output(n: Any, y: Any, x: Any, k: Any) -> Any:
         row = (n * th + y // 2) * tw + x // 2
         m = [product[t, row, k] for t in range(POINTS)]
-        values = [_combine(np.outer(AT[r], AT[s]), m, "int32") for r in range(2) for s in range(2)]
-        return tirx.shift_right(_select((y % 2) * 2 + x % 2, values), tirx.const(2, "int32"))
+        values = [combine(np.outer(AT[r], AT[s]), m, "int32") for r in range(2) for s in range(2)]
+        return tirx.shift_right(
+            select_by_index((y % 2) * 2 + x % 2, values), tirx.const(2, "int32")
+        )
 
     out = te.compute((batch, out_h, out_w, out_channels), output, name="winograd_int_output")
     sch = s_tir.Schedule(te.create_prim_func([product, out]))

@@ -110,7 +110,7 @@ def pack_winograd_weight(
     return np.ascontiguousarray(shaped.transpose(0, 1, 3, 2, 4)).astype(weight.dtype)
 
 
-def _select(index: Any, values: list[Any]) -> Any:
+def select_by_index(index: Any, values: list[Any]) -> Any:
     """``values[index]`` for an index that an unrolled loop makes constant."""
     from tvm import tirx
 
@@ -120,20 +120,22 @@ def _select(index: Any, values: list[Any]) -> Any:
     return out
 
 
-def _combine(coefficients: Any, terms: list[Any]) -> Any:
-    """``sum(c * t)`` over the nonzero coefficients, +-1 as adds and subtracts."""
+def combine(coefficients: Any, terms: list[Any], dtype: str = "float32") -> Any:
+    """``sum(c * t)`` over the nonzero coefficients, +-1 as adds and subtracts; the
+    constants in ``dtype`` (integer transforms: int8_winograd.py)."""
     from tvm import tirx
 
+    integer = not dtype.startswith("float")
     total = None
-    for coefficient, term in zip(coefficients, terms, strict=True):
+    for coefficient, term in zip(np.ravel(coefficients), terms, strict=True):
         if coefficient == 0:
             continue
         if coefficient in (1, -1):
             value = term if coefficient == 1 else -term
         else:
-            value = term * tirx.const(float(coefficient), "float32")
+            value = term * tirx.const(int(coefficient) if integer else float(coefficient), dtype)
         total = value if total is None else total + value
-    return total if total is not None else tirx.const(0.0, "float32")
+    return total if total is not None else tirx.const(0, dtype)
 
 
 def _tiles(out_hw: tuple[int, int], m: int) -> tuple[int, int]:
@@ -161,16 +163,16 @@ def winograd_input(data: Any, geometry: ConvGeometry, m: int, out_hw: tuple[int,
     shape = (alpha, alpha, batch * rows * cols, cblocks * block)
     half = te.compute(
         shape,
-        lambda e, j, p, c: _select(
-            e, [_combine(bt[r], [read(p, c, i, j) for i in range(alpha)]) for r in range(alpha)]
+        lambda e, j, p, c: select_by_index(
+            e, [combine(bt[r], [read(p, c, i, j) for i in range(alpha)]) for r in range(alpha)]
         ),
         name="winograd_rows",
         attrs={WINOGRAD_ANNOTATION: "rows"},
     )
     return te.compute(
         shape,
-        lambda e, u, p, c: _select(
-            u, [_combine(bt[r], [half[e, j, p, c] for j in range(alpha)]) for r in range(alpha)]
+        lambda e, u, p, c: select_by_index(
+            u, [combine(bt[r], [half[e, j, p, c] for j in range(alpha)]) for r in range(alpha)]
         ),
         name="winograd_input",
         attrs={WINOGRAD_ANNOTATION: "input"},
@@ -204,8 +206,8 @@ def winograd_output(product: Any, batch: int, out_hw: tuple[int, int], m: int) -
 
     half = te.compute(
         (alpha, m, out_blocks, rows * cols * batch, out_block),
-        lambda e, s, kb, p, ki: _select(
-            s, [_combine(at[r], [product[e, u, kb, p, ki] for u in range(alpha)]) for r in range(m)]
+        lambda e, s, kb, p, ki: select_by_index(
+            s, [combine(at[r], [product[e, u, kb, p, ki] for u in range(alpha)]) for r in range(m)]
         ),
         name="winograd_columns",
         attrs={WINOGRAD_ANNOTATION: "columns"},
@@ -214,7 +216,7 @@ def winograd_output(product: Any, batch: int, out_hw: tuple[int, int], m: int) -
     def body(n: Any, kb: Any, y: Any, x: Any, ki: Any) -> Any:
         p = n * rows * cols + y // m * cols + x // m
         values = [half[e, x % m, kb, p, ki] for e in range(alpha)]
-        return _select(y % m, [_combine(at[r], values) for r in range(m)])
+        return select_by_index(y % m, [combine(at[r], values) for r in range(m)])
 
     shape = (batch, out_blocks, out_hw[0], out_hw[1], out_block)
     attrs = {WINOGRAD_ANNOTATION: "output", TILE_ANNOTATION: m}
