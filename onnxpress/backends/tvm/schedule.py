@@ -16,7 +16,8 @@ naive single-threaded loop nest. This pipeline
    and narrow-group convolutions keep OIHW;
 2. after fusion, applies ``dlight.ApplyDefaultSchedule`` with, in order:
    ``WinogradTransforms`` (winograd_schedule.py: the input and output transforms of
-   Winograd convolutions, with whatever epilogue fusion put beside them), ``Deinterleaved`` (strided_schedule.py: a padded input read with strided vector lanes,
+   Winograd convolutions, with whatever epilogue fusion put beside them),
+   ``Deinterleaved`` (strided_schedule.py: a padded input read with strided vector lanes,
    as in stride-2 depthwise convs, stored de-interleaved, then TiledReduction),
    ``TiledReduction`` (tile_schedule.py: register-tiled, vectorized, parallel conv2d /
    matmul / batch-matmul kernels), ``RowReduction`` (a sum over an input's trailing axes,
