@@ -1,12 +1,17 @@
 """Interleaved timing for the tools/bench_* scripts: every runner is sampled once per round,
 the order reversed every other round, so that a noisy machine slows all runners alike;
-the median per runner is reported (ratios are then taken within one run)."""
+the median per runner is reported (ratios are then taken within one run). ``busy_core``
+keeps one CPU busy meanwhile, as another process on a shared device would."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import onnx
@@ -48,3 +53,17 @@ def interleaved_ms(
         for name in order:
             samples[name].append(sample(runners[name], calls=calls))
     return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[int]:
+    """Run a spinning Python process pinned to the last CPU this process may use, for the
+    duration of the block; yields that CPU."""
+    cpu = max(os.sched_getaffinity(0))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(spinner.pid, {cpu})
+        yield cpu
+    finally:
+        spinner.kill()
+        spinner.wait()

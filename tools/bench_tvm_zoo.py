@@ -2,7 +2,8 @@
 onnxruntime, fp32 and (with ``--int8``) int8, at batch 1 and batch 8.
 
   python tools/bench_tvm_zoo.py --models resnet18,encoder [--int8] [--tune-minutes M]
-                                [--batches 1,8] [--rounds 7] [--target x86] [--json]
+                                [--batches 1,8] [--rounds 7] [--target x86] [--busy-core]
+                                [--json]
 
 Per model and batch: export it (tools/_zoo_models.py: torchvision / transformers' BertModel /
 torch, random weights, generated here, never committed), compile it for ``--target`` (default
@@ -14,7 +15,8 @@ With ``--int8`` the model is also quantized by the default calibrated pipeline (
 random calibration batches, and that QDQ model runs on onnxruntime (its int8 kernels) and on
 TVM (``--int8 auto``: integer kernels). All runners of one model and batch (onnxruntime and
 TVM, fp32 and int8) are timed in the same interleaved rounds (tools/_timing.py), both cores;
-medians, ratios = TVM / onnxruntime within the run (> 1: TVM is slower).
+medians, ratios = TVM / onnxruntime within the run (> 1: TVM is slower). ``--busy-core``
+times them while a spinning process holds one CPU (a device that runs other work too).
 
 ``--json`` prints one JSON object per model and batch: model, batch, ort_ms, tvm_ms, ratio,
 ort_int8_ms, tvm_int8_ms, int8_ratio (null without --int8), compile_s (fp32 compile, tuning
@@ -27,6 +29,7 @@ tune_s. Without it, a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -46,7 +49,7 @@ from onnxpress.backends.tvm.tune import TuneOptions
 from onnxpress.core.errors import OnnxpressError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved_ms, session
+from _timing import busy_core, interleaved_ms, session
 
 CALIBRATION_BATCHES = 4
 # --tune-minutes M asks MetaSchedule for M * 60 / SECONDS_PER_TRIAL trials, spread over the
@@ -109,6 +112,7 @@ def measure(
     target: str = "x86",
     tuning: TuneOptions | None = None,
     threads: int | None = None,
+    busy: bool = False,
 ) -> dict[str, Any]:
     """One zoo row: compile ``model`` (and its QDQ form with ``int8``), then time onnxruntime
     and TVM on ``feed`` in the same interleaved rounds."""
@@ -143,7 +147,8 @@ def measure(
         ort_int8 = session(qdq, threads)
         runners["ort_int8"] = lambda: ort_int8.run(None, dict(feed))
         runners["tvm_int8"] = lambda: lowered(*arrays)
-    timed = interleaved_ms(runners, rounds)
+    with busy_core() if busy else contextlib.nullcontext():
+        timed = interleaved_ms(runners, rounds)
     row["ort_ms"], row["tvm_ms"] = timed["ort"], timed["tvm"]
     row["ratio"] = timed["tvm"] / timed["ort"]
     if int8:
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--target", default="x86")
+    parser.add_argument("--busy-core", action="store_true", help="time with one CPU kept busy")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -214,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = measure(
                         model, feed, Path(tmp), name=name, batch=batch, int8=args.int8,
                         rounds=args.rounds, target=args.target, tuning=tuning,
+                        busy=args.busy_core,
                     )  # fmt: skip
                 except OnnxpressError as error:  # one failed model does not end the run
                     failed = {"model": name, "batch": batch, "error": str(error)}

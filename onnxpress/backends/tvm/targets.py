@@ -245,8 +245,16 @@ def physical_cores(cpus: list[int], topology: Path = TOPOLOGY) -> int:
 
 def configure_threads(environ: MutableMapping[str, str] | None = None) -> int | None:
     """Set TVM_NUM_THREADS to the physical cores available here, unless the user chose a
-    thread count; returns the count set, or None when left to the user."""
+    thread count; returns the count set, or None when left to the user.
+
+    Also leaves TVM's workers free to move between cores (TVM_BIND_THREADS=0) unless the
+    user chose: TVM pins worker i to core i and splits every parallel loop statically, so
+    one busy core (another process, onnxruntime's spinning threads) stalls each kernel at
+    its join until the pinned worker's next time slice. mobilenet_v2 ran at 160 ms per call
+    instead of 5 with one spinning process on the second core; unpinned, 7.9 ms, as
+    onnxruntime's 8.0 (docs/BENCHMARKS.md, run 11)."""
     env: MutableMapping[str, str] = os.environ if environ is None else environ
+    env.setdefault("TVM_BIND_THREADS", "0")
     if any(env.get(name) for name in USER_VARIABLES):
         return None
     count = physical_cores(allowed_cpus())

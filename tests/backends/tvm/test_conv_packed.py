@@ -1,7 +1,8 @@
 """Convolution legalization of the CPU pipeline (onnxpress.backends.tvm.conv_packed): regular
 convolutions read weights packed in the tile's channel blocks (packed once, at compile time),
 1x1 convolutions on images of whole vectors run as a GEMM over the flattened image, and
-both match TVM's own legalization; skipped without TVM."""
+both match TVM's own legalization; matmuls of a few rows read panel-packed weights;
+skipped without TVM."""
 
 from __future__ import annotations
 
@@ -74,6 +75,32 @@ def test_legalized_kernels_and_results(kernel: int, size: int, target: Any, mark
     )
 
 
+def verified_and_lowered(
+    node: Any, x_shape: list[int], y_shape: list[int], weights: list[np.ndarray], tmp: Path
+) -> str:
+    """Compile the one-node model ``x -> node(x, w, b) -> y`` with compile_model (which checks
+    it against onnxruntime) and return its CPU pipeline's TVMScript for AVX-512."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpress.backends.tvm.backend import compile_model
+
+    graph = helper.make_graph(
+        [node],
+        "one_node",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        [numpy_helper.from_array(w, n) for w, n in zip(weights, ("w", "b"), strict=True)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    result = compile_model(model, "x86", tmp / "one_node")
+    assert result.manifest["verification"]["errors"]["y"] <= 1e-5
+    with AVX512:
+        mod = tvm.relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)
+        return str(cpu_pipeline(AVX512, blocked=False)(mod).script())
+
+
 @pytest.mark.parametrize(
     "kernel, stride, pads, output_padding, blocks",
     [
@@ -84,10 +111,7 @@ def test_legalized_kernels_and_results(kernel: int, size: int, target: Any, mark
 def test_transposed_convolutions_match_onnxruntime(
     kernel: int, stride: int, pads: int, output_padding: int, blocks: bool, tmp_path: Path
 ) -> None:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from onnxpress.backends.tvm.backend import compile_model
+    from onnx import helper
 
     rng = np.random.default_rng(4)
     weight = rng.standard_normal((16, 32, kernel, kernel)).astype(np.float32)  # [C, O, kh, kw]
@@ -103,19 +127,24 @@ def test_transposed_convolutions_match_onnxruntime(
         pads=[pads] * 4,
         output_padding=[output_padding] * 2,
     )
-    graph = helper.make_graph(
-        [node],
-        "deconv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, out, out])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    text = verified_and_lowered(
+        node, [1, 16, size, size], [1, 32, out, out], [weight, bias], tmp_path
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    result = compile_model(model, "x86", tmp_path / "deconv")
-    assert result.manifest["verification"]["errors"]["y"] <= 1e-5
-    with AVX512:
-        mod = tvm.relax.frontend.onnx.from_onnx(model, keep_params_in_input=False)
-        text = cpu_pipeline(AVX512, blocked=False)(mod).script()
     packed = "(T.int64(2), T.int64(2), T.int64(16), T.int64(32))"  # [kh, kw, C, O], folded
     assert (packed in text) == blocks
+
+
+@pytest.mark.parametrize("rows, packed", [(1, True), (8, True), (16, False)])
+def test_matmuls_of_few_rows_read_panel_packed_weights(
+    rows: int, packed: bool, tmp_path: Path
+) -> None:
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((40, 96)).astype(np.float32)  # Gemm transB: [N, K]
+    bias = rng.standard_normal(40).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
+    text = verified_and_lowered(node, [rows, 96], [rows, 40], [weight, bias], tmp_path)
+    # panels of 8 columns (40 = 5 x 8), each 96 deep, folded at compile time
+    assert ("(T.int64(5), T.int64(96), T.int64(8))" in text) == packed
+    assert "pack_matmul_weight" not in text

@@ -105,7 +105,9 @@ def test_tvm_threads_follow_cores_unless_the_user_chose() -> None:
     env: dict[str, str] = {}
     count = configure_threads(env)
     assert count is not None and count >= 1 and env["TVM_NUM_THREADS"] == str(count)
+    assert env["TVM_BIND_THREADS"] == "0"  # workers not pinned: a busy core stalls no join
     assert count == physical_cores(allowed_cpus())
     for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
-        chosen = {name: "1"}
-        assert configure_threads(chosen) is None and chosen == {name: "1"}
+        chosen = {name: "1", "TVM_BIND_THREADS": "1"}
+        assert configure_threads(chosen) is None
+        assert chosen == {name: "1", "TVM_BIND_THREADS": "1"}

@@ -97,6 +97,31 @@ def test_runners_are_sampled_in_alternating_order() -> None:
     assert set(medians) == {"a", "b", "c"} and all(v >= 0 for v in medians.values())
 
 
+def test_busy_core_pins_a_spinner_to_the_last_cpu_and_stops_it() -> None:
+    import os
+
+    timing = _tool("_timing")
+    with timing.busy_core() as cpu:
+        assert cpu == max(os.sched_getaffinity(0))
+        spinners = [
+            pid for pid in os.listdir("/proc") if pid.isdigit() and _is_child_spinner(int(pid))
+        ]
+        assert len(spinners) == 1 and os.sched_getaffinity(int(spinners[0])) == {cpu}
+    assert not any(_is_child_spinner(int(p)) for p in os.listdir("/proc") if p.isdigit())
+
+
+def _is_child_spinner(pid: int) -> bool:
+    import os
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    parent = int(stat.rsplit(")", 1)[1].split()[1])
+    return parent == os.getpid() and b"while True: pass" in command and " Z " not in stat
+
+
 def test_calibration_batches_redraw_floats_and_keep_token_ids(zoo: ModuleType) -> None:
     feed = {"ids": np.arange(6).reshape(1, 6), "x": np.zeros((1, 4), np.float32)}
     batches = zoo.calibration_batches(feed, 3)
