@@ -282,14 +282,12 @@ def legalize_matmul(lanes: int) -> Any:
 
         def matmul(x: Any, packed: Any) -> Any:
             rk = te.reduce_axis((0, depth), name="rk")
-            return te.compute(
-                (*data[:-1], columns),
-                lambda *i: te.sum(
-                    x[(*i[:-1], rk)] * packed[i[-1] // panel, rk, i[-1] % panel], axis=rk
-                ),
-                name="matmul",
-                tag="matmul",
-            )
+
+            def dot(*i: Any) -> Any:
+                row = (*i[:-1], rk)
+                return te.sum(x[row] * packed[i[-1] // panel, rk, i[-1] % panel], axis=rk)
+
+            return te.compute((*data[:-1], columns), dot, name="matmul", tag="matmul")
 
         packed = bb.emit_te(pack, call.args[1], primfunc_name_hint="pack_matmul_weight")
         return bb.call_te(matmul, call.args[0], packed, primfunc_name_hint="matmul")
