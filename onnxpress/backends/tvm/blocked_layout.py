@@ -39,7 +39,6 @@ import numpy as np
 
 from onnxpress.backends.tvm.blocked_kernels import (
     ConvGeometry,
-    blocks,
     channel_block,
     conv2d_nchwc,
     depthwise_nchwc,
@@ -263,8 +262,9 @@ def blocked_layout_pass(lanes: int) -> Any:
             held = self.blocked.get(data)
             block = channel_block(out_shape[1], lanes)
             in_block = held.block if held is not None else 0
-            reduced = blocks(w.shape[1], in_block) * in_block if in_block else w.shape[1]
-            packed = relax.const(pack_conv_weight(w, reduced, block))
+            # the sum runs over the real input channels only, not the padded ones of the
+            # last block: a 24-channel input in two blocks of 16 is 24 steps, not 32
+            packed = relax.const(pack_conv_weight(w, w.shape[1], block))
             source = held.var if held is not None else self._to_nchw(data)
             out = self.builder_.emit_te(
                 lambda x, k: kernel(x, k, in_block), source, packed, primfunc_name_hint=name

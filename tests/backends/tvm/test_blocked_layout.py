@@ -186,6 +186,24 @@ def test_convolutions_and_the_ops_between_them_run_blocked() -> None:
     assert "to_blocked" not in calls
 
 
+def test_convolutions_sum_over_the_real_input_channels_only() -> None:
+    mod = import_relax(prepare(convnet()))
+    with AVX512:
+        lowered = tvm.transform.Sequential(layout_passes(AVX512))(mod)
+    reductions = []
+    for block in lowered["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op.name == "relax.call_tir":
+                if value.args[0].name_hint.startswith("conv2d_nchwc"):
+                    data, weight = value.args[1].fields[:2]
+                    blocks_in = [int(d) for d in data.ty.shape]
+                    reductions.append((blocks_in[1:2] + blocks_in[4:], int(weight.ty.shape[1])))
+    # 24-channel inputs, two blocks of 16: 24 steps, not 32 (the padded 8 are skipped)
+    assert reductions.count(([2, 16], 24)) == 3  # se1, proj and b read the 24 channels
+    assert ([2, 16], 32) in reductions  # den and tail: 32 channels, whole blocks
+
+
 @pytest.mark.parametrize("target", ["x86", "avx2"])  # this CPU (16 lanes), AVX2 code (8)
 def test_compiled_blocked_model_matches_onnxruntime(target: str, tmp_path: Path) -> None:
     model = convnet()
