@@ -42,6 +42,7 @@ from typing import Any
 
 from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass
 from onnxpress.backends.tvm.conv_packed import legalize_passes
+from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
 from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
@@ -202,6 +203,7 @@ def schedule_rules(target: Any) -> list[Any]:
     lanes = vector_lanes(target)
     return [
         winograd_rule(lanes),
+        depthwise_rule(vector_registers(target)),
         deinterleaved_rule(lanes, vector_registers(target)),
         tiled_reduction_rule(lanes, vector_registers(target)),
         _row_reduction_rule(lanes),

@@ -41,6 +41,7 @@ __all__ = [
     "MIN_PARALLEL_MACS",
     "TilePlan",
     "conv_kernel_layout_pass",
+    "inline_consumers",
     "inline_elementwise",
     "lane_strides",
     "one_reduction",
@@ -151,7 +152,7 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     loops = sch.get_loops(block)
     spatial, reductions = loops[: plan.spatial], loops[plan.spatial :]
     acc = sch.cache_write(block, 0, "local")
-    _inline_consumers(sch, acc)
+    inline_consumers(sch, acc)
     outer = list(spatial)
     if plan.stack > 1 and plan.stack_axis is None:
         v_outer, v_stack, v_inner = sch.split(
@@ -287,7 +288,7 @@ def _inline_copies(sch: Any, block: Any) -> None:
                 logger.debug("copy not inlined: %s", exc)
 
 
-def _inline_consumers(sch: Any, producer: Any) -> None:
+def inline_consumers(sch: Any, producer: Any) -> None:
     """Inline the elementwise consumers of the write-back block into it, one at a time."""
     while True:
         consumers = sch.get_consumers(producer)
