@@ -30,6 +30,8 @@ from onnxpress.backends.tvm.tile_schedule import (
     inline_consumers,
     inline_elementwise,
     one_reduction,
+    schedule_elementwise,
+    vector_lanes,
 )
 
 logger = logging.getLogger(__name__)
@@ -90,11 +92,16 @@ def depthwise_rule(registers: int) -> Any:
                 found = one_reduction(func)
                 if found is None:
                     return None
-                sch, _, reduction = found
+                sch, blocks, reduction = found
                 if sch.get(reduction).name_hint != KERNEL:
                     return None
+                names = [sch.get(b).name_hint for b in blocks]
                 if not schedule_depthwise(sch, reduction, registers):
                     return None
+                left = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+                for name in names:  # an epilogue that could not be inlined
+                    if name != KERNEL and name in left:
+                        schedule_elementwise(sch, sch.get_sblock(name), vector_lanes(target))
             except Exception as exc:
                 logger.debug("DepthwiseRows skipped a kernel: %s", exc, exc_info=True)
                 return None
