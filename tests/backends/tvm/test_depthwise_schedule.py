@@ -89,11 +89,19 @@ def test_channel_blocks_run_in_parallel_and_columns_in_unrolled_tiles() -> None:
 
 
 @pytest.mark.parametrize(
-    "channels, size, stride",
-    [(24, 15, 1), (32, 56, 2), (8, 12, 1), (96, 7, 1), (16, 17, 1)],
+    "channels, size, stride, target",
+    [
+        (24, 15, 1, "x86"),
+        (32, 56, 2, "x86"),
+        (8, 12, 1, "x86"),
+        (96, 7, 1, "x86"),
+        (16, 17, 1, "x86"),
+        (40, 28, 1, "avx2"),  # 8 lanes, 16 registers: tiles of 4 columns
+    ],
 )
 def test_compiled_depthwise_convs_match_onnxruntime(
-    channels: int, size: int, stride: int, tmp_path: Path
+    channels: int, size: int, stride: int, target: str, tmp_path: Path
 ) -> None:
-    result: Any = compile_model(depthwise_model(channels, size, stride), "x86", tmp_path / "dw")
+    model = depthwise_model(channels, size, stride)
+    result: Any = compile_model(model, target, tmp_path / "dw")
     assert result.manifest["verification"]["errors"]["y"] <= 1e-5
