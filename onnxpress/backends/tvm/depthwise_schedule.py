@@ -30,7 +30,7 @@ from onnxpress.backends.tvm.tile_schedule import (
     inline_consumers,
     inline_elementwise,
     one_reduction,
-    schedule_elementwise,
+    schedule_leftovers,
     vector_lanes,
 )
 
@@ -98,10 +98,7 @@ def depthwise_rule(registers: int) -> Any:
                 names = [sch.get(b).name_hint for b in blocks]
                 if not schedule_depthwise(sch, reduction, registers):
                     return None
-                left = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-                for name in names:  # an epilogue that could not be inlined
-                    if name != KERNEL and name in left:
-                        schedule_elementwise(sch, sch.get_sblock(name), vector_lanes(target))
+                schedule_leftovers(sch, names, KERNEL, vector_lanes(target))
             except Exception as exc:
                 logger.debug("DepthwiseRows skipped a kernel: %s", exc, exc_info=True)
                 return None

@@ -48,6 +48,7 @@ __all__ = [
     "plan_tile",
     "row_tile",
     "schedule_elementwise",
+    "schedule_leftovers",
     "schedule_tile",
     "tiled_reduction_rule",
     "vector_lanes",
@@ -324,6 +325,16 @@ def schedule_elementwise(sch: Any, block: Any, lanes: int) -> bool:
     return changed
 
 
+def schedule_leftovers(sch: Any, names: list[str], main: str, lanes: int) -> None:
+    """Schedule as elementwise the blocks of ``names`` (the kernel's blocks before a rule
+    scheduled its reduction ``main``) still at the root: padding, and epilogues that could
+    not be inlined into the write-back."""
+    left = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    for name in names:
+        if name != main and name in left:
+            schedule_elementwise(sch, sch.get_sblock(name), lanes)
+
+
 def one_reduction(func: Any) -> tuple[Any, list[Any], Any] | None:
     """(schedule, the root's blocks, its one reduction block) of a PrimFunc, else None."""
     from tvm import s_tir, tirx
@@ -353,10 +364,7 @@ def tiled_reduction_rule(lanes: int, registers: int) -> Any:
                     return None
                 main = sch.get(reduction).name_hint
                 schedule_tile(sch, reduction, plan)
-                left = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-                for name in names:  # padding, and epilogues not inlined into the write-back
-                    if name != main and name in left:
-                        schedule_elementwise(sch, sch.get_sblock(name), lanes)
+                schedule_leftovers(sch, names, main, lanes)
             except Exception as exc:
                 logger.debug("TiledReduction skipped a kernel: %s", exc, exc_info=True)
                 return None
