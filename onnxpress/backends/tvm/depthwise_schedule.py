@@ -22,19 +22,14 @@ channels at 56x56 0.080 -> 0.057 ms, 96 at 112x112 stride 2 0.074 -> 0.042, 32 a
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 from onnxpress.backends.tvm.tile_schedule import (
     inline_consumers,
     inline_elementwise,
-    one_reduction,
-    schedule_leftovers,
-    vector_lanes,
+    reduction_rule,
 )
-
-logger = logging.getLogger(__name__)
 
 KERNEL = "depthwise_nchwc"  # the TE compute's name: blocked_kernels.depthwise_nchwc
 MIN_PARALLEL_DEPTHWISE = 1 << 14  # multiply-adds from which the channel blocks run in
@@ -82,26 +77,10 @@ def schedule_depthwise(sch: Any, block: Any, registers: int) -> bool:
     return True
 
 
-def depthwise_rule(registers: int) -> Any:
+def depthwise_rule(lanes: int, registers: int) -> Any:
     """The dlight rule ``DepthwiseRows`` (see the module docstring)."""
-    from tvm.s_tir import dlight as dl
 
-    class DepthwiseRows(dl.ScheduleRule):
-        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            try:
-                found = one_reduction(func)
-                if found is None:
-                    return None
-                sch, blocks, reduction = found
-                if sch.get(reduction).name_hint != KERNEL:
-                    return None
-                names = [sch.get(b).name_hint for b in blocks]
-                if not schedule_depthwise(sch, reduction, registers):
-                    return None
-                schedule_leftovers(sch, names, KERNEL, vector_lanes(target))
-            except Exception as exc:
-                logger.debug("DepthwiseRows skipped a kernel: %s", exc, exc_info=True)
-                return None
-            return sch
+    def schedule(sch: Any, block: Any) -> bool:
+        return sch.get(block).name_hint == KERNEL and schedule_depthwise(sch, block, registers)
 
-    return DepthwiseRows()
+    return reduction_rule("DepthwiseRows", schedule, lanes)

@@ -203,7 +203,7 @@ def schedule_rules(target: Any) -> list[Any]:
     lanes = vector_lanes(target)
     return [
         winograd_rule(lanes),
-        depthwise_rule(vector_registers(target)),
+        depthwise_rule(lanes, vector_registers(target)),
         deinterleaved_rule(lanes, vector_registers(target)),
         tiled_reduction_rule(lanes, vector_registers(target)),
         _row_reduction_rule(lanes),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from onnxpress.backends.tvm.tile_plan import (
@@ -46,6 +47,7 @@ __all__ = [
     "lane_strides",
     "one_reduction",
     "plan_tile",
+    "reduction_rule",
     "row_tile",
     "schedule_elementwise",
     "schedule_leftovers",
@@ -347,11 +349,13 @@ def one_reduction(func: Any) -> tuple[Any, list[Any], Any] | None:
     return (sch, blocks, reductions[0]) if len(reductions) == 1 else None
 
 
-def tiled_reduction_rule(lanes: int, registers: int) -> Any:
-    """The dlight rule ``TiledReduction`` (see the module docstring)."""
+def reduction_rule(name: str, schedule: Callable[[Any, Any], bool], lanes: int) -> Any:
+    """A dlight rule (class ``name``) for a kernel whose one reduction block
+    ``schedule(sch, block)`` schedules (False: not this rule's kernel, next rule); blocks
+    left at the root then are scheduled as elementwise (``schedule_leftovers``)."""
     from tvm.s_tir import dlight as dl
 
-    class TiledReduction(dl.ScheduleRule):
+    class Rule(dl.ScheduleRule):
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
             try:
                 found = one_reduction(func)
@@ -359,15 +363,27 @@ def tiled_reduction_rule(lanes: int, registers: int) -> Any:
                     return None
                 sch, blocks, reduction = found
                 names = [sch.get(b).name_hint for b in blocks]
-                plan = plan_tile(sch, reduction, lanes, registers)
-                if plan is None:
-                    return None
                 main = sch.get(reduction).name_hint
-                schedule_tile(sch, reduction, plan)
+                if not schedule(sch, reduction):
+                    return None
                 schedule_leftovers(sch, names, main, lanes)
             except Exception as exc:
-                logger.debug("TiledReduction skipped a kernel: %s", exc, exc_info=True)
+                logger.debug("%s skipped a kernel: %s", name, exc, exc_info=True)
                 return None
             return sch
 
-    return TiledReduction()
+    Rule.__name__ = Rule.__qualname__ = name
+    return Rule()
+
+
+def tiled_reduction_rule(lanes: int, registers: int) -> Any:
+    """The dlight rule ``TiledReduction`` (see the module docstring)."""
+
+    def schedule(sch: Any, block: Any) -> bool:
+        plan = plan_tile(sch, block, lanes, registers)
+        if plan is None:
+            return False
+        schedule_tile(sch, block, plan)
+        return True
+
+    return reduction_rule("TiledReduction", schedule, lanes)
