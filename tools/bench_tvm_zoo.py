@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ZOO]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(ZOO)}")
+    if args.busy_core and not hasattr(os, "sched_setaffinity"):
+        parser.error("--busy-core needs CPU affinity (os.sched_setaffinity: Linux)")
     batches = [int(b) for b in args.batches.split(",")]
     if not args.json:
         print(MARKDOWN_HEADER, flush=True)

@@ -138,6 +138,15 @@ def test_unknown_models_are_refused_by_name(
     assert stop.value.code == 2 and "unknown model(s) alexnet" in capsys.readouterr().err
 
 
+def test_busy_core_is_refused_where_affinity_is_unknown(
+    zoo: ModuleType, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(zoo.os, "sched_setaffinity")
+    with pytest.raises(SystemExit) as stop:
+        zoo.main(["--models", "resnet18", "--busy-core"])
+    assert stop.value.code == 2 and "--busy-core needs CPU affinity" in capsys.readouterr().err
+
+
 def test_torch_models_export_and_run(zoo: ModuleType) -> None:
     pytest.importorskip("torch")
     models = _tool("_zoo_models")
