@@ -22,7 +22,8 @@ signedness); elsewhere in Relax's own integer conv2d/matmul. AVX2's fast u8 x s8
 weights, in that kernel's K order, cannot saturate for any activation byte; the others run on
 an exact int16 kernel (vpmaddwd). There, 3x3 stride-1 convs of 16+ channels run as exact
 integer Winograd F(2x2, 3x3) on that int16 kernel (int8_winograd.py: 2.25x fewer products,
-any weights). Each layer's kernel is recorded in the result. Patterns that do not fit (per-channel
+any weights). Depthwise convs, which have no dot product for those kernels, sum their taps
+exactly in float registers (int8_depthwise.py). Each layer's kernel is recorded in the result. Patterns that do not fit (per-channel
 activation scales, weights with a zero point, non-NCHW layouts) stay in float, with the
 reason counted in the result.
 """
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpress.backends.tvm import int8_winograd
+from onnxpress.backends.tvm import int8_depthwise, int8_winograd
 from onnxpress.backends.tvm.int8_kernels import (
     GROUP,
     DotIsa,
@@ -57,6 +58,7 @@ from onnxpress.backends.tvm.int8_patterns import (
     signed_weight,
 )
 from onnxpress.backends.tvm.int8_unary import Rewriting, pooled_integers, table_lookup
+from onnxpress.backends.tvm.tile_schedule import vector_lanes
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
     isa: DotIsa | None = choice.exact if choice is not None else None
     # exact int16 Winograd for 3x3 convs where the exact kernel is int16 (AVX2 without VNNI)
     winograd = isa if isa is not None and isa.form == "madd16" else None
+    lanes = vector_lanes(target)  # float lanes: int8_depthwise's channel blocks
     result = Int8Lowering(
         "relax" if choice is None else "avx2" if choice.saturation_safe else choice.exact.name
     )
@@ -352,14 +355,19 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             self, act: Dequantized, w: np.ndarray, window: Window
         ) -> tuple[Any, int]:
             """Depthwise int32 conv in NHWC (channels contiguous, like the GEMM path's
-            activations, so the transposes around it fuse away); NCHW int32 out."""
-            result.record("conv2d", w.shape, "relax-nhwc")
+            activations, so the transposes around it fuse away); NCHW int32 out. Exact float
+            sums in the blocked layout where the channels fit (int8_depthwise.py)."""
             data = self.builder_.emit(relax.op.permute_dims(act.data, [0, 2, 3, 1]))
             zero = int(act.zero_point.reshape(-1)[0])
+            if int8_depthwise.fits(w):
+                result.record("conv2d", w.shape, "float-exact-depthwise")
+                acc = int8_depthwise.emit(self.builder_, data, zero, w, window, lanes)
+                return acc, zero
             top, left, bottom, right = window.padding
             if any(window.padding):
                 widths = [0, 0, top, bottom, left, right, 0, 0]
                 data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
+            result.record("conv2d", w.shape, "relax-nhwc")
             acc = self.builder_.emit(
                 relax.op.nn.conv2d(
                     data,

@@ -1,0 +1,144 @@
+"""Integer depthwise convs in exact float sums (onnxpress.backends.tvm.int8_depthwise): the
+exactness bound, the kernel bit-exact against numpy's integer sums at the 8-bit extremes on
+each x86 kind, the DepthwiseRows schedule applied to it, and quantized models (channel counts
+that are not a multiple of the lanes, strides 1 and 2) against onnxruntime; skipped without
+TVM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from qdq_helpers import quantize
+
+tvm = pytest.importorskip("tvm")
+
+from tvm.s_tir import dlight as dl  # noqa: E402
+
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.blocked_kernels import pack_depthwise_weight  # noqa: E402
+from onnxpress.backends.tvm.int8_depthwise import (  # noqa: E402
+    MAX_EXACT_TAPS,
+    PRODUCT_BOUND,
+    depthwise_float_exact,
+    fits,
+)
+from onnxpress.backends.tvm.schedule import schedule_rules  # noqa: E402
+from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
+from onnxpress.backends.tvm.tile_schedule import vector_lanes  # noqa: E402
+
+KINDS = [spec for spec in (parse_target("x86"), parse_target("avx2")) if spec.runs_here()]
+
+
+def test_float_sums_are_exact_up_to_the_tap_bound() -> None:
+    assert MAX_EXACT_TAPS * PRODUCT_BOUND < 2**24 <= (MAX_EXACT_TAPS + 1) * PRODUCT_BOUND
+    assert fits(np.zeros((8, 1, 3, 3), np.int8)) and fits(np.zeros((8, 1, 22, 22), np.int8))
+    assert not fits(np.zeros((8, 1, 23, 23), np.int8))  # 529 taps: left to Relax's int32
+
+
+def reference(data: np.ndarray, weight: np.ndarray, stride: int, dilation: int) -> np.ndarray:
+    """int64 depthwise sums of padded NHWC ``data`` and ``[C, 1, KH, KW]`` weights, NCHW."""
+    _, height, width, channels = data.shape
+    _, _, kh, kw = weight.shape
+    oh = (height - dilation * (kh - 1) - 1) // stride + 1
+    ow = (width - dilation * (kw - 1) - 1) // stride + 1
+    out = np.zeros((data.shape[0], channels, oh, ow), np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            window = data[
+                :,
+                ky * dilation : ky * dilation + stride * (oh - 1) + 1 : stride,
+                kx * dilation : kx * dilation + stride * (ow - 1) + 1 : stride,
+            ].astype(np.int64)
+            out += window.transpose(0, 3, 1, 2) * weight[None, :, 0, ky, kx, None, None]
+    return out
+
+
+@pytest.mark.parametrize("spec", KINDS, ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "dtype, kernel, stride, dilation, width",
+    [("uint8", 3, 1, 1, 34), ("int8", 5, 2, 2, 39), ("uint8", 7, 1, 1, 38)],
+)  # output widths 32, 16, 32: column tiles on AVX-512 and AVX2
+def test_kernel_is_bit_exact_at_the_extremes(
+    spec: Any, dtype: str, kernel: int, stride: int, dilation: int, width: int
+) -> None:
+    target = tvm_target(spec)
+    lanes = vector_lanes(target)
+    rng = np.random.default_rng(kernel)
+    info = np.iinfo(np.dtype(dtype))
+    channels = 2 * lanes
+    data = rng.integers(info.min, info.max + 1, (1, 30, width, channels)).astype(dtype)
+    data[:, :12, :12] = info.max  # whole windows at the extremes: the largest sums
+    data[:, 12:24, :12] = info.min
+    weight = rng.integers(-128, 128, (channels, 1, kernel, kernel)).astype(np.int8)
+    weight[:lanes] = -128
+    weight[lanes : lanes + 4] = 127
+    packed = pack_depthwise_weight(weight.astype(np.float32), lanes)
+    func = depthwise_float_exact(data.shape, dtype, packed.shape, (stride,) * 2, (dilation,) * 2)
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    with target:
+        mod = dl.ApplyDefaultSchedule(*schedule_rules(target))(mod)
+    text = str(mod["main"].script())
+    assert "T.parallel" in text and f"for ry in T.unroll({kernel})" in text  # DepthwiseRows
+    lib = tvm.compile(mod, target=target)
+    expected = reference(data, weight, stride, dilation)
+    n, c, oh, ow = expected.shape
+    out = tvm.runtime.tensor(np.zeros((n, c // lanes, oh, ow, lanes), np.int32))
+    lib["main"](tvm.runtime.tensor(data), tvm.runtime.tensor(packed), out)
+    got = out.numpy().transpose(0, 1, 4, 2, 3).reshape(expected.shape)
+    assert np.abs(expected).max() > 2**18  # sums far beyond int16 and float16
+    np.testing.assert_array_equal(got, expected)
+
+
+def depthwise_qdq_source() -> onnx.ModelProto:
+    """x -> 1x1 conv (20 ch) -> Relu -> depthwise 3x3 stride 2 -> Relu -> 1x1 conv (32) ->
+    depthwise 3x3 stride 1 -> Clip(0, 6): 20 channels are no multiple of the lanes."""
+    rng = np.random.default_rng(3)
+
+    def init(name: str, shape: tuple[int, ...], scale: float) -> onnx.TensorProto:
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) * scale).astype(np.float32), name
+        )
+
+    inits = [
+        init("w1", (20, 3, 1, 1), 0.5),
+        init("d1", (20, 1, 3, 3), 0.4),
+        init("b1", (20,), 0.1),
+        init("w2", (32, 20, 1, 1), 0.3),
+        init("d2", (32, 1, 3, 3), 0.4),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1"], ["c1"]),
+        node("Relu", ["c1"], ["r1"]),
+        node("Conv", ["r1", "d1", "b1"], ["c2"], group=20, pads=[1] * 4, strides=[2, 2]),
+        node("Relu", ["c2"], ["r2"]),
+        node("Conv", ["r2", "w2"], ["c3"]),
+        node("Conv", ["c3", "d2"], ["c4"], group=32, pads=[1] * 4),
+        node("Clip", ["c4", "lo", "hi"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "depthwise_int8",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 23, 23])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 12, 12])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("spec", KINDS, ids=lambda s: s.name)
+def test_quantized_depthwise_convs_match_onnxruntime(spec: Any, tmp_path: Path) -> None:
+    qdq, _ = quantize(depthwise_qdq_source())
+    result: Any = compile_model(qdq, spec, tmp_path / spec.name, int8="auto")
+    layers = result.manifest["int8"]["layers"]
+    depthwise = [layer["kernel"] for layer in layers if layer["weight"][1] == 1]
+    assert depthwise == ["float-exact-depthwise"] * 2
+    assert result.manifest["int8"]["lowered"]["conv2d (grouped)"] == 2
+    assert result.manifest["verification"]["errors"]["y"] <= 1.0  # steps of onnxruntime
