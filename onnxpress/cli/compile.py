@@ -101,6 +101,8 @@ def compile_command(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             seed=args.seed,
             int8=args.int8,
+            gru=args.gru,
+            parallel=args.parallel,
             tuning=tuning,
             on_tuning_progress=bar,
         )

@@ -189,6 +189,13 @@ def _parser() -> argparse.ArgumentParser:
         help="loop: each GRU op is one recurrence kernel (default); unroll: lower-gru's "
         "per-step ops",
     )
+    comp.add_argument(
+        "--parallel",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="dynamic: threads of a library for this host (x86) share each kernel's loop "
+        "iterations as they go (default); static: TVM's fixed split",
+    )
     comp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     comp.add_argument("--seed", type=int, default=0, help="seed for verification inputs")
     comp.add_argument("--json", action="store_true", help="print the manifest as JSON")

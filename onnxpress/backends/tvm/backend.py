@@ -28,7 +28,7 @@ from typing import Any
 
 import onnx
 
-from onnxpress.backends.tvm.build import LIBRARY_STEM, build, export, import_relax
+from onnxpress.backends.tvm.build import LIBRARY_STEM, PARALLEL, build, export, import_relax
 from onnxpress.backends.tvm.prepare import (
     LOOP_GRU_PIPELINE,
     PREPARE_PIPELINE,
@@ -42,7 +42,7 @@ from onnxpress.backends.tvm.runtime import (  # re-exported: the runtime half of
     CompileError,
     require_tvm,
 )
-from onnxpress.backends.tvm.targets import TargetSpec, parse_target, tvm_target
+from onnxpress.backends.tvm.targets import TargetSpec, parse_target, split_threads, tvm_target
 from onnxpress.backends.tvm.tune import TuneOptions, TuningProgress
 from onnxpress.backends.tvm.verify import differential_check, has_qdq
 from onnxpress.core.io import prepare_model
@@ -101,6 +101,11 @@ def _readme(spec: TargetSpec, library: str, manifest: dict[str, Any]) -> str:
     )
 
 
+def _parallel_json(spec: TargetSpec, parallel: str) -> dict[str, Any]:
+    threads = split_threads(spec, parallel)
+    return {"split": "dynamic" if threads else "static", "threads": threads or None}
+
+
 def compile_model(
     model: onnx.ModelProto | str | os.PathLike[str],
     target: str | TargetSpec = "x86",
@@ -112,6 +117,7 @@ def compile_model(
     seed: int = 0,
     int8: str = "auto",
     gru: str = "loop",
+    parallel: str = "dynamic",
     tuning: TuneOptions | None = None,
     on_tuning_progress: Callable[[TuningProgress], None] | None = None,
 ) -> CompileResult:
@@ -128,12 +134,16 @@ def compile_model(
     persistent database, optional RPC device), reporting to ``on_tuning_progress``.
     ``gru="loop"`` compiles each ONNX GRU as one recurrence kernel (gru.py); ``"unroll"``
     runs lower-gru first (one set of ops per step). LSTMs always compile as loops
-    (lstm.py), on CPU targets.
+    (lstm.py), on CPU targets. ``parallel="dynamic"`` lets the threads of a library built
+    for this host (``x86``) share each kernel's loop iterations as they go
+    (dynamic_parallel.py); ``"static"`` keeps TVM's fixed split.
     """
     if gru not in ("loop", "unroll"):
         raise CompileError(f"gru must be 'loop' or 'unroll', not {gru!r}")
     if int8 not in ("auto", "off"):
         raise CompileError(f"int8 must be 'auto' or 'off', not {int8!r}")
+    if parallel not in PARALLEL:
+        raise CompileError(f"parallel must be 'dynamic' or 'static', not {parallel!r}")
     tvm = require_tvm()
     spec = target if isinstance(target, TargetSpec) else parse_target(target)
     out_dir = Path(output)
@@ -178,6 +188,7 @@ def compile_model(
         spec,
         default_schedules=default_schedules,
         database=tuned.database if tuned is not None else None,
+        parallel=parallel,
     )
     seconds["compile"] = time.perf_counter() - t0
     inputs, outputs = _interface(prepared.model)
@@ -202,6 +213,7 @@ def compile_model(
             ],
         },
         "schedules": "onnxpress-default" if default_schedules and spec.kind == "llvm" else "tvm",
+        "parallel": _parallel_json(spec, parallel),
         "tuning": tuned.summary.to_json() if tuned is not None else None,
         "int8": lowering.to_json() if lowering is not None else None,
         "verification": None,

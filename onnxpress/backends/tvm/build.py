@@ -18,14 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from onnxpress.backends.tvm import dynamic_parallel
 from onnxpress.backends.tvm.gru import convert_gru
 from onnxpress.backends.tvm.lstm import convert_lstm
 from onnxpress.backends.tvm.prepare import Prepared, check_coverage
 from onnxpress.backends.tvm.runtime import CompileError, require_tvm
 from onnxpress.backends.tvm.schedule import cpu_lowering_passes, cpu_pipeline
-from onnxpress.backends.tvm.targets import TargetSpec, tvm_target
+from onnxpress.backends.tvm.targets import TargetSpec, split_threads, tvm_target
 
 LIBRARY_STEM = "model"
+PARALLEL = ("dynamic", "static")  # how CPU kernels split their parallel loops (build)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -123,21 +125,34 @@ def import_relax(prepared: Prepared, *, loop_rnn: bool = True) -> Any:
 
 
 def build(
-    mod: Any, spec: TargetSpec, *, default_schedules: bool = True, database: Any = None
+    mod: Any,
+    spec: TargetSpec,
+    *,
+    default_schedules: bool = True,
+    database: Any = None,
+    parallel: str = "dynamic",
 ) -> Any:
     """``tvm.compile`` for a target: the relax default pipeline (dlight on CUDA), plus
     onnxpress's untuned CPU schedules (schedule.py) when ``default_schedules``.
 
     With a MetaSchedule ``database`` (tune.py), the module is fused and every kernel with a
-    tuning record gets its best schedule first; the default schedules skip those kernels."""
+    tuning record gets its best schedule first; the default schedules skip those kernels.
+    ``parallel="dynamic"`` splits the parallel loops of a library for this host by claimed
+    chunks (dynamic_parallel.py, targets.split_threads); ``"static"`` keeps TVM's split."""
     tvm = require_tvm()
     target = tvm_target(spec)
+    if parallel not in PARALLEL:
+        raise CompileError(f"parallel must be one of {', '.join(PARALLEL)}, not {parallel!r}")
+    threads = split_threads(spec, parallel)
+    tir = dynamic_parallel.register(threads) if threads else "default"
     try:
         if database is not None:
             mod = apply_database(fuse(mod, target, default_schedules), target, database)
         if spec.kind == "llvm" and default_schedules:
-            return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
-        return tvm.compile(mod, target=target)
+            return tvm.compile(
+                mod, target=target, relax_pipeline=cpu_pipeline(target), tir_pipeline=tir
+            )
+        return tvm.compile(mod, target=target, tir_pipeline=tir)
     except Exception as exc:
         raise CompileError(f"TVM could not compile for {spec.name}: {_first_line(exc)}") from exc
 

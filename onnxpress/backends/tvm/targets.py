@@ -243,6 +243,25 @@ def physical_cores(cpus: list[int], topology: Path = TOPOLOGY) -> int:
     return max(1, len(cores))
 
 
+def runtime_threads() -> int:
+    """The TVM runtime's worker threads in this process: ``TVM_NUM_THREADS`` when set to a
+    count, else the physical cores that ``configure_threads`` gives it."""
+    text = os.environ.get("TVM_NUM_THREADS", "")
+    if text.strip().isdigit() and int(text) > 0:
+        return int(text)
+    return physical_cores(allowed_cpus())
+
+
+def split_threads(spec: TargetSpec, parallel: str) -> int:
+    """The runtime threads a library's dynamic loop split is built for (build.py); 0 for
+    TVM's static split: asked for, or a library for another machine (any named target but
+    this host's own ``x86``), whose thread count is not known here."""
+    if parallel != "dynamic" or spec.name != "x86":
+        return 0
+    threads = runtime_threads()
+    return threads if threads > 1 else 0
+
+
 def configure_threads(environ: MutableMapping[str, str] | None = None) -> int | None:
     """Set TVM_NUM_THREADS to the physical cores available here, unless the user chose a
     thread count; returns the count set, or None when left to the user.
