@@ -271,8 +271,18 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 zero = 0  # subtracted before the transform
             elif isa is not None and groups == 1:
                 acc, zero = self._conv_gemm(act, w, Window(padding, strides, dilation), out_shape)
-            elif isa is not None and groups == out_channels == w.shape[0] and w.shape[1] == 1:
+            elif (
+                isa is not None
+                and groups == out_channels
+                and w.shape[1] == 1
+                and int8_depthwise.fits(w)
+            ):
                 acc, zero = self._depthwise_nhwc(act, w, Window(padding, strides, dilation))
+            elif groups > 1 and int8_depthwise.fits(w):
+                zero = int(act.zero_point.reshape(-1)[0])
+                result.record("conv2d", w.shape, "float-exact-grouped")
+                window = Window(padding, strides, dilation)
+                acc = int8_depthwise.emit_grouped(self.builder_, act.data, zero, w, window, groups)
             else:
                 result.record("conv2d", w.shape, "relax")
                 zero = int(act.zero_point.reshape(-1)[0])
@@ -354,34 +364,13 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
         def _depthwise_nhwc(
             self, act: Dequantized, w: np.ndarray, window: Window
         ) -> tuple[Any, int]:
-            """Depthwise int32 conv in NHWC (channels contiguous, like the GEMM path's
-            activations, so the transposes around it fuse away); NCHW int32 out. Exact float
-            sums in the blocked layout where the channels fit (int8_depthwise.py)."""
+            """Depthwise int32 conv (exact float sums in the blocked layout,
+            int8_depthwise.py) of NHWC activations (channels contiguous, like the GEMM
+            path's, so the transposes around it fuse away); NCHW int32 out."""
             data = self.builder_.emit(relax.op.permute_dims(act.data, [0, 2, 3, 1]))
             zero = int(act.zero_point.reshape(-1)[0])
-            if int8_depthwise.fits(w):
-                result.record("conv2d", w.shape, "float-exact-depthwise")
-                acc = int8_depthwise.emit(self.builder_, data, zero, w, window, lanes)
-                return acc, zero
-            top, left, bottom, right = window.padding
-            if any(window.padding):
-                widths = [0, 0, top, bottom, left, right, 0, 0]
-                data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
-            result.record("conv2d", w.shape, "relax-nhwc")
-            acc = self.builder_.emit(
-                relax.op.nn.conv2d(
-                    data,
-                    relax.const(np.ascontiguousarray(w.transpose(2, 3, 0, 1))),  # HWOI
-                    strides=window.strides,
-                    padding=(0, 0),
-                    dilation=window.dilation,
-                    groups=w.shape[0],
-                    data_layout="NHWC",
-                    kernel_layout="HWOI",
-                    out_dtype="int32",
-                )
-            )
-            return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
+            result.record("conv2d", w.shape, "float-exact-depthwise")
+            return int8_depthwise.emit(self.builder_, data, zero, w, window, lanes), zero
 
         def _quantize(self, call: Any) -> Any:
             at = Rewriting(self.builder_, self._producer, self._dequantized, result)

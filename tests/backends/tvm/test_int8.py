@@ -94,11 +94,14 @@ def test_u8_weights_lower_like_int8(tmp_path: Path) -> None:
 def test_lowered_module_has_no_float_conv_and_int8_kernels() -> None:
     qdq, _ = quantize(conv_model())
     before = import_relax(prepare(qdq, None))
-    lowered, _ = lower_qdq_to_integer(before, tvm_target(PORTABLE))
+    lowered, result = lower_qdq_to_integer(before, tvm_target(PORTABLE))
     convs = [line for line in lowered.script().splitlines() if "R.nn.conv2d(" in line]
     assert len(convs) == 3
-    for line in convs:  # lv: R.Tensor(shape, dtype="int32") = R.nn.conv2d(uint8 data, int8 W)
+    for line in convs[:2]:  # lv: R.Tensor(shape, dtype="int32") = R.nn.conv2d(uint8, int8 W)
         assert 'dtype="int32") = R.nn.conv2d(' in line and 'out_dtype="int32"' in line
+    # the depthwise conv: a float conv of the 8-bit values (exact sums), cast to int32
+    assert [layer["kernel"] for layer in result.layers] == ["relax", "relax", "float-exact-grouped", "relax"]  # fmt: skip
+    assert 'R.astype(lv' in lowered.script() and 'R.nn.conv2d(' in convs[2]
     float_convs = [line for line in before.script().splitlines() if "R.nn.conv2d(" in line]
     assert all('dtype="float32") = R.nn.conv2d(' in line for line in float_convs)
 

@@ -38,6 +38,8 @@ def test_float_sums_are_exact_up_to_the_tap_bound() -> None:
     assert MAX_EXACT_TAPS * PRODUCT_BOUND < 2**24 <= (MAX_EXACT_TAPS + 1) * PRODUCT_BOUND
     assert fits(np.zeros((8, 1, 3, 3), np.int8)) and fits(np.zeros((8, 1, 22, 22), np.int8))
     assert not fits(np.zeros((8, 1, 23, 23), np.int8))  # 529 taps: left to Relax's int32
+    assert fits(np.zeros((16, 8, 3, 3), np.int8))  # grouped: 8 channels x 9 taps per output
+    assert not fits(np.zeros((16, 64, 3, 3), np.int8))  # 576 products per output
 
 
 def reference(data: np.ndarray, weight: np.ndarray, stride: int, dilation: int) -> np.ndarray:
@@ -142,3 +144,41 @@ def test_quantized_depthwise_convs_match_onnxruntime(spec: Any, tmp_path: Path) 
     assert depthwise == ["float-exact-depthwise"] * 2
     assert result.manifest["int8"]["lowered"]["conv2d (grouped)"] == 2
     assert result.manifest["verification"]["errors"]["y"] <= 1.0  # steps of onnxruntime
+
+
+def grouped_qdq_source() -> onnx.ModelProto:
+    """x -> 1x1 conv (32 ch) -> Relu -> grouped 3x3 conv (4 groups of 8, stride 2) -> Relu:
+    RegNet's and ResNeXt's kind of conv."""
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(
+            (rng.standard_normal((32, 3, 1, 1)) * 0.5).astype(np.float32), "w1"
+        ),
+        numpy_helper.from_array((rng.standard_normal((32, 8, 3, 3)) * 0.2).astype(np.float32), "g"),
+        numpy_helper.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "b"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("Conv", ["x", "w1"], ["c1"]),
+        node("Relu", ["c1"], ["r1"]),
+        node("Conv", ["r1", "g", "b"], ["c2"], group=4, pads=[1] * 4, strides=[2, 2]),
+        node("Relu", ["c2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "grouped_int8",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 20, 20])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 10, 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_quantized_grouped_conv_runs_as_exact_float_sums(tmp_path: Path) -> None:
+    qdq, _ = quantize(grouped_qdq_source())
+    result: Any = compile_model(qdq, "x86", tmp_path / "grouped", int8="auto")
+    kernels = {
+        tuple(layer["weight"]): layer["kernel"] for layer in result.manifest["int8"]["layers"]
+    }
+    assert kernels[(32, 8, 3, 3)] == "float-exact-grouped"
+    assert result.manifest["verification"]["errors"]["y"] <= 1.0
