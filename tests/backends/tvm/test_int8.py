@@ -101,7 +101,7 @@ def test_lowered_module_has_no_float_conv_and_int8_kernels() -> None:
         assert 'dtype="int32") = R.nn.conv2d(' in line and 'out_dtype="int32"' in line
     # the depthwise conv: a float conv of the 8-bit values (exact sums), cast to int32
     assert [layer["kernel"] for layer in result.layers] == ["relax", "relax", "float-exact-grouped", "relax"]  # fmt: skip
-    assert 'R.astype(lv' in lowered.script() and 'R.nn.conv2d(' in convs[2]
+    assert "R.astype(lv" in lowered.script() and "R.nn.conv2d(" in convs[2]
     float_convs = [line for line in before.script().splitlines() if "R.nn.conv2d(" in line]
     assert all('dtype="float32") = R.nn.conv2d(' in line for line in float_convs)
 

@@ -96,25 +96,32 @@ def test_kernel_is_bit_exact_at_the_extremes(
     np.testing.assert_array_equal(got, expected)
 
 
+def conv_chain(
+    name: str, weights: dict[str, tuple[int, ...]], nodes: list[Any], x: int, y: list[int]
+) -> onnx.ModelProto:
+    """A float model of ``nodes`` reading x [1, 3, x, x], writing y, with random weights of
+    the given shapes (and Clip bounds 0 and 6)."""
+    rng = np.random.default_rng(len(name))
+    inits = [
+        numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), key)
+        for key, shape in weights.items()
+    ]
+    inits += [
+        numpy_helper.from_array(np.array(v, np.float32), k) for k, v in (("lo", 0), ("hi", 6))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, x, x])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def depthwise_qdq_source() -> onnx.ModelProto:
     """x -> 1x1 conv (20 ch) -> Relu -> depthwise 3x3 stride 2 -> Relu -> 1x1 conv (32) ->
     depthwise 3x3 stride 1 -> Clip(0, 6): 20 channels are no multiple of the lanes."""
-    rng = np.random.default_rng(3)
-
-    def init(name: str, shape: tuple[int, ...], scale: float) -> onnx.TensorProto:
-        return numpy_helper.from_array(
-            (rng.standard_normal(shape) * scale).astype(np.float32), name
-        )
-
-    inits = [
-        init("w1", (20, 3, 1, 1), 0.5),
-        init("d1", (20, 1, 3, 3), 0.4),
-        init("b1", (20,), 0.1),
-        init("w2", (32, 20, 1, 1), 0.3),
-        init("d2", (32, 1, 3, 3), 0.4),
-        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
-        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
-    ]
     node = helper.make_node
     nodes = [
         node("Conv", ["x", "w1"], ["c1"]),
@@ -125,14 +132,9 @@ def depthwise_qdq_source() -> onnx.ModelProto:
         node("Conv", ["c3", "d2"], ["c4"], group=32, pads=[1] * 4),
         node("Clip", ["c4", "lo", "hi"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "depthwise_int8",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 23, 23])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 12, 12])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    shapes = {"w1": (20, 3, 1, 1), "d1": (20, 1, 3, 3), "b1": (20,), "w2": (32, 20, 1, 1)}
+    shapes["d2"] = (32, 1, 3, 3)
+    return conv_chain("depthwise_int8", shapes, nodes, 23, [1, 32, 12, 12])
 
 
 @pytest.mark.parametrize("spec", KINDS, ids=lambda s: s.name)
@@ -149,14 +151,6 @@ def test_quantized_depthwise_convs_match_onnxruntime(spec: Any, tmp_path: Path) 
 def grouped_qdq_source() -> onnx.ModelProto:
     """x -> 1x1 conv (32 ch) -> Relu -> grouped 3x3 conv (4 groups of 8, stride 2) -> Relu:
     RegNet's and ResNeXt's kind of conv."""
-    rng = np.random.default_rng(5)
-    inits = [
-        numpy_helper.from_array(
-            (rng.standard_normal((32, 3, 1, 1)) * 0.5).astype(np.float32), "w1"
-        ),
-        numpy_helper.from_array((rng.standard_normal((32, 8, 3, 3)) * 0.2).astype(np.float32), "g"),
-        numpy_helper.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "b"),
-    ]
     node = helper.make_node
     nodes = [
         node("Conv", ["x", "w1"], ["c1"]),
@@ -164,14 +158,8 @@ def grouped_qdq_source() -> onnx.ModelProto:
         node("Conv", ["r1", "g", "b"], ["c2"], group=4, pads=[1] * 4, strides=[2, 2]),
         node("Relu", ["c2"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "grouped_int8",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 20, 20])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 10, 10])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    shapes = {"w1": (32, 3, 1, 1), "g": (32, 8, 3, 3), "b": (32,)}
+    return conv_chain("grouped_int8", shapes, nodes, 20, [1, 32, 10, 10])
 
 
 def test_quantized_grouped_conv_runs_as_exact_float_sums(tmp_path: Path) -> None:
