@@ -63,7 +63,9 @@ def _dynamic_loop(loop: Any, threads: int) -> Any:
     if not isinstance(loop.extent, tirx.IntImm) or int(loop.extent.value) < 2:
         return loop
     if not isinstance(loop.min, tirx.IntImm) or int(loop.min.value) != 0:
-        return loop
+        return loop  # loops are normalized to start at 0 by TVM's lowering
+    if str(loop.loop_var.expr_ty()) != "int32":
+        return loop  # one TVM could not narrow (over 2**31 iterations): left static
     count = int(loop.extent.value)
     share = math.ceil(count / threads)
     chunk = chunk_size(count, threads)
@@ -109,7 +111,6 @@ def _dynamic_loop(loop: Any, threads: int) -> Any:
     zero = S.BufferStore(counters, const(0), [line * LINE_INTS])
     reset = S.For(line, const(0), const(threads), S.ForKind.SERIAL, zero)
     body = S.SeqStmt([S.AllocBuffer(counters), reset, tasks])
-    # loop.min is 0 after TVM's lowering (loops are normalized); anything else stays static
     return S.AttrStmt(const(0), "pragma_import_llvm", ir.StringImm(CLAIM_IR), body)
 
 

@@ -17,7 +17,12 @@ from helpers import REPO, run_cli
 tvm = pytest.importorskip("tvm")
 
 from onnxpress.backends.tvm.backend import CompileError, compile_model  # noqa: E402
-from onnxpress.backends.tvm.dynamic_parallel import CLAIM, chunk_size, register  # noqa: E402
+from onnxpress.backends.tvm.dynamic_parallel import (  # noqa: E402
+    CLAIM,
+    chunk_size,
+    register,
+    rewrite,
+)
 from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
 from onnxpress.backends.tvm.targets import (  # noqa: E402
     parse_target,
@@ -64,6 +69,21 @@ def test_every_iteration_runs_exactly_once(tasks: int) -> None:
     for _ in range(200):
         lib["main"](values, values)  # in place: out = out + 1
     np.testing.assert_array_equal(values.numpy(), np.full((37, 5), 200, np.int32))
+
+
+def test_loops_it_cannot_share_stay_static() -> None:
+    from tvm import tirx
+    from tvm.tirx import stmt as S
+
+    body = S.Evaluate(tirx.IntImm("int32", 0))
+    for var, extent in (
+        (tirx.Var("i", "int64"), tirx.IntImm("int64", 64)),  # not narrowed
+        (tirx.Var("j", "int32"), tirx.IntImm("int32", 1)),
+    ):  # one iteration
+        loop = S.For(var, tirx.IntImm(str(var.expr_ty()), 0), extent, S.ForKind.PARALLEL, body)
+        assert rewrite(loop, 2).same_as(loop)
+    shared = S.For(tirx.Var("k", "int32"), tirx.IntImm("int32", 0), tirx.IntImm("int32", 64), S.ForKind.PARALLEL, body)  # fmt: skip
+    assert "pragma_import_llvm" in str(rewrite(shared, 2))
 
 
 def test_static_pipeline_has_no_claims() -> None:
