@@ -28,7 +28,13 @@ from typing import Any
 
 import onnx
 
-from onnxpress.backends.tvm.build import LIBRARY_STEM, PARALLEL, build, export, import_relax
+from onnxpress.backends.tvm.build import (
+    LIBRARY_STEM,
+    build,
+    check_parallel,
+    export,
+    import_relax,
+)
 from onnxpress.backends.tvm.prepare import (
     LOOP_GRU_PIPELINE,
     PREPARE_PIPELINE,
@@ -142,8 +148,7 @@ def compile_model(
         raise CompileError(f"gru must be 'loop' or 'unroll', not {gru!r}")
     if int8 not in ("auto", "off"):
         raise CompileError(f"int8 must be 'auto' or 'off', not {int8!r}")
-    if parallel not in PARALLEL:
-        raise CompileError(f"parallel must be 'dynamic' or 'static', not {parallel!r}")
+    check_parallel(parallel)
     tvm = require_tvm()
     spec = target if isinstance(target, TargetSpec) else parse_target(target)
     out_dir = Path(output)

@@ -124,6 +124,12 @@ def import_relax(prepared: Prepared, *, loop_rnn: bool = True) -> Any:
         raise CompileError(f"TVM's ONNX importer failed: {_first_line(exc)}") from exc
 
 
+def check_parallel(parallel: str) -> None:
+    """CompileError unless ``parallel`` is one of PARALLEL."""
+    if parallel not in PARALLEL:
+        raise CompileError(f"parallel must be 'dynamic' or 'static', not {parallel!r}")
+
+
 def build(
     mod: Any,
     spec: TargetSpec,
@@ -141,8 +147,7 @@ def build(
     chunks (dynamic_parallel.py, targets.split_threads); ``"static"`` keeps TVM's split."""
     tvm = require_tvm()
     target = tvm_target(spec)
-    if parallel not in PARALLEL:
-        raise CompileError(f"parallel must be one of {', '.join(PARALLEL)}, not {parallel!r}")
+    check_parallel(parallel)
     threads = split_threads(spec, parallel)
     tir = dynamic_parallel.register(threads) if threads else "default"
     try:

@@ -36,6 +36,11 @@ PRODUCT_BOUND = 255 * 128  # largest |a * w| for 8-bit activations and int8 weig
 MAX_EXACT_TAPS = (1 << 24) // PRODUCT_BOUND  # taps whose float sum stays exact
 
 
+def output_size(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """Output rows (or columns) of a window over ``size`` already padded input rows."""
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def fits(weight: np.ndarray) -> bool:
     """Whether a depthwise or grouped weight ``[C, C_in / groups, KH, KW]`` sums few enough
     products per output for exact float sums."""
@@ -57,8 +62,7 @@ def depthwise_float_exact(
     batch, height, width, _ = data_shape
     blocks, kh, kw, lanes = weight_shape
     (sy, sx), (dy, dx) = strides, dilation
-    oh = (height - dy * (kh - 1) - 1) // sy + 1
-    ow = (width - dx * (kw - 1) - 1) // sx + 1
+    oh, ow = output_size(height, kh, sy, dy), output_size(width, kw, sx, dx)
     data = te.placeholder(data_shape, data_dtype, name="data")
     weight = te.placeholder(weight_shape, "float32", name="weight")
     ry = te.reduce_axis((0, kh), "ry")
@@ -89,8 +93,7 @@ def emit(builder: Any, data: Any, zero: int, weight: np.ndarray, window: Window,
     packed = pack_depthwise_weight(weight.astype(np.float32), lanes)
     shape = tuple(int(d) for d in data.ty.shape)
     (sy, sx), (dy, dx) = window.strides, window.dilation
-    out_h = (shape[1] - dy * (kh - 1) - 1) // sy + 1
-    out_w = (shape[2] - dx * (kw - 1) - 1) // sx + 1
+    out_h, out_w = output_size(shape[1], kh, sy, dy), output_size(shape[2], kw, sx, dx)
     out_shape = (shape[0], (channels + extra) // lanes, out_h, out_w, lanes)
     func = depthwise_float_exact(
         shape, str(data.ty.dtype), packed.shape, window.strides, window.dilation

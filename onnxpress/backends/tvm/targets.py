@@ -244,11 +244,13 @@ def physical_cores(cpus: list[int], topology: Path = TOPOLOGY) -> int:
 
 
 def runtime_threads() -> int:
-    """The TVM runtime's worker threads in this process: ``TVM_NUM_THREADS`` when set to a
-    count, else the physical cores that ``configure_threads`` gives it."""
-    text = os.environ.get("TVM_NUM_THREADS", "")
-    if text.strip().isdigit() and int(text) > 0:
-        return int(text)
+    """The TVM runtime's worker threads in this process: the first of ``TVM_NUM_THREADS``,
+    ``OMP_NUM_THREADS`` set to a count (TVM's own order), else the physical cores that
+    ``configure_threads`` gives it."""
+    for name in USER_VARIABLES:
+        text = os.environ.get(name, "").strip()
+        if text.isdigit() and int(text) > 0:
+            return int(text)
     return physical_cores(allowed_cpus())
 
 

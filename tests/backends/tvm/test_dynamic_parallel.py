@@ -99,6 +99,16 @@ def test_only_this_host_s_library_gets_the_dynamic_split() -> None:
         assert split_threads(parse_target(other), "dynamic") == 0
 
 
+def test_runtime_threads_follow_tvm_s_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runtime_threads() == 3
+    monkeypatch.setenv("TVM_NUM_THREADS", "5")  # TVM reads it first
+    assert runtime_threads() == 5 and split_threads(HOST, "dynamic") == 5
+    monkeypatch.setenv("TVM_NUM_THREADS", "1")
+    assert split_threads(HOST, "dynamic") == 0  # one thread: nothing to share
+
+
 def test_compiled_model_is_bit_identical_to_the_static_split(tmp_path: Path) -> None:
     model = MODELS / "cnn_mnist.onnx"
     results = {}
