@@ -299,8 +299,10 @@ def bias_deltas(
 
 
 def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], quantized: set[str]) -> int:
-    """Add each quantized layer's shift to its float bias (before conversion); returns count."""
+    """Add each quantized layer's shift to its float bias (before conversion); returns count.
+    A bias other nodes read too is copied for the layer first."""
     applied = 0
+    names: set[str] | None = None
     carried: dict[str, list[np.ndarray]] = {}
     for key, delta in deltas.items():
         reader, _, source = key.partition(CARRIED)
@@ -320,7 +322,16 @@ def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], quantized:
         if not isinstance(target, gs.Constant):
             continue
         values = np.asarray(target.values, np.float64)
-        target.values = (values + delta).astype(np.float32)
+        corrected = (values + delta).astype(np.float32)
+        if len(target.outputs) > 1:  # shared (an exporter's dedupe): this layer gets its own
+            names = names if names is not None else set(graph.tensors())
+            name, n = f"{target.name}_{node.name}", 1
+            while name in names:
+                name, n = f"{target.name}_{node.name}_{n}", n + 1
+            names.add(name)
+            node.inputs[2] = gs.Constant(name, corrected)
+        else:
+            target.values = corrected
         applied += 1
     return applied
 

@@ -39,6 +39,7 @@ def test_report_records_every_pass(mlp_model: onnx.ModelProto) -> None:
     # The unused initializer never reaches the working IR, so no pass counts it; it is gone.
     assert data["passes"][0]["counts"] == {
         "identity_removed": 1,
+        "constants_merged": 0,
         "dead_nodes_removed": 0,
         "initializers_removed": 0,
     }

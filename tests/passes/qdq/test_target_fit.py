@@ -1,0 +1,68 @@
+"""qdq target fit (``passes/qdq/target_fit.py``): a candidate is scored over all the scoring
+batches and over the verifier's first ``MAX_CALIBRATION_BATCHES`` alone, the worse of the
+two; layers are ranked on this CPU's onnxruntime unless a target's arithmetic makes the
+error its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnxpress.passes.qdq.recover import MetricInputs
+from onnxpress.passes.qdq.target_fit import HOST_RANKING_SHARE, TargetEvaluator, task_fit
+from qdq_helpers import batches, conv_model
+
+from onnxpress.core.targets import PAIR_SATURATING, parse_targets
+from onnxpress.core.verify import MAX_CALIBRATION_BATCHES
+
+
+def _noisy_first_batches(noise: float) -> MetricInputs:
+    rng = np.random.default_rng(0)
+    count = 2 * MAX_CALIBRATION_BATCHES
+    reference = [[rng.standard_normal((1, 3, 5)).astype(np.float32)] for _ in range(count)]
+    outputs = [
+        [ref[0] + (noise * rng.standard_normal(ref[0].shape) if i < count // 2 else 0)]
+        for i, ref in enumerate(reference)
+    ]
+    return MetricInputs(onnx.ModelProto(), [{}] * count, outputs, reference, ["y"])
+
+
+def test_the_verifiers_batches_alone_can_be_the_worse_score() -> None:
+    inputs = _noisy_first_batches(0.06)  # nsr ~0.06 on the first half, 0 on the second
+    half = MetricInputs(
+        inputs.model,
+        inputs.batches[:MAX_CALIBRATION_BATCHES],
+        inputs.outputs[:MAX_CALIBRATION_BATCHES],
+        inputs.reference[:MAX_CALIBRATION_BATCHES],
+        inputs.output_names,
+    )
+    whole = MetricInputs(
+        inputs.model,
+        inputs.batches[:3],  # fewer batches than the verifier's: one span only
+        inputs.outputs[:3],
+        inputs.reference[:3],
+        inputs.output_names,
+    )
+    assert task_fit(half) < -1.0  # over the nsr budget (0.05) on the verifier's batches
+    assert task_fit(inputs) == task_fit(half)  # ... and so over it, though the mean is not
+    pairs = zip(inputs.outputs, inputs.reference, strict=True)
+    noise = np.sqrt(np.mean([np.mean((o[0] - r[0]) ** 2) for o, r in pairs]))
+    over_all = noise / np.std(np.concatenate([r[0] for r in inputs.reference]))
+    assert over_all < 0.05
+    assert task_fit(whole) < -1.0
+
+
+def test_ranking_runs_on_this_cpu_unless_a_target_adds_its_own_error() -> None:
+    model = conv_model()
+    evaluator = TargetEvaluator(model, batches(model, 2), parse_targets(["avx2", "host"]))
+    assert evaluator.judges[0] is None and PAIR_SATURATING in evaluator.judges
+    evaluator.worst = PAIR_SATURATING
+    evaluator.drops = {None: 1.5, PAIR_SATURATING: 1.6}  # the quantization's own error
+    assert evaluator.ranking().judges == [None]  # type: ignore[attr-defined]
+    evaluator.drops = {None: 0.2, PAIR_SATURATING: 1.6}  # saturation on AVX2's kernels
+    assert HOST_RANKING_SHARE * 1.6 > 0.2
+    assert evaluator.ranking().judges == [PAIR_SATURATING]  # type: ignore[attr-defined]
+    evaluator.worst = None
+    assert evaluator.ranking().judges == [None]  # type: ignore[attr-defined]
+    ranked = evaluator.ranking()
+    drop, _ = ranked.drop(model)  # the float model itself: no drop
+    assert drop == 0.0 and evaluator.drops == {None: 0.2, PAIR_SATURATING: 1.6}
