@@ -258,6 +258,24 @@ def unique_name(graph: gs.Graph, base: str, taken: set[str] | None = None) -> st
     return candidate
 
 
+def own_constant(
+    graph: gs.Graph, node: gs.Node, index: int, taken: set[str] | None = None
+) -> gs.Constant:
+    """Input ``index`` of ``node``, a constant, as one that ``node`` alone reads: a constant
+    other nodes (or the graph's outputs) read too is copied for ``node`` first, so that
+    writing its values changes this node only (exporters share equal biases)."""
+    constant = node.inputs[index]
+    if not isinstance(constant, gs.Constant):
+        raise TypeError(f"input {index} of '{node.name}' is not a constant")
+    if len(constant.outputs) <= 1 and not is_graph_output(graph, constant):
+        return constant
+    values = constant.values
+    array = np.array(values.load() if hasattr(values, "load") else values, copy=True)
+    copy = gs.Constant(unique_name(graph, f"{constant.name}_{node.name}", taken), array)
+    node.inputs[index] = copy
+    return copy
+
+
 def detach_removed_nodes(graph: gs.Graph) -> int:
     """Drop links from live tensors to nodes that are no longer in ``graph.nodes``.
 

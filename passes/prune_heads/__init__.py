@@ -37,8 +37,8 @@ from onnxpress.passes.prune_heads.match import AttentionBlock, find_blocks
 from onnxpress.analysis.probes import relative_change, weights_as_inputs
 from onnxpress.analysis.refit import Tap, collect_moments
 from onnxpress.calibration.activations import Moments
-from onnxpress.core.context import PassContext
-from onnxpress.core.ir import unique_name
+from onnxpress.core.context import PassContext, TensorShapes
+from onnxpress.core.ir import own_constant, unique_name
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.registry import register_pass
 from onnxpress.core.verify import Runner
@@ -82,7 +82,9 @@ class PruneHeads(Pass[PruneHeadsOptions]):
         refit = opts.refit if opts.refit is not None else ctx.calibration is not None
         if refit and ctx.calibration is None:
             raise ValueError("refit=true needs calibration data")
-        blocks, refused = find_blocks(graph)
+        softmax = any(n.op == "Softmax" for n in graph.nodes)
+        shapes = TensorShapes.compute(graph, ctx) if softmax else None
+        blocks, refused = find_blocks(graph, shapes)
         for name, reason in refused:
             result.refuse(name, reason)
         if not blocks:
@@ -176,7 +178,10 @@ class PruneHeads(Pass[PruneHeadsOptions]):
         for projection, columns in ((block.query, qk), (block.key, qk), (block.value, vo)):
             weight = np.asarray(projection.weight.values)
             projection.weight.values = np.ascontiguousarray(weight[:, columns])
-            if projection.bias is not None:
+            if projection.bias is not None:  # shared with other nodes: this block's own copy
+                add = projection.output.inputs[0]
+                index = next(i for i, t in enumerate(add.inputs) if t is projection.bias)
+                projection.bias = own_constant(graph, add, index)
                 projection.bias.values = np.asarray(projection.bias.values)[columns].copy()
         out_weight = block.out.inputs[1]
         assert isinstance(out_weight, gs.Constant)
@@ -184,7 +189,7 @@ class PruneHeads(Pass[PruneHeadsOptions]):
         rows = dense[vo].astype(np.float64)
         if moments is not None:
             rows = _refit_rows(dense.astype(np.float64), vo, moments, self.options.damping)
-            _shift_bias(block.out, dense, rows, vo, moments)
+            _shift_bias(graph, block.out, dense, rows, vo, moments)
         out_weight.values = rows.astype(dense.dtype)
         for reshape, columns in zip(block.split_shapes, (qk, qk, vo), strict=True):
             _set_shape(graph, reshape, -2, len(heads))
@@ -257,16 +262,22 @@ def _refit_rows(
 
 
 def _shift_bias(
-    out: gs.Node, dense: np.ndarray, rows: np.ndarray, columns: np.ndarray, moments: Moments
+    graph: gs.Graph,
+    out: gs.Node,
+    dense: np.ndarray,
+    rows: np.ndarray,
+    columns: np.ndarray,
+    moments: Moments,
 ) -> None:
     """Add E[x]·W − E[x_K]·W' to the output projection's bias Add, where it has one."""
     result = out.outputs[0]
     add = result.outputs[0] if len(result.outputs) == 1 else None
     if add is None or add.op != "Add":
         return
-    bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None)
-    if bias is None or np.ndim(bias.values) != 1 or len(bias.outputs) != 1:
+    index = next((i for i, t in enumerate(add.inputs) if isinstance(t, gs.Constant)), None)
+    if index is None or np.ndim(add.inputs[index].values) != 1:
         return
+    bias = own_constant(graph, add, index)
     mean = moments.sum / max(moments.count, 1)
     shift = mean @ dense - mean[columns] @ rows
     bias.values = (np.asarray(bias.values, np.float64) + shift).astype(bias.values.dtype)

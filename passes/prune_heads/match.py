@@ -1,10 +1,15 @@
 """Find multi-head attention blocks in the torch legacy export form, for ``prune-heads``.
 
-    q = Reshape(x·Wq + bq, [.., H, Dh]) -> Transpose [0,2,1,3]
+    q = Reshape(x·Wq + bq, [.., H, Dh]) -> Transpose [0,2,1,3]   (H may be -1)
     k = Reshape(x·Wk + bk, [.., H, Dh]) -> Transpose [0,2,3,1]   (k already transposed)
     v = Reshape(x·Wv + bv, [.., H, Dh]) -> Transpose [0,2,1,3]
-    p = Softmax((q·k) [/ or * a constant])
+    p = Softmax((q·k) [/ or * a constant] [+ a mask])
     o = Reshape(Transpose(p·v, [0,2,1,3]), [.., H·Dh]) · Wo (+ bo)
+
+The mask (an attention mask, a causal mask; added before or after the scale) must be the
+same for every head: of rank < 3 or 1 along the head axis, by its inferred shape. A bias
+the projections share with other nodes (exporters share equal biases) is fine; the pass
+gives each block its own copy before writing it (``own_constant``).
 
 ``find_blocks`` returns each block with its projections (weight, optional bias) and the two
 Reshape shape inputs, or the reason a Softmax is not such a block. Head h owns the columns
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from onnxpress.core.context import TensorShapes
 
 
 @dataclass
@@ -96,20 +103,64 @@ def _split(tensor: gs.Tensor, perm: list[int]) -> tuple[gs.Node, Projection, int
         return f"'{tensor.name}' is not a Transpose {perm} of the head split"
     reshape = _producer(transpose.inputs[0], "Reshape")
     shape = _shape_values(reshape) if reshape is not None else None
-    if reshape is None or shape is None or len(shape) != 4 or min(shape[2:]) < 1:
+    if reshape is None or shape is None or len(shape) != 4 or shape[3] < 1 or shape[2] in (0, -2):
         return f"'{transpose.name}' does not read a Reshape to a constant [.., H, Dh]"
     projection = _projection(reshape.inputs[0])
     if isinstance(projection, str):
         return projection
-    return reshape, projection, int(shape[2]), int(shape[3])
+    head_dim = int(shape[3])
+    columns = int(np.shape(projection.weight.values)[1])
+    heads = int(shape[2]) if shape[2] > 0 else columns // head_dim  # -1: inferred by Reshape
+    if shape[2] < 0 and columns % head_dim:
+        return f"weight '{projection.weight.name}' does not split into heads of {head_dim}"
+    return reshape, projection, heads, head_dim
 
 
-def match_block(softmax: gs.Node) -> AttentionBlock | str:
-    """The attention block around ``softmax``, or why it is not one this pass prunes."""
+def _mask_shape(tensor: gs.Tensor, shapes: TensorShapes | None) -> list[int | None] | None:
+    if isinstance(tensor, gs.Constant):
+        return list(np.shape(tensor.values))
+    if tensor.shape is not None and all(isinstance(d, int) for d in tensor.shape[-3:]):
+        return list(tensor.shape)
+    return shapes.get(str(tensor.name)) if shapes is not None else None
+
+
+def _scores(softmax: gs.Node, shapes: TensorShapes | None) -> gs.Tensor | str:
+    """q·k under Softmax's input, past a constant scale and a per-head-equal mask Add."""
     scores = softmax.inputs[0]
-    scaled = scores.inputs[0] if scores.inputs else None
-    if scaled is not None and scaled.op in ("Div", "Mul") and _is_constant(scaled.inputs[1]):
-        scores = scaled.inputs[0]
+    for _ in range(3):
+        step = scores.inputs[0] if scores.inputs and len(scores.outputs) == 1 else None
+        if step is None or step.op == "MatMul":
+            break
+        if step.op in ("Div", "Mul") and _is_constant(step.inputs[1]):
+            scores = step.inputs[0]
+        elif step.op == "Add" and len(step.inputs) == 2:
+            left, right = step.inputs
+            side = [t for t in (left, right) if _reads_product(t)]
+            if len(side) != 1:
+                break
+            scores = side[0]
+            mask = right if scores is left else left
+            shape = _mask_shape(mask, shapes)
+            if shape is None or (len(shape) >= 3 and shape[-3] != 1):
+                return f"the mask '{mask.name}' added to the scores is not known to be equal for every head"
+        else:
+            break
+    return scores
+
+
+def _reads_product(tensor: gs.Tensor) -> bool:
+    """``tensor`` is a MatMul's output, or its output under a constant scale."""
+    step = tensor.inputs[0] if tensor.inputs else None
+    if step is not None and step.op in ("Div", "Mul") and _is_constant(step.inputs[1]):
+        step = step.inputs[0].inputs[0] if step.inputs[0].inputs else None
+    return step is not None and step.op == "MatMul"
+
+
+def match_block(softmax: gs.Node, shapes: TensorShapes | None = None) -> AttentionBlock | str:
+    """The attention block around ``softmax``, or why it is not one this pass prunes."""
+    scores = _scores(softmax, shapes)
+    if isinstance(scores, str):
+        return scores
     product = _producer(scores, "MatMul")
     context = _only_reader(softmax.outputs[0])
     if product is None or context is None or context.op != "MatMul":
@@ -141,9 +192,8 @@ def match_block(softmax: gs.Node) -> AttentionBlock | str:
     for projection in projections:
         if projection.weight.values.shape[1] != heads * head_dim:
             return f"weight '{projection.weight.name}' does not have H·Dh columns"
-        shared = [projection.weight, *([projection.bias] if projection.bias is not None else [])]
-        if any(len(t.outputs) != 1 for t in shared):
-            return f"'{projection.weight.name}' or its bias is shared with another node"
+        if len(projection.weight.outputs) != 1:
+            return f"weight '{projection.weight.name}' is shared with another node"
     if len(out.inputs[1].outputs) != 1:
         return f"output weight '{out.inputs[1].name}' is shared with another node"
     query, key, value = projections
@@ -160,13 +210,16 @@ def match_block(softmax: gs.Node) -> AttentionBlock | str:
     )
 
 
-def find_blocks(graph: gs.Graph) -> tuple[list[AttentionBlock], list[tuple[str, str]]]:
-    """Every attention block, and (Softmax name, reason) for each Softmax that is not one."""
+def find_blocks(
+    graph: gs.Graph, shapes: TensorShapes | None = None
+) -> tuple[list[AttentionBlock], list[tuple[str, str]]]:
+    """Every attention block, and (Softmax name, reason) for each Softmax that is not one.
+    ``shapes`` (inferred) tell whether a mask is equal for every head."""
     blocks, refused = [], []
     for node in graph.nodes:
         if node.op != "Softmax":
             continue
-        found = match_block(node)
+        found = match_block(node, shapes)
         if isinstance(found, str):
             refused.append((str(node.name), found))
         else:

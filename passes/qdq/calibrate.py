@@ -41,7 +41,7 @@ from onnxpress.calibration.observers import (
 from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.context import StatisticsStore
 from onnxpress.core.errors import CalibrationError
-from onnxpress.core.ir import unique_name
+from onnxpress.core.ir import own_constant, unique_name
 from onnxpress.core.verify import Runner
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], quantized:
     """Add each quantized layer's shift to its float bias (before conversion); returns count.
     A bias other nodes read too is copied for the layer first."""
     applied = 0
-    names: set[str] | None = None
+    names = set(graph.tensors()) | {n.name for n in graph.nodes}
     carried: dict[str, list[np.ndarray]] = {}
     for key, delta in deltas.items():
         reader, _, source = key.partition(CARRIED)
@@ -321,17 +321,10 @@ def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], quantized:
         )
         if not isinstance(target, gs.Constant):
             continue
+        if node.op != "MatMul":  # (a MatMul's bias Add is read by it alone)
+            target = own_constant(graph, node, 2, names)
         values = np.asarray(target.values, np.float64)
-        corrected = (values + delta).astype(np.float32)
-        if len(target.outputs) > 1:  # shared (an exporter's dedupe): this layer gets its own
-            names = names if names is not None else set(graph.tensors())
-            name, n = f"{target.name}_{node.name}", 1
-            while name in names:
-                name, n = f"{target.name}_{node.name}_{n}", n + 1
-            names.add(name)
-            node.inputs[2] = gs.Constant(name, corrected)
-        else:
-            target.values = corrected
+        target.values = (values + delta).astype(np.float32)
         applied += 1
     return applied
 
