@@ -280,6 +280,9 @@ def test_ctrl_c_exits_130_and_writes_nothing(mlp_path: Path) -> None:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        # a test run in the background (nohup, some CI runners) ignores SIGINT, and a child
+        # inherits that: Python would then never raise KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         text=True,
     )
     deadline = time.monotonic() + 240  # a loaded machine starts slowly
