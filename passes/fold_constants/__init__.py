@@ -2,7 +2,8 @@
 
 Op(c1, c2, ...) -> initializer(s) holding its outputs, in topological order so chains fold;
 Shape(x) / Size(x) -> initializer when x's shape is static (ONNX shape inference), which
-unblocks Shape->Gather->Unsqueeze->Concat->Reshape chains; Gather/Slice(Shape(x)) ->
+unblocks Shape->Gather->Unsqueeze->Concat->Reshape chains (cheap ops run in numpy:
+``numpy_ops.py``); Gather/Slice(Shape(x)) ->
 initializer when the dims they pick are static though others (a batch) are symbolic
 (``shape_dims.py``); Constant nodes -> initializers.
 A folded graph output keeps its name, as an initializer (valid ONNX for IR >= 4).
@@ -29,6 +30,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnxpress.passes.fold_constants import numpy_ops
 from onnxpress.passes.fold_constants.shape_dims import (
     full_shape_value,
     partial_shape_value,
@@ -50,8 +52,6 @@ _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLi
 # only way a fold can make more shapes static and another round of inference worthwhile.
 _SHAPE_ARGS = {"Reshape", "Expand", "ConstantOfShape", "Tile", "Slice", "Pad", "Resize", "Upsample", "Squeeze", "Unsqueeze", "Split", "Range", "OneHot", "TopK", "CenterCropPad"}  # fmt: skip
 _NOT_TENSORS = {"Optional", "OptionalGetElement", "OptionalHasElement", "SplitToSequence"}
-_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply}
-_FAST = {"Identity", "Cast", "Concat", "Gather", "Unsqueeze", *_BINARY}
 _CONSTANT_ATTRS: dict[str, type] = {"value_float": np.float32, "value_floats": np.float32}
 _CONSTANT_ATTRS |= {"value_int": np.int64, "value_ints": np.int64}
 # (elem_type, static shape or None) of each named output of a node, from shape inference.
@@ -167,7 +167,7 @@ class _Folder:
         arrays = [a for a in inputs if a is not None]
         model, feeds, expected = None, dict[str, np.ndarray](), None
         try:
-            fast = node.op in _FAST and _fast_applicable(node, arrays)
+            fast = numpy_ops.applicable(node, arrays)
             elements = _predicted_elements(node, inputs, fast)
             if not fast:
                 model, feeds = _one_node_model(node, inputs, self.opsets)
@@ -190,7 +190,7 @@ class _Folder:
         try:
             with np.errstate(all="ignore"):
                 if model is None:
-                    values = _evaluate_fast(node, inputs, self.opset)
+                    values = numpy_ops.evaluate(node, inputs, self.opset)
                 else:
                     values = [np.asarray(v) for v in ReferenceEvaluator(model).run(None, feeds)]
             return _check_values(values, expected, self.options.max_bytes) or values
@@ -276,15 +276,6 @@ def _unfoldable_reason(node: gs.Node) -> str | None:
     return None if node.outputs else "the node has no outputs"
 
 
-def _fast_applicable(node: gs.Node, arrays: list[np.ndarray]) -> bool:
-    if node.op in _BINARY:
-        return len(arrays) == 2 and arrays[0].dtype == arrays[1].dtype != np.bool_
-    if node.op == "Cast":  # float -> int is left to the reference (rounding, overflow)
-        target = _np_dtype(node.attrs["to"])
-        return target.kind in "biuf" and not (arrays[0].dtype.kind == "f" and target.kind in "iu")
-    return True
-
-
 def _predicted_elements(node: gs.Node, inputs: list[Any], fast: bool) -> int | None:
     """Exact output element count from input shapes and size inputs, without allocating."""
     op = node.op
@@ -301,29 +292,7 @@ def _predicted_elements(node: gs.Node, inputs: list[Any], fast: bool) -> int | N
         return max(math.ceil((limit - start) / delta), 0)
     if not fast:
         return None
-    if op in _BINARY:
-        return math.prod(np.broadcast_shapes(inputs[0].shape, inputs[1].shape))
-    if op == "Gather":
-        data, indices = inputs[0], inputs[1]
-        axis = node.attrs.get("axis", 0) % max(data.ndim, 1)
-        return data.size // data.shape[axis] * indices.size if data.shape[axis] else 0
-    return sum(a.size for a in inputs if a is not None)  # Identity, Cast, Concat, Unsqueeze
-
-
-def _evaluate_fast(node: gs.Node, inputs: list[Any], opset: int) -> list[np.ndarray]:
-    op, attrs, x = node.op, node.attrs, inputs[0]
-    if op in _BINARY:
-        return [_BINARY[op](x, inputs[1])]
-    if op == "Identity":
-        return [np.array(x, copy=True)]
-    if op == "Cast":
-        return [x.astype(helper.tensor_dtype_to_np_dtype(attrs["to"]))]
-    if op == "Concat":
-        return [np.concatenate([a for a in inputs if a is not None], axis=attrs["axis"])]
-    if op == "Gather":
-        return [np.take(x, inputs[1], axis=attrs.get("axis", 0))]
-    axes = inputs[1] if opset >= 13 else attrs["axes"]  # Unsqueeze
-    return [np.expand_dims(x, tuple(int(a) for a in np.asarray(axes).reshape(-1)))]
+    return numpy_ops.fast_elements(node, inputs)
 
 
 def _one_node_model(

@@ -177,15 +177,17 @@ def greedy_fallback(
     build: Callable[[frozenset[str]], onnx.ModelProto],
     evaluator: Evaluator,
     max_drop: float,
+    scored: tuple[float, float] | None = None,
 ) -> FallbackResult:
     """Keep the most sensitive layers (node name -> op) in float until within ``max_drop``.
 
     Layers are ranked by the drop each recovers alone in float (scored by
     ``evaluator.ranking()``, which may be a cheaper view of the same judge); the shortest
     prefix of that ranking within budget is then found by doubling and bisection, on the
-    full judge: O(log n) candidate models instead of up to n."""
+    full judge: O(log n) candidate models instead of up to n. ``scored``: the evaluator's
+    (drop, error) of the fully quantized model, when the caller has it already."""
     start = evaluator.evaluations
-    initial, initial_error = evaluator.drop(build(frozenset()))
+    initial, initial_error = scored or evaluator.drop(build(frozenset()))
     logger.info("qdq fallback: drop %.4f with every layer quantized", initial)
     if initial <= max_drop:
         return FallbackResult([], [], initial, initial, True, evaluator.evaluations - start)

@@ -134,8 +134,8 @@ def fit_targets(
     def protected(excluded: frozenset[str]) -> onnx.ModelProto:
         return with_remedies(build(excluded), planned)
 
-    drop, _ = evaluator.drop(protected(frozenset()))
-    logger.info("qdq: worst task metric at %.2f of its budget over the targets", drop)
-    if drop <= 1.0:
+    scored = evaluator.drop(protected(frozenset()))
+    logger.info("qdq: worst task metric at %.2f of its budget over the targets", scored[0])
+    if scored[0] <= 1.0:
         return None
-    return greedy_fallback(candidates, protected, evaluator, 1.0)
+    return greedy_fallback(candidates, protected, evaluator, 1.0, scored)

@@ -357,3 +357,25 @@ def test_static_dims_of_a_partly_symbolic_shape_fold(kit: SimpleNamespace) -> No
     np.testing.assert_array_equal(kit.initializer(folded, "tail"), [6, 4])
     np.testing.assert_array_equal(kit.initializer(folded, "half_1d"), [3])
     kit.same_outputs(model, folded)
+
+
+def test_gather_elements_folds_with_indices_smaller_than_the_data(kit: SimpleNamespace) -> None:
+    # BertModel's position ids: GatherElements(buffer [1, 512], ids [1, 128]); onnx.reference
+    # fails there (it reshapes a scalar), numpy folds it. Here also a row the indices skip
+    # and negative indices, which count from the end.
+    data = np.arange(15, dtype=np.int64).reshape(3, 5)
+    model = kit.model(
+        [
+            node("GatherElements", ["data", "ids"], ["picked"], axis=1, name="gather"),
+            node("Cast", ["picked"], ["picked_f"], to=TensorProto.FLOAT, name="cast"),
+            node("Add", ["x", "picked_f"], ["y"], name="add_x"),
+        ],
+        inputs={"x": [2, 3]},
+        outputs={"y": [2, 3]},
+        initializers={"data": data, "ids": np.array([[0, 4, -1], [2, -5, 1]], np.int64)},
+    )
+    folded, report = onnxpress.optimize(model, passes="fold-constants")  # verified on ORT
+    assert report.passes[0].result.refusals == []
+    assert kit.ops(folded) == ["Add"]
+    np.testing.assert_array_equal(kit.initializer(folded, "picked_f"), [[0, 4, 4], [7, 5, 6]])
+    kit.same_outputs(model, folded)
