@@ -54,7 +54,7 @@ from onnxpress.passes.qdq.calibrate import (
     observe,
     tensor_ranges,
 )
-from onnxpress.passes.qdq.convert import ConvertSummary, convert
+from onnxpress.passes.qdq.convert import ConvertSummary, WeightCache, convert
 from onnxpress.passes.qdq.prepare import (
     decompose_hardswish,
     detach_dead_nodes,
@@ -235,6 +235,7 @@ class Qdq(Pass[QdqOptions]):
         method, corrected_biases = opts.method, opts.bias_correction
         mixed = mixed_range_concats(graph, full, obs, symmetric, opts.concat_spread)
         range_cache: dict[str, dict[str, Range]] = {}
+        weight_cache: WeightCache = {}
 
         def materialize(
             target: gs.Graph, excluded: frozenset[str], method: str, deltas: Deltas
@@ -246,15 +247,20 @@ class Qdq(Pass[QdqOptions]):
                 )
             ranges = range_cache[method]
             corrected = apply_bias_deltas(target, deltas, set(ann.quantized_nodes))
-            summary = convert(target, ann, ranges, symmetric, opts.reduce_range)
+            summary = convert(target, ann, ranges, symmetric, opts.reduce_range, weight_cache)
             return ann, summary, corrected
+
+        def build_graph(
+            excluded: frozenset[str], method: str, deltas: Deltas, source: gs.Graph | None = None
+        ) -> gs.Graph:
+            candidate = (graph if source is None else source).copy()
+            materialize(candidate, excluded, method, deltas)
+            return candidate
 
         def build(
             excluded: frozenset[str], method: str, deltas: Deltas, source: gs.Graph | None = None
         ) -> Any:
-            candidate = (graph if source is None else source).copy()
-            materialize(candidate, excluded, method, deltas)
-            return ctx.export(candidate)
+            return ctx.export(build_graph(excluded, method, deltas, source))
 
         scoring_kind = scoring_arithmetic(ctx.targets, opts.saturation)
         if opts.method == "auto":
@@ -316,7 +322,8 @@ class Qdq(Pass[QdqOptions]):
             fallback = fit_targets(
                 float_model,
                 {k: v for k, v in full.quantized_nodes.items() if k not in mixed},
-                lambda excluded: build(excluded, method, deltas),
+                lambda excluded: build_graph(excluded, method, deltas),
+                ctx.export,
                 list(ctx.calibration.batches(opts.fallback_batches)),
                 ctx.targets,
                 opts.saturation_policy,

@@ -95,10 +95,17 @@ class ConvertSummary:
     int8_bytes: int = 0
 
 
+# id(weight array), axis, reduce_range -> (the array, kept alive so its id stays its own; int8
+# values; parameters). Candidates of one qdq run share their weight arrays (gs copies share
+# constant values, and the pass replaces arrays, never writes into them): quantize each once.
+WeightCache = dict[tuple[int, int | None, bool], tuple[np.ndarray, np.ndarray, QuantParams]]
+
+
 class _Converter:
-    def __init__(self, graph: gs.Graph, reduce_range: bool) -> None:
+    def __init__(self, graph: gs.Graph, reduce_range: bool, cache: WeightCache | None) -> None:
         self.graph = graph
         self.reduce_range = reduce_range
+        self.cache: WeightCache = {} if cache is None else cache
         self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
         self.summary = ConvertSummary()
         self.weight_params: dict[tuple[str, int | None], tuple[gs.Variable, QuantParams]] = {}
@@ -168,7 +175,12 @@ class _Converter:
     def weight(self, const: gs.Constant, spec: WeightSpec) -> tuple[gs.Variable, QuantParams]:
         key = (const.name, spec.axis)
         if key not in self.weight_params:
-            q, params = quantize_weight(np.asarray(const.values), spec.axis, self.reduce_range)
+            values = np.asarray(const.values)
+            cached = (id(values), spec.axis, self.reduce_range)
+            if cached not in self.cache:
+                q, params = quantize_weight(values, spec.axis, self.reduce_range)
+                self.cache[cached] = (values, q, params)
+            _, q, params = self.cache[cached]
             q_const = self.const(f"{const.name}_quantized", q)
             self.weight_params[key] = (self.dequantize_node(const.name, q_const, params), params)
             self.summary.int8_bytes += q.nbytes
@@ -199,10 +211,12 @@ def convert(
     ranges: dict[str, Range],
     symmetric: bool,
     reduce_range: bool = False,
+    cache: WeightCache | None = None,
 ) -> ConvertSummary:
     """Rewrite ``graph`` in place. ``ranges`` holds each activation's own range; tensors that
-    share parameters (``ann.groups``) get the union of their ranges."""
-    conv = _Converter(graph, reduce_range)
+    share parameters (``ann.groups``) get the union of their ranges. ``cache``: quantized
+    weights shared by the candidates of one run."""
+    conv = _Converter(graph, reduce_range, cache)
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
     act_params: dict[str, QuantParams] = {}

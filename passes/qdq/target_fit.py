@@ -106,33 +106,32 @@ class TargetEvaluator(Evaluator):
         return narrowed
 
 
-def with_remedies(model: onnx.ModelProto, planned: Planned) -> onnx.ModelProto:
-    """``model`` with the planned saturation remedies of the layers it still quantizes."""
-    if not planned:
-        return model
-    graph = gs.import_onnx(model)
-    present = {name for name in graph.tensors()}
-    apply(graph, [p for p in planned if p[0].weight.output in present])
-    exported = gs.export_onnx(graph)
-    exported.opset_import.extend(o for o in model.opset_import if o.domain)
-    return exported
+def with_remedies(graph: gs.Graph, planned: Planned) -> gs.Graph:
+    """``graph`` (a candidate) with the planned saturation remedies of the layers it still
+    quantizes, applied in place: one export per candidate, not an import and export more."""
+    if planned:
+        present = {name for name in graph.tensors()}
+        apply(graph, [p for p in planned if p[0].weight.output in present])
+    return graph
 
 
 def fit_targets(
     float_model: onnx.ModelProto,
     candidates: dict[str, str],
-    build: Callable[[frozenset[str]], onnx.ModelProto],
+    build: Callable[[frozenset[str]], gs.Graph],
+    export: Callable[[gs.Graph], onnx.ModelProto],
     batches: list[Batch],
     targets: tuple[Target, ...],
     policy: Policy,
 ) -> FallbackResult | None:
-    """Float fallback until every target is within the task budget; None when it already is."""
+    """Float fallback until every target is within the task budget; None when it already is.
+    ``build(excluded)``: a new candidate graph with those layers in float."""
     saturating = policy.remedy != "off" and any(t.saturates for t in targets)
-    planned = plan(build(frozenset()), batches, policy) if saturating else []
+    planned = plan(export(build(frozenset())), batches, policy) if saturating else []
     evaluator = TargetEvaluator(float_model, batches, targets)
 
     def protected(excluded: frozenset[str]) -> onnx.ModelProto:
-        return with_remedies(build(excluded), planned)
+        return export(with_remedies(build(excluded), planned))
 
     scored = evaluator.drop(protected(frozenset()))
     logger.info("qdq: worst task metric at %.2f of its budget over the targets", scored[0])

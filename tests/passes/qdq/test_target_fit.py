@@ -1,15 +1,19 @@
 """qdq target fit (``passes/qdq/target_fit.py``): a candidate is scored over all the scoring
 batches and over the verifier's first ``MAX_CALIBRATION_BATCHES`` alone, the worse of the
 two; layers are ranked on this CPU's onnxruntime unless a target's arithmetic makes the
-error its own."""
+error its own; the candidates of one run share their quantized weights."""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import numpy as np
 import onnx
+import pytest
 from onnxpress.passes.qdq.recover import MetricInputs
 from onnxpress.passes.qdq.target_fit import HOST_RANKING_SHARE, TargetEvaluator, task_fit
-from qdq_helpers import batches, conv_model
+from qdq_helpers import batches, conv_model, quantize
 
 from onnxpress.core.targets import PAIR_SATURATING, parse_targets
 from onnxpress.core.verify import MAX_CALIBRATION_BATCHES
@@ -66,3 +70,23 @@ def test_ranking_runs_on_this_cpu_unless_a_target_adds_its_own_error() -> None:
     ranked = evaluator.ranking()
     drop, _ = ranked.drop(model)  # the float model itself: no drop
     assert drop == 0.0 and evaluator.drops == {None: 0.2, PAIR_SATURATING: 1.6}
+
+
+def test_the_candidates_of_one_run_quantize_each_weight_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    convert = importlib.import_module("onnxpress.passes.qdq.convert")  # not qdq's convert()
+    calls: list[tuple[int, ...]] = []
+    original = convert.quantize_weight
+
+    def counted(values: np.ndarray, axis: int | None, reduce_range: bool = False) -> Any:
+        calls.append(values.shape)
+        return original(values, axis, reduce_range)
+
+    monkeypatch.setattr(convert, "quantize_weight", counted)
+    model = conv_model()
+    spec = "qdq{max-drop=0.0,metric=fidelity}"  # any int8 error is a drop: every candidate
+    _, record = quantize(model, spec, calibration=batches(model, 4, seed=2), verify="off")
+    fallback = next(d["fallback"] for d in record.result.details if "fallback" in d)
+    assert fallback["evaluations"] > 3  # many candidates were built
+    assert sorted(calls) == sorted([(8, 3, 3, 3), (12, 8, 3, 3), (12, 1, 3, 3), (5, 48)])
