@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("--passes", default=None, help="pipeline text (default: optimize's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    unknown = sorted(set(args.models.split(",")) - set(ZOO))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; the zoo has {', '.join(ZOO)}")
     rows = []
     for name in args.models.split(","):
         row = measure(name, args.batch, args.batches, args.passes)

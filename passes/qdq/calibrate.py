@@ -302,7 +302,6 @@ def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], quantized:
     """Add each quantized layer's shift to its float bias (before conversion); returns count.
     A bias other nodes read too is copied for the layer first."""
     applied = 0
-    names = set(graph.tensors()) | {n.name for n in graph.nodes}
     carried: dict[str, list[np.ndarray]] = {}
     for key, delta in deltas.items():
         reader, _, source = key.partition(CARRIED)
@@ -322,7 +321,7 @@ def apply_bias_deltas(graph: gs.Graph, deltas: dict[str, np.ndarray], quantized:
         if not isinstance(target, gs.Constant):
             continue
         if node.op != "MatMul":  # (a MatMul's bias Add is read by it alone)
-            target = own_constant(graph, node, 2, names)
+            target = own_constant(graph, node, 2)
         values = np.asarray(target.values, np.float64)
         target.values = (values + delta).astype(np.float32)
         applied += 1
