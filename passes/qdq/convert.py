@@ -13,6 +13,7 @@ tensors; only node consumers read the dequantized copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -21,6 +22,8 @@ from onnxpress.passes.qdq.annotate import Annotation, BiasSpec, WeightSpec
 from onnxpress.calibration.observers import Range
 from onnxpress.core.ir import unique_name
 
+# The largest int32 bias written: leaves 2**30 for the products summed on top of it.
+BIAS_LIMIT = float(2**30)
 QUINT8 = (0, 255)
 QINT8 = (-128, 127)
 
@@ -46,9 +49,13 @@ def activation_params(value_range: Range, symmetric: bool) -> QuantParams:
 
 
 def quantize_weight(
-    values: np.ndarray, axis: int | None, reduce_range: bool = False
+    values: np.ndarray,
+    axis: int | None,
+    reduce_range: bool = False,
+    min_scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, QuantParams]:
-    """Symmetric int8 per channel of ``axis`` (or per tensor): q = round(w / s), s = max|w| / qmax."""
+    """Symmetric int8 per channel of ``axis`` (or per tensor): q = round(w / s), s = max|w| / qmax,
+    or ``min_scale`` where that is larger (see bias_scale_floor)."""
     qmax = 63 if reduce_range else 127
     w = values.astype(np.float64)
     if axis is None:
@@ -59,6 +66,8 @@ def quantize_weight(
         absmax = np.max(np.abs(moved), axis=1) if moved.size else np.zeros(w.shape[axis])
         shape = tuple(w.shape[axis] if i == axis else 1 for i in range(w.ndim))
     scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    if min_scale is not None:
+        scale = np.maximum(scale, min_scale.astype(np.float32))
     q = np.clip(np.round(w / scale.astype(np.float64).reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, QuantParams(scale, np.zeros(scale.shape, np.int8), axis)
 
@@ -70,6 +79,17 @@ def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
         shape[params.axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return ((q.astype(np.float64) - zero) * scale).astype(np.float32)
+
+
+def bias_scale_floor(bias: np.ndarray, input_scale: np.ndarray, per_channel: bool) -> np.ndarray:
+    """The smallest weight scale at which ``bias`` fits BIAS_LIMIT in int32 units of
+    input_scale * weight_scale (per output channel, or one for the tensor). An activation whose
+    calibrated range is tiny (a layer whose float output is all bias, as in random-weight or
+    dead-ReLU branches) gives a bias scale so small that the int32 bias would clip and the
+    layer's output collapse; a coarser weight scale keeps the bias exact, and costs little
+    there: the bias then outweighs every product sum of fewer than ~66000 terms."""
+    need = np.abs(bias.astype(np.float64)) / (float(input_scale) * BIAS_LIMIT)
+    return (need if per_channel else np.array(need.max(initial=0.0))).astype(np.float32)
 
 
 def quantize_bias(
@@ -98,7 +118,8 @@ class ConvertSummary:
 # id(weight array), axis, reduce_range -> (the array, kept alive so its id stays its own; int8
 # values; parameters). Candidates of one qdq run share their weight arrays (gs copies share
 # constant values, and the pass replaces arrays, never writes into them): quantize each once.
-WeightCache = dict[tuple[int, int | None, bool], tuple[np.ndarray, np.ndarray, QuantParams]]
+# A weight whose scale has a floor (bias_scale_floor) adds the floor's bytes to its key.
+WeightCache = dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, QuantParams]]
 
 
 class _Converter:
@@ -172,15 +193,25 @@ class _Converter:
         )
         self.summary.activations += 1
 
-    def weight(self, const: gs.Constant, spec: WeightSpec) -> tuple[gs.Variable, QuantParams]:
+    def weight(
+        self, const: gs.Constant, spec: WeightSpec, floor: np.ndarray | None = None
+    ) -> tuple[gs.Variable, QuantParams]:
         key = (const.name, spec.axis)
         if key not in self.weight_params:
             values = np.asarray(const.values)
-            cached = (id(values), spec.axis, self.reduce_range)
+            cached: tuple[Any, ...] = (id(values), spec.axis, self.reduce_range)
             if cached not in self.cache:
                 q, params = quantize_weight(values, spec.axis, self.reduce_range)
                 self.cache[cached] = (values, q, params)
             _, q, params = self.cache[cached]
+            if floor is not None and np.any(floor > params.scale):  # a bias needs it
+                if floor.shape != params.scale.shape:
+                    floor = np.array(floor.max(), np.float32)
+                cached += (floor.tobytes(),)
+                if cached not in self.cache:
+                    q, params = quantize_weight(values, spec.axis, self.reduce_range, floor)
+                    self.cache[cached] = (values, q, params)
+                _, q, params = self.cache[cached]
             q_const = self.const(f"{const.name}_quantized", q)
             self.weight_params[key] = (self.dequantize_node(const.name, q_const, params), params)
             self.summary.int8_bytes += q.nbytes
@@ -219,18 +250,22 @@ def convert(
     conv = _Converter(graph, reduce_range, cache)
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
-    act_params: dict[str, QuantParams] = {}
-    for (node_name, index), spec in ann.weights.items():
-        node = nodes[node_name]
-        dq, _ = conv.weight(node.inputs[index], spec)
-        node.inputs[index] = dq
-    for name, spec in ann.tied.items():
-        act_params[name] = conv.weight_params[(spec.tensor, spec.axis)][1]
+    grouped: dict[str, QuantParams] = {}
     for members in ann.group_members().values():
         union = Range(min(ranges[m].lo for m in members), max(ranges[m].hi for m in members))
         params = activation_params(union, symmetric)
         for name in members:
-            act_params.setdefault(name, params)
+            grouped.setdefault(name, params)
+    floors = _weight_floors(nodes, ann, grouped)
+    for (node_name, index), spec in ann.weights.items():
+        node = nodes[node_name]
+        dq, _ = conv.weight(node.inputs[index], spec, floors.get((spec.tensor, spec.axis)))
+        node.inputs[index] = dq
+    act_params: dict[str, QuantParams] = {}
+    for name, spec in ann.tied.items():
+        act_params[name] = conv.weight_params[(spec.tensor, spec.axis)][1]
+    for name, params in grouped.items():
+        act_params.setdefault(name, params)
     for (node_name, index), bias_spec in ann.biases.items():
         node = nodes[node_name]
         _, w_params = conv.weight_params[(bias_spec.weight.tensor, bias_spec.weight.axis)]
@@ -239,3 +274,23 @@ def convert(
     for name in ann.activations:
         conv.activation(tensors[name], act_params[name], name in outputs)
     return conv.summary
+
+
+def _weight_floors(
+    nodes: dict[str, gs.Node], ann: Annotation, act_params: dict[str, QuantParams]
+) -> dict[tuple[str, int | None], np.ndarray]:
+    """Per weight (tensor, axis): the scale floor its biases need to fit int32, where one
+    does (bias_scale_floor); the largest over the layers sharing the weight."""
+    floors: dict[tuple[str, int | None], np.ndarray] = {}
+    for (node_name, index), spec in ann.biases.items():
+        params = act_params.get(spec.activation)
+        bias = nodes[node_name].inputs[index]
+        if params is None or not isinstance(bias, gs.Constant):
+            continue
+        values = np.asarray(bias.values, np.float64)
+        floor = bias_scale_floor(values, params.scale, spec.weight.axis is not None)
+        key = (spec.weight.tensor, spec.weight.axis)
+        if key in floors:
+            floor = np.maximum(floors[key], floor)
+        floors[key] = floor
+    return floors

@@ -260,22 +260,65 @@ def _weight_change(layer: IntegerLayer, change: Change) -> float:
     return float(np.linalg.norm(new - old))
 
 
-def apply(graph: gs.Graph, planned: list[tuple[IntegerLayer, Remedy, Change]]) -> None:
-    """Write each change into ``graph`` as new constants of the layer's DequantizeLinears."""
-    producers = {out.name: node for node in graph.nodes for out in node.outputs}
+def apply(graph: gs.Graph, planned: list[tuple[IntegerLayer, Remedy, Change]]) -> int:
+    """Write each change into ``graph`` as new constants of the layer's DequantizeLinears;
+    the number of layers changed. A layer is found by its output tensor (else its node
+    name), its DequantizeLinears through the node's inputs: ``graph`` may be another
+    candidate of the same model, whose generated tensor names (the DequantizeLinear outputs
+    of a shared constant) are numbered differently. A layer absent from ``graph`` or left in
+    float there is skipped."""
+    writers = {out.name: node for node in graph.nodes for out in node.outputs}
+    named = {node.name: node for node in graph.nodes if node.name}
     names = set(graph.tensors())
+    applied = 0
     for layer, _, change in planned:
-        weight_dq = producers[layer.weight.output]
+        node = writers.get(layer.node.output[0]) or named.get(layer.node.name)
+        found = _dequantizers(layer, node)
+        if found is None:
+            continue
+        weight_dq, bias_dq = found
         _replace(weight_dq, 0, change.weight, names)
         if change.scale is not None:
             _replace(weight_dq, 1, change.scale, names)
         if change.zero_point is not None:
             _replace(weight_dq, 2, change.zero_point, names)
-        bias = layer.bias if layer.bias is not None else layer.bias_add
-        if bias is not None and change.bias is not None and change.bias_scale is not None:
-            bias_dq = producers[bias.output]
+        if bias_dq is not None and change.bias is not None and change.bias_scale is not None:
             _replace(bias_dq, 0, change.bias, names)
             _replace(bias_dq, 1, change.bias_scale, names)
+        applied += 1
+    return applied
+
+
+def _dequantized_by(node: gs.Node, index: int) -> gs.Node | None:
+    """The DequantizeLinear that writes input ``index`` of ``node``, if one does."""
+    if index >= len(node.inputs) or not node.inputs[index].inputs:
+        return None
+    producer: gs.Node = node.inputs[index].inputs[0]
+    return producer if producer.op == "DequantizeLinear" else None
+
+
+def _dequantizers(
+    layer: IntegerLayer, node: gs.Node | None
+) -> tuple[gs.Node, gs.Node | None] | None:
+    """``layer``'s weight and bias DequantizeLinears in a graph where it is ``node``; None
+    when the node is missing or its weight is not dequantized there (kept in float)."""
+    inputs = list(layer.node.input)
+    if node is None or node.op != layer.op or layer.weight.output not in inputs:
+        return None
+    weight_dq = _dequantized_by(node, inputs.index(layer.weight.output))
+    if weight_dq is None:
+        return None
+    bias_dq = None
+    if layer.bias is not None and layer.bias.output in inputs:
+        bias_dq = _dequantized_by(node, inputs.index(layer.bias.output))
+    elif layer.bias_add is not None:  # an Add of DQ(int32 constant) reading the output
+        for add in (n for n in node.outputs[0].outputs if n.op == "Add"):
+            for index, tensor in enumerate(add.inputs):
+                dq = None if tensor is node.outputs[0] else _dequantized_by(add, index)
+                if dq is not None and isinstance(dq.inputs[0], gs.Constant):
+                    if dq.inputs[0].values.dtype == np.int32:
+                        bias_dq = dq
+    return weight_dq, bias_dq
 
 
 def _replace(node: gs.Node, index: int, values: np.ndarray, names: set[str]) -> None:
@@ -307,8 +350,12 @@ def protect_from_saturation(
         result.details.append({"saturation": {"targets": saturating, "skipped": why}})
         return
     planned = plan(ctx.export(graph), batches, policy)
-    apply(graph, planned)
-    result.count("layers_saturation_safe", len(planned))
+    applied = apply(graph, planned)
+    if applied < len(planned):
+        logger.warning(
+            "qdq: %d of %d saturation remedies found no layer", len(planned) - applied, len(planned)
+        )
+    result.count("layers_saturation_safe", applied)
     result.count("layers_u8_weights", sum(r.chosen == "u8" for _, r, _ in planned))
     result.details.append(
         {

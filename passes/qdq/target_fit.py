@@ -110,8 +110,7 @@ def with_remedies(graph: gs.Graph, planned: Planned) -> gs.Graph:
     """``graph`` (a candidate) with the planned saturation remedies of the layers it still
     quantizes, applied in place: one export per candidate, not an import and export more."""
     if planned:
-        present = {name for name in graph.tensors()}
-        apply(graph, [p for p in planned if p[0].weight.output in present])
+        apply(graph, planned)
     return graph
 
 

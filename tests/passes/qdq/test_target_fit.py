@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnxpress.passes.qdq.recover import MetricInputs
+from onnxpress.passes.qdq.saturation import Policy, apply, plan
 from onnxpress.passes.qdq.target_fit import HOST_RANKING_SHARE, TargetEvaluator, task_fit
-from qdq_helpers import batches, conv_model, quantize
+from qdq_helpers import View, batches, conv_model, quantize
 
 from onnxpress.core.targets import PAIR_SATURATING, parse_targets
 from onnxpress.core.verify import MAX_CALIBRATION_BATCHES
@@ -90,3 +92,52 @@ def test_the_candidates_of_one_run_quantize_each_weight_once(
     fallback = next(d["fallback"] for d in record.result.details if "fallback" in d)
     assert fallback["evaluations"] > 3  # many candidates were built
     assert sorted(calls) == sorted([(8, 3, 3, 3), (12, 8, 3, 3), (12, 1, 3, 3), (5, 48)])
+
+
+def _shared_bias_convs() -> onnx.ModelProto:
+    """Four 3x3 convs of 16 channels reading one bias constant (as torch's exporter shares
+    equal biases), each followed by Relu: u8 activations near 255 against wide weights put
+    pairs at risk of AVX2's int16 saturation in every layer."""
+    rng = np.random.default_rng(3)
+    inits = [onnx.numpy_helper.from_array(np.full(16, 0.05, np.float32), "b")]
+    nodes, x, channels = [], "x", 3
+    for i in range(4):
+        w = rng.normal(0, 0.5, (16, channels, 3, 3)).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+        conv = onnx.helper.make_node(
+            "Conv", [x, f"w{i}", "b"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"
+        )
+        nodes += [conv, onnx.helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        x, channels = f"r{i}", 16
+    graph = onnx.helper.make_graph(
+        nodes,
+        "shared_bias",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, 16, 8, 8])],
+        inits,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_remedies_find_their_layers_in_every_candidate() -> None:
+    # The DequantizeLinears of a shared bias are numbered in graph order; a candidate that
+    # keeps an earlier layer in float numbers them differently. Remedies planned on the fully
+    # quantized graph are found by layer, not by those names (mobilevit's export failed the
+    # default optimize with a KeyError here, and a bias could land in the wrong layer).
+    model = _shared_bias_convs()
+    calibration = batches(model, 2, seed=1, low=0, high=4)
+    spec = "qdq{method=minmax,saturation=off,recover=false%s}"
+    full, _ = quantize(model, spec % "", calibration=calibration, verify="off")
+    candidate, _ = quantize(model, spec % ",exclude=conv0", calibration=calibration, verify="off")
+    planned = plan(full, calibration, Policy(remedy="narrow"))
+    assert [layer.name for layer, _, _ in planned][:3] == ["conv0", "conv1", "conv2"]
+    graph = gs.import_onnx(candidate)
+    assert apply(graph, planned) == len(planned) - 1  # conv0 is float there: skipped
+    view = View(gs.export_onnx(graph))
+    for layer, _, change in planned[1:]:
+        weight, scale, _ = view.dq(layer.name, 1)
+        bias, bias_scale, _ = view.dq(layer.name, 2)
+        np.testing.assert_array_equal(weight, change.weight)
+        np.testing.assert_array_equal(scale, change.scale)
+        np.testing.assert_array_equal(bias, change.bias)
+        np.testing.assert_array_equal(bias_scale, change.bias_scale)
