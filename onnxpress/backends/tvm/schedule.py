@@ -49,6 +49,7 @@ from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,
     conv_kernel_layout_pass,
     inline_elementwise,
+    reverse_inline,
     schedule_elementwise,
     tiled_reduction_rule,
     vector_lanes,
@@ -176,10 +177,7 @@ def _row_reduction(sch: Any, lanes: int) -> bool:
     sch.vectorize(sch.get_loops(init)[-1])
     sch.reverse_compute_at(block, outer)
     for consumer in sch.get_consumers(block):  # mean's divide
-        try:
-            sch.reverse_compute_inline(consumer)
-        except Exception as exc:  # not elementwise
-            logger.debug("reduction epilogue not inlined: %s", exc)
+        reverse_inline(sch, block, consumer)
     return True
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "one_reduction",
     "plan_tile",
     "reduction_rule",
+    "reverse_inline",
     "row_tile",
     "schedule_elementwise",
     "schedule_leftovers",
@@ -291,16 +292,34 @@ def _inline_copies(sch: Any, block: Any) -> None:
                 logger.debug("copy not inlined: %s", exc)
 
 
+def reverse_inline(sch: Any, producer: Any, consumer: Any) -> bool:
+    """``sch.reverse_compute_inline(consumer)`` into ``producer`` where it is sound; whether
+    it was done. TVM 0.27 also inlines a consumer that reads only part of the producer's
+    output (a Slice after a conv: wav2vec2's SamePad) and then stores every producer
+    iteration through the consumer's indices, past the end of each output row; such a
+    consumer (fewer iterations than the elements the producer writes) stays a block."""
+    writes = sch.get(producer).writes
+    extents = [iv.dom.extent for iv in sch.get(consumer).iter_vars]
+    if not writes or not all(hasattr(e, "value") for e in extents):
+        return False
+    shape = writes[0].source.shape
+    if not all(hasattr(d, "value") for d in shape):
+        return False
+    if math.prod(int(e.value) for e in extents) != math.prod(int(d.value) for d in shape):
+        return False
+    try:
+        sch.reverse_compute_inline(consumer)
+    except Exception as exc:  # a consumer that reshapes or broadcasts: leave it
+        logger.debug("epilogue not inlined: %s", exc)
+        return False
+    return True
+
+
 def inline_consumers(sch: Any, producer: Any) -> None:
     """Inline the elementwise consumers of the write-back block into it, one at a time."""
     while True:
         consumers = sch.get_consumers(producer)
-        if len(consumers) != 1:
-            return
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception as exc:  # a consumer that reshapes or broadcasts: leave it
-            logger.debug("epilogue not inlined: %s", exc)
+        if len(consumers) != 1 or not reverse_inline(sch, producer, consumers[0]):
             return
 
 

@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from onnxpress.backends.tvm.tile_plan import vector_width
-from onnxpress.backends.tvm.tile_schedule import schedule_elementwise
+from onnxpress.backends.tvm.tile_schedule import reverse_inline, schedule_elementwise
 from onnxpress.backends.tvm.winograd import TILE_ANNOTATION, WINOGRAD_ANNOTATION
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,7 @@ def _inline_epilogue(sch: Any, block: Any) -> None:
         consumers = sch.get_consumers(block)
         if len(consumers) != 1 or _role(sch, consumers[0]) is not None:
             return
-        try:
-            sch.reverse_compute_inline(consumers[0])
-        except Exception as exc:  # a layout conversion, a broadcast read: left as a block
-            logger.debug("not inlined into the output transform: %s", exc)
+        if not reverse_inline(sch, block, consumers[0]):  # a layout change, a broadcast
             return
 
 
