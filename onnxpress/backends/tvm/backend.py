@@ -34,6 +34,7 @@ from onnxpress.backends.tvm.build import (
     check_parallel,
     export,
     import_relax,
+    links_pool,
 )
 from onnxpress.backends.tvm.prepare import (
     LOOP_GRU_PIPELINE,
@@ -102,14 +103,20 @@ def _readme(spec: TargetSpec, library: str, manifest: dict[str, Any]) -> str:
         f'x = tvm.runtime.tensor(np.zeros({shape}, "{first["dtype"]}"), {device})\n'
         'out = vm["main"](x)  # inputs in manifest.json order; a tuple for several outputs\n'
         "```\n\n"
-        "Or: `onnxpress run <this folder> --inputs x.npz [--verify model.onnx]`.\n"
+        "Or: `onnxpress run <this folder> --inputs x.npz [--verify model.onnx]`, which also\n"
+        "installs onnxpress's parallel launch where the manifest's `parallel.launch` names it\n"
+        "(a kernel's tasks claimed by whichever thread is free; plain TVM uses its own pool).\n"
         "Shapes, dtypes, target and versions are in manifest.json.\n"
     )
 
 
 def _parallel_json(spec: TargetSpec, parallel: str) -> dict[str, Any]:
     threads = split_threads(spec, parallel)
-    return {"split": "dynamic" if threads else "static", "threads": threads or None}
+    return {
+        "split": "dynamic" if threads else "static",
+        "threads": threads or None,
+        "launch": "onnxpress" if links_pool(spec) else "tvm",  # thread_pool.py
+    }
 
 
 def compile_model(

@@ -5,7 +5,7 @@
       (``importer_overrides``);
   fuse / apply_database: legalize and fuse the module, give tuned kernels their records;
   build: ``tvm.compile`` with onnxpress's default CPU schedules (schedule.py);
-  export: the library file in a folder.
+  export: the library file in a folder, with onnxpress's parallel launch (thread_pool.py).
 
 backend.py (compile_model) runs them in order; tune.py and tune_db.py build candidates and
 guards with them. TVM is imported lazily, inside each function.
@@ -14,11 +14,13 @@ guards with them. TVM is imported lazily, inside each function.
 from __future__ import annotations
 
 import contextlib
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from onnxpress.backends.tvm import dynamic_parallel
+from onnxpress.backends.tvm import dynamic_parallel, thread_pool
 from onnxpress.backends.tvm.gru import convert_gru
 from onnxpress.backends.tvm.lstm import convert_lstm
 from onnxpress.backends.tvm.prepare import Prepared, check_coverage
@@ -162,13 +164,22 @@ def build(
         raise CompileError(f"TVM could not compile for {spec.name}: {_first_line(exc)}") from exc
 
 
+def links_pool(spec: TargetSpec) -> bool:
+    """Whether ``spec``'s libraries carry onnxpress's parallel launch: CPU, Linux."""
+    return spec.kind == "llvm" and spec.library_suffix == ".so" and sys.platform == "linux"
+
+
 def export(executable: Any, spec: TargetSpec, folder: Path) -> Path:
+    """Write the library; a CPU library for Linux carries onnxpress's parallel launch
+    (thread_pool.py), compiled with the library's own compiler."""
     path = folder / (LIBRARY_STEM + spec.library_suffix)
+    options: dict[str, Any] = {"cc": spec.cross_compiler} if spec.cross_compiler else {}
     try:
-        if spec.cross_compiler:
-            executable.export_library(str(path), cc=spec.cross_compiler)
-        else:
-            executable.export_library(str(path))
+        with tempfile.TemporaryDirectory(prefix="onnxpress-pool-") as scratch:
+            if links_pool(spec):
+                pool = thread_pool.object_file(Path(scratch), spec.cross_compiler)
+                options["addons"] = [str(pool)]
+            executable.export_library(str(path), **options)
     except Exception as exc:
         raise CompileError(f"exporting the {spec.name} library failed: {_first_line(exc)}") from exc
     return path

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpress.backends.tvm import thread_pool
 from onnxpress.backends.tvm.prepare import graph_inputs
+from onnxpress.backends.tvm.targets import runtime_threads
 from onnxpress.core.errors import OnnxpressError
 from onnxpress.core.ir import copy_model
 from onnxpress.core.verify import METRICS, Runner
@@ -54,6 +56,10 @@ class CompiledModel:
         self._tvm = tvm
         self.device = tvm.device(device, 0)
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self.device)
+        # onnxpress's parallel launch, where the library carries it (CPU, Linux)
+        self.pool = self.device.dlpack_device_type() == 1 and thread_pool.install(
+            library, runtime_threads()
+        )
         self._inputs: dict[tuple[int, tuple[int, ...], str], Any] = {}
 
     def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import REPO, run_cli
+from tvm_kernels import accumulate
 
 tvm = pytest.importorskip("tvm")
 
@@ -38,21 +39,6 @@ MODELS = REPO / "models"
 def test_chunks_are_a_quarter_of_a_thread_s_share() -> None:
     assert chunk_size(9, 2) == 2  # shares of 5: chunks of 2
     assert chunk_size(100, 2) == 13 and chunk_size(1, 2) == 1 and chunk_size(3, 4) == 1
-
-
-def accumulate(extent: int, inner: int) -> Any:
-    """``out[i, j] += 1`` for i in parallel(extent): each run adds exactly one per element
-    only if every iteration runs once."""
-    from tvm import te
-    from tvm.s_tir import Schedule
-
-    out = te.placeholder((extent, inner), "int32", name="out")
-    bumped = te.compute((extent, inner), lambda i, j: out[i, j] + 1, name="bumped")
-    func = te.create_prim_func([out, bumped])
-    sch = Schedule(func.with_attr("global_symbol", "main"))
-    i, _ = sch.get_loops(sch.get_sblock("bumped"))
-    sch.parallel(i)
-    return sch.mod
 
 
 def _compile(mod: Any, pipeline: str) -> Any:
@@ -134,7 +120,7 @@ def test_cli_passes_parallel_and_gru(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     manifest = json.loads(done.stdout)
-    assert manifest["parallel"] == {"split": "static", "threads": None}
+    assert manifest["parallel"] == {"split": "static", "threads": None, "launch": "onnxpress"}
     assert "lower-gru" in manifest["prepare"]["pipeline"]  # unrolled, not the loop kernel
     done = run_cli("compile", str(model), "-o", str(tmp_path / "x"), "--parallel", "guided")
     assert done.returncode != 0 and "invalid choice: 'guided'" in done.stderr

@@ -1,0 +1,120 @@
+"""onnxpress's parallel launch (onnxpress.backends.tvm.thread_pool): linked into the CPU
+libraries compile writes and installed by CompiledModel; every task runs exactly once (more
+tasks than threads, static and dynamic splits), outputs bit-identical to TVM's own pool,
+two threads sharing one library's pool, a forked child without the parent's workers, and a
+library without the launch left on TVM's pool; skipped without TVM."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import REPO
+from tvm_kernels import accumulate
+
+tvm = pytest.importorskip("tvm")
+
+from onnxpress.backends.tvm import thread_pool  # noqa: E402
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.build import export  # noqa: E402
+from onnxpress.backends.tvm.dynamic_parallel import register  # noqa: E402
+from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
+from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
+
+HOST = parse_target("x86")
+BATCH = 32  # large enough for parallel kernels
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pool")
+    shapes = {"input": [BATCH, 1, 28, 28]}
+    result: Any = compile_model(
+        REPO / "models" / "cnn_mnist.onnx", HOST, folder, input_shapes=shapes
+    )
+    return Path(result.library)
+
+
+def _inputs(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((BATCH, 1, 28, 28)).astype(np.float32)
+
+
+def _tvm_pool(library: Path, folder: Path) -> Any:
+    """The same library loaded by plain TVM from another path: TVM's own pool."""
+    from tvm import relax
+
+    copy = folder / "copy.so"
+    shutil.copyfile(library, copy)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(copy)), tvm.cpu())
+    return lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def test_libraries_carry_the_launch_and_match_tvm_s_pool(library: Path, tmp_path: Path) -> None:
+    pooled = CompiledModel(library)
+    assert pooled.pool  # installed: the library exports it, this is a CPU device
+    manifest = json.loads((library.parent / "manifest.json").read_text())
+    assert manifest["parallel"]["launch"] == "onnxpress"
+    stock = _tvm_pool(library, tmp_path)
+    for seed in range(10):
+        x = _inputs(seed)
+        np.testing.assert_array_equal(pooled(x)[0], stock(x))
+
+
+@pytest.mark.parametrize("split", [0, 3])  # TVM's static split; a dynamic one for 3 tasks
+def test_every_task_runs_exactly_once(split: int, tmp_path: Path) -> None:
+    pipeline = register(split) if split else "default"
+    executable = tvm.compile(accumulate(37, 5), target=tvm_target(HOST), tir_pipeline=pipeline)
+    path = export(executable, HOST, tmp_path)
+    module = tvm.runtime.load_module(str(path))
+    assert thread_pool.install(path, 2)
+    values = tvm.runtime.tensor(np.zeros((37, 5), np.int32))
+    for _ in range(300):
+        module["main"](values, values)  # in place: out = out + 1, once per iteration
+    np.testing.assert_array_equal(values.numpy(), np.full((37, 5), 300, np.int32))
+
+
+def test_two_threads_share_one_pool(library: Path) -> None:
+    expected = CompiledModel(library)(_inputs(0))[0]
+    errors: list[str] = []
+
+    def calls() -> None:
+        model = CompiledModel(library)  # the same loaded library: the same pool
+        for _ in range(25):
+            if not np.array_equal(model(_inputs(0))[0], expected):
+                errors.append("differs")
+
+    threads = [threading.Thread(target=calls) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+
+
+def _in_child(library: str, expected: np.ndarray, queue: Any) -> None:
+    queue.put(bool(np.array_equal(CompiledModel(library)(_inputs(1))[0], expected)))
+
+
+def test_a_forked_child_runs_without_the_parent_s_workers(library: Path) -> None:
+    expected = CompiledModel(library)(_inputs(1))[0]  # the parent's workers are running
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_in_child, args=(str(library), expected, queue))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0 and queue.get(timeout=5) is True
+
+
+def test_a_library_without_the_launch_keeps_tvm_s_pool() -> None:
+    runtime = Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so"
+    assert runtime.is_file()
+    before = ctypes.CDLL(str(runtime))
+    assert thread_pool.install(runtime, 2) is False
+    assert not hasattr(before, thread_pool.LAUNCH)
