@@ -44,10 +44,16 @@ def _scale(model: onnx.ModelProto, node: onnx.NodeProto) -> float | None:
 
 
 def quantization_steps(model: onnx.ModelProto) -> dict[str, float | None]:
-    """Output name -> one quantization step in that output's units (None: not quantized)."""
+    """Output name -> one quantization step in that output's units (None: not quantized).
+    A QuantizeLinear's output is in levels: its step is 1 (not the float scale of the
+    DequantizeLinear above it, which made one level read as 1 / scale steps)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     steps: dict[str, float | None] = {}
     for output in model.graph.output:
+        writer = producer.get(output.name)
+        if writer is not None and writer.op_type == "QuantizeLinear":
+            steps[output.name] = 1.0
+            continue
         frontier, found = [output.name], []
         for _ in range(MAX_WALK):
             nodes = [producer[name] for name in frontier if name in producer]

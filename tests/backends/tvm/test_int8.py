@@ -166,6 +166,22 @@ def test_quantization_step_of_outputs() -> None:
     assert quantization_steps(conv_model()) == {"y": None}
 
 
+def test_a_quantized_output_is_checked_in_levels(tmp_path: Path) -> None:
+    # a model whose output is the 8-bit tensor itself (cut after a QuantizeLinear): its
+    # error is counted in levels; it read as levels / scale "steps" and failed the check
+    qdq, _ = quantize(conv_model())
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    gemm_input = producer[producer["y"].input[0]]  # the Gemm's activation DequantizeLinear
+    quantized = gemm_input.input[0]
+    cut = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(qdq)).extract_model(
+        ["x"], [quantized]
+    )
+    assert quantization_steps(cut) == {quantized: 1.0}
+    result = compile_model(cut, PORTABLE, tmp_path / "levels")
+    check = result.manifest["verification"]
+    assert check["metric"].startswith("max-abs/step") and check["errors"][quantized] <= 1.0
+
+
 def test_spread_is_onnxruntime_s_distance_from_exact_sums_in_steps() -> None:
     qdq, _ = quantize(conv_model())
     step = quantization_steps(qdq)["y"]
