@@ -85,6 +85,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             try:
                 rule = {
                     "relax.nn.conv2d": self._conv2d,
+                    "relax.nn.conv1d": self._conv1d,
                     "relax.matmul": self._matmul,
                     "relax.quantize": self._quantize,
                 }.get(name)
@@ -312,6 +313,48 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             )
             result.lowered["conv2d" if groups == 1 else "conv2d (grouped)"] += 1
             return self._epilogue(acc, correction, scale.reshape(shape))
+
+        def _conv1d(self, call: Any) -> Any:
+            """A quantized Conv1d as the conv2d of height 1 it is (integer kernels, exact
+            sums; Relax's float form can land a level off the exact result, and a finer scale
+            downstream doubles it: wav2vec2, Whisper), squeezed back to NCW."""
+            attrs = call.attrs
+            act = self._dequantized(call.args[0])
+            if act is None:
+                return None
+            if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
+                "NCW",
+                "OIW",
+                "NCW",
+            ):
+                raise Refused("layout is not NCW/OIW")
+            weight = self._dequantized(call.args[1])
+            if weight is None or weight.constant is None:
+                raise Refused("weight is not a dequantized constant")
+
+            def dequantize(data: Any, dq: Dequantized, axis: int) -> Any:
+                scale = relax.const(dq.scale.astype(np.float32))
+                zero = relax.const(dq.zero_point.astype(dq.dtype))
+                return self.builder_.emit(relax.op.dequantize(data, scale, zero, axis=axis))
+
+            data = self.builder_.emit(relax.op.expand_dims(act.data, [2]))
+            x = dequantize(data, act, act.axis + 1 if act.axis >= 2 else act.axis)
+            w = dequantize(relax.const(weight.constant[:, :, None, :]), weight, weight.axis)
+            left, right = (int(p) for p in attrs.padding)
+            conv = self.builder_.normalize(
+                relax.op.nn.conv2d(
+                    x,
+                    w,
+                    strides=(1, int(attrs.strides[0])),
+                    padding=(0, left, 0, right),
+                    dilation=(1, int(attrs.dilation[0])),
+                    groups=int(attrs.groups),
+                )
+            )
+            lowered = self._conv2d(conv)
+            if lowered is None:
+                return None
+            return relax.op.squeeze(self.builder_.emit(lowered), [2])
 
         def _conv_gemm(
             self, act: Dequantized, w: np.ndarray, window: Window, out_shape: list[int]
