@@ -63,6 +63,16 @@ from onnxpress.backends.tvm.tile_schedule import vector_lanes
 logger = logging.getLogger(__name__)
 
 
+def _require_layouts(attrs: Any, data: str, kernel: str) -> None:
+    """Refuse a convolution whose data/kernel/output layouts are not data/kernel/data."""
+    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
+        data,
+        kernel,
+        data,
+    ):
+        raise Refused(f"layout is not {data}/{kernel}")
+
+
 def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
     """Rewrite every fitting quantized conv2d/matmul of ``mod['main']``; returns the new module
     (dead float dequantizes removed) and what was done."""
@@ -250,12 +260,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             attrs = call.attrs
             if self._dequantized(call.args[0]) is None:
                 return None
-            if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
-                "NCHW",
-                "OIHW",
-                "NCHW",
-            ):
-                raise Refused("layout is not NCHW/OIHW")
+            _require_layouts(attrs, "NCHW", "OIHW")
             act = self._activation(call.args[0])
             weight = self._weight(call.args[1], out_axis=0)
             assert weight.constant is not None
@@ -322,12 +327,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             act = self._dequantized(call.args[0])
             if act is None:
                 return None
-            if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != (
-                "NCW",
-                "OIW",
-                "NCW",
-            ):
-                raise Refused("layout is not NCW/OIW")
+            _require_layouts(attrs, "NCW", "OIW")
             weight = self._dequantized(call.args[1])
             if weight is None or weight.constant is None:
                 raise Refused("weight is not a dequantized constant")
