@@ -6,9 +6,10 @@ tasks ``0..n)`` of the loop body ``f``. TVM's own pool hands task i to worker i 
 caller waits until every worker has run its task, so a worker that is off its core (another
 process, the hypervisor, onnxruntime's spinning threads) holds every kernel up until it is
 scheduled again, however little work its task has left (dynamic_parallel.py moves the work
-of a late task to the others, but not the wait). mobilenet_v2 at batch 1 ran 1.25x slower
-than onnxruntime with a busy process on the second core, and 3x slower right after an
-onnxruntime call whose threads still spun.
+of a late task to the others, but not the wait). mobilenet_v2 at batch 1 took 2-8x
+onnxruntime's time with a busy process on the second core (0.88-0.96x with this launch,
+docs/BENCHMARKS.md run 13), and a call right after onnxruntime's, whose threads still
+spun, took 3x its own time.
 
 Here tasks are claimed, not assigned: the caller and the workers take task indices from
 one counter (a compare-and-swap on ``epoch << 32 | next``, so a worker that wakes late can
@@ -32,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -155,7 +157,9 @@ def object_file(folder: Path, compiler: str | None = None) -> Path:
     linker: g++ unless TVM's ``CXX`` or a cross compiler says otherwise), as C."""
     source, obj = folder / "thread_pool.c", folder / "thread_pool.o"
     source.write_text(f"#define SPINS {SPINS}\n{SOURCE}", encoding="utf-8")
-    command = [compiler or os.environ.get("CXX", "g++"), "-x", "c", "-O2", "-fPIC", "-c"]
+    # CXX may carry a launcher or flags ("ccache g++", "g++ -m64"), as TVM's cc reads it
+    command = [*shlex.split(compiler or os.environ.get("CXX", "g++")), "-x", "c", "-O2"]
+    command += ["-fPIC", "-c"]
     done = subprocess.run(
         [*command, str(source), "-o", str(obj)], capture_output=True, text=True, check=False
     )
