@@ -1,7 +1,12 @@
 """Interleaved timing for the tools/bench_* scripts: every runner is sampled once per round,
 the order reversed every other round, so that a noisy machine slows all runners alike;
-the median per runner is reported (ratios are then taken within one run). ``busy_core``
-keeps one CPU busy meanwhile, as another process on a shared device would."""
+the median per runner is reported (ratios are then taken within one run). Samples are
+SETTLE_S apart: a runtime's idle threads spin for a while after its last call (onnxruntime's
+intra-op threads by default, TVM's own pool for longer), and without the gap they took the
+cores from the runner sampled next (mobilenet_v2 and the LSTM at batch 8 read 1.24 and 1.28
+times onnxruntime's time right after an onnxruntime sample, 1.03 and 1.07 after a 0.1 s
+gap, docs/BENCHMARKS.md run 14). ``busy_core`` keeps one CPU busy meanwhile, as another
+process on a shared device would."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import onnx
 import onnxruntime as ort
 
 SAMPLE_S = 0.2
+SETTLE_S = 0.1  # idle between two samples: the previous runner's spinning threads park
 
 
 def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
@@ -46,11 +52,12 @@ def interleaved_ms(
     runners: Mapping[str, Callable[[], Any]], rounds: int, calls: int | None = None
 ) -> dict[str, float]:
     """Median milliseconds per call of each runner over ``rounds`` interleaved rounds (each
-    sample ``calls`` calls, or ~SAMPLE_S seconds)."""
+    sample ``calls`` calls, or ~SAMPLE_S seconds, each SETTLE_S after the one before)."""
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for index in range(rounds):
         order = list(runners) if index % 2 == 0 else list(reversed(list(runners)))
         for name in order:
+            time.sleep(SETTLE_S)
             samples[name].append(sample(runners[name], calls=calls))
     return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 

@@ -1,0 +1,117 @@
+"""The compile-time check of backends/tvm/verify.py: the quantization step of an output written
+by a normalization is per element (the step above it times |scale| / the row's deviation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from qdq_helpers import quantize
+
+pytest.importorskip("tvm")
+
+from onnxpress.backends.tvm.backend import compile_model
+from onnxpress.backends.tvm.targets import parse_target
+from onnxpress.backends.tvm.verify import (
+    normalized_steps,
+    onnxruntime_spread,
+    quantization_steps,
+)
+from onnxpress.core.verify import Runner
+
+PORTABLE = parse_target("x86-64")
+
+
+def norm_model(op: str = "LayerNormalization", opset: int = 17) -> onnx.ModelProto:
+    """x [2, 6, 32] -> MatMul -> + x -> normalization over the last axis -> Reshape [2, 192]."""
+    rng = np.random.default_rng(3)
+    gamma = rng.normal(0, 2.0, 32).astype(np.float32)
+    gamma[5] = 0.0  # a channel that writes its bias on both sides
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.2, (32, 32)).astype(np.float32), "w"),
+        numpy_helper.from_array(gamma, "gamma"),
+        numpy_helper.from_array(np.array([2, 192], np.int64), "shape"),
+    ]
+    inputs = ["s", "gamma"]
+    if op == "LayerNormalization":
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), "beta"))
+        inputs.append("beta")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "x"], ["s"], name="residual"),
+        helper.make_node(op, inputs, ["n"], name="norm", axis=-1, epsilon=1e-5),
+        helper.make_node("Reshape", ["n", "shape"], ["y"], name="flat"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 192])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _feed() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(7).normal(0, 0.3, (2, 6, 32)).astype(np.float32)}
+
+
+def test_normalized_output_has_a_step_per_element() -> None:
+    qdq, _ = quantize(norm_model())
+    step = quantization_steps(qdq)["y"]
+    assert step is not None
+    feed = _feed()
+    steps = normalized_steps(qdq, feed, {"y": step})
+    assert steps["y"].shape == (2, 192)
+    # the step above the LayerNorm times |gamma| / the row's deviation, read at its input
+    probe = onnx.ModelProto()
+    probe.CopyFrom(qdq)
+    probe.graph.output.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, None))
+    s = Runner(probe)(feed)[1].astype(np.float64)
+    sigma = np.sqrt(s.var(axis=-1, keepdims=True) + 1e-5)
+    gamma = np.abs(numpy_helper.to_array(norm_model().graph.initializer[1]).astype(np.float64))
+    want = np.maximum(step * gamma / sigma, step * 1e-6).reshape(2, 192)
+    np.testing.assert_allclose(steps["y"], want, rtol=1e-6)
+    assert np.ptp(steps["y"]) > 0.5 * np.max(steps["y"])  # not one scalar in disguise
+    # the spread is counted in those per-element steps: onnxruntime's result moved by 2.5
+    # of them reads 2.5 further from the exact sums, give or take onnxruntime's own spread
+    ours = Runner(qdq)(feed)
+    base = onnxruntime_spread(qdq, feed, ours, steps)["y"]
+    live = steps["y"] > step * 1e-3  # not gamma's zero channel (a float32 ulp of its bias)
+    shifted = [ours[0] + np.where(live, 2.5 * steps["y"], 0.0).astype(np.float32)]
+    assert abs(onnxruntime_spread(qdq, feed, shifted, steps)["y"] - 2.5) <= base + 1e-3
+
+
+def test_rms_normalization_divides_by_the_root_mean_square() -> None:
+    model = norm_model("RMSNormalization", 23)
+    qdq, _ = quantize(model)
+    step = quantization_steps(qdq)["y"]
+    assert step is not None
+    feed = _feed()
+    probe = onnx.ModelProto()
+    probe.CopyFrom(qdq)
+    probe.graph.output.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, None))
+    s = Runner(probe)(feed)[1].astype(np.float64)
+    rms = np.sqrt((s * s).mean(axis=-1, keepdims=True) + 1e-5)
+    gamma = np.abs(numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64))
+    want = np.maximum(step * gamma / rms, step * 1e-6).reshape(2, 192)
+    np.testing.assert_allclose(normalized_steps(qdq, feed, {"y": step})["y"], want, rtol=1e-6)
+
+
+def test_outputs_not_written_by_a_normalization_keep_their_scalar_step() -> None:
+    qdq, _ = quantize(norm_model())
+    cut = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(qdq)).extract_model(["x"], ["s"])
+    assert quantization_steps(cut)["s"] is not None
+    assert normalized_steps(cut, _feed(), quantization_steps(cut)) == {}
+    assert normalized_steps(qdq, _feed(), {"y": None}) == {}
+
+
+def test_compile_checks_a_normalized_output_in_its_steps(tmp_path: Path) -> None:
+    qdq, _ = quantize(norm_model())
+    result = compile_model(qdq, PORTABLE, tmp_path / "norm")
+    check = result.manifest["verification"]
+    assert check["metric"] == "max-abs/step (normalized)"
+    assert check["errors"]["y"] <= check["limits"]["y"]
