@@ -135,3 +135,21 @@ def conv_model() -> onnx.ModelProto:
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def tie_model() -> onnx.ModelProto:
+    """y = DequantizeLinear(QuantizeLinear(x)) at scale 0.25, zero point 128, x [1, 12]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "ties",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])],
+        [
+            numpy_helper.from_array(np.array(0.25, np.float32), "s"),
+            numpy_helper.from_array(np.array(128, np.uint8), "z"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

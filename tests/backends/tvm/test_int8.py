@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qdq_helpers import conv_model, quantize
+from qdq_helpers import conv_model, quantize, tie_model
 
 tvm = pytest.importorskip("tvm")
 
@@ -220,27 +220,12 @@ def test_spread_is_onnxruntime_s_distance_from_exact_sums_in_steps() -> None:
     assert step is not None
     feed = {"x": np.random.default_rng(4).normal(size=(1, 3, 9, 9)).astype(np.float32)}
     exact = EmulatedRunner(qdq, EXACT)(feed)
-    assert onnxruntime_spread(qdq, feed, exact, {"y": step}) == {"y": 0.0}
+    # the exact result is 0 steps from itself; onnxruntime's runs (its quantizers' inputs
+    # nudged by a few ulps, verify.nudged) land within float rounding of it on this input
+    assert onnxruntime_spread(qdq, feed, exact, {"y": step})["y"] == pytest.approx(0.0, abs=1e-4)
     shifted = [exact[0] + np.float32(2.5 * step)]
-    assert onnxruntime_spread(qdq, feed, shifted, {"y": step})["y"] == pytest.approx(2.5, 1e-4)
+    assert onnxruntime_spread(qdq, feed, shifted, {"y": step})["y"] == pytest.approx(2.5, 1e-3)
     assert onnxruntime_spread(qdq, feed, shifted, {"y": None}) == {}
-
-
-def tie_model() -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [
-            node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-            node("DequantizeLinear", ["q", "s", "z"], ["y"]),
-        ],
-        "ties",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12])],
-        [
-            numpy_helper.from_array(np.array(0.25, np.float32), "s"),
-            numpy_helper.from_array(np.array(128, np.uint8), "z"),
-        ],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_quantize_rounds_ties_to_even_here_and_in_cuda_source(tmp_path: Path) -> None:

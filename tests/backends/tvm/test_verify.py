@@ -1,5 +1,6 @@
 """The compile-time check of backends/tvm/verify.py: the quantization step of an output written
-by a normalization is per element (the step above it times |scale| / the row's deviation)."""
+by a normalization is per element (the step above it times |scale| / the row's deviation,
+where that amplifies the error)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from qdq_helpers import quantize
+from qdq_helpers import quantize, tie_model
 
 pytest.importorskip("tvm")
 
@@ -17,6 +18,7 @@ from onnxpress.backends.tvm.backend import compile_model
 from onnxpress.backends.tvm.targets import parse_target
 from onnxpress.backends.tvm.verify import (
     normalized_steps,
+    nudged,
     onnxruntime_spread,
     quantization_steps,
 )
@@ -66,22 +68,23 @@ def test_normalized_output_has_a_step_per_element() -> None:
     feed = _feed()
     steps = normalized_steps(qdq, feed, {"y": step})
     assert steps["y"].shape == (2, 192)
-    # the step above the LayerNorm times |gamma| / the row's deviation, read at its input
+    # the step above the LayerNorm times |gamma| / the row's deviation, read at its input,
+    # where that gain passes 1 (the zero channel and the small ones keep the step above)
     probe = onnx.ModelProto()
     probe.CopyFrom(qdq)
     probe.graph.output.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, None))
     s = Runner(probe)(feed)[1].astype(np.float64)
     sigma = np.sqrt(s.var(axis=-1, keepdims=True) + 1e-5)
     gamma = np.abs(numpy_helper.to_array(norm_model().graph.initializer[1]).astype(np.float64))
-    want = np.maximum(step * gamma / sigma, step * 1e-6).reshape(2, 192)
+    want = (step * np.maximum(gamma / sigma, 1.0)).reshape(2, 192)
     np.testing.assert_allclose(steps["y"], want, rtol=1e-6)
     assert np.ptp(steps["y"]) > 0.5 * np.max(steps["y"])  # not one scalar in disguise
+    assert np.min(steps["y"]) == pytest.approx(step)  # never finer than the step above
     # the spread is counted in those per-element steps: onnxruntime's result moved by 2.5
     # of them reads 2.5 further from the exact sums, give or take onnxruntime's own spread
     ours = Runner(qdq)(feed)
     base = onnxruntime_spread(qdq, feed, ours, steps)["y"]
-    live = steps["y"] > step * 1e-3  # not gamma's zero channel (a float32 ulp of its bias)
-    shifted = [ours[0] + np.where(live, 2.5 * steps["y"], 0.0).astype(np.float32)]
+    shifted = [ours[0] + (2.5 * steps["y"]).astype(np.float32)]
     assert abs(onnxruntime_spread(qdq, feed, shifted, steps)["y"] - 2.5) <= base + 1e-3
 
 
@@ -97,7 +100,7 @@ def test_rms_normalization_divides_by_the_root_mean_square() -> None:
     s = Runner(probe)(feed)[1].astype(np.float64)
     rms = np.sqrt((s * s).mean(axis=-1, keepdims=True) + 1e-5)
     gamma = np.abs(numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64))
-    want = np.maximum(step * gamma / rms, step * 1e-6).reshape(2, 192)
+    want = np.broadcast_to(step * np.maximum(gamma / rms, 1.0), s.shape).reshape(2, 192)
     np.testing.assert_allclose(normalized_steps(qdq, feed, {"y": step})["y"], want, rtol=1e-6)
 
 
@@ -115,3 +118,22 @@ def test_compile_checks_a_normalized_output_in_its_steps(tmp_path: Path) -> None
     check = result.manifest["verification"]
     assert check["metric"] == "max-abs/step (normalized)"
     assert check["errors"]["y"] <= check["limits"]["y"]
+
+
+def test_spread_counts_a_tie_that_another_float_order_would_round_the_other_way() -> None:
+    # a float result on a quantizer's rounding tie lands one level off when computed in
+    # another order (a TVM LayerNorm before RoBERTa's first quantizer): onnxruntime's own
+    # run with every quantizer's input nudged by a few ulps moves it, and the spread says so
+    model = tie_model()
+    ties = {"x": (np.arange(12).reshape(1, 12) + 0.5).astype(np.float32) * np.float32(0.25)}
+    off = {"x": (np.arange(12).reshape(1, 12) + 0.3).astype(np.float32) * np.float32(0.25)}
+    for feed, want in ((ties, 1.0), (off, 0.0)):
+        expected = Runner(model)(feed)
+        spread = onnxruntime_spread(model, feed, expected, {"y": 0.25})
+        assert spread["y"] == pytest.approx(want), feed
+    nudged_model = nudged(model, 1.0 + 2.0**-21)
+    assert [n.op_type for n in nudged_model.graph.node] == [
+        "Mul",
+        *[n.op_type for n in model.graph.node],
+    ]
+    onnx.checker.check_model(nudged_model)
