@@ -167,7 +167,10 @@ def differential_check(
     if in_steps:
         scalar = quantization_steps(reference_model)
         steps.update(scalar)
-        steps.update(normalized_steps(reference_model, feed, scalar))
+        try:
+            steps.update(normalized_steps(reference_model, feed, scalar))
+        except Exception as exc:  # the probe run failed: the step above stays (stricter)
+            logger.warning("int8 check: no per-element steps for normalized outputs (%s)", exc)
     spread = onnxruntime_spread(reference_model, feed, expected, steps) if steps else {}
     checks: dict[str, dict[str, Any]] = {}
     for name, ref, new in zip(names, expected, got, strict=True):
