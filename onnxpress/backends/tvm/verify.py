@@ -227,28 +227,25 @@ def onnxruntime_spread(
 
 
 def nudged(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
-    """``model`` with the input of every QuantizeLinear multiplied by ``factor`` (1 +- a few
-    float32 ulps): a float result feeding a quantizer as another implementation's summation
-    order may round it, so values next to a rounding tie move one level."""
+    """``model`` with every QuantizeLinear computing ``x * factor / scale`` (``factor`` = 1 +-
+    a few float32 ulps): its constant scale divided by ``factor`` in the scale's own dtype,
+    so that a float result feeding a quantizer moves as another implementation's summation
+    order may move it, and values next to a rounding tie move one level. A quantizer whose
+    scale is not a constant is left as it is."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    nodes: list[onnx.NodeProto] = []
-    scale = f"onnxpress_nudge_{factor!r}"
-    count = 0
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear":
-            moved = onnx.NodeProto()
-            moved.CopyFrom(node)
-            nudged_input = f"{node.input[0]}_nudged_{count}"
-            nodes.append(helper.make_node("Mul", [node.input[0], scale], [nudged_input]))
-            moved.input[0] = nudged_input
-            nodes.append(moved)
-            count += 1
-        else:
-            nodes.append(node)
-    result.graph.initializer.append(numpy_helper.from_array(np.array(factor, np.float32), scale))
-    del result.graph.node[:]
-    result.graph.node.extend(nodes)
+    inits = {t.name: t for t in model.graph.initializer}
+    made: dict[str, str] = {}
+    for node in result.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        name = node.input[1]
+        if name not in made:
+            scale = numpy_helper.to_array(inits[name])
+            moved = (scale.astype(np.float64) / factor).astype(scale.dtype)
+            made[name] = f"{name}_nudged_{factor!r}"
+            result.graph.initializer.append(numpy_helper.from_array(moved, made[name]))
+        node.input[1] = made[name]
     return result
 
 
