@@ -14,11 +14,12 @@ Whisper encoder's final LayerNorm failed at 1.67 steps of the step above it, eve
 output within one). A gain below 1 keeps the step above it: a normalization that shrinks
 its input's error is not held to a finer step than the layers before it (its input is often
 a residual sum of two dequantized tensors, whose ties add up, while the step above counts
-the largest of their scales once). The limit is one step beyond onnxruntime's own spread:
-in a deep model a tie
-rounded one way in an early layer moves many values of the next, so two exact integer
-implementations drift apart with depth (onnxruntime's fixed-point QLinearAdd and its
-requantization order are not the ONNX formulas). The spread is measured on the same input
+the largest of their scales once).
+
+The limit is one step beyond onnxruntime's own spread: in a deep model a tie rounded one
+way in an early layer moves many values of the next, so two exact integer implementations
+drift apart with depth (onnxruntime's fixed-point QLinearAdd and its requantization order
+are not the ONNX formulas). The spread is measured on the same input
 as the distance in steps between onnxruntime and two other valid results: the exact integer
 result of the ONNX QDQ semantics (``core.emulated_runner`` with exact int32 sums), and
 onnxruntime's own run with each quantizer's input moved by a few float32 ulps either way
