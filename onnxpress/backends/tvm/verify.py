@@ -42,6 +42,7 @@ from onnx import helper, numpy_helper
 
 from onnxpress.backends.tvm.prepare import graph_inputs
 from onnxpress.backends.tvm.runtime import CompiledModel, max_rel
+from onnxpress.calibration.activations import stream_activations
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.targets import EXACT
 from onnxpress.core.verify import Runner, random_inputs
@@ -115,17 +116,9 @@ def normalized_steps(
             found[name] = node
     if not found:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    names = [o.name for o in model.graph.output]
-    types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
-    for name, node in found.items():
-        if node.input[0] not in names:
-            names.append(node.input[0])
-            probe.graph.output.append(
-                helper.make_tensor_value_info(node.input[0], types[name], None)
-            )
-    ran = dict(zip(names, Runner(probe)(feed), strict=True))
+    # the normalizations' inputs and the outputs themselves, in one onnxruntime run
+    wanted = [*found, *(node.input[0] for node in found.values())]
+    ran = next(stream_activations(model, wanted, [feed]))
     inits = {t.name: t for t in model.graph.initializer}
     result = {}
     for name, node in found.items():
