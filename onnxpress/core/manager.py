@@ -24,7 +24,6 @@ import onnx
 from onnxpress.core import io as model_io
 from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.context import PassContext, StatisticsStore
-from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.errors import OnnxpressError, PassError, PipelineError, VerificationError
 from onnxpress.core.int8_layers import integer_layers
 from onnxpress.core.ir import copy_model, detach_removed_nodes, to_graph, to_model
@@ -32,7 +31,8 @@ from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.pipeline import format_pipeline
 from onnxpress.core.report import PassRecord, Report, VerifyOutcome
 from onnxpress.core.stats import model_stats
-from onnxpress.core.targets import Target, arithmetics, parse_targets
+from onnxpress.core.targets import Target, host_judges, parse_targets
+from onnxpress.core.verdict import judge_targets, settle
 from onnxpress.core.verify import (
     LOSSLESS_TOLERANCE,
     METRICS,
@@ -200,30 +200,16 @@ class PassManager:
                     cmp = compare_metric(output_names, reference, outputs, metric, budget)
                 outcome = VerifyOutcome(level, cmp.metric, cmp.value, cmp.limit, cmp.output)
                 hint = f"; {pass_.recovery_hint}" if pass_.recovery_hint else ""
-                if not cmp.ok:
-                    raise VerificationError(
-                        name,
-                        f"output '{cmp.output}' differs from the original model: "
-                        f"{cmp.metric} {cmp.value:.3g} > {cmp.limit:.3g}{hint}",
+                # an unchanged model keeps its targets' verdict, unless this CPU cannot judge it
+                judged = (
+                    {}
+                    if pass_.lossless or (unchanged and host_judges(self.targets))
+                    else judge_targets(
+                        current, feeds, output_names, reference, metric, budget, self.targets
                     )
-                if not pass_.lossless and not unchanged:
-                    for target, judged in self._judge_targets(
-                        current, feeds, output_names, reference, metric, budget
-                    ).items():
-                        outcome.targets[target] = {
-                            "metric": judged.metric,
-                            "value": judged.value,
-                            "limit": judged.limit,
-                            "output": judged.output,
-                            "emulated": True,
-                        }
-                        if not judged.ok:
-                            raise VerificationError(
-                                name,
-                                f"output '{judged.output}' on {target} (its int8 arithmetic "
-                                f"emulated) differs from the original model: {judged.metric} "
-                                f"{judged.value:.3g} > {judged.limit:.3g}{hint}",
-                            )
+                )
+                quantized = not pass_.lossless and bool(integer_layers(current))
+                settle(name, outcome, cmp, judged, quantized, self.targets, hint)
                 previous = outputs
             after = report.after if unchanged else model_stats(current)
             report.passes.append(
@@ -262,29 +248,6 @@ class PassManager:
             if reason != self._original_structure_error:
                 raise VerificationError(name, reason) from exc
             logger.warning("after pass %s: the input model fails this check too: %s", name, reason)
-
-    def _judge_targets(
-        self,
-        model: onnx.ModelProto,
-        feeds: list[dict[str, np.ndarray]],
-        names: list[str],
-        reference: list[list[np.ndarray]],
-        metric: str,
-        budget: float | None,
-    ) -> dict[str, Any]:
-        """Per target, the comparison of the model's outputs under its emulated int8 kernels."""
-        if not integer_layers(model):
-            return {}
-        judged: dict[str, Any] = {}
-        for arithmetic, targets in arithmetics(self.targets).items():
-            try:
-                outputs = run_all(EmulatedRunner(model, arithmetic), feeds)
-            except Exception as exc:  # the emulation is ours: a failure is our bug
-                logger.warning("int8 emulation (%s) failed: %s", arithmetic, exc)
-                continue
-            cmp = compare_metric(names, reference, outputs, metric, budget)
-            judged.update(dict.fromkeys(targets, cmp))
-        return judged
 
     def _run_pass(self, pass_: Pass[Any], graph: Any, ctx: PassContext) -> PassResult:
         try:

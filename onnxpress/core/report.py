@@ -22,9 +22,13 @@ class VerifyOutcome:
     output: str | None = None
     # target -> the same judgement under that target's emulated integer arithmetic
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # this CPU's target, where its onnxruntime run of an int8 model was measured but not
+    # judged (its int8 arithmetic is none of the targets'); the value above is then that run's
+    host_not_judged: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "host_not_judged": self.host_not_judged,
             "level": self.level,
             "metric": self.metric,
             "value": self.value,

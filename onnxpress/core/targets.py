@@ -87,6 +87,13 @@ def host_target() -> Target:
     return target_from_flags(platform.machine(), _cpu_flags())
 
 
+def host_judges(targets: tuple[Target, ...]) -> bool:
+    """Whether this CPU's onnxruntime int8 kernels sum as one of ``targets`` does. Only then
+    does its run judge a quantized model: an AVX2 build machine's int16 pair sums say nothing
+    of a VNNI or ARM target (their arithmetic is emulated instead), and the reverse."""
+    return host_target().arithmetic in {t.arithmetic for t in targets}
+
+
 def parse_target(name: str) -> Target:
     """A target by name (``host`` is this CPU); a one-line error for an unknown name."""
     key = name.strip().lower()

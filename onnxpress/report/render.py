@@ -153,6 +153,12 @@ def _targets(report: Report) -> str:
                 f"{name} {t['metric']} {t['value']:.2g}" for name, t in targets.items()
             )
             lines.append(f"  {record.name}: {cells}")
+            host = record.verification.host_not_judged
+            if host:
+                lines.append(
+                    f"  {record.name}: this CPU ({host}) is not a target: its onnxruntime run "
+                    f"({record.verification.metric} {record.verification.value:.2g}) not judged"
+                )
     if not lines:
         return ""
     return f"verified for {', '.join(report.targets)} (emulated int8 arithmetic):\n" + "\n".join(

@@ -1,7 +1,8 @@
 """Recovery when the quantized model misses its task budget on a target: float fallback.
 
 The verifier judges ``qdq`` by the task metric (``onnxpress.core.task_metric``) on
-onnxruntime's kernels of this CPU and under each target's emulated int8 arithmetic. Before it
+onnxruntime's kernels of this CPU (where they sum as a target's do) and under each target's
+emulated int8 arithmetic. Before it
 can refuse, the pass checks the same on its scoring batches; when the worst output is over
 its budget on any of them, the most sensitive layers go back to float (``greedy_fallback``)
 until every target is within budget; layers are ranked by the judge that scored the fully
@@ -27,7 +28,7 @@ from onnxpress.passes.qdq.saturation import Change, Policy, Remedy, apply, plan
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.int8_emulation import Batch
 from onnxpress.core.int8_layers import IntegerLayer
-from onnxpress.core.targets import Arithmetic, Target, arithmetics
+from onnxpress.core.targets import Arithmetic, Target, arithmetics, host_judges
 from onnxpress.core.verify import MAX_CALIBRATION_BATCHES, compare_task
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ class TargetEvaluator(Evaluator):
         self, float_model: onnx.ModelProto, batches: list[Batch], targets: tuple[Target, ...]
     ) -> None:
         super().__init__(float_model, batches, task_fit)
-        self.judges: list[Arithmetic | None] = [None, *arithmetics(targets)]  # None: this CPU
+        # None: this CPU's onnxruntime, a judge where it sums as one of the targets does
+        host: list[Arithmetic | None] = [None] if host_judges(targets) else []
+        self.judges: list[Arithmetic | None] = [*host, *arithmetics(targets)]
         self.worst: Arithmetic | None = None  # the judge of the last drop's worst score
         self.drops: dict[Arithmetic | None, float] = {}  # the last drop, per judge
 
@@ -100,7 +103,9 @@ class TargetEvaluator(Evaluator):
         narrowed = copy.copy(self)
         host = self.drops.get(None, -np.inf)
         worst = self.drops.get(self.worst, -np.inf)
-        use_host = self.worst is None or (worst > 0 and host >= HOST_RANKING_SHARE * worst)
+        use_host = None in self.judges and (
+            self.worst is None or (worst > 0 and host >= HOST_RANKING_SHARE * worst)
+        )
         narrowed.judges = [None if use_host else self.worst]
         narrowed.drops = {}
         return narrowed

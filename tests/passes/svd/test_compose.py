@@ -20,7 +20,7 @@ import onnxpress
 MODELS = Path(__file__).resolve().parents[3] / "models"
 CALIBRATION = MODELS / "data" / "transformer_mnist_calib.npz"
 HELD_OUT = 400  # digits of the 1000 held out
-QDQ = "qdq{method=mse,saturation=off,recover=false}"  # one method: the test stays fast
+QDQ = "qdq{method=mse,recover=false}"  # one method: the test stays fast
 
 
 def held_out() -> tuple[np.ndarray, np.ndarray]:
