@@ -137,9 +137,25 @@ def conv2d_nchwc(data: Any, weight: Any, geometry: ConvGeometry, in_block: int) 
         data = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right])
         geometry = ConvGeometry(geometry.strides, (0, 0, 0, 0), geometry.dilation)
     (sy, sx), (dy, dx) = geometry.strides, geometry.dilation
-    rc = te.reduce_axis((0, channels), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
+    if in_block and channels % in_block == 0:
+        # the input channels as (block, lane): no divisions in the reduction loop, and the
+        # lane loop a constant-stride one the schedule unrolls (same summation order)
+        rb = te.reduce_axis((0, channels // in_block), "rb")
+        ri = te.reduce_axis((0, in_block), "ri")
+
+        def blocked(n: Any, ob: Any, y: Any, x: Any, oi: Any) -> Any:
+            def index(iy: Any, ix: Any) -> Any:
+                return (n, rb, iy, ix, ri)
+
+            value = _padded_read(data, geometry, index, y * sy + ry * dy, x * sx + rx * dx)
+            products = value * weight[ob, rb * in_block + ri, ry, rx, oi]
+            return te.sum(products, axis=[rb, ri, ry, rx])
+
+        shape = (batch, out_blocks, oh, ow, out_block)
+        return te.compute(shape, blocked, name="conv2d_nchwc")
+    rc = te.reduce_axis((0, channels), "rc")
 
     def body(n: Any, ob: Any, y: Any, x: Any, oi: Any) -> Any:
         if in_block:

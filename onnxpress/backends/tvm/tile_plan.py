@@ -161,18 +161,25 @@ def stacked_rows(
     else:
         least = STACK_REGISTERS if stack_registers is None else stack_registers
         candidates = _stacks(vectors, stackable and registers >= least)
+    ranked: tuple[bool, float] | None = None
     for stack in candidates:
         rows = _row_tiles(extents, row_axes, _row_limit(registers, stack))
         if stack > 1 and any(extents[a] % tile for a, tile in rows):
             continue  # a ragged tail is not worth the wider tile
         score = _loads_per_fma(extents, rows, stack)
-        if best is None or score > best[0]:
-            best = (score, stack, rows)
+        # enough FMA chains in flight first (a 2 x 3 tile on AVX2 stalls on FMA latency
+        # where 9 rows of one vector do not), then FMAs per load
+        chains_ok = stack * math.prod(tile for _, tile in rows) >= MIN_CHAINS
+        if ranked is None or (chains_ok, score) > ranked:
+            ranked, best = (chains_ok, score), (score, stack, rows)
     assert best is not None  # stack 1 is always a candidate
     return best[1], best[2], best[0]
 
 
-STACK_REGISTERS = 32  # stacks only with 32 vector registers: on AVX2's 16 they ran slower
+MIN_CHAINS = 8  # accumulators a tile wants: two FMA pipes x 4 cycles of latency
+STACK_REGISTERS = 16  # stacks on AVX2's 16 registers too: on an AVX2-only CPU (Zen 3) a
+# 4-row x 3-vector tile runs a 128x384x1536 matmul at 49 GMAC/s where 10 x 1 ran at 33
+# (AVX2 code on an AVX-512 CPU had measured the reverse)
 BLOCK_STACK_REGISTERS = 16  # stacks of channel blocks (_block_stack) paid off on AVX2 too:
 # AVX2 code of resnet18 19.8 -> 18.0 ms, mobilenet_v2 4.1 -> 3.5 ms (on the AVX-512 host)
 

@@ -18,7 +18,8 @@ producers (padding, transposes) and consumers (bias, activation, residual) aroun
 
 W: the target's lanes (AVX-512 16, AVX2 8, SSE/NEON 4), else a divisor of the axis; P: for
 one vector, 14 of 32 registers and 10 of 16 (LLVM keeps loads of the unrolled window live
-too); S*P up to three quarters of them for a stack (stacks need 32 registers).
+too); S*P up to three quarters of them for a stack, with at least 8 accumulators
+(FMA chains) where a tile can have them.
 Each output's reduction order is unchanged, so results match the naive kernel. A kernel
 that does not fit returns None (next rule).
 """

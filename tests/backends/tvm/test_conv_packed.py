@@ -38,7 +38,7 @@ def conv_module(cin: int, size: int, cout: int, kernel: int, weight: np.ndarray)
 def test_block_is_the_tile_plans_channel_span() -> None:
     assert packed_block(1, 512, 7, 7, 16, 32) == 32  # two vectors of 16 beside 7 columns
     assert packed_block(1, 64, 56, 56, 16, 32) == 64  # four vectors beside 4 columns
-    assert packed_block(1, 64, 56, 56, 8, 16) == 8  # AVX2: one vector, no stack
+    assert packed_block(1, 64, 56, 56, 8, 16) == 16  # AVX2: two vectors of 8 (16 registers)
     assert packed_block(1, 3, 8, 8, 16, 32) == 0  # no vector of channels
 
 

@@ -150,7 +150,8 @@ def test_rule_tiles_conv_kernels(groups: int, stride: int, lanes: int) -> None:
     [
         (64, 14, AVX512, 16, 32, 2, 7),  # 2 x 16 channels x 7 columns: 14 accumulators
         (64, 56, AVX512, 16, 32, 4, 4),  # 4 x 16 x 4 columns (56 = 14 x 4, no ragged tail)
-        (16, 9, AVX2, 8, 16, 1, 9),  # AVX2's 16 registers: no stack, up to 10 columns
+        (16, 9, AVX2, 8, 16, 1, 9),  # 2 x 3 would keep 6 FMA chains: one vector x 9 columns
+        (64, 56, AVX2, 8, 16, 2, 4),  # AVX2 stacks too: 2 x 8 channels x 4 columns
         (16, 7, AVX512, 16, 32, 1, 7),  # one vector of channels: nothing to stack
     ],
 )
