@@ -1,6 +1,8 @@
 """Integer depthwise and grouped convolutions computed exactly in float registers: depthwise
 in the blocked layout that the fp32 rule ``DepthwiseRows`` (depthwise_schedule.py)
-schedules (``emit``), grouped as a float conv that the float schedules take (``emit_grouped``).
+schedules (``emit``), grouped as a float conv that the float schedules take (``emit_grouped``),
+and so are image stems (a few input channels) on AVX2, where the int16 kernel's im2col and
+padded depth cost more than the float conv (``stem``).
 
 A depthwise conv has no dot product to hand to vpdpbusd: each output channel sums its own
 kh x kw taps. Relax's int32 conv2d (the lowering's former path) widened every byte and
@@ -34,6 +36,15 @@ from onnxpress.backends.tvm.int8_patterns import Window
 
 PRODUCT_BOUND = 255 * 128  # largest |a * w| for 8-bit activations and int8 weights
 MAX_EXACT_TAPS = (1 << 24) // PRODUCT_BOUND  # taps whose float sum stays exact
+
+
+STEM_CHANNELS = 4  # input channels of an image stem (gray, RGB, RGBA)
+
+
+def stem(weight: np.ndarray) -> bool:
+    """Whether a groups-1 conv weight [O, I, KH, KW] is an image stem whose float sums of
+    8-bit values stay exact (``emit_grouped`` with one group computes it)."""
+    return weight.shape[0] > 0 and weight.shape[1] <= STEM_CHANNELS and fits(weight)
 
 
 def output_size(size: int, kernel: int, stride: int, dilation: int) -> int:
