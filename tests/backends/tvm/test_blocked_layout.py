@@ -244,6 +244,15 @@ def test_tile_stacks_channel_blocks_beside_the_rows() -> None:
     assert narrow.stack * rows <= 12  # accumulators leave registers for loads
 
 
+def test_blocked_conv_reads_input_channels_without_divisions() -> None:
+    """The reduction runs over (input block, lane): the data read indexes both directly, so
+    the inner loop of the tile computes no ``c // block``, ``c % block`` per step."""
+    script = _conv_kernel(32, 8, 8).script()
+    reads = [line for line in script.splitlines() if "T.reads(" in line and "x[" in line]
+    assert reads and not any("//" in line or "%" in line for line in reads)
+    assert "T.axis.remap" in script and '"SSSSSRRRR"' in script  # 5 spatial, 4 reductions
+
+
 def test_a_match_cast_of_a_blocked_tensor_reads_it_back_in_nchw() -> None:
     builder = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 16, 8, 8), "float32"))
