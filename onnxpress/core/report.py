@@ -22,9 +22,10 @@ class VerifyOutcome:
     output: str | None = None
     # target -> the same judgement under that target's emulated integer arithmetic
     targets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # this CPU's target, where its onnxruntime run of an int8 model was measured but not
-    # judged (its int8 arithmetic is none of the targets'); the value above is then that run's
-    host_not_judged: str | None = None
+    # this CPU's onnxruntime run of an int8 model where it was measured but not judged (its
+    # int8 arithmetic is none of the targets'): target, metric, value, limit, output; the
+    # value above is then the worst target's
+    host_not_judged: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {

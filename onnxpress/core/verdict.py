@@ -79,7 +79,13 @@ def settle(
         }
     host = host_target().name
     if quantized and judged and not host_judges(targets):
-        outcome.host_not_judged = host
+        outcome.host_not_judged = {
+            "target": host,
+            "metric": on_host.metric,
+            "value": on_host.value,
+            "limit": on_host.limit,
+            "output": on_host.output,
+        }
         worst = max(judged.values(), key=_share)
         logger.info(
             "pass %s: this CPU (%s) is not a target: its onnxruntime run (%s %.3g, limit %.3g) "

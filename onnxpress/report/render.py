@@ -156,8 +156,8 @@ def _targets(report: Report) -> str:
             host = record.verification.host_not_judged
             if host:
                 lines.append(
-                    f"  {record.name}: this CPU ({host}) is not a target: its onnxruntime run "
-                    f"({record.verification.metric} {record.verification.value:.2g}) not judged"
+                    f"  {record.name}: this CPU ({host['target']}) is not a target: its "
+                    f"onnxruntime run ({host['metric']} {host['value']:.2g}) not judged"
                 )
     if not lines:
         return ""

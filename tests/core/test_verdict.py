@@ -18,6 +18,7 @@ from onnxpress.core.int8_layers import integer_layers
 from onnxpress.core.report import VerifyOutcome
 from onnxpress.core.targets import TARGETS
 from onnxpress.core.verify import Comparison
+from onnxpress.report.render import render_report
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 AVX2, VNNI, ARM = TARGETS["avx2"], TARGETS["avx512-vnni"], TARGETS["arm64"]
@@ -38,7 +39,8 @@ def test_a_host_that_is_no_target_is_reported_not_judged(on_avx2: None) -> None:
     outcome = VerifyOutcome("numeric", "nsr", 0.3, 0.05, "y")
     judged = {"avx512-vnni": nsr(0.01), "arm64": nsr(0.02)}
     verdict.settle("qdq", outcome, nsr(0.3), judged, True, (VNNI, ARM), "")
-    assert outcome.host_not_judged == "avx2"
+    assert outcome.host_not_judged is not None
+    assert outcome.host_not_judged["target"] == "avx2" and outcome.host_not_judged["value"] == 0.3
     assert (outcome.value, outcome.limit) == (0.02, 0.05)  # the worst target
     assert set(outcome.targets) == {"avx512-vnni", "arm64"}
 
@@ -69,8 +71,10 @@ def test_vnni_weights_built_on_an_avx2_machine_stay_full_8_bit(on_avx2: None) ->
     )
     qdq = report.passes[-1]
     assert qdq.result.counts.get("fallback_layers", 0) == 0
-    assert qdq.verification.host_not_judged == "avx2"
+    host = qdq.verification.host_not_judged
+    assert host is not None and host["target"] == "avx2" and host["metric"] == "nsr"
     assert set(qdq.verification.targets) == {"avx512-vnni"}
     assert qdq.verification.value == qdq.verification.targets["avx512-vnni"]["value"]
     peaks = [int(np.abs(layer.weight.value).max()) for layer in integer_layers(model)]
     assert peaks and max(peaks) == 127
+    assert "qdq: this CPU (avx2) is not a target" in render_report(report)
