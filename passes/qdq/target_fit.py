@@ -2,11 +2,11 @@
 
 The verifier judges ``qdq`` by the task metric (``onnxpress.core.task_metric``) on
 onnxruntime's kernels of this CPU (where they sum as a target's do) and under each target's
-emulated int8 arithmetic. Before it
-can refuse, the pass checks the same on its scoring batches; when the worst output is over
-its budget on any of them, the most sensitive layers go back to float (``greedy_fallback``)
-until every target is within budget; layers are ranked by the judge that scored the fully
-quantized model worst (one judge per candidate, not all of them). Each candidate carries the
+emulated int8 arithmetic. Before it can refuse, the pass checks the same on its scoring
+batches; when the worst output is over its budget on any of them, the most sensitive layers
+go back to float (``greedy_fallback``) until every target is within budget; layers are
+ranked by the judge that scored the fully quantized model worst (one judge per candidate,
+not all of them). Each candidate carries the
 saturation remedies planned once for the fully quantized model, so fallback never trades a
 layer that a remedy fixes. A candidate is scored on all the scoring batches and on the first
 ``MAX_CALIBRATION_BATCHES`` alone, the ones the verifier judges, worse of the two: a model

@@ -44,7 +44,7 @@ STEM_CHANNELS = 4  # input channels of an image stem (gray, RGB, RGBA)
 def stem(weight: np.ndarray) -> bool:
     """Whether a groups-1 conv weight [O, I, KH, KW] is an image stem whose float sums of
     8-bit values stay exact (``emit_grouped`` with one group computes it)."""
-    return weight.shape[0] > 0 and weight.shape[1] <= STEM_CHANNELS and fits(weight)
+    return weight.shape[1] <= STEM_CHANNELS and fits(weight)
 
 
 def output_size(size: int, kernel: int, stride: int, dilation: int) -> int:
