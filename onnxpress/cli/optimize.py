@@ -61,7 +61,7 @@ def optimize_command(args: argparse.Namespace) -> int:
     if args.bisect:
         # Run each prefix of the pipeline and check only its end result: names the first
         # pass that breaks the model even when per-pass checks are relaxed.
-        index = bisect(model, passes, verify, calibration, args.seed)
+        index = bisect(model, passes, verify, calibration, args.seed, targets)
         if index is not None:
             raise VerificationError(
                 passes[index].name,

@@ -277,13 +277,16 @@ def bisect(
     verify: VerifyConfig,
     calibration: CalibrationData | None = None,
     seed: int = 0,
+    targets: tuple[Target, ...] | None = None,
 ) -> int | None:
     """Index of the first pass whose prefix of the pipeline breaks the model, or None.
 
     Each probe runs a prefix with per-pass verification off and checks only its end result
     against the original (structure and numerics, whatever ``verify.level`` says), so a
-    pipeline of n passes needs about log2(n) runs.
+    pipeline of n passes needs about log2(n) runs. A prefix is built for ``targets`` and
+    judged as the manager judges a pass (this CPU's run and each target's emulated int8).
     """
+    chosen = targets or parse_targets(None)
     verification_data = calibration
     if calibration is not None and verify.holdout:
         calibration, verification_data = calibration.fitted_to(model).split(verify.holdout)
@@ -296,7 +299,7 @@ def bisect(
         head = passes[:prefix]
         try:
             candidate, _ = PassManager(
-                head, VerifyConfig(level="off"), calibration=calibration, seed=seed
+                head, VerifyConfig(level="off"), calibration, seed, targets=targets
             ).run(model)
             check_structure(candidate)
             outputs = run_all(verification_runner(candidate), feeds)
@@ -313,6 +316,16 @@ def bisect(
             budgets = [p.default_budget for p in lossy if p.default_budget is not None]
             budget = verify.budget if verify.budget is not None else max(budgets, default=None)
             cmp = compare_metric(runner.output_names, reference, outputs, metric, budget)
+            names = runner.output_names
+            judged = judge_targets(candidate, feeds, names, reference, metric, budget, chosen)
+            quantized = bool(integer_layers(candidate))
+            outcome = VerifyOutcome(verify.level, cmp.metric, cmp.value, cmp.limit, cmp.output)
+            try:
+                settle(f"prefix of {prefix}", outcome, cmp, judged, quantized, chosen, "")
+            except VerificationError as exc:
+                logger.info("bisect: prefix of %d passes fails: %s", prefix, exc)
+                return True
+            return False
         logger.info("bisect: prefix of %d passes: %s %.3g", prefix, cmp.metric, cmp.value)
         return not cmp.ok
 

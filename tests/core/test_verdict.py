@@ -11,10 +11,14 @@ import numpy as np
 import pytest
 
 import onnxpress
+from onnxpress.core import manager, verdict
 from onnxpress.core import targets as targets_module
-from onnxpress.core import verdict
+from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.errors import VerificationError
 from onnxpress.core.int8_layers import integer_layers
+from onnxpress.core.io import load_model
+from onnxpress.core.manager import VerifyConfig
+from onnxpress.core.pipeline import parse_pipeline
 from onnxpress.core.report import VerifyOutcome
 from onnxpress.core.targets import TARGETS
 from onnxpress.core.verify import Comparison
@@ -78,3 +82,23 @@ def test_vnni_weights_built_on_an_avx2_machine_stay_full_8_bit(on_avx2: None) ->
     peaks = [int(np.abs(layer.weight.value).max()) for layer in integer_layers(model)]
     assert peaks and max(peaks) == 127
     assert "qdq: this CPU (avx2) is not a target" in render_report(report)
+
+
+def test_bisect_builds_and_judges_each_prefix_for_the_targets(
+    on_avx2: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--bisect names no pass where the manager accepts the pipeline: its prefixes are built
+    for the targets and judged as the manager judges (here by the VNNI emulation)."""
+    seen: list[tuple[str, ...]] = []
+    judge = manager.judge_targets
+
+    def spy(*args: object) -> object:
+        seen.append(tuple(t.name for t in args[-1]))  # type: ignore[attr-defined]
+        return judge(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(manager, "judge_targets", spy)
+    passes = parse_pipeline("fold-constants,cleanup,qdq{saturation=off,method=mse}")
+    calibration = CalibrationData.from_path(MODELS / "data" / "sr_photos_calib.npz")
+    model = load_model(MODELS / "sr_photos.onnx")
+    assert manager.bisect(model, passes, VerifyConfig(), calibration, 0, (VNNI,)) is None
+    assert seen and all(names == ("avx512-vnni",) for names in seen)
