@@ -36,16 +36,13 @@ from typing import Any
 import numpy as np
 
 from onnxpress.backends.tvm import int8_depthwise, int8_winograd
+from onnxpress.backends.tvm.int8_gemm import as_operand, conv_gemm, gemm
 from onnxpress.backends.tvm.int8_kernels import (
     GROUP,
     DotIsa,
     KernelChoice,
     choose,
-    im2col,
-    pack_weight,
-    packed_gemm,
     round_up,
-    tiles,
 )
 from onnxpress.backends.tvm.int8_kernels import kernels as target_kernels
 from onnxpress.backends.tvm.int8_patterns import (
@@ -58,6 +55,7 @@ from onnxpress.backends.tvm.int8_patterns import (
     signed_weight,
 )
 from onnxpress.backends.tvm.int8_unary import Rewriting, pooled_integers, table_lookup
+from onnxpress.backends.tvm.permute_sink import sink_permutes
 from onnxpress.backends.tvm.tile_schedule import vector_lanes
 
 logger = logging.getLogger(__name__)
@@ -161,54 +159,12 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 raise Refused("weight scale is not per output channel")
             return dq
 
-        def _as_operand(self, act: Dequantized, dtype: str) -> tuple[Any, int]:
-            """The activation in the kernel's operand type and its zero point (uint8 <->
-            int8 by a shift of 128, which moves the zero point with it; int16 holds both)."""
-            zero = int(act.zero_point.reshape(-1)[0])
-            if act.dtype == dtype:
-                return act.data, zero
-            if dtype == "int16":
-                return self.builder_.emit(relax.op.astype(act.data, dtype)), zero
-            shift = 128 if dtype == "uint8" else -128
-            wide = self.builder_.emit(relax.op.astype(act.data, "int16"))
-            shifted = relax.op.add(wide, relax.const(shift, "int16"))
-            return self.builder_.emit(relax.op.astype(shifted, dtype)), zero + shift
-
         def _kernel(self, op: str, shape: tuple[int, ...], weight_kn: np.ndarray) -> DotIsa:
             """The kernel for a layer whose weights in the kernel's K order are weight_kn."""
             assert choice is not None
             chosen, risky = choose(choice, weight_kn)
             result.record(op, shape, chosen.name, risky)
             return chosen
-
-        def _gemm(
-            self, rows_expr: Any, rows: int, depth: int, weight_kn: np.ndarray, isa: DotIsa
-        ) -> Any:
-            """int32 [rows, n] = rows_expr ([rows, depth], the ISA's operand type) . weight_kn
-            (int8 [depth, n]), in the packed dot-product kernel."""
-            cols = weight_kn.shape[1]
-            rows_p, depth_p, cols_p = (
-                round_up(rows, tiles(isa, cols, rows)[0]),
-                round_up(depth, GROUP),
-                round_up(cols, isa.lanes),
-            )
-            if (rows_p, depth_p) != (rows, depth):
-                pad = [0, rows_p - rows, 0, depth_p - depth]
-                rows_expr = self.builder_.emit(relax.op.nn.pad(rows_expr, pad, pad_value=0.0))
-            func = packed_gemm(isa, rows_p, depth_p, cols_p)
-            gvar = self.builder_.add_func(func, "onnxpress_int8_gemm")
-            acc = self.builder_.emit(
-                relax.call_tir(
-                    gvar,
-                    [rows_expr, relax.const(pack_weight(isa, weight_kn))],
-                    relax.TensorType((rows_p, cols_p), "int32"),
-                )
-            )
-            if (rows_p, cols_p) != (rows, cols):
-                acc = self.builder_.emit(
-                    relax.op.strided_slice(acc, axes=[0, 1], begin=[0, 0], end=[rows, cols])
-                )
-            return acc
 
         def _epilogue(self, acc: Any, correction: np.ndarray, scale: np.ndarray) -> Any:
             if np.any(correction != 0):
@@ -241,10 +197,10 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 padded_kn = np.zeros((round_up(depth, GROUP), cols), np.int8)
                 padded_kn[:depth] = w_kn
                 kernel = self._kernel("matmul", w_kn.shape, padded_kn)
-                data, zero = self._as_operand(act, kernel.a_dtype)
+                data, zero = as_operand(self.builder_, act, kernel.a_dtype)
                 rows = int(np.prod(shape[:-1]))
                 flat = self.builder_.emit(relax.op.reshape(data, [rows, depth]))
-                acc = self._gemm(flat, rows, depth, w_kn, kernel)
+                acc = gemm(self.builder_, flat, rows, depth, w_kn, kernel)
                 acc = self.builder_.emit(relax.op.reshape(acc, [*shape[:-1], cols]))
             else:
                 result.record("matmul", w_kn.shape, "relax")
@@ -284,7 +240,14 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 window = Window(padding, strides, dilation)
                 acc = int8_depthwise.emit_grouped(self.builder_, act.data, zero, w, window, 1)
             elif isa is not None and groups == 1:
-                acc, zero = self._conv_gemm(act, w, Window(padding, strides, dilation), out_shape)
+                acc, zero = conv_gemm(
+                    self.builder_,
+                    act,
+                    w,
+                    Window(padding, strides, dilation),
+                    out_shape,
+                    lambda kn: self._kernel("conv2d", w.shape, kn),
+                )
             elif (
                 isa is not None
                 and groups == out_channels
@@ -364,54 +327,6 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 return None
             return relax.op.squeeze(self.builder_.emit(lowered), [2])
 
-        def _conv_gemm(
-            self, act: Dequantized, w: np.ndarray, window: Window, out_shape: list[int]
-        ) -> tuple[Any, int]:
-            """int32 NCHW conv output through pad -> im2col -> packed dot-product GEMM, and
-            the zero point of the operand it multiplied."""
-            batch, out_channels, out_h, out_w = out_shape
-            _, in_channels, kh, kw = w.shape
-            channels = round_up(in_channels, GROUP)
-            depth = kh * kw * channels
-            padded_w = np.zeros((out_channels, kh, kw, channels), np.int8)
-            padded_w[..., :in_channels] = w.transpose(0, 2, 3, 1)
-            weight_kn = padded_w.reshape(out_channels, depth).T  # the kernel's K order
-            isa = self._kernel("conv2d", w.shape, weight_kn)
-            data, zero = self._as_operand(act, isa.a_dtype)
-            # NHWC, padded spatially and on channels with the zero point (float 0; the extra
-            # channels meet zero weights); fused by Relax into the producer's epilogue.
-            top, left, bottom, right = window.padding
-            data = self.builder_.emit(relax.op.permute_dims(data, [0, 2, 3, 1]))
-            if any(window.padding) or channels != in_channels:
-                widths = [0, 0, top, bottom, left, right, 0, channels - in_channels]
-                data = self.builder_.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
-            rows = batch * out_h * out_w
-            rows_p = round_up(rows, tiles(isa, out_channels, rows)[0])
-            n, h, w_, c = (int(d) for d in data.ty.shape)
-            kernel = im2col(
-                (n, h, w_, c),
-                (kh, kw),
-                window.strides,
-                window.dilation,
-                (out_h, out_w),
-                rows_p,
-                isa.a_dtype,
-            )
-            gvar = self.builder_.add_func(kernel, "onnxpress_int8_im2col")
-            patches = self.builder_.emit(
-                relax.call_tir(
-                    gvar, [data], relax.TensorType((rows_p, kh, kw, channels), isa.a_dtype)
-                )
-            )
-            flat = self.builder_.emit(relax.op.reshape(patches, [rows_p, depth]))
-            acc = self._gemm(flat, rows_p, depth, weight_kn, isa)
-            if rows_p != rows:
-                acc = self.builder_.emit(
-                    relax.op.strided_slice(acc, axes=[0], begin=[0], end=[rows])
-                )
-            acc = self.builder_.emit(relax.op.reshape(acc, [batch, out_h, out_w, out_channels]))
-            return self.builder_.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
-
         def _depthwise_nhwc(
             self, act: Dequantized, w: np.ndarray, window: Window
         ) -> tuple[Any, int]:
@@ -438,6 +353,6 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             return self.builder_.get()
 
     lowered = Lowering(mod).run()
-    lowered = relax.transform.DeadCodeElimination()(lowered)
+    lowered = sink_permutes(relax.transform.DeadCodeElimination()(lowered))
     logger.info("int8 lowering (%s): %s", result.kernel, dict(result.lowered))
     return lowered, result

@@ -113,11 +113,13 @@ def emit(builder: Any, data: Any, zero: int, weight: np.ndarray, window: Window,
     blocked = builder.emit(
         relax.call_tir(gvar, [data, relax.const(packed)], relax.TensorType(out_shape, "int32"))
     )
-    nchw = builder.emit(relax.op.permute_dims(blocked, [0, 1, 4, 2, 3]))
-    nchw = builder.emit(relax.op.reshape(nchw, [shape[0], channels + extra, out_h, out_w]))
+    # channels last first: the NCHW transpose at the end sinks through the requantization
+    # and cancels against the next integer layer's (permute_sink.py)
+    nhwc = builder.emit(relax.op.permute_dims(blocked, [0, 2, 3, 1, 4]))
+    nhwc = builder.emit(relax.op.reshape(nhwc, [shape[0], out_h, out_w, channels + extra]))
     if extra:
-        nchw = builder.emit(relax.op.strided_slice(nchw, axes=[1], begin=[0], end=[channels]))
-    return nchw
+        nhwc = builder.emit(relax.op.strided_slice(nhwc, axes=[3], begin=[0], end=[channels]))
+    return builder.emit(relax.op.permute_dims(nhwc, [0, 3, 1, 2]))
 
 
 def emit_grouped(

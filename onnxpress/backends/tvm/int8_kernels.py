@@ -60,6 +60,9 @@ class DotIsa:
     b_dtype: str = "int8"
     accumulators: int = 16  # independent accumulator registers per depth loop
     block_tiles: tuple[int, ...] = (4, 2, 1)  # column blocks per register tile, preferred first
+    # other column blocks per tile, taken when their row count divides the GEMM's rows and
+    # the preferred one does not (no padded rows: no im2col copy for a 1x1 conv)
+    alternate_tiles: tuple[int, ...] = ()
 
     @property
     def exact(self) -> bool:
@@ -70,13 +73,14 @@ class DotIsa:
 VNNI = DotIsa("vnni", 16, "uint8", "llvm.x86.avx512.vpdpbusd.512", ("avx512vnni", "avx512bw"))
 SDOT = DotIsa("sdot", 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8", ("dotprod",))
 # AVX2 without VNNI (16 ymm registers: 12 accumulators, the rest for operands).
+# 3 column blocks x 4 rows also fit: 12 accumulators, 3 loads of B and 1 broadcast of A.
 AVX2_U8S8 = DotIsa(
     "avx2-u8s8", 8, "uint8", "llvm.x86.avx2.pmadd.ub.sw", ("avx2",), "pairs16",
-    accumulators=12, block_tiles=(2, 1),
+    accumulators=12, block_tiles=(2, 1), alternate_tiles=(3,),
 )  # fmt: skip
 AVX2_S16 = DotIsa(
     "avx2-s16", 8, "int16", "llvm.x86.avx2.pmadd.wd", ("avx2",), "madd16", group=2,
-    b_dtype="int16", accumulators=12, block_tiles=(2, 1),
+    b_dtype="int16", accumulators=12, block_tiles=(2, 1), alternate_tiles=(3,),
 )  # fmt: skip
 PAIR_MADD = "llvm.x86.avx2.pmadd.wd"  # sums the int16 pairs of pairs16 into int32 lanes
 
@@ -123,7 +127,13 @@ def tiles(isa: DotIsa, cols: int, rows: int | None = None) -> tuple[int, int]:
         most = min(isa.accumulators // rows, blocks)
         return rows, next(t for t in range(most, 0, -1) if blocks % t == 0)
     block_tile = next((t for t in isa.block_tiles if blocks % t == 0), 1)
-    return isa.accumulators // block_tile, block_tile
+    row_tile = isa.accumulators // block_tile
+    if rows is not None and rows % row_tile:
+        for other in (*isa.block_tiles, *isa.alternate_tiles):
+            full = isa.accumulators // other * other == isa.accumulators
+            if full and blocks % other == 0 and rows % (isa.accumulators // other) == 0:
+                return isa.accumulators // other, other
+    return row_tile, block_tile
 
 
 def kernels(target: Any) -> KernelChoice | None:
