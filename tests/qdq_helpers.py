@@ -153,3 +153,22 @@ def tie_model() -> onnx.ModelProto:
         ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def two_pointwise_convs() -> onnx.ModelProto:
+    """Conv 1x1 (8 -> 16) -> Relu -> Conv 1x1 (16 -> 8) on 6 x 6: two integer layers in a row."""
+    rng = np.random.default_rng(4)
+    w1 = rng.normal(0, 0.3, (16, 8, 1, 1)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (8, 16, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("Conv", ["r", "w2"], ["y"], name="c2"),
+        ],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -55,7 +55,7 @@ from onnxpress.backends.tvm.int8_patterns import (
     signed_weight,
 )
 from onnxpress.backends.tvm.int8_unary import Rewriting, pooled_integers, table_lookup
-from onnxpress.backends.tvm.permute_sink import sink_permutes
+from onnxpress.backends.tvm.layout_sink import sink_layout_changes
 from onnxpress.backends.tvm.tile_schedule import vector_lanes
 
 logger = logging.getLogger(__name__)
@@ -353,6 +353,6 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             return self.builder_.get()
 
     lowered = Lowering(mod).run()
-    lowered = sink_permutes(relax.transform.DeadCodeElimination()(lowered))
+    lowered = sink_layout_changes(relax.transform.DeadCodeElimination()(lowered))
     logger.info("int8 lowering (%s): %s", result.kernel, dict(result.lowered))
     return lowered, result

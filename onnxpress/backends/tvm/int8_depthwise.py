@@ -114,7 +114,7 @@ def emit(builder: Any, data: Any, zero: int, weight: np.ndarray, window: Window,
         relax.call_tir(gvar, [data, relax.const(packed)], relax.TensorType(out_shape, "int32"))
     )
     # channels last first: the NCHW transpose at the end sinks through the requantization
-    # and cancels against the next integer layer's (permute_sink.py)
+    # and cancels against the next integer layer's (layout_sink.py)
     nhwc = builder.emit(relax.op.permute_dims(blocked, [0, 2, 3, 1, 4]))
     nhwc = builder.emit(relax.op.reshape(nhwc, [shape[0], out_h, out_w, channels + extra]))
     if extra:

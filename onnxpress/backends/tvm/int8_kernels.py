@@ -129,10 +129,14 @@ def tiles(isa: DotIsa, cols: int, rows: int | None = None) -> tuple[int, int]:
     block_tile = next((t for t in isa.block_tiles if blocks % t == 0), 1)
     row_tile = isa.accumulators // block_tile
     if rows is not None and rows % row_tile:
-        for other in (*isa.block_tiles, *isa.alternate_tiles):
-            full = isa.accumulators // other * other == isa.accumulators
-            if full and blocks % other == 0 and rows % (isa.accumulators // other) == 0:
-                return isa.accumulators // other, other
+        # the same accumulators in another shape, else two thirds of them (8 of 12: as many
+        # FMA chains as two pipes of 4 cycles need)
+        for least in (isa.accumulators, isa.accumulators * 2 // 3):
+            for other in (*isa.block_tiles, *isa.alternate_tiles):
+                tile_rows = min(isa.accumulators // other, least // other + (least % other > 0))
+                fits = tile_rows * other >= least and blocks % other == 0
+                if fits and rows % tile_rows == 0:
+                    return tile_rows, other
     return row_tile, block_tile
 
 
@@ -254,17 +258,21 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int, batch: int = 0) -
     """The scheduled (dot-product-tensorized) PrimFunc for C = A . B on padded sizes; with
     ``batch`` > 0 a batch of independent GEMMs, A [batch, rows, depth], B [batch, ...packed],
     C [batch, rows, cols] (the batch joins the parallel outer loop)."""
-    from tvm import s_tir, te
+    from tvm import s_tir, te, tirx
 
     lanes, group = isa.lanes, isa.group
     row_tile, block_tile = tiles(isa, cols, rows)
     if rows % row_tile or depth % GROUP or cols % lanes:
         raise ValueError(f"packed_gemm needs padded sizes, got {rows}x{depth}x{cols}")
     intrin = _register_intrinsic(isa)
-    lead = (batch,) if batch else ()
-    a = te.placeholder((*lead, rows, depth), isa.a_dtype, name="A")
-    b = te.placeholder((*lead, cols // lanes, depth // group, lanes, group), isa.b_dtype, name="B")
-    k = te.reduce_axis((0, depth), name="k")
+    # int64 extents, as Relax's own kernels have: FuseTIR joins this kernel with the
+    # elementwise epilogue that follows (op_pattern 4) only where their buffers agree
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    lead = (i64(batch),) if batch else ()
+    a = te.placeholder((*lead, i64(rows), i64(depth)), isa.a_dtype, name="A")
+    b_shape = (cols // lanes, depth // group, lanes, group)
+    b = te.placeholder((*lead, *map(i64, b_shape)), isa.b_dtype, name="B")
+    k = te.reduce_axis((i64(0), i64(depth)), name="k")
 
     def product(*index: Any) -> Any:
         *t, m, n = index
@@ -275,7 +283,7 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int, batch: int = 0) -
             axis=k,
         )
 
-    c = te.compute((*lead, rows, cols), product, name="C")
+    c = te.compute((*lead, i64(rows), i64(cols)), product, name="C")
     sch = s_tir.Schedule(te.create_prim_func([a, b, c]))
     block = sch.get_sblock("C")
     *t_loop, m, n, kk = sch.get_loops(block)
@@ -294,7 +302,7 @@ def packed_gemm(isa: DotIsa, rows: int, depth: int, cols: int, batch: int = 0) -
     sch.tensorize(n_lanes, intrin)
     sch.unroll(m_inner)
     sch.unroll(n_inner)
-    func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 4)
     return func.without_attr("global_symbol")
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxpress.backends.tvm.build import fuse
+from onnxpress.backends.tvm.int8_epilogue import has_packed_gemm
 from onnxpress.backends.tvm.rpc import RpcSpec, check_tracker, in_process_builder, session_runner
 from onnxpress.backends.tvm.targets import TargetSpec, tvm_target
 from onnxpress.backends.tvm.tune_db import (
@@ -181,6 +182,7 @@ class _Progress:
 
 def _not_tunable(task: Any) -> str:
     """Why a kernel is left to its default schedule, or "" when it can be tuned."""
+    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
     func = task.dispatched[0]["main"]
@@ -191,6 +193,8 @@ def _not_tunable(task: Any) -> str:
             return "scheduled by onnxpress (e.g. a loop-form RNN kernel)"
     if has_transform(func):
         return "a Winograd transform: scheduled by onnxpress's WinogradTransforms rule"
+    if has_packed_gemm(s_tir.Schedule(func)):
+        return "an int8 GEMM and its epilogue: scheduled by onnxpress's FusedEpilogue rule"
     for arg in ms.arg_info.ArgInfo.from_prim_func(func):
         if not str(arg.as_json()[1]).startswith(("float", "bfloat")):
             # Candidates are timed on random data: random indices would read out of bounds.

@@ -1,4 +1,4 @@
-"""permute_sink.py: transposes move below elementwise ops, requantizations and residual adds
+"""layout_sink.py: transposes (and row reshapes) move below elementwise ops, requantizations and residual adds
 and cancel against their inverse; the rewritten function computes the same values (run on
 TVM's VM, compared with the original function), and a transpose whose other operand is a
 large tensor stays where it is."""
@@ -13,12 +13,12 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from qdq_helpers import quantize  # noqa: E402
+from qdq_helpers import quantize, two_pointwise_convs  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from onnxpress.backends.tvm.build import import_relax  # noqa: E402
 from onnxpress.backends.tvm.int8 import lower_qdq_to_integer  # noqa: E402
-from onnxpress.backends.tvm.permute_sink import sink_permutes  # noqa: E402
+from onnxpress.backends.tvm.layout_sink import sink_layout_changes  # noqa: E402
 from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
 from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
 
@@ -79,7 +79,7 @@ def requantizing_chain(builder: Any, acc: Any, residual: Any) -> Any:
 def test_an_epilogue_between_channels_last_layers_loses_its_transposes() -> None:
     mod = _module(requantizing_chain, (SHAPE, "int32"), (SHAPE, "float32"))
     assert _permutes(mod) == 3
-    sunk = sink_permutes(mod)
+    sunk = sink_layout_changes(mod)
     assert _permutes(sunk) == 0
     rng = np.random.default_rng(1)
     acc = rng.integers(-2000, 2000, SHAPE).astype("int32")
@@ -97,7 +97,7 @@ def test_a_transpose_meeting_a_large_untransposed_operand_stays() -> None:
 
     shape, nchw = (1, 32, 32, 16), (1, 16, 32, 32)  # more elements than SMALL
     mod = _module(build, (shape, "float32"), (nchw, "float32"))
-    sunk = sink_permutes(mod)
+    sunk = sink_layout_changes(mod)
     assert _permutes(sunk) == 2
     rng = np.random.default_rng(2)
     x, other = rng.normal(size=shape).astype("float32"), rng.normal(size=nchw).astype("float32")
@@ -110,7 +110,7 @@ def test_two_transposes_compose_into_one() -> None:
         return builder.emit(relax.op.permute_dims(t, NCHW))
 
     mod = _module(build, (SHAPE, "float32"))
-    sunk = sink_permutes(mod)
+    sunk = sink_layout_changes(mod)
     assert _permutes(sunk) == 1
     x = np.random.default_rng(3).normal(size=SHAPE).astype("float32")
     np.testing.assert_array_equal(_run(sunk, x), _run(mod, x))
@@ -119,7 +119,7 @@ def test_two_transposes_compose_into_one() -> None:
 def test_the_int8_lowering_keeps_channels_last_between_integer_layers() -> None:
     """Two quantized 1x1 convs lowered for AVX2: between them no transpose is left, and their
     channels-last rows (36, a multiple of the register tile) go to the GEMM without im2col."""
-    model = _two_convs()
+    model = two_pointwise_convs()
     qdq, _ = quantize(model, "qdq{float-heads=false}", targets=["avx512-vnni"])
     prepared = prepare(qdq, None)
     mod, lowering = lower_qdq_to_integer(import_relax(prepared), tvm_target(parse_target("avx2")))
@@ -127,23 +127,3 @@ def test_the_int8_lowering_keeps_channels_last_between_integer_layers() -> None:
     # the input's NCHW -> NHWC and the output's NHWC -> NCHW; none in between
     assert _permutes(mod) == 2
     assert "onnxpress_int8_im2col" not in mod.script()
-
-
-def _two_convs() -> Any:
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(4)
-    w1 = rng.normal(0, 0.3, (16, 8, 1, 1)).astype(np.float32)
-    w2 = rng.normal(0, 0.3, (8, 16, 1, 1)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"),
-            helper.make_node("Relu", ["a"], ["r"]),
-            helper.make_node("Conv", ["r", "w2"], ["y"], name="c2"),
-        ],
-        "two",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -1,0 +1,112 @@
+"""int8_epilogue.py: Relax fuses a packed GEMM with its requantizing epilogue; the rule computes
+the epilogue inside the GEMM's parallel tile loop (the int32 sums never leave the tile), the
+library computes the same bytes as numpy, and a whole QDQ model still matches onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from qdq_helpers import quantize, two_pointwise_convs
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax, s_tir  # noqa: E402
+
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.int8_epilogue import epilogue_rule, has_packed_gemm  # noqa: E402
+from onnxpress.backends.tvm.int8_kernels import (  # noqa: E402
+    AVX2_S16,
+    pack_weight,
+    packed_gemm,
+)
+from onnxpress.backends.tvm.schedule import cpu_pipeline  # noqa: E402
+from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
+
+ROWS, DEPTH, COLS = 48, 32, 48
+SCALE, OUT_SCALE = 0.01, 0.5
+
+
+def gemm_with_epilogue(weight: np.ndarray, correction: np.ndarray) -> Any:
+    """int16 rows . int8 weights in the packed AVX2 kernel, then correction, scale, ReLU and a
+    quantize to uint8: the chain the int8 lowering leaves after a 1x1 conv."""
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((ROWS, DEPTH), "int16"))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            gvar = builder.add_func(packed_gemm(AVX2_S16, ROWS, DEPTH, COLS), "onnxpress_int8_gemm")
+            acc = builder.emit(
+                relax.call_tir(
+                    gvar,
+                    [x, relax.const(pack_weight(AVX2_S16, weight))],
+                    relax.TensorType((ROWS, COLS), "int32"),
+                )
+            )
+            y = builder.emit(relax.op.subtract(acc, relax.const(correction.reshape(1, COLS))))
+            y = builder.emit(relax.op.astype(y, "float32"))
+            y = builder.emit(relax.op.multiply(y, relax.const(SCALE, "float32")))
+            y = builder.emit(relax.op.nn.relu(y))
+            zero = relax.const(np.uint8(3))
+            out = relax.op.quantize(y, relax.const(OUT_SCALE, "float32"), zero, out_dtype="uint8")
+            out = builder.emit_output(builder.emit(out))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def _operands() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (ROWS, DEPTH)).astype(np.int16)
+    w = rng.integers(-128, 128, (DEPTH, COLS)).astype(np.int8)
+    return x, w, rng.integers(-500, 500, COLS).astype(np.int32)
+
+
+def test_the_epilogue_is_computed_inside_the_gemm_tile_loop() -> None:
+    _, w, correction = _operands()
+    mod = gemm_with_epilogue(w, correction)
+    target = tvm_target(parse_target("avx2"))
+    with target:
+        fused = tvm.transform.Sequential(
+            [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )(mod)
+    kernels = [f for gv, f in fused.functions.items() if "gemm" in gv.name_hint]
+    assert len(kernels) == 1  # the GEMM and the whole chain in one kernel
+    assert has_packed_gemm(s_tir.Schedule(kernels[0]))
+    sch = epilogue_rule(8).apply(kernels[0], target, False)
+    assert sch is not None
+    blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert len(blocks) == 3 and blocks[:2] == ["C_init", "C_update_o"]  # the rest inlined
+    outer = sch.get_loops(sch.get_sblock("C_update_o"))[0]
+    epilogue_loops = sch.get_loops(sch.get_sblock(blocks[2]))
+    assert sch.get(epilogue_loops[0]).same_as(sch.get(outer))  # under the tile loop
+    assert int(sch.get(epilogue_loops[-1]).kind) == 2  # vector lanes
+
+
+@pytest.mark.skipif(not parse_target("avx2").runs_here(), reason="this CPU has no AVX2 + FMA")
+def test_the_fused_kernel_computes_the_requantized_bytes() -> None:
+    x, w, correction = _operands()
+    target = tvm_target(parse_target("avx2"))
+    executable = tvm.compile(
+        gemm_with_epilogue(w, correction), target=target, relax_pipeline=cpu_pipeline(target)
+    )
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x)).numpy()
+    sums = x.astype(np.int64) @ w.astype(np.int64) - correction
+    values = np.maximum(sums * np.float32(SCALE), 0) / OUT_SCALE
+    expected = np.clip(np.round(values) + 3, 0, 255)
+    assert got.dtype == np.uint8
+    assert np.abs(got.astype(np.int64) - expected).max() <= 1  # a rounding tie at most
+    assert (got == expected).mean() > 0.99
+
+
+def test_a_quantized_conv_chain_still_matches_onnxruntime(tmp_path: Path) -> None:
+    qdq, _ = quantize(two_pointwise_convs(), "qdq{float-heads=false}", targets=["avx512-vnni"])
+    result = compile_model(qdq, "x86", tmp_path / "lib")
+    assert result.manifest["int8"]["lowered"]["conv2d"] == 2
+    assert result.manifest["verification"]["errors"]["y"] <= 1.0
