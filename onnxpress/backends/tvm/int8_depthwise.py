@@ -19,9 +19,10 @@ whatever the order, and its cast back to int32 is exact too:
 
 ``in`` is NHWC, padded with the zero point beforehand (the pad fuses into the producer's
 epilogue), spatially and on channels up to a multiple of L, the target's float vector lanes,
-so the kernel reads no conditions. The result is blocked [n, C / L, oh, ow, L] and handed
-on as NCHW int32 (a permute, a reshape and a slice that Relax fuses into the requantizing
-epilogue).
+so the kernel reads no conditions. The sums are blocked [n, C / L, oh, ow, L] in registers
+and written channels-last [n, oh, ow, C]: Relax fuses the requantizing epilogue after the
+kernel (layout_sink.py moves the transposes out of its way), and DepthwiseRows inlines it
+into the write-back of each vector of sums, so the int32 sums never reach memory.
 """
 
 from __future__ import annotations
@@ -67,25 +68,34 @@ def depthwise_float_exact(
     dilation: tuple[int, int],
 ) -> Any:
     """The PrimFunc: padded NHWC ``data`` (8-bit), float weights ``[C / L, KH, KW, L]``
-    (``pack_depthwise_weight``) -> int32 ``[n, C / L, oh, ow, L]``."""
-    from tvm import te
+    (``pack_depthwise_weight``) -> int32 ``[n, oh, ow, C]`` (summed in blocks ``[n, C / L, oh,
+    ow, L]``)."""
+    from tvm import te, tirx
 
     batch, height, width, _ = data_shape
     blocks, kh, kw, lanes = weight_shape
     (sy, sx), (dy, dx) = strides, dilation
     oh, ow = output_size(height, kh, sy, dy), output_size(width, kw, sx, dx)
-    data = te.placeholder(data_shape, data_dtype, name="data")
-    weight = te.placeholder(weight_shape, "float32", name="weight")
-    ry = te.reduce_axis((0, kh), "ry")
-    rx = te.reduce_axis((0, kw), "rx")
+    # int64 extents, as Relax's kernels have: FuseTIR joins this kernel with the epilogue
+    # that follows only where their buffers agree
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    data = te.placeholder(tuple(map(i64, data_shape)), data_dtype, name="data")
+    weight = te.placeholder(tuple(map(i64, weight_shape)), "float32", name="weight")
+    ry = te.reduce_axis((i64(0), i64(kh)), "ry")
+    rx = te.reduce_axis((i64(0), i64(kw)), "rx")
 
     def body(n: Any, cb: Any, y: Any, x: Any, lane: Any) -> Any:
         value = data[n, y * sy + ry * dy, x * sx + rx * dx, cb * lanes + lane]
         return te.sum(value.astype("float32") * weight[cb, ry, rx, lane], axis=[ry, rx])
 
-    shape = (batch, blocks, oh, ow, lanes)
-    sums = te.compute(shape, body, name=KERNEL)
-    exact = te.compute(shape, lambda *i: sums(*i).astype("int32"), name="depthwise_int32")
+    sums = te.compute(tuple(map(i64, (batch, blocks, oh, ow, lanes))), body, name=KERNEL)
+    # written channels-last: the requantizing epilogue that Relax fuses after it reads the
+    # channels in order, and DepthwiseRows inlines it into the write-back of each vector
+    exact = te.compute(
+        tuple(map(i64, (batch, oh, ow, blocks * lanes))),
+        lambda n, y, x, c: sums[n, c // lanes, y, x, c % lanes].astype("int32"),
+        name="depthwise_int32",
+    )
     return te.create_prim_func([data, weight, exact]).without_attr("global_symbol")
 
 
@@ -105,18 +115,16 @@ def emit(builder: Any, data: Any, zero: int, weight: np.ndarray, window: Window,
     shape = tuple(int(d) for d in data.ty.shape)
     (sy, sx), (dy, dx) = window.strides, window.dilation
     out_h, out_w = output_size(shape[1], kh, sy, dy), output_size(shape[2], kw, sx, dx)
-    out_shape = (shape[0], (channels + extra) // lanes, out_h, out_w, lanes)
+    out_shape = (shape[0], out_h, out_w, channels + extra)
     func = depthwise_float_exact(
         shape, str(data.ty.dtype), packed.shape, window.strides, window.dilation
     )
     gvar = builder.add_func(func, "onnxpress_int8_depthwise")
-    blocked = builder.emit(
+    nhwc = builder.emit(
         relax.call_tir(gvar, [data, relax.const(packed)], relax.TensorType(out_shape, "int32"))
     )
-    # channels last first: the NCHW transpose at the end sinks through the requantization
-    # and cancels against the next integer layer's (layout_sink.py)
-    nhwc = builder.emit(relax.op.permute_dims(blocked, [0, 2, 3, 1, 4]))
-    nhwc = builder.emit(relax.op.reshape(nhwc, [shape[0], out_h, out_w, channels + extra]))
+    # handed on as NCHW: the transpose sinks through the requantization and cancels against
+    # the next integer layer's (layout_sink.py)
     if extra:
         nhwc = builder.emit(relax.op.strided_slice(nhwc, axes=[3], begin=[0], end=[channels]))
     return builder.emit(relax.op.permute_dims(nhwc, [0, 3, 1, 2]))

@@ -110,3 +110,45 @@ def test_a_quantized_conv_chain_still_matches_onnxruntime(tmp_path: Path) -> Non
     result = compile_model(qdq, "x86", tmp_path / "lib")
     assert result.manifest["int8"]["lowered"]["conv2d"] == 2
     assert result.manifest["verification"]["errors"]["y"] <= 1.0
+
+
+def test_depthwise_and_pointwise_convs_carry_their_epilogues(tmp_path: Path) -> None:
+    """An inverted-residual block (1x1 expand, 3x3 depthwise, 1x1 project): Relax fuses each
+    integer kernel with the requantization after it, and the library matches onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxpress.backends.tvm.build import import_relax
+    from onnxpress.backends.tvm.int8 import lower_qdq_to_integer
+    from onnxpress.backends.tvm.prepare import prepare
+    from onnxpress.backends.tvm.schedule import cpu_lowering_passes
+
+    rng = np.random.default_rng(6)
+    weights = {
+        "w1": rng.normal(0, 0.3, (32, 8, 1, 1)),
+        "w2": rng.normal(0, 0.3, (32, 1, 3, 3)),
+        "w3": rng.normal(0, 0.3, (8, 32, 1, 1)),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["a"], name="expand"),
+            helper.make_node("Relu", ["a"], ["ra"]),
+            helper.make_node("Conv", ["ra", "w2"], ["b"], name="dw", group=32, pads=[1] * 4),
+            helper.make_node("Relu", ["b"], ["rb"]),
+            helper.make_node("Conv", ["rb", "w3"], ["y"], name="project"),
+        ],
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 12, 12])],
+        [numpy_helper.from_array(w.astype(np.float32), k) for k, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    qdq, _ = quantize(model, "qdq{float-heads=false}", targets=["avx512-vnni"])
+    target = tvm_target(parse_target("avx2"))
+    mod, _ = lower_qdq_to_integer(import_relax(prepare(qdq, None)), target)
+    with target:
+        fused = tvm.transform.Sequential(cpu_lowering_passes(target))(mod)
+    names = [gv.name_hint for gv in fused.functions]
+    assert any("depthwise" in n and "quantize" in n for n in names)
+    assert sum("gemm" in n and "quantize" in n for n in names) >= 1
+    result = compile_model(qdq, "avx2", tmp_path / "lib")
+    assert result.manifest["verification"]["errors"]["y"] <= 1.0
