@@ -85,7 +85,9 @@ def test_kernel_is_bit_exact_at_the_extremes(
     with target:
         mod = dl.ApplyDefaultSchedule(*schedule_rules(target))(mod)
     text = str(mod["main"].script())
-    assert "T.parallel" in text and f"for ry in T.unroll(T.int64({kernel}))" in text  # DepthwiseRows
+    assert (
+        "T.parallel" in text and f"for ry in T.unroll(T.int64({kernel}))" in text
+    )  # DepthwiseRows
     lib = tvm.compile(mod, target=target)
     expected = reference(data, weight, stride, dilation)
     n, c, oh, ow = expected.shape
