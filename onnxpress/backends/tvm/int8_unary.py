@@ -153,14 +153,22 @@ def pooled_integers(call: Any, at: Rewriting) -> Any:
         return None
     attrs = pooled.attrs
     at.result.lowered["max_pool2d"] += 1
-    return relax.op.nn.max_pool2d(
-        source.data,
+    data, layout = source.data, str(attrs.layout)
+    if layout == "NCHW" == str(attrs.out_layout):
+        # pooled channels-last (the channels are the vector lanes) between two transposes:
+        # the one after cancels against the next integer layer's (layout_sink.py)
+        data, layout = at.builder.emit(relax.op.permute_dims(data, [0, 2, 3, 1])), "NHWC"
+    pooled_q = relax.op.nn.max_pool2d(
+        data,
         pool_size=[int(v) for v in attrs.pool_size],
         strides=[int(v) for v in attrs.strides],
         padding=[int(v) for v in attrs.padding],
         dilation=[int(v) for v in attrs.dilation],
         ceil_mode=bool(attrs.ceil_mode),
         count_include_pad=bool(attrs.count_include_pad),
-        layout=str(attrs.layout),
-        out_layout=str(attrs.out_layout),
+        layout=layout,
+        out_layout=layout,
     )
+    if layout == str(attrs.layout):
+        return pooled_q
+    return relax.op.permute_dims(at.builder.emit(pooled_q), [0, 3, 1, 2])

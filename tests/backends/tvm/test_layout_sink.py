@@ -127,3 +127,31 @@ def test_the_int8_lowering_keeps_channels_last_between_integer_layers() -> None:
     # the input's NCHW -> NHWC and the output's NHWC -> NCHW; none in between
     assert _permutes(mod) == 2
     assert "onnxpress_int8_im2col" not in mod.script()
+
+
+def test_a_max_pool_between_integer_layers_pools_channels_last() -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (16, 8, 1, 1)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 16, 1, 1)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["a"], name="c1"),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], strides=[2, 2]),
+            helper.make_node("Conv", ["p", "w2"], ["y"], name="c2"),
+        ],
+        "pooled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 4, 4])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    qdq, _ = quantize(model, "qdq{float-heads=false}", targets=["avx512-vnni"])
+    mod, lowering = lower_qdq_to_integer(
+        import_relax(prepare(qdq, None)), tvm_target(parse_target("avx2"))
+    )
+    assert lowering.lowered["max_pool2d"] == 1
+    text = mod.script()
+    assert 'layout="NHWC"' in text and _permutes(mod) == 2  # the model's input and output
