@@ -147,14 +147,28 @@ def test_busy_core_is_refused_where_affinity_is_unknown(
     assert stop.value.code == 2 and "--busy-core needs CPU affinity" in capsys.readouterr().err
 
 
-def test_torch_models_export_and_run(zoo: ModuleType) -> None:
+EXPORT_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from _zoo_models import export
+from onnxpress.core.verify import Runner
+for name, shape in (("unet", (2, 2, 128, 128)), ("lstm", (2, 50, 256))):
+    model, feed = export(name, 2)
+    assert Runner(model)(feed)[0].shape == shape, name
+assert "ConvTranspose" in {n.op_type for n in export("unet", 1)[0].graph.node}
+"""
+
+
+def test_torch_models_export_and_run() -> None:
+    """In a child process: with the bench extra installed, this test's process once ended
+    with status 127 and no message under pytest's output capture (a dynamic loader's
+    "symbol lookup error" goes to the captured stderr; run 15). A child's stderr is kept."""
+    import subprocess
+
     pytest.importorskip("torch")
-    models = _tool("_zoo_models")
-    for name, shape in (("unet", (2, 2, 128, 128)), ("lstm", (2, 50, 256))):
-        model, feed = models.export(name, 2)
-        assert Runner(model)(feed)[0].shape == shape
-    ops = {n.op_type for n in models.export("unet", 1)[0].graph.node}
-    assert "ConvTranspose" in ops
+    check = [sys.executable, "-c", EXPORT_CHECK, str(REPO / "tools")]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_reference_models_export(zoo: ModuleType) -> None:
