@@ -17,7 +17,7 @@ tensor under a reshape is reshaped to x's shape (a view). Requantizations keep t
 (remapped). ``permute_dims(permute_dims(x, p), q)`` and ``reshape(reshape(x, S), T)`` become
 one op, or none where they cancel. Between two integer layers the epilogue then reads the
 GEMM's [rows, channels] output directly, which lets Relax fuse it into the GEMM
-(int8_kernels.packed_gemm is marked output-elementwise-fusable; int8_epilogue.py schedules
+(int8_kernels.packed_gemm is marked output-elementwise-fusable; int8_gemm.py schedules
 the fused kernel). A transpose with other uses stays for them (fused into their kernels as
 index arithmetic).
 """

@@ -44,7 +44,7 @@ from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass
 from onnxpress.backends.tvm.conv_packed import legalize_passes
 from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
 from onnxpress.backends.tvm.fast_math import fast_math_pass
-from onnxpress.backends.tvm.int8_epilogue import epilogue_rule
+from onnxpress.backends.tvm.int8_gemm import epilogue_rule
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxpress.backends.tvm.build import fuse
-from onnxpress.backends.tvm.int8_epilogue import has_packed_gemm
+from onnxpress.backends.tvm.int8_gemm import has_packed_gemm
 from onnxpress.backends.tvm.rpc import RpcSpec, check_tracker, in_process_builder, session_runner
 from onnxpress.backends.tvm.targets import TargetSpec, tvm_target
 from onnxpress.backends.tvm.tune_db import (

@@ -1,6 +1,7 @@
-"""int8_epilogue.py: Relax fuses a packed GEMM with its requantizing epilogue; the rule computes
-the epilogue inside the GEMM's parallel tile loop (the int32 sums never leave the tile), the
-library computes the same bytes as numpy, and a whole QDQ model still matches onnxruntime."""
+"""int8_gemm.py, the fused epilogue: Relax fuses a packed GEMM with its requantizing epilogue;
+the rule computes the epilogue inside the GEMM's parallel tile loop (the int32 sums never
+leave the tile), the library computes the same bytes as numpy, and a whole QDQ model still
+matches onnxruntime."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax, s_tir  # noqa: E402
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
-from onnxpress.backends.tvm.int8_epilogue import epilogue_rule, has_packed_gemm  # noqa: E402
+from onnxpress.backends.tvm.int8_gemm import epilogue_rule, has_packed_gemm  # noqa: E402
 from onnxpress.backends.tvm.int8_kernels import (  # noqa: E402
     AVX2_S16,
     pack_weight,
