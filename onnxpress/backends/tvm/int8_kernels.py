@@ -129,14 +129,12 @@ def tiles(isa: DotIsa, cols: int, rows: int | None = None) -> tuple[int, int]:
     block_tile = next((t for t in isa.block_tiles if blocks % t == 0), 1)
     row_tile = isa.accumulators // block_tile
     if rows is not None and rows % row_tile:
-        # the same accumulators in another shape, else two thirds of them (8 of 12: as many
-        # FMA chains as two pipes of 4 cycles need)
-        for least in (isa.accumulators, isa.accumulators * 2 // 3):
-            for other in (*isa.block_tiles, *isa.alternate_tiles):
-                tile_rows = min(isa.accumulators // other, least // other + (least % other > 0))
-                fits = tile_rows * other >= least and blocks % other == 0
-                if fits and rows % tile_rows == 0:
-                    return tile_rows, other
+        # the same accumulators in another shape; fewer of them (4 rows x 2 blocks) ran
+        # resnet50 int8 1-4% slower than padded rows and an im2col copy (BENCHMARKS run 16)
+        for other in (*isa.block_tiles, *isa.alternate_tiles):
+            full = isa.accumulators // other * other == isa.accumulators
+            if full and blocks % other == 0 and rows % (isa.accumulators // other) == 0:
+                return isa.accumulators // other, other
     return row_tile, block_tile
 
 

@@ -143,13 +143,12 @@ def test_avx2_model_matches_onnxruntime_with_either_kernel(tmp_path: Path, satur
 
 def test_avx2_tiles_take_rows_that_divide_the_gemm() -> None:
     """6 rows x 2 column blocks is AVX2's first tile; where 6 does not divide the rows (a 112 x
-    112 image) 4 rows x 3 blocks keep the 12 accumulators, or 4 x 2 keep 8, and no row is
-    padded."""
+    112 image) 4 rows x 3 blocks keep the 12 accumulators and no row is padded."""
     from onnxpress.backends.tvm.int8_kernels import tiles
 
     assert tiles(AVX2_S16, 96, 6 * 50) == (6, 2)
     assert tiles(AVX2_S16, 96, 112 * 112) == (4, 3)
     assert tiles(AVX2_U8S8, 96, 56 * 56) == (4, 3)
     assert tiles(AVX2_S16, 96, 49) == (6, 2)  # nothing divides 49: padded to 54
-    # 8 blocks (3 does not divide them), 12 rows do not divide 112 x 112: 8 accumulators
-    assert tiles(AVX2_S16, 64, 112 * 112) == (4, 2)
+    # 8 blocks (3 does not divide them), 12 rows do not divide 112 x 112: padded rows
+    assert tiles(AVX2_S16, 64, 112 * 112) == (6, 2)
