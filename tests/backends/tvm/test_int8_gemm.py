@@ -17,7 +17,11 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax, s_tir  # noqa: E402
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
-from onnxpress.backends.tvm.int8_gemm import epilogue_rule, has_packed_gemm  # noqa: E402
+from onnxpress.backends.tvm.int8_gemm import (  # noqa: E402
+    epilogue_rule,
+    has_packed_gemm,
+    separate_epilogue,
+)
 from onnxpress.backends.tvm.int8_kernels import (  # noqa: E402
     AVX2_S16,
     pack_weight,
@@ -63,11 +67,10 @@ def _operands() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, w, rng.integers(-500, 500, COLS).astype(np.int32)
 
 
-def test_the_epilogue_is_computed_inside_the_gemm_tile_loop() -> None:
+def _fused_kernel() -> Any:
+    """The one kernel Relax fuses from gemm_with_epilogue."""
     _, w, correction = _operands()
-    mod = gemm_with_epilogue(w, correction)
-    target = tvm_target(parse_target("avx2"))
-    with target:
+    with tvm_target(parse_target("avx2")):
         fused = tvm.transform.Sequential(
             [
                 relax.transform.LegalizeOps(),
@@ -75,11 +78,16 @@ def test_the_epilogue_is_computed_inside_the_gemm_tile_loop() -> None:
                 relax.transform.FuseOps(),
                 relax.transform.FuseTIR(),
             ]
-        )(mod)
+        )(gemm_with_epilogue(w, correction))
     kernels = [f for gv, f in fused.functions.items() if "gemm" in gv.name_hint]
     assert len(kernels) == 1  # the GEMM and the whole chain in one kernel
-    assert has_packed_gemm(s_tir.Schedule(kernels[0]))
-    sch = epilogue_rule(8).apply(kernels[0], target, False)
+    return kernels[0]
+
+
+def test_the_epilogue_is_computed_inside_the_gemm_tile_loop() -> None:
+    kernel = _fused_kernel()
+    assert has_packed_gemm(s_tir.Schedule(kernel))
+    sch = epilogue_rule(8).apply(kernel, tvm_target(parse_target("avx2")), False)
     assert sch is not None
     blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     assert len(blocks) == 3 and blocks[:2] == ["C_init", "C_update_o"]  # the rest inlined
@@ -87,6 +95,17 @@ def test_the_epilogue_is_computed_inside_the_gemm_tile_loop() -> None:
     epilogue_loops = sch.get_loops(sch.get_sblock(blocks[2]))
     assert sch.get(epilogue_loops[0]).same_as(sch.get(outer))  # under the tile loop
     assert int(sch.get(epilogue_loops[-1]).kind) == 2  # vector lanes
+
+
+def test_the_fallback_keeps_the_gemm_and_one_vectorized_epilogue_after_it() -> None:
+    sch = s_tir.Schedule(_fused_kernel())
+    assert separate_epilogue(sch, 8)
+    blocks = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert len(blocks) == 3 and blocks[:2] == ["C_init", "C_update_o"]
+    outer = sch.get_loops(sch.get_sblock("C_update_o"))[0]
+    epilogue_loops = sch.get_loops(sch.get_sblock(blocks[2]))
+    assert not sch.get(epilogue_loops[0]).same_as(sch.get(outer))  # a loop nest of its own
+    assert int(sch.get(epilogue_loops[-1]).kind) == 2
 
 
 @pytest.mark.skipif(not parse_target("avx2").runs_here(), reason="this CPU has no AVX2 + FMA")
