@@ -316,18 +316,19 @@ def bisect(
             budgets = [p.default_budget for p in lossy if p.default_budget is not None]
             budget = verify.budget if verify.budget is not None else max(budgets, default=None)
             cmp = compare_metric(runner.output_names, reference, outputs, metric, budget)
-            names = runner.output_names
-            judged = judge_targets(candidate, feeds, names, reference, metric, budget, chosen)
-            quantized = bool(integer_layers(candidate))
-            outcome = VerifyOutcome(verify.level, cmp.metric, cmp.value, cmp.limit, cmp.output)
-            try:
-                settle(f"prefix of {prefix}", outcome, cmp, judged, quantized, chosen, "")
-            except VerificationError as exc:
-                logger.info("bisect: prefix of %d passes fails: %s", prefix, exc)
-                return True
-            return False
         logger.info("bisect: prefix of %d passes: %s %.3g", prefix, cmp.metric, cmp.value)
-        return not cmp.ok
+        if not lossy:
+            return not cmp.ok
+        names = runner.output_names
+        judged = judge_targets(candidate, feeds, names, reference, metric, budget, chosen)
+        outcome = VerifyOutcome(verify.level, cmp.metric, cmp.value, cmp.limit, cmp.output)
+        quantized = bool(integer_layers(candidate))
+        try:
+            settle(f"prefix of {prefix}", outcome, cmp, judged, quantized, chosen, "")
+        except VerificationError as exc:
+            logger.info("bisect: prefix of %d passes fails: %s", prefix, exc)
+            return True
+        return False
 
     if not fails(len(passes)):
         return None
