@@ -1,7 +1,7 @@
 """Convolution legalization of the CPU pipeline (onnxpress.backends.tvm.conv_packed): regular
 convolutions read weights packed in the tile's channel blocks (packed once, at compile time),
 1x1 convolutions on images of whole vectors run as a GEMM over the flattened image, and
-both match TVM's own legalization; matmuls of a few rows read panel-packed weights;
+both match TVM's own legalization; matmuls by constant weights read panel-packed weights;
 skipped without TVM."""
 
 from __future__ import annotations
@@ -134,17 +134,31 @@ def test_transposed_convolutions_match_onnxruntime(
     assert (packed in text) == blocks
 
 
-@pytest.mark.parametrize("rows, packed", [(1, True), (8, True), (16, False)])
-def test_matmuls_of_few_rows_read_panel_packed_weights(
-    rows: int, packed: bool, tmp_path: Path
+@pytest.mark.parametrize(
+    "rows, columns, panel",
+    [
+        (1, 40, 8),  # a matrix-vector product: panels of one vector
+        (8, 40, 8),
+        (16, 40, 8),  # 5 vectors: no stack divides them
+        (128, 48, 48),  # the register tile's 3 vectors (AVX-512) side by side
+    ],
+)
+def test_matmuls_read_panel_packed_weights(
+    rows: int, columns: int, panel: int, tmp_path: Path
 ) -> None:
+    """A matmul by constant weights reads them packed in panels of its register tile's
+    columns (matmul_panel), folded at compile time, and matches onnxruntime."""
     from onnx import helper
 
+    from onnxpress.backends.tvm.conv_packed import matmul_panel
+
+    assert matmul_panel([rows], columns, 16, 32) == panel
+    assert matmul_panel([1, 128], 1536, 8, 16) == 24  # AVX2: the 4 x 3-vector tile
     rng = np.random.default_rng(5)
-    weight = rng.standard_normal((40, 96)).astype(np.float32)  # Gemm transB: [N, K]
-    bias = rng.standard_normal(40).astype(np.float32)
+    weight = rng.standard_normal((columns, 96)).astype(np.float32)  # Gemm transB: [N, K]
+    bias = rng.standard_normal(columns).astype(np.float32)
     node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)
-    text = verified_and_lowered(node, [rows, 96], [rows, 40], [weight, bias], tmp_path)
-    # panels of 8 columns (40 = 5 x 8), each 96 deep, folded at compile time
-    assert ("(T.int64(5), T.int64(96), T.int64(8))" in text) == packed
+    text = verified_and_lowered(node, [rows, 96], [rows, columns], [weight, bias], tmp_path)
+    # panels of ``panel`` columns, each 96 deep, folded at compile time
+    assert f"(T.int64({columns // panel}), T.int64(96), T.int64({panel}))" in text
     assert "pack_matmul_weight" not in text
