@@ -1,7 +1,7 @@
 """Convolutions legalized for the register tile: weights packed at compile time into the
 blocks it reads, 1x1 convolutions over the flattened image, kernel-sized transposed ones.
 
-``ConvKernelLayout`` (tile_schedule.py) gives regular convolutions IHWO weights, so a vector
+``ConvKernelLayout`` (``conv_kernel_layout_pass``) gives regular convolutions IHWO weights, so a vector
 of output channels is one load. But the tile of ``TiledReduction`` walks the reduction
 (input channel, kernel row, kernel column) for one block of S x W output channels: in IHWO
 consecutive steps are O floats apart (2 KB for 512 channels), every step touches new cache
@@ -39,6 +39,59 @@ from typing import Any
 from onnxpress.backends.tvm.tile_plan import stacked_rows, vector_width
 
 logger = logging.getLogger(__name__)
+
+
+def conv_kernel_layout_pass(lanes: int) -> Any:
+    """The relax pass ``ConvKernelLayout`` (see the module docstring)."""
+    import tvm
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not _wants_ihwo(call, lanes):
+                return call
+            attrs = call.attrs
+            return relax.op.nn.conv2d(
+                call.args[0],
+                relax.op.permute_dims(call.args[1], [1, 2, 3, 0]),
+                strides=attrs.strides,
+                padding=attrs.padding,
+                dilation=attrs.dilation,
+                groups=attrs.groups,
+                data_layout="NCHW",
+                kernel_layout="IHWO",
+                out_layout="NCHW",
+                out_dtype=attrs.out_dtype,
+            )
+
+    @tvm.transform.module_pass(opt_level=0, name="ConvKernelLayout")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        rewriter = _Rewriter(mod)
+        for gvar, func in mod.functions.items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return _pass
+
+
+def _wants_ihwo(call: Any, lanes: int) -> bool:
+    if getattr(call.op, "name", "") != "relax.nn.conv2d":
+        return False
+    attrs = call.attrs
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return False
+    weight = call.args[1].ty
+    shape = getattr(weight, "shape", None)
+    if shape is None or len(shape) != 4 or not str(weight.dtype).startswith("float"):
+        return False
+    try:
+        per_group = int(shape[0]) // int(attrs.groups)
+    except TypeError:  # symbolic channel count
+        return False
+    return any(per_group % width == 0 for width in (lanes, lanes // 2, lanes // 4) if width >= 4)
 
 
 def packed_block(

@@ -41,14 +41,13 @@ import math
 from typing import Any
 
 from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass
-from onnxpress.backends.tvm.conv_packed import legalize_passes
+from onnxpress.backends.tvm.conv_packed import conv_kernel_layout_pass, legalize_passes
 from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
 from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.int8_gemm import epilogue_rule
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,
-    conv_kernel_layout_pass,
     inline_elementwise,
     reverse_inline,
     schedule_elementwise,

@@ -1,6 +1,6 @@
-"""Untuned register-tiled CPU schedule for conv2d / matmul / batch-matmul kernels, the conv
-weight layout it wants (``conv_kernel_layout_pass``, see schedule.py) and the target's
-vector lanes and registers.
+"""Untuned register-tiled CPU schedule for conv2d / matmul / batch-matmul kernels and the
+target's vector lanes and registers (the conv weight layout it wants:
+``conv_packed.conv_kernel_layout_pass``).
 
 dlight rule ``TiledReduction``, for a kernel whose one reduction block is
 ``out[s...] += a[...] * b[...]`` (a legalized conv2d, matmul or batch matmul), with
@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from onnxpress.backends.tvm.reduction_split import plan_split, split_reduction
 from onnxpress.backends.tvm.tile_plan import (
     TilePlan,
     lane_strides,
@@ -42,7 +43,6 @@ from onnxpress.backends.tvm.tile_plan import (
 __all__ = [
     "MIN_PARALLEL_MACS",
     "TilePlan",
-    "conv_kernel_layout_pass",
     "inline_consumers",
     "inline_elementwise",
     "lane_strides",
@@ -97,59 +97,6 @@ def vector_registers(target: Any) -> int:
     return 32 if triple.startswith(("aarch64", "arm64")) else 16
 
 
-def conv_kernel_layout_pass(lanes: int) -> Any:
-    """The relax pass ``ConvKernelLayout`` (see the module docstring)."""
-    import tvm
-    from tvm import relax
-
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if not _wants_ihwo(call, lanes):
-                return call
-            attrs = call.attrs
-            return relax.op.nn.conv2d(
-                call.args[0],
-                relax.op.permute_dims(call.args[1], [1, 2, 3, 0]),
-                strides=attrs.strides,
-                padding=attrs.padding,
-                dilation=attrs.dilation,
-                groups=attrs.groups,
-                data_layout="NCHW",
-                kernel_layout="IHWO",
-                out_layout="NCHW",
-                out_dtype=attrs.out_dtype,
-            )
-
-    @tvm.transform.module_pass(opt_level=0, name="ConvKernelLayout")
-    def _pass(mod: Any, _ctx: Any) -> Any:
-        rewriter = _Rewriter(mod)
-        for gvar, func in mod.functions.items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return _pass
-
-
-def _wants_ihwo(call: Any, lanes: int) -> bool:
-    if getattr(call.op, "name", "") != "relax.nn.conv2d":
-        return False
-    attrs = call.attrs
-    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
-        return False
-    weight = call.args[1].ty
-    shape = getattr(weight, "shape", None)
-    if shape is None or len(shape) != 4 or not str(weight.dtype).startswith("float"):
-        return False
-    try:
-        per_group = int(shape[0]) // int(attrs.groups)
-    except TypeError:  # symbolic channel count
-        return False
-    return any(per_group % width == 0 for width in (lanes, lanes // 2, lanes // 4) if width >= 4)
-
-
 def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     """Apply a TilePlan to its reduction block (see the module docstring)."""
     _inline_copies(sch, block)
@@ -176,8 +123,13 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
         r_outer, r_inner = sch.split(spatial[axis], factors=[None, tile])
         outer[axis] = r_outer
         inner.insert(0, r_inner)
-    outer = _vector_blocks_first(outer, plan)
-    sch.reorder(*outer, *reductions, *inner)
+    split = plan_split(plan)
+    if split:  # the weight panel does not stay in L1: reduction_split.py
+        outer, first = split_reduction(sch, plan, outer, reductions, inner, split)
+        reductions = reductions[1:]
+    else:
+        outer, first = _vector_blocks_first(outer, plan), reductions[0]
+        sch.reorder(*outer, *reductions, *inner)
     # the accumulator tile: other axes first, then the rows, then the vector lanes
     stacked = [plan.stack_axis] if plan.stack > 1 and plan.stack_axis is not None else []
     tiled = [axis for axis, _ in reversed(plan.rows)] + stacked + [plan.vector]
@@ -195,8 +147,8 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     if plan.macs >= (MIN_PARALLEL_MACS if plan.rows else MIN_PARALLEL_GEMV):
         sch.parallel(fused)
-    init = sch.decompose_reduction(block, reductions[0])
-    _vectorize_tail(sch, init, plan.width, unroll=True)
+    init = sch.decompose_reduction(block, first)
+    _vectorize_tail(sch, init, plan.width, unroll=split is None)
     if plan.vector == plan.spatial - 1 or not _write_back_by_vectors(sch, acc, plan):
         _vectorize_tail(sch, acc, plan.width, unroll=False)  # unrolled: slower builds, no gain
 

@@ -16,9 +16,11 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import relax  # noqa: E402
 
-from onnxpress.backends.tvm.conv_packed import packed_block  # noqa: E402
+from onnxpress.backends.tvm.conv_packed import (  # noqa: E402
+    conv_kernel_layout_pass,
+    packed_block,
+)
 from onnxpress.backends.tvm.schedule import cpu_pipeline  # noqa: E402
-from onnxpress.backends.tvm.tile_schedule import conv_kernel_layout_pass  # noqa: E402
 
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})

@@ -22,10 +22,10 @@ from tvm import relax  # noqa: E402
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic  # noqa: E402
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.conv_packed import conv_kernel_layout_pass  # noqa: E402
 from onnxpress.backends.tvm.schedule import cpu_pipeline, schedule_rules  # noqa: E402
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule  # noqa: E402
 from onnxpress.backends.tvm.tile_schedule import (  # noqa: E402
-    conv_kernel_layout_pass,
     one_reduction,
     plan_tile,
     row_tile,
