@@ -54,7 +54,12 @@ from onnxpress.backends.tvm.int8_patterns import (
     op_name,
     signed_weight,
 )
-from onnxpress.backends.tvm.int8_unary import Rewriting, pooled_integers, table_lookup
+from onnxpress.backends.tvm.int8_unary import (
+    Rewriting,
+    pooled_integers,
+    reciprocal_scale,
+    table_lookup,
+)
 from onnxpress.backends.tvm.layout_sink import sink_layout_changes
 from onnxpress.backends.tvm.tile_schedule import vector_lanes
 
@@ -340,7 +345,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
 
         def _quantize(self, call: Any) -> Any:
             at = Rewriting(self.builder_, self._producer, self._dequantized, result)
-            for rewrite in (pooled_integers, table_lookup):
+            for rewrite in (pooled_integers, table_lookup, reciprocal_scale):
                 new = rewrite(call, at)
                 if new is not None:
                     return new

@@ -17,9 +17,11 @@ whatever the order, and its cast back to int32 is exact too:
     out[n, cb, y, x, l] = int32(sum_{ky, kx} float(in[n, y*s + ky*d, x*s + kx*d, cb*L + l])
                                                * float(w[cb*L + l, 0, ky, kx]))
 
-``in`` is NHWC, padded with the zero point beforehand (the pad fuses into the producer's
-epilogue), spatially and on channels up to a multiple of L, the target's float vector lanes,
-so the kernel reads no conditions. The sums are blocked [n, C / L, oh, ow, L] in registers
+``in`` is NHWC; a window position outside the image reads the zero point through a
+condition on the read (a padded copy, a kernel of its own once the producer's epilogue
+moved into its GEMM, cost half as much as the depthwise conv: mobilenet_v2's 96-channel
+112x112 one 0.23 ms for the copy). Channels that are not a multiple of L, the target's
+float vector lanes, are padded with a copy, spatial padding with them. The sums are blocked [n, C / L, oh, ow, L] in registers
 and written channels-last [n, oh, ow, C]: Relax fuses the requantizing epilogue after the
 kernel (layout_sink.py moves the transposes out of its way), and DepthwiseRows inlines it
 into the write-back of each vector of sums, so the int32 sums never reach memory.
@@ -66,16 +68,21 @@ def depthwise_float_exact(
     weight_shape: tuple[int, ...],
     strides: tuple[int, int],
     dilation: tuple[int, int],
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    zero: int = 0,
 ) -> Any:
-    """The PrimFunc: padded NHWC ``data`` (8-bit), float weights ``[C / L, KH, KW, L]``
+    """The PrimFunc: NHWC ``data`` (8-bit), float weights ``[C / L, KH, KW, L]``
     (``pack_depthwise_weight``) -> int32 ``[n, oh, ow, C]`` (summed in blocks ``[n, C / L, oh,
-    ow, L]``)."""
+    ow, L]``). ``padding`` (top, left, bottom, right): window positions outside ``data``
+    read the zero point ``zero`` (a condition on the read, no padded copy)."""
     from tvm import te, tirx
 
     batch, height, width, _ = data_shape
     blocks, kh, kw, lanes = weight_shape
     (sy, sx), (dy, dx) = strides, dilation
-    oh, ow = output_size(height, kh, sy, dy), output_size(width, kw, sx, dx)
+    top, left, bottom, right = padding
+    oh = output_size(height + top + bottom, kh, sy, dy)
+    ow = output_size(width + left + right, kw, sx, dx)
     # int64 extents, as Relax's kernels have: FuseTIR joins this kernel with the epilogue
     # that follows only where their buffers agree
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
@@ -85,8 +92,14 @@ def depthwise_float_exact(
     rx = te.reduce_axis((i64(0), i64(kw)), "rx")
 
     def body(n: Any, cb: Any, y: Any, x: Any, lane: Any) -> Any:
-        value = data[n, y * sy + ry * dy, x * sx + rx * dx, cb * lanes + lane]
-        return te.sum(value.astype("float32") * weight[cb, ry, rx, lane], axis=[ry, rx])
+        iy, ix = y * sy + ry * dy - top, x * sx + rx * dx - left
+        value = data[n, iy, ix, cb * lanes + lane].astype("float32")
+        inside = [c for c, side in ((iy >= 0, top), (ix >= 0, left)) if side] + [
+            c for c, side in ((iy < height, bottom), (ix < width, right)) if side
+        ]
+        if inside:
+            value = te.if_then_else(te.all(*inside), value, tirx.const(float(zero), "float32"))
+        return te.sum(value * weight[cb, ry, rx, lane], axis=[ry, rx])
 
     sums = te.compute(tuple(map(i64, (batch, blocks, oh, ow, lanes))), body, name=KERNEL)
     # written channels-last: the requantizing epilogue that Relax fuses after it reads the
@@ -100,24 +113,27 @@ def depthwise_float_exact(
 
 
 def emit(builder: Any, data: Any, zero: int, weight: np.ndarray, window: Window, lanes: int) -> Any:
-    """NCHW int32 ``depthwise(data, weight)`` for NHWC 8-bit ``data`` (a Relax expression,
-    padded here with the zero point ``zero``, spatially by the window and on channels up to
-    a multiple of ``lanes``) and int8 ``weight [C, 1, KH, KW]`` that ``fits``."""
+    """NCHW int32 ``depthwise(data, weight)`` for NHWC 8-bit ``data`` (a Relax expression
+    whose window padding reads the zero point ``zero``; channels padded up to a multiple of
+    ``lanes`` with a copy) and int8 ``weight [C, 1, KH, KW]`` that ``fits``."""
     from tvm import relax
 
     channels, _, kh, kw = weight.shape
     extra = -channels % lanes
     top, left, bottom, right = window.padding
-    if any(window.padding) or extra:
+    padding: tuple[int, int, int, int] = (top, left, bottom, right)
+    if extra:  # channels padded to whole vectors: a padded copy, spatial padding with it
         widths = [0, 0, top, bottom, left, right, 0, extra]
         data = builder.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
+        padding = (0, 0, 0, 0)
     packed = pack_depthwise_weight(weight.astype(np.float32), lanes)
     shape = tuple(int(d) for d in data.ty.shape)
     (sy, sx), (dy, dx) = window.strides, window.dilation
-    out_h, out_w = output_size(shape[1], kh, sy, dy), output_size(shape[2], kw, sx, dx)
+    out_h = output_size(shape[1] + padding[0] + padding[2], kh, sy, dy)
+    out_w = output_size(shape[2] + padding[1] + padding[3], kw, sx, dx)
     out_shape = (shape[0], out_h, out_w, channels + extra)
     func = depthwise_float_exact(
-        shape, str(data.ty.dtype), packed.shape, window.strides, window.dilation
+        shape, str(data.ty.dtype), packed.shape, window.strides, window.dilation, padding, zero
     )
     gvar = builder.add_func(func, "onnxpress_int8_depthwise")
     nhwc = builder.emit(

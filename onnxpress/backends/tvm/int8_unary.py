@@ -12,6 +12,12 @@
   the zero point, saturate); onnxruntime's own float sigmoid is an approximation, so a
   value can land one step away where its result sits on a rounding boundary, which the
   compile-time check measures like every other requantization.
+* any other ``quantize(x)`` by a constant per-tensor scale: ``x / s`` becomes ``x * (1 / s)``
+  (``reciprocal_scale``). The divide was the slowest instruction of every GEMM's fused
+  epilogue (one ``vdivps`` per vector of outputs); the product differs from the quotient
+  by at most one ulp, so a result moves by one step only where ``x / s`` sits within an
+  ulp of a rounding boundary, as onnxruntime's own requantization (a product by its
+  combined scale) does.
 """
 
 from __future__ import annotations
@@ -172,3 +178,22 @@ def pooled_integers(call: Any, at: Rewriting) -> Any:
     if layout == str(attrs.layout):
         return pooled_q
     return relax.op.permute_dims(at.builder.emit(pooled_q), [0, 3, 1, 2])
+
+
+def reciprocal_scale(call: Any, at: Rewriting) -> Any:
+    """``quantize(x, s, z)`` -> ``quantize(x * (1 / s), 1, z)`` for a constant per-tensor
+    float32 scale ``s`` (see the module docstring); None otherwise."""
+    from tvm import relax
+
+    scale = constant_value(call.args[1])
+    if scale is None or scale.size != 1 or str(call.args[0].ty.dtype) != "float32":
+        return None
+    value = float(scale.reshape(-1)[0])
+    if not math.isfinite(value) or value == 0.0 or value == 1.0:
+        return None
+    inverse = relax.const(np.float32(1.0 / np.float64(np.float32(value))), "float32")
+    one = relax.const(np.ones(scale.shape, np.float32), "float32")
+    scaled = at.builder.emit(relax.op.multiply(call.args[0], inverse))
+    return relax.op.quantize(
+        scaled, one, call.args[2], axis=int(call.attrs.axis), out_dtype=str(call.attrs.out_dtype)
+    )

@@ -1,10 +1,11 @@
 """int8_unary.py: quantize(f(dequantize(q))) as a 256-entry table (SiLU's sigmoid, tanh...),
 its values against a direct computation, the rewrite in a compiled model, and the
-library's output against onnxruntime."""
+library's output against onnxruntime; requantizations by the reciprocal scale."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from qdq_helpers import conv_model, quantize
 
 tvm = pytest.importorskip("tvm")
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.build import import_relax  # noqa: E402
+from onnxpress.backends.tvm.int8 import lower_qdq_to_integer  # noqa: E402
 from onnxpress.backends.tvm.int8_patterns import Dequantized  # noqa: E402
 from onnxpress.backends.tvm.int8_unary import FUNCTIONS, table  # noqa: E402
+from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
 from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
-from onnxpress.backends.tvm.targets import parse_target  # noqa: E402
+from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
 
 
 def _source(dtype: str, scale: float, zero: int) -> Dequantized:
@@ -76,3 +81,16 @@ def test_quantized_sigmoid_compiles_to_a_table_and_matches_onnxruntime(tmp_path:
     assert np.abs(got - expected).max() <= 6 * step * 1.01
     off = compile_model(model, parse_target("x86"), tmp_path / "off", int8="off")
     assert off.manifest["int8"] is None
+
+
+def test_requantizing_epilogues_multiply_by_the_reciprocal_scale(tmp_path: Path) -> None:
+    """Every quantize left in the lowered model of a quantized conv chain scales by 1 after
+    a product by 1 / s (no divide in the GEMMs' epilogues: reciprocal_scale), and the
+    library stays within one step of onnxruntime."""
+    qdq, _ = quantize(conv_model())
+    spec = parse_target("x86")
+    lowered, _ = lower_qdq_to_integer(import_relax(prepare(qdq, None)), tvm_target(spec))
+    scales = re.findall(r"R\.quantize\(\w+, ([^,]+),", lowered.script())
+    assert scales and set(scales) == {"R.const(1.0"}
+    result = compile_model(qdq, spec, tmp_path / "lib")
+    assert result.manifest["verification"]["errors"]["y"] <= 1.0
