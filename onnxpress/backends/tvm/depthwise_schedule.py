@@ -76,7 +76,7 @@ def schedule_depthwise(sch: Any, block: Any, registers: int) -> bool:
         sch.reorder(n, cb, y, x_outer, ky, kx, x_inner, lanes)
         tile_loop = x_outer
         parallel = [n, cb] if extents[0] * extents[1] > 1 else [n, cb, y]
-    acc = sch.cache_write(block, 0, "local")
+    acc = sch.cache_write(block, 0, "global")
     inline_consumers(sch, acc)
     sch.reverse_compute_at(acc, tile_loop)
     if math.prod(extents) >= MIN_PARALLEL_DEPTHWISE:

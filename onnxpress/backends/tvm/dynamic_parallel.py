@@ -75,7 +75,7 @@ def _dynamic_loop(loop: Any, threads: int) -> Any:
         return tirx.IntImm(i32, value)
 
     counters = tirx.decl_buffer((threads * LINE_INTS,), i32, name="claim_counters")
-    next_ = tirx.decl_buffer((1,), i32, name="claim_next", scope="local")
+    next_ = tirx.decl_buffer((1,), i32, name="claim_next")
     task, turn, owner, start = (tirx.Var(name, i32) for name in ("task", "turn", "owner", "start"))
     first = owner * share  # the owner's share: [first, min(first + share, count))
     end = tirx.min(first + share, const(count))

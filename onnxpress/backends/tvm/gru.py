@@ -73,7 +73,7 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, lbr: bool, reverse: b
             t = (steps - 1 - step) if reverse else step
             now = step % 2
             for block in T.parallel(blocks):
-                acc = T.decl_buffer((rows, 3, width), "float32", scope="local")
+                acc = T.decl_buffer((rows, 3, width), "float32")
                 for tile in range(tiles):
                     for r, g in T.grid(rows, sweep):
                         for u in T.vectorized(width):
@@ -108,7 +108,7 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, lbr: bool, reverse: b
                                 ]
             if not lbr:
                 for block in T.parallel(blocks):
-                    candidate = T.decl_buffer((rows, width), "float32", scope="local")
+                    candidate = T.decl_buffer((rows, width), "float32")
                     for tile in range(tiles):
                         for r in range(rows):
                             for u in T.vectorized(width):

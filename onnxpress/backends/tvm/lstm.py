@@ -79,8 +79,8 @@ def recurrence_kernel(steps: int, batch: int, hidden: int, reverse: bool) -> Any
             t = (steps - 1 - step) if reverse else step
             now = step % 2
             for block in T.parallel(blocks):
-                acc = T.decl_buffer((rows, 4, width), "float32", scope="local")
-                gate = T.decl_buffer((2, width), "float32", scope="local")
+                acc = T.decl_buffer((rows, 4, width), "float32")
+                gate = T.decl_buffer((2, width), "float32")
                 for tile in range(tiles):
                     for r, g in T.grid(rows, 4):
                         for u in T.vectorized(width):

@@ -103,7 +103,7 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     inline_elementwise(sch)  # an epilogue DAG (x * sigmoid(x)) becomes one chain
     loops = sch.get_loops(block)
     spatial, reductions = loops[: plan.spatial], loops[plan.spatial :]
-    acc = sch.cache_write(block, 0, "local")
+    acc = sch.cache_write(block, 0, "global")
     inline_consumers(sch, acc)
     outer = list(spatial)
     if plan.stack > 1 and plan.stack_axis is None:

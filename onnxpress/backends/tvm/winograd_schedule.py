@@ -57,7 +57,7 @@ def schedule_output(sch: Any, block: Any, lanes: int) -> None:
     sch.reorder(n, kb, ty, tx, yi, xi, ki)
     (columns,) = [b for b in sch.get_producers(block) if _role(sch, b) == "columns"]
     sch.compute_at(columns, tx)
-    sch.set_scope(columns, 0, "local")
+    sch.set_scope(columns, 0, "global")
     for loop in sch.get_loops(columns)[4:-1]:
         sch.unroll(loop)
     _vectorize(sch, sch.get_loops(columns)[-1], lanes)
@@ -74,7 +74,7 @@ def schedule_input(sch: Any, rows: Any, block: Any, lanes: int) -> None:
     co, ci = sch.split(c, factors=[None, width])
     sch.reorder(p, co, e, u, ci)
     sch.compute_at(rows, co)
-    sch.set_scope(rows, 0, "local")
+    sch.set_scope(rows, 0, "global")
     row_e, row_j, row_c = sch.get_loops(rows)[2:]
     sch.unroll(row_e)
     sch.unroll(row_j)

@@ -139,10 +139,36 @@ def test_rule_tiles_conv_kernels(groups: int, stride: int, lanes: int) -> None:
     conv = next(text for name, text in kernels.items() if "conv2d" in name)
     assert conv is not None
     assert f"T.vectorized(T.int64({lanes}))" in conv  # output channels or output columns
-    assert "_local" in conv and "T.unroll(" in conv  # the accumulator tile
+    assert "_global" in conv and "T.unroll(" in conv  # the accumulator tile (on the stack)
     assert "T.max(" in conv  # relu inlined into the write-back
     if groups == 1 and stride == 1:  # 2.4M multiply-adds: worth two threads
         assert "T.parallel(" in conv
+
+
+def lowered_for_cpu(func: Any, target: Any) -> str:
+    """``func`` (a scheduled PrimFunc) through TVM's TIR lowering for ``target``: the
+    script just before code generation, where buffers have become stack arrays or
+    workspace allocations."""
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    mod = tvm.tirx.transform.BindTarget(target.with_host(target))(mod)
+    pipeline, finalize_host, _ = tvm.tirx.get_default_tir_pipeline(target)
+    return str(finalize_host()(pipeline(mod)).script())
+
+
+@pytest.mark.parametrize("groups", [1, 32])
+def test_tile_accumulators_live_on_the_stack(groups: int) -> None:
+    """The register tile's accumulators are a small "global" buffer, which TVM's CPU
+    lowering puts on the stack (LLVM keeps it in registers); a "local" one came from the
+    workspace pool, one allocation and free per tile of every parallel loop (7% of
+    mobilenet_v2 int8's samples in perf; a 32 -> 16 channel 1x1 conv at 112x112 0.12 ->
+    0.07 ms). AVX2's tiles (at most 12 vectors, 384 bytes) fit the 1 KB that TVM puts on
+    the stack; AVX-512's largest do not and still come from the pool."""
+    kernels = scheduled_kernels(relax_conv(32, 16, 32, groups), AVX2, tiled_reduction_rule(8, 16))
+    text = next(t for name, t in kernels.items() if "conv2d" in name and t is not None)
+    lowered = lowered_for_cpu(tvm.script.from_source(text), AVX2).splitlines()
+    tiles = [line for line in lowered if "_global = " in line]  # the accumulators' buffer
+    assert tiles and all("T.alloc_buffer(" in line for line in tiles)  # a stack array
+    assert not any("TVMBackendAllocWorkspace" in line for line in tiles)
 
 
 @pytest.mark.parametrize(
