@@ -4,7 +4,8 @@
       gru.py and lstm.py and a Clip of Relax ops for the duration of one import
       (``importer_overrides``);
   fuse / apply_database: legalize and fuse the module, give tuned kernels their records;
-  build: ``tvm.compile`` with onnxpress's default CPU schedules (schedule.py);
+  build: ``tvm.compile`` with onnxpress's default CPU schedules (schedule.py) and TIR
+      passes (``tir_pipeline``);
   export: the library file in a folder, with onnxpress's parallel launch (thread_pool.py).
 
 backend.py (compile_model) runs them in order; tune.py and tune_db.py build candidates and
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from onnxpress.backends.tvm import dynamic_parallel, thread_pool
+from onnxpress.backends.tvm import dynamic_parallel, stack_scratch, thread_pool
 from onnxpress.backends.tvm.gru import convert_gru
 from onnxpress.backends.tvm.lstm import convert_lstm
 from onnxpress.backends.tvm.prepare import Prepared, check_coverage
@@ -132,6 +133,28 @@ def check_parallel(parallel: str) -> None:
         raise CompileError(f"parallel must be 'dynamic' or 'static', not {parallel!r}")
 
 
+def tir_pipeline(threads: int) -> str:
+    """The name of TVM's TIR pipeline plus onnxpress's passes, registered on first use: the
+    dynamic split of parallel loops for ``threads`` runtime threads (dynamic_parallel.py;
+    none when 0) and kernel scratch on the stack (stack_scratch.py)."""
+    import tvm
+    from tvm.tirx import compilation_pipeline as pipelines
+
+    name = f"onnxpress-cpu-{threads}"
+
+    def factory() -> Any:
+        default, host, device = pipelines.get_tir_pipeline("s_tir")
+        passes = [default]
+        if threads:
+            passes.append(dynamic_parallel.dynamic_parallel_pass(threads))
+        passes.append(stack_scratch.stack_scratch_pass())
+        return tvm.transform.Sequential(passes), host, device
+
+    if name not in pipelines.PIPELINE_MAP:
+        pipelines.register_tir_pipeline(name, factory)
+    return name
+
+
 def build(
     mod: Any,
     spec: TargetSpec,
@@ -151,7 +174,7 @@ def build(
     target = tvm_target(spec)
     check_parallel(parallel)
     threads = split_threads(spec, parallel)
-    tir = dynamic_parallel.register(threads) if threads else "default"
+    tir = tir_pipeline(threads)
     try:
         if database is not None:
             mod = apply_database(fuse(mod, target, default_schedules), target, database)
