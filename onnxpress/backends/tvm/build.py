@@ -21,13 +21,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from onnxpress.backends.tvm import dynamic_parallel, stack_scratch, thread_pool
+from onnxpress.backends.tvm import dynamic_parallel, thread_pool
 from onnxpress.backends.tvm.gru import convert_gru
 from onnxpress.backends.tvm.lstm import convert_lstm
 from onnxpress.backends.tvm.prepare import Prepared, check_coverage
 from onnxpress.backends.tvm.runtime import CompileError, require_tvm
 from onnxpress.backends.tvm.schedule import cpu_lowering_passes, cpu_pipeline
 from onnxpress.backends.tvm.targets import TargetSpec, split_threads, tvm_target
+from onnxpress.backends.tvm.tir_passes import stack_scratch_pass
 
 LIBRARY_STEM = "model"
 PARALLEL = ("dynamic", "static")  # how CPU kernels split their parallel loops (build)
@@ -136,7 +137,7 @@ def check_parallel(parallel: str) -> None:
 def tir_pipeline(threads: int) -> str:
     """The name of TVM's TIR pipeline plus onnxpress's passes, registered on first use: the
     dynamic split of parallel loops for ``threads`` runtime threads (dynamic_parallel.py;
-    none when 0) and kernel scratch on the stack (stack_scratch.py)."""
+    none when 0) and kernel scratch on the stack (tir_passes.py)."""
     import tvm
     from tvm.tirx import compilation_pipeline as pipelines
 
@@ -147,7 +148,7 @@ def tir_pipeline(threads: int) -> str:
         passes = [default]
         if threads:
             passes.append(dynamic_parallel.dynamic_parallel_pass(threads))
-        passes.append(stack_scratch.stack_scratch_pass())
+        passes.append(stack_scratch_pass())
         return tvm.transform.Sequential(passes), host, device
 
     if name not in pipelines.PIPELINE_MAP:

@@ -36,6 +36,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.tir_passes import cpu_module_pass, map_children
+
 PIPELINE = "onnxpress-dynamic-parallel"  # TIR pipeline names: this, then the thread count
 CHUNKS_PER_THREAD = 4
 LINE_INTS = 16  # each thread's counter on a 64-byte line of its own: no false sharing
@@ -118,66 +120,15 @@ def rewrite(stmt: Any, threads: int) -> Any:
     """``stmt`` with each outermost parallel loop in the claimed-chunk form."""
     from tvm.tirx import stmt as S
 
-    if isinstance(stmt, S.For):
-        if stmt.kind == S.ForKind.PARALLEL:
-            return _dynamic_loop(stmt, threads)
-        body = rewrite(stmt.body, threads)
-        if body.same_as(stmt.body):
-            return stmt
-        return S.For(
-            stmt.loop_var,
-            stmt.min,
-            stmt.extent,
-            stmt.kind,
-            body,
-            stmt.thread_binding,
-            stmt.annotations,
-            stmt.step,
-            stmt.span,
-        )
-    if isinstance(stmt, S.SeqStmt):
-        parts = [rewrite(s, threads) for s in stmt.seq]
-        if all(new.same_as(old) for new, old in zip(parts, stmt.seq, strict=True)):
-            return stmt
-        return S.SeqStmt(parts)
-    if isinstance(stmt, S.AttrStmt):
-        body = rewrite(stmt.body, threads)
-        if body.same_as(stmt.body):
-            return stmt
-        return S.AttrStmt(stmt.node, stmt.attr_key, stmt.value, body, stmt.span)
-    if isinstance(stmt, S.IfThenElse):
-        then = rewrite(stmt.then_case, threads)
-        other = rewrite(stmt.else_case, threads) if stmt.else_case is not None else None
-        return S.IfThenElse(stmt.condition, then, other, stmt.span)
-    if isinstance(stmt, S.While):
-        return S.While(stmt.condition, rewrite(stmt.body, threads), stmt.span)
-    return stmt
+    if isinstance(stmt, S.For) and stmt.kind == S.ForKind.PARALLEL:
+        return _dynamic_loop(stmt, threads)
+    return map_children(stmt, lambda child: rewrite(child, threads))
 
 
 def dynamic_parallel_pass(threads: int) -> Any:
     """The module pass, for a runtime of ``threads`` worker threads: every LLVM (CPU)
     PrimFunc of the module."""
-    import tvm
-    from tvm import tirx
-
-    def on_cpu(func: Any) -> bool:
-        target = func.attrs.get("target") if func.attrs is not None else None
-        return target is not None and str(target.kind.name) == "llvm"
-
-    @tvm.transform.module_pass(opt_level=0, name="DynamicParallel")
-    def apply(mod: Any, _ctx: Any) -> Any:
-        updates = {}
-        for gvar, func in mod.functions.items():
-            if isinstance(func, tirx.PrimFunc) and on_cpu(func):
-                body = rewrite(func.body, threads)
-                if not body.same_as(func.body):
-                    updates[gvar] = func.with_body(body)
-        if not updates:
-            return mod
-        functions = {gvar: updates.get(gvar, func) for gvar, func in mod.functions.items()}
-        return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
-
-    return apply
+    return cpu_module_pass("DynamicParallel", lambda body: rewrite(body, threads))
 
 
 def register(threads: int) -> str:

@@ -1,4 +1,4 @@
-"""Kernel scratch on the stack (onnxpress.backends.tvm.stack_scratch): an AVX-512 register
+"""Kernel scratch on the stack (onnxpress.backends.tvm.tir_passes): an AVX-512 register
 tile of more than 1 KB, which TVM's CPU lowering served from the workspace pool once per
 tile, stays a stack array after the pass; buffers over the bound and symbolic ones are
 left to the pool; the compile pipeline carries the pass; skipped without TVM."""
@@ -15,8 +15,8 @@ tvm = pytest.importorskip("tvm")
 from tvm import te  # noqa: E402
 
 from onnxpress.backends.tvm.build import tir_pipeline  # noqa: E402
-from onnxpress.backends.tvm.stack_scratch import STACK_BYTES, mark, stack_scratch_pass  # noqa: E402
 from onnxpress.backends.tvm.tile_schedule import tiled_reduction_rule  # noqa: E402
+from onnxpress.backends.tvm.tir_passes import STACK_BYTES, mark, stack_scratch_pass  # noqa: E402
 
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
 
