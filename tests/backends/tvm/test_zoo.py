@@ -19,7 +19,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("tvm")
 
-from onnxpress.core.verify import Runner
 
 
 def _tool(name: str) -> ModuleType:
@@ -171,18 +170,33 @@ def test_torch_models_export_and_run() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_reference_models_export(zoo: ModuleType) -> None:
+REFERENCE_CHECK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from _zoo_models import export
+from onnxpress.core.verify import Runner
+model, feed = export("mobilenet_v3_small", 1)
+assert Runner(model)(feed)[0].shape == (1, 1000)
+encoder, tokens = export("encoder", 1)
+assert list(tokens) == ["input_ids", "attention_mask"], list(tokens)
+assert Runner(encoder)(tokens)[0].shape == (1, 128, 384)
+"""
+
+
+def test_reference_models_export() -> None:
+    """In a child process, as the test above: in the full suite, with the bench extra
+    installed, the in-process export ended pytest with status 127 and no message (twice,
+    2026-12-06; alone, or after tests/analysis, it passed)."""
+    import subprocess
+
     # find_spec, not importorskip: PyPI's torchvision fails its plain import next to the
     # CPU torch (_zoo_models works around that)
     for package in ("torch", "torchvision", "transformers"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (the bench extra)")
-    models = _tool("_zoo_models")
-    model, feed = models.export("mobilenet_v3_small", 1)
-    assert Runner(model)(feed)[0].shape == (1, 1000)
-    encoder, tokens = models.export("encoder", 1)
-    assert list(tokens) == ["input_ids", "attention_mask"]
-    assert Runner(encoder)(tokens)[0].shape == (1, 128, 384)
+    check = [sys.executable, "-c", REFERENCE_CHECK, str(REPO / "tools")]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_gru_row_end_to_end(zoo: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
