@@ -232,9 +232,13 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             dilation = (int(attrs.dilation[0]), int(attrs.dilation[1]))
             groups = int(attrs.groups)
             out_shape = [int(d) for d in call.ty.shape]
-            if winograd is not None and groups == 1 and int8_winograd.fits(w, strides, dilation):
-                result.record("conv2d", w.shape, f"{winograd.name}-winograd")
-                acc = int8_winograd.emit(self.builder_, act.data, int(act.zero_point.reshape(-1)[0]), w, padding, out_shape, winograd)  # fmt: skip
+            transform = None
+            if winograd is not None and groups == 1:
+                transform = int8_winograd.choose(w, strides, dilation, (out_shape[2], out_shape[3]))
+            if winograd is not None and transform is not None:
+                suffix = "" if transform.m == 2 else f"-f{transform.m}"
+                result.record("conv2d", w.shape, f"{winograd.name}-winograd{suffix}")
+                acc = int8_winograd.emit(self.builder_, act.data, int(act.zero_point.reshape(-1)[0]), w, padding, out_shape, winograd, transform)  # fmt: skip
                 zero = 0  # subtracted before the transform
             elif winograd is not None and groups == 1 and int8_depthwise.stem(w):
                 # AVX2's int16 kernel pays an im2col and a padded depth for a few input

@@ -1,28 +1,34 @@
-"""Exact integer Winograd F(2x2, 3x3) for quantized 3x3 stride-1 convolutions (int8.py).
+"""Exact integer Winograd F(2x2, 3x3) and F(4x4, 3x3) for quantized 3x3 stride-1 convolutions
+(int8.py).
 
 On x86 AVX2 without VNNI a layer whose weights could saturate vpmaddubsw's int16 pair sums
 runs on the exact int16 kernel (vpmaddwd: 16 products per instruction). Winograd's minimal
-filtering computes a 2x2 output tile from a 4x4 input tile with 16 products per channel
-instead of 36, and stays exact in integers when the transforms are scaled to integers:
+filtering computes an m x m output tile from an (m+2) x (m+2) input tile with (m+2)^2
+products per channel pair instead of 9 m^2 (2.25x fewer for m = 2, 4x for m = 4), and stays
+exact in integers when the transforms are scaled to integers:
 
     d = x - zero point          (int16, |d| <= 255; padding is the zero point, so d = 0)
-    V = B^T d B                 (|V| <= 4 * 255 = 1020: int16)
-    U = (2G) g (2G)^T           (|U| <= 9 * 128 = 1152: int16, computed at compile time)
+    V = B^T d B                 (m = 2: |V| <= 4 * 255; m = 4: <= 10 * 10 * 255 = 25500)
+    U = Gs g Gs^T               (Gs: G with each row scaled to integers, at compile time;
+                                 m = 2: |U| <= 3 * 3 * 128; m = 4: <= 7 * 7 * 128)
     M[t] = sum_c V[t, c] U[t, c]    (vpmaddwd GEMM per transform point t, int32)
-    Y = (A^T M A) / 4           (an exact multiple of 4; int32 arithmetic wraps, but the
-                                 result, 4 x the zero-point-corrected sum, fits in int32
-                                 when 4 * 255 * sum|w| < 2^31 for every output channel,
-                                 which ``fits`` checks, so the wrapped value is exact)
+    Y = (As^T M As) / S         (As = A scaled by the inverse row scales of Gs, made
+                                 integer; S = 4 for m = 2, 576 = 9 * 64 for m = 4)
 
-So Y is the exact int32 accumulator of the direct kernel, zero point already subtracted,
-for any weights (no saturation risk) with 2.25x fewer multiplies. Three kernels: the input
-transform (NHWC int16, padded in Relax), the batched GEMM (int8_kernels.packed_gemm with a
-batch of 16), the output transform to NHWC int32; the float epilogue follows as for the
-im2col path.
+V and U fit int16, so every vpmaddwd product pair is exact. M and the output transform run
+in int32 arithmetic, which wraps; the result S * Y is still right modulo 2^32. For m = 2,
+dividing by 4 is a shift; for m = 4, multiplying by the inverse of 9 modulo 2^32 leaves
+64 * Y, then a shift by 6. Both recover Y exactly when 2^k * Y fits int32 (k = 2 or 6),
+i.e. 2^k * 255 * sum|w| < 2^31 for every output channel, which ``fits`` checks. So Y is
+the exact int32 accumulator of the direct kernel, zero point already subtracted, for any
+weights (no saturation risk). Three kernels: the input transform (NHWC int16, padded in
+Relax), the batched GEMM (int8_kernels.packed_gemm with a batch of (m+2)^2), the output
+transform to NHWC int32; the float epilogue follows as for the im2col path.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,110 +41,209 @@ from onnxpress.backends.tvm.int8_kernels import (
     round_up,
     tiles,
 )
-from onnxpress.backends.tvm.winograd import combine, select_by_index
+from onnxpress.backends.tvm.winograd import TRANSFORMS, combine, select_by_index
 
-BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.int64)
-G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)  # 2 G
-AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.int64)
-POINTS = 16  # 4 x 4 transform points
-MIN_CHANNELS = 16  # fewer: the transforms cost more than they save
 ACTIVATION_BOUND = 255  # |x - zero point| for 8-bit activations
+WEIGHT_BOUND = 128  # |w| for int8 weights
+MIN_CHANNELS = 16  # fewer: the transforms cost more than they save
+MIN_F4_OUTPUT = 12  # smaller outputs (7 x 7): F(4x4)'s ragged tiles waste what it saves
 
 
-def fits(w: np.ndarray, strides: tuple[int, int], dilation: tuple[int, int]) -> bool:
-    """Whether a conv with int8 weights ``w`` [O, I, kh, kw] can run as exact F(2x2, 3x3)."""
+@dataclass(frozen=True)
+class Transform:
+    """Integer F(m x m, 3 x 3): ``bt`` (m+2 square), ``g`` ((m+2) x 3, rows scaled to
+    integers), ``at`` (m x (m+2), scaled to match), and ``scale``: As^T M As = scale * Y."""
+
+    m: int
+    bt: np.ndarray
+    g: np.ndarray
+    at: np.ndarray
+    scale: int
+
+    @property
+    def size(self) -> int:
+        return self.m + 2
+
+    @property
+    def points(self) -> int:
+        return self.size**2
+
+    @property
+    def shift(self) -> int:
+        """The power of two in ``scale`` (the bits the wrapped result loses)."""
+        return (self.scale & -self.scale).bit_length() - 1
+
+    @property
+    def odd_inverse(self) -> int:
+        """The inverse of scale's odd part modulo 2^32, as an int32 constant."""
+        inverse = pow(self.scale >> self.shift, -1, 2**32)
+        return inverse - 2**32 if inverse >= 2**31 else inverse
+
+
+def _integer(m: int) -> Transform:
+    """winograd.py's float F(m x m, 3 x 3) made integer: each row of G times the smallest
+    integer that makes it integral, A^T's columns divided by the same and the whole times
+    their least common multiple L, so As^T M As = L^2 Y."""
+    bt, g, at = TRANSFORMS[m]
+    factors = [
+        next(f for f in range(1, 1000) if np.allclose(row * f, np.rint(row * f))) for row in g
+    ]
+    lcm = int(np.lcm.reduce(factors))
+    scaled_at = at * (lcm / np.array(factors, float))
+    return Transform(
+        m,
+        bt=np.rint(bt).astype(np.int64),
+        g=np.rint(g * np.array(factors, float)[:, None]).astype(np.int64),
+        at=np.rint(scaled_at).astype(np.int64),
+        scale=lcm * lcm,
+    )
+
+
+# m = 2: G's rows are 1, 1/2, 1/2, 1 times integers (scale 4); m = 4 (points 0, +-1, +-2,
+# infinity): 1/4, 1/6, 1/6, 1/24, 1/24, 1 (scale 24^2 = 576 = 9 * 64)
+F2, F4 = _integer(2), _integer(4)
+for _t in (F2, F4):  # the int16 operands of the vpmaddwd GEMM
+    assert np.abs(_t.bt).sum(axis=1).max() ** 2 * ACTIVATION_BOUND < 2**15
+    assert np.abs(_t.g).sum(axis=1).max() ** 2 * WEIGHT_BOUND < 2**15
+
+
+def fits(
+    w: np.ndarray, strides: tuple[int, int], dilation: tuple[int, int], transform: Transform = F2
+) -> bool:
+    """Whether a conv with int8 weights ``w`` [O, I, kh, kw] can run as exact ``transform``."""
     out_channels, in_channels, kh, kw = w.shape
     if (kh, kw) != (3, 3) or strides != (1, 1) or dilation != (1, 1):
         return False
     if min(in_channels, out_channels) < MIN_CHANNELS:
         return False
     largest = int(np.abs(w.astype(np.int64)).sum(axis=(1, 2, 3)).max())
-    return 4 * ACTIVATION_BOUND * largest < 2**31
+    return 2**transform.shift * ACTIVATION_BOUND * largest < 2**31
 
 
-def transform_weight(w: np.ndarray) -> np.ndarray:
-    """int8 w [O, I, 3, 3] -> U [16, I, O] int64 ((2G) g (2G)^T per channel pair)."""
-    u = np.einsum("ai,ocij,bj->abco", G2, w.astype(np.int64), G2)
-    return u.reshape(POINTS, w.shape[1], w.shape[0])
+def choose(
+    w: np.ndarray, strides: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int]
+) -> Transform | None:
+    """F(4x4) where the output is large enough and the weights keep it exact, else F(2x2)
+    where they keep that exact, else None (the direct kernel)."""
+    if min(out_hw) >= MIN_F4_OUTPUT and fits(w, strides, dilation, F4):
+        return F4
+    return F2 if fits(w, strides, dilation, F2) else None
 
 
-def _vectorize(sch: Any, loop: Any, extent: int) -> None:
-    for lanes in (16, 8, 4):
-        if extent % lanes == 0:
-            _, inner = sch.split(loop, [None, lanes])
-            sch.vectorize(inner)
-            return
+def transform_weight(w: np.ndarray, transform: Transform = F2) -> np.ndarray:
+    """int8 w [O, I, 3, 3] -> U [points, I, O] int64 (Gs g Gs^T per channel pair)."""
+    g = transform.g
+    u = np.einsum("ai,ocij,bj->abco", g, w.astype(np.int64), g)
+    return u.reshape(transform.points, w.shape[1], w.shape[0])
+
+
+def _split_vector(sch: Any, loop: Any, extent: int) -> tuple[Any, Any]:
+    """(outer, inner) with the inner loop a vector of 16, 8 or 4 lanes (or all of ``loop``)."""
+    lanes = next((v for v in (16, 8, 4) if extent % v == 0), extent)
+    outer, inner = sch.split(loop, [None, lanes])
+    return outer, inner
+
+
+def separable(left: np.ndarray, right: np.ndarray, terms: list[list[Any]], dtype: str) -> list[Any]:
+    """``left @ X @ right^T`` for X[i][j] = terms[j][i], flattened row-major: first each
+    column's combination by ``left``, then each row of those by ``right``. Written as nested
+    expressions, the inner ones repeat verbatim across outputs, and LLVM computes them once
+    where the outputs share a block (the kernels' unrolled points)."""
+    columns = [[combine(row, column, dtype) for column in terms] for row in left]
+    return [combine(rrow, inner, dtype) for inner in columns for rrow in right]
 
 
 def input_transform(
-    padded_shape: tuple[int, int, int, int], tile_hw: tuple[int, int], rows: int
-) -> Any:
-    """PrimFunc: x [N, 2*th+2, 2*tw+2, C] int16 (zero point subtracted, padded) ->
-    V [16, rows, C] int16, row = (n, ty, tx); rows past the real count repeat the last."""
+    padded_shape: tuple[int, int, int, int], tile_hw: tuple[int, int], rows: int,
+    transform: Transform = F2,
+) -> Any:  # fmt: skip
+    """PrimFunc: x [N, m*th+2, m*tw+2, C] int16 (zero point subtracted, padded) ->
+    V [points, rows, C] int16, row = (n, ty, tx); rows past the real count repeat the last."""
     from tvm import s_tir, te, tirx
 
     batch, _, _, channels = padded_shape
     th, tw = tile_hw
+    m, size, bt = transform.m, transform.size, transform.bt
     used = batch * th * tw
     data = te.placeholder(padded_shape, "int16", name="x")
 
-    def point(t: Any, row: Any, c: Any) -> Any:
+    # two steps: the columns' combinations W[a, row, j, c] = sum_i bt[a, i] d[i, j], then
+    # V[(a, b), row, c] = sum_j bt[b, j] W[a, row, j, c]; W lives on the stack per channel
+    # vector (one expression per point compiled 20x slower for F(4x4))
+    def column(a: Any, row: Any, j: Any, c: Any) -> Any:
         real = tirx.min(row, used - 1)
         n, ty, tx = real // (th * tw), (real // tw) % th, real % tw
-        d = [data[n, ty * 2 + i, tx * 2 + j, c] for i in range(4) for j in range(4)]
-        values = [combine(np.outer(BT[a], BT[b]), d, "int16") for a in range(4) for b in range(4)]
-        return select_by_index(t, values)
+        d = [data[n, ty * m + i, tx * m + j, c] for i in range(size)]
+        return select_by_index(a, [combine(bt[r], d, "int16") for r in range(size)])
 
-    v = te.compute((POINTS, rows, channels), point, name="winograd_int_input")
+    w = te.compute((size, rows, size, channels), column, name="winograd_int_columns")
+
+    def point(t: Any, row: Any, c: Any) -> Any:
+        terms = [w[t // size, row, j, c] for j in range(size)]
+        return select_by_index(t % size, [combine(bt[b], terms, "int16") for b in range(size)])
+
+    v = te.compute((transform.points, rows, channels), point, name="winograd_int_input")
     sch = s_tir.Schedule(te.create_prim_func([data, v]))
     t, row, c = sch.get_loops(sch.get_sblock("winograd_int_input"))
-    sch.reorder(row, c, t)
     sch.parallel(row)
-    sch.unroll(t)
-    # channels innermost in memory, the 16 points unrolled around one channel vector
+    # channels innermost in memory, the points unrolled around one channel vector
     c_outer, c_inner = sch.split(c, [None, 16 if channels % 16 == 0 else GROUP])
     sch.reorder(row, c_outer, t, c_inner)
+    sch.unroll(t)
     sch.vectorize(c_inner)
+    columns = sch.get_sblock("winograd_int_columns")
+    sch.compute_at(columns, c_outer)
+    sch.set_scope(columns, 0, "global")  # a stack array (tir_passes.stack_scratch_pass)
+    a, _, j, c_vec = sch.get_loops(columns)[-4:]
+    sch.unroll(a)
+    sch.unroll(j)
+    sch.vectorize(c_vec)
     func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
     return func.without_attr("global_symbol")
 
 
 def output_transform(
     batch: int, tile_hw: tuple[int, int], out_hw: tuple[int, int], rows: int, cols: int,
-    out_channels: int,
+    out_channels: int, transform: Transform = F2,
 ) -> Any:  # fmt: skip
-    """PrimFunc: M [16, rows, cols] int32 -> Y [N, oh, ow, O] int32 = (A^T M A) / 4."""
+    """PrimFunc: M [points, rows, cols] int32 -> Y [N, oh, ow, O] int32 = (As^T M As) / S,
+    the division exact in wrapped int32 arithmetic (see the module docstring)."""
     from tvm import s_tir, te, tirx
 
     th, tw = tile_hw
     out_h, out_w = out_hw
-    product = te.placeholder((POINTS, rows, cols), "int32", name="M")
+    m, at = transform.m, transform.at
+    product = te.placeholder((transform.points, rows, cols), "int32", name="M")
 
     def output(n: Any, y: Any, x: Any, k: Any) -> Any:
-        row = (n * th + y // 2) * tw + x // 2
-        m = [product[t, row, k] for t in range(POINTS)]
-        values = [combine(np.outer(AT[r], AT[s]), m, "int32") for r in range(2) for s in range(2)]
-        return tirx.shift_right(
-            select_by_index((y % 2) * 2 + x % 2, values), tirx.const(2, "int32")
-        )
+        row = (n * th + y // m) * tw + x // m
+        size = transform.size
+        terms = [[product[i * size + j, row, k] for i in range(size)] for j in range(size)]
+        scaled = select_by_index((y % m) * m + x % m, separable(at, at, terms, "int32"))
+        if transform.odd_inverse != 1:
+            scaled = scaled * tirx.const(transform.odd_inverse, "int32")
+        return tirx.shift_right(scaled, tirx.const(transform.shift, "int32"))
 
     out = te.compute((batch, out_h, out_w, out_channels), output, name="winograd_int_output")
     sch = s_tir.Schedule(te.create_prim_func([product, out]))
     n, y, x, k = sch.get_loops(sch.get_sblock("winograd_int_output"))
-    ty, r = sch.split(y, [None, 2])
-    tx, s = sch.split(x, [None, 2])
-    sch.reorder(n, ty, tx, r, s, k)
+    ty, r = sch.split(y, [None, m])
+    tx, s = sch.split(x, [None, m])
     sch.parallel(sch.fuse(n, ty))
+    # the m x m outputs of one tile and one channel vector in one block: the loads of M and
+    # the first transform step (shared by a row of outputs) are computed once
+    k_outer, k_inner = _split_vector(sch, k, out_channels)
+    sch.reorder(tx, k_outer, r, s, k_inner)
     sch.unroll(r)
     sch.unroll(s)
-    _vectorize(sch, k, out_channels)
+    sch.vectorize(k_inner)
     func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
     return func.without_attr("global_symbol")
 
 
 def emit(
     builder: Any, data: Any, zero: int, w: np.ndarray, padding: tuple[int, ...],
-    out_shape: list[int], isa: DotIsa,
+    out_shape: list[int], isa: DotIsa, transform: Transform = F2,
 ) -> Any:  # fmt: skip
     """Emit the three kernels for quantized NCHW ``data`` (8-bit, zero point ``zero``) and
     int8 weights ``w``; returns the int32 NCHW accumulator with the zero point already
@@ -148,9 +253,10 @@ def emit(
     batch, out_channels, out_h, out_w = out_shape
     _, in_channels, height, width = (int(d) for d in data.ty.shape)
     top, left, _, _ = padding
-    th, tw = -(-out_h // 2), -(-out_w // 2)
+    m, points = transform.m, transform.points
+    th, tw = -(-out_h // m), -(-out_w // m)
     channels = round_up(in_channels, GROUP)
-    hp, wp = 2 * th + 2, 2 * tw + 2
+    hp, wp = m * th + 2, m * tw + 2
     rows = batch * th * tw
     rows_p = round_up(rows, tiles(isa, out_channels, rows)[0])
     cols_p = round_up(out_channels, isa.lanes)
@@ -161,25 +267,29 @@ def emit(
     wide = builder.emit(relax.op.astype(padded, "int16"))
     centred = builder.emit(relax.op.subtract(wide, relax.const(zero, "int16")))
 
-    forward = builder.add_func(input_transform((batch, hp, wp, channels), (th, tw), rows_p),
-                               "onnxpress_int8_winograd_input")  # fmt: skip
-    v = builder.emit(
-        relax.call_tir(forward, [centred], relax.TensorType((POINTS, rows_p, channels), "int16"))
+    forward = builder.add_func(
+        input_transform((batch, hp, wp, channels), (th, tw), rows_p, transform),
+        "onnxpress_int8_winograd_input",
     )
-    u = transform_weight(w)
-    packed = np.stack([pack_weight(isa, u[t]) for t in range(POINTS)])
-    gemm = builder.add_func(packed_gemm(isa, rows_p, channels, cols_p, batch=POINTS),
+    v = builder.emit(
+        relax.call_tir(forward, [centred], relax.TensorType((points, rows_p, channels), "int16"))
+    )
+    u = transform_weight(w, transform)
+    packed = np.stack([pack_weight(isa, u[t]) for t in range(points)])
+    gemm = builder.add_func(packed_gemm(isa, rows_p, channels, cols_p, batch=points),
                             "onnxpress_int8_winograd_gemm")  # fmt: skip
-    m = builder.emit(
+    m_acc = builder.emit(
         relax.call_tir(
-            gemm, [v, relax.const(packed)], relax.TensorType((POINTS, rows_p, cols_p), "int32")
+            gemm, [v, relax.const(packed)], relax.TensorType((points, rows_p, cols_p), "int32")
         )
     )
     back = builder.add_func(
-        output_transform(batch, (th, tw), (out_h, out_w), rows_p, cols_p, out_channels),
+        output_transform(batch, (th, tw), (out_h, out_w), rows_p, cols_p, out_channels, transform),
         "onnxpress_int8_winograd_output",
     )
     y = builder.emit(
-        relax.call_tir(back, [m], relax.TensorType((batch, out_h, out_w, out_channels), "int32"))
+        relax.call_tir(
+            back, [m_acc], relax.TensorType((batch, out_h, out_w, out_channels), "int32")
+        )
     )
     return builder.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))

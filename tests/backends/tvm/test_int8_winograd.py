@@ -1,7 +1,8 @@
-"""Exact integer Winograd F(2x2, 3x3) for quantized convs on AVX2 (int8_winograd.py): the
-integer transforms give the direct convolution's int32 sums exactly, the layers that fit
-are recorded as ``avx2-s16-winograd``, and a compiled QDQ network gives bit-identical
-outputs with and without it, within one quantization step of onnxruntime."""
+"""Exact integer Winograd F(2x2, 3x3) and F(4x4, 3x3) for quantized convs on AVX2
+(int8_winograd.py): the integer transforms give the direct convolution's int32 sums exactly
+(F(4x4) through wrapped int32 arithmetic and the inverse of 9), the layers that fit are
+recorded as ``avx2-s16-winograd`` / ``-winograd-f4``, and a compiled QDQ network gives
+bit-identical outputs with and without them, within one quantization step of onnxruntime."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qdq_helpers import quantize
 
 from onnxpress.backends.tvm import int8_winograd
-from onnxpress.backends.tvm.int8_winograd import AT, BT, fits, transform_weight
+from onnxpress.backends.tvm.int8_winograd import F2, F4, Transform, choose, fits, transform_weight
 
 tvm = pytest.importorskip("tvm")
 
@@ -26,25 +27,51 @@ AVX2 = parse_target("avx2")
 runs_avx2 = pytest.mark.skipif(not AVX2.runs_here(), reason="this CPU has no AVX2 + FMA")
 
 
-def test_integer_transforms_give_the_exact_direct_sums() -> None:
-    """Extreme operands: d at +-255 and weights at -128/127, 64 channels; every 2x2 output
-    of every tile equals the direct sum, after the exact division by 4."""
+def _wrapped(values: np.ndarray) -> np.ndarray:
+    """int64 values as the int32 arithmetic of the kernels holds them (modulo 2^32)."""
+    return (values & 0xFFFFFFFF).astype(np.uint32).view(np.int32).astype(np.int64)
+
+
+@pytest.mark.parametrize("aligned", [False, True], ids=["mixed", "aligned"])
+@pytest.mark.parametrize("transform", [F2, F4], ids=["f2", "f4"])
+def test_integer_transforms_give_the_exact_direct_sums(transform: Transform, aligned: bool) -> None:
+    """Extreme operands, 64 channels: d at +-255 and weights at -128/127 mixed, or all at
+    255 and 127 (F(4x4)'s int32 sums then wrap); every output of every tile equals the
+    direct sum, from the int32 products and wrapped int32 sums the kernels compute, after
+    the exact division by the scale."""
     rng = np.random.default_rng(0)
-    channels, out_channels = 64, 16
-    d = rng.choice([-255, 255, 0, 37], size=(channels, 4, 4)).astype(np.int64)
+    channels, out_channels, size, m = 64, 16, transform.size, transform.m
+    d = rng.choice([-255, 255, 0, 37], size=(channels, size, size)).astype(np.int64)
     w = rng.choice([-128, 127, 1], size=(out_channels, channels, 3, 3)).astype(np.int8)
-    v = np.einsum("ai,cij,bj->abc", BT, d, BT).reshape(16, channels)
-    assert np.abs(v).max() <= 1020  # int16
-    u = transform_weight(w)
-    assert np.abs(u).max() <= 9 * 128  # int16
-    m = np.einsum("tc,tco->to", v, u).reshape(4, 4, out_channels)
-    y4 = np.einsum("ra,abo,sb->rso", AT, m, AT)
-    assert np.all(y4 % 4 == 0)
-    direct = np.zeros((2, 2, out_channels), np.int64)
-    for r in range(2):
-        for s in range(2):
+    if aligned:
+        d, w = np.full_like(d, 255), np.full_like(w, 127)
+    assert fits(w, (1, 1), (1, 1), transform)
+    bt, at = transform.bt, transform.at
+    v = np.einsum("ai,cij,bj->abc", bt, d, bt).reshape(transform.points, channels)
+    assert np.abs(v).max() < 2**15  # int16
+    u = transform_weight(w, transform)
+    assert np.abs(u).max() < 2**15  # int16
+    m_full = np.einsum("tc,tco->to", v, u).reshape(size, size, out_channels)
+    y_full = np.einsum("ra,abo,sb->rso", at, m_full, at)
+    y = _wrapped(np.einsum("ra,abo,sb->rso", at, _wrapped(m_full), at))
+    y = _wrapped(y * transform.odd_inverse) >> transform.shift
+    direct = np.zeros((m, m, out_channels), np.int64)
+    for r in range(m):
+        for s in range(m):
             direct[r, s] = np.einsum("cij,ocij->o", d[:, r : r + 3, s : s + 3], w.astype(np.int64))
-    np.testing.assert_array_equal(y4 // 4, direct)
+    np.testing.assert_array_equal(y, direct)
+    if aligned and transform is F4:
+        assert np.abs(y_full).max() >= 2**31  # the wrapped arithmetic was exercised
+
+
+def test_f4_where_the_output_is_large_and_the_sums_fit() -> None:
+    w = np.full((32, 32, 3, 3), 3, np.int8)
+    assert choose(w, (1, 1), (1, 1), (14, 14)) is F4
+    assert choose(w, (1, 1), (1, 1), (7, 7)) is F2  # ragged 2 x 2 tiles of 4 would waste
+    assert choose(w, (2, 2), (1, 1), (14, 14)) is None
+    # 64 * 255 * sum|w| >= 2^31: F(4x4) would lose the top bits, F(2x2) keeps them
+    heavy = np.full((16, 256, 3, 3), 100, np.int8)
+    assert not fits(heavy, (1, 1), (1, 1), F4) and choose(heavy, (1, 1), (1, 1), (28, 28)) is F2
 
 
 def test_only_exactly_representable_3x3_stride_1_convs_fit() -> None:
@@ -56,10 +83,11 @@ def test_only_exactly_representable_3x3_stride_1_convs_fit() -> None:
     assert not fits(np.ones((32, 32, 1, 1), np.int8), (1, 1), (1, 1))
     # 4 * 255 * sum|w| must fit int32 for the wrapped int32 arithmetic to stay exact
     assert not fits(np.full((16, 2048, 3, 3), 127, np.int8), (1, 1), (1, 1))
+    assert fits(w, (1, 1), (1, 1), F4)
 
 
-def conv_net() -> onnx.ModelProto:
-    """Conv 3x3 (16 -> 24, 13 x 11, padded) -> Relu -> Conv 3x3 (24 -> 32, valid) -> Relu ->
+def conv_net(height: int = 13, width: int = 11) -> onnx.ModelProto:
+    """Conv 3x3 (16 -> 24, padded) -> Relu -> Conv 3x3 (24 -> 32, valid) -> Relu ->
     Conv 3x3 stride 2 (direct) -> GlobalAveragePool; odd sizes give ragged tiles."""
     rng = np.random.default_rng(5)
 
@@ -79,26 +107,40 @@ def conv_net() -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "int8_winograd",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 13, 11])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, height, width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16, 1, 1])],
         [weight("w1", 24, 16), weight("w2", 32, 24), weight("w3", 16, 32)],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@runs_avx2
-def test_compiled_winograd_layers_match_the_direct_kernel_bit_for_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _matches_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hw: tuple[int, int], kernels: list[str]
 ) -> None:
-    qdq, _ = quantize(conv_net(), "qdq{saturation=off}", targets=["avx512-vnni"])
+    """Compile conv_net(*hw) with Winograd (its layers on ``kernels``) and without; the two
+    libraries agree bit for bit and stay within one step of onnxruntime."""
+    qdq, _ = quantize(conv_net(*hw), "qdq{saturation=off}", targets=["avx512-vnni"])
     result = compile_model(qdq, "avx2", tmp_path / "winograd")
-    kernels = [layer["kernel"] for layer in result.manifest["int8"]["layers"]]
-    assert kernels == ["avx2-s16-winograd", "avx2-s16-winograd", "avx2-s16"]
+    assert [layer["kernel"] for layer in result.manifest["int8"]["layers"]] == kernels
     assert result.manifest["verification"]["errors"]["y"] <= 1.0  # one quantization step
     monkeypatch.setattr(int8_winograd, "fits", lambda *args: False)
     direct = compile_model(qdq, "avx2", tmp_path / "direct")
     assert "winograd" not in str(direct.manifest["int8"]["layers"])
-    x = np.random.default_rng(2).standard_normal((2, 16, 13, 11)).astype(np.float32) * 2
+    x = np.random.default_rng(2).standard_normal((2, 16, *hw)).astype(np.float32) * 2
     got = CompiledModel(result.library)(x)[0]
     np.testing.assert_array_equal(got, CompiledModel(direct.library)(x)[0])
     assert np.abs(got).max() > 0
+
+
+@runs_avx2
+@pytest.mark.parametrize(
+    ("hw", "first"),
+    [((13, 11), "avx2-s16-winograd"), ((14, 13), "avx2-s16-winograd-f4")],
+    ids=["f2", "f4"],
+)
+def test_compiled_winograd_layers_match_the_direct_kernel_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hw: tuple[int, int], first: str
+) -> None:
+    """The first conv's output is 13 x 11 (F(2x2)) or 14 x 13 (F(4x4)), the second's 11 x 9
+    or 12 x 11 (F(2x2), valid): ragged tiles both ways."""
+    _matches_direct(tmp_path, monkeypatch, hw, [first, "avx2-s16-winograd", "avx2-s16"])

@@ -20,7 +20,6 @@ from onnx import TensorProto, helper, numpy_helper
 pytest.importorskip("tvm")
 
 
-
 def _tool(name: str) -> ModuleType:
     sys.path.insert(0, str(REPO / "tools"))
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
