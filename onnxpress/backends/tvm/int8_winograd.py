@@ -144,15 +144,6 @@ def _split_vector(sch: Any, loop: Any, extent: int) -> tuple[Any, Any]:
     return outer, inner
 
 
-def separable(left: np.ndarray, right: np.ndarray, terms: list[list[Any]], dtype: str) -> list[Any]:
-    """``left @ X @ right^T`` for X[i][j] = terms[j][i], flattened row-major: first each
-    column's combination by ``left``, then each row of those by ``right``. Written as nested
-    expressions, the inner ones repeat verbatim across outputs, and LLVM computes them once
-    where the outputs share a block (the kernels' unrolled points)."""
-    columns = [[combine(row, column, dtype) for column in terms] for row in left]
-    return [combine(rrow, inner, dtype) for inner in columns for rrow in right]
-
-
 def input_transform(
     padded_shape: tuple[int, int, int, int], tile_hw: tuple[int, int], rows: int,
     transform: Transform = F2,
@@ -215,11 +206,20 @@ def output_transform(
     m, at = transform.m, transform.at
     product = te.placeholder((transform.points, rows, cols), "int32", name="M")
 
+    size = transform.size
+
+    # two steps, as the input transform: Z[r, row, j, k] = sum_i at[r, i] M[(i, j), row, k]
+    # on the stack per tile and channel vector, then Y = sum_j at[s, j] Z[r, row, j, k]
+    def rows_step(r: Any, row: Any, j: Any, k: Any) -> Any:
+        terms = [product[i * size + j, row, k] for i in range(size)]
+        return select_by_index(r, [combine(at[a], terms, "int32") for a in range(m)])
+
+    z = te.compute((m, rows, size, cols), rows_step, name="winograd_int_rows")
+
     def output(n: Any, y: Any, x: Any, k: Any) -> Any:
         row = (n * th + y // m) * tw + x // m
-        size = transform.size
-        terms = [[product[i * size + j, row, k] for i in range(size)] for j in range(size)]
-        scaled = select_by_index((y % m) * m + x % m, separable(at, at, terms, "int32"))
+        terms = [z[y % m, row, j, k] for j in range(size)]
+        scaled = select_by_index(x % m, [combine(at[b], terms, "int32") for b in range(m)])
         if transform.odd_inverse != 1:
             scaled = scaled * tirx.const(transform.odd_inverse, "int32")
         return tirx.shift_right(scaled, tirx.const(transform.shift, "int32"))
@@ -230,13 +230,19 @@ def output_transform(
     ty, r = sch.split(y, [None, m])
     tx, s = sch.split(x, [None, m])
     sch.parallel(sch.fuse(n, ty))
-    # the m x m outputs of one tile and one channel vector in one block: the loads of M and
-    # the first transform step (shared by a row of outputs) are computed once
+    # the m x m outputs of one tile and one channel vector in one block
     k_outer, k_inner = _split_vector(sch, k, out_channels)
     sch.reorder(tx, k_outer, r, s, k_inner)
     sch.unroll(r)
     sch.unroll(s)
     sch.vectorize(k_inner)
+    step = sch.get_sblock("winograd_int_rows")
+    sch.compute_at(step, k_outer)
+    sch.set_scope(step, 0, "global")  # a stack array (tir_passes.stack_scratch_pass)
+    a, _, j, k_vec = sch.get_loops(step)[-4:]
+    sch.unroll(a)
+    sch.unroll(j)
+    sch.vectorize(k_vec)
     func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
     return func.without_attr("global_symbol")
 
