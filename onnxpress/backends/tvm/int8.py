@@ -21,9 +21,10 @@ signedness); elsewhere in Relax's own integer conv2d/matmul. AVX2's fast u8 x s8
 (vpmaddubsw) sums product pairs in int16 with saturation: a layer runs on it only when its
 weights, in that kernel's K order, cannot saturate for any activation byte; the others run on
 an exact int16 kernel (vpmaddwd). There, 3x3 stride-1 convs of 16+ channels run as exact
-integer Winograd F(2x2, 3x3) on that int16 kernel (int8_winograd.py: 2.25x fewer products,
-any weights). Depthwise and grouped convs, which have no dot product for those kernels, sum
-their products exactly in float registers (int8_depthwise.py). Each layer's kernel is
+integer Winograd on that int16 kernel (int8_winograd.py): F(4x4, 3x3) for outputs of 12 x 12
+and more where the weights' sums keep it exact (4x fewer products), else F(2x2, 3x3) (2.25x).
+Depthwise and grouped convs, which have no dot product for those kernels, sum their products
+exactly in float registers (int8_depthwise.py). Each layer's kernel is
 recorded in the result. Patterns that do not fit (per-channel activation scales, weights
 with a zero point, non-NCHW layouts) stay in float, with the reason counted in the result.
 """
