@@ -64,6 +64,30 @@ def test_integer_transforms_give_the_exact_direct_sums(transform: Transform, ali
         assert np.abs(y_full).max() >= 2**31  # the wrapped arithmetic was exercised
 
 
+def test_compiled_output_transform_undoes_the_scale_through_wrapped_sums() -> None:
+    """The compiled F(4x4) output kernel on M values whose exact transform is beyond int32
+    (operands at 255 and 127, 64 channels): the inverse of 9 and the shift still give the
+    direct sums, so the compiled int32 arithmetic wraps as the exactness argument needs."""
+    channels, out_channels, transform = 64, 16, F4
+    d = np.full((channels, 6, 6), 255, np.int64)
+    w = np.full((out_channels, channels, 3, 3), 127, np.int8)
+    v = np.einsum("ai,cij,bj->abc", transform.bt, d, transform.bt).reshape(36, channels)
+    m_full = np.einsum("tc,tco->to", v, transform_weight(w, transform))
+    at = transform.at
+    y_full = np.einsum("ra,abo,sb->rso", at, m_full.reshape(6, 6, out_channels), at)
+    assert np.abs(y_full).max() >= 2**31  # the output transform's sums wrap
+    m_acc = _wrapped(m_full)
+    kernel = int8_winograd.output_transform(1, (1, 1), (4, 4), 1, out_channels, out_channels, F4)
+    lib = tvm.compile(
+        tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
+        target=tvm.target.Target({"kind": "llvm"}),
+    )
+    out = tvm.runtime.tensor(np.zeros((1, 4, 4, out_channels), np.int32))
+    lib["main"](tvm.runtime.tensor(m_acc.reshape(36, 1, out_channels).astype(np.int32)), out)
+    direct = 255 * 127 * 9 * channels
+    np.testing.assert_array_equal(out.numpy(), np.full((1, 4, 4, out_channels), direct))
+
+
 def test_f4_where_the_output_is_large_and_the_sums_fit() -> None:
     w = np.full((32, 32, 3, 3), 3, np.int8)
     assert choose(w, (1, 1), (1, 1), (14, 14)) is F4
