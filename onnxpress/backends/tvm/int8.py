@@ -241,14 +241,6 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 result.record("conv2d", w.shape, f"{winograd.name}-winograd{suffix}")
                 acc = int8_winograd.emit(self.builder_, act.data, int(act.zero_point.reshape(-1)[0]), w, padding, out_shape, winograd, transform)  # fmt: skip
                 zero = 0  # subtracted before the transform
-            elif winograd is not None and groups == 1 and int8_depthwise.stem(w):
-                # AVX2's int16 kernel pays an im2col and a padded depth for a few input
-                # channels; the float conv of the 8-bit values is exact and ran the resnet18
-                # stem in less time (int8 resnet18 15.6 -> 14.5 ms on an AVX2-only EPYC)
-                zero = int(act.zero_point.reshape(-1)[0])
-                result.record("conv2d", w.shape, "float-exact-stem")
-                window = Window(padding, strides, dilation)
-                acc = int8_depthwise.emit_grouped(self.builder_, act.data, zero, w, window, 1)
             elif isa is not None and groups == 1:
                 acc, zero = conv_gemm(
                     self.builder_,

@@ -41,15 +41,6 @@ PRODUCT_BOUND = 255 * 128  # largest |a * w| for 8-bit activations and int8 weig
 MAX_EXACT_TAPS = (1 << 24) // PRODUCT_BOUND  # taps whose float sum stays exact
 
 
-STEM_CHANNELS = 4  # input channels of an image stem (gray, RGB, RGBA)
-
-
-def stem(weight: np.ndarray) -> bool:
-    """Whether a groups-1 conv weight [O, I, KH, KW] is an image stem whose float sums of
-    8-bit values stay exact (``emit_grouped`` with one group computes it)."""
-    return weight.shape[1] <= STEM_CHANNELS and fits(weight)
-
-
 def output_size(size: int, kernel: int, stride: int, dilation: int) -> int:
     """Output rows (or columns) of a window over ``size`` already padded input rows."""
     return (size - dilation * (kernel - 1) - 1) // stride + 1
