@@ -138,7 +138,9 @@ def transform_weight(w: np.ndarray, transform: Transform = F2) -> np.ndarray:
 
 
 def _split_vector(sch: Any, loop: Any, extent: int) -> tuple[Any, Any]:
-    """(outer, inner) with the inner loop a vector of 16, 8 or 4 lanes (or all of ``loop``)."""
+    """(outer, inner) with the inner loop a vector of 16, 8 or 4 lanes, or of all of ``loop``
+    (odd channel counts: as scalars, TVM's simplifier folds the inverse of 9 into the
+    transform's constants and fails on the int32 overflow)."""
     lanes = next((v for v in (16, 8, 4) if extent % v == 0), extent)
     outer, inner = sch.split(loop, [None, lanes])
     return outer, inner

@@ -88,6 +88,24 @@ def test_compiled_output_transform_undoes_the_scale_through_wrapped_sums() -> No
     np.testing.assert_array_equal(out.numpy(), np.full((1, 4, 4, out_channels), direct))
 
 
+@pytest.mark.parametrize("out_channels", [17, 20])
+def test_compiled_output_transform_with_channels_that_are_no_multiple_of_8(
+    out_channels: int,
+) -> None:
+    """Random wrapped M values: the compiled kernel (one 17-lane or 4-lane vector) agrees
+    with numpy's wrapped int32 arithmetic."""
+    m_acc = np.random.default_rng(0).integers(-(2**20), 2**20, (36, 1, out_channels))
+    kernel = int8_winograd.output_transform(1, (1, 1), (4, 4), 1, out_channels, out_channels, F4)
+    lib = tvm.compile(
+        tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
+        target=tvm.target.Target({"kind": "llvm"}),
+    )
+    out = tvm.runtime.tensor(np.zeros((1, 4, 4, out_channels), np.int32))
+    lib["main"](tvm.runtime.tensor(m_acc.astype(np.int32)), out)
+    y = _wrapped(np.einsum("ra,abo,sb->rso", F4.at, m_acc.reshape(6, 6, out_channels), F4.at))
+    np.testing.assert_array_equal(out.numpy()[0], _wrapped(y * F4.odd_inverse) >> F4.shift)
+
+
 def test_f4_where_the_output_is_large_and_the_sums_fit() -> None:
     w = np.full((32, 32, 3, 3), 3, np.int8)
     assert choose(w, (1, 1), (1, 1), (14, 14)) is F4
