@@ -99,27 +99,29 @@ def conv_gemm(
 
     batch, out_channels, out_h, out_w = out_shape
     _, in_channels, kh, kw = w.shape
-    channels = round_up(in_channels, GROUP)
-    depth = kh * kw * channels
-    padded_w = np.zeros((out_channels, kh, kw, channels), np.int8)
-    padded_w[..., :in_channels] = w.transpose(0, 2, 3, 1)
-    weight_kn = padded_w.reshape(out_channels, depth).T  # the kernel's K order
+    # the kernel's K order: (kh, kw, c) over the real channels, zero taps up to the depth
+    # multiple (a 3-channel 7x7 stem: 147 -> 148 deep, not 7x7x4 = 196)
+    taps = kh * kw * in_channels
+    depth = round_up(taps, GROUP)
+    padded_w = np.zeros((out_channels, depth), np.int8)
+    padded_w[:, :taps] = w.transpose(0, 2, 3, 1).reshape(out_channels, taps)
+    weight_kn = padded_w.T
     isa = kernel_for(weight_kn)
     data, zero = as_operand(builder, act, isa.a_dtype)
-    # NHWC, padded spatially and on channels with the zero point (float 0; the extra
-    # channels meet zero weights); fused by Relax into the producer's epilogue.
+    # NHWC, padded spatially with the zero point; fused by Relax into the producer's
+    # epilogue.
     top, left, bottom, right = window.padding
     data = builder.emit(relax.op.permute_dims(data, [0, 2, 3, 1]))
-    if any(window.padding) or channels != in_channels:
-        widths = [0, 0, top, bottom, left, right, 0, channels - in_channels]
+    if any(window.padding):
+        widths = [0, 0, top, bottom, left, right, 0, 0]
         data = builder.emit(relax.op.nn.pad(data, widths, pad_value=float(zero)))
     rows = batch * out_h * out_w
     rows_p = round_up(rows, tiles(isa, out_channels, rows)[0])
     n, h, w_, c = (int(d) for d in data.ty.shape)
     pointwise = (kh, kw, *window.strides) == (1, 1, 1, 1) and (h, w_) == (out_h, out_w)
     if pointwise and rows_p == rows:  # the NHWC rows are the GEMM's operand
-        flat = builder.emit(relax.op.reshape(data, [rows, depth]))
-        acc = gemm(builder, flat, rows, depth, weight_kn, isa)
+        flat = builder.emit(relax.op.reshape(data, [rows, c]))
+        acc = gemm(builder, flat, rows, c, weight_kn[:c], isa)
         acc = builder.emit(relax.op.reshape(acc, [batch, out_h, out_w, out_channels]))
         return builder.emit(relax.op.permute_dims(acc, [0, 3, 1, 2])), zero
     kernel = im2col(
@@ -129,13 +131,13 @@ def conv_gemm(
         window.dilation,
         (out_h, out_w),
         rows_p,
+        depth,
         isa.a_dtype,
     )
     gvar = builder.add_func(kernel, "onnxpress_int8_im2col")
-    patches = builder.emit(
-        relax.call_tir(gvar, [data], relax.TensorType((rows_p, kh, kw, channels), isa.a_dtype))
+    flat = builder.emit(
+        relax.call_tir(gvar, [data], relax.TensorType((rows_p, depth), isa.a_dtype))
     )
-    flat = builder.emit(relax.op.reshape(patches, [rows_p, depth]))
     acc = gemm(builder, flat, rows_p, depth, weight_kn, isa)
     if rows_p != rows:
         acc = builder.emit(relax.op.strided_slice(acc, axes=[0], begin=[0], end=[rows]))

@@ -6,7 +6,7 @@
       A [rows, depth] (isa.a_dtype), B packed L x G blocks (isa.b_dtype), C int32
       [rows, cols]; rows % row tile == 0, depth % 4 == 0, cols % L == 0 (callers pad).
   pack_weight(isa, w[k, n]) -> the [n/L, k/G, L, G] blocks, zero-padded.
-  im2col(x[n, h, w, c] padded with the zero point) -> A[rows, kh, kw, c].
+  im2col(x[n, h, w, c] padded with the zero point) -> A[rows, depth], (kh, kw, c) order.
 
 The L x G inner block is one dot-product step:
   VNNI       x86 AVX512-VNNI  vpdpbusd                 u8 x s8, 16 lanes x 4, exact
@@ -314,34 +314,47 @@ def im2col(
     dilation: tuple[int, int],
     out_hw: tuple[int, int],
     rows: int,
+    depth: int,
     dtype: str = "uint8",
 ) -> Any:
-    """PrimFunc: x[n, h, w, c] (NHWC, ``dtype``, already padded with the zero point, spatially
-    and up to the GEMM's channel multiple) -> patches[rows, kh, kw, c] with row = (n, oh, ow):
-    the innermost copy runs over contiguous channels. Rows past the real count (padding to
-    the register tile) repeat the last real row; their outputs are discarded.
-    Marked opaque so that Relax does not fuse it into the producer's epilogue (which would
-    recompute every requantization once per kernel tap)."""
+    """PrimFunc: x[n, h, w, c] (NHWC, ``dtype``, already padded spatially with the zero
+    point) -> patches[rows, depth] with row = (n, oh, ow) and the depth in (kh, kw, c) order,
+    unpadded channels: a 3-channel 7x7 stem packs 147 taps into a depth of 148, not 7x7x4.
+    Taps past kh * kw * c (up to the GEMM's depth multiple) are zero; they meet zero weights.
+    The innermost copy runs over the contiguous (kw, c) span of one kernel row. Rows past
+    the real count (padding to the register tile) repeat the last real row; their outputs
+    are discarded. Marked opaque so that Relax does not fuse it into the producer's epilogue
+    (which would recompute every requantization once per kernel tap)."""
     from tvm import s_tir, te, tirx
 
     batch, _, _, channels = padded_shape
     kh, kw = kernel
     out_h, out_w = out_hw
+    taps = kh * kw * channels
+    if depth < taps:
+        raise ValueError(f"im2col depth {depth} < {kh}x{kw}x{channels} taps")
     data = te.placeholder(padded_shape, dtype, name="x")
     used_rows = batch * out_h * out_w
 
-    def patch(row: Any, i: Any, j: Any, c: Any) -> Any:
+    def patch(row: Any, k: Any) -> Any:
         real = tirx.min(row, used_rows - 1)
         n, oh, ow = real // (out_h * out_w), (real // out_w) % out_h, real % out_w
-        return data[n, oh * strides[0] + i * dilation[0], ow * strides[1] + j * dilation[1], c]
+        i, j, c = k // (kw * channels), (k // channels) % kw, k % channels
+        value = data[n, oh * strides[0] + i * dilation[0], ow * strides[1] + j * dilation[1], c]
+        if depth == taps:
+            return value
+        return tirx.if_then_else(k < taps, value, tirx.const(0, dtype))
 
-    patches = te.compute((rows, kh, kw, channels), patch, name="patches")
+    patches = te.compute((rows, depth), patch, name="patches")
     sch = s_tir.Schedule(te.create_prim_func([data, patches]))
-    row_loop, _, _, channel_loop = sch.get_loops(sch.get_sblock("patches"))
-    if channels % 16 == 0:
-        _, lanes = sch.split(channel_loop, [None, 16])
+    row_loop, depth_loop = sch.get_loops(sch.get_sblock("patches"))
+    # one kernel row's taps are contiguous in x (kw * c values) where the dilation is 1
+    span = kw * channels if dilation[1] == 1 else channels
+    _, inner = sch.split(depth_loop, [None, span])
+    if span % 16 == 0:
+        _, lanes = sch.split(inner, [None, 16])
         sch.vectorize(lanes)
-    if rows * kh * kw * channels >= MIN_PARALLEL_MACS // 4:
+    if rows * depth >= MIN_PARALLEL_MACS // 4:
         sch.parallel(row_loop)
     func = sch.mod["main"].with_attr("op_pattern", 8).with_attr("tirx.is_scheduled", True)
     return func.without_attr("global_symbol")

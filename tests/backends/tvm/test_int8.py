@@ -261,7 +261,7 @@ def test_hand_scheduled_kernels_are_left_alone_by_the_default_schedules() -> Non
 
     target = tvm_target(HOST)
     kernels = {
-        "im2col": im2col((1, 30, 30, 4), (7, 7), (2, 2), (1, 1), (12, 12), 144),
+        "im2col": im2col((1, 30, 30, 3), (7, 7), (2, 2), (1, 1), (12, 12), 144, 148),
         "gemm": packed_gemm(VNNI, 32, 64, 32),
     }
     for name, func in kernels.items():

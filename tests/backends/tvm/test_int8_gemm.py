@@ -172,3 +172,41 @@ def test_depthwise_and_pointwise_convs_carry_their_epilogues(tmp_path: Path) -> 
     assert sum("gemm" in n and "quantize" in n for n in names) >= 1
     result = compile_model(qdq, "avx2", tmp_path / "lib")
     assert result.manifest["verification"]["errors"]["y"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("kernel", "strides", "dilation"), [((7, 7), (2, 2), (1, 1)), ((3, 2), (2, 1), (2, 3))]
+)
+def test_im2col_packs_unpadded_channels_and_zero_fills_the_depth(
+    kernel: tuple[int, int], strides: tuple[int, int], dilation: tuple[int, int]
+) -> None:
+    """A 3-channel input: the depth is kh*kw*3 taps in (kh, kw, c) order rounded up to the
+    GEMM's multiple of 4 (a 7x7 stem: 148, not 7x7x4), the taps past them are zero and the
+    rows past the real ones repeat the last."""
+    from onnxpress.backends.tvm.int8_kernels import GROUP, im2col, round_up
+
+    kh, kw = kernel
+    x = np.random.default_rng(7).integers(-300, 300, (2, 19, 17, 3)).astype(np.int16)
+    out_h = (19 - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+    out_w = (17 - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+    rows, taps = 2 * out_h * out_w, kh * kw * 3
+    depth = round_up(taps, GROUP)
+    assert depth > taps and (kernel != (7, 7) or depth == 148)
+    func = im2col(x.shape, kernel, strides, dilation, (out_h, out_w), rows + 5, depth, "int16")
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), "llvm")
+    got = tvm.runtime.tensor(np.full((rows + 5, depth), 7, np.int16))
+    lib["main"](tvm.runtime.tensor(x), got)
+    patches = np.stack(
+        [
+            x[:, i * dilation[0] :, j * dilation[1] :][
+                :, : out_h * strides[0] : strides[0], : out_w * strides[1] : strides[1]
+            ][:, :out_h, :out_w]
+            for i in range(kh)
+            for j in range(kw)
+        ],
+        axis=3,
+    ).reshape(rows, taps)
+    expected = np.zeros((rows + 5, depth), np.int16)
+    expected[:rows, :taps] = patches
+    expected[rows:, :taps] = patches[-1]
+    np.testing.assert_array_equal(got.numpy(), expected)
