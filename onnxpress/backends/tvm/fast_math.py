@@ -5,14 +5,17 @@ to calls of the C library, one element at a time, even inside vectorized loops: 
 epilogue of EfficientNet-B0's first expansion conv took 23 ms for 1.2 M elements, 16% of
 the model. This pass replaces them, before legalization, with TOPI's polynomial forms (``fast_exp``:
 range reduction to 2^n * e^r and a polynomial, inputs clamped to about +-88; ``fast_tanh``,
-``fast_erf``: rational approximations; softmax: ``fast_softmax``, the max-subtracted form on
-``fast_exp``), which LLVM vectorizes like any arithmetic. Their error is well inside the
+``fast_erf``: rational approximations; softmax: the max-subtracted form on ``fast_exp``, over
+the last axis row by row (softmax_schedule.py), else TOPI's ``fast_softmax``), which LLVM
+vectorizes like any arithmetic. Their error is well inside the
 compile-time check against onnxruntime (max-rel 1e-4), which every library still passes.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from onnxpress.backends.tvm.softmax_schedule import emit_softmax
 
 # relax op -> how it is rebuilt (with TOPI) on its first argument
 FAST_OPS = ("relax.exp", "relax.tanh", "relax.erf", "relax.sigmoid", "relax.nn.softmax")
@@ -39,7 +42,11 @@ def fast_math_pass() -> Any:
                 return call
             x = call.args[0]
             if name == "relax.nn.softmax":
-                return self.builder_.call_te(topi.nn.fast_softmax, x, int(call.attrs.axis))
+                axis = int(call.attrs.axis)
+                rows = emit_softmax(self.builder_, x, axis)  # the last axis, row by row
+                if rows is not None:
+                    return rows
+                return self.builder_.call_te(topi.nn.fast_softmax, x, axis)
             build = {
                 "relax.exp": topi.fast_exp,
                 "relax.tanh": topi.fast_tanh,
