@@ -6,8 +6,9 @@ epilogue of EfficientNet-B0's first expansion conv took 23 ms for 1.2 M elements
 the model. This pass replaces them, before legalization, with TOPI's polynomial forms (``fast_exp``:
 range reduction to 2^n * e^r and a polynomial, inputs clamped to about +-88; ``fast_tanh``,
 ``fast_erf``: rational approximations; softmax: the max-subtracted form on ``fast_exp``, over
-the last axis row by row (softmax_schedule.py), else TOPI's ``fast_softmax``), which LLVM
-vectorizes like any arithmetic. Their error is well inside the
+the last axis row by row (row_schedule.py), else TOPI's ``fast_softmax``), which LLVM
+vectorizes like any arithmetic. A layer norm over the last axis runs row by row too (the same
+arithmetic). Their error is well inside the
 compile-time check against onnxruntime (max-rel 1e-4), which every library still passes.
 """
 
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxpress.backends.tvm.softmax_schedule import emit_softmax
+from onnxpress.backends.tvm.row_schedule import emit_layer_norm, emit_softmax
 
 # relax op -> how it is rebuilt (with TOPI) on its first argument
 FAST_OPS = ("relax.exp", "relax.tanh", "relax.erf", "relax.sigmoid", "relax.nn.softmax")
+ROW_OPS = ("relax.nn.layer_norm",)  # rescheduled row by row, the same arithmetic
 
 
 def fast_sigmoid(x: Any) -> Any:
@@ -38,9 +40,12 @@ def fast_math_pass() -> Any:
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             name = getattr(call.op, "name", "")
-            if name not in FAST_OPS or not _is_float32(call.args[0]):
+            if name not in FAST_OPS + ROW_OPS or not _is_float32(call.args[0]):
                 return call
             x = call.args[0]
+            if name == "relax.nn.layer_norm":
+                rows = emit_layer_norm(self.builder_, call)
+                return call if rows is None else rows
             if name == "relax.nn.softmax":
                 axis = int(call.attrs.axis)
                 rows = emit_softmax(self.builder_, x, axis)  # the last axis, row by row
