@@ -101,7 +101,7 @@ def _is_reduction(sch: Any, block: Any) -> bool:
 def softmax_rows(rows: int, length: int, dtype: str = "float32") -> Any:
     """The scheduled PrimFunc y[rows, length] = softmax(x[rows, length]) over its last axis
     (``tirx.is_scheduled``: the default schedules leave it alone)."""
-    from tvm import te, topi
+    from tvm import te, tirx, topi
 
     row = _Row(rows, length)
     x = te.placeholder((rows, length), dtype, name="x")
@@ -109,8 +109,9 @@ def softmax_rows(rows: int, length: int, dtype: str = "float32") -> Any:
     shifted = te.compute((rows, length), lambda r, j: x[r, j] - row_max[r], name="shifted")
     exp = topi.fast_exp(shifted)
     row_sum = row.reduce(exp, te.sum, "row_sum")
-    out = te.compute((rows, length), lambda r, j: exp[r, j] / row_sum[r], name="softmax")
-    stages = ("row_sum", "row_sum_part", exp.op.name, "row_max", "row_max_part")
+    inv = te.compute((rows,), lambda r: tirx.const(1.0, dtype) / row_sum[r], name="inv_sum")
+    out = te.compute((rows, length), lambda r, j: exp[r, j] * inv[r], name="softmax")
+    stages = ("inv_sum", "row_sum", "row_sum_part", exp.op.name, "row_max", "row_max_part")
     return row.schedule(te.create_prim_func([x, out]), "softmax", ("shifted",), stages)
 
 
