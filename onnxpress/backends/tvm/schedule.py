@@ -40,6 +40,7 @@ import logging
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.attention_schedule import fused_attention_pass
 from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass
 from onnxpress.backends.tvm.conv_packed import conv_kernel_layout_pass, legalize_passes
 from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
@@ -266,9 +267,13 @@ def cpu_lowering_passes(target: Any, *, blocked: bool = True) -> list[Any]:
     the kernels the default schedules (and MetaSchedule, tune.py) see. ``blocked``: convs
     and the ops between them in NCHWc (blocked_layout.py); else NCHW throughout, with
     conv_packed.py's kernels (what the blocked pass leaves in NCHW always gets those)."""
+    import tvm
+
     lanes = vector_lanes(target)
     return [
         *layout_passes(target, blocked=blocked),
+        fused_attention_pass(),
+        tvm.relax.transform.DeadCodeElimination(),
         fast_math_pass(),
         conv_kernel_layout_pass(lanes),
         *legalize_passes(lanes, vector_registers(target)),

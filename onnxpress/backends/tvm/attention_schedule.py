@@ -1,0 +1,284 @@
+"""Fused attention for CPU builds: softmax(Q K^T * scale + mask) V in one kernel.
+
+Unfused, an encoder layer's attention is three kernels (the score matmul with its scale
+and mask, the softmax, the matmul with V) that pass the [heads, M, N] score tensor
+through memory twice each way. Here one parallel loop runs over blocks of ``ROWS`` query
+rows of one head, and per block:
+
+  s[i, j] = sum_d q[i, d] * kt[d, j] * scale + mask[i, j]   (a [ROWS, N] tile on the stack)
+  p[i, j] = softmax over j, with 8-lane partial max and sum (row_schedule.py's arithmetic)
+  o[i, e] = sum_j p[i, j] * v[j, e]
+
+Both products run in register tiles: ROWS rows by 16 columns (two 8-lane vectors) kept in
+a local accumulator, the reduction outside the rows. The Relax pass ``FusedAttention``
+(before FastMath in schedule.cpu_lowering_passes) rewrites the pattern matmul -> [multiply
+or divide by a constant] -> [add a broadcast mask] -> softmax(-1) -> matmul over static
+float32 [batch, heads, rows, depth] tensors whose sizes the tiles divide (rows by 4, keys
+and value depth by 16); others keep the three kernels. BERT-size encoder at sequence 128
+on the AVX2 EPYC: 253 -> about 210-235 us per layer (docs/BENCHMARKS.md, run 19).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ROWS = 4  # query rows per block (4 x 2 vectors = 8 accumulators)
+COLUMNS = 16  # output columns of a register tile
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Static sizes: batch, heads, queries M, keys N, head depth D, value depth E; the mask's
+    shape (broadcast to [batch, heads, M, N]) or None."""
+
+    batch: int
+    heads: int
+    queries: int
+    keys: int
+    depth: int
+    value_depth: int
+    scale: float
+    mask: tuple[int, ...] | None
+
+    def fits(self) -> bool:
+        """Whether the kernel's tiles divide the sizes."""
+        return (
+            self.queries % ROWS == 0
+            and self.keys % 8 == 0
+            and self.keys % COLUMNS == 0
+            and self.value_depth % COLUMNS == 0
+        )
+
+
+def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
+    """The scheduled PrimFunc o[B, H, M, E] = softmax(q kt * scale + mask) v."""
+    from tvm import s_tir, te, tirx, topi
+
+    shape_q = (a.batch, a.heads, a.queries, a.depth)
+    q = te.placeholder(shape_q, dtype, name="q")
+    kt = te.placeholder((a.batch, a.heads, a.depth, a.keys), dtype, name="kt")
+    v = te.placeholder((a.batch, a.heads, a.keys, a.value_depth), dtype, name="v")
+    inputs = [q, kt, v]
+    mask = None
+    if a.mask is not None:
+        mask = te.placeholder(a.mask, dtype, name="mask")
+        inputs.append(mask)
+    scores_shape = (a.batch, a.heads, a.queries, a.keys)
+    d = te.reduce_axis((0, a.depth), name="d")
+    dot = te.compute(
+        scores_shape,
+        lambda b, h, i, j: te.sum(q[b, h, i, d] * kt[b, h, d, j], axis=d),
+        name="scores",
+    )
+    scale = tirx.const(a.scale, dtype)
+
+    def masked(b: Any, h: Any, i: Any, j: Any) -> Any:
+        value = dot[b, h, i, j] * scale
+        if mask is None:
+            return value
+        offset = len(scores_shape) - len(a.mask or ())
+        index = [
+            0 if extent == 1 else axis
+            for axis, extent in zip((b, h, i, j)[offset:], a.mask or (), strict=True)
+        ]
+        return value + mask[tuple(index)]
+
+    logits = te.compute(scores_shape, masked, name="logits")
+    lanes = 8
+    k = te.reduce_axis((0, a.keys // lanes), name="k")
+    part_max = te.compute(
+        (*scores_shape[:3], lanes),
+        lambda b, h, i, u: te.max(logits[b, h, i, k * lanes + u], axis=k),
+        name="part_max",
+    )
+    u = te.reduce_axis((0, lanes), name="u")
+    row_max = te.compute(
+        scores_shape[:3], lambda b, h, i: te.max(part_max[b, h, i, u], axis=u), name="row_max"
+    )
+    shifted = te.compute(
+        scores_shape, lambda b, h, i, j: logits[b, h, i, j] - row_max[b, h, i], name="shifted"
+    )
+    exp = topi.fast_exp(shifted)
+    k2 = te.reduce_axis((0, a.keys // lanes), name="k2")
+    part_sum = te.compute(
+        (*scores_shape[:3], lanes),
+        lambda b, h, i, w: te.sum(exp[b, h, i, k2 * lanes + w], axis=k2),
+        name="part_sum",
+    )
+    u2 = te.reduce_axis((0, lanes), name="u2")
+    row_sum = te.compute(
+        scores_shape[:3], lambda b, h, i: te.sum(part_sum[b, h, i, u2], axis=u2), name="row_sum"
+    )
+    j = te.reduce_axis((0, a.keys), name="j")
+    out_shape = (a.batch, a.heads, a.queries, a.value_depth)
+    pv = te.compute(
+        out_shape, lambda b, h, i, e: te.sum(exp[b, h, i, j] * v[b, h, j, e], axis=j), name="pv"
+    )
+    one = tirx.const(1.0, dtype)
+    out = te.compute(
+        out_shape, lambda b, h, i, e: pv[b, h, i, e] * (one / row_sum[b, h, i]), name="attention"
+    )
+    sch = s_tir.Schedule(te.create_prim_func([*inputs, out]))
+    return _schedule(sch, exp.op.name)
+
+
+def _schedule(sch: Any, exp_block: str) -> Any:
+    """One parallel loop over (batch, head, row block); per block the score tile, the
+    softmax and the value product, each in register tiles."""
+    out = sch.get_sblock("attention")
+    b, h, i, e = sch.get_loops(out)
+    block, _ = sch.split(i, [None, ROWS])
+    task = sch.fuse(b, h, block)
+    sch.parallel(task)
+    _, lanes = sch.split(e, [None, 8])
+    sch.vectorize(lanes)
+    pv = sch.get_sblock("pv")
+    sch.compute_at(pv, task)
+    *_, p_rows, p_cols, p_keys = sch.get_loops(pv)
+    _tile(sch, pv, p_rows, p_cols, p_keys)
+    for name in ("shifted", "logits"):
+        sch.compute_inline(sch.get_sblock(name))
+    for name in ("row_sum", "part_sum", exp_block, "row_max", "part_max", "scores"):
+        sch.compute_at(sch.get_sblock(name), task)
+    scores = sch.get_sblock("scores")
+    *_, s_rows, s_cols, s_depth = sch.get_loops(scores)
+    _tile(sch, scores, s_rows, s_cols, s_depth)
+    for name in ("part_max", "part_sum"):  # the lane loop around its reduction
+        sch.vectorize(sch.get_loops(sch.get_sblock(name))[-2])
+    exp_loops = sch.get_loops(sch.get_sblock(exp_block))
+    _, lanes = sch.split(exp_loops[-1], [None, 8])
+    sch.vectorize(lanes)
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+    return func.without_attr("global_symbol")
+
+
+def _tile(sch: Any, block: Any, rows: Any, columns: Any, reduction: Any) -> None:
+    """rows x COLUMNS register tiles (two 8-lane vectors a row), the reduction outside the
+    rows: the tile's accumulators stay in registers."""
+    acc = sch.cache_write(block, 0, "local")
+    tile, vector = sch.split(columns, [None, COLUMNS])
+    vectors, lanes = sch.split(vector, [None, 8])
+    sch.reorder(tile, reduction, rows, vectors, lanes)
+    sch.reverse_compute_at(acc, tile)
+    sch.vectorize(lanes)
+    sch.unroll(rows)
+    sch.unroll(vectors)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+    *_, acc_rows, acc_columns = sch.get_loops(acc)
+    sch.unroll(acc_rows)
+    _, acc_lanes = sch.split(acc_columns, [None, 8])
+    sch.vectorize(acc_lanes)
+
+
+def _op(expr: Any) -> str:
+    return str(getattr(getattr(expr, "op", None), "name", ""))
+
+
+def _static(expr: Any) -> list[int] | None:
+    try:
+        return [int(d.value) for d in expr.ty.shape]
+    except (AttributeError, TypeError):
+        return None
+
+
+def _scalar(expr: Any) -> float | None:
+    """The value of a one-element float constant, else None."""
+    import tvm
+
+    if not isinstance(expr, tvm.ir.Constant):
+        return None
+    values = expr.value.numpy()
+    return float(values.reshape(-1)[0]) if values.size == 1 else None
+
+
+def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | None:
+    """(sizes, [q, kt, v, mask?]) where ``call`` is matmul(softmax(matmul(q, kt) [* or / a
+    constant] [+ mask], axis=-1), v) over static float32 4-D tensors; else None. ``lookup``
+    maps a variable to the expression bound to it (None where it has none)."""
+    if _op(call) != "relax.matmul":
+        return None
+    probs, v = call.args
+    softmax = lookup(probs)
+    if _op(softmax) != "relax.nn.softmax" or int(softmax.attrs.axis) not in (-1, 3):
+        return None
+    node, mask, scale = lookup(softmax.args[0]), None, 1.0
+    if _op(node) == "relax.add":
+        for scores, other in (node.args, node.args[::-1]):
+            if _op(lookup(scores)) in ("relax.matmul", "relax.multiply", "relax.divide"):
+                node, mask = lookup(scores), other
+                break
+        else:
+            return None
+    if _op(node) in ("relax.multiply", "relax.divide"):
+        left, right = node.args
+        factor, scores = (_scalar(right), left) if _scalar(right) is not None else (None, None)
+        if factor is None and _op(node) == "relax.multiply":
+            factor, scores = _scalar(left), right
+        if factor is None or factor == 0.0:
+            return None
+        scale = factor if _op(node) == "relax.multiply" else 1.0 / factor
+        node = lookup(scores)
+    if _op(node) != "relax.matmul":
+        return None
+    q, kt = node.args
+    shapes = [_static(x) for x in (q, kt, v)]
+    if any(s is None or len(s) != 4 for s in shapes) or not _all_float32(q, kt, v, mask):
+        return None
+    (b, h, m, d), kt_shape, (vb, vh, n, e) = shapes  # type: ignore[misc]
+    if kt_shape != [b, h, d, n] or (vb, vh) != (b, h):
+        return None
+    mask_shape = None
+    if mask is not None:
+        mask_shape = _static(mask)
+        full = [b, h, m, n]
+        if (
+            mask_shape is None
+            or len(mask_shape) > 4
+            or any(
+                dim not in (1, want)
+                for dim, want in zip(mask_shape[::-1], full[::-1], strict=False)
+            )
+        ):
+            return None
+    sizes = Attention(b, h, m, n, d, e, scale, None if mask_shape is None else tuple(mask_shape))
+    if not sizes.fits():
+        return None
+    return sizes, [q, kt, v, *([mask] if mask is not None else [])]
+
+
+def _all_float32(*exprs: Any) -> bool:
+    return all(
+        str(getattr(getattr(x, "ty", None), "dtype", "")) == "float32"
+        for x in exprs
+        if x is not None
+    )
+
+
+def fused_attention_pass() -> Any:
+    """The relax module pass ``FusedAttention``: each matched attention (match_attention)
+    becomes one call of ``attention_kernel``; the ops it replaces are left unused (dead code
+    elimination removes them)."""
+    from tvm import relax
+
+    from onnxpress.backends.tvm.fast_math import rewriting_pass
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            found = match_attention(call, self._bound)
+            if found is None:
+                return call
+            sizes, args = found
+            gvar = self.builder_.add_func(attention_kernel(sizes), "fused_attention")
+            shape = (sizes.batch, sizes.heads, sizes.queries, sizes.value_depth)
+            return relax.call_tir(gvar, args, relax.TensorType(shape, "float32"))
+
+        def _bound(self, expr: Any) -> Any:
+            if isinstance(expr, relax.Var):
+                return self.lookup_binding(expr)
+            return expr
+
+    return rewriting_pass("FusedAttention", _Rewriter)

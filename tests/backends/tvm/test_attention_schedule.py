@@ -1,0 +1,145 @@
+"""attention_schedule.py: the fused attention kernel matches numpy (with and without a
+broadcast mask), the FusedAttention pass rewrites matmul -> scale -> mask -> softmax ->
+matmul into one kernel call and leaves other shapes alone, and a compiled ONNX attention
+block matches onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from onnxpress.backends.tvm.attention_schedule import (  # noqa: E402
+    Attention,
+    attention_kernel,
+    fused_attention_pass,
+)
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.build import tir_pipeline  # noqa: E402
+from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
+from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
+from onnxpress.core.verify import Runner  # noqa: E402
+
+
+def _reference(q: np.ndarray, kt: np.ndarray, v: np.ndarray, scale: float, mask: object) -> object:
+    scores = (q.astype(np.float64) @ kt) * scale + (0.0 if mask is None else mask)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    return (probs / probs.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 32), (8, 32)])
+def test_kernel_matches_numpy(mask_shape: tuple[int, ...] | None) -> None:
+    sizes = Attention(2, 3, 8, 32, 16, 16, 0.25, mask_shape)
+    lib = tvm.compile(
+        tvm.IRModule({"main": attention_kernel(sizes).with_attr("global_symbol", "main")}),
+        target=tvm_target(parse_target("avx2")),
+        tir_pipeline=tir_pipeline(2),
+    )
+    rng = np.random.default_rng(3)
+    q, v = (rng.normal(size=(2, 3, n, 16)).astype(np.float32) * 2 for n in (8, 32))
+    kt = rng.normal(size=(2, 3, 16, 32)).astype(np.float32) * 2
+    mask = None
+    if mask_shape is not None:
+        mask = np.where(rng.random(mask_shape) < 0.2, -1e4, 0.0).astype(np.float32)
+    arrays = [q, kt, v, *([mask] if mask is not None else [])]
+    got = tvm.runtime.tensor(np.zeros((2, 3, 8, 16), np.float32))
+    lib["main"](*(tvm.runtime.tensor(a) for a in arrays), got)
+    np.testing.assert_allclose(got.numpy(), _reference(q, kt, v, 0.25, mask), rtol=1e-5, atol=1e-5)
+
+
+def _module(queries: int, axis: int) -> object:
+    builder = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((1, 2, queries, 16), "float32"))
+    kt = relax.Var("kt", relax.TensorType((1, 2, 16, 32), "float32"))
+    v = relax.Var("v", relax.TensorType((1, 2, 32, 16), "float32"))
+    mask = relax.Var("mask", relax.TensorType((1, 1, 1, 32), "float32"))
+    with builder.function("main", [q, kt, v, mask]):
+        with builder.dataflow():
+            s = builder.emit(relax.op.matmul(q, kt))
+            s = builder.emit(relax.op.divide(s, relax.const(4.0, "float32")))
+            s = builder.emit(relax.op.add(mask, s))  # the mask first
+            p = builder.emit(relax.op.nn.softmax(s, axis=axis))
+            out = builder.emit_output(builder.emit(relax.op.matmul(p, v)))
+        builder.emit_func_output(out)
+    return builder.get()
+
+
+def test_the_pass_fuses_the_pattern_and_leaves_others_alone() -> None:
+    def rewritten(queries: int, axis: int) -> str:
+        mod = fused_attention_pass()(_module(queries, axis))
+        return relax.transform.DeadCodeElimination()(mod)["main"].script()
+
+    fused = rewritten(8, -1)
+    assert "R.call_tir(fused_attention" in fused
+    assert "softmax" not in fused and "R.matmul" not in fused
+    for queries, axis in ((8, 2), (6, -1)):  # another axis; rows not a multiple of 4
+        other = rewritten(queries, axis)
+        assert "fused_attention" not in other and "R.nn.softmax" in other
+
+
+def _attention_model() -> object:
+    """x [1, 16, 32] -> Q, K, V projections -> 2 heads of 16 -> attention with a padding
+    mask -> [1, 16, 32]: the layout BERT-style exports have."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (32, 32)).astype(np.float32), n)
+             for n in ("wq", "wk", "wv")]  # fmt: skip
+    inits += [
+        numpy_helper.from_array(np.array([1, 16, 2, 16], np.int64), "heads"),
+        numpy_helper.from_array(np.array([1, 16, 32], np.int64), "merged"),
+        numpy_helper.from_array(np.array(4.0, np.float32), "root"),
+        numpy_helper.from_array(np.where(np.arange(16) < 13, 0, -1e4).astype(np.float32)
+                                .reshape(1, 1, 1, 16), "mask"),
+    ]  # fmt: skip
+    nodes = []
+    for name in ("q", "k", "v"):
+        nodes += [
+            helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}2"]),
+            helper.make_node("Reshape", [f"{name}2", "heads"], [f"{name}3"]),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["q3"], ["q4"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k3"], ["kt4"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v3"], ["v4"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["q4", "kt4"], ["s"]),
+        helper.make_node("Div", ["s", "root"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v4"], ["o4"]),
+        helper.make_node("Transpose", ["o4"], ["o3"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["o3", "merged"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 32])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_compiled_attention_block_matches_onnxruntime(tmp_path: Path) -> None:
+    from onnxpress.backends.tvm.build import import_relax
+    from onnxpress.backends.tvm.prepare import prepare
+    from onnxpress.backends.tvm.schedule import cpu_lowering_passes
+
+    model = _attention_model()
+    target = tvm_target(parse_target("x86"))
+    with target:
+        lowered = tvm.transform.Sequential(cpu_lowering_passes(target))(
+            import_relax(prepare(model, None))
+        )
+    names = [gv.name_hint for gv in lowered.functions]
+    assert "fused_attention" in names and not any("softmax" in n for n in names)
+    result = compile_model(model, "x86", tmp_path / "out")
+    assert result.manifest["verification"]["errors"]["y"] <= 1e-4
+    x = np.random.default_rng(6).normal(size=(1, 16, 32)).astype(np.float32)
+    (ref,) = Runner(model)({"x": x})
+    (got,) = CompiledModel(result.library)(x)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
