@@ -85,31 +85,12 @@ def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
         return value + mask[tuple(index)]
 
     logits = te.compute(scores_shape, masked, name="logits")
-    lanes = 8
-    k = te.reduce_axis((0, a.keys // lanes), name="k")
-    part_max = te.compute(
-        (*scores_shape[:3], lanes),
-        lambda b, h, i, u: te.max(logits[b, h, i, k * lanes + u], axis=k),
-        name="part_max",
-    )
-    u = te.reduce_axis((0, lanes), name="u")
-    row_max = te.compute(
-        scores_shape[:3], lambda b, h, i: te.max(part_max[b, h, i, u], axis=u), name="row_max"
-    )
+    row_max = _row_reduce(logits, te.max, "row_max")
     shifted = te.compute(
         scores_shape, lambda b, h, i, j: logits[b, h, i, j] - row_max[b, h, i], name="shifted"
     )
     exp = topi.fast_exp(shifted)
-    k2 = te.reduce_axis((0, a.keys // lanes), name="k2")
-    part_sum = te.compute(
-        (*scores_shape[:3], lanes),
-        lambda b, h, i, w: te.sum(exp[b, h, i, k2 * lanes + w], axis=k2),
-        name="part_sum",
-    )
-    u2 = te.reduce_axis((0, lanes), name="u2")
-    row_sum = te.compute(
-        scores_shape[:3], lambda b, h, i: te.sum(part_sum[b, h, i, u2], axis=u2), name="row_sum"
-    )
+    row_sum = _row_reduce(exp, te.sum, "row_sum")
     j = te.reduce_axis((0, a.keys), name="j")
     out_shape = (a.batch, a.heads, a.queries, a.value_depth)
     pv = te.compute(
@@ -121,6 +102,23 @@ def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
     )
     sch = s_tir.Schedule(te.create_prim_func([*inputs, out]))
     return _schedule(sch, exp.op.name)
+
+
+def _row_reduce(values: Any, reduce: Any, name: str) -> Any:
+    """[B, H, M] = ``reduce`` over the last axis of ``values`` [B, H, M, N]: 8-lane partials
+    (``name``_part), then across the lanes (N is a multiple of 8)."""
+    from tvm import te
+
+    *rows, keys = (int(d) for d in values.shape)
+    lanes = 8
+    k = te.reduce_axis((0, keys // lanes), name=f"{name}_k")
+    part = te.compute(
+        (*rows, lanes),
+        lambda b, h, i, u: reduce(values[b, h, i, k * lanes + u], axis=k),
+        name=f"{name}_part",
+    )
+    u = te.reduce_axis((0, lanes), name=f"{name}_u")
+    return te.compute(rows, lambda b, h, i: reduce(part[b, h, i, u], axis=u), name=name)
 
 
 def _schedule(sch: Any, exp_block: str) -> Any:
@@ -139,12 +137,12 @@ def _schedule(sch: Any, exp_block: str) -> Any:
     _tile(sch, pv, p_rows, p_cols, p_keys)
     for name in ("shifted", "logits"):
         sch.compute_inline(sch.get_sblock(name))
-    for name in ("row_sum", "part_sum", exp_block, "row_max", "part_max", "scores"):
+    for name in ("row_sum", "row_sum_part", exp_block, "row_max", "row_max_part", "scores"):
         sch.compute_at(sch.get_sblock(name), task)
     scores = sch.get_sblock("scores")
     *_, s_rows, s_cols, s_depth = sch.get_loops(scores)
     _tile(sch, scores, s_rows, s_cols, s_depth)
-    for name in ("part_max", "part_sum"):  # the lane loop around its reduction
+    for name in ("row_max_part", "row_sum_part"):  # the lane loop around its reduction
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-2])
     exp_loops = sch.get_loops(sch.get_sblock(exp_block))
     _, lanes = sch.split(exp_loops[-1], [None, 8])
