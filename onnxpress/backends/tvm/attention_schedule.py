@@ -13,8 +13,8 @@ Both products run in register tiles: ROWS rows by 16 columns (two 8-lane vectors
 a local accumulator, the reduction outside the rows. The Relax pass ``FusedAttention``
 (before FastMath in schedule.cpu_lowering_passes) rewrites the pattern matmul -> [multiply
 or divide by a constant] -> [add a broadcast mask] -> softmax(-1) -> matmul over static
-float32 [batch, heads, rows, depth] tensors whose sizes the tiles divide (rows by 4, keys
-and value depth by 16); others keep the three kernels. BERT-size encoder at sequence 128
+float32 [batch, heads, rows, depth] tensors with a value depth of whole 16-lane tiles (others
+keep the three kernels); rows and keys of any count run in padded tiles. BERT-size encoder at sequence 128
 on the AVX2 EPYC: 253 -> about 210-235 us per layer (docs/BENCHMARKS.md, run 19).
 """
 
@@ -41,67 +41,120 @@ class Attention:
     scale: float
     mask: tuple[int, ...] | None
 
+    @property
+    def padded_keys(self) -> int:
+        """Keys rounded up to the score tile: kt, v and a mask with a keys axis arrive
+        padded to it (``pad_operands``)."""
+        return -(-self.keys // COLUMNS) * COLUMNS
+
     def fits(self) -> bool:
-        """Whether the kernel's tiles divide the sizes."""
-        return (
-            self.queries % ROWS == 0
-            and self.keys % 8 == 0
-            and self.keys % COLUMNS == 0
-            and self.value_depth % COLUMNS == 0
-        )
+        """Whether the kernel applies: value vectors of whole register tiles. Rows and keys
+        of any count run in padded tiles (see attention_kernel)."""
+        return self.value_depth % COLUMNS == 0 and self.keys >= 1 and self.queries >= 1
 
 
 def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
-    """The scheduled PrimFunc o[B, H, M, E] = softmax(q kt * scale + mask) v."""
+    """The scheduled PrimFunc o[B, H, M, E] = softmax(q kt * scale + mask) v, with kt, v and
+    a mask with a keys axis padded to ``a.padded_keys`` (pad_operands). Rows are padded to
+    the 4-row blocks with q's reads clamped to the last real row, and the padded rows are
+    not written; a padded key's logit is the lowest float and its exp 0, so it adds
+    nothing to the max, the sums or the value product."""
     from tvm import s_tir, te, tirx, topi
 
-    shape_q = (a.batch, a.heads, a.queries, a.depth)
-    q = te.placeholder(shape_q, dtype, name="q")
-    kt = te.placeholder((a.batch, a.heads, a.depth, a.keys), dtype, name="kt")
-    v = te.placeholder((a.batch, a.heads, a.keys, a.value_depth), dtype, name="v")
+    rows, keys, keys_p = a.queries, a.keys, a.padded_keys
+    rows_p = -(-rows // ROWS) * ROWS
+    q = te.placeholder((a.batch, a.heads, rows, a.depth), dtype, name="q")
+    kt = te.placeholder((a.batch, a.heads, a.depth, keys_p), dtype, name="kt")
+    v = te.placeholder((a.batch, a.heads, keys_p, a.value_depth), dtype, name="v")
     inputs = [q, kt, v]
     mask = None
-    if a.mask is not None:
-        mask = te.placeholder(a.mask, dtype, name="mask")
+    mask_shape = _padded_mask(a)
+    if mask_shape is not None:
+        mask = te.placeholder(mask_shape, dtype, name="mask")
         inputs.append(mask)
-    scores_shape = (a.batch, a.heads, a.queries, a.keys)
+    scores_shape = (a.batch, a.heads, rows_p, keys_p)
+
+    def row(i: Any) -> Any:
+        return tirx.min(i, rows - 1) if rows_p != rows else i
+
     d = te.reduce_axis((0, a.depth), name="d")
     dot = te.compute(
         scores_shape,
-        lambda b, h, i, j: te.sum(q[b, h, i, d] * kt[b, h, d, j], axis=d),
+        lambda b, h, i, j: te.sum(q[b, h, row(i), d] * kt[b, h, d, j], axis=d),
         name="scores",
     )
     scale = tirx.const(a.scale, dtype)
+    lowest = tirx.const(-3.4e38, dtype)
 
     def masked(b: Any, h: Any, i: Any, j: Any) -> Any:
         value = dot[b, h, i, j] * scale
-        if mask is None:
-            return value
-        offset = len(scores_shape) - len(a.mask or ())
-        index = [
-            0 if extent == 1 else axis
-            for axis, extent in zip((b, h, i, j)[offset:], a.mask or (), strict=True)
-        ]
-        return value + mask[tuple(index)]
+        if mask is not None and mask_shape is not None:
+            offset = len(scores_shape) - len(mask_shape)
+            index = [
+                0 if extent == 1 else axis
+                for axis, extent in zip((b, h, row(i), j)[offset:], mask_shape, strict=True)
+            ]
+            value = value + mask[tuple(index)]
+        return tirx.Select(j < keys, value, lowest) if keys_p != keys else value
 
     logits = te.compute(scores_shape, masked, name="logits")
     row_max = _row_reduce(logits, te.max, "row_max")
     shifted = te.compute(
         scores_shape, lambda b, h, i, j: logits[b, h, i, j] - row_max[b, h, i], name="shifted"
     )
-    exp = topi.fast_exp(shifted)
+    fast = topi.fast_exp(shifted)
+    zero = tirx.const(0.0, dtype)
+    exp = te.compute(  # padded keys: exp 0 (the fast exp clamps its input at about -88)
+        scores_shape,
+        lambda b, h, i, j: tirx.Select(j < keys, fast[b, h, i, j], zero),
+        name="exp",
+    )
     row_sum = _row_reduce(exp, te.sum, "row_sum")
-    j = te.reduce_axis((0, a.keys), name="j")
-    out_shape = (a.batch, a.heads, a.queries, a.value_depth)
+    j = te.reduce_axis((0, keys_p), name="j")
     pv = te.compute(
-        out_shape, lambda b, h, i, e: te.sum(exp[b, h, i, j] * v[b, h, j, e], axis=j), name="pv"
+        (a.batch, a.heads, rows_p, a.value_depth),
+        lambda b, h, i, e: te.sum(exp[b, h, i, j] * v[b, h, j, e], axis=j),
+        name="pv",
     )
     one = tirx.const(1.0, dtype)
     out = te.compute(
-        out_shape, lambda b, h, i, e: pv[b, h, i, e] * (one / row_sum[b, h, i]), name="attention"
+        (a.batch, a.heads, rows, a.value_depth),
+        lambda b, h, i, e: pv[b, h, i, e] * (one / row_sum[b, h, i]),
+        name="attention",
     )
     sch = s_tir.Schedule(te.create_prim_func([*inputs, out]))
-    return _schedule(sch, exp.op.name)
+    sch.compute_inline(sch.get_sblock(fast.op.name))
+    return _schedule(sch, "exp")
+
+
+def _padded_mask(a: Attention) -> tuple[int, ...] | None:
+    """The mask's shape as the kernel takes it: a keys axis padded like kt."""
+    if a.mask is None:
+        return None
+    keys = a.mask[-1]
+    return (*a.mask[:-1], a.padded_keys if keys != 1 else 1)
+
+
+def pad_operands(builder: Any, a: Attention, args: list[Any]) -> list[Any]:
+    """[q, kt, v, mask?] with kt's and v's keys axes (and the mask's, if it has one) padded
+    with zeros to ``a.padded_keys``: the kernel reads them without bounds checks (a
+    clamped index in the score tile made its column vector a gather)."""
+    from tvm import relax
+
+    extra = a.padded_keys - a.keys
+    if not extra:
+        return args
+
+    def pad(x: Any, axis: int, rank: int) -> Any:
+        widths = [0] * (2 * rank)
+        widths[2 * axis + 1] = extra
+        return builder.emit(relax.op.nn.pad(x, widths, pad_value=0.0))
+
+    q, kt, v, *mask = args
+    padded = [q, pad(kt, 3, 4), pad(v, 2, 4)]
+    if mask and a.mask is not None:
+        padded.append(pad(mask[0], len(a.mask) - 1, len(a.mask)) if a.mask[-1] != 1 else mask[0])
+    return padded
 
 
 def _row_reduce(values: Any, reduce: Any, name: str) -> Any:
@@ -270,6 +323,7 @@ def fused_attention_pass() -> Any:
             if found is None:
                 return call
             sizes, args = found
+            args = pad_operands(self.builder_, sizes, args)
             gvar = self.builder_.add_func(attention_kernel(sizes), "fused_attention")
             shape = (sizes.batch, sizes.heads, sizes.queries, sizes.value_depth)
             return relax.call_tir(gvar, args, relax.TensorType(shape, "float32"))

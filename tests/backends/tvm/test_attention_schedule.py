@@ -33,31 +33,47 @@ def _reference(q: np.ndarray, kt: np.ndarray, v: np.ndarray, scale: float, mask:
     return (probs / probs.sum(-1, keepdims=True)) @ v
 
 
-@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 32), (8, 32)])
-def test_kernel_matches_numpy(mask_shape: tuple[int, ...] | None) -> None:
-    sizes = Attention(2, 3, 8, 32, 16, 16, 0.25, mask_shape)
+@pytest.mark.parametrize(
+    ("rows", "keys", "mask_shape"),
+    [
+        (8, 32, None),
+        (8, 32, (2, 1, 1, 32)),
+        (8, 32, (8, 32)),
+        (7, 13, (2, 1, 7, 13)),  # rows and keys padded to the tiles
+        (1, 5, (1, 5)),
+    ],
+)
+def test_kernel_matches_numpy(rows: int, keys: int, mask_shape: tuple[int, ...] | None) -> None:
+    sizes = Attention(2, 3, rows, keys, 16, 16, 0.25, mask_shape)
     lib = tvm.compile(
         tvm.IRModule({"main": attention_kernel(sizes).with_attr("global_symbol", "main")}),
         target=tvm_target(parse_target("avx2")),
         tir_pipeline=tir_pipeline(2),
     )
     rng = np.random.default_rng(3)
-    q, v = (rng.normal(size=(2, 3, n, 16)).astype(np.float32) * 2 for n in (8, 32))
-    kt = rng.normal(size=(2, 3, 16, 32)).astype(np.float32) * 2
+    q, v = (rng.normal(size=(2, 3, n, 16)).astype(np.float32) * 2 for n in (rows, keys))
+    kt = rng.normal(size=(2, 3, 16, keys)).astype(np.float32) * 2
     mask = None
     if mask_shape is not None:
         mask = np.where(rng.random(mask_shape) < 0.2, -1e4, 0.0).astype(np.float32)
-    arrays = [q, kt, v, *([mask] if mask is not None else [])]
-    got = tvm.runtime.tensor(np.zeros((2, 3, 8, 16), np.float32))
+    extra = sizes.padded_keys - keys  # pad_operands' zeros on the keys axes
+
+    def padded(x: np.ndarray, axis: int) -> np.ndarray:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra if x.shape[axis] == keys else 0)
+        return np.pad(x, widths)
+
+    arrays = [q, padded(kt, 3), padded(v, 2), *([padded(mask, -1)] if mask is not None else [])]
+    got = tvm.runtime.tensor(np.full((2, 3, rows, 16), 7.0, np.float32))
     lib["main"](*(tvm.runtime.tensor(a) for a in arrays), got)
     np.testing.assert_allclose(got.numpy(), _reference(q, kt, v, 0.25, mask), rtol=1e-5, atol=1e-5)
 
 
-def _module(queries: int, axis: int) -> object:
+def _module(queries: int, axis: int, value_depth: int = 16) -> object:
     builder = relax.BlockBuilder()
     q = relax.Var("q", relax.TensorType((1, 2, queries, 16), "float32"))
     kt = relax.Var("kt", relax.TensorType((1, 2, 16, 32), "float32"))
-    v = relax.Var("v", relax.TensorType((1, 2, 32, 16), "float32"))
+    v = relax.Var("v", relax.TensorType((1, 2, 32, value_depth), "float32"))
     mask = relax.Var("mask", relax.TensorType((1, 1, 1, 32), "float32"))
     with builder.function("main", [q, kt, v, mask]):
         with builder.dataflow():
@@ -71,15 +87,16 @@ def _module(queries: int, axis: int) -> object:
 
 
 def test_the_pass_fuses_the_pattern_and_leaves_others_alone() -> None:
-    def rewritten(queries: int, axis: int) -> str:
-        mod = fused_attention_pass()(_module(queries, axis))
+    def rewritten(queries: int, axis: int, value_depth: int = 16) -> str:
+        mod = fused_attention_pass()(_module(queries, axis, value_depth))
         return relax.transform.DeadCodeElimination()(mod)["main"].script()
 
-    fused = rewritten(8, -1)
-    assert "R.call_tir(fused_attention" in fused
-    assert "softmax" not in fused and "R.matmul" not in fused
-    for queries, axis in ((8, 2), (6, -1)):  # another axis; rows not a multiple of 4
-        other = rewritten(queries, axis)
+    for queries in (8, 6):  # 6 rows: padded to the 4-row blocks
+        fused = rewritten(queries, -1)
+        assert "R.call_tir(fused_attention" in fused
+        assert "softmax" not in fused and "R.matmul" not in fused
+    for axis, depth in ((2, 16), (-1, 12)):  # another axis; values not whole 16-lane tiles
+        other = rewritten(8, axis, depth)
         assert "fused_attention" not in other and "R.nn.softmax" in other
 
 
