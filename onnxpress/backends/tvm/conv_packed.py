@@ -33,9 +33,9 @@ Convolutions this does not cover keep TVM's legalization.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
+from onnxpress.backends.tvm.matmul_legalize import legalize_matmul, static_shape
 from onnxpress.backends.tvm.tile_plan import stacked_rows, vector_width
 
 logger = logging.getLogger(__name__)
@@ -112,14 +112,6 @@ def _ints(values: Any) -> list[int]:
     return [int(v) for v in values]
 
 
-def _static_shape(expr: Any) -> list[int] | None:
-    shape = getattr(expr.ty, "shape", None)
-    try:
-        return None if shape is None else [int(d) for d in shape]
-    except TypeError:  # symbolic
-        return None
-
-
 def _pointwise(attrs: Any, weight: list[int], data: list[int], out: list[int]) -> bool:
     """A 1x1 convolution of stride 1 without padding: a GEMM over the flattened image."""
     return (
@@ -162,8 +154,8 @@ def legalize_conv2d(lanes: int, registers: int) -> Any:
 
     def legalize(bb: Any, call: Any) -> Any:
         attrs = call.attrs
-        data, weight = _static_shape(call.args[0]), _static_shape(call.args[1])
-        out = _static_shape(call)
+        data, weight = static_shape(call.args[0]), static_shape(call.args[1])
+        out = static_shape(call)
         if (
             data is None
             or weight is None
@@ -242,7 +234,7 @@ def legalize_conv2d_transpose() -> Any:
 
     def legalize(bb: Any, call: Any) -> Any:
         attrs = call.attrs
-        data, weight = _static_shape(call.args[0]), _static_shape(call.args[1])
+        data, weight = static_shape(call.args[0]), static_shape(call.args[1])
         if (
             data is None
             or weight is None
@@ -285,79 +277,6 @@ def legalize_conv2d_transpose() -> Any:
 
         packed = bb.emit_te(pack, call.args[1], primfunc_name_hint="pack_deconv_weight")
         return bb.call_te(upsample, call.args[0], packed, primfunc_name_hint="conv2d_transpose")
-
-    return legalize
-
-
-MAX_PACKED_ROWS = 8  # matmuls with at most this many rows get panels of one vector
-
-
-def matmul_panel(rows: list[int], columns: int, lanes: int, registers: int) -> int:
-    """Columns per packed weight panel of a matmul with output rows ``rows`` (the data's
-    leading axes): one vector for at most MAX_PACKED_ROWS rows (a matrix-vector product
-    whose tile stacks vectors of its own), else S x W of the register tile ``plan_tile``
-    chooses for the kernel, so each tile reads one panel; 0 when no vector fits."""
-    width = vector_width(columns, lanes)
-    if not width or math.prod(rows) <= MAX_PACKED_ROWS:
-        return width
-    extents = (*rows, columns)
-    row_axes = [axis for axis in range(len(rows) - 1, -1, -1) if rows[axis] > 1]
-    stack, _, _ = stacked_rows(extents, len(rows), width, row_axes, registers)
-    return stack * width
-
-
-def legalize_matmul(lanes: int, registers: int) -> Any:
-    """The legalization of ``relax.matmul`` by a constant [K, N] matrix for the CPU
-    pipeline: the weights are packed once, at compile time, as panels of P columns,
-    ``packed[j // P, k, j % P] = w[k, j]``, each read front to back (``matmul_panel``).
-    Row-major, the tile's columns are a short run per row, N floats apart: every step
-    starts a new page and the prefetcher restarts. A product of a few rows (a classifier at
-    batch 1-8) reads the weights once, so its speed is their stream from memory (a 1280 x
-    1000 classifier read its weights at 12 GB/s from DRAM, onnxruntime's packed ones at 25);
-    with more rows each panel is re-read once per row tile, from L2 if it is packed (the
-    encoder's 128 x 1536 x 384 matmul on Zen 3: 1.22 -> 0.84 ms, where onnxruntime takes
-    about 1.0). Other matmuls keep TVM's legalization."""
-    import tvm
-    from tvm import te
-
-    default = tvm.ir.Op.get("relax.matmul").get_attr("FLegalize")
-
-    def legalize(bb: Any, call: Any) -> Any:
-        data, weight = _static_shape(call.args[0]), _static_shape(call.args[1])
-        if (
-            data is None
-            or weight is None
-            or len(weight) != 2
-            or len(data) < 2
-            or not isinstance(call.args[1], tvm.ir.Constant)
-            or str(call.ty.dtype) != "float32"
-            or str(call.args[0].ty.dtype) != "float32"
-            or str(call.args[1].ty.dtype) != "float32"
-        ):
-            return default(bb, call)
-        depth, columns = weight
-        panel = matmul_panel(data[:-1], columns, lanes, registers)
-        if not panel or columns % panel:
-            return default(bb, call)
-
-        def pack(w: Any) -> Any:
-            return te.compute(
-                (columns // panel, depth, panel),
-                lambda jb, k, jl: w[k, jb * panel + jl],
-                name="packed_weight",
-            )
-
-        def matmul(x: Any, packed: Any) -> Any:
-            rk = te.reduce_axis((0, depth), name="rk")
-
-            def dot(*i: Any) -> Any:
-                row = (*i[:-1], rk)
-                return te.sum(x[row] * packed[i[-1] // panel, rk, i[-1] % panel], axis=rk)
-
-            return te.compute((*data[:-1], columns), dot, name="matmul", tag="matmul")
-
-        packed = bb.emit_te(pack, call.args[1], primfunc_name_hint="pack_matmul_weight")
-        return bb.call_te(matmul, call.args[0], packed, primfunc_name_hint="matmul")
 
     return legalize
 

@@ -152,7 +152,7 @@ def test_matmuls_read_panel_packed_weights(
     columns (matmul_panel), folded at compile time, and matches onnxruntime."""
     from onnx import helper
 
-    from onnxpress.backends.tvm.conv_packed import matmul_panel
+    from onnxpress.backends.tvm.matmul_legalize import matmul_panel
 
     assert matmul_panel([rows], columns, 16, 32) == panel
     assert matmul_panel([1, 128], 1536, 8, 16) == 24  # AVX2: the 4 x 3-vector tile
