@@ -5,13 +5,14 @@ time, into panels of P columns read front to back (``matmul_panel``).
 
 With N output columns that no vector width divides (a prime such as ViT's 197 tokens, in
 the product of two activations Q K^T), the right operand is padded with zero columns to a
-multiple of the lanes; with a row count of more than two vectors that 4 does not divide,
-in a product of two activations, the left one gets zero rows likewise. The product is
-sliced back (``ragged_product``). Unpadded, no register tile fit the columns, and the
+multiple of the lanes; with a row count of more than two vectors that 4 does not divide
+(197 tokens again), the left one gets zero rows likewise, for constant weights too. The
+product is sliced back (``ragged_product``; the slice fuses with the epilogue). Unpadded, no register tile fit the columns, and the
 default schedule ran Q K^T as scalar dot products down strided columns; ragged rows put a
 predicate on every multiply-add of the tile. ViT-base's unfused attention (12 heads, 197
 tokens, depth 64) on the AVX2 EPYC: Q K^T 14.1 -> 0.86 ms, P V 1.21 -> 0.53 ms (onnxruntime
-runs the whole block in about 0.9 ms; docs/BENCHMARKS.md, run 19).
+runs the whole block in about 0.9 ms). The zoo's encoder at 197 tokens: 113-119 ms before
+this, 45 ms after, onnxruntime 45-48 (docs/BENCHMARKS.md, run 19).
 
 Other matmuls keep TVM's legalization.
 """
@@ -80,6 +81,10 @@ def legalize_matmul(lanes: int, registers: int) -> Any:
         ):
             return _ragged_or(default, bb, call, lanes)
         depth, columns = weight
+        out = [*data[:-1], columns]
+        x = call.args[0]
+        if _ragged_rows(data, lanes):  # zero rows up to whole vectors: no ragged row tile
+            x, data = _pad_rows(bb, x, data, lanes)
         panel = matmul_panel(data[:-1], columns, lanes, registers)
         if not panel or columns % panel:
             return _ragged_or(default, bb, call, lanes)
@@ -101,7 +106,8 @@ def legalize_matmul(lanes: int, registers: int) -> Any:
             return te.compute((*data[:-1], columns), dot, name="matmul", tag="matmul")
 
         packed = bb.emit_te(pack, call.args[1], primfunc_name_hint="pack_matmul_weight")
-        return bb.call_te(matmul, call.args[0], packed, primfunc_name_hint="matmul")
+        product = bb.call_te(matmul, x, packed, primfunc_name_hint="matmul")
+        return product if data[:-1] == out[:-1] else _slice(bb, bb.emit(product), out)
 
     return legalize
 
@@ -115,17 +121,16 @@ def ragged_product(bb: Any, call: Any, lanes: int, default: Any) -> Any | None:
     """A float32 matmul of static shapes with ragged columns or (two activations) ragged
     rows, as the product of zero-padded operands sliced back; None for other matmuls."""
     import tvm
-    from tvm import relax, te, topi
+    from tvm import relax, topi
 
     lhs, rhs, out = static_shape(call.args[0]), static_shape(call.args[1]), static_shape(call)
     if lhs is None or rhs is None or out is None or len(rhs) < 2 or len(lhs) < 2:
         return None
     if str(call.ty.dtype) != "float32":
         return None
-    columns, rows = rhs[-1], lhs[-2]
+    columns = rhs[-1]
     ragged_cols = columns > lanes and not vector_width(columns, lanes)
-    constant = isinstance(call.args[1], tvm.ir.Constant)
-    ragged_rows = rows > 2 * lanes and rows % 4 != 0 and not constant
+    ragged_rows = _ragged_rows(lhs, lanes) and not isinstance(call.args[1], tvm.ir.Constant)
     if not (ragged_cols or ragged_rows):
         return None
     left, right = call.args
@@ -136,11 +141,29 @@ def ragged_product(bb: Any, call: Any, lanes: int, default: Any) -> Any | None:
             topi.nn.pad, right, [0] * len(rhs), after, primfunc_name_hint="pad_columns"
         )
     if ragged_rows:
-        after = [0] * len(lhs)
-        after[-2] = -(-rows // lanes) * lanes - rows
-        left = bb.emit_te(topi.nn.pad, left, [0] * len(lhs), after, primfunc_name_hint="pad_rows")
+        left, _ = _pad_rows(bb, left, lhs, lanes)
     wide = bb.normalize(relax.op.matmul(left, right, out_dtype="float32"))
-    product = bb.emit(default(bb, wide))
+    return _slice(bb, bb.emit(default(bb, wide)), out)
+
+
+def _ragged_rows(shape: list[int], lanes: int) -> bool:
+    """More than two vectors of rows (the second-last axis) that 4 does not divide."""
+    return len(shape) >= 2 and shape[-2] > 2 * lanes and shape[-2] % 4 != 0
+
+
+def _pad_rows(bb: Any, x: Any, shape: list[int], lanes: int) -> tuple[Any, list[int]]:
+    """``x`` with zero rows up to a multiple of ``lanes``, and its new shape."""
+    from tvm import topi
+
+    after = [0] * len(shape)
+    after[-2] = -(-shape[-2] // lanes) * lanes - shape[-2]
+    padded = bb.emit_te(topi.nn.pad, x, [0] * len(shape), after, primfunc_name_hint="pad_rows")
+    return padded, [*shape[:-2], shape[-2] + after[-2], shape[-1]]
+
+
+def _slice(bb: Any, product: Any, out: list[int]) -> Any:
+    """The leading ``out`` part of ``product`` (fused by Relax with what follows)."""
+    from tvm import te
 
     def narrow(x: Any) -> Any:
         return te.compute(out, lambda *i: x(*i), name="matmul_slice")

@@ -1,6 +1,5 @@
 """matmul_legalize.py, ragged products: a matmul whose output columns no vector width
-divides (197) gets zero-padded columns, a product of two activations with ragged rows
-zero-padded rows; the product is sliced back and matches numpy (and onnxruntime, in the
+divides (197) gets zero-padded columns, one with ragged rows (197) zero-padded rows; the product is sliced back and matches numpy (and onnxruntime, in the
 compile-time check)."""
 
 from __future__ import annotations
@@ -62,19 +61,23 @@ def test_ragged_products_are_padded_and_match_numpy(
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_constant_weights_with_ragged_columns_match_onnxruntime(tmp_path: Path) -> None:
-    """x [1, 50, 64] @ w [64, 197] (a constant): padded columns, folded at compile time."""
-    w = np.random.default_rng(2).normal(size=(64, 197)).astype(np.float32)
+@pytest.mark.parametrize(("rows", "columns"), [(50, 197), (197, 64)])
+def test_constant_weights_with_ragged_sizes_match_onnxruntime(
+    rows: int, columns: int, tmp_path: Path
+) -> None:
+    """x [1, rows, 64] @ w [64, columns] (a constant): ragged columns padded (folded at
+    compile time), ragged rows padded in front of the packed-panel kernel."""
+    w = np.random.default_rng(2).normal(size=(64, columns)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
         "ragged",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 50, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 50, 197])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, rows, columns])],
         [numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     result = compile_model(model, "x86", tmp_path / "out")  # checked against onnxruntime
-    x = np.random.default_rng(3).normal(size=(1, 50, 64)).astype(np.float32)
+    x = np.random.default_rng(3).normal(size=(1, rows, 64)).astype(np.float32)
     expected = x.astype(np.float64) @ w
     np.testing.assert_allclose(CompiledModel(result.library)(x)[0], expected, atol=1e-4)
     assert result.manifest["verification"]["errors"]["y"] <= 1e-4
