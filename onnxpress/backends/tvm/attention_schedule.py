@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from onnxpress.backends.tvm.matmul_legalize import static_shape
+
 ROWS = 4  # query rows per block (4 x 2 vectors = 8 accumulators)
 COLUMNS = 16  # output columns of a register tile
 
@@ -227,13 +229,6 @@ def _op(expr: Any) -> str:
     return str(getattr(getattr(expr, "op", None), "name", ""))
 
 
-def _static(expr: Any) -> list[int] | None:
-    try:
-        return [int(d.value) for d in expr.ty.shape]
-    except (AttributeError, TypeError):
-        return None
-
-
 def _scalar(expr: Any) -> float | None:
     """The value of a one-element float constant, else None."""
     import tvm
@@ -274,7 +269,7 @@ def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | Non
     if _op(node) != "relax.matmul":
         return None
     q, kt = node.args
-    shapes = [_static(x) for x in (q, kt, v)]
+    shapes = [static_shape(x) for x in (q, kt, v)]
     if any(s is None or len(s) != 4 for s in shapes) or not _all_float32(q, kt, v, mask):
         return None
     (b, h, m, d), kt_shape, (vb, vh, n, e) = shapes  # type: ignore[misc]
@@ -282,7 +277,7 @@ def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | Non
         return None
     mask_shape = None
     if mask is not None:
-        mask_shape = _static(mask)
+        mask_shape = static_shape(mask)
         full = [b, h, m, n]
         if (
             mask_shape is None

@@ -27,7 +27,7 @@ from onnxpress.backends.tvm.tile_plan import stacked_rows, vector_width
 
 def static_shape(expr: Any) -> list[int] | None:
     """The static shape of ``expr``'s type, or None (no shape, or a symbolic one)."""
-    shape = getattr(expr.ty, "shape", None)
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
     try:
         return None if shape is None else [int(d) for d in shape]
     except TypeError:  # symbolic

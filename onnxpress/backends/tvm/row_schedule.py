@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.matmul_legalize import static_shape
+
 LANES = 8  # a float32 vector on AVX2 (two on NEON)
 MIN_PARALLEL = 1 << 14  # elements below which one thread does the whole kernel
 
@@ -149,10 +151,7 @@ def layer_norm_rows(rows: int, length: int, epsilon: float, dtype: str = "float3
 def _static_rows(x: Any, axes: list[int]) -> tuple[list[int], int, int] | None:
     """(shape, rows, length) of ``x`` for a kernel over its last axis only; None where the
     shape is not static or ``axes`` is another axis."""
-    try:  # a static shape: IntImm dimensions
-        shape: list[int] = [int(d.value) for d in x.ty.shape]
-    except (AttributeError, TypeError):
-        return None
+    shape = static_shape(x)
     if not shape or [a % len(shape) for a in axes] != [len(shape) - 1]:
         return None
     rows = math.prod(shape[:-1])
@@ -194,7 +193,7 @@ def emit_layer_norm(builder: Any, call: Any) -> Any | None:
         return None
     length = rows_of[2]
     for param in (gamma, beta):
-        if _shape_of(param) != [length]:
+        if static_shape(param) != [length]:
             return None
     kernel = layer_norm_rows(rows_of[1], length, float(attrs.epsilon))
     return _emit_rows(builder, x, rows_of, kernel, "layer_norm_rows", [gamma, beta])
@@ -202,10 +201,3 @@ def emit_layer_norm(builder: Any, call: Any) -> Any | None:
 
 def _flag(value: Any) -> bool:
     return bool(getattr(value, "value", value))
-
-
-def _shape_of(expr: Any) -> list[int] | None:
-    try:
-        return [int(d.value) for d in expr.ty.shape]
-    except (AttributeError, TypeError):
-        return None
