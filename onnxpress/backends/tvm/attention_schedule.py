@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from onnxpress.backends.tvm.matmul_legalize import static_shape
+from onnxpress.backends.tvm.row_schedule import lane_reduce
 
 ROWS = 4  # query rows per block (4 x 2 vectors = 8 accumulators)
 COLUMNS = 16  # output columns of a register tile
@@ -100,7 +101,7 @@ def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
         return tirx.Select(j < keys, value, lowest) if keys_p != keys else value
 
     logits = te.compute(scores_shape, masked, name="logits")
-    row_max = _row_reduce(logits, te.max, "row_max")
+    row_max = lane_reduce(logits, te.max, "row_max")
     shifted = te.compute(
         scores_shape, lambda b, h, i, j: logits[b, h, i, j] - row_max[b, h, i], name="shifted"
     )
@@ -111,7 +112,7 @@ def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
         lambda b, h, i, j: tirx.Select(j < keys, fast[b, h, i, j], zero),
         name="exp",
     )
-    row_sum = _row_reduce(exp, te.sum, "row_sum")
+    row_sum = lane_reduce(exp, te.sum, "row_sum")
     j = te.reduce_axis((0, keys_p), name="j")
     pv = te.compute(
         (a.batch, a.heads, rows_p, a.value_depth),
@@ -157,23 +158,6 @@ def pad_operands(builder: Any, a: Attention, args: list[Any]) -> list[Any]:
     if mask and a.mask is not None:
         padded.append(pad(mask[0], len(a.mask) - 1, len(a.mask)) if a.mask[-1] != 1 else mask[0])
     return padded
-
-
-def _row_reduce(values: Any, reduce: Any, name: str) -> Any:
-    """[B, H, M] = ``reduce`` over the last axis of ``values`` [B, H, M, N]: 8-lane partials
-    (``name``_part), then across the lanes (N is a multiple of 8)."""
-    from tvm import te
-
-    *rows, keys = (int(d) for d in values.shape)
-    lanes = 8
-    k = te.reduce_axis((0, keys // lanes), name=f"{name}_k")
-    part = te.compute(
-        (*rows, lanes),
-        lambda b, h, i, u: reduce(values[b, h, i, k * lanes + u], axis=k),
-        name=f"{name}_part",
-    )
-    u = te.reduce_axis((0, lanes), name=f"{name}_u")
-    return te.compute(rows, lambda b, h, i: reduce(part[b, h, i, u], axis=u), name=name)
 
 
 def _schedule(sch: Any, exp_block: str) -> Any:

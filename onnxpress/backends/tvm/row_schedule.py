@@ -39,25 +39,8 @@ class _Row:
         self.tail = length - self.main
 
     def reduce(self, values: Any, reduce: Any, name: str) -> Any:
-        """[rows] = ``reduce`` over each row of ``values`` [rows, length]: lane partials
-        (``name``_part), then across the lanes and the tail (``name``)."""
-        from tvm import te, tirx
-
-        lanes, main, length = self.lanes, self.main, self.length
-        k = te.reduce_axis((0, self.steps), name=f"{name}_k")
-        part = te.compute(
-            (self.rows, lanes),
-            lambda r, v: reduce(values[r, k * lanes + v], axis=k),
-            name=f"{name}_part",
-        )
-        u = te.reduce_axis((0, lanes + self.tail), name=f"{name}_u")
-
-        def total(r: Any) -> Any:
-            own = part[r, tirx.min(u, lanes - 1)]
-            rest = values[r, tirx.min(main + u - lanes, length - 1)]
-            return reduce(tirx.Select(u < lanes, own, rest), axis=u)
-
-        return te.compute((self.rows,), total, name=name)
+        """[rows] = ``reduce`` over each row of ``values`` [rows, length] (lane_reduce)."""
+        return lane_reduce(values, reduce, name)
 
     def schedule(
         self, func: Any, output: str, inline: tuple[str, ...], stages: tuple[str, ...]
@@ -94,6 +77,34 @@ class _Row:
             loop = sch.loop_partition(loop, [self.main, None])[0]
         _, inner = sch.split(loop, [None, self.lanes])
         sch.vectorize(inner)
+
+
+def lane_reduce(values: Any, reduce: Any, name: str) -> Any:
+    """``reduce`` over the last axis of ``values`` [..., length]: partials over ``LANES``
+    lanes (``name``_part: one vector register across the row), then across the lanes and
+    the row's last ``length % LANES`` values (``name``)."""
+    from tvm import te, tirx
+
+    *lead, length = (int(d) for d in values.shape)
+    row = _Row(math.prod(lead), length)
+    lanes, main = row.lanes, row.main
+    k = te.reduce_axis((0, row.steps), name=f"{name}_k")
+
+    def partial(*i: Any) -> Any:
+        index = (*i[:-1], k * lanes + i[-1])
+        return reduce(values[index], axis=k)
+
+    part = te.compute((*lead, lanes), partial, name=f"{name}_part")
+    u = te.reduce_axis((0, lanes + row.tail), name=f"{name}_u")
+
+    def total(*r: Any) -> Any:
+        lane = (*r, tirx.min(u, lanes - 1))
+        if not row.tail:
+            return reduce(part[lane], axis=u)
+        after = (*r, tirx.min(main + u - lanes, length - 1))
+        return reduce(tirx.Select(u < lanes, part[lane], values[after]), axis=u)
+
+    return te.compute(tuple(lead), total, name=name)
 
 
 def _is_reduction(sch: Any, block: Any) -> bool:
