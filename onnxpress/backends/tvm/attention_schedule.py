@@ -11,53 +11,36 @@ rows of one head, and per block:
 
 Both products run in register tiles: ROWS rows by 16 columns (two 8-lane vectors) kept in
 a local accumulator, the reduction outside the rows. The Relax pass ``FusedAttention``
-(before FastMath in schedule.cpu_lowering_passes) rewrites the pattern matmul -> [multiply
-or divide by a constant] -> [add a broadcast mask] -> softmax(-1) -> matmul over static
-float32 [batch, heads, rows, depth] tensors with a value depth of whole 16-lane tiles (others
-keep the three kernels); rows and keys of any count run in padded tiles. BERT-size encoder at sequence 128
-on the AVX2 EPYC: 253 -> about 210-235 us per layer (docs/BENCHMARKS.md, run 19).
+(after SiblingMatmuls, before FastMath in schedule.cpu_lowering_passes) rewrites the
+pattern that attention_match.py matches, with a value depth of whole 16-lane tiles (others
+keep the three kernels); rows and keys of any count run in padded tiles. Where q and v are
+a projection split into heads, the kernel reads the projection token by token and writes
+token-major; the head merge that follows (permute_dims(0, 2, 1, 3)) then cancels against
+the kernel's own output permutation. BERT-size encoder at sequence 128 on the AVX2 EPYC:
+253 -> about 210-235 us per layer (docs/BENCHMARKS.md, run 19).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from onnxpress.backends.tvm.matmul_legalize import static_shape
+from onnxpress.backends.tvm.attention_match import (
+    COLUMNS,
+    Attention,
+    ints,
+    match_attention,
+    op_name,
+)
 from onnxpress.backends.tvm.row_schedule import lane_reduce
 
+__all__ = ["Attention", "attention_kernel", "fused_attention_pass", "pad_operands"]
+
 ROWS = 4  # query rows per block (4 x 2 vectors = 8 accumulators)
-COLUMNS = 16  # output columns of a register tile
-
-
-@dataclass(frozen=True)
-class Attention:
-    """Static sizes: batch, heads, queries M, keys N, head depth D, value depth E; the mask's
-    shape (broadcast to [batch, heads, M, N]) or None."""
-
-    batch: int
-    heads: int
-    queries: int
-    keys: int
-    depth: int
-    value_depth: int
-    scale: float
-    mask: tuple[int, ...] | None
-
-    @property
-    def padded_keys(self) -> int:
-        """Keys rounded up to the score tile: kt, v and a mask with a keys axis arrive
-        padded to it (``pad_operands``)."""
-        return -(-self.keys // COLUMNS) * COLUMNS
-
-    def fits(self) -> bool:
-        """Whether the kernel applies: value vectors of whole register tiles. Rows and keys
-        of any count run in padded tiles (see attention_kernel)."""
-        return self.value_depth % COLUMNS == 0 and self.keys >= 1 and self.queries >= 1
 
 
 def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
-    """The scheduled PrimFunc o[B, H, M, E] = softmax(q kt * scale + mask) v, with kt, v and
+    """The scheduled PrimFunc o[B, H, M, E] (token-major: [B, M, H, E], see
+    Attention.token_major) = softmax(q kt * scale + mask) v, with kt, v and
     a mask with a keys axis padded to ``a.padded_keys`` (pad_operands). Rows are padded to
     the 4-row blocks with q's reads clamped to the last real row, and the padded rows are
     not written; a padded key's logit is the lowest float and its exp 0, so it adds
@@ -66,9 +49,9 @@ def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
 
     rows, keys, keys_p = a.queries, a.keys, a.padded_keys
     rows_p = -(-rows // ROWS) * ROWS
-    q = te.placeholder((a.batch, a.heads, rows, a.depth), dtype, name="q")
+    q, read_q = _operand("q", (a.batch, a.heads, rows, a.depth), a.q_view, dtype)
     kt = te.placeholder((a.batch, a.heads, a.depth, keys_p), dtype, name="kt")
-    v = te.placeholder((a.batch, a.heads, keys_p, a.value_depth), dtype, name="v")
+    v, read_v = _operand("v", (a.batch, a.heads, keys_p, a.value_depth), a.v_view, dtype)
     inputs = [q, kt, v]
     mask = None
     mask_shape = _padded_mask(a)
@@ -83,7 +66,7 @@ def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
     d = te.reduce_axis((0, a.depth), name="d")
     dot = te.compute(
         scores_shape,
-        lambda b, h, i, j: te.sum(q[b, h, row(i), d] * kt[b, h, d, j], axis=d),
+        lambda b, h, i, j: te.sum(read_q(b, h, row(i), d) * kt[b, h, d, j], axis=d),
         name="scores",
     )
     scale = tirx.const(a.scale, dtype)
@@ -116,18 +99,45 @@ def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
     j = te.reduce_axis((0, keys_p), name="j")
     pv = te.compute(
         (a.batch, a.heads, rows_p, a.value_depth),
-        lambda b, h, i, e: te.sum(exp[b, h, i, j] * v[b, h, j, e], axis=j),
+        lambda b, h, i, e: te.sum(exp[b, h, i, j] * read_v(b, h, j, e), axis=j),
         name="pv",
     )
     one = tirx.const(1.0, dtype)
-    out = te.compute(
-        (a.batch, a.heads, rows, a.value_depth),
-        lambda b, h, i, e: pv[b, h, i, e] * (one / row_sum[b, h, i]),
-        name="attention",
-    )
+    if a.token_major:
+        out = te.compute(
+            a.out_shape,
+            lambda b, i, h, e: pv[b, h, i, e] * (one / row_sum[b, h, i]),
+            name="attention",
+        )
+    else:
+        out = te.compute(
+            a.out_shape,
+            lambda b, h, i, e: pv[b, h, i, e] * (one / row_sum[b, h, i]),
+            name="attention",
+        )
     sch = s_tir.Schedule(te.create_prim_func([*inputs, out]))
     sch.compute_inline(sch.get_sblock(fast.op.name))
+    if a.token_major:  # the loops in (batch, head, row) order, as _schedule wants them
+        b, i, h, e = sch.get_loops(sch.get_sblock("attention"))
+        sch.reorder(b, h, i, e)
     return _schedule(sch, "exp")
+
+
+def _operand(
+    name: str, shape: tuple[int, int, int, int], view: tuple[int, int] | None, dtype: str
+) -> tuple[Any, Any]:
+    """The placeholder of q or v and its reader ``(b, h, t, d) -> value``: head-major
+    [B, H, T, D] without a view, else a [B, T, C] tensor with head h at columns
+    offset + h * D."""
+    from tvm import te
+
+    batch, _, tokens, depth = shape
+    if view is None:
+        x = te.placeholder(shape, dtype, name=name)
+        return x, lambda b, h, t, d: x[b, h, t, d]
+    columns, offset = view
+    x = te.placeholder((batch, tokens, columns), dtype, name=name)
+    return x, lambda b, h, t, d: x[b, t, offset + h * depth + d]
 
 
 def _padded_mask(a: Attention) -> tuple[int, ...] | None:
@@ -154,7 +164,7 @@ def pad_operands(builder: Any, a: Attention, args: list[Any]) -> list[Any]:
         return builder.emit(relax.op.nn.pad(x, widths, pad_value=0.0))
 
     q, kt, v, *mask = args
-    padded = [q, pad(kt, 3, 4), pad(v, 2, 4)]
+    padded = [q, pad(kt, 3, 4), pad(v, 2, 4) if a.v_view is None else pad(v, 1, 3)]
     if mask and a.mask is not None:
         padded.append(pad(mask[0], len(a.mask) - 1, len(a.mask)) if a.mask[-1] != 1 else mask[0])
     return padded
@@ -209,83 +219,6 @@ def _tile(sch: Any, block: Any, rows: Any, columns: Any, reduction: Any) -> None
     sch.vectorize(acc_lanes)
 
 
-def _op(expr: Any) -> str:
-    return str(getattr(getattr(expr, "op", None), "name", ""))
-
-
-def _scalar(expr: Any) -> float | None:
-    """The value of a one-element float constant, else None."""
-    import tvm
-
-    if not isinstance(expr, tvm.ir.Constant):
-        return None
-    values = expr.value.numpy()
-    return float(values.reshape(-1)[0]) if values.size == 1 else None
-
-
-def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | None:
-    """(sizes, [q, kt, v, mask?]) where ``call`` is matmul(softmax(matmul(q, kt) [* or / a
-    constant] [+ mask], axis=-1), v) over static float32 4-D tensors; else None. ``lookup``
-    maps a variable to the expression bound to it (None where it has none)."""
-    if _op(call) != "relax.matmul":
-        return None
-    probs, v = call.args
-    softmax = lookup(probs)
-    if _op(softmax) != "relax.nn.softmax" or int(softmax.attrs.axis) not in (-1, 3):
-        return None
-    node, mask, scale = lookup(softmax.args[0]), None, 1.0
-    if _op(node) == "relax.add":
-        for scores, other in (node.args, node.args[::-1]):
-            if _op(lookup(scores)) in ("relax.matmul", "relax.multiply", "relax.divide"):
-                node, mask = lookup(scores), other
-                break
-        else:
-            return None
-    if _op(node) in ("relax.multiply", "relax.divide"):
-        left, right = node.args
-        factor, scores = (_scalar(right), left) if _scalar(right) is not None else (None, None)
-        if factor is None and _op(node) == "relax.multiply":
-            factor, scores = _scalar(left), right
-        if factor is None or factor == 0.0:
-            return None
-        scale = factor if _op(node) == "relax.multiply" else 1.0 / factor
-        node = lookup(scores)
-    if _op(node) != "relax.matmul":
-        return None
-    q, kt = node.args
-    shapes = [static_shape(x) for x in (q, kt, v)]
-    if any(s is None or len(s) != 4 for s in shapes) or not _all_float32(q, kt, v, mask):
-        return None
-    (b, h, m, d), kt_shape, (vb, vh, n, e) = shapes  # type: ignore[misc]
-    if kt_shape != [b, h, d, n] or (vb, vh) != (b, h):
-        return None
-    mask_shape = None
-    if mask is not None:
-        mask_shape = static_shape(mask)
-        full = [b, h, m, n]
-        if (
-            mask_shape is None
-            or len(mask_shape) > 4
-            or any(
-                dim not in (1, want)
-                for dim, want in zip(mask_shape[::-1], full[::-1], strict=False)
-            )
-        ):
-            return None
-    sizes = Attention(b, h, m, n, d, e, scale, None if mask_shape is None else tuple(mask_shape))
-    if not sizes.fits():
-        return None
-    return sizes, [q, kt, v, *([mask] if mask is not None else [])]
-
-
-def _all_float32(*exprs: Any) -> bool:
-    return all(
-        str(getattr(getattr(x, "ty", None), "dtype", "")) == "float32"
-        for x in exprs
-        if x is not None
-    )
-
-
 def fused_attention_pass() -> Any:
     """The relax module pass ``FusedAttention``: each matched attention (match_attention)
     becomes one call of ``attention_kernel``; the ops it replaces are left unused (dead code
@@ -298,14 +231,33 @@ def fused_attention_pass() -> Any:
     class _Rewriter(relax.PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
+            if op_name(call) == "relax.permute_dims":
+                return self.visit_call_permute(call)
             found = match_attention(call, self._bound)
             if found is None:
                 return call
             sizes, args = found
             args = pad_operands(self.builder_, sizes, args)
             gvar = self.builder_.add_func(attention_kernel(sizes), "fused_attention")
-            shape = (sizes.batch, sizes.heads, sizes.queries, sizes.value_depth)
-            return relax.call_tir(gvar, args, relax.TensorType(shape, "float32"))
+            out = relax.call_tir(gvar, args, relax.TensorType(sizes.out_shape, "float32"))
+            if not sizes.token_major:
+                return out
+            # back to [B, H, M, E] for the consumers; the usual merge of the heads,
+            # permute_dims(.., [0, 2, 1, 3]), cancels it (below)
+            return relax.op.permute_dims(self.builder_.emit(out), [0, 2, 1, 3])
+
+        def visit_call_permute(self, call: Any) -> Any:
+            """permute_dims(permute_dims(x, p), r) as x where r undoes p."""
+            inner = self._bound(call.args[0])
+            if op_name(inner) != "relax.permute_dims" or None in (
+                call.attrs.axes,
+                inner.attrs.axes,
+            ):
+                return call
+            outer, first = ints(call.attrs.axes), ints(inner.attrs.axes)
+            if [first[axis] for axis in outer] == list(range(len(outer))):
+                return inner.args[0]
+            return call
 
         def _bound(self, expr: Any) -> Any:
             if isinstance(expr, relax.Var):

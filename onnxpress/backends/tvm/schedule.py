@@ -46,6 +46,7 @@ from onnxpress.backends.tvm.conv_packed import conv_kernel_layout_pass, legalize
 from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
 from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.int8_gemm import epilogue_rule
+from onnxpress.backends.tvm.sibling_matmul import sibling_matmul_pass
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,
@@ -272,6 +273,7 @@ def cpu_lowering_passes(target: Any, *, blocked: bool = True) -> list[Any]:
     lanes = vector_lanes(target)
     return [
         *layout_passes(target, blocked=blocked),
+        sibling_matmul_pass(),  # first: the attention reads q and v from the merged product
         fused_attention_pass(),
         tvm.relax.transform.DeadCodeElimination(),
         fast_math_pass(),

@@ -79,3 +79,32 @@ def test_compiled_fast_math_matches_onnxruntime(target: str, tmp_path: Path) -> 
     got = CompiledModel(result.library)(x)
     for ref, new in zip(Runner(model)({"x": x}), got, strict=True):
         np.testing.assert_allclose(new, ref, rtol=2e-6, atol=1e-7 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize(
+    ("divisor", "multiplied"),
+    [
+        (np.float32(np.sqrt(2.0)), True),  # GELU's x / sqrt(2)
+        (np.array([2.0, -4.0, 0.5, 3.0], np.float32), True),
+        (np.array([2.0, 0.0, 1.0, 1.0], np.float32), False),  # a zero: x / 0 stays
+        (np.float32(1e37), True),  # its reciprocal is still normal
+        (np.float32(3e38), False),  # its reciprocal would be subnormal
+    ],
+)
+def test_division_by_a_constant_becomes_a_multiply(divisor: np.ndarray, multiplied: bool) -> None:
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((3, 4), "float32"))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            out = builder.emit_output(builder.emit(relax.op.divide(x, relax.const(divisor))))
+        builder.emit_func_output(out)
+    mod = fast_math_pass()(builder.get())
+    text = mod["main"].script()
+    assert ("R.multiply" in text) == multiplied and ("R.divide" in text) != multiplied
+    executable = tvm.compile(mod, target="llvm")
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    data = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    got = vm["main"](tvm.runtime.tensor(data)).numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = data / divisor
+    np.testing.assert_allclose(got, expected, rtol=3e-7)  # within two roundings
