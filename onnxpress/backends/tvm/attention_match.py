@@ -147,7 +147,8 @@ def _token_view(x: Any, lookup: Any, shape: list[int]) -> tuple[Any, tuple[int, 
     """(source, (columns, offset)) when ``x`` [B, H, T, D] is a split into heads,
     permute_dims(reshape(s, [B, T, H, D]), [0, 2, 1, 3]), of a float32 [B, T, H * D] tensor
     ``s`` that is either a tensor of its own (offset 0) or a slice of the last axis of a
-    wider [B, T, C] one (the merged projections, sibling_matmul.py); else (x, None)."""
+    wider [B, T, C] one (the merged projections of sibling_matmul.py, or a split of a fused
+    one; ``_column_slice``); else (x, None)."""
     batch, heads, tokens, depth = shape
     permute = lookup(x)
     if op_name(permute) != "relax.permute_dims" or permute.attrs.axes is None:
@@ -165,15 +166,37 @@ def _token_view(x: Any, lookup: Any, shape: list[int]) -> tuple[Any, tuple[int, 
     source = reshape.args[0]
     if static_shape(source) != [batch, tokens, heads * depth] or not _all_float32(source):
         return x, None
-    view = (heads * depth, 0)
-    sliced = lookup(source)
-    if op_name(sliced) == "relax.strided_slice" and len(sliced.args) == 4:
-        whole = static_shape(sliced.args[0])
-        axes, begin, end = (ints(arg) for arg in sliced.args[1:4])
-        if whole is not None and len(whole) == 3 and axes in ([2], [-1]):
-            if 0 <= begin[0] and end[0] - begin[0] == heads * depth and end[0] <= whole[2]:
-                return sliced.args[0], (whole[2], begin[0])
-    return source, view
+    return _column_slice(source, lookup, heads * depth) or (source, (heads * depth, 0))
+
+
+def _column_slice(x: Any, lookup: Any, width: int) -> tuple[Any, tuple[int, int]] | None:
+    """(whole, (columns, offset)) when ``x`` is ``width`` columns of the last axis of a
+    static [B, T, C] tensor ``whole``: a strided_slice of it, or one part of its split
+    (a fused QKV projection split in three); else None."""
+    bound = lookup(x)
+    whole, offset = None, -1
+    if op_name(bound) == "relax.strided_slice" and len(bound.args) == 4:
+        axes, begin, end = (ints(arg) for arg in bound.args[1:4])
+        if axes in ([2], [-1]) and end[0] - begin[0] == width:
+            whole, offset = bound.args[0], begin[0]
+    elif hasattr(bound, "tuple_value") and hasattr(bound, "index"):
+        split = lookup(bound.tuple_value)
+        if op_name(split) == "relax.split" and int(split.attrs.axis) in (2, -1):
+            shape = static_shape(split.args[0])
+            parts = split.attrs.indices_or_sections
+            if shape is not None and len(shape) == 3:
+                if hasattr(parts, "value"):  # equal sections
+                    starts = list(range(0, shape[2], shape[2] // max(int(parts.value), 1)))
+                else:
+                    starts = [0, *ints(parts)]
+                index = int(bound.index)
+                ends = [*starts[1:], shape[2]]
+                if index < len(starts) and ends[index] - starts[index] == width:
+                    whole, offset = split.args[0], starts[index]
+    shape = None if whole is None else static_shape(whole)
+    if shape is None or len(shape) != 3 or not 0 <= offset <= shape[2] - width:
+        return None
+    return whole, (shape[2], offset)
 
 
 def _all_float32(*exprs: Any) -> bool:

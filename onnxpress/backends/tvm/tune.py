@@ -266,10 +266,10 @@ def tune_module(
             summary.skipped[tasks[i].task_name] = "the tuning time budget was spent"
     ledger.save()
     task_mods = {t.task_name: t.dispatched[0] for t in tasks}
-    best, counts = best_records(database, task_mods)
+    best, counts = best_records(database, task_mods, spec=spec)
     tuned_s, default_s = guard_times(mod, spec, task_mods, best, options.rpc, default_schedules)
     faster = {n for n, t in tuned_s.items() if t < default_s.get(n, float("inf"))}
-    chosen, _ = best_records(database, task_mods, faster)
+    chosen, _ = best_records(best, task_mods, faster)  # from the records that build
     if faster:
         tuned_ms, default_ms = model_times(mod, spec, chosen, options.rpc, default_schedules)
         summary.model_ms = {

@@ -8,8 +8,10 @@
 
 Kernels are keyed by structure (shapes, dtypes, computation), not by model, so any model
 with the same kernel on the same target reuses its records. ``best_records`` collects the
-best record per kernel; ``guard_times`` times each kernel with that record and with the
-untuned build's schedule, side by side, so a compile applies only records that are faster.
+best record per kernel that builds with onnxpress's own TIR passes (``record_builds``: a
+schedule MetaSchedule measured with TVM's pipeline can still fail in them); ``guard_times``
+times each kernel with that record and with the untuned build's schedule, side by side, so
+a compile applies only records that are faster.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from onnxpress.backends.tvm.build import build, export
+from onnxpress.backends.tvm.build import build, export, tir_pipeline
 from onnxpress.backends.tvm.rpc import RpcSpec, time_kernels, time_library
-from onnxpress.backends.tvm.targets import TargetSpec
+from onnxpress.backends.tvm.targets import TargetSpec, split_threads, tvm_target
 from onnxpress.core.errors import OnnxpressError
 
 logger = logging.getLogger(__name__)
@@ -141,11 +143,19 @@ class Ledger:
         os.replace(tmp, self.path)
 
 
+MAX_BUILD_TRIES = 8  # records tried per kernel, best first, before it keeps its default
+
+
 def best_records(
-    database: Any, task_mods: dict[str, Any], names: set[str] | None = None
+    database: Any,
+    task_mods: dict[str, Any],
+    names: set[str] | None = None,
+    spec: TargetSpec | None = None,
 ) -> tuple[Any, dict[str, int]]:
     """An in-memory database with the best record of each kernel (task name -> module;
-    only ``names`` when given), and the number of valid records per kernel."""
+    only ``names`` when given), and the number of valid records per kernel. With ``spec``,
+    the best record that also builds for it (``record_builds``; at most MAX_BUILD_TRIES
+    tried): a kernel without one keeps its untuned schedule."""
     from tvm.s_tir import meta_schedule as ms
 
     chosen = ms.database.MemoryDatabase()
@@ -155,18 +165,49 @@ def best_records(
         if database.has_workload(task_mod):
             records = database.get_top_k(database.commit_workload(task_mod), 1 << 20)
         counts[name] = len(records)
-        if records and (names is None or name in names):
-            best = records[0]
-            chosen.commit_tuning_record(
-                ms.database.TuningRecord(
-                    best.trace,
-                    chosen.commit_workload(task_mod),
-                    best.run_secs,
-                    best.target,
-                    best.args_info,
-                )
+        if not records or (names is not None and name not in names):
+            continue
+        candidates = records[:MAX_BUILD_TRIES] if spec is not None else records[:1]
+        best = next(
+            (r for r in candidates if spec is None or record_builds(task_mod, r, spec)), None
+        )
+        if best is None:
+            logger.warning("%s: no tuned schedule builds; it keeps the untuned one", name)
+            continue
+        chosen.commit_tuning_record(
+            ms.database.TuningRecord(
+                best.trace,
+                chosen.commit_workload(task_mod),
+                best.run_secs,
+                best.target,
+                best.args_info,
             )
+        )
     return chosen, counts
+
+
+def record_builds(task_mod: Any, record: Any, spec: TargetSpec) -> bool:
+    """Whether ``record``'s schedule of ``task_mod`` compiles with the TIR pipeline that
+    ``build`` uses for ``spec`` (CPU: the dynamic split of parallel loops, whose bounds
+    TVM's simplifier failed on for 2 of 541 records of the zoo's encoder: "Literal value
+    1649267444736 exceeds range of int32"). GPU targets: TVM's own pipeline, not checked."""
+    import tvm
+
+    if spec.is_gpu:
+        return True
+    try:
+        sch = tvm.s_tir.Schedule(task_mod)
+        record.trace.apply_to_schedule(sch, remove_postproc=False)
+        kernels = {
+            gvar: func.with_attr("global_symbol", gvar.name_hint)
+            for gvar, func in sch.mod.functions.items()
+        }
+        pipeline = tir_pipeline(split_threads(spec, "dynamic"))
+        tvm.compile(tvm.IRModule(kernels), target=tvm_target(spec), tir_pipeline=pipeline)
+    except Exception as exc:  # TVM raises many kinds: any failure means "do not apply"
+        logger.info("a tuned schedule does not build, skipped: %s", str(exc).splitlines()[-1])
+        return False
+    return True
 
 
 def guard_times(

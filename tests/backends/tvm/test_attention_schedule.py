@@ -126,12 +126,15 @@ def test_the_pass_fuses_the_pattern_and_leaves_others_alone() -> None:
         assert "fused_attention" not in other and "R.nn.softmax" in other
 
 
-def _attention_model() -> object:
+def _attention_model(fused_projection: bool = False) -> object:
     """x [1, 16, 32] -> Q, K, V projections -> 2 heads of 16 -> attention with a padding
-    mask -> [1, 16, 32]: the layout BERT-style exports have."""
+    mask -> [1, 16, 32]: the layout BERT-style exports have; ``fused_projection``: one
+    [32, 96] projection split in three (GPT-2's c_attn)."""
     rng = np.random.default_rng(5)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (32, 32)).astype(np.float32), n)
-             for n in ("wq", "wk", "wv")]  # fmt: skip
+    weights = {n: rng.normal(0, 0.3, (32, 32)).astype(np.float32) for n in ("wq", "wk", "wv")}
+    inits = [numpy_helper.from_array(w, n) for n, w in weights.items()]
+    if fused_projection:
+        inits = [numpy_helper.from_array(np.concatenate(list(weights.values()), 1), "wqkv")]
     inits += [
         numpy_helper.from_array(np.array([1, 16, 2, 16], np.int64), "heads"),
         numpy_helper.from_array(np.array([1, 16, 32], np.int64), "merged"),
@@ -140,11 +143,15 @@ def _attention_model() -> object:
                                 .reshape(1, 1, 1, 16), "mask"),
     ]  # fmt: skip
     nodes = []
-    for name in ("q", "k", "v"):
+    if fused_projection:
         nodes += [
-            helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}2"]),
-            helper.make_node("Reshape", [f"{name}2", "heads"], [f"{name}3"]),
+            helper.make_node("MatMul", ["x", "wqkv"], ["qkv"]),
+            helper.make_node("Split", ["qkv"], ["q2", "k2", "v2"], axis=-1, num_outputs=3),
         ]
+    for name in ("q", "k", "v"):
+        if not fused_projection:
+            nodes.append(helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}2"]))
+        nodes.append(helper.make_node("Reshape", [f"{name}2", "heads"], [f"{name}3"]))
     nodes += [
         helper.make_node("Transpose", ["q3"], ["q4"], perm=[0, 2, 1, 3]),
         helper.make_node("Transpose", ["k3"], ["kt4"], perm=[0, 2, 3, 1]),
@@ -164,15 +171,18 @@ def _attention_model() -> object:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 32])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def test_compiled_attention_block_matches_onnxruntime(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fused_projection", [False, True])
+def test_compiled_attention_block_matches_onnxruntime(
+    fused_projection: bool, tmp_path: Path
+) -> None:
     from onnxpress.backends.tvm.build import import_relax
     from onnxpress.backends.tvm.prepare import prepare
     from onnxpress.backends.tvm.schedule import cpu_lowering_passes
 
-    model = _attention_model()
+    model = _attention_model(fused_projection)
     target = tvm_target(parse_target("x86"))
     with target:
         lowered = tvm.transform.Sequential(cpu_lowering_passes(target))(
@@ -180,8 +190,8 @@ def test_compiled_attention_block_matches_onnxruntime(tmp_path: Path) -> None:
         )
     names = [gv.name_hint for gv in lowered.functions]
     assert "fused_attention" in names and not any("softmax" in n for n in names)
-    # one product for Q, K and V (sibling_matmul.py); the kernel reads Q and V from it and
-    # writes token-major, so K's split into heads is the only copy left
+    # one product for Q, K and V (sibling_matmul.py, or the model's own); the kernel reads
+    # Q and V from it and writes token-major, so K's split into heads is the only copy left
     assert sum("matmul" in n for n in names) == 1, names
     assert sum("transpose" in n for n in names) == 1, names
     result = compile_model(model, "x86", tmp_path / "out")
