@@ -15,6 +15,7 @@ guards with them. TVM is imported lazily, inside each function.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,9 @@ from onnxpress.backends.tvm.tir_passes import stack_scratch_pass
 
 LIBRARY_STEM = "model"
 PARALLEL = ("dynamic", "static")  # how CPU kernels split their parallel loops (build)
+
+
+logger = logging.getLogger(__name__)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -170,22 +174,35 @@ def build(
     With a MetaSchedule ``database`` (tune.py), the module is fused and every kernel with a
     tuning record gets its best schedule first; the default schedules skip those kernels.
     ``parallel="dynamic"`` splits the parallel loops of a library for this host by claimed
-    chunks (dynamic_parallel.py, targets.split_threads); ``"static"`` keeps TVM's split."""
+    chunks (dynamic_parallel.py, targets.split_threads); ``"static"`` keeps TVM's split,
+    which is also what a library falls back to when TVM fails on the dynamic form."""
     tvm = require_tvm()
     target = tvm_target(spec)
     check_parallel(parallel)
     threads = split_threads(spec, parallel)
-    tir = tir_pipeline(threads)
-    try:
-        if database is not None:
-            mod = apply_database(fuse(mod, target, default_schedules), target, database)
+
+    def compile_with(tir: str) -> Any:
         if spec.kind == "llvm" and default_schedules:
             return tvm.compile(
                 mod, target=target, relax_pipeline=cpu_pipeline(target), tir_pipeline=tir
             )
         return tvm.compile(mod, target=target, tir_pipeline=tir)
+
+    try:
+        if database is not None:
+            mod = apply_database(fuse(mod, target, default_schedules), target, database)
+        return compile_with(tir_pipeline(threads))
     except Exception as exc:
-        raise CompileError(f"TVM could not compile for {spec.name}: {_first_line(exc)}") from exc
+        error = exc
+    if threads:  # TVM's simplifier has failed on a kernel after the dynamic split (an
+        # int32 literal overflow, tune_db.record_builds): the static split builds the same
+        # kernels, with the same results, only without the rebalancing
+        logger.warning("the dynamic loop split failed (%s); TVM's static split", _first_line(error))
+        try:
+            return compile_with(tir_pipeline(0))
+        except Exception:
+            pass
+    raise CompileError(f"TVM could not compile for {spec.name}: {_first_line(error)}") from error
 
 
 def links_pool(spec: TargetSpec) -> bool:

@@ -96,3 +96,43 @@ def test_a_record_that_does_not_build_is_skipped() -> None:
     )
     none, _ = best_records(only_failing, {"kernel": mod}, spec=spec)
     assert not none.get_top_k(none.commit_workload(mod), 5)
+
+
+def test_a_kernel_the_dynamic_split_breaks_builds_with_the_static_split(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """build() with that record applied: the dynamic split fails in TVM, the library is
+    built with TVM's static split instead, and computes the same product."""
+    import numpy as np
+    from tvm import relax
+
+    from onnxpress.backends.tvm.build import build, fuse
+
+    spec = parse_target("x86")
+    kernel = _workload()["main"].without_attr("global_symbol")
+    builder = relax.BlockBuilder()
+    names = ("x", "w", "b", "r")
+    shapes = ((1, 128, 384), (16, 384, 24), (384,), (1, 128, 384))
+    params = [
+        relax.Var(n, relax.TensorType(s, "float32")) for n, s in zip(names, shapes, strict=True)
+    ]
+    with builder.function("main", params):
+        with builder.dataflow():
+            gvar = builder.add_func(kernel, "projection")
+            out = relax.call_tir(gvar, params, relax.TensorType((1, 128, 384), "float32"))
+            result = builder.emit_output(builder.emit(out))
+        builder.emit_func_output(result)
+    mod = builder.get()
+    database = ms.database.MemoryDatabase()
+    fused = fuse(mod, tvm_target(spec), False)  # the kernel as build() looks it up
+    task = tvm.IRModule({"main": fused["projection"].with_attr("global_symbol", "main")})
+    workload = database.commit_workload(task)
+    database.commit_tuning_record(_record(_failing_trace(task), workload, 1e-4, task))
+    executable = build(mod, spec, default_schedules=False, database=database)
+    assert "the dynamic loop split failed" in caplog.text  # the record was applied
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    rng = np.random.default_rng(0)
+    x, w, b, r = (rng.normal(size=s).astype(np.float32) for s in shapes)
+    got = vm["main"](*(tvm.runtime.tensor(a) for a in (x, w, b, r))).numpy()
+    dense = w.transpose(1, 0, 2).reshape(384, 384)  # packed[k // 24, d, k % 24] = W[d, k]
+    np.testing.assert_allclose(got, x @ dense + b + r, rtol=1e-4, atol=1e-4)
