@@ -191,6 +191,9 @@ def build(
     try:
         if database is not None:
             mod = apply_database(fuse(mod, target, default_schedules), target, database)
+    except Exception as exc:
+        raise CompileError(f"TVM could not compile for {spec.name}: {_first_line(exc)}") from exc
+    try:
         return compile_with(tir_pipeline(threads))
     except Exception as exc:
         error = exc
