@@ -2,8 +2,9 @@
 one matmul by their side-by-side concatenation, sliced back per original.
 
 A transformer's attention projections are three products of the same hidden states, each
-by a constant [K, N] matrix (query, key, value); a GRU's or LSTM's input projections by
-gate, and any model that feeds one tensor to several linear layers, have the same shape.
+by a constant [K, N] matrix (query, key, value); a bidirectional GRU's or LSTM's two input
+projections (rnn.py: one per direction), and any model that feeds one tensor to several
+linear layers, have the same shape.
 Run apart, each product reads the activation again, its register tiles are split across
 the threads in a few panels (a 384-column product has 16 panels of 24 columns for two
 cores), and each pays a kernel launch. Merged, the product runs over the panels of all of
