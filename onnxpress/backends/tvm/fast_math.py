@@ -86,7 +86,7 @@ def rewriting_pass(name: str, rewriter: Any) -> Any:
 def _by_reciprocal(call: Any) -> Any:
     """``x / c`` for a float32 constant ``c`` as ``x * (1 / c)`` where every reciprocal is a
     normal number (a vector division costs about 7 multiplies: GELU's ``x / sqrt(2)`` took
-    as long as the rest of its epilogue); within one rounding of the quotient. Else ``call``."""
+    as long as the rest of its epilogue); within two roundings of the quotient. Else ``call``."""
     import numpy as np
     import tvm
     from tvm import relax

@@ -25,9 +25,8 @@ import numpy as np
 
 from onnxpress.backends.tvm.matmul_legalize import static_shape
 
-MAX_MERGED_BYTES = (
-    64 << 20
-)  # a merged weight matrix above this stays apart (memory at compile time)
+# a group whose merged weight matrix would exceed this stays apart (memory at compile time)
+MAX_MERGED_BYTES = 64 << 20
 
 
 @dataclass
