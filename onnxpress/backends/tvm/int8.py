@@ -235,7 +235,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             out_shape = [int(d) for d in call.ty.shape]
             transform = None
             if winograd is not None and groups == 1:
-                transform = int8_winograd.choose(w, strides, dilation, (out_shape[2], out_shape[3]))
+                out_hw = (out_shape[2], out_shape[3])
+                transform = int8_winograd.choose(w, strides, dilation, out_hw, out_shape[0])
             if winograd is not None and transform is not None:
                 suffix = "" if transform.m == 2 else f"-f{transform.m}"
                 result.record("conv2d", w.shape, f"{winograd.name}-winograd{suffix}")

@@ -5,7 +5,7 @@
       C[m, n] = sum_k A[m, k] * B[n // L, k // G, n % L, k % G]    (L = isa.lanes, G = group)
       A [rows, depth] (isa.a_dtype), B packed L x G blocks (isa.b_dtype), C int32
       [rows, cols]; rows % row tile == 0, depth % 4 == 0, cols % L == 0 (callers pad).
-  pack_weight(isa, w[k, n]) -> the [n/L, k/G, L, G] blocks, zero-padded.
+  pack_weight(isa, w[k, n]) -> the [n/L, k/G, L, G] blocks, zero-padded, stored as b_dtype.
   im2col(x[n, h, w, c] padded with the zero point) -> A[rows, depth], (kh, kw, c) order.
 
 The L x G inner block is one dot-product step:
@@ -15,7 +15,9 @@ The L x G inner block is one dot-product step:
              pair of products (k = 0,1 and 2,3 of a group) is summed into int16 with
              saturation, so it is exact only where a0|w0| + a1|w1| <= 32767 for every
              byte a <= 255 (int8.py checks each layer's weights in this K order)
-  AVX2_S16   x86 AVX2         vpmaddwd on int16        u16 x s16, 8 lanes x 2, exact
+  AVX2_S16   x86 AVX2         vpmaddwd on int16        u16 x s16, 8 lanes x 2, exact; its
+             int8 weights stay bytes in memory, widened as loaded (vpmovsxbw); Winograd's
+             transformed weights, which exceed a byte, are int16 (with_int16_weights)
 The intrinsics are registered here with the operand types of current LLVM (byte vectors);
 TVM's own VNNI registration still uses the older <16 x i32> signature, which LLVM 22
 rejects. The schedule keeps 16 accumulators (12 with AVX2's 16 registers: rows x up to 4
@@ -25,7 +27,7 @@ GEMMs only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -78,11 +80,21 @@ AVX2_U8S8 = DotIsa(
     "avx2-u8s8", 8, "uint8", "llvm.x86.avx2.pmadd.ub.sw", ("avx2",), "pairs16",
     accumulators=12, block_tiles=(2, 1), alternate_tiles=(3,),
 )  # fmt: skip
+# int8 weights stay bytes in memory and are sign-extended as loaded (vpmovsxbw): half the
+# bytes of int16 weights, which a batch-1 layer with few rows streams from memory per call
 AVX2_S16 = DotIsa(
     "avx2-s16", 8, "int16", "llvm.x86.avx2.pmadd.wd", ("avx2",), "madd16", group=2,
-    b_dtype="int16", accumulators=12, block_tiles=(2, 1), alternate_tiles=(3,),
+    accumulators=12, block_tiles=(2, 1), alternate_tiles=(3,),
 )  # fmt: skip
 PAIR_MADD = "llvm.x86.avx2.pmadd.wd"  # sums the int16 pairs of pairs16 into int32 lanes
+
+
+def with_int16_weights(isa: DotIsa) -> DotIsa:
+    """``isa`` (madd16) with its B operand stored as int16: Winograd's transformed weights
+    exceed a byte."""
+    if isa.form != "madd16":
+        raise ValueError(f"{isa.name} has no int16 weights")
+    return replace(isa, b_dtype="int16")
 
 
 @dataclass(frozen=True)
@@ -167,8 +179,12 @@ def has_vnni(target: Any) -> bool:
 
 
 def pack_weight(isa: DotIsa, weight: np.ndarray) -> np.ndarray:
-    """w[k, n] int8 -> [ceil(n/L), ceil(k/4)*4/G, L, G] (``b_dtype``) with zero padding."""
+    """w[k, n] -> [ceil(n/L), ceil(k/4)*4/G, L, G] (``b_dtype``) with zero padding; w must
+    fit ``b_dtype`` (int8 weights; Winograd's transformed ones with_int16_weights)."""
     depth, cols = weight.shape
+    limits = np.iinfo(isa.b_dtype)
+    if weight.size and (weight.min() < limits.min or weight.max() > limits.max):
+        raise ValueError(f"weights in [{weight.min()}, {weight.max()}] do not fit {isa.b_dtype}")
     lanes, group = isa.lanes, isa.group
     padded = np.zeros((round_up(depth, GROUP), round_up(cols, lanes)), dtype=isa.b_dtype)
     padded[:depth, :cols] = weight
@@ -187,6 +203,8 @@ def _impl(isa: DotIsa, packed: Any, b: Any, c: Any) -> Any:
     a_bytes = f"{isa.a_dtype}x{lanes * 32 // _bits(isa.a_dtype)}"
     a_vec = T.reinterpret(T.broadcast(packed, lanes), dtype=a_bytes)
     b_vec = b.vload([0, 0], dtype=f"{isa.b_dtype}x{lanes * group}")
+    if isa.form == "madd16" and isa.b_dtype != "int16":
+        b_vec = T.cast(b_vec, f"int16x{lanes * group}")
     step = T.llvm_lookup_intrinsic_id(isa.intrinsic)
     if isa.form == "accumulate":
         return T.call_llvm_pure_intrin(
@@ -247,7 +265,7 @@ def _register_intrinsic(isa: DotIsa) -> str:
             packed: T.let = T.reinterpret(a.vload([0], f"{a_dtype}x{group}"), dtype="int32")
             c[T.ramp(T.int32(0), 1, lanes)] = _impl(isa, packed, b, c)
 
-    name = f"onnxpress_{isa.name}_{lanes}x{group}"
+    name = f"onnxpress_{isa.name}_{lanes}x{group}_{b_dtype}"
     try:
         s_tir.TensorIntrin.get(name)
     except Exception:

@@ -24,6 +24,7 @@ from onnxpress.backends.tvm.int8_kernels import (  # noqa: E402
     kernels,
     pack_weight,
     packed_gemm,
+    with_int16_weights,
 )
 from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
 
@@ -87,9 +88,18 @@ def test_unsafe_weights_take_the_exact_int16_kernel() -> None:
     w[0, 0] = w[1, 0] = 127  # one pair at risk: 255 * 254 > 32767
     isa, risky = choose(kernels(tvm_target(AVX2)), w)  # type: ignore[arg-type]
     assert isa == AVX2_S16 and risky >= 1
+    w[2:4] = -128  # the extremes survive the bytes' sign extension
     out, asm = _run(isa, a, w)
     np.testing.assert_array_equal(out, a.astype(np.int64) @ w.astype(np.int64))
     assert "vpmaddwd" in asm and "vpmaddubsw" not in asm
+    # the weights stay bytes (half the memory of int16), widened as they are loaded
+    assert pack_weight(isa, w).dtype == np.int8 and "vpmovsxbw" in asm
+    # Winograd's transformed weights exceed a byte: the same kernel on int16 weights
+    wide = with_int16_weights(isa)
+    big = rng.integers(-25500, 25501, (depth, cols)).astype(np.int16)
+    out, _ = _run(wide, a, big)
+    assert pack_weight(wide, big).dtype == np.int16
+    np.testing.assert_array_equal(out, a.astype(np.int64) @ big.astype(np.int64))
     # K order: the pair (0, 1) is at risk, the same weights at rows (1, 2) are not
     w2 = np.zeros((4, 1), np.int8)
     w2[1, 0] = w2[2, 0] = 127

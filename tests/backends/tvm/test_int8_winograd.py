@@ -106,10 +106,13 @@ def test_compiled_output_transform_with_channels_that_are_no_multiple_of_8(
     np.testing.assert_array_equal(out.numpy()[0], _wrapped(y * F4.odd_inverse) >> F4.shift)
 
 
-def test_f4_where_the_output_is_large_and_the_sums_fit() -> None:
+def test_f4_where_the_output_has_many_tiles_and_the_sums_fit() -> None:
     w = np.full((32, 32, 3, 3), 3, np.int8)
-    assert choose(w, (1, 1), (1, 1), (14, 14)) is F4
-    assert choose(w, (1, 1), (1, 1), (7, 7)) is F2  # ragged 2 x 2 tiles of 4 would waste
+    assert choose(w, (1, 1), (1, 1), (24, 24)) is F4  # 36 tiles
+    assert choose(w, (1, 1), (1, 1), (14, 14), batch=2) is F4  # 32 tiles
+    # 16 tiles: each F(4x4) weight would serve 16 GEMM rows (streamed, not multiplied)
+    assert choose(w, (1, 1), (1, 1), (14, 14)) is F2
+    assert choose(w, (1, 1), (1, 1), (7, 7), batch=8) is F2  # ragged 2 x 2 tiles of 4
     assert choose(w, (2, 2), (1, 1), (14, 14)) is None
     # 64 * 255 * sum|w| >= 2^31: F(4x4) would lose the top bits, F(2x2) keeps them
     heavy = np.full((16, 256, 3, 3), 100, np.int8)
