@@ -3,6 +3,8 @@
 
     matmul(softmax(matmul(q, kt) [* or / a constant] [+ a broadcast mask], axis=-1), v)
 
+(a cast of the probabilities to their own dtype in between, as GPT-2 has, is no step)
+
 over static float32 [batch, heads, tokens, depth] tensors. Where q and v are the usual
 split of a [batch, tokens, heads * depth] projection into heads (reshape, then
 permute_dims(0, 2, 1, 3)), possibly of a slice of a wider one (the merged projections of
@@ -86,7 +88,7 @@ def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | Non
     if op_name(call) != "relax.matmul":
         return None
     probs, v = call.args
-    softmax = lookup(probs)
+    softmax = _past_identity_casts(lookup(probs), lookup)
     if op_name(softmax) != "relax.nn.softmax" or int(softmax.attrs.axis) not in (-1, 3):
         return None
     node, mask, scale = lookup(softmax.args[0]), None, 1.0
@@ -137,6 +139,18 @@ def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | Non
     if not sizes.fits():
         return None
     return sizes, [q_source, kt, v_source, *([mask] if mask is not None else [])]
+
+
+def _past_identity_casts(expr: Any, lookup: Any) -> Any:
+    """``expr`` past any astype to its own dtype (GPT-2 casts the probabilities to the value
+    dtype, float32 to float32)."""
+    while op_name(expr) == "relax.astype":
+        source = expr.args[0]
+        dtype = str(getattr(getattr(source, "ty", None), "dtype", ""))
+        if dtype != str(expr.attrs.dtype):
+            break
+        expr = lookup(source)
+    return expr
 
 
 def ints(values: Any) -> list[int]:

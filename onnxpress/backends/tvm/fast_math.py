@@ -9,7 +9,8 @@ range reduction to 2^n * e^r and a polynomial, inputs clamped to about +-88; ``f
 the last axis row by row (row_schedule.py), else TOPI's ``fast_softmax``), which LLVM
 vectorizes like any arithmetic. A layer norm over the last axis runs row by row too (the same
 arithmetic). A division by a float32 constant becomes a multiply by its reciprocal where
-that is a normal number (``_by_reciprocal``). Their error is well inside the
+that is a normal number (``_by_reciprocal``); ``x ** 2`` and ``x ** 3`` become products
+(``_by_products``). Their error is well inside the
 compile-time check against onnxruntime (max-rel 1e-4), which every library still passes.
 """
 
@@ -43,6 +44,8 @@ def fast_math_pass() -> Any:
             name = getattr(call.op, "name", "")
             if name == "relax.divide":
                 return _by_reciprocal(call)
+            if name == "relax.power":
+                return _by_products(call)
             if name not in FAST_OPS + ROW_OPS or not _is_float32(call.args[0]):
                 return call
             x = call.args[0]
@@ -102,6 +105,34 @@ def _by_reciprocal(call: Any) -> Any:
     if not np.all(np.abs(inverse) >= np.finfo(np.float32).tiny) or not np.all(np.isfinite(inverse)):
         return call
     return relax.op.multiply(call.args[0], relax.const(inverse))
+
+
+SMALL_POWERS = (1.0, 2.0, 3.0)  # x ** c as products of x, where c is one of these
+
+
+def _by_products(call: Any) -> Any:
+    """``x ** c`` for a float32 scalar constant c of 1, 2 or 3 as ``x``, ``x * x`` or
+    ``x * x * x`` (onnxruntime's CPU Pow does the same; TVM calls the C library's ``powf``
+    per element: GPT-2's tanh GELU, ``x ** 3``, took 1 ms of a 3 ms layer). Else ``call``."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    x, exponent = call.args
+    if not isinstance(exponent, tvm.ir.Constant) or not _is_float32(x):
+        return call
+    values = exponent.value.numpy()
+    if values.dtype != np.float32 or values.size != 1:
+        return call
+    if float(values.reshape(-1)[0]) not in SMALL_POWERS:
+        return call
+    if values.ndim > int(getattr(x.ty, "ndim", -1)):  # the constant would add axes to x
+        return call
+    power = int(values.reshape(-1)[0])
+    result = x
+    for _ in range(power - 1):
+        result = relax.op.multiply(result, x)
+    return result
 
 
 def _is_float32(expr: Any) -> bool:
