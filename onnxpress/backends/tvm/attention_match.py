@@ -1,9 +1,11 @@
 """Static sizes of an attention (``Attention``) and the Relax pattern that the fused kernel
 (attention_schedule.py) replaces (``match_attention``):
 
-    matmul(softmax(matmul(q, kt) [* or / a constant] [+ a broadcast mask], axis=-1), v)
+    matmul(softmax(matmul(q, kt) [* or / a constant] [+ broadcast masks], axis=-1), v)
 
-(a cast of the probabilities to their own dtype in between, as GPT-2 has, is no step)
+(masks added one after the other, as T5's position bias and padding mask, are summed into
+one before the kernel: the same sum but for rounding where both are finite and nonzero; a
+cast of the probabilities to their own dtype in between, as GPT-2 has, is no step)
 
 over static float32 [batch, heads, tokens, depth] tensors. Where q and v are the usual
 split of a [batch, tokens, heads * depth] projection into heads (reshape, then
@@ -21,6 +23,8 @@ from typing import Any
 from onnxpress.backends.tvm.matmul_legalize import static_shape
 
 COLUMNS = 16  # output columns of a register tile
+SCORES_OPS = ("relax.matmul", "relax.multiply", "relax.divide", "relax.add")
+MAX_MASKS = 4  # masks added to the scores, summed into one before the kernel
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,8 @@ def _scalar(expr: Any) -> float | None:
 
 
 def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | None:
-    """(sizes, [q, kt, v, mask?]) where ``call`` is matmul(softmax(matmul(q, kt) [* or / a
-    constant] [+ mask], axis=-1), v) over static float32 4-D tensors; else None. ``lookup``
+    """(sizes, [q, kt, v, masks...]) where ``call`` is matmul(softmax(matmul(q, kt) [* or / a
+    constant] [+ masks], axis=-1), v) over static float32 4-D tensors; else None. ``lookup``
     maps a variable to the expression bound to it (None where it has none)."""
     if op_name(call) != "relax.matmul":
         return None
@@ -91,11 +95,16 @@ def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | Non
     softmax = _past_identity_casts(lookup(probs), lookup)
     if op_name(softmax) != "relax.nn.softmax" or int(softmax.attrs.axis) not in (-1, 3):
         return None
-    node, mask, scale = lookup(softmax.args[0]), None, 1.0
-    if op_name(node) == "relax.add":
-        for scores, other in (node.args, node.args[::-1]):
-            if op_name(lookup(scores)) in ("relax.matmul", "relax.multiply", "relax.divide"):
-                node, mask = lookup(scores), other
+    node, scale = lookup(softmax.args[0]), 1.0
+    masks: list[Any] = []
+    while op_name(node) == "relax.add" and len(masks) < MAX_MASKS:
+        # the scores' side: the product (scaled), or more masks added to it (T5: a position
+        # bias, then the padding mask)
+        sides = sorted((node.args, node.args[::-1]), key=lambda pair: _is_add(pair[0], lookup))
+        for scores, other in sides:
+            if op_name(lookup(scores)) in SCORES_OPS:
+                node = lookup(scores)
+                masks.append(other)
                 break
         else:
             return None
@@ -112,24 +121,14 @@ def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | Non
         return None
     q, kt = node.args
     shapes = [static_shape(x) for x in (q, kt, v)]
-    if any(s is None or len(s) != 4 for s in shapes) or not _all_float32(q, kt, v, mask):
+    if any(s is None or len(s) != 4 for s in shapes) or not _all_float32(q, kt, v):
         return None
     (b, h, m, d), kt_shape, (vb, vh, n, e) = shapes  # type: ignore[misc]
     if kt_shape != [b, h, d, n] or (vb, vh) != (b, h):
         return None
-    mask_shape = None
-    if mask is not None:
-        mask_shape = static_shape(mask)
-        full = [b, h, m, n]
-        if (
-            mask_shape is None
-            or len(mask_shape) > 4
-            or any(
-                dim not in (1, want)
-                for dim, want in zip(mask_shape[::-1], full[::-1], strict=False)
-            )
-        ):
-            return None
+    mask_shape = _mask_shape(masks, [b, h, m, n])
+    if masks and (mask_shape is None or not _all_float32(*masks)):
+        return None
     q_source, q_view = _token_view(q, lookup, [b, h, m, d])
     v_source, v_view = _token_view(v, lookup, [b, h, n, e])
     if q_view is None or v_view is None:  # token-major only with both (the output too)
@@ -138,7 +137,27 @@ def match_attention(call: Any, lookup: Any) -> tuple[Attention, list[Any]] | Non
     sizes = Attention(b, h, m, n, d, e, scale, mask_dims, q_view, v_view)
     if not sizes.fits():
         return None
-    return sizes, [q_source, kt, v_source, *([mask] if mask is not None else [])]
+    return sizes, [q_source, kt, v_source, *masks[::-1]]
+
+
+def _is_add(expr: Any, lookup: Any) -> bool:
+    return op_name(lookup(expr)) == "relax.add"
+
+
+def _mask_shape(masks: list[Any], full: list[int]) -> list[int] | None:
+    """The shape of the masks' sum (numpy broadcasting) where each broadcasts to ``full``
+    [B, H, M, N]; None where one does not, or is not static, or there are none."""
+    shapes = [static_shape(mask) for mask in masks]
+    if not shapes or any(dims is None or len(dims) > 4 for dims in shapes):
+        return None
+    rank = max(len(dims) for dims in shapes)  # type: ignore[arg-type]
+    shape = [1] * rank
+    for dims in shapes:
+        for axis, dim in enumerate([1] * (rank - len(dims)) + list(dims)):  # type: ignore[arg-type]
+            if dim not in (1, full[4 - rank + axis]):
+                return None
+            shape[axis] = max(shape[axis], dim)
+    return shape
 
 
 def _past_identity_casts(expr: Any, lookup: Any) -> Any:

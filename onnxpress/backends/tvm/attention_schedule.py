@@ -236,7 +236,13 @@ def fused_attention_pass() -> Any:
             found = match_attention(call, self._bound)
             if found is None:
                 return call
-            sizes, args = found
+            sizes, (q, kt, v, *masks) = found
+            args = [q, kt, v]
+            if masks:  # masks added one after another: their sum
+                mask = masks[0]
+                for other in masks[1:]:
+                    mask = self.builder_.emit(relax.op.add(mask, other))
+                args.append(mask)
             args = pad_operands(self.builder_, sizes, args)
             gvar = self.builder_.add_func(attention_kernel(sizes), "fused_attention")
             out = relax.call_tir(gvar, args, relax.TensorType(sizes.out_shape, "float32"))

@@ -137,10 +137,11 @@ def test_the_pass_fuses_the_pattern_and_leaves_others_alone() -> None:
         assert "fused_attention" not in other and "R.nn.softmax" in other
 
 
-def _attention_model(fused_projection: bool = False) -> object:
+def _attention_model(fused_projection: bool = False, position_bias: bool = False) -> object:
     """x [1, 16, 32] -> Q, K, V projections -> 2 heads of 16 -> attention with a padding
     mask -> [1, 16, 32]: the layout BERT-style exports have; ``fused_projection``: one
-    [32, 96] projection split in three (GPT-2's c_attn)."""
+    [32, 96] projection split in three (GPT-2's c_attn); ``position_bias``: a [1, 2, 16, 16]
+    bias added to the scores before the mask (T5's)."""
     rng = np.random.default_rng(5)
     weights = {n: rng.normal(0, 0.3, (32, 32)).astype(np.float32) for n in ("wq", "wk", "wv")}
     inits = [numpy_helper.from_array(w, n) for n, w in weights.items()]
@@ -153,6 +154,9 @@ def _attention_model(fused_projection: bool = False) -> object:
         numpy_helper.from_array(np.where(np.arange(16) < 13, 0, -1e4).astype(np.float32)
                                 .reshape(1, 1, 1, 16), "mask"),
     ]  # fmt: skip
+    if position_bias:
+        bias = rng.normal(0, 2.0, (1, 2, 16, 16)).astype(np.float32)
+        inits.append(numpy_helper.from_array(bias, "bias"))
     nodes = []
     if fused_projection:
         nodes += [
@@ -169,7 +173,8 @@ def _attention_model(fused_projection: bool = False) -> object:
         helper.make_node("Transpose", ["v3"], ["v4"], perm=[0, 2, 1, 3]),
         helper.make_node("MatMul", ["q4", "kt4"], ["s"]),
         helper.make_node("Div", ["s", "root"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "mask"], ["masked"]),
+        *([helper.make_node("Add", ["scaled", "bias"], ["biased"])] if position_bias else []),
+        helper.make_node("Add", ["biased" if position_bias else "scaled", "mask"], ["masked"]),
         helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
         helper.make_node("MatMul", ["p", "v4"], ["o4"]),
         helper.make_node("Transpose", ["o4"], ["o3"], perm=[0, 2, 1, 3]),
@@ -185,15 +190,17 @@ def _attention_model(fused_projection: bool = False) -> object:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-@pytest.mark.parametrize("fused_projection", [False, True])
+@pytest.mark.parametrize(
+    ("fused_projection", "position_bias"), [(False, False), (True, False), (False, True)]
+)
 def test_compiled_attention_block_matches_onnxruntime(
-    fused_projection: bool, tmp_path: Path
+    fused_projection: bool, position_bias: bool, tmp_path: Path
 ) -> None:
     from onnxpress.backends.tvm.build import import_relax
     from onnxpress.backends.tvm.prepare import prepare
     from onnxpress.backends.tvm.schedule import cpu_lowering_passes
 
-    model = _attention_model(fused_projection)
+    model = _attention_model(fused_projection, position_bias)
     target = tvm_target(parse_target("x86"))
     with target:
         lowered = tvm.transform.Sequential(cpu_lowering_passes(target))(
