@@ -280,3 +280,38 @@ def test_a_match_cast_of_a_blocked_tensor_reads_it_back_in_nchw() -> None:
     executable = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_ragged_row_tile_stays_out_of_the_parallel_loop_and_matches_numpy() -> None:
+    """13 output columns in tiles of 10: the tile loop of that axis is not fused into the
+    parallel index but unrolled below it, so neither copy of the reduction tests a column
+    against the parallel index; the kernel still computes every output."""
+    from tvm import s_tir
+
+    from onnxpress.backends.tvm.tile_schedule import plan_tile, schedule_tile
+
+    sch = s_tir.Schedule(_conv_kernel(32, 13, 8))
+    block = sch.get_sblock("conv2d_nchwc")
+    plan = plan_tile(sch, block, 8, 16)  # AVX2: 16 registers
+    assert plan is not None and any(13 % tile for _, tile in plan.rows)
+    schedule_tile(sch, block, plan)
+    loops = [line.strip() for line in sch.mod["main"].script().splitlines() if " in T." in line]
+    assert loops[0].startswith("for") and "T.parallel" in loops[0]
+    assert "x_0" not in loops[0] and any(line.startswith("for x_0 in T.unroll(") for line in loops)
+    lib = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 4, 13, 13, 8)).astype(np.float32)
+    w = rng.standard_normal((4, 32, 3, 3, 8)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 4, 13, 13, 8), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    nchw = x.transpose(0, 1, 4, 2, 3).reshape(1, 32, 13, 13)
+    padded = np.pad(nchw, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    weight = w.transpose(0, 4, 1, 2, 3).reshape(32, 32, 3, 3)  # [oc, ic, kh, kw]
+    expected = np.zeros((32, 13, 13))
+    for i in range(3):
+        for j in range(3):
+            expected += np.einsum(
+                "oc,chw->ohw", weight[:, :, i, j], padded[0, :, i : i + 13, j : j + 13]
+            )
+    got = out.numpy()[0].transpose(0, 3, 1, 2).reshape(32, 13, 13)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
