@@ -107,12 +107,12 @@ def _by_reciprocal(call: Any) -> Any:
     return relax.op.multiply(call.args[0], relax.const(inverse))
 
 
-SMALL_POWERS = (1.0, 2.0, 3.0)  # x ** c as products of x, where c is one of these
+SMALL_POWERS = (2.0, 3.0)  # x ** c as products of x, where c is one of these
 
 
 def _by_products(call: Any) -> Any:
-    """``x ** c`` for a float32 scalar constant c of 1, 2 or 3 as ``x``, ``x * x`` or
-    ``x * x * x`` (onnxruntime's CPU Pow does the same; TVM calls the C library's ``powf``
+    """``x ** c`` for a float32 scalar constant c of 2 or 3 as ``x * x`` or ``x * x * x``
+    (onnxruntime's CPU Pow does the same; TVM calls the C library's ``powf``
     per element: GPT-2's tanh GELU, ``x ** 3``, took 1 ms of a 3 ms layer). Else ``call``."""
     import numpy as np
     import tvm
