@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxpress.backends.tvm.row_schedule import emit_layer_norm, emit_softmax
+from onnxpress.backends.tvm.row_schedule import emit_layer_norm, emit_log_softmax, emit_softmax
 
 # relax op -> how it is rebuilt (with TOPI) on its first argument
 FAST_OPS = ("relax.exp", "relax.tanh", "relax.erf", "relax.sigmoid", "relax.nn.softmax")
-ROW_OPS = ("relax.nn.layer_norm",)  # rescheduled row by row, the same arithmetic
+# rescheduled row by row: the same arithmetic, or (log-softmax) exp on fast_exp
+ROW_OPS = ("relax.nn.layer_norm", "relax.nn.log_softmax")
 
 
 def fast_sigmoid(x: Any) -> Any:
@@ -51,6 +52,9 @@ def fast_math_pass() -> Any:
             x = call.args[0]
             if name == "relax.nn.layer_norm":
                 rows = emit_layer_norm(self.builder_, call)
+                return call if rows is None else rows
+            if name == "relax.nn.log_softmax":
+                rows = emit_log_softmax(self.builder_, x, int(call.attrs.axis))
                 return call if rows is None else rows
             if name == "relax.nn.softmax":
                 axis = int(call.attrs.axis)

@@ -1,7 +1,8 @@
-"""row_schedule.py: the row-by-row softmax and layer norm over the last axis. They match
-numpy for rows of any length (multiples of the lanes, a scalar tail, shorter than a
-vector), run one parallel loop over rows with vector loops inside, and models with them
-(and with a softmax over another axis, which keeps TOPI's kernel) match onnxruntime."""
+"""row_schedule.py: the row-by-row softmax, log-softmax and layer norm over the last axis.
+They match numpy for rows of any length (multiples of the lanes, a scalar tail, shorter
+than a vector), run one parallel loop over rows with vector loops inside, and models with
+them (and with a softmax over another axis, which keeps TOPI's kernel) match
+onnxruntime."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ tvm = pytest.importorskip("tvm")
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
 from onnxpress.backends.tvm.build import tir_pipeline  # noqa: E402
-from onnxpress.backends.tvm.row_schedule import layer_norm_rows, softmax_rows  # noqa: E402
+from onnxpress.backends.tvm.row_schedule import (  # noqa: E402
+    layer_norm_rows,
+    log_softmax_rows,
+    softmax_rows,
+)
 from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
 from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
 from onnxpress.core.verify import Runner  # noqa: E402
@@ -50,6 +55,17 @@ def test_softmax_rows_match_numpy(rows: int, length: int) -> None:
 
 
 @pytest.mark.parametrize(("rows", "length"), ROWS)
+def test_log_softmax_rows_match_numpy(rows: int, length: int) -> None:
+    x = _rows(rows, length)
+    wide = x.astype(np.float64)
+    shifted = wide - wide.max(-1, keepdims=True)
+    expected = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    got = _run(log_softmax_rows(rows, length), x)
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6)
+    assert log_softmax_rows(rows, length).script().count("T.log(") == 1  # once per row
+
+
+@pytest.mark.parametrize(("rows", "length"), ROWS)
 def test_layer_norm_rows_match_numpy(rows: int, length: int) -> None:
     x = _rows(rows, length) + np.float32(3.0)  # an offset the mean removes
     rng = np.random.default_rng(rows)
@@ -75,8 +91,8 @@ def test_one_parallel_loop_over_rows_with_vector_loops_inside() -> None:
 
 
 def _model(axis: int) -> object:
-    """Softmax(x, axis) and LayerNormalization(x) over the last axis (the second kept in
-    TOPI's form where it normalizes two axes), x [2, 12, 13, 40]."""
+    """Softmax(x, axis), LayerNormalization(x) over the last axis (the second kept in
+    TOPI's form where it normalizes two axes) and LogSoftmax(x, axis), x [2, 12, 13, 40]."""
     rng = np.random.default_rng(2)
     scale, bias = (
         helper.make_tensor(n, TensorProto.FLOAT, [40], rng.normal(size=40).tolist())
@@ -86,12 +102,14 @@ def _model(axis: int) -> object:
         [
             helper.make_node("Softmax", ["x"], ["y"], axis=axis),
             helper.make_node("LayerNormalization", ["x", "g", "b"], ["z"], axis=-1),
+            helper.make_node("LogSoftmax", ["x"], ["w"], axis=axis),
         ],
         "rows",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 12, 13, 40])],
         [
             helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12, 13, 40]),
             helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 12, 13, 40]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 12, 13, 40]),
         ],
         [scale, bias],
     )
@@ -122,9 +140,13 @@ def test_fast_math_emits_the_row_kernels_for_last_axis_ops_only() -> None:
         with builder.dataflow():
             y = builder.emit(relax.op.nn.layer_norm(x, gamma, gamma, axes=[-1]))
             z = builder.emit(relax.op.nn.layer_norm(y, both, both, axes=[1, 2]))
-            out = builder.emit_output(builder.emit(relax.op.nn.softmax(z, axis=-1)))
+            s = builder.emit(relax.op.nn.softmax(z, axis=-1))
+            t = builder.emit(relax.op.nn.log_softmax(s, axis=-1))
+            out = builder.emit_output(builder.emit(relax.op.nn.log_softmax(t, axis=1)))
         builder.emit_func_output(out)
     text = fast_math_pass()(builder.get())["main"].script()
     assert text.count("R.call_tir(layer_norm_rows") == 1
     assert text.count("R.nn.layer_norm") == 1  # over two axes: Relax's own
     assert text.count("R.call_tir(softmax_rows") == 1
+    assert text.count("R.call_tir(log_softmax_rows") == 1
+    assert text.count("R.nn.log_softmax") == 1  # over another axis: Relax's own
