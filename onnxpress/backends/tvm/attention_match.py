@@ -147,13 +147,14 @@ def _is_add(expr: Any, lookup: Any) -> bool:
 def _mask_shape(masks: list[Any], full: list[int]) -> list[int] | None:
     """The shape of the masks' sum (numpy broadcasting) where each broadcasts to ``full``
     [B, H, M, N]; None where one does not, or is not static, or there are none."""
-    shapes = [static_shape(mask) for mask in masks]
-    if not shapes or any(dims is None or len(dims) > 4 for dims in shapes):
+    found = [static_shape(mask) for mask in masks]
+    shapes = [dims for dims in found if dims is not None and len(dims) <= 4]
+    if not shapes or len(shapes) != len(found):
         return None
-    rank = max(len(dims) for dims in shapes)  # type: ignore[arg-type]
+    rank = max(len(dims) for dims in shapes)
     shape = [1] * rank
     for dims in shapes:
-        for axis, dim in enumerate([1] * (rank - len(dims)) + list(dims)):  # type: ignore[arg-type]
+        for axis, dim in enumerate([1] * (rank - len(dims)) + list(dims)):
             if dim not in (1, full[4 - rank + axis]):
                 return None
             shape[axis] = max(shape[axis], dim)

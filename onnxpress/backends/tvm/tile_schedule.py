@@ -66,6 +66,7 @@ MIN_PARALLEL_MACS = 1 << 20  # multiply-adds below which a kernel stays single-t
 MIN_PARALLEL_GEMV = 1 << 17  # the same for a tile without rows: each weight read once
 MIN_PARALLEL_ELEMENTS = 1 << 16  # same for elementwise blocks (pad, unfused epilogues)
 MAX_UNROLLED_WINDOW = 16  # reduction window (kh * kw) unrolled inside the tile
+MAX_UNROLLED_RAGGED = 4  # tiles of a ragged row axis unrolled (more: a serial loop)
 
 
 def vector_lanes(target: Any, element_bits: int = 32) -> int:
@@ -161,16 +162,13 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     if plan.macs >= (MIN_PARALLEL_MACS if plan.rows else MIN_PARALLEL_GEMV):
         sch.parallel(fused)
     init = sch.decompose_reduction(block, first)
-    _vectorize_tail(sch, init, plan.width, unroll=split is None, outer=1 + len(ragged))
     tiles = 1 + len(ragged)  # the loops above an init / write-back block's tile loops
+    _vectorize_tail(sch, init, plan.width, unroll=split is None, outer=tiles)
     if plan.vector == plan.spatial - 1 or not _write_back_by_vectors(sch, acc, plan, tiles):
         _vectorize_tail(sch, acc, plan.width, unroll=False, outer=tiles)
     for loop in ragged:  # a few tiles: one copy of the reduction each, the conditions folded
         if int(sch.get(loop).extent) <= MAX_UNROLLED_RAGGED:
             sch.unroll(loop)
-
-
-MAX_UNROLLED_RAGGED = 4  # tiles of a ragged row axis unrolled (more: a serial loop)
 
 
 def _vector_blocks_first(outer: list[Any], plan: TilePlan) -> list[Any]:
