@@ -97,6 +97,9 @@ def pack_channels(values: np.ndarray, block: int, fill: float = 0.0) -> np.ndarr
     return np.ascontiguousarray(padded.reshape(n, -1, block, h, w).transpose(0, 1, 3, 4, 2))
 
 
+MIN_COPIED_WINDOW_ROWS = 5  # window rows from which a blocked input is padded into a copy
+
+
 def _padded_read(tensor: Any, geometry: ConvGeometry, index: Any, y: Any, x: Any) -> Any:
     """``tensor[index(y, x)]`` for an input row ``y`` and column ``x`` of the padded image,
     zero outside the image; conditions only for the sides that have padding."""
@@ -124,17 +127,22 @@ def conv2d_nchwc(data: Any, weight: Any, geometry: ConvGeometry, in_block: int) 
     w[ob, c, ky, kx, oi]``; ``data`` blocked by ``in_block`` ([N, CB, H, W, in_block]) or
     NCHW when ``in_block`` is 0; ``weight`` from ``pack_conv_weight``. An NCHW input (a
     stem of a few channels) is padded into a copy first: cheap for so few channels, and
-    the window loop then has no bounds tests (ResNet's 7x7 stem: 0.71 -> 0.52 ms); blocked
-    inputs are read in place (a copy cost more than the tests: 64 channels at 56x56, 3x3:
-    0.49 ms with a copy, 0.46 without)."""
+    the window loop then has no bounds tests (ResNet's 7x7 stem: 0.71 -> 0.52 ms). So is a
+    blocked input under a window of ``MIN_COPIED_WINDOW_ROWS`` rows or more: the output
+    rows are an outer loop, so the tests on them are never folded (inception_v3's 5x5 conv
+    at 35 x 35: 2.9 -> 1.5 ms; its 7x1 convs at 17 x 17 1.2x faster). Other blocked inputs
+    are read in place (a copy cost more than the tests: 64 channels at 56x56, 3x3: 0.49 ms
+    with a copy, 0.46 without; a 1x7 conv at 17 x 17, whose column tests fold in its
+    unrolled tiles, 1.58 -> 1.80 ms)."""
     from tvm import te, topi
 
     out_blocks, channels, kh, kw, out_block = (int(d) for d in weight.shape)
     batch, height, width = int(data.shape[0]), int(data.shape[2]), int(data.shape[3])
     oh, ow = geometry.output(height, width, kh, kw)
-    if not in_block and any(geometry.padding):
+    if any(geometry.padding) and (not in_block or kh >= MIN_COPIED_WINDOW_ROWS):
         top, left, bottom, right = geometry.padding
-        data = topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right])
+        lanes = [0] if in_block else []
+        data = topi.nn.pad(data, [0, 0, top, left, *lanes], [0, 0, bottom, right, *lanes])
         geometry = ConvGeometry(geometry.strides, (0, 0, 0, 0), geometry.dilation)
     (sy, sx), (dy, dx) = geometry.strides, geometry.dilation
     ry = te.reduce_axis((0, kh), "ry")

@@ -103,11 +103,13 @@ def split_reduction(
     reductions: list[Any],
     inner: list[Any],
     split: Split,
+    ragged: list[Any] | None = None,
 ) -> tuple[list[Any], Any]:
     """Order the loops of a tile for ``split`` (see the module docstring): returns the
     loops to fuse and parallelize (the accumulators' write-back goes under the last) and
     the chunk loop (where the reduction's init goes). ``outer`` holds the outer loops of
-    the spatial axes by axis position."""
+    the spatial axes by axis position; the ``ragged`` ones among them (a row axis not a
+    multiple of its tile) run innermost of the row tiles, for the caller to unroll."""
     panel_axes = {plan.vector} | ({plan.stack_axis} if plan.stack_axis is not None else set())
     tasks = [loop for axis, loop in enumerate(outer) if axis in panel_axes]
     rows = []
@@ -118,6 +120,8 @@ def split_reduction(
             rows.append(rest)
         elif axis not in panel_axes:
             rows.append(loop)
+    last = [loop for loop in rows if ragged and loop in ragged]
+    rows = [loop for loop in rows if loop not in last] + last
     chunk, step = sch.split(reductions[0], factors=[None, split.steps])
     sch.reorder(*tasks, chunk, *rows, step, *reductions[1:], *inner)
     return tasks, chunk

@@ -85,6 +85,7 @@ def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | No
         not e.same_as(v) for e, v in zip(out_index, axes[:spatial], strict=True)
     ):
         return None
+    windowed = _windowed(stmt.reads, axes, spatial, extents)
     best: tuple[tuple[int, bool, bool, float, int], TilePlan] | None = None
     for axis in range(spatial - 1, -1, -1):
         width = vector_width(extents[axis], lanes)
@@ -97,11 +98,20 @@ def plan_tile(sch: Any, block: Any, lanes: int, registers: int) -> TilePlan | No
         reuse = [a for a in others if not any(_uses(r, axes[a]) for r in varying)]
         stackable = bool(reuse) and contiguous
         stack, rows, score = stacked_rows(
-            extents, axis, width, reuse or others[:1], registers, stackable, chains=not others
+            extents,
+            axis,
+            width,
+            reuse or others[:1],
+            registers,
+            stackable,
+            chains=not others,
+            windowed=windowed,
         )
         plan = TilePlan(extents, spatial, axis, width, contiguous, rows, stack)
         if stackable and extents[axis] == width:
-            plan, score = _block_stack(plan, score, stmt.reads, axes, varying, reuse, registers)
+            plan, score = _block_stack(
+                plan, score, stmt.reads, axes, varying, reuse, registers, windowed
+            )
         key = (width, bool(reuse), contiguous, score, axis)
         if best is None or key > best[0]:
             best = (key, plan)
@@ -116,6 +126,7 @@ def _block_stack(
     varying: list[Any],
     reuse: list[int],
     registers: int,
+    windowed: frozenset[int] = frozenset(),
 ) -> tuple[TilePlan, float]:
     """``plan`` with vectors of another axis side by side when the vector axis is one
     vector (the lanes of a channel block) and that axis (the blocks) indexes only the
@@ -131,7 +142,13 @@ def _block_stack(
         ):
             continue
         stack, rows, stacked = stacked_rows(
-            extents, axis, 1, reuse, registers, stack_registers=BLOCK_STACK_REGISTERS
+            extents,
+            axis,
+            1,
+            reuse,
+            registers,
+            stack_registers=BLOCK_STACK_REGISTERS,
+            windowed=windowed,
         )
         if stack > 1 and stacked > score:
             plan = TilePlan(extents, plan.spatial, plan.vector, plan.width, True, rows, stack, axis)
@@ -148,11 +165,12 @@ def stacked_rows(
     stackable: bool = True,
     chains: bool = False,
     stack_registers: int | None = None,
+    windowed: frozenset[int] = frozenset(),
 ) -> tuple[int, tuple[tuple[int, int], ...], float]:
     """(S, rows, FMAs per load) of the best tile for vector axis ``axis`` in ``width``
     lanes with rows from ``row_axes``: S vectors side by side (1-4, see ``_stacks``; up to 8
-    with ``chains``, a tile without rows), rows tiled within the registers left; a stack
-    with a ragged row tail is not considered."""
+    with ``chains``, a tile without rows), rows tiled within the registers left. A stack
+    with a ragged row tail only where ``_stackable_tail`` allows it."""
     best: tuple[float, int, tuple[tuple[int, int], ...]] | None = None
     vectors = extents[axis] // width
     if chains:  # no rows (a matrix-vector product): vectors side by side are what keeps
@@ -164,8 +182,10 @@ def stacked_rows(
     ranked: tuple[bool, float] | None = None
     for stack in candidates:
         rows = _row_tiles(extents, row_axes, _row_limit(registers, stack))
-        if stack > 1 and any(extents[a] % tile for a, tile in rows):
-            continue  # a ragged tail is not worth the wider tile
+        if stack > 1 and not all(
+            _stackable_tail(extents[a], tile, a in windowed) for a, tile in rows
+        ):
+            continue  # a ragged tail not worth the wider tile
         score = _loads_per_fma(extents, rows, stack)
         # enough FMA chains in flight first (a 2 x 3 tile on AVX2 stalls on FMA latency
         # where 9 rows of one vector do not), then FMAs per load
@@ -176,12 +196,26 @@ def stacked_rows(
     return best[1], best[2], best[0]
 
 
+MAX_UNROLLED_RAGGED = 4  # tiles of a ragged row axis unrolled (more: a serial loop)
 MIN_CHAINS = 8  # accumulators a tile wants: two FMA pipes x 4 cycles of latency
 STACK_REGISTERS = 16  # stacks on AVX2's 16 registers too: on an AVX2-only CPU (Zen 3) a
 # 4-row x 3-vector tile runs a 128x384x1536 matmul at 49 GMAC/s where 10 x 1 ran at 33
 # (AVX2 code on an AVX-512 CPU had measured the reverse)
 BLOCK_STACK_REGISTERS = 16  # stacks of channel blocks (_block_stack) paid off on AVX2 too:
 # AVX2 code of resnet18 19.8 -> 18.0 ms, mobilenet_v2 4.1 -> 3.5 ms (on the AVX-512 host)
+
+
+def _stackable_tail(extent: int, tile: int, windowed: bool) -> bool:
+    """Whether a stacked tile may have rows ``tile`` on an axis of ``extent``: evenly, or
+    with a ragged tail of at least half a tile, in few enough tiles to unroll
+    (``MAX_UNROLLED_RAGGED``: each copy has its bounds folded), on an axis no kernel window
+    slides along (``windowed``). 1x1 and 7x1 convs at 17 x 17 ran 1.3-1.5x faster with
+    2 vectors x 6 rows than with one vector x 10 rows; 1x7 convs ran 1.3x slower (BENCHMARKS
+    run 22)."""
+    tail = extent % tile
+    if not tail:
+        return True
+    return not windowed and 2 * tail >= tile and -(-extent // tile) <= MAX_UNROLLED_RAGGED
 
 
 def _stacks(vectors: int, stackable: bool) -> list[int]:
@@ -224,6 +258,23 @@ def _row_tiles(
         if second > 1:
             rows.append((axes[1], second))
     return tuple(rows)
+
+
+def _windowed(
+    reads: Any, axes: list[Any], spatial: int, extents: tuple[int, ...]
+) -> frozenset[int]:
+    """The spatial axes that some read indexes together with a reduction axis longer than
+    one in one dimension (``x * s + rx * d``: a kernel window slides along them)."""
+    from tvm import tirx
+
+    window = [axes[a] for a in range(spatial, len(axes)) if extents[a] > 1]
+    found: set[int] = set()
+    for read in reads:
+        for rng in read.region:
+            used = tirx.analysis.undefined_vars(rng.min)
+            if any(v.same_as(r) for v in used for r in window):
+                found.update(a for a in range(spatial) if any(v.same_as(axes[a]) for v in used))
+    return frozenset(found)
 
 
 def _uses(read: Any, var: Any) -> bool:

@@ -33,6 +33,7 @@ from typing import Any
 
 from onnxpress.backends.tvm.reduction_split import plan_split, split_reduction
 from onnxpress.backends.tvm.tile_plan import (
+    MAX_UNROLLED_RAGGED,
     TilePlan,
     lane_strides,
     plan_tile,
@@ -66,7 +67,6 @@ MIN_PARALLEL_MACS = 1 << 20  # multiply-adds below which a kernel stays single-t
 MIN_PARALLEL_GEMV = 1 << 17  # the same for a tile without rows: each weight read once
 MIN_PARALLEL_ELEMENTS = 1 << 16  # same for elementwise blocks (pad, unfused epilogues)
 MAX_UNROLLED_WINDOW = 16  # reduction window (kh * kw) unrolled inside the tile
-MAX_UNROLLED_RAGGED = 4  # tiles of a ragged row axis unrolled (more: a serial loop)
 
 
 def vector_lanes(target: Any, element_bits: int = 32) -> int:
@@ -129,9 +129,10 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
             ragged.append(r_outer)
     split = plan_split(plan)
     if split:  # the weight panel does not stay in L1: reduction_split.py
-        outer, first = split_reduction(sch, plan, outer, reductions, inner, split)
+        if split.axis is not None and outer[split.axis] in ragged:  # cut for the threads
+            ragged = []
+        outer, first = split_reduction(sch, plan, outer, reductions, inner, split, ragged)
         reductions = reductions[1:]
-        ragged = []
     else:
         outer, first = _vector_blocks_first(outer, plan), reductions[0]
         # a ragged row tile (17 columns in tiles of 10) guards each of its rows with a
@@ -157,12 +158,13 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
         if math.prod(plan.extents[-depth:]) > MAX_UNROLLED_WINDOW:
             break
         sch.unroll(reductions[-depth])
-    parallel = outer[: len(outer) - len(ragged)]
+    parallel = outer if split else outer[: len(outer) - len(ragged)]
     fused = sch.fuse(*parallel) if len(parallel) > 1 else parallel[0]
     if plan.macs >= (MIN_PARALLEL_MACS if plan.rows else MIN_PARALLEL_GEMV):
         sch.parallel(fused)
     init = sch.decompose_reduction(block, first)
-    tiles = 1 + len(ragged)  # the loops above an init / write-back block's tile loops
+    # the loops above an init / write-back block's tile loops
+    tiles = 1 if split else 1 + len(ragged)
     _vectorize_tail(sch, init, plan.width, unroll=split is None, outer=tiles)
     if plan.vector == plan.spatial - 1 or not _write_back_by_vectors(sch, acc, plan, tiles):
         _vectorize_tail(sch, acc, plan.width, unroll=False, outer=tiles)

@@ -315,3 +315,58 @@ def test_a_ragged_row_tile_stays_out_of_the_parallel_loop_and_matches_numpy() ->
             )
     got = out.numpy()[0].transpose(0, 3, 1, 2).reshape(32, 13, 13)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _window_kernel(kh: int, kw: int) -> Any:
+    from tvm import te
+
+    from onnxpress.backends.tvm.blocked_kernels import ConvGeometry, conv2d_nchwc
+
+    data = te.placeholder((1, 2, 17, 17, 8), name="x")
+    weight = te.placeholder((2, 16, kh, kw, 8), name="w")
+    padding = (kh // 2, kw // 2, kh // 2, kw // 2)
+    out = conv2d_nchwc(data, weight, ConvGeometry((1, 1), padding, (1, 1)), 8)
+    return te.create_prim_func([data, weight, out])
+
+
+def _windows() -> onnx.ModelProto:
+    """inception_v3's 17 x 17 convs: 1x1, 5x5, 7x1 and 1x7, padded to keep the size."""
+    rng = np.random.default_rng(9)
+    nodes, inits, name = [], [], "x"
+    for index, (kh, kw) in enumerate([(1, 1), (5, 5), (7, 1), (1, 7)]):
+        weight = rng.normal(0, 0.1, (24, 24, kh, kw)).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"w{index}"))
+        pads = [kh // 2, kw // 2, kh // 2, kw // 2]
+        nodes.append(helper.make_node("Conv", [name, f"w{index}"], [f"c{index}"], pads=pads))
+        nodes.append(helper.make_node("Relu", [f"c{index}"], [f"r{index}"]))
+        name = f"r{index}"
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "windows",
+        [value("x", TensorProto.FLOAT, [1, 24, 17, 17])],
+        [value(name, TensorProto.FLOAT, [1, 24, 17, 17])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_tall_window_reads_a_padded_copy_of_a_blocked_input() -> None:
+    """A 5x5 or 7x1 window tests the output rows, an outer loop, at every step: the blocked
+    input is padded into a copy first. A 1x7 or 3x3 window reads it in place."""
+    copies = {
+        (kh, kw): "PadInput" in _window_kernel(kh, kw).script()
+        for kh, kw in [(5, 5), (7, 1), (1, 7), (3, 3)]
+    }
+    assert copies == {(5, 5): True, (7, 1): True, (1, 7): False, (3, 3): False}
+
+
+@pytest.mark.parametrize("target", ["x86", "avx2"])
+def test_compiled_tall_and_wide_windows_match_onnxruntime(target: str, tmp_path: Path) -> None:
+    model = _windows()
+    result = compile_model(model, target, tmp_path / "out")
+    x = np.random.default_rng(10).standard_normal((1, 24, 17, 17)).astype(np.float32)
+    (got,) = CompiledModel(result.library)(x)
+    (expected,) = Runner(model)({"x": x})
+    assert np.abs(expected).max() > 0.1  # the ReLUs leave values to compare
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

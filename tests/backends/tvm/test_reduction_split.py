@@ -87,3 +87,58 @@ def test_split_matmul_is_bit_identical_to_tvms_own() -> None:
         results.append(vm["main"](tvm.runtime.tensor(data)).numpy())
     np.testing.assert_array_equal(results[1], results[0])
     np.testing.assert_allclose(results[1], np.maximum(data @ weight, 0), rtol=1e-4, atol=1e-3)
+
+
+def _pointwise_kernel(channels_in: int, channels_out: int, size: int, block: int) -> Any:
+    from tvm import te
+
+    from onnxpress.backends.tvm.blocked_kernels import ConvGeometry, conv2d_nchwc
+
+    data = te.placeholder((1, channels_in // block, size, size, block), name="x")
+    weight = te.placeholder((channels_out // block, channels_in, 1, 1, block), name="w")
+    out = conv2d_nchwc(data, weight, ConvGeometry((1, 1), (0, 0, 0, 0), (1, 1)), block)
+    return te.create_prim_func([data, weight, out])
+
+
+def test_a_split_kernel_unrolls_its_ragged_row_tiles_inside_each_chunk() -> None:
+    """inception_v3's 768 -> 192 channel 1x1 conv at 17 x 17 on AVX2: 2 channel blocks x 6
+    columns (17 = 6 + 6 + 5), a panel too large for L1, so the reduction is split; the
+    ragged column tiles run innermost of the row tiles, unrolled, so each copy of the
+    reduction has its column bounds folded. The kernel computes every output."""
+    from tvm import s_tir
+
+    from onnxpress.backends.tvm.tile_schedule import plan_tile, schedule_tile
+
+    sch = s_tir.Schedule(_pointwise_kernel(768, 192, 17, 8))
+    block = sch.get_sblock("conv2d_nchwc")
+    plan = plan_tile(sch, block, 8, 16)
+    assert plan is not None and plan.stack == 2 and plan.stack_axis == 1
+    assert plan.rows == ((3, 6),) and plan_split(plan) is not None
+    schedule_tile(sch, block, plan)
+    loops = [line.strip() for line in sch.mod["main"].script().splitlines() if " in T." in line]
+    update = loops.index(next(line for line in loops if line.startswith("for rb_0,")))
+    assert loops[update + 1].startswith("for x_0 in T.unroll(3)")
+    lib = tvm.compile(sch.mod, target=AVX2)
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    if not tvm.target.codegen.target_has_features("avx2", host):
+        pytest.skip("this CPU cannot run AVX2 code")
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 96, 17, 17, 8)).astype(np.float32)
+    w = rng.standard_normal((24, 768, 1, 1, 8)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((1, 24, 17, 17, 8), np.float32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
+    nchw = x.transpose(0, 1, 4, 2, 3).reshape(768, 17, 17)
+    weight = w[:, :, 0, 0, :].transpose(0, 2, 1).reshape(192, 768)
+    expected = np.einsum("oc,chw->ohw", weight, nchw)
+    got = out.numpy()[0].transpose(0, 3, 1, 2).reshape(192, 17, 17)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_stacked_tiles_take_a_ragged_tail_only_where_it_pays() -> None:
+    from onnxpress.backends.tvm.tile_plan import _stackable_tail
+
+    assert _stackable_tail(18, 6, windowed=True)  # even tiles: always
+    assert _stackable_tail(17, 6, windowed=False)  # 6 + 6 + 5, unrolled
+    assert not _stackable_tail(17, 6, windowed=True)  # a 1x7 window along the columns
+    assert not _stackable_tail(7, 6, windowed=False)  # a tail of one row: few FMA chains
+    assert not _stackable_tail(35, 6, windowed=False)  # 6 tiles: too many to unroll
