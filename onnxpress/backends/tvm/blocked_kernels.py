@@ -6,11 +6,12 @@ A blocked tensor ``x[n, cb, h, w, ci]`` holds channel ``cb * B + ci`` of the NCH
 this layout (``conv2d_nchwc``) vectorizes its B output channels, one whole vector per output
 pixel, and broadcasts one input value per pixel row and step of the reduction: the register
 tile of ``TiledReduction`` (tile_schedule.py) with no strided or scattered access, whatever
-the stride, the kernel size or the image width. A depthwise conv (``depthwise_nchwc``)
-vectorizes the channels of the block too, so a stride-2 depthwise conv reads whole vectors
-where NCHW read lanes two floats apart. Padding is a condition on the read inside the
-kernel, not a padded copy of the input: the copy of a 96 x 112 x 112 input cost four times
-the depthwise conv itself.
+the stride, the kernel size or the image width. A depthwise conv (``depthwise_nchwc``,
+grouped_kernels.py) vectorizes the channels of the block too, so a stride-2 depthwise conv
+reads whole vectors where NCHW read lanes two floats apart. Padding is a condition on the
+read inside the kernel (``padded_read``), not a padded copy of the input, except under
+tall windows (``conv2d_nchwc``): the copy of a 96 x 112 x 112 input cost four times the
+depthwise conv itself.
 
 Padded channels: packed weights and biases are zero there, so a convolution writes zeros,
 and a convolution's packed weights are zero for padded input channels, so whatever finite
@@ -78,14 +79,6 @@ def pack_conv_weight(weight: np.ndarray, in_channels: int, out_block: int) -> np
     return np.ascontiguousarray(shaped.transpose(0, 2, 3, 4, 1))
 
 
-def pack_depthwise_weight(weight: np.ndarray, block: int) -> np.ndarray:
-    """Depthwise ``[C, 1, KH, KW]`` weights as ``[C / B, KH, KW, B]``, zero for padding."""
-    channels, _, kh, kw = weight.shape
-    padded = np.zeros((blocks(channels, block) * block, kh, kw), weight.dtype)
-    padded[:channels] = weight[:, 0]
-    return np.ascontiguousarray(padded.reshape(-1, block, kh, kw).transpose(0, 2, 3, 1))
-
-
 def pack_channels(values: np.ndarray, block: int, fill: float = 0.0) -> np.ndarray:
     """A constant broadcast against NCHW (rank <= 4, dim 1 of its rank-4 form = C) in the
     blocked layout: ``[d0, C / B, d2, d3, B]``, padded channels set to ``fill``."""
@@ -100,7 +93,23 @@ def pack_channels(values: np.ndarray, block: int, fill: float = 0.0) -> np.ndarr
 MIN_COPIED_WINDOW_ROWS = 5  # window rows from which a blocked input is padded into a copy
 
 
-def _padded_read(tensor: Any, geometry: ConvGeometry, index: Any, y: Any, x: Any) -> Any:
+def _pad(data: Any, padding: tuple[int, int, int, int]) -> Any:
+    """An NCHW tensor padded with zeros on (top, left, bottom, right)."""
+    from tvm import topi
+
+    top, left, bottom, right = padding
+    return topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right])
+
+
+def pad_blocked(data: Any, padding: tuple[int, int, int, int]) -> Any:
+    """A blocked [N, CB, H, W, B] tensor padded with zeros on (top, left, bottom, right)."""
+    from tvm import topi
+
+    top, left, bottom, right = padding
+    return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0])
+
+
+def padded_read(tensor: Any, geometry: ConvGeometry, index: Any, y: Any, x: Any) -> Any:
     """``tensor[index(y, x)]`` for an input row ``y`` and column ``x`` of the padded image,
     zero outside the image; conditions only for the sides that have padding."""
     from tvm import te, tirx
@@ -134,15 +143,13 @@ def conv2d_nchwc(data: Any, weight: Any, geometry: ConvGeometry, in_block: int) 
     are read in place (a copy cost more than the tests: 64 channels at 56x56, 3x3: 0.49 ms
     with a copy, 0.46 without; a 1x7 conv at 17 x 17, whose column tests fold in its
     unrolled tiles, 1.58 -> 1.80 ms)."""
-    from tvm import te, topi
+    from tvm import te
 
     out_blocks, channels, kh, kw, out_block = (int(d) for d in weight.shape)
     batch, height, width = int(data.shape[0]), int(data.shape[2]), int(data.shape[3])
     oh, ow = geometry.output(height, width, kh, kw)
     if any(geometry.padding) and (not in_block or kh >= MIN_COPIED_WINDOW_ROWS):
-        top, left, bottom, right = geometry.padding
-        lanes = [0] if in_block else []
-        data = topi.nn.pad(data, [0, 0, top, left, *lanes], [0, 0, bottom, right, *lanes])
+        data = pad_blocked(data, geometry.padding) if in_block else _pad(data, geometry.padding)
         geometry = ConvGeometry(geometry.strides, (0, 0, 0, 0), geometry.dilation)
     (sy, sx), (dy, dx) = geometry.strides, geometry.dilation
     ry = te.reduce_axis((0, kh), "ry")
@@ -157,7 +164,7 @@ def conv2d_nchwc(data: Any, weight: Any, geometry: ConvGeometry, in_block: int) 
             def index(iy: Any, ix: Any) -> Any:
                 return (n, rb, iy, ix, ri)
 
-            value = _padded_read(data, geometry, index, y * sy + ry * dy, x * sx + rx * dx)
+            value = padded_read(data, geometry, index, y * sy + ry * dy, x * sx + rx * dx)
             products = value * weight[ob, rb * in_block + ri, ry, rx, oi]
             return te.sum(products, axis=[rb, ri, ry, rx])
 
@@ -175,32 +182,10 @@ def conv2d_nchwc(data: Any, weight: Any, geometry: ConvGeometry, in_block: int) 
             def index(iy: Any, ix: Any) -> Any:
                 return (n, rc, iy, ix)
 
-        value = _padded_read(data, geometry, index, y * sy + ry * dy, x * sx + rx * dx)
+        value = padded_read(data, geometry, index, y * sy + ry * dy, x * sx + rx * dx)
         return te.sum(value * weight[ob, rc, ry, rx, oi], axis=[rc, ry, rx])
 
     return te.compute((batch, out_blocks, oh, ow, out_block), body, name="conv2d_nchwc")
-
-
-def depthwise_nchwc(data: Any, weight: Any, geometry: ConvGeometry) -> Any:
-    """``out[n, cb, y, x, ci] = sum_{ky, kx} in[n, cb, y*s + ky*d, x*s + kx*d, ci] *
-    w[cb, ky, kx, ci]`` on blocked data; ``weight`` from ``pack_depthwise_weight``."""
-    from tvm import te
-
-    batch, cblocks, height, width, block = (int(d) for d in data.shape)
-    _, kh, kw, _ = (int(d) for d in weight.shape)
-    oh, ow = geometry.output(height, width, kh, kw)
-    (sy, sx), (dy, dx) = geometry.strides, geometry.dilation
-    ry = te.reduce_axis((0, kh), "ry")
-    rx = te.reduce_axis((0, kw), "rx")
-
-    def body(n: Any, cb: Any, y: Any, x: Any, ci: Any) -> Any:
-        def index(iy: Any, ix: Any) -> Any:
-            return (n, cb, iy, ix, ci)
-
-        value = _padded_read(data, geometry, index, y * sy + ry * dy, x * sx + rx * dx)
-        return te.sum(value * weight[cb, ry, rx, ci], axis=[ry, rx])
-
-    return te.compute((batch, cblocks, oh, ow, block), body, name="depthwise_nchwc")
 
 
 def upsample_nchwc(data: Any, weight: Any, in_block: int) -> Any:

@@ -7,8 +7,9 @@ blocked uses it, when one ``from_blocked`` conversion is emitted (once per varia
 runs blocked:
 
 - ``nn.conv2d`` in NCHW/OIHW with constant weights, float32, groups 1 (input blocked, or
-  NCHW read directly, e.g. the 3-channel stem) or depthwise (groups = channels, one filter
-  each): ``conv2d_nchwc`` / ``depthwise_nchwc``, weights packed here with numpy;
+  NCHW read directly, e.g. the 3-channel stem), depthwise (groups = channels, one filter
+  each) or grouped with groups that line up with channel blocks (grouped_kernels.py):
+  ``conv2d_nchwc`` / ``depthwise_nchwc`` / ``group_conv2d_nchwc``, weights packed here;
   ``nn.conv2d_transpose`` whose kernel equals its stride (``upsample_nchwc``); a 3x3
   stride-1 conv of a blocked input with enough channels runs as three Winograd kernels
   instead (winograd.py);
@@ -41,16 +42,15 @@ from onnxpress.backends.tvm.blocked_kernels import (
     ConvGeometry,
     channel_block,
     conv2d_nchwc,
-    depthwise_nchwc,
     from_blocked,
     max_pool_nchwc,
     pack_channels,
     pack_conv_weight,
-    pack_depthwise_weight,
     to_blocked,
     upsample_nchwc,
 )
 from onnxpress.backends.tvm.fast_math import rewriting_pass
+from onnxpress.backends.tvm.grouped_kernels import grouped_kernel
 from onnxpress.backends.tvm.winograd import emit_winograd, winograd_tile
 
 logger = logging.getLogger(__name__)
@@ -221,19 +221,15 @@ def blocked_layout_pass(lanes: int) -> Any:
                     data, w, out_shape, "conv2d_nchwc",
                     lambda x, k, in_block: conv2d_nchwc(x, k, geometry, in_block),
                 )  # fmt: skip
-            groups = int(call.attrs.groups)
-            if groups != in_shape[1] or w.shape[0] != groups or w.shape[1] != 1:
+            groups, channels = int(call.attrs.groups), in_shape[1]
+            block = held.block if held is not None else channel_block(channels, lanes)
+            grouped = grouped_kernel(w, groups, channels, block, geometry)
+            source = self._as_blocked(data, block) if grouped is not None else None
+            if grouped is None or source is None:
                 return None
-            block = held.block if held is not None else channel_block(groups, lanes)
-            source = self._as_blocked(data, block)
-            if source is None:
-                return None
-            packed = relax.const(pack_depthwise_weight(w, block))
+            packed, kernel, name = grouped
             out = self.builder_.emit_te(
-                lambda x, k: depthwise_nchwc(x, k, geometry),
-                source,
-                packed,
-                primfunc_name_hint="depthwise_nchwc",
+                kernel, source, relax.const(packed), primfunc_name_hint=name
             )
             return Blocked(out, out_shape, block)
 

@@ -1,7 +1,7 @@
 """Depthwise convolutions in the blocked layout: the dlight rule ``DepthwiseRows``, tried
 before ``TiledReduction`` (tile_schedule.py).
 
-``depthwise_nchwc`` (blocked_kernels.py) reads its padded input through a condition on each
+``depthwise_nchwc`` (grouped_kernels.py) reads its padded input through a condition on each
 window position. Under TiledReduction its batch, channel blocks, rows and column tiles were
 fused into one parallel loop of 14-column tiles: the compiled window loop was a compare and
 a branch per read (about 130 branches for 126 FMAs a tile), and kernels under
@@ -39,7 +39,7 @@ from onnxpress.backends.tvm.tile_schedule import (
     reduction_rule,
 )
 
-KERNEL = "depthwise_nchwc"  # the TE compute's name: blocked_kernels.depthwise_nchwc
+KERNEL = "depthwise_nchwc"  # the TE compute's name: grouped_kernels.depthwise_nchwc
 MIN_PARALLEL_DEPTHWISE = 1 << 14  # multiply-adds from which the channel blocks run in
 # parallel: far below TiledReduction's MIN_PARALLEL_MACS. mobilenet_v2's depthwise convs at
 # 14x14 and 7x7 (0.25-1M multiply-adds) ran on one core under it; on both, the whole model

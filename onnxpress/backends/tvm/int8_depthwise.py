@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpress.backends.tvm.blocked_kernels import pack_depthwise_weight
 from onnxpress.backends.tvm.depthwise_schedule import KERNEL
+from onnxpress.backends.tvm.grouped_kernels import pack_depthwise_weight
 from onnxpress.backends.tvm.int8_patterns import Window
 
 PRODUCT_BOUND = 255 * 128  # largest |a * w| for 8-bit activations and int8 weights

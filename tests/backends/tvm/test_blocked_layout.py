@@ -18,8 +18,8 @@ from onnxpress.backends.tvm.blocked_kernels import (
     channel_block,
     pack_channels,
     pack_conv_weight,
-    pack_depthwise_weight,
 )
+from onnxpress.backends.tvm.grouped_kernels import pack_depthwise_weight
 
 tvm = pytest.importorskip("tvm")
 

@@ -20,7 +20,7 @@ tvm = pytest.importorskip("tvm")
 from tvm.s_tir import dlight as dl  # noqa: E402
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
-from onnxpress.backends.tvm.blocked_kernels import pack_depthwise_weight  # noqa: E402
+from onnxpress.backends.tvm.grouped_kernels import pack_depthwise_weight  # noqa: E402
 from onnxpress.backends.tvm.int8_depthwise import (  # noqa: E402
     MAX_EXACT_TAPS,
     PRODUCT_BOUND,
