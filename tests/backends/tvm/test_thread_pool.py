@@ -2,13 +2,14 @@
 libraries compile writes and installed by CompiledModel; every task runs exactly once (more
 tasks than threads, static and dynamic splits), outputs bit-identical to TVM's own pool,
 two threads sharing one library's pool, a forked child without the parent's workers (in a
-process of its own), and a library without the launch left on TVM's pool; skipped without
-TVM."""
+process of its own), a worker woken on its caller's CPU leaving it, and a library without
+the launch left on TVM's pool; skipped without TVM."""
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,57 @@ def test_a_forked_child_runs_without_the_parent_s_workers(library: Path) -> None
     done = subprocess.run(
         [sys.executable, "-c", script, str(library)], capture_output=True, text=True, timeout=300
     )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+WAKE_SCRIPT = """
+import ctypes, os, sys, threading, time
+import tvm
+tvm.runtime.load_module(sys.argv[1])
+lib = ctypes.CDLL(sys.argv[1])
+lib.onnxpress_pool_threads(2)
+libc = ctypes.CDLL(None)
+libc.sched_getcpu.restype = ctypes.c_int
+TASK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+runs = []
+
+@TASK
+def task(index, env, data):
+    runs.append((threading.get_native_id(), libc.sched_getcpu()))
+    time.sleep(0.01)
+    return 0
+
+launch = lib.onnxpress_parallel_launch
+launch.argtypes = [TASK, ctypes.c_void_p, ctypes.c_int]
+cpus = sorted(os.sched_getaffinity(0))
+caller, cpu = threading.get_native_id(), cpus[0]
+workers = set()
+while not workers:  # a launch the worker takes part in: it exists and is awake
+    runs.clear()
+    assert launch(task, None, 4) == 0
+    workers = {t for t, _ in runs if t != caller}
+(worker,) = workers
+os.sched_setaffinity(0, {cpu})  # the caller on one CPU
+for _ in range(5):
+    os.sched_setaffinity(worker, {cpu})  # still spinning: the worker moves to that CPU
+    time.sleep(0.05)  # ... and falls asleep there, free to run anywhere again
+    os.sched_setaffinity(worker, set(cpus))
+    runs.clear()
+    assert launch(task, None, 4) == 0
+    where = {c for t, c in runs if t == worker}
+    assert cpu not in where, (cpu, where)
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_worker_woken_on_the_caller_s_cpu_leaves_it(library: Path) -> None:
+    """The worker falls asleep on the caller's CPU; each launch wakes it there, and it runs
+    its tasks on another CPU (without the move it stayed there in 5 launches of 5, on the
+    2-CPU VM this was written on)."""
+    done = subprocess.run(
+        [sys.executable, "-c", WAKE_SCRIPT, str(library.resolve())],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
 
 
