@@ -38,7 +38,11 @@ def grouped_kernel(
         packed = pack_depthwise_weight(weight, block)
         return packed, lambda x, k: depthwise_nchwc(x, k, geometry), "depthwise_nchwc"
     out_group = out_channels // groups
-    if out_channels % block or channels % block or not group_window(in_group, out_group, block):
+    whole = out_channels % block == 0 and channels % block == 0
+    # whole groups per block may leave the last block part padding (RegNet's 440 channels
+    # in blocks of 16: 27 blocks and 8 channels), read with zero weights like a dense conv's
+    padded = block % out_group == 0 and in_group == out_group
+    if not group_window(in_group, out_group, block) or not (whole or padded):
         return None
     packed = pack_group_weight(weight, groups, block)
     kernel = lambda x, k: group_conv2d_nchwc(x, k, geometry, out_group)  # noqa: E731
@@ -62,11 +66,11 @@ def pack_group_weight(weight: np.ndarray, groups: int, block: int) -> np.ndarray
     """Grouped OIHW weights ``[O, I / groups, KH, KW]`` as ``[O / B, window, KH, KW, B]``:
     for each output channel, its group's filter at that group's place in the input window
     of its block (``group_window``), zero elsewhere (the other groups of a block that
-    holds several)."""
+    holds several, and padded output channels past O)."""
     out, in_group, kh, kw = weight.shape
     out_group = out // groups
     window = group_window(in_group, out_group, block)
-    packed = np.zeros((out // block, window, kh, kw, block), weight.dtype)
+    packed = np.zeros((blocks(out, block), window, kh, kw, block), weight.dtype)
     for o in range(out):
         ob, oi = divmod(o, block)
         offset = (o // out_group) * in_group - (ob * block // out_group) * in_group

@@ -113,14 +113,46 @@ def test_compiled_grouped_convs_match_onnxruntime(target: str, tmp_path: Path) -
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_convs_that_line_up_run_blocked() -> None:
+@pytest.mark.parametrize("mcpu", ["haswell", "skylake-avx512"])  # blocks of 8, of 16
+def test_grouped_convs_that_line_up_run_blocked(mcpu: str) -> None:
     from onnxpress.backends.tvm.build import import_relax
     from onnxpress.backends.tvm.prepare import prepare
     from onnxpress.backends.tvm.schedule import layout_passes
 
-    target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})  # blocks of 8
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
     model = _model([(48, 12, 1), (48, 3, 2), (48, 6, 1), (48, 16, 1)])
     with target:
         mod = tvm.transform.Sequential(layout_passes(target))(import_relax(prepare(model, None)))
     names = [gv.name_hint for gv in mod.functions]
     assert sum("group_conv2d_nchwc" in n for n in names) == 3  # not the 3-channel groups
+
+
+def test_groups_in_a_padded_last_block_read_zero_weights_for_the_padding() -> None:
+    """24 channels in 8-channel groups, blocks of 16 (AVX-512): the second block holds one
+    group and 8 padded channels. The kernel, compiled for AVX2 with 16-wide blocks, ignores
+    whatever the padded input channels hold and writes zeros to the padded outputs."""
+    from tvm import te
+
+    from onnxpress.backends.tvm.blocked_kernels import ConvGeometry
+    from onnxpress.backends.tvm.grouped_kernels import group_conv2d_nchwc, grouped_kernel
+
+    rng = np.random.default_rng(14)
+    w = rng.standard_normal((24, 8, 3, 3)).astype(np.float32)
+    geometry = ConvGeometry((1, 1), (0, 0, 0, 0), (1, 1))
+    found = grouped_kernel(w, 3, 24, 16, geometry)
+    assert found is not None and found[2] == "group_conv2d_nchwc"
+    packed = found[0]
+    assert packed.shape == (2, 16, 3, 3, 16) and not packed[1, :, :, :, 8:].any()
+    assert grouped_kernel(w[:18], 3, 24, 16, geometry) is None  # 8 inputs -> 6 outputs a group
+    x = rng.standard_normal((1, 2, 6, 6, 16)).astype(np.float32)  # channels 24-31: noise
+    data = te.placeholder(x.shape, name="x")
+    weight = te.placeholder(packed.shape, name="w")
+    out = group_conv2d_nchwc(data, weight, geometry, 8)
+    func = te.create_prim_func([data, weight, out])
+    lib = tvm.compile(func, target=tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    got = tvm.runtime.tensor(np.zeros((1, 2, 4, 4, 16), np.float32))
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), got)
+    nchw = x.transpose(0, 1, 4, 2, 3).reshape(32, 6, 6)[:24]
+    result = got.numpy()[0].transpose(0, 3, 1, 2).reshape(32, 4, 4)
+    np.testing.assert_allclose(result[:24], _grouped_conv(nchw, w, 3), rtol=1e-4, atol=1e-4)
+    assert not result[24:].any()
