@@ -93,20 +93,20 @@ def pack_channels(values: np.ndarray, block: int, fill: float = 0.0) -> np.ndarr
 MIN_COPIED_WINDOW_ROWS = 5  # window rows from which a blocked input is padded into a copy
 
 
-def _pad(data: Any, padding: tuple[int, int, int, int]) -> Any:
-    """An NCHW tensor padded with zeros on (top, left, bottom, right)."""
+def copy_padded(
+    data: Any, geometry: ConvGeometry, window_rows: int, blocked: bool
+) -> tuple[Any, ConvGeometry]:
+    """``data`` and ``geometry`` for a conv reading it: padded into a copy (the geometry
+    then without padding) for an NCHW input or a window of ``MIN_COPIED_WINDOW_ROWS`` rows
+    or more (see ``conv2d_nchwc``), else as they are (padding tested in the kernel)."""
     from tvm import topi
 
-    top, left, bottom, right = padding
-    return topi.nn.pad(data, [0, 0, top, left], [0, 0, bottom, right])
-
-
-def pad_blocked(data: Any, padding: tuple[int, int, int, int]) -> Any:
-    """A blocked [N, CB, H, W, B] tensor padded with zeros on (top, left, bottom, right)."""
-    from tvm import topi
-
-    top, left, bottom, right = padding
-    return topi.nn.pad(data, [0, 0, top, left, 0], [0, 0, bottom, right, 0])
+    if not any(geometry.padding) or (blocked and window_rows < MIN_COPIED_WINDOW_ROWS):
+        return data, geometry
+    top, left, bottom, right = geometry.padding
+    lanes = [0] if blocked else []
+    data = topi.nn.pad(data, [0, 0, top, left, *lanes], [0, 0, bottom, right, *lanes])
+    return data, ConvGeometry(geometry.strides, (0, 0, 0, 0), geometry.dilation)
 
 
 def padded_read(tensor: Any, geometry: ConvGeometry, index: Any, y: Any, x: Any) -> Any:
@@ -148,9 +148,7 @@ def conv2d_nchwc(data: Any, weight: Any, geometry: ConvGeometry, in_block: int) 
     out_blocks, channels, kh, kw, out_block = (int(d) for d in weight.shape)
     batch, height, width = int(data.shape[0]), int(data.shape[2]), int(data.shape[3])
     oh, ow = geometry.output(height, width, kh, kw)
-    if any(geometry.padding) and (not in_block or kh >= MIN_COPIED_WINDOW_ROWS):
-        data = pad_blocked(data, geometry.padding) if in_block else _pad(data, geometry.padding)
-        geometry = ConvGeometry(geometry.strides, (0, 0, 0, 0), geometry.dilation)
+    data, geometry = copy_padded(data, geometry, kh, blocked=bool(in_block))
     (sy, sx), (dy, dx) = geometry.strides, geometry.dilation
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")

@@ -9,7 +9,8 @@ RegNet's 8-channel groups at B = 8), or whole groups within one block (``O`` div
 input window only; a block holding several groups sums over all of their channels, with
 zero weights across groups (B / O times the work, all of it in whole vectors). Before, such
 convs ran in NCHW between conversions out of and back into the blocked layout:
-regnet_y_400mf 13.6 -> 10.5 ms, resnext50_32x4d 78.1 -> 66.7 ms (BENCHMARKS run 22).
+regnet_y_400mf 14.4 -> 11.1 ms, resnext50_32x4d 82.1 -> 72.0 ms (medians of alternating
+calls, BENCHMARKS run 22).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from typing import Any
 import numpy as np
 
 from onnxpress.backends.tvm.blocked_kernels import (
-    MIN_COPIED_WINDOW_ROWS,
     ConvGeometry,
     blocks,
-    pad_blocked,
+    copy_padded,
     padded_read,
 )
 
@@ -97,10 +97,7 @@ def group_conv2d_nchwc(data: Any, weight: Any, geometry: ConvGeometry, out_group
     out_blocks, window, kh, kw, block = (int(d) for d in weight.shape)
     batch, height, width = int(data.shape[0]), int(data.shape[2]), int(data.shape[3])
     oh, ow = geometry.output(height, width, kh, kw)
-    if any(geometry.padding) and kh >= MIN_COPIED_WINDOW_ROWS:
-        top, left, bottom, right = geometry.padding
-        data = pad_blocked(data, (top, left, bottom, right))
-        geometry = ConvGeometry(geometry.strides, (0, 0, 0, 0), geometry.dilation)
+    data, geometry = copy_padded(data, geometry, kh, blocked=True)
     (sy, sx), (dy, dx) = geometry.strides, geometry.dilation
     rb = te.reduce_axis((0, window // block), "rb")
     ri = te.reduce_axis((0, block), "ri")
