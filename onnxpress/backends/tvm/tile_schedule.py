@@ -167,7 +167,7 @@ def schedule_tile(sch: Any, block: Any, plan: TilePlan) -> None:
     tiles = 1 if split else 1 + len(ragged)
     _vectorize_tail(sch, init, plan.width, unroll=split is None, outer=tiles)
     if plan.vector == plan.spatial - 1 or not _write_back_by_vectors(sch, acc, plan, tiles):
-        _vectorize_tail(sch, acc, plan.width, unroll=False, outer=tiles)
+        _vectorize_tail(sch, acc, plan.width, unroll=False, outer=tiles)  # unrolled: no gain
     for loop in ragged:  # a few tiles: one copy of the reduction each, the conditions folded
         if int(sch.get(loop).extent) <= MAX_UNROLLED_RAGGED:
             sch.unroll(loop)
@@ -222,7 +222,7 @@ def _vectorize_tail(sch: Any, block: Any, width: int, unroll: bool, outer: int =
     if extent % width == 0:
         if extent > width:  # a stacked tile: several vectors
             sch.split(loops[-1], factors=[None, width])
-            loops = sch.get_loops(block)[1:]
+            loops = sch.get_loops(block)[outer:]
         sch.vectorize(loops[-1])
         loops = loops[:-1]
     for loop in loops if unroll else []:
