@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -124,52 +125,74 @@ def test_a_forked_child_runs_without_the_parent_s_workers(library: Path) -> None
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+# A task in C: Python tasks take the GIL first, and the GIL's hand-over wakes the worker
+# on the caller's CPU again before the task could read where it runs.
+WAKE_TASK = r"""
+#define _GNU_SOURCE
+#include <sched.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+int task(int index, void* env, void* data) {
+  long* out = (long*)data;
+  struct timespec start, now;
+  (void)env;
+  out[2 * index] = syscall(SYS_gettid);
+  out[2 * index + 1] = sched_getcpu();
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  do clock_gettime(CLOCK_MONOTONIC, &now);
+  while ((now.tv_sec - start.tv_sec) * 1000000000L + now.tv_nsec - start.tv_nsec < 2000000L);
+  return 0;
+}
+"""
+
 WAKE_SCRIPT = """
 import ctypes, os, sys, threading, time
 import tvm
 tvm.runtime.load_module(sys.argv[1])
 lib = ctypes.CDLL(sys.argv[1])
 lib.onnxpress_pool_threads(2)
-libc = ctypes.CDLL(None)
-libc.sched_getcpu.restype = ctypes.c_int
-TASK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-runs = []
-
-@TASK
-def task(index, env, data):
-    runs.append((threading.get_native_id(), libc.sched_getcpu()))
-    time.sleep(0.01)
-    return 0
-
+task = ctypes.CDLL(sys.argv[2]).task
+TASKS = 8
+runs = (ctypes.c_long * (2 * TASKS))()
 launch = lib.onnxpress_parallel_launch
-launch.argtypes = [TASK, ctypes.c_void_p, ctypes.c_int]
+launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+def first_runs():
+    assert launch(ctypes.cast(task, ctypes.c_void_p), ctypes.addressof(runs), TASKS) == 0
+    first = {}
+    for index in range(TASKS):  # tasks are claimed in index order
+        first.setdefault(runs[2 * index], runs[2 * index + 1])
+    return first
+
 cpus = sorted(os.sched_getaffinity(0))
 caller, cpu = threading.get_native_id(), cpus[0]
 workers = set()
 while not workers:  # a launch the worker takes part in: it exists and is awake
-    runs.clear()
-    assert launch(task, None, 4) == 0
-    workers = {t for t, _ in runs if t != caller}
+    workers = set(first_runs()) - {caller}
 (worker,) = workers
 os.sched_setaffinity(0, {cpu})  # the caller on one CPU
 for _ in range(5):
     os.sched_setaffinity(worker, {cpu})  # still spinning: the worker moves to that CPU
     time.sleep(0.05)  # ... and falls asleep there, free to run anywhere again
     os.sched_setaffinity(worker, set(cpus))
-    runs.clear()
-    assert launch(task, None, 4) == 0
-    where = {c for t, c in runs if t == worker}
-    assert cpu not in where, (cpu, where)
+    where = first_runs().get(worker)
+    assert where is not None and where != cpu, (cpu, where)
 """
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_a_worker_woken_on_the_caller_s_cpu_leaves_it(library: Path) -> None:
-    """The worker falls asleep on the caller's CPU; each launch wakes it there, and it runs
-    its tasks on another CPU (without the move it stayed there in 5 launches of 5, on the
+def test_a_worker_woken_on_the_caller_s_cpu_leaves_it(library: Path, tmp_path: Path) -> None:
+    """The worker falls asleep on the caller's CPU; each launch wakes it there, and its first
+    task runs on another CPU (without the move it stayed there in 5 launches of 5, on the
     2-CPU VM this was written on)."""
+    source = tmp_path / "task.c"
+    source.write_text(WAKE_TASK)
+    task = tmp_path / "task.so"
+    compiler = [*shlex.split(os.environ.get("CXX", "g++")), "-x", "c", "-O2", "-shared", "-fPIC"]
+    subprocess.run([*compiler, "-o", str(task), str(source)], check=True, timeout=120)
     done = subprocess.run(
-        [sys.executable, "-c", WAKE_SCRIPT, str(library.resolve())],
+        [sys.executable, "-c", WAKE_SCRIPT, str(library.resolve()), str(task)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
