@@ -25,6 +25,7 @@ from typing import Any
 from onnxpress.backends.tvm import dynamic_parallel, thread_pool
 from onnxpress.backends.tvm.gru import convert_gru
 from onnxpress.backends.tvm.lstm import convert_lstm
+from onnxpress.backends.tvm.prefetch import prefetch_pass
 from onnxpress.backends.tvm.prepare import Prepared, check_coverage
 from onnxpress.backends.tvm.runtime import CompileError, require_tvm
 from onnxpress.backends.tvm.schedule import cpu_lowering_passes, cpu_pipeline
@@ -141,7 +142,8 @@ def check_parallel(parallel: str) -> None:
 def tir_pipeline(threads: int) -> str:
     """The name of TVM's TIR pipeline plus onnxpress's passes, registered on first use: the
     dynamic split of parallel loops for ``threads`` runtime threads (dynamic_parallel.py;
-    none when 0) and kernel scratch on the stack (tir_passes.py)."""
+    none when 0), kernel scratch on the stack (tir_passes.py) and the prefetch of a split
+    reduction's next chunk (prefetch.py)."""
     import tvm
     from tvm.tirx import compilation_pipeline as pipelines
 
@@ -153,6 +155,7 @@ def tir_pipeline(threads: int) -> str:
         if threads:
             passes.append(dynamic_parallel.dynamic_parallel_pass(threads))
         passes.append(stack_scratch_pass())
+        passes.append(prefetch_pass())
         return tvm.transform.Sequential(passes), host, device
 
     if name not in pipelines.PIPELINE_MAP:

@@ -11,7 +11,8 @@ and the tile stalls on it. Split, the loops are
 
 with a chunk's panel (at most ``CHUNK_BYTES``) in L1 for every row tile, and the
 accumulators of all row tiles of the panel in a local buffer (a few KB, on the stack) that
-the chunks add to; the epilogue runs once, after the last chunk. Each output's sum still
+the chunks add to; the epilogue runs once, after the last chunk. The steps loop is marked
+for prefetch.py, which has the row tiles fetch the next chunk while they work on this one. Each output's sum still
 runs in the same order (chunk after chunk), so results are bit-identical.
 
 It applies only where it pays: a panel over ``PANEL_BYTES``, at least two row tiles to
@@ -25,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from onnxpress.backends.tvm import prefetch
 from onnxpress.backends.tvm.tile_plan import TilePlan
 
 PANEL_BYTES = 32 << 10  # a panel larger than L1 (32 KB on Zen 3 and Skylake-SP)
@@ -32,6 +34,7 @@ CHUNK_BYTES = 16 << 10  # half of L1 per chunk: the rows' values and the output 
 MIN_TASKS = 8  # panels the parallel loop needs to keep two cores busy
 MAX_ACCUMULATOR_BYTES = 64 << 10  # the local accumulators of one panel's row tiles
 MIN_CHUNK_STEPS = 32  # steps a chunk needs to pay for loading and storing its accumulators
+PREFETCH = True  # each chunk's steps prefetch the next chunk (prefetch.py)
 
 
 @dataclass(frozen=True)
@@ -124,4 +127,8 @@ def split_reduction(
     rows = [loop for loop in rows if loop not in last] + last
     chunk, step = sch.split(reductions[0], factors=[None, split.steps])
     sch.reorder(*tasks, chunk, *rows, step, *reductions[1:], *inner)
+    if PREFETCH:
+        sch.annotate(step, prefetch.KEY, split.steps)  # the next chunk, a chunk ahead
+        names = ",".join(str(sch.get(loop).loop_var.name) for loop in rows)
+        sch.annotate(step, prefetch.ROWS_KEY, names)  # ... shared out among the row tiles
     return tasks, chunk

@@ -75,7 +75,8 @@ def test_split_matmul_is_bit_identical_to_tvms_own() -> None:
         lowered = cpu_pipeline(AVX2)(mod)
     text = next(f.script() for g, f in lowered.functions.items() if "matmul" in g.name_hint)
     assert "T.parallel(T.int64(16))" in text
-    assert "T.int64(12), " in text and "T.int64(128))" in text  # chunk and step loops
+    assert "T.int64(12), " in text  # the chunk loop, then its steps (marked for prefetch.py)
+    assert "for rk_1 in T.serial(T.int64(128), annotations=" in text
     host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
     if not tvm.target.codegen.target_has_features("avx2", host):
         pytest.skip("this CPU cannot run AVX2 code")
