@@ -1,10 +1,14 @@
-"""A TVM kernel for the parallel-launch tests (test_dynamic_parallel, test_thread_pool):
-``out[i, j] += 1`` over a parallel loop, whose result shows whether every iteration ran
-exactly once. TVM is imported inside, so importing this module does not need it."""
+"""TVM kernels shared by tests: for the parallel-launch tests (test_dynamic_parallel,
+test_thread_pool) ``out[i, j] += 1`` over a parallel loop, whose result shows whether every
+iteration ran exactly once; for the split-reduction tests (test_reduction_split,
+test_prefetch) a Relax matmul by constant weights and a relu. TVM is imported inside, so
+importing this module does not need it."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
 
 
 def accumulate(extent: int, inner: int) -> Any:
@@ -20,3 +24,18 @@ def accumulate(extent: int, inner: int) -> Any:
     i, _ = sch.get_loops(sch.get_sblock("bumped"))
     sch.parallel(i)
     return sch.mod
+
+
+def relu_matmul(rows: int, depth: int, columns: int, weight: np.ndarray) -> Any:
+    """A Relax module: ``relu(x @ weight)`` for x of shape (1, rows, depth), the weight
+    (depth, columns) a constant."""
+    from tvm import relax
+
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, rows, depth), "float32"))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            y = builder.emit(relax.op.matmul(x, relax.const(weight)))
+            out = builder.emit_output(builder.emit(relax.op.nn.relu(y)))
+        builder.emit_func_output(out)
+    return builder.get()

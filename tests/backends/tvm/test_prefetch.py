@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tvm_kernels import relu_matmul
 
 tvm = pytest.importorskip("tvm")
 
@@ -93,24 +94,13 @@ def test_prefetching_code_computes_the_same() -> None:
     assert results[0][:16].any() and not results[0][64:].any()
 
 
-def _matmul(rows: int, depth: int, columns: int, weight: np.ndarray) -> Any:
-    builder = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, rows, depth), "float32"))
-    with builder.function("main", [x]):
-        with builder.dataflow():
-            y = builder.emit(relax.op.matmul(x, relax.const(weight)))
-            out = builder.emit_output(builder.emit(relax.op.nn.relu(y)))
-        builder.emit_func_output(out)
-    return builder.get()
-
-
 def test_split_matmul_prefetches_and_stays_bit_identical() -> None:
     """The encoder's 128 x 384 x 1536 matmul for AVX2 through onnxpress's TIR pipeline: its
     steps loop prefetches the next chunk (prefetcht1), and the result equals TVM's
     unscheduled kernel bit for bit."""
     rng = np.random.default_rng(5)
     weight = rng.standard_normal((384, 1536)).astype(np.float32)
-    mod = _matmul(128, 384, 1536, weight)
+    mod = relu_matmul(128, 384, 1536, weight)
     ours = tvm.compile(mod, target=AVX2, relax_pipeline=cpu_pipeline(AVX2), tir_pipeline=tir_pipeline(0))  # fmt: skip
     asm = "".join(module.inspect_source("asm") for module in ours.mod.imports)
     assert "prefetcht1" in asm

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tvm_kernels import relu_matmul
 
 tvm = pytest.importorskip("tvm")
 
@@ -53,24 +54,13 @@ def test_kernels_that_would_not_gain_keep_the_reduction_whole(plan: TilePlan) ->
         assert split is None
 
 
-def _matmul(rows: int, depth: int, columns: int, weight: np.ndarray) -> Any:
-    builder = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, rows, depth), "float32"))
-    with builder.function("main", [x]):
-        with builder.dataflow():
-            y = builder.emit(relax.op.matmul(x, relax.const(weight)))
-            out = builder.emit_output(builder.emit(relax.op.nn.relu(y)))
-        builder.emit_func_output(out)
-    return builder.get()
-
-
 def test_split_matmul_is_bit_identical_to_tvms_own() -> None:
     """The encoder's matmul shape through the CPU pipeline for AVX2: the panel loop is the
     parallel one (16 panels of 24 columns), the reduction runs in 12 chunks of 128, and
     the result equals TVM's unscheduled kernel bit for bit."""
     rng = np.random.default_rng(7)
     weight = rng.standard_normal((1536, 384)).astype(np.float32)
-    mod = _matmul(128, 1536, 384, weight)
+    mod = relu_matmul(128, 1536, 384, weight)
     with AVX2:
         lowered = cpu_pipeline(AVX2)(mod)
     text = next(f.script() for g, f in lowered.functions.items() if "matmul" in g.name_hint)
