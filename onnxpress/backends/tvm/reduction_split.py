@@ -12,8 +12,9 @@ and the tile stalls on it. Split, the loops are
 with a chunk's panel (at most ``CHUNK_BYTES``) in L1 for every row tile, and the
 accumulators of all row tiles of the panel in a local buffer (a few KB, on the stack) that
 the chunks add to; the epilogue runs once, after the last chunk. The steps loop is marked
-for prefetch.py, which has the row tiles fetch the next chunk while they work on this one. Each output's sum still
-runs in the same order (chunk after chunk), so results are bit-identical.
+for prefetch.py, which has the row tiles fetch the next chunk while they work on this one.
+Each output's sum still runs in the same order (chunk after chunk), so results are
+bit-identical.
 
 It applies only where it pays: a panel over ``PANEL_BYTES``, at least two row tiles to
 share it, and at least ``MIN_TASKS`` panels to run in parallel (the rows are no longer
