@@ -1,7 +1,8 @@
 """Software prefetch of a split reduction's next chunk (onnxpress.backends.tvm.prefetch): the
 prefetches a marked steps loop gets (one per cache line its moving vector loads read, a
 chunk ahead, shared out among the row tiles, guarded where the share is ragged), the loops
-left alone (too many prefetches per tile, loads that do not move), and the encoder's
+left alone (too many prefetches per tile, loads that do not move or that move with an
+inner loop), and the encoder's
 split matmul through onnxpress's TIR pipeline: prefetches in its code and results
 bit-identical to TVM's unscheduled kernel; skipped without TVM."""
 
@@ -78,6 +79,19 @@ def test_loads_that_do_not_move_with_the_loop_get_none() -> None:
             c[T.Ramp(0, 1, 16)] = c[T.Ramp(0, 1, 16)] + b[T.Ramp(16, 1, 16)]
 
     assert "llvm.prefetch" not in still.with_body(add_prefetches(still.body)).script()
+
+
+def test_loads_that_read_an_inner_loop_get_none() -> None:
+    """The address moves with an inner loop's variable, which the prefetches before the
+    steps loop could not name."""
+
+    @T.prim_func
+    def inner(b: T.Buffer((8192,), "float32"), c: T.Buffer((64,), "float32")) -> None:
+        for k in T.serial(8, annotations={KEY: 8}):
+            for j in range(3):
+                c[T.Ramp(0, 1, 16)] = c[T.Ramp(0, 1, 16)] + b[T.Ramp(k * 48 + j * 16, 1, 16)]
+
+    assert "llvm.prefetch" not in inner.with_body(add_prefetches(inner.body)).script()
 
 
 def test_prefetching_code_computes_the_same() -> None:
