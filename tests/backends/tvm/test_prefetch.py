@@ -2,9 +2,8 @@
 prefetches a marked steps loop gets (one per cache line its moving vector loads read, a
 chunk ahead, shared out among the row tiles, guarded where the share is ragged), the loops
 left alone (too many prefetches per tile, loads that do not move or that move with an
-inner loop), and the encoder's
-split matmul through onnxpress's TIR pipeline: prefetches in its code and results
-bit-identical to TVM's unscheduled kernel; skipped without TVM."""
+inner loop), and the encoder's split matmul through onnxpress's TIR pipeline: prefetches
+in its code and results bit-identical to TVM's unscheduled kernel; skipped without TVM."""
 
 from __future__ import annotations
 
