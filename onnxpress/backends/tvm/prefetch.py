@@ -61,19 +61,6 @@ def substitute(expr: Any, values: dict[Any, Any]) -> Any:
     raise _Unknown(type(expr).__name__)
 
 
-def _uses(expr: Any, var: Any) -> bool:
-    """Whether ``expr`` (as substitute handles it) reads ``var``."""
-    from tvm import tirx
-
-    if isinstance(expr, tirx.Var):
-        return bool(expr.same_as(var))
-    if isinstance(expr, tirx.Cast):
-        return _uses(expr.value, var)
-    if hasattr(expr, "a") and hasattr(expr, "b"):
-        return _uses(expr.a, var) or _uses(expr.b, var)
-    return False
-
-
 def _loads(node: Any, found: list[Any]) -> None:
     """Collect the BufferLoads in an expression or statement tree (the node types of a
     lowered kernel body; others are skipped)."""
@@ -177,7 +164,7 @@ def line_loads(loop: Any) -> list[tuple[Any, Any]]:
             base = analyzer.simplify(substitute(load.indices[0].base, values))
         except _Unknown:
             continue
-        if not _uses(base, loop.loop_var) or not _free(base, inner):
+        if _free(base, [loop.loop_var]) or not _free(base, inner):  # still, or not ours
             continue
         buffer = load.source
         name = str(buffer.name)
