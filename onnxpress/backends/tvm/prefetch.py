@@ -35,7 +35,6 @@ from onnxpress.backends.tvm.tir_passes import cpu_module_pass, map_children
 KEY = "onnxpress_prefetch_ahead"  # on the steps loop: the steps of one chunk
 ROWS_KEY = "onnxpress_prefetch_rows"  # on it too: the names of the row tile loops around it
 LINE_BYTES = 64
-MAX_PREFETCHES = 64  # lines per step; a body reading more is left alone
 MAX_TILE_PREFETCHES = 32  # per row tile: more in one burst slowed the tile down
 LOCALITY_L2 = 2  # llvm.prefetch locality 2: prefetcht1 on x86
 
@@ -145,7 +144,7 @@ def _bindings(body: Any) -> dict[Any, Any]:
 def line_loads(loop: Any) -> list[tuple[Any, Any]]:
     """(buffer, index) of one vector load per cache line that ``loop``'s body reads at
     addresses moving with the loop, the index in terms of variables defined outside the
-    body and the loop's own; empty when there are more than MAX_PREFETCHES."""
+    body and the loop's own."""
     from tvm import tirx
     from tvm.sym import Analyzer
 
@@ -173,7 +172,7 @@ def line_loads(loop: Any) -> list[tuple[Any, Any]]:
             continue  # lines are told apart by constant offsets from the first load
         element_bytes = max(1, buffer.dtype.bits * buffer.dtype.lanes // 8)
         lines.setdefault((name, int(offset) * element_bytes // LINE_BYTES), (buffer, base))
-    return [] if len(lines) > MAX_PREFETCHES else list(lines.values())
+    return list(lines.values())
 
 
 def prefetch_loop(loop: Any, ahead: int, rows: list[tuple[Any, int]]) -> Any | None:
