@@ -9,8 +9,9 @@ rows of one head, and per block:
   p[i, j] = softmax over j, with 8-lane partial max and sum (row_schedule.py's arithmetic)
   o[i, e] = sum_j p[i, j] * v[j, e]
 
-Both products run in register tiles: ROWS rows by 16 columns (two 8-lane vectors) kept in
-a local accumulator, the reduction outside the rows. The Relax pass ``FusedAttention``
+Both products run in register tiles: ROWS rows by 16 columns (two 8-lane vectors, one
+16-lane vector where the target has AVX-512) kept in a local accumulator, the reduction
+outside the rows. The Relax pass ``FusedAttention``
 (after SiblingMatmuls, before FastMath in schedule.cpu_lowering_passes) rewrites the
 pattern that attention_match.py matches, with a value depth of whole 16-lane tiles (others
 keep the three kernels); rows and keys of any count run in padded tiles. Where q and v are
@@ -33,18 +34,33 @@ from onnxpress.backends.tvm.attention_match import (
 )
 from onnxpress.backends.tvm.row_schedule import lane_reduce
 
-__all__ = ["Attention", "attention_kernel", "fused_attention_pass", "pad_operands"]
+__all__ = [
+    "Attention",
+    "attention_kernel",
+    "attention_lanes",
+    "fused_attention_pass",
+    "pad_operands",
+]
 
-ROWS = 4  # query rows per block (4 x 2 vectors = 8 accumulators)
+ROWS = 4  # query rows per block (4 x 2 vectors = 8 accumulators at 8 lanes)
 
 
-def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
+def attention_lanes(target_lanes: int) -> int:
+    """The vector width of the kernel's register tiles for a target with ``target_lanes``
+    float lanes: 16 (one AVX-512 register per tile row) where the target has them, else 8
+    (one AVX2 register, two NEON ones). The encoder's attention on the AVX-512 Zen 4: 171
+    -> 148 us per layer (docs/BENCHMARKS.md, run 24); both sit at the FMA throughput."""
+    return COLUMNS if target_lanes >= COLUMNS else 8
+
+
+def attention_kernel(a: Attention, dtype: str = "float32", lanes: int = 8) -> Any:
     """The scheduled PrimFunc o[B, H, M, E] (token-major: [B, M, H, E], see
     Attention.token_major) = softmax(q kt * scale + mask) v, with kt, v and
     a mask with a keys axis padded to ``a.padded_keys`` (pad_operands). Rows are padded to
     the 4-row blocks with q's reads clamped to the last real row, and the padded rows are
     not written; a padded key's logit is the lowest float and its exp 0, so it adds
-    nothing to the max, the sums or the value product."""
+    nothing to the max, the sums or the value product. ``lanes``: the vector width
+    (attention_lanes), 8 or 16."""
     from tvm import s_tir, te, tirx, topi
 
     rows, keys, keys_p = a.queries, a.keys, a.padded_keys
@@ -120,7 +136,7 @@ def attention_kernel(a: Attention, dtype: str = "float32") -> Any:
     if a.token_major:  # the loops in (batch, head, row) order, as _schedule wants them
         b, i, h, e = sch.get_loops(sch.get_sblock("attention"))
         sch.reorder(b, h, i, e)
-    return _schedule(sch, "exp")
+    return _schedule(sch, "exp", lanes)
 
 
 def _operand(
@@ -170,7 +186,7 @@ def pad_operands(builder: Any, a: Attention, args: list[Any]) -> list[Any]:
     return padded
 
 
-def _schedule(sch: Any, exp_block: str) -> Any:
+def _schedule(sch: Any, exp_block: str, lanes: int) -> Any:
     """One parallel loop over (batch, head, row block); per block the score tile, the
     softmax and the value product, each in register tiles."""
     out = sch.get_sblock("attention")
@@ -178,34 +194,34 @@ def _schedule(sch: Any, exp_block: str) -> Any:
     block, _ = sch.split(i, [None, ROWS])
     task = sch.fuse(b, h, block)
     sch.parallel(task)
-    _, lanes = sch.split(e, [None, 8])
-    sch.vectorize(lanes)
+    sch.vectorize(sch.split(e, [None, lanes])[1])
     pv = sch.get_sblock("pv")
     sch.compute_at(pv, task)
     *_, p_rows, p_cols, p_keys = sch.get_loops(pv)
-    _tile(sch, pv, p_rows, p_cols, p_keys)
+    _tile(sch, pv, (p_rows, p_cols, p_keys), lanes)
     for name in ("shifted", "logits"):
         sch.compute_inline(sch.get_sblock(name))
     for name in ("row_sum", "row_sum_part", exp_block, "row_max", "row_max_part", "scores"):
         sch.compute_at(sch.get_sblock(name), task)
     scores = sch.get_sblock("scores")
     *_, s_rows, s_cols, s_depth = sch.get_loops(scores)
-    _tile(sch, scores, s_rows, s_cols, s_depth)
+    _tile(sch, scores, (s_rows, s_cols, s_depth), lanes)
     for name in ("row_max_part", "row_sum_part"):  # the lane loop around its reduction
         sch.vectorize(sch.get_loops(sch.get_sblock(name))[-2])
     exp_loops = sch.get_loops(sch.get_sblock(exp_block))
-    _, lanes = sch.split(exp_loops[-1], [None, 8])
-    sch.vectorize(lanes)
+    sch.vectorize(sch.split(exp_loops[-1], [None, lanes])[1])
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
     return func.without_attr("global_symbol")
 
 
-def _tile(sch: Any, block: Any, rows: Any, columns: Any, reduction: Any) -> None:
-    """rows x COLUMNS register tiles (two 8-lane vectors a row), the reduction outside the
-    rows: the tile's accumulators stay in registers."""
+def _tile(sch: Any, block: Any, loops: tuple[Any, Any, Any], width: int) -> None:
+    """rows x COLUMNS register tiles (COLUMNS / ``width`` vectors a row) over ``loops``
+    (rows, columns, reduction), the reduction outside the rows: the tile's accumulators
+    stay in registers."""
+    rows, columns, reduction = loops
     acc = sch.cache_write(block, 0, "local")
     tile, vector = sch.split(columns, [None, COLUMNS])
-    vectors, lanes = sch.split(vector, [None, 8])
+    vectors, lanes = sch.split(vector, [None, width])
     sch.reorder(tile, reduction, rows, vectors, lanes)
     sch.reverse_compute_at(acc, tile)
     sch.vectorize(lanes)
@@ -215,14 +231,16 @@ def _tile(sch: Any, block: Any, rows: Any, columns: Any, reduction: Any) -> None
     sch.vectorize(sch.get_loops(init)[-1])
     *_, acc_rows, acc_columns = sch.get_loops(acc)
     sch.unroll(acc_rows)
-    _, acc_lanes = sch.split(acc_columns, [None, 8])
+    _, acc_lanes = sch.split(acc_columns, [None, width])
     sch.vectorize(acc_lanes)
 
 
-def fused_attention_pass() -> Any:
+def fused_attention_pass(lanes: int = 8) -> Any:
     """The relax module pass ``FusedAttention``: each matched attention (match_attention)
-    becomes one call of ``attention_kernel``; the ops it replaces are left unused (dead code
-    elimination removes them)."""
+    becomes one call of ``attention_kernel`` at the target's ``lanes`` (float lanes of
+    its vectors); the ops it replaces are left unused (dead code elimination removes
+    them)."""
+    width = attention_lanes(lanes)
     from tvm import relax
 
     from onnxpress.backends.tvm.fast_math import rewriting_pass
@@ -244,7 +262,7 @@ def fused_attention_pass() -> Any:
                     mask = self.builder_.emit(relax.op.add(mask, other))
                 args.append(mask)
             args = pad_operands(self.builder_, sizes, args)
-            gvar = self.builder_.add_func(attention_kernel(sizes), "fused_attention")
+            gvar = self.builder_.add_func(attention_kernel(sizes, lanes=width), "fused_attention")
             out = relax.call_tir(gvar, args, relax.TensorType(sizes.out_shape, "float32"))
             if not sizes.token_major:
                 return out

@@ -274,7 +274,7 @@ def cpu_lowering_passes(target: Any, *, blocked: bool = True) -> list[Any]:
     return [
         *layout_passes(target, blocked=blocked),
         sibling_matmul_pass(),  # first: the attention reads q and v from the merged product
-        fused_attention_pass(),
+        fused_attention_pass(lanes),
         tvm.relax.transform.DeadCodeElimination(),
         fast_math_pass(),
         conv_kernel_layout_pass(lanes),

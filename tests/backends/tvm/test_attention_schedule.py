@@ -5,6 +5,8 @@ block matches onnxruntime."""
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +36,25 @@ def _reference(q: np.ndarray, kt: np.ndarray, v: np.ndarray, scale: float, mask:
 
 
 @pytest.mark.parametrize(
-    ("rows", "keys", "mask_shape"),
+    ("rows", "keys", "mask_shape", "lanes"),
     [
-        (8, 32, None),
-        (8, 32, (2, 1, 1, 32)),
-        (8, 32, (8, 32)),
-        (7, 13, (2, 1, 7, 13)),  # rows and keys padded to the tiles
-        (1, 5, (1, 5)),
+        (8, 32, None, 8),
+        (8, 32, (2, 1, 1, 32), 8),
+        (8, 32, (8, 32), 8),
+        (7, 13, (2, 1, 7, 13), 8),  # rows and keys padded to the tiles
+        (1, 5, (1, 5), 8),
+        (8, 32, (2, 1, 1, 32), 16),  # AVX-512's width (two AVX2 registers here)
+        (7, 13, (2, 1, 7, 13), 16),
     ],
 )
-def test_kernel_matches_numpy(rows: int, keys: int, mask_shape: tuple[int, ...] | None) -> None:
+def test_kernel_matches_numpy(
+    rows: int, keys: int, mask_shape: tuple[int, ...] | None, lanes: int
+) -> None:
     sizes = Attention(2, 3, rows, keys, 16, 16, 0.25, mask_shape)
+    kernel = attention_kernel(sizes, lanes=lanes)
+    assert _vector_widths(kernel.script()) == ({8: 2, 16: 8} if lanes == 16 else {8: 10})
     lib = tvm.compile(
-        tvm.IRModule({"main": attention_kernel(sizes).with_attr("global_symbol", "main")}),
+        tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
         target=tvm_target(parse_target("avx2")),
         tir_pipeline=tir_pipeline(2),
     )
@@ -135,6 +143,23 @@ def test_the_pass_fuses_the_pattern_and_leaves_others_alone() -> None:
     for axis, depth in ((2, 16), (-1, 12)):  # another axis; values not whole 16-lane tiles
         other = rewritten(8, axis, depth)
         assert "fused_attention" not in other and "R.nn.softmax" in other
+
+
+@pytest.mark.parametrize(("target_lanes", "width"), [(4, 8), (8, 8), (16, 16)])
+def test_the_kernel_takes_the_target_s_vector_width(target_lanes: int, width: int) -> None:
+    """16 lanes where the target has AVX-512, else 8 (AVX2; two NEON registers)."""
+    mod = fused_attention_pass(target_lanes)(_module(8, -1))
+    kernels = [f for gv, f in mod.functions.items() if gv.name_hint == "fused_attention"]
+    assert len(kernels) == 1
+    # both register tiles, their initial values and write-backs, the output and the exp at
+    # the width; the softmax's partial max and sum at 8 lanes (row_schedule.py) always
+    widths = _vector_widths(kernels[0].script())
+    assert widths == ({8: 2, 16: 8} if width == 16 else {8: 10})
+
+
+def _vector_widths(script: str) -> dict[int, int]:
+    """How many vectorized loops of each extent a kernel's TVMScript has."""
+    return dict(Counter(int(w) for w in re.findall(r"T\.vectorized\((\d+)\)", script)))
 
 
 def _attention_model(fused_projection: bool = False, position_bias: bool = False) -> object:
