@@ -1,8 +1,9 @@
 """TVM kernels shared by tests: for the parallel-launch tests (test_dynamic_parallel,
 test_thread_pool) ``out[i, j] += 1`` over a parallel loop, whose result shows whether every
 iteration ran exactly once; for the split-reduction tests (test_reduction_split,
-test_prefetch) a Relax matmul by constant weights and a relu. TVM is imported inside, so
-importing this module does not need it."""
+test_prefetch) a Relax matmul by constant weights and a relu; for the layout tests
+(test_blocked_layout, test_conv1d_layout) the ops and kernels a Relax ``main`` calls. TVM
+is imported inside, so importing this module does not need it."""
 
 from __future__ import annotations
 
@@ -39,3 +40,19 @@ def relu_matmul(rows: int, depth: int, columns: int, weight: np.ndarray) -> Any:
             out = builder.emit_output(builder.emit(relax.op.nn.relu(y)))
         builder.emit_func_output(out)
     return builder.get()
+
+
+def relax_calls(mod: Any) -> list[str]:
+    """The ops and call_tir kernels (trailing digits stripped) of ``mod["main"]``, in order."""
+    from tvm import relax
+
+    names = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call):
+                name = value.op.name
+                if name == "relax.call_tir":
+                    name = value.args[0].name_hint.rstrip("0123456789")
+                names.append(name)
+    return names

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from onnxpress.backends.tvm import int8_depthwise, int8_winograd
+from onnxpress.backends.tvm.conv1d_layout import height_one_conv2d
 from onnxpress.backends.tvm.int8_gemm import as_operand, conv_gemm, gemm
 from onnxpress.backends.tvm.int8_kernels import (
     GROUP,
@@ -314,17 +315,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             data = self.builder_.emit(relax.op.expand_dims(act.data, [2]))
             x = dequantize(data, act, act.axis + 1 if act.axis >= 2 else act.axis)
             w = dequantize(relax.const(weight.constant[:, :, None, :]), weight, weight.axis)
-            left, right = (int(p) for p in attrs.padding)
-            conv = self.builder_.normalize(
-                relax.op.nn.conv2d(
-                    x,
-                    w,
-                    strides=(1, int(attrs.strides[0])),
-                    padding=(0, left, 0, right),
-                    dilation=(1, int(attrs.dilation[0])),
-                    groups=int(attrs.groups),
-                )
-            )
+            conv = self.builder_.normalize(height_one_conv2d(x, w, attrs))
             lowered = self._conv2d(conv)
             if lowered is None:
                 return None

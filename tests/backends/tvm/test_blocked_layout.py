@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from tvm_kernels import relax_calls
 
 from onnxpress.backends.tvm.blocked_kernels import (
     channel_block,
@@ -141,24 +142,10 @@ def convnet() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _calls(mod: Any) -> list[str]:
-    names = []
-    for block in mod["main"].body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Call):
-                name = value.op.name
-                kernel = (
-                    value.args[0].name_hint.rstrip("0123456789") if name == "relax.call_tir" else ""
-                )
-                names.append(kernel or name)
-    return names
-
-
 def test_convolutions_and_the_ops_between_them_run_blocked() -> None:
     mod = import_relax(prepare(convnet()))
     with AVX512:
-        calls = _calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
+        calls = relax_calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
     assert "relax.nn.conv2d" not in calls and "relax.nn.batch_norm" not in calls
     # Clip(0, 6) imports as Relax maximum/minimum (not opaque TE kernels) and runs blocked
     assert calls[:4] == ["conv2d_nchwc", "relax.add", "relax.maximum", "relax.minimum"]
@@ -267,7 +254,7 @@ def test_a_match_cast_of_a_blocked_tensor_reads_it_back_in_nchw() -> None:
     mod = builder.get()
     rewritten = blocked_layout_pass(16)(mod)  # alone: the pipeline canonicalizes the cast away
     assert not relax.analysis.free_vars(rewritten["main"])  # every variable defined
-    assert _calls(rewritten) == ["conv2d_nchwc", "relax.nn.relu", "from_blocked", "relax.add"]
+    assert relax_calls(rewritten) == ["conv2d_nchwc", "relax.nn.relu", "from_blocked", "relax.add"]
     data = np.random.default_rng(6).standard_normal((1, 16, 8, 8)).astype(np.float32)
     padded = np.pad(data, ((0, 0), (0, 0), (1, 1), (1, 1)))
     expected = np.zeros((1, 16, 8, 8), np.float32)

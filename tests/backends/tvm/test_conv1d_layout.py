@@ -1,0 +1,133 @@
+"""conv1d_layout.py: float Conv1d runs as a conv2d of height 1 in the blocked layout (plain,
+strided to an output length with no vector-width divisor, padded, dilated, grouped and
+depthwise), symbolic lengths keep Relax's conv1d, and compiled models match onnxruntime on
+this CPU and in AVX2 code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from tvm_kernels import relax_calls
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
+from onnxpress.backends.tvm.build import import_relax  # noqa: E402
+from onnxpress.backends.tvm.conv1d_layout import conv1d_as_conv2d_pass  # noqa: E402
+from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
+from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
+from onnxpress.backends.tvm.schedule import layout_passes  # noqa: E402
+from onnxpress.core.verify import Runner  # noqa: E402
+
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+# (out channels, kernel, stride, pads, dilation, group) of each layer; 24 channels in
+LAYERS = [
+    (32, 3, 2, (0, 0), 1, 1),  # 75 -> 37 samples: no vector width divides 37
+    (32, 5, 1, (2, 2), 2, 4),  # grouped, dilated, padded: 37 -> 33
+    (32, 3, 1, (1, 1), 1, 32),  # depthwise
+    (20, 2, 2, (0, 1), 1, 1),  # asymmetric padding, 20 channels (a padded block)
+]
+
+
+def conv1d_net(length: int = 75) -> onnx.ModelProto:
+    """Conv1d layers of LAYERS with biases and a GELU-like Tanh between them."""
+    rng = np.random.default_rng(0)
+    nodes: list[onnx.NodeProto] = []
+    inits = []
+    channels, name = 24, "x"
+    for index, (out, kernel, stride, pads, dilation, group) in enumerate(LAYERS):
+        w = rng.normal(size=(out, channels // group, kernel)).astype(np.float32) * 0.3
+        b = rng.normal(size=out).astype(np.float32) * 0.1
+        inits += [numpy_helper.from_array(w, f"w{index}"), numpy_helper.from_array(b, f"b{index}")]
+        conv = f"c{index}"
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [name, f"w{index}", f"b{index}"],
+                [conv],
+                kernel_shape=[kernel],
+                strides=[stride],
+                pads=[pads[0], pads[1]],
+                dilations=[dilation],
+                group=group,
+            )
+        )
+        name = f"t{index}" if index < len(LAYERS) - 1 else "y"
+        nodes.append(helper.make_node("Tanh", [conv], [name]))
+        channels = out
+    graph = helper.make_graph(
+        nodes,
+        "conv1d_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 24, length])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 20, 17])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_every_conv1d_becomes_a_blocked_conv2d() -> None:
+    mod = import_relax(prepare(conv1d_net()))
+    assert relax_calls(mod).count("relax.nn.conv1d") == 4
+    with AVX512:
+        ops = relax_calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
+    assert "relax.nn.conv1d" not in ops and "relax.nn.conv2d" not in ops
+    kernels = [op for op in ops if op.endswith("_nchwc")]
+    assert kernels == ["conv2d_nchwc", "group_conv2d_nchwc", "depthwise_nchwc", "conv2d_nchwc"]
+    # one conversion back to NCW per layer (the squeeze to NCW reads the blocked output)
+    assert ops.count("from_blocked") == 4 and ops.count("relax.squeeze") == 4
+
+
+def test_the_rewrite_keeps_the_convolution_s_arithmetic() -> None:
+    mod = import_relax(prepare(conv1d_net()))
+    rewritten = conv1d_as_conv2d_pass()(mod)
+    text = rewritten["main"].script()
+    assert "R.nn.conv1d" not in text and text.count("R.nn.conv2d") == 4
+    assert "strides=[1, 2]" in text and "dilation=[1, 2]" in text and "groups=32" in text
+    assert "padding=[0, 0, 0, 1]" in text  # (top, left, bottom, right): width's 0 and 1
+    x = np.random.default_rng(1).standard_normal((1, 24, 75)).astype(np.float32)
+    results = []
+    for module in (mod, rewritten):
+        built = tvm.compile(module, target="llvm")
+        vm = relax.VirtualMachine(built, tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(x))
+        results.append((out if hasattr(out, "numpy") else out[0]).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_symbolic_length_or_another_dtype_keeps_relax_s_conv1d() -> None:
+    def module(length: Any, dtype: str) -> Any:
+        builder = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 8, length), dtype))
+        w = relax.const(np.ones((4, 8, 3), dtype))
+        with builder.function("main", [x]):
+            out = builder.emit(relax.op.nn.conv1d(x, w))
+            builder.emit_func_output(out)
+        return builder.get()
+
+    def rewritten(length: Any, dtype: str) -> str:
+        return str(conv1d_as_conv2d_pass()(module(length, dtype))["main"].script())
+
+    assert "R.nn.conv1d" not in rewritten(16, "float32")
+    assert "R.nn.conv1d" in rewritten(tvm.tirx.Var("n", "int64"), "float32")
+    assert "R.nn.conv1d" in rewritten(16, "float16")
+
+
+@pytest.mark.parametrize("target", ["x86", "avx2"])  # this CPU, AVX2 code (8 lanes)
+def test_compiled_conv1d_model_matches_onnxruntime(target: str, tmp_path: Path) -> None:
+    model = conv1d_net()
+    result = compile_model(model, target, tmp_path / "out")
+    assert max(result.manifest["verification"]["errors"].values()) <= 1e-4
+    x = np.random.default_rng(2).standard_normal((1, 24, 75)).astype(np.float32)
+    (got,) = CompiledModel(result.library)(x)
+    (expected,) = Runner(model)({"x": x})
+    assert got.shape == expected.shape == (1, 20, 17)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
