@@ -1,29 +1,35 @@
 """Vectorizable transcendental functions for CPU builds: the Relax pass ``FastMath``.
 
-On llvm targets TVM lowers ``exp``, ``tanh``, ``erf`` and ``sigmoid`` (``1 / (1 + exp(-x))``)
-to calls of the C library, one element at a time, even inside vectorized loops: the SiLU
-epilogue of EfficientNet-B0's first expansion conv took 23 ms for 1.2 M elements, 16% of
-the model. This pass replaces them, before legalization, with TOPI's polynomial forms (``fast_exp``:
-range reduction to 2^n * e^r and a polynomial, inputs clamped to about +-88; ``fast_tanh``,
-``fast_erf``: rational approximations; softmax: the max-subtracted form on ``fast_exp``, over
-the last axis row by row (row_schedule.py), else TOPI's ``fast_softmax``), which LLVM
-vectorizes like any arithmetic. A layer norm over the last axis runs row by row too (the same
-arithmetic). A division by a float32 constant becomes a multiply by its reciprocal where
-that is a normal number (``_by_reciprocal``); ``x ** 2`` and ``x ** 3`` become products
-(``_by_products``). Their error is well inside the
-compile-time check against onnxruntime (max-rel 1e-4), which every library still passes.
+On llvm targets TVM lowers ``exp``, ``tanh``, ``erf`` and ``sigmoid`` (``1 / (1 +
+exp(-x))``) to calls of the C library, one element at a time, even inside vectorized loops:
+the SiLU epilogue of EfficientNet-B0's first expansion conv took 23 ms for 1.2 M elements,
+16% of the model. This pass replaces them, before legalization, with TOPI's polynomial forms
+(``fast_exp``: range reduction to 2^n * e^r and a polynomial, inputs clamped to about +-88;
+``fast_tanh``, ``fast_erf``: rational approximations; softmax: the max-subtracted form on
+``fast_exp``, over the last axis row by row (row_schedule.py), else TOPI's
+``fast_softmax``), which LLVM vectorizes like any arithmetic. A layer norm over the last
+axis runs row by row too (the same arithmetic), and so does a variance over the last axis
+(InstanceNormalization, GroupNorm). A division by a float32 constant becomes a multiply by
+its reciprocal where that is a normal number (``_by_reciprocal``); ``x ** 2`` and ``x ** 3``
+become products (``_by_products``). Their error is well inside the compile-time check
+against onnxruntime (max-rel 1e-4), which every library still passes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from onnxpress.backends.tvm.row_schedule import emit_layer_norm, emit_log_softmax, emit_softmax
+from onnxpress.backends.tvm.row_schedule import (
+    emit_layer_norm,
+    emit_log_softmax,
+    emit_softmax,
+    emit_variance,
+)
 
 # relax op -> how it is rebuilt (with TOPI) on its first argument
 FAST_OPS = ("relax.exp", "relax.tanh", "relax.erf", "relax.sigmoid", "relax.nn.softmax")
 # rescheduled row by row: the same arithmetic, or (log-softmax) exp on fast_exp
-ROW_OPS = ("relax.nn.layer_norm", "relax.nn.log_softmax")
+ROW_OPS = ("relax.nn.layer_norm", "relax.nn.log_softmax", "relax.variance")
 
 
 def fast_sigmoid(x: Any) -> Any:
@@ -52,6 +58,9 @@ def fast_math_pass() -> Any:
             x = call.args[0]
             if name == "relax.nn.layer_norm":
                 rows = emit_layer_norm(self.builder_, call)
+                return call if rows is None else rows
+            if name == "relax.variance":
+                rows = emit_variance(self.builder_, call)
                 return call if rows is None else rows
             if name == "relax.nn.log_softmax":
                 rows = emit_log_softmax(self.builder_, x, int(call.attrs.axis))

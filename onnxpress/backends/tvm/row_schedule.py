@@ -1,6 +1,5 @@
-"""Row kernels for CPU builds: a softmax, a log-softmax and a layer normalization over the
-last axis,
-scheduled row by row (fast_math.py emits them in place of Relax's ops).
+"""Row kernels for CPU builds: a softmax, a log-softmax, a layer normalization and a variance
+over the last axis, scheduled row by row (fast_math.py emits them in place of Relax's ops).
 
 TOPI's ``fast_softmax`` and ``layer_norm`` as the default schedules run them make a pass
 over the whole tensor per stage, with each reduction serial and vectorized across rows (a
@@ -51,7 +50,7 @@ class _Row:
     ) -> Any:
         """Schedule ``func``: ``output``'s row loop parallel, ``inline`` blocks inlined,
         ``stages`` (consumers first) computed per row, partials and elementwise loops
-        vectorized."""
+        vectorized (the output's column loop too, unless it is one value a row)."""
         from tvm import s_tir
 
         sch = s_tir.Schedule(func)
@@ -63,7 +62,8 @@ class _Row:
         for name in stages:
             sch.compute_at(sch.get_sblock(name), row)
         # partitioned after compute_at: a partitioned block reads its whole range of a row
-        self._vectorized(sch, column)
+        if int(sch.get(column).extent) > 1:
+            self._vectorized(sch, column)
         for name in stages:
             block = sch.get_sblock(name)
             if name.endswith("_part"):
@@ -157,22 +157,31 @@ def log_softmax_rows(rows: int, length: int, dtype: str = "float32") -> Any:
     return row.schedule(te.create_prim_func([x, out]), "log_softmax", ("shifted",), stages)
 
 
-def layer_norm_rows(rows: int, length: int, epsilon: float, dtype: str = "float32") -> Any:
-    """The scheduled PrimFunc y = layer_norm(x[rows, length], gamma[length], beta[length])
-    over the last axis (mean, then the mean of squared deviations)."""
+def _squared_deviations(rows: int, length: int, dtype: str) -> tuple[Any, ...]:
+    """(row, x, the length as a constant, the row means, the row sums of squared deviations
+    from the mean) for layer_norm_rows and variance_rows; the stages to compute per row:
+    ``squares``, ``squares_part``, ``mean``, ``total``, ``total_part`` (``square`` inlined)."""
     from tvm import te, tirx
 
     row = _Row(rows, length)
     x = te.placeholder((rows, length), dtype, name="x")
-    gamma = te.placeholder((length,), dtype, name="gamma")
-    beta = te.placeholder((length,), dtype, name="beta")
     count = tirx.const(float(length), dtype)
     total = row.reduce(x, te.sum, "total")
     mean = te.compute((rows,), lambda r: total[r] / count, name="mean")
     square = te.compute(
         (rows, length), lambda r, j: (x[r, j] - mean[r]) * (x[r, j] - mean[r]), name="square"
     )
-    squares = row.reduce(square, te.sum, "squares")
+    return row, x, count, mean, row.reduce(square, te.sum, "squares")
+
+
+def layer_norm_rows(rows: int, length: int, epsilon: float, dtype: str = "float32") -> Any:
+    """The scheduled PrimFunc y = layer_norm(x[rows, length], gamma[length], beta[length])
+    over the last axis (mean, then the mean of squared deviations)."""
+    from tvm import te, tirx
+
+    row, x, count, mean, squares = _squared_deviations(rows, length, dtype)
+    gamma = te.placeholder((length,), dtype, name="gamma")
+    beta = te.placeholder((length,), dtype, name="beta")
     inv = te.compute(
         (rows,),
         lambda r: tirx.rsqrt(squares[r] / count + tirx.const(epsilon, dtype)),
@@ -186,6 +195,19 @@ def layer_norm_rows(rows: int, length: int, epsilon: float, dtype: str = "float3
     stages = ("inv_std", "squares", "squares_part", "mean", "total", "total_part")
     func = te.create_prim_func([x, gamma, beta, out])
     return row.schedule(func, "layer_norm", ("square",), stages)
+
+
+def variance_rows(rows: int, length: int, dtype: str = "float32") -> Any:
+    """The scheduled PrimFunc v[rows, 1] = the mean of squared deviations from the mean over
+    the last axis of x[rows, length] (layer_norm_rows' first two stages): the variance of
+    an InstanceNormalization or a GroupNorm, which Relax's own kernel reduced serially per
+    row, 2.5 ms over wav2vec2's 512 x 3199 (docs/BENCHMARKS.md, run 24)."""
+    from tvm import te
+
+    row, x, count, _, squares = _squared_deviations(rows, length, dtype)
+    out = te.compute((rows, 1), lambda r, _: squares[r] / count, name="variance")
+    stages = ("squares", "squares_part", "mean", "total", "total_part")
+    return row.schedule(te.create_prim_func([x, out]), "variance", ("square",), stages)
 
 
 def _static_rows(x: Any, axes: list[int]) -> tuple[list[int], int, int] | None:
@@ -247,6 +269,24 @@ def emit_layer_norm(builder: Any, call: Any) -> Any | None:
             return None
     kernel = layer_norm_rows(rows_of[1], length, float(attrs.epsilon))
     return _emit_rows(builder, x, rows_of, kernel, "layer_norm_rows", [gamma, beta])
+
+
+def emit_variance(builder: Any, call: Any) -> Any | None:
+    """A Relax ``variance`` call over the last axis of a static float32 shape through
+    ``variance_rows``; None otherwise."""
+    from tvm import relax
+
+    x = call.args[0]
+    axes = call.attrs.axis
+    rows_of = _static_rows(x, [int(a) for a in axes] if axes is not None else [])
+    if rows_of is None:
+        return None
+    shape, rows, length = rows_of
+    gvar = builder.add_func(variance_rows(rows, length), "variance_rows")
+    flat = builder.emit(relax.op.reshape(x, [rows, length]))
+    out = builder.emit(relax.call_tir(gvar, [flat], relax.TensorType((rows, 1), "float32")))
+    kept = [*shape[:-1], 1] if _flag(call.attrs.keepdims) else shape[:-1]
+    return relax.op.reshape(out, kept)
 
 
 def _flag(value: Any) -> bool:

@@ -20,6 +20,7 @@ from onnxpress.backends.tvm.row_schedule import (  # noqa: E402
     layer_norm_rows,
     log_softmax_rows,
     softmax_rows,
+    variance_rows,
 )
 from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
 from onnxpress.backends.tvm.targets import parse_target, tvm_target  # noqa: E402
@@ -76,6 +77,44 @@ def test_layer_norm_rows_match_numpy(rows: int, length: int) -> None:
     expected = normed * gamma + beta
     got = _run(layer_norm_rows(rows, length, 1e-5), x, gamma, beta)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "length"), ROWS)
+def test_variance_rows_match_numpy(rows: int, length: int) -> None:
+    x = _rows(rows, length) + np.float32(3.0)
+    lib = tvm.compile(
+        tvm.IRModule({"main": variance_rows(rows, length).with_attr("global_symbol", "main")}),
+        target=tvm_target(parse_target("avx2")),
+        tir_pipeline=tir_pipeline(2),
+    )
+    got = tvm.runtime.tensor(np.full((rows, 1), 7.0, np.float32))
+    lib["main"](tvm.runtime.tensor(x), got)
+    expected = x.astype(np.float64).var(-1, keepdims=True)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_instance_norm_matches_onnxruntime(tmp_path: Path) -> None:
+    """InstanceNormalization over [N, C, L] (wav2vec2's GroupNorm of one channel a group):
+    its variance through variance_rows."""
+    rng = np.random.default_rng(4)
+    scale, bias = (
+        helper.make_tensor(n, TensorProto.FLOAT, [12], rng.normal(size=12).tolist())
+        for n in ("g", "b")
+    )
+    graph = helper.make_graph(
+        [helper.make_node("InstanceNormalization", ["x", "g", "b"], ["y"], epsilon=1e-5)],
+        "instance_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 12, 523])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 12, 523])],
+        [scale, bias],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = compile_model(model, "x86", tmp_path / "out")
+    assert max(result.manifest["verification"]["errors"].values()) <= 1e-4
+    x = (rng.normal(size=(2, 12, 523)) * 3 + 1).astype(np.float32)
+    (got,) = CompiledModel(result.library)(x)
+    (ref,) = Runner(model)({"x": x})
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_one_parallel_loop_over_rows_with_vector_loops_inside() -> None:
@@ -142,11 +181,16 @@ def test_fast_math_emits_the_row_kernels_for_last_axis_ops_only() -> None:
             z = builder.emit(relax.op.nn.layer_norm(y, both, both, axes=[1, 2]))
             s = builder.emit(relax.op.nn.softmax(z, axis=-1))
             t = builder.emit(relax.op.nn.log_softmax(s, axis=-1))
-            out = builder.emit_output(builder.emit(relax.op.nn.log_softmax(t, axis=1)))
-        builder.emit_func_output(out)
+            u = builder.emit(relax.op.nn.log_softmax(t, axis=1))
+            v = builder.emit(relax.op.variance(u, [2], keepdims=True))
+            w = builder.emit(relax.op.variance(u, [-1]))
+            out = builder.emit_output(builder.emit(relax.op.variance(u, [1, 2])))
+        builder.emit_func_output((v, w, out))
     text = fast_math_pass()(builder.get())["main"].script()
     assert text.count("R.call_tir(layer_norm_rows") == 1
     assert text.count("R.nn.layer_norm") == 1  # over two axes: Relax's own
     assert text.count("R.call_tir(softmax_rows") == 1
     assert text.count("R.call_tir(log_softmax_rows") == 1
     assert text.count("R.nn.log_softmax") == 1  # over another axis: Relax's own
+    assert text.count("R.call_tir(variance_rows") == 2  # keepdims or not
+    assert text.count("R.variance") == 1  # over two axes: Relax's own
