@@ -24,6 +24,12 @@ from onnxpress.core.ir import unique_name
 
 # The largest int32 bias written: leaves 2**30 for the products summed on top of it.
 BIAS_LIMIT = float(2**30)
+# The smallest scale written: float32's smallest normal number, so that a scale is never 0
+# or subnormal and 1 / scale stays finite. A range below it (an activation that is all 0 on
+# the calibration data, weights of ~1e-40, a random-init MobileViT whose activations vanish)
+# gets scale 1, as a zero range does: every value in it quantizes to the zero point. A zero
+# scale made onnxruntime divide by zero and the TVM int8 build fail.
+MIN_SCALE = float(np.finfo(np.float32).tiny)
 QUINT8 = (0, 255)
 QINT8 = (-128, 127)
 
@@ -40,12 +46,17 @@ def activation_params(value_range: Range, symmetric: bool) -> QuantParams:
     lo, hi = min(value_range.lo, 0.0), max(value_range.hi, 0.0)
     if symmetric:
         t = max(-lo, hi)
-        scale = t / 127.0 if t > 0 else 1.0
+        scale = _usable(t / 127.0)
         return QuantParams(np.array(scale, np.float32), np.array(0, np.int8))
     qmin, qmax = QUINT8
-    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+    scale = _usable((hi - lo) / (qmax - qmin))
     zero = int(np.clip(np.round(qmin - lo / scale), qmin, qmax))
     return QuantParams(np.array(scale, np.float32), np.array(zero, np.uint8))
+
+
+def _usable(scale: float) -> float:
+    """``scale``, or 1 where it is below MIN_SCALE (a zero or vanishing range)."""
+    return scale if scale >= MIN_SCALE else 1.0
 
 
 def quantize_weight(
@@ -65,7 +76,7 @@ def quantize_weight(
         moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
         absmax = np.max(np.abs(moved), axis=1) if moved.size else np.zeros(w.shape[axis])
         shape = tuple(w.shape[axis] if i == axis else 1 for i in range(w.ndim))
-    scale = np.where(absmax > 0, absmax / qmax, 1.0).astype(np.float32)
+    scale = np.where(absmax / qmax >= MIN_SCALE, absmax / qmax, 1.0).astype(np.float32)
     if min_scale is not None:
         scale = np.maximum(scale, min_scale.astype(np.float32))
     q = np.clip(np.round(w / scale.astype(np.float64).reshape(shape)), -qmax, qmax).astype(np.int8)
@@ -97,12 +108,13 @@ def quantize_bias(
 ) -> tuple[np.ndarray, QuantParams]:
     scale = input_scale.astype(np.float64) * weight.scale.astype(np.float64)
     scale = np.broadcast_to(scale, values.shape) if weight.axis is not None else scale
-    safe = np.where(scale > 0, scale, 1.0)
+    # both factors are at least MIN_SCALE; their product can still underflow float32
+    safe = np.maximum(scale, MIN_SCALE)
     limit = float(np.iinfo(np.int32).max)
     q = np.clip(np.round(values.astype(np.float64) / safe), -limit, limit).astype(np.int32)
     per_channel = np.ndim(scale) == 1
     return q, QuantParams(
-        scale.astype(np.float32), np.zeros(np.shape(scale), np.int32), 0 if per_channel else None
+        safe.astype(np.float32), np.zeros(np.shape(scale), np.int32), 0 if per_channel else None
     )
 
 
