@@ -7,7 +7,10 @@ lower:       the pipeline ``PREPARE_PIPELINE`` (GRU -> primitive ops, constant f
              the now-static shape arithmetic, dead-node clean-up) runs under the pass
              manager, so each pass is verified on onnxruntime and reported;
 coverage:    every op the Relax ONNX importer cannot take is listed, with node names, in
-             one UnsupportedOpsError before TVM sees the model.
+             one UnsupportedOpsError before TVM sees the model;
+QDQ scales:  a QuantizeLinear or DequantizeLinear whose constant scale holds a zero or a
+             non-finite value is named in an InvalidModelError (TVM failed on it with an
+             internal "Divide by zero"; onnxruntime divides by it).
 """
 
 from __future__ import annotations
@@ -179,6 +182,7 @@ def prepare(
     seed: int = 0,
 ) -> Prepared:
     """Specialise shapes and run the lowering pipeline (verified); does not need TVM."""
+    check_qdq_scales(model)
     static, shapes, notes = specialise_shapes(model, input_shapes or {})
     report: Report | None = None
     if pipeline:
@@ -189,6 +193,32 @@ def prepare(
         for vi in graph_inputs(static)
     }
     return Prepared(static, shapes, dtypes, report, notes)
+
+
+def check_qdq_scales(model: onnx.ModelProto) -> None:
+    """Raise InvalidModelError naming the first QuantizeLinear / DequantizeLinear of the main
+    graph whose scale, an initializer or a Constant, has a zero or non-finite value."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    constants = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 2:
+            continue
+        tensor = constants.get(node.input[1])
+        if tensor is None:
+            continue
+        scale = numpy_helper.to_array(tensor).astype(np.float64)
+        bad = int(np.count_nonzero((scale == 0) | ~np.isfinite(scale)))
+        if bad:
+            raise InvalidModelError(
+                f"{node.op_type} '{node.name or node.output[0]}': scale '{node.input[1]}' has "
+                f"{bad} zero or non-finite value(s); a quantization scale must be nonzero "
+                "and finite"
+            )
 
 
 def importer_ops() -> set[str]:

@@ -170,3 +170,27 @@ def test_missing_tvm_is_one_line_with_install_hint(tmp_path: Path) -> None:
     done = run_cli("compile", str(MODELS / "mlp_digits.onnx"), "-o", str(tmp_path / "o"), env=env)
     assert done.returncode == 1
     assert done.stderr.strip().endswith("pip install onnxpress[tvm]")
+
+
+@pytest.mark.parametrize("scale", [0.0, float("inf")])
+def test_cli_names_a_qdq_node_with_a_zero_or_infinite_scale(scale: float, tmp_path: Path) -> None:
+    q = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant")
+    dq = helper.make_node("DequantizeLinear", ["q", "s1", "z"], ["y"], name="dequant")
+    graph = helper.make_graph(
+        [q, dq],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [
+            helper.make_tensor("s", TensorProto.FLOAT, [], [0.5]),
+            helper.make_tensor("s1", TensorProto.FLOAT, [], [scale]),
+            helper.make_tensor("z", TensorProto.UINT8, [], [128]),
+        ],
+    )
+    path = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    done = run_cli("compile", str(path), "-o", str(tmp_path / "out"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("onnxpress: error: DequantizeLinear 'dequant': scale 's1' has 1 zero")
+    assert not (tmp_path / "out").exists()
