@@ -2,7 +2,7 @@
 test_thread_pool) ``out[i, j] += 1`` over a parallel loop, whose result shows whether every
 iteration ran exactly once; for the split-reduction tests (test_reduction_split,
 test_prefetch) a Relax matmul by constant weights and a relu; for the layout tests
-(test_blocked_layout, test_conv1d_layout) the ops and kernels a Relax ``main`` calls. TVM
+(test_blocked_layout, test_conv_as_conv2d) the ops and kernels a Relax ``main`` calls. TVM
 is imported inside, so importing this module does not need it."""
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from onnxpress.backends.tvm import int8_depthwise, int8_winograd
-from onnxpress.backends.tvm.conv1d_layout import height_one_conv2d
+from onnxpress.backends.tvm.conv_as_conv2d import height_one_conv2d
 from onnxpress.backends.tvm.int8_gemm import as_operand, conv_gemm, gemm
 from onnxpress.backends.tvm.int8_kernels import (
     GROUP,

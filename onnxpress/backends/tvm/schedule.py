@@ -42,7 +42,7 @@ from typing import Any
 
 from onnxpress.backends.tvm.attention_schedule import fused_attention_pass
 from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass
-from onnxpress.backends.tvm.conv1d_layout import conv1d_as_conv2d_pass
+from onnxpress.backends.tvm.conv_as_conv2d import conv_as_conv2d_pass
 from onnxpress.backends.tvm.conv_packed import conv_kernel_layout_pass, legalize_passes
 from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
 from onnxpress.backends.tvm.fast_math import fast_math_pass
@@ -259,7 +259,7 @@ def layout_passes(target: Any, *, blocked: bool = True) -> list[Any]:
     return [
         transform.DecomposeOpsForInference(),
         transform.CanonicalizeBindings(),  # batch_norm(...)[0] -> its first output
-        conv1d_as_conv2d_pass(),  # then the blocked layout takes it as any conv2d
+        conv_as_conv2d_pass(),  # conv1d, conv3d: the blocked layout takes them as conv2d
         transform.FoldConstant(),
         *layout,
     ]

@@ -1,7 +1,8 @@
-"""conv1d_layout.py: float Conv1d runs as a conv2d of height 1 in the blocked layout (plain,
+"""conv_as_conv2d.py: float Conv1d runs as a conv2d of height 1 in the blocked layout (plain,
 strided to an output length with no vector-width divisor, padded, dilated, grouped and
-depthwise), symbolic lengths keep Relax's conv1d, and compiled models match onnxruntime on
-this CPU and in AVX2 code."""
+depthwise), Conv3d as a conv2d over its depth taps stacked as channels (strided, padded,
+dilated in depth; grouped ones left alone), symbolic lengths keep Relax's conv1d, and
+compiled models match onnxruntime on this CPU and in AVX2 code."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from tvm import relax  # noqa: E402
 
 from onnxpress.backends.tvm.backend import compile_model  # noqa: E402
 from onnxpress.backends.tvm.build import import_relax  # noqa: E402
-from onnxpress.backends.tvm.conv1d_layout import conv1d_as_conv2d_pass  # noqa: E402
+from onnxpress.backends.tvm.conv_as_conv2d import conv_as_conv2d_pass  # noqa: E402
 from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
 from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
 from onnxpress.backends.tvm.schedule import layout_passes  # noqa: E402
@@ -88,7 +89,7 @@ def test_every_conv1d_becomes_a_blocked_conv2d() -> None:
 
 def test_the_rewrite_keeps_the_convolution_s_arithmetic() -> None:
     mod = import_relax(prepare(conv1d_net()))
-    rewritten = conv1d_as_conv2d_pass()(mod)
+    rewritten = conv_as_conv2d_pass()(mod)
     text = rewritten["main"].script()
     assert "R.nn.conv1d" not in text and text.count("R.nn.conv2d") == 4
     assert "strides=[1, 2]" in text and "dilation=[1, 2]" in text and "groups=32" in text
@@ -114,7 +115,7 @@ def test_a_symbolic_length_or_another_dtype_keeps_relax_s_conv1d() -> None:
         return builder.get()
 
     def rewritten(length: Any, dtype: str) -> str:
-        return str(conv1d_as_conv2d_pass()(module(length, dtype))["main"].script())
+        return str(conv_as_conv2d_pass()(module(length, dtype))["main"].script())
 
     assert "R.nn.conv1d" not in rewritten(16, "float32")
     assert "R.nn.conv1d" in rewritten(tvm.tirx.Var("n", "int64"), "float32")
@@ -130,4 +131,66 @@ def test_compiled_conv1d_model_matches_onnxruntime(target: str, tmp_path: Path) 
     (got,) = CompiledModel(result.library)(x)
     (expected,) = Runner(model)({"x": x})
     assert got.shape == expected.shape == (1, 20, 17)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# (out channels, kernel, strides, pads (begins, ends), dilations, group); 6 channels in
+LAYERS_3D = [
+    (16, (3, 3, 3), (2, 1, 1), (1, 1, 1, 1, 1, 1), (1, 1, 1), 1),  # 7 -> 4 in depth
+    (16, (2, 3, 1), (1, 2, 1), (1, 0, 0, 0, 1, 0), (2, 1, 1), 1),  # dilated in depth
+    (16, (3, 1, 1), (1, 1, 1), (1, 0, 0, 1, 0, 0), (1, 1, 1), 4),  # grouped: left alone
+    (8, (1, 1, 1), (2, 2, 2), (0, 0, 0, 0, 0, 0), (1, 1, 1), 1),  # 1x1x1, stride 2
+]
+
+
+def conv3d_net() -> onnx.ModelProto:
+    """Conv3d layers of LAYERS_3D with biases and Relu between them, x [1, 6, 7, 9, 10]."""
+    rng = np.random.default_rng(3)
+    nodes, inits, channels, name = [], [], 6, "x"
+    for index, (out, kernel, strides, pads, dilations, group) in enumerate(LAYERS_3D):
+        w = rng.normal(size=(out, channels // group, *kernel)).astype(np.float32) * 0.3
+        b = rng.normal(size=out).astype(np.float32) * 0.1
+        inits += [numpy_helper.from_array(w, f"w{index}"), numpy_helper.from_array(b, f"b{index}")]
+        attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads}
+        attrs |= {"dilations": dilations, "group": group}
+        nodes.append(
+            helper.make_node("Conv", [name, f"w{index}", f"b{index}"], [f"c{index}"], **attrs)
+        )
+        name = f"r{index}" if index < len(LAYERS_3D) - 1 else "y"
+        nodes.append(helper.make_node("Relu", [f"c{index}"], [name]))
+        channels = out
+    graph = helper.make_graph(
+        nodes,
+        "conv3d_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 7, 9, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 2, 2, 5])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_conv3d_becomes_a_blocked_conv2d_over_stacked_depth_taps() -> None:
+    mod = import_relax(prepare(conv3d_net()))
+    rewritten = conv_as_conv2d_pass()(mod)["main"].script()
+    assert rewritten.count("R.nn.conv3d") == 1 and "groups=4" in rewritten  # the grouped one
+    assert rewritten.count("R.nn.conv2d") == 3
+    # three depth taps of 6 channels, two of 16 (the dilated one), none to stack for 1x1x1
+    assert rewritten.count("R.concat") == 2
+    with AVX512:
+        ops = relax_calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
+    assert [op for op in ops if op.endswith("_nchwc")] == ["conv2d_nchwc"] * 3
+    assert ops.count("relax.nn.conv3d") == 1
+
+
+@pytest.mark.parametrize("target", ["x86", "avx2"])
+def test_compiled_conv3d_model_matches_onnxruntime(target: str, tmp_path: Path) -> None:
+    model = conv3d_net()
+    result = compile_model(model, target, tmp_path / "out")
+    assert max(result.manifest["verification"]["errors"].values()) <= 1e-4
+    x = np.random.default_rng(4).standard_normal((1, 6, 7, 9, 10)).astype(np.float32)
+    (got,) = CompiledModel(result.library)(x)
+    (expected,) = Runner(model)({"x": x})
+    assert got.shape == expected.shape == (1, 8, 2, 2, 5)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,151 @@
+"""Float Conv1d and Conv3d as conv2d: the Relax pass ``ConvAsConv2d``.
+
+Relax's conv1d and conv3d go to the generic tiled reduction (tile_plan.py); conv2d takes the
+blocked NCHWc path (blocked_layout.py: channel blocks in the vectors, any width in the
+rows, weights packed at compile time). This pass runs before the blocked layout
+(schedule.layout_passes) and rewrites float32 convolutions with static shapes in the default
+layouts:
+
+* **Conv1d** is the conv2d of height 1 it is: the data gains a unit axis, strides, padding
+  and dilation apply to the width alone (groups as they are), the result is squeezed back
+  to NCW. The generic reduction vectorizes the output's length, so a length with no divisor
+  among the vector widths ran scalar: wav2vec2's feature extractor (512 -> 512 channels,
+  kernel 3, stride 2) took 420 ms for the layer writing 799 samples (8.9 ms at 800), the
+  model 17x onnxruntime's time; as a conv2d that layer runs in 6.1 ms, onnxruntime's 6.0,
+  and the model at 0.99 of onnxruntime (docs/BENCHMARKS.md, run 24).
+* **Conv3d** (groups 1) is a conv2d over its depth taps stacked as channels: the input goes
+  depth-major ([N, D, C, H, W]), is padded in depth, and the kd depth slices that each
+  output depth reads (stride and dilation applied) are concatenated along the channels, so
+  the conv2d runs over N * D_out images of kd * C channels with the weight [O, kd * C, kh,
+  kw] (reordered at compile time); its output goes back to NCDHW. The copy is kd times the
+  input; the generic reduction ran r3d_18's 3x3x3 convs at 43-78 GMAC/s.
+
+Quantized Conv1d takes the first form in the int8 lowering (int8.py, ``height_one_conv2d``).
+Other calls (symbolic shapes, other layouts or dtypes, grouped Conv3d) are left as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxpress.backends.tvm.matmul_legalize import static_shape
+
+__all__ = ["conv_as_conv2d_pass", "height_one_conv2d"]
+
+LAYOUTS = {
+    "relax.nn.conv1d": ("NCW", "OIW", "NCW"),
+    "relax.nn.conv3d": ("NCDHW", "OIDHW", "NCDHW"),
+}
+
+
+def height_one_conv2d(data: Any, weight: Any, attrs: Any) -> Any:
+    """The Relax conv2d over ``data`` [N, C, 1, W] and ``weight`` [O, I / groups, 1, K] that
+    computes the conv1d of ``attrs`` (strides, padding, dilation, groups: the width's)."""
+    from tvm import relax
+
+    left, right = (int(p) for p in attrs.padding)
+    return relax.op.nn.conv2d(
+        data,
+        weight,
+        strides=(1, int(attrs.strides[0])),
+        padding=(0, left, 0, right),
+        dilation=(1, int(attrs.dilation[0])),
+        groups=int(attrs.groups),
+    )
+
+
+def _rewritable(call: Any, name: str) -> bool:
+    """Whether ``call`` is a float32 ``name`` in its default layouts with static shapes of
+    its rank (and, for conv3d, one group)."""
+    attrs = call.attrs
+    data, weight = call.args
+    rank = len(LAYOUTS[name][0])
+    shapes = [static_shape(x) for x in (data, weight, call)]
+    layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+    dtypes = {str(getattr(getattr(x, "ty", None), "dtype", "")) for x in (data, weight, call)}
+    return (
+        all(shape is not None and len(shape) == rank for shape in shapes)
+        and layouts == LAYOUTS[name]
+        and dtypes == {"float32"}
+        and (name == "relax.nn.conv1d" or int(attrs.groups) == 1)
+    )
+
+
+def _weight(builder: Any, weight: Any, axes: list[int], shape: list[int]) -> Any:
+    """``weight`` permuted by ``axes`` and reshaped to ``shape``: at compile time for a
+    constant, else as Relax ops."""
+    import tvm
+    from tvm import relax
+
+    if isinstance(weight, tvm.ir.Constant):
+        return relax.const(weight.value.numpy().transpose(axes).reshape(shape))
+    return builder.emit(relax.op.reshape(builder.emit(relax.op.permute_dims(weight, axes)), shape))
+
+
+def _conv1d(builder: Any, call: Any) -> Any:
+    from tvm import relax
+
+    data, weight = call.args
+    data = builder.emit(relax.op.expand_dims(data, [2]))
+    out, ins, width = static_shape(weight)  # type: ignore[misc]
+    weight = _weight(builder, weight, [0, 1, 2], [out, ins, 1, width])
+    conv = builder.emit(height_one_conv2d(data, weight, call.attrs))
+    return relax.op.squeeze(conv, [2])
+
+
+def _conv3d(builder: Any, call: Any) -> Any:
+    from tvm import relax
+
+    attrs = call.attrs
+    data, weight = call.args
+    n, c, _, h, w = static_shape(data)  # type: ignore[misc]
+    o, _, kd, kh, kw = static_shape(weight)  # type: ignore[misc]
+    _, _, d_out, h_out, w_out = static_shape(call)  # type: ignore[misc]
+    stride, dilation = int(attrs.strides[0]), int(attrs.dilation[0])
+    front, top, left, back, bottom, right = (int(p) for p in attrs.padding)
+    x = builder.emit(relax.op.permute_dims(data, [0, 2, 1, 3, 4]))  # [N, D, C, H, W]
+    if front or back:
+        x = builder.emit(relax.op.nn.pad(x, [0, 0, front, back, 0, 0, 0, 0, 0, 0]))
+    span = stride * (d_out - 1) + 1
+    taps = [
+        builder.emit(
+            relax.op.strided_slice(
+                x, axes=[1], begin=[k * dilation], end=[k * dilation + span], strides=[stride]
+            )
+        )
+        for k in range(kd)
+    ]
+    stacked = builder.emit(relax.op.concat(taps, axis=2)) if kd > 1 else taps[0]
+    images = builder.emit(relax.op.reshape(stacked, [n * d_out, kd * c, h, w]))
+    kernel = _weight(builder, weight, [0, 2, 1, 3, 4], [o, kd * c, kh, kw])
+    conv = builder.emit(
+        relax.op.nn.conv2d(
+            images,
+            kernel,
+            strides=(int(attrs.strides[1]), int(attrs.strides[2])),
+            padding=(top, left, bottom, right),
+            dilation=(int(attrs.dilation[1]), int(attrs.dilation[2])),
+        )
+    )
+    depth_major = builder.emit(relax.op.reshape(conv, [n, d_out, o, h_out, w_out]))
+    return relax.op.permute_dims(depth_major, [0, 2, 1, 3, 4])
+
+
+def conv_as_conv2d_pass() -> Any:
+    """The relax module pass ``ConvAsConv2d`` (see the module docstring)."""
+    from tvm import relax
+
+    from onnxpress.backends.tvm.fast_math import rewriting_pass
+
+    rewrites = {"relax.nn.conv1d": _conv1d, "relax.nn.conv3d": _conv3d}
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            name = str(getattr(call.op, "name", ""))
+            if name not in rewrites or not _rewritable(call, name):
+                return call
+            return rewrites[name](self.builder_, call)
+
+    return rewriting_pass("ConvAsConv2d", _Rewriter)
