@@ -20,7 +20,8 @@ layouts:
   kw] (reordered at compile time); its output goes back to NCDHW. The copy is kd times the
   input; the generic reduction ran r3d_18's 3x3x3 convs at 43-78 GMAC/s.
 
-Quantized Conv1d takes the first form in the int8 lowering (int8.py, ``height_one_conv2d``).
+Quantized Conv1d and Conv3d take the same forms in the int8 lowering (int8.py; the depth
+taps of a quantized Conv3d are stacked from its 8-bit integers, padded with their zero point).
 Other calls (symbolic shapes, other layouts or dtypes, grouped Conv3d) are left as they are.
 """
 
@@ -28,9 +29,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from onnxpress.backends.tvm.matmul_legalize import static_shape
 
-__all__ = ["conv_as_conv2d_pass", "height_one_conv2d"]
+__all__ = [
+    "conv_as_conv2d_pass",
+    "depth_taps",
+    "from_taps",
+    "height_one_conv2d",
+    "stacked_weight",
+    "taps_conv2d",
+]
 
 LAYOUTS = {
     "relax.nn.conv1d": ("NCW", "OIW", "NCW"),
@@ -71,41 +81,36 @@ def _rewritable(call: Any, name: str) -> bool:
     )
 
 
-def _weight(builder: Any, weight: Any, axes: list[int], shape: list[int]) -> Any:
-    """``weight`` permuted by ``axes`` and reshaped to ``shape``: at compile time for a
-    constant, else as Relax ops."""
-    import tvm
-    from tvm import relax
-
-    if isinstance(weight, tvm.ir.Constant):
-        return relax.const(weight.value.numpy().transpose(axes).reshape(shape))
-    return builder.emit(relax.op.reshape(builder.emit(relax.op.permute_dims(weight, axes)), shape))
-
-
 def _conv1d(builder: Any, call: Any) -> Any:
+    import tvm
     from tvm import relax
 
     data, weight = call.args
     data = builder.emit(relax.op.expand_dims(data, [2]))
-    out, ins, width = static_shape(weight)  # type: ignore[misc]
-    weight = _weight(builder, weight, [0, 1, 2], [out, ins, 1, width])
+    if isinstance(weight, tvm.ir.Constant):
+        weight = relax.const(weight.value.numpy()[:, :, None, :])
+    else:
+        weight = builder.emit(relax.op.expand_dims(weight, [2]))
     conv = builder.emit(height_one_conv2d(data, weight, call.attrs))
     return relax.op.squeeze(conv, [2])
 
 
-def _conv3d(builder: Any, call: Any) -> Any:
+def depth_taps(builder: Any, data: Any, call: Any, pad_value: float = 0.0) -> Any:
+    """The conv2d input of Conv3d ``call`` over ``data`` (its input, or the integers of a
+    quantized one, padded with ``pad_value``: their zero point): [N * D_out, kd * C, H, W],
+    the kd depth slices each output depth reads, stacked along the channels."""
     from tvm import relax
 
     attrs = call.attrs
-    data, weight = call.args
-    n, c, _, h, w = static_shape(data)  # type: ignore[misc]
-    o, _, kd, kh, kw = static_shape(weight)  # type: ignore[misc]
-    _, _, d_out, h_out, w_out = static_shape(call)  # type: ignore[misc]
+    n, c, _, h, w = static_shape(call.args[0])  # type: ignore[misc]
+    kd = static_shape(call.args[1])[2]  # type: ignore[index]
+    d_out = static_shape(call)[2]  # type: ignore[index]
     stride, dilation = int(attrs.strides[0]), int(attrs.dilation[0])
-    front, top, left, back, bottom, right = (int(p) for p in attrs.padding)
+    front, back = int(attrs.padding[0]), int(attrs.padding[3])
     x = builder.emit(relax.op.permute_dims(data, [0, 2, 1, 3, 4]))  # [N, D, C, H, W]
     if front or back:
-        x = builder.emit(relax.op.nn.pad(x, [0, 0, front, back, 0, 0, 0, 0, 0, 0]))
+        widths = [0, 0, front, back, 0, 0, 0, 0, 0, 0]
+        x = builder.emit(relax.op.nn.pad(x, widths, pad_value=pad_value))
     span = stride * (d_out - 1) + 1
     taps = [
         builder.emit(
@@ -116,19 +121,56 @@ def _conv3d(builder: Any, call: Any) -> Any:
         for k in range(kd)
     ]
     stacked = builder.emit(relax.op.concat(taps, axis=2)) if kd > 1 else taps[0]
-    images = builder.emit(relax.op.reshape(stacked, [n * d_out, kd * c, h, w]))
-    kernel = _weight(builder, weight, [0, 2, 1, 3, 4], [o, kd * c, kh, kw])
-    conv = builder.emit(
-        relax.op.nn.conv2d(
-            images,
-            kernel,
-            strides=(int(attrs.strides[1]), int(attrs.strides[2])),
-            padding=(top, left, bottom, right),
-            dilation=(int(attrs.dilation[1]), int(attrs.dilation[2])),
-        )
+    return builder.emit(relax.op.reshape(stacked, [n * d_out, kd * c, h, w]))
+
+
+def stacked_weight(weight: np.ndarray) -> np.ndarray:
+    """A Conv3d weight [O, C, kd, kh, kw] as depth_taps' conv2d weight [O, kd * C, kh, kw]."""
+    o, c, kd, kh, kw = weight.shape
+    return weight.transpose(0, 2, 1, 3, 4).reshape(o, kd * c, kh, kw)
+
+
+def taps_conv2d(images: Any, kernel: Any, call: Any) -> Any:
+    """The conv2d over depth_taps' ``images`` with ``kernel`` (stacked_weight) that Conv3d
+    ``call`` is in height and width."""
+    from tvm import relax
+
+    attrs = call.attrs
+    _, top, left, _, bottom, right = (int(p) for p in attrs.padding)
+    return relax.op.nn.conv2d(
+        images,
+        kernel,
+        strides=(int(attrs.strides[1]), int(attrs.strides[2])),
+        padding=(top, left, bottom, right),
+        dilation=(int(attrs.dilation[1]), int(attrs.dilation[2])),
     )
+
+
+def from_taps(builder: Any, conv: Any, call: Any) -> Any:
+    """taps_conv2d's output [N * D_out, O, H_out, W_out] as Conv3d ``call``'s NCDHW."""
+    from tvm import relax
+
+    n, o, d_out, h_out, w_out = static_shape(call)  # type: ignore[misc]
     depth_major = builder.emit(relax.op.reshape(conv, [n, d_out, o, h_out, w_out]))
     return relax.op.permute_dims(depth_major, [0, 2, 1, 3, 4])
+
+
+def _conv3d(builder: Any, call: Any) -> Any:
+    import tvm
+    from tvm import relax
+
+    data, weight = call.args
+    if isinstance(weight, tvm.ir.Constant):
+        kernel = relax.const(stacked_weight(weight.value.numpy()))
+    else:
+        o, c, kd, kh, kw = static_shape(weight)  # type: ignore[misc]
+        kernel = builder.emit(
+            relax.op.reshape(
+                builder.emit(relax.op.permute_dims(weight, [0, 2, 1, 3, 4])), [o, kd * c, kh, kw]
+            )
+        )
+    images = depth_taps(builder, data, call)
+    return from_taps(builder, builder.emit(taps_conv2d(images, kernel, call)), call)
 
 
 def conv_as_conv2d_pass() -> Any:

@@ -37,7 +37,13 @@ from typing import Any
 import numpy as np
 
 from onnxpress.backends.tvm import int8_depthwise, int8_winograd
-from onnxpress.backends.tvm.conv_as_conv2d import height_one_conv2d
+from onnxpress.backends.tvm.conv_as_conv2d import (
+    depth_taps,
+    from_taps,
+    height_one_conv2d,
+    stacked_weight,
+    taps_conv2d,
+)
 from onnxpress.backends.tvm.int8_gemm import as_operand, conv_gemm, gemm
 from onnxpress.backends.tvm.int8_kernels import (
     GROUP,
@@ -101,6 +107,7 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 rule = {
                     "relax.nn.conv2d": self._conv2d,
                     "relax.nn.conv1d": self._conv1d,
+                    "relax.nn.conv3d": self._conv3d,
                     "relax.matmul": self._matmul,
                     "relax.quantize": self._quantize,
                 }.get(name)
@@ -307,19 +314,42 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             if weight is None or weight.constant is None:
                 raise Refused("weight is not a dequantized constant")
 
-            def dequantize(data: Any, dq: Dequantized, axis: int) -> Any:
-                scale = relax.const(dq.scale.astype(np.float32))
-                zero = relax.const(dq.zero_point.astype(dq.dtype))
-                return self.builder_.emit(relax.op.dequantize(data, scale, zero, axis=axis))
-
             data = self.builder_.emit(relax.op.expand_dims(act.data, [2]))
-            x = dequantize(data, act, act.axis + 1 if act.axis >= 2 else act.axis)
-            w = dequantize(relax.const(weight.constant[:, :, None, :]), weight, weight.axis)
+            x = self._dequantize(data, act, act.axis + 1 if act.axis >= 2 else act.axis)
+            w = self._dequantize(relax.const(weight.constant[:, :, None, :]), weight, weight.axis)
             conv = self.builder_.normalize(height_one_conv2d(x, w, attrs))
             lowered = self._conv2d(conv)
             if lowered is None:
                 return None
             return relax.op.squeeze(self.builder_.emit(lowered), [2])
+
+        def _conv3d(self, call: Any) -> Any:
+            """A quantized Conv3d as the conv2d over its depth taps stacked as channels
+            (conv_as_conv2d.py), the taps taken from its 8-bit integers (padded with their
+            zero point), lowered as any conv2d, back to NCDHW."""
+            act = self._dequantized(call.args[0])
+            if act is None:
+                return None
+            _require_layouts(call.attrs, "NCDHW", "OIDHW")
+            weight = self._dequantized(call.args[1])
+            if weight is None or weight.constant is None:
+                raise Refused("weight is not a dequantized constant")
+            if weight.scale.size != 1 and weight.axis != 0:
+                raise Refused("weight scales along another axis than the output channels")
+            if int(call.attrs.groups) != 1 or not act.per_tensor:
+                raise Refused("grouped, or a per-channel activation")
+            zero = float(act.zero_point.reshape(-1)[0])
+            x = self._dequantize(depth_taps(self.builder_, act.data, call, zero), act, 1)
+            w = self._dequantize(relax.const(stacked_weight(weight.constant)), weight, 0)
+            lowered = self._conv2d(self.builder_.normalize(taps_conv2d(x, w, call)))
+            if lowered is None:
+                return None
+            return from_taps(self.builder_, self.builder_.emit(lowered), call)
+
+        def _dequantize(self, data: Any, dq: Dequantized, axis: int) -> Any:
+            scale = relax.const(dq.scale.astype(np.float32))
+            zero = relax.const(dq.zero_point.astype(dq.dtype))
+            return self.builder_.emit(relax.op.dequantize(data, scale, zero, axis=axis))
 
         def _depthwise_nhwc(
             self, act: Dequantized, w: np.ndarray, window: Window

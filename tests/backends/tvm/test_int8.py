@@ -120,6 +120,39 @@ def test_conv1d_lowers_to_integer_kernels(tmp_path: Path) -> None:
         assert result.manifest["verification"]["errors"]["y"] <= 1.0
 
 
+def conv3d_model() -> onnx.ModelProto:
+    """Conv3d (bias, padded, strided in depth) -> Relu -> Conv3d dilated in depth: a video
+    front end."""
+    rng = np.random.default_rng(6)
+    graph = helper.make_graph(
+        [
+            node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1] * 6, strides=[2, 1, 1], name="c1"),
+            node("Relu", ["c1"], ["r1"]),
+            node("Conv", ["r1", "w2"], ["y"], dilations=[2, 1, 1], pads=[2, 0, 0, 1, 0, 0]),
+        ],
+        "conv3d",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 7, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 5, 4, 6])],
+        [
+            _init("w1", rng.normal(0, 0.3, (16, 4, 3, 3, 3))),
+            _init("b1", rng.normal(0, 0.1, 16)),
+            _init("w2", rng.normal(0, 0.3, (8, 16, 2, 3, 1))),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_conv3d_lowers_to_integer_kernels(tmp_path: Path) -> None:
+    # as a conv2d over its depth taps stacked as channels, taken from the 8-bit values
+    # (padded with the zero point: the relu's uint8 zero point is 0, the input's is not)
+    qdq, _ = quantize(conv3d_model())
+    for spec in (HOST, PORTABLE):
+        _, done = _lowered(qdq, spec)
+        assert done["lowered"] == {"conv2d": 2} and not done["kept_float"]
+        result = compile_model(qdq, spec, tmp_path / spec.name)
+        assert result.manifest["verification"]["errors"]["y"] <= 1.0
+
+
 def test_u8_weights_lower_like_int8(tmp_path: Path) -> None:
     """Weights that qdq{saturation=u8} moved to uint8 (zero point 128) lower to the same
     integer kernels as their int8 values, and match onnxruntime's u8 x u8 run."""
