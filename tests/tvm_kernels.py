@@ -2,8 +2,9 @@
 test_thread_pool) ``out[i, j] += 1`` over a parallel loop, whose result shows whether every
 iteration ran exactly once; for the split-reduction tests (test_reduction_split,
 test_prefetch) a Relax matmul by constant weights and a relu; for the layout tests
-(test_blocked_layout, test_conv_as_conv2d) the ops and kernels a Relax ``main`` calls. TVM
-is imported inside, so importing this module does not need it."""
+(test_blocked_layout, test_conv_as_conv2d) the ops and kernels a Relax ``main`` calls, and
+an ONNX model from float "x" to float "y" (test_conv_as_conv2d, test_schedule). TVM is
+imported inside, so importing this module does not need it."""
 
 from __future__ import annotations
 
@@ -56,3 +57,19 @@ def relax_calls(mod: Any) -> list[str]:
                     name = value.args[0].name_hint.rstrip("0123456789")
                 names.append(name)
     return names
+
+
+def xy_model(nodes: list[Any], inits: list[Any], x: list[int], y: list[int]) -> Any:
+    """An opset-17 ONNX model of ``nodes`` from float input "x" to float output "y"."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        "xy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

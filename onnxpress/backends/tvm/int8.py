@@ -69,6 +69,7 @@ from onnxpress.backends.tvm.int8_unary import (
     table_lookup,
 )
 from onnxpress.backends.tvm.layout_sink import sink_layout_changes
+from onnxpress.backends.tvm.matmul_legalize import static_shape
 from onnxpress.backends.tvm.tile_schedule import vector_lanes
 
 logger = logging.getLogger(__name__)
@@ -338,6 +339,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
                 raise Refused("weight scales along another axis than the output channels")
             if int(call.attrs.groups) != 1 or not act.per_tensor:
                 raise Refused("grouped, or a per-channel activation")
+            if static_shape(call) is None or static_shape(call.args[0]) is None:
+                raise Refused("symbolic shape")
             zero = float(act.zero_point.reshape(-1)[0])
             x = self._dequantize(depth_taps(self.builder_, act.data, call, zero), act, 1)
             w = self._dequantize(relax.const(stacked_weight(weight.constant)), weight, 0)

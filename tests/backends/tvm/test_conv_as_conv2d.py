@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from tvm_kernels import relax_calls
+from onnx import helper, numpy_helper
+from tvm_kernels import relax_calls, xy_model
 
 tvm = pytest.importorskip("tvm")
 
@@ -63,16 +63,7 @@ def conv1d_net(length: int = 75) -> onnx.ModelProto:
         name = f"t{index}" if index < len(LAYERS) - 1 else "y"
         nodes.append(helper.make_node("Tanh", [conv], [name]))
         channels = out
-    graph = helper.make_graph(
-        nodes,
-        "conv1d_net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 24, length])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 20, 17])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return xy_model(nodes, inits, [1, 24, length], [1, 20, 17])
 
 
 def test_every_conv1d_becomes_a_blocked_conv2d() -> None:
@@ -159,16 +150,7 @@ def conv3d_net() -> onnx.ModelProto:
         name = f"r{index}" if index < len(LAYERS_3D) - 1 else "y"
         nodes.append(helper.make_node("Relu", [f"c{index}"], [name]))
         channels = out
-    graph = helper.make_graph(
-        nodes,
-        "conv3d_net",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 7, 9, 10])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 2, 2, 5])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return xy_model(nodes, inits, [1, 6, 7, 9, 10], [1, 8, 2, 2, 5])
 
 
 def test_conv3d_becomes_a_blocked_conv2d_over_stacked_depth_taps() -> None:

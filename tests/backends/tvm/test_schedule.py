@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from tvm_kernels import xy_model
 
 tvm = pytest.importorskip("tvm")
 
@@ -355,14 +356,7 @@ def _conv_then_crop(spatial: int, groups: int) -> onnx.ModelProto:
     ]
     shape = [1, channels, *([size] * spatial)]
     out = [1, channels, *([size + 1] * (spatial - 1)), size]
-    graph = helper.make_graph(
-        nodes,
-        "crop",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return xy_model(nodes, inits, shape, out)
 
 
 @pytest.mark.parametrize(("spatial", "groups"), [(1, 4), (1, 1), (2, 4), (2, 1)])
