@@ -3,7 +3,8 @@ test_thread_pool) ``out[i, j] += 1`` over a parallel loop, whose result shows wh
 iteration ran exactly once; for the split-reduction tests (test_reduction_split,
 test_prefetch) a Relax matmul by constant weights and a relu; for the layout tests
 (test_blocked_layout, test_conv_as_conv2d) the ops and kernels a Relax ``main`` calls, and
-an ONNX model from float "x" to float "y" (test_conv_as_conv2d, test_schedule). TVM is
+an ONNX model from float "x" to float "y" (test_conv_as_conv2d, test_schedule), and such a
+model compiled and run beside onnxruntime (test_conv_as_conv2d, test_height_one). TVM is
 imported inside, so importing this module does not need it."""
 
 from __future__ import annotations
@@ -73,3 +74,17 @@ def xy_model(nodes: list[Any], inits: list[Any], x: list[int], y: list[int]) -> 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def compiled_xy(model: Any, target: str, out: Any, x: np.ndarray) -> tuple[np.ndarray, Any]:
+    """``model`` (x -> y) compiled for ``target`` into ``out``, checked at compile time
+    (max-rel 1e-4), run on ``x``: (its y, onnxruntime's y)."""
+    from onnxpress.backends.tvm.backend import compile_model
+    from onnxpress.backends.tvm.runtime import CompiledModel
+    from onnxpress.core.verify import Runner
+
+    result = compile_model(model, target, out)
+    assert max(result.manifest["verification"]["errors"].values()) <= 1e-4
+    (got,) = CompiledModel(result.library)(x)
+    (expected,) = Runner(model)({"x": x})
+    return got, expected

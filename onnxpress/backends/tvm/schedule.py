@@ -3,7 +3,9 @@
 TVM 0.27's ``cpu_generic`` pipeline legalizes and fuses ops but leaves every kernel as a
 naive single-threaded loop nest. This pipeline
 
-0. ``BlockedLayout`` (blocked_layout.py), after folding constants: float convolutions and
+0. ``BlockedLayout`` (blocked_layout.py), after ``ConvAsConv2d`` (conv_as_conv2d.py: Conv1d
+   and Conv3d as conv2d), ``SinkSqueeze`` (height_one.py: the ops between Conv1d layers on
+   their 4-D tensors) and folding constants: float convolutions and
    the ops between them in NCHWc (with ``blocked``, the default), 3x3 stride-1 convs as
    Winograd kernels (winograd.py); what it leaves in NCHW goes on through step 1;
 1. ``ConvKernelLayout`` (tile_schedule.py), before legalization:
@@ -46,6 +48,7 @@ from onnxpress.backends.tvm.conv_as_conv2d import conv_as_conv2d_pass
 from onnxpress.backends.tvm.conv_packed import conv_kernel_layout_pass, legalize_passes
 from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
 from onnxpress.backends.tvm.fast_math import fast_math_pass
+from onnxpress.backends.tvm.height_one import sink_squeeze_pass
 from onnxpress.backends.tvm.int8_gemm import epilogue_rule
 from onnxpress.backends.tvm.sibling_matmul import sibling_matmul_pass
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
@@ -260,6 +263,9 @@ def layout_passes(target: Any, *, blocked: bool = True) -> list[Any]:
         transform.DecomposeOpsForInference(),
         transform.CanonicalizeBindings(),  # batch_norm(...)[0] -> its first output
         conv_as_conv2d_pass(),  # conv1d, conv3d: the blocked layout takes them as conv2d
+        sink_squeeze_pass(),  # ... and the ops between Conv1d layers as 4-D
+        transform.CanonicalizeBindings(),  # the cancelled expand_dims: aliases
+        transform.DeadCodeElimination(),
         transform.FoldConstant(),
         *layout,
     ]
