@@ -252,7 +252,10 @@ def _requantized(layer: IntegerLayer, acc: np.ndarray, shape: tuple) -> np.ndarr
 def _batched_matmul(
     layer: IntegerLayer, x: np.ndarray, w_q: np.ndarray, arithmetic: Arithmetic
 ) -> np.ndarray:
-    x_zero, w_zero = int(layer.activation.zero_point), int(layer.weight.zero_point)
+    # per-tensor parameters, as scalars or one-element vectors (both are valid ONNX)
+    x_zero, w_zero = (
+        int(np.asarray(q.zero_point).item()) for q in (layer.activation, layer.weight)
+    )
     saturating = pair_saturates(layer, arithmetic)
     if saturating and layer.activation.dtype == np.dtype(np.int8):
         x, x_zero = x + 128, x_zero + 128
@@ -271,5 +274,7 @@ def _batched_matmul(
             - w_zero * xb[i].sum(axis=1, keepdims=True)
             + k * x_zero * w_zero
         )
-    scale = float(layer.activation.scale) * float(layer.weight.scale)
+    scale = float(np.asarray(layer.activation.scale).item()) * float(
+        np.asarray(layer.weight.scale).item()
+    )
     return (out * scale).reshape(*lead, xb.shape[1], wb.shape[2]).astype(np.float32)

@@ -221,7 +221,9 @@ def reduction_matrix(layer: IntegerLayer, weights: np.ndarray | None = None) -> 
         return np.transpose(per_group, order).reshape(groups, -1, out_channels // groups)
     if layer.op == "Gemm" and layer.attributes.get("transB", 0):
         return w.T[None]
-    return w.reshape(-1, w.shape[-1])[None] if w.ndim == 2 else w[None]
+    if w.ndim >= 3:  # a batched MatMul B [..., K, N]: one matrix per batch index
+        return w.reshape(-1, *w.shape[-2:])
+    return w.reshape(-1, w.shape[-1])[None]
 
 
 def from_reduction_matrix(layer: IntegerLayer, matrix: np.ndarray) -> np.ndarray:
@@ -237,4 +239,4 @@ def from_reduction_matrix(layer: IntegerLayer, matrix: np.ndarray) -> np.ndarray
         return np.transpose(m, order).reshape(w.shape)
     if layer.op == "Gemm" and layer.attributes.get("transB", 0):
         return matrix[0].T
-    return matrix[0].reshape(w.shape)
+    return matrix.reshape(w.shape) if w.ndim >= 3 else matrix[0].reshape(w.shape)

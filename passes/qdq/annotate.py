@@ -5,7 +5,8 @@ Rules, chosen so that onnxruntime fuses the result into its integer kernels:
 
 * Conv, ConvTranspose, MatMul, Gemm: activation inputs are quantized, constant weights become
   int8 (per output channel: axis 0 for Conv and Gemm with transB=1, axis 1 for ConvTranspose
-  and Gemm with transB=0, the last axis for MatMul) and biases int32 (scale = s_x * s_w).
+  and Gemm with transB=0, the last axis for a 2-D MatMul B, per tensor for a batched one)
+  and biases int32 (scale = s_x * s_w).
   Conv outputs are quantized, graph outputs included (DQ -> Conv -> Q is QLinearConv), except
   under ``float_heads`` when no quantized node lies anywhere downstream (a head);
   MatMul and Gemm outputs only when a quantized consumer reads them (DQ -> MatMul -> float is
@@ -322,8 +323,10 @@ class _Annotator:
             if kind == "var":
                 self.wanted.append(t.name)
             else:
+                # per column only for a 2-D B: onnxruntime's MatMulIntegerToFloat refuses a
+                # 1-D zero point beside a batched [.., K, N] B ("b zero point is not valid")
                 rank = np.ndim(t.values)
-                self.weight(node, index, rank - 1 if index == 1 and rank >= 2 else None)
+                self.weight(node, index, 1 if index == 1 and rank == 2 else None)
         bias = self.bias_add(node) if kinds == ["var", "const"] else None
         if bias is not None:  # MatMul -> Add(b): b as int32, so that MatMul+Add -> QGemm fuses
             add, index = bias

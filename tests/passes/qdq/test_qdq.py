@@ -150,6 +150,21 @@ def test_matmul_weight_per_column_and_float_output(kit: SimpleNamespace, tmp_pat
     assert ops["MatMulIntegerToFloat"] == 2 and ops["QLinearMatMul"] == 0
 
 
+def test_a_batched_constant_matmul_b_is_per_tensor_and_runs(
+    kit: SimpleNamespace, tmp_path: Path
+) -> None:
+    """DeBERTa's relative-position keys fold to a constant [heads, K, N] B: per column, its
+    1-D zero point made onnxruntime's MatMulIntegerToFloat fail at run time."""
+    (w,) = weights(3, (2, 8, 6))
+    model = kit.model(
+        [node("MatMul", ["x", "W"], ["y"], name="mm")], {"x": [2, 3, 8]}, {"y": None}, {"W": w}
+    )
+    result, _ = quantize(model)
+    q, scale, axis = View(result).dq("mm", 1)
+    assert q.shape == (2, 8, 6) and axis is None and np.ndim(scale) == 0
+    assert fused(result, tmp_path)["MatMulIntegerToFloat"] == 1
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_axis_follows_trans_b(kit: SimpleNamespace, trans_b: int) -> None:
     w, b = weights(2, (6, 8) if trans_b else (8, 6), (6,))
