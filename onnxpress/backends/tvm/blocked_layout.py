@@ -13,7 +13,7 @@ runs blocked:
   ``nn.conv2d_transpose`` whose kernel equals its stride (``upsample_nchwc``); a 3x3
   stride-1 conv of a blocked input with enough channels runs as three Winograd kernels
   instead (winograd.py);
-- elementwise ops with one argument (relu, clip, sigmoid, tanh, SiLU, GELU, erf, exp, ...) on a
+- elementwise ops with one argument (relu, clip, sigmoid, tanh, SiLU, GELU, exp, ...) on a
   blocked argument;
 - add, subtract, multiply, maximum, minimum (and divide by a constant without zeros) of a
   blocked tensor and another operand whose NCHW shape broadcasts over channels (a
@@ -68,7 +68,6 @@ UNARY = frozenset(
         "relax.exp",
         "relax.negative",
         "relax.abs",
-        "relax.erf",  # GELU as ONNX before opset 20 writes it: x * 0.5 * (1 + erf(x / sqrt 2))
     }
 )
 BINARY = frozenset(
