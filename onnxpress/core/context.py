@@ -68,26 +68,37 @@ class PassContext:
 
 
 class TensorShapes:
-    """Tensor name -> inferred shape (None for unknown dims) from ONNX shape inference."""
+    """Tensor name -> inferred shape (None for unknown dims) and element type (an ONNX
+    TensorProto code) from ONNX shape inference."""
 
-    def __init__(self, shapes: dict[str, list[int | None]]) -> None:
+    def __init__(
+        self, shapes: dict[str, list[int | None]], types: dict[str, int] | None = None
+    ) -> None:
         self.shapes = shapes
+        self.types = types or {}
 
     @classmethod
     def compute(cls, graph: gs.Graph, ctx: PassContext) -> TensorShapes:
         model = ctx.export(graph)
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         shapes: dict[str, list[int | None]] = {}
+        types: dict[str, int] = {}
         g = inferred.graph
         for vi in list(g.input) + list(g.value_info) + list(g.output):
             t = vi.type.tensor_type
+            if t.elem_type:
+                types[vi.name] = t.elem_type
             if t.HasField("shape"):
                 shapes[vi.name] = [
                     d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
                 ]
         for tensor in g.initializer:
             shapes[tensor.name] = list(tensor.dims)
-        return cls(shapes)
+            types[tensor.name] = tensor.data_type
+        return cls(shapes, types)
 
     def get(self, name: str) -> list[int | None] | None:
         return self.shapes.get(name)
+
+    def elem_type(self, name: str) -> int | None:
+        return self.types.get(name)

@@ -60,6 +60,37 @@ def test_gru_sunspots_compiles_through_lower_gru(tmp_path: Path) -> None:
     assert got.shape == (4, 1)
 
 
+def test_einsum_compiles_as_matmuls_through_lower_einsum(tmp_path: Path) -> None:
+    """An attention readout with three operands (one a constant): lowered to two MatMuls
+    before TVM sees it (TOPI's einsum ran one loop nest over all six letters)."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((4, 8, 5)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Einsum", ["s", "v", "w"], ["y"], equation="bhij,bjhd,hde->bie")],
+        "readout",
+        [
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4, 6, 6]),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 6, 4, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 5])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = compile_model(model, "x86", tmp_path / "es")
+    passes = {p["name"]: p["counts"] for p in result.manifest["prepare"]["passes"]}
+    assert passes["lower-einsum"] == {"einsum_lowered": 1, "matmuls": 2}
+    assert result.manifest["verification"]["errors"]["y"] <= 1e-4
+    feeds = {
+        k: rng.standard_normal(s).astype(np.float32)
+        for k, s in (("s", (1, 4, 6, 6)), ("v", (1, 6, 4, 8)))
+    }
+    got = run_compiled(tmp_path / "es", feeds)["y"]
+    expected = np.einsum(
+        "bhij,bjhd,hde->bie", feeds["s"], feeds["v"], onnx.numpy_helper.to_array(w)
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_cli_compile_and_run_verify(tmp_path: Path) -> None:
     out = tmp_path / "digits"
     model = MODELS / "mlp_digits.onnx"
