@@ -4,7 +4,8 @@ iteration ran exactly once; for the split-reduction tests (test_reduction_split,
 test_prefetch) a Relax matmul by constant weights and a relu; for the layout tests
 (test_blocked_layout, test_conv_as_conv2d) the ops and kernels a Relax ``main`` calls, and
 an ONNX model from float "x" to float "y" (test_conv_as_conv2d, test_schedule), and such a
-model compiled and run beside onnxruntime (test_conv_as_conv2d, test_height_one). TVM is
+model compiled and run beside onnxruntime (test_conv_as_conv2d, test_height_one), and chains
+of Conv / ConvTranspose layers (test_conv_as_conv2d, test_transposed_phases). TVM is
 imported inside, so importing this module does not need it."""
 
 from __future__ import annotations
@@ -88,3 +89,27 @@ def compiled_xy(model: Any, target: str, out: Any, x: np.ndarray) -> tuple[np.nd
     (got,) = CompiledModel(result.library)(x)
     (expected,) = Runner(model)({"x": x})
     return got, expected
+
+
+def relu_chain(
+    op: str, layers: list[tuple[int, tuple[int, ...], dict[str, Any]]], x: list[int], y: list[int]
+) -> Any:
+    """An x -> y ONNX model of ``op`` (Conv or ConvTranspose) layers, each with a bias and a
+    Relu after it: (out channels, kernel, attributes); weights [out, in / group, *kernel]
+    for Conv, [in, out / group, *kernel] for ConvTranspose (seeded, scaled by 0.3)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    nodes, inits, channels, name = [], [], x[1], "x"
+    for index, (out, kernel, attrs) in enumerate(layers):
+        group = int(attrs.get("group", 1))
+        shape = (out, channels // group) if op == "Conv" else (channels, out // group)
+        w = rng.normal(size=(*shape, *kernel)).astype(np.float32) * 0.3
+        b = rng.normal(size=out).astype(np.float32) * 0.1
+        inits += [numpy_helper.from_array(w, f"w{index}"), numpy_helper.from_array(b, f"b{index}")]
+        inputs = [name, f"w{index}", f"b{index}"]
+        nodes.append(helper.make_node(op, inputs, [f"c{index}"], kernel_shape=kernel, **attrs))
+        name = f"r{index}" if index < len(layers) - 1 else "y"
+        nodes.append(helper.make_node("Relu", [f"c{index}"], [name]))
+        channels = out
+    return xy_model(nodes, inits, x, y)

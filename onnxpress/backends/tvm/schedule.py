@@ -5,7 +5,8 @@ naive single-threaded loop nest. This pipeline
 
 0. ``BlockedLayout`` (blocked_layout.py), after ``ConvAsConv2d`` (conv_as_conv2d.py: Conv1d
    and Conv3d as conv2d), ``SinkSqueeze`` (height_one.py: the ops between Conv1d layers on
-   their 4-D tensors) and folding constants: float convolutions and
+   their 4-D tensors), ``TransposedAsPhases`` (transposed_phases.py: a strided transposed
+   conv as one conv2d over its output phases) and folding constants: float convolutions and
    the ops between them in NCHWc (with ``blocked``, the default), 3x3 stride-1 convs as
    Winograd kernels (winograd.py); what it leaves in NCHW goes on through step 1;
 1. ``ConvKernelLayout`` (tile_schedule.py), before legalization:
@@ -63,6 +64,7 @@ from onnxpress.backends.tvm.tile_schedule import (
     vector_width,
 )
 from onnxpress.backends.tvm.transpose_schedule import tiled_transpose_rule
+from onnxpress.backends.tvm.transposed_phases import transposed_as_phases_pass
 from onnxpress.backends.tvm.winograd_schedule import winograd_rule
 
 logger = logging.getLogger(__name__)
@@ -264,6 +266,7 @@ def layout_passes(target: Any, *, blocked: bool = True) -> list[Any]:
         transform.CanonicalizeBindings(),  # batch_norm(...)[0] -> its first output
         conv_as_conv2d_pass(),  # conv1d, conv3d: the blocked layout takes them as conv2d
         sink_squeeze_pass(),  # ... and the ops between Conv1d layers as 4-D
+        transposed_as_phases_pass(),  # strided transposed convs as conv2d per output phase
         transform.CanonicalizeBindings(),  # the cancelled expand_dims: aliases
         transform.DeadCodeElimination(),
         transform.FoldConstant(),

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-from tvm_kernels import compiled_xy, relax_calls, xy_model
+from tvm_kernels import compiled_xy, relax_calls, relu_chain, xy_model
 
 tvm = pytest.importorskip("tvm")
 
@@ -130,21 +130,11 @@ LAYERS_3D = [
 
 def conv3d_net() -> onnx.ModelProto:
     """Conv3d layers of LAYERS_3D with biases and Relu between them, x [1, 6, 7, 9, 10]."""
-    rng = np.random.default_rng(3)
-    nodes, inits, channels, name = [], [], 6, "x"
-    for index, (out, kernel, strides, pads, dilations, group) in enumerate(LAYERS_3D):
-        w = rng.normal(size=(out, channels // group, *kernel)).astype(np.float32) * 0.3
-        b = rng.normal(size=out).astype(np.float32) * 0.1
-        inits += [numpy_helper.from_array(w, f"w{index}"), numpy_helper.from_array(b, f"b{index}")]
-        attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads}
-        attrs |= {"dilations": dilations, "group": group}
-        nodes.append(
-            helper.make_node("Conv", [name, f"w{index}", f"b{index}"], [f"c{index}"], **attrs)
-        )
-        name = f"r{index}" if index < len(LAYERS_3D) - 1 else "y"
-        nodes.append(helper.make_node("Relu", [f"c{index}"], [name]))
-        channels = out
-    return xy_model(nodes, inits, [1, 6, 7, 9, 10], [1, 8, 2, 2, 5])
+    layers = [
+        (out, kernel, {"strides": s, "pads": p, "dilations": d, "group": g})
+        for out, kernel, s, p, d, g in LAYERS_3D
+    ]
+    return relu_chain("Conv", layers, [1, 6, 7, 9, 10], [1, 8, 2, 2, 5])
 
 
 def test_conv3d_becomes_a_blocked_conv2d_over_stacked_depth_taps() -> None:

@@ -1,0 +1,95 @@
+"""transposed_phases.py: a strided ConvTranspose runs as one conv2d over its output phases
+(pose heads' 4x4 stride 2, odd kernels, output padding, unequal strides, stride 1) in the
+blocked layout, a kernel equal to its stride keeps the blocked upsample kernel, grouped
+ones keep Relax's form, and compiled models match onnxruntime on this CPU and in AVX2
+code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from tvm_kernels import compiled_xy, relax_calls, relu_chain
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+
+from onnxpress.backends.tvm.build import import_relax  # noqa: E402
+from onnxpress.backends.tvm.prepare import prepare  # noqa: E402
+from onnxpress.backends.tvm.schedule import layout_passes  # noqa: E402
+from onnxpress.backends.tvm.transposed_phases import (  # noqa: E402
+    phase_weight,
+    transposed_as_phases_pass,
+)
+
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+# (out channels, kernel, strides, pads (top, left, bottom, right), output padding, group)
+LAYERS = [
+    (24, (4, 4), (2, 2), (1, 1, 1, 1), (0, 0), 1),  # pose / DCGAN upsampling: 5x6 -> 10x12
+    (16, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),  # output padding: 10x12 -> 20x24
+    (8, (5, 3), (3, 1), (2, 1, 2, 1), (0, 0), 1),  # unequal strides, odd kernels
+    (8, (3, 3), (1, 1), (1, 1, 1, 1), (0, 0), 1),  # stride 1: a flipped-kernel conv
+    (8, (2, 2), (2, 2), (0, 0, 0, 0), (0, 0), 1),  # kernel = stride: the upsample kernel
+    (8, (4, 4), (2, 2), (1, 1, 1, 1), (0, 0), 2),  # grouped: left to Relax
+]
+
+
+def deconv_net() -> onnx.ModelProto:
+    """ConvTranspose layers of LAYERS with biases and Relu between them, x [1, 12, 5, 6]."""
+    layers = []
+    for out, kernel, strides, pads, output_padding, group in LAYERS:
+        attrs = {"strides": strides, "pads": pads, "group": group}
+        layers.append(
+            (
+                out,
+                kernel,
+                attrs | ({"output_padding": output_padding} if any(output_padding) else {}),
+            )
+        )
+    # rows: 5 -> 10 -> 20 -> 58 -> 58 -> 116 -> 232; columns 6 -> 12 -> 24 -> 24 -> 24 -> 48 -> 96
+    return relu_chain("ConvTranspose", layers, [1, 12, 5, 6], [1, 8, 232, 96])
+
+
+def test_strided_transposed_convs_become_blocked_conv2d() -> None:
+    mod = import_relax(prepare(deconv_net()))
+    assert relax_calls(mod).count("relax.nn.conv2d_transpose") == 6
+    with AVX512:
+        ops = relax_calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
+    assert ops.count("relax.nn.conv2d_transpose") == 1  # the grouped one
+    blocked = [op for op in ops if op.endswith("_nchwc")]
+    assert blocked.count("conv2d_nchwc") == 4 and blocked.count("upsample_nchwc") == 1
+
+
+def test_phase_weight_puts_each_tap_in_its_phase() -> None:
+    w = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)  # [C, O, kh, kw]
+    phased = phase_weight(w, (2, 2))
+    assert phased.shape == (3 * 2 * 2, 2, 2, 2)
+    # output channel o = 1, phase (1, 0): tap (a, b) reads w[:, 1, 1 + (1 - a) * 2, (1 - b) * 2]
+    np.testing.assert_array_equal(phased[1 * 4 + 1 * 2 + 0, :, 0, 1], w[:, 1, 3, 0])
+    np.testing.assert_array_equal(phased[1 * 4 + 1 * 2 + 0, :, 1, 0], w[:, 1, 1, 2])
+    odd = phase_weight(np.ones((1, 1, 3, 3), np.float32), (2, 2))  # 3 taps: phase 1 has one
+    assert odd.shape == (4, 1, 2, 2) and odd[3].sum() == 1 and odd[0].sum() == 4
+
+
+def test_the_rewrite_matches_relax_s_transposed_conv() -> None:
+    mod = import_relax(prepare(deconv_net()))
+    rewritten = transposed_as_phases_pass()(mod)
+    assert relax_calls(rewritten).count("relax.nn.conv2d_transpose") == 2  # grouped, k = s
+    x = np.random.default_rng(1).standard_normal((1, 12, 5, 6)).astype(np.float32)
+    results = []
+    for module in (mod, rewritten):
+        vm = relax.VirtualMachine(tvm.compile(module, target="llvm"), tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(x))
+        results.append((out if hasattr(out, "numpy") else out[0]).numpy())
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["x86", "avx2"])  # this CPU, AVX2 code (8 lanes)
+def test_compiled_deconv_model_matches_onnxruntime(target: str, tmp_path: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((1, 12, 5, 6)).astype(np.float32)
+    got, expected = compiled_xy(deconv_net(), target, tmp_path / "out", x)
+    assert got.shape == expected.shape == (1, 8, 232, 96)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
