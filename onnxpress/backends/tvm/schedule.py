@@ -266,10 +266,12 @@ def layout_passes(target: Any, *, blocked: bool = True) -> list[Any]:
         transform.CanonicalizeBindings(),  # batch_norm(...)[0] -> its first output
         conv_as_conv2d_pass(),  # conv1d, conv3d: the blocked layout takes them as conv2d
         sink_squeeze_pass(),  # ... and the ops between Conv1d layers as 4-D
-        transposed_as_phases_pass(),  # strided transposed convs as conv2d per output phase
         transform.CanonicalizeBindings(),  # the cancelled expand_dims: aliases
         transform.DeadCodeElimination(),
         transform.FoldConstant(),
+        # strided transposed convs as a conv2d per output phase; after the folding, so the
+        # float weights of a QDQ model's transposed convs (kept float by int8.py) qualify
+        transposed_as_phases_pass(),
         *layout,
     ]
 

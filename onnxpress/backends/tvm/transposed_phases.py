@@ -3,9 +3,11 @@
 
 A transposed convolution with stride s writes output row ``q * s + r`` from input rows
 ``q - m`` and kernel rows ``r + m * s`` only (m = 0, 1, ...): for each phase ``r`` of the
-output it is an ordinary convolution with ``K = ceil(k / s)`` taps. This pass (run before
-the blocked layout, schedule.layout_passes) computes all ``s_h * s_w`` phases as one conv2d
-whose output channels are (channel, phase row, phase column),
+output it is an ordinary convolution with ``K = ceil(k / s)`` taps. This pass (run after
+constant folding, before the blocked layout: schedule.layout_passes, so the folded float
+weights of a QDQ model's transposed convs, which int8.py keeps float, qualify too)
+computes all ``s_h * s_w`` phases as one conv2d whose output channels are (channel,
+phase row, phase column),
 
     phases = conv2d(x, W2, padding K - 1)              # [N, O * sh * sw, H + Kh - 1, W + Kw - 1]
     W2[(o, ry, rx), c, a, b] = w[c, o, ry + (Kh - 1 - a) * sh, rx + (Kw - 1 - b) * sw]

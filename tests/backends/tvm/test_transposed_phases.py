@@ -93,3 +93,39 @@ def test_compiled_deconv_model_matches_onnxruntime(target: str, tmp_path: Path) 
     got, expected = compiled_xy(deconv_net(), target, tmp_path / "out", x)
     assert got.shape == expected.shape == (1, 8, 232, 96)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_quantized_model_s_float_transposed_conv_takes_the_phases_too() -> None:
+    """int8.py keeps a QDQ ConvTranspose float; its weight is a DequantizeLinear of a
+    constant until constant folding, after which the pass runs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.integers(-127, 128, (12, 8, 4, 4)).astype(np.int8), "wq")
+    scale = numpy_helper.from_array(np.array(0.02, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+        helper.make_node(
+            "ConvTranspose",
+            ["xd", "wd"],
+            ["y"],
+            kernel_shape=[4, 4],
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq_deconv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 12, 5, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 10, 12])],
+        [w, scale, zero],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    mod = import_relax(prepare(model))
+    with AVX512:
+        ops = relax_calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
+    assert "relax.nn.conv2d_transpose" not in ops and "conv2d_nchwc" in ops
