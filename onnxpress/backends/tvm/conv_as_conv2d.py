@@ -1,4 +1,4 @@
-"""Float Conv1d and Conv3d as conv2d: the Relax pass ``ConvAsConv2d``.
+"""Float Conv1d, ConvTranspose1d and Conv3d as conv2d: the Relax pass ``ConvAsConv2d``.
 
 Relax's conv1d and conv3d go to the generic tiled reduction (tile_plan.py); conv2d takes the
 blocked NCHWc path (blocked_layout.py: channel blocks in the vectors, any width in the
@@ -19,6 +19,11 @@ layouts:
   the conv2d runs over N * D_out images of kd * C channels with the weight [O, kd * C, kh,
   kw] (reordered at compile time); its output goes back to NCDHW. The copy is kd times the
   input; the generic reduction ran r3d_18's 3x3x3 convs at 43-78 GMAC/s.
+
+* **ConvTranspose1d** is the transposed conv2d of height 1 it is, so that a strided one
+  runs as a conv2d over its output phases (transposed_phases.py) instead of TVM's form,
+  which inserts stride - 1 zeros between input samples (a HiFi-GAN upsampler, kernel 16 and
+  stride 8, multiplied 7 zeros for every input sample).
 
 Quantized Conv1d and Conv3d take the same forms in the int8 lowering (int8.py; the depth
 taps of a quantized Conv3d are stacked from its 8-bit integers, padded with their zero point).
@@ -44,6 +49,7 @@ __all__ = [
 
 LAYOUTS = {
     "relax.nn.conv1d": ("NCW", "OIW", "NCW"),
+    "relax.nn.conv1d_transpose": ("NCW", "IOW", "NCW"),
     "relax.nn.conv3d": ("NCDHW", "OIDHW", "NCDHW"),
 }
 
@@ -77,21 +83,49 @@ def _rewritable(call: Any, name: str) -> bool:
         all(shape is not None and len(shape) == rank for shape in shapes)
         and layouts == LAYOUTS[name]
         and dtypes == {"float32"}
-        and (name == "relax.nn.conv1d" or int(attrs.groups) == 1)
+        and (name != "relax.nn.conv3d" or int(attrs.groups) == 1)
     )
 
 
-def _conv1d(builder: Any, call: Any) -> Any:
+def _height_one(builder: Any, call: Any) -> tuple[Any, Any]:
+    """The data and weight of a 1-D ``call`` with a unit height axis (axis 2)."""
     import tvm
     from tvm import relax
 
     data, weight = call.args
     data = builder.emit(relax.op.expand_dims(data, [2]))
     if isinstance(weight, tvm.ir.Constant):
-        weight = relax.const(weight.value.numpy()[:, :, None, :])
-    else:
-        weight = builder.emit(relax.op.expand_dims(weight, [2]))
+        return data, relax.const(weight.value.numpy()[:, :, None, :])
+    return data, builder.emit(relax.op.expand_dims(weight, [2]))
+
+
+def _conv1d(builder: Any, call: Any) -> Any:
+    from tvm import relax
+
+    data, weight = _height_one(builder, call)
     conv = builder.emit(height_one_conv2d(data, weight, call.attrs))
+    return relax.op.squeeze(conv, [2])
+
+
+def _conv1d_transpose(builder: Any, call: Any) -> Any:
+    """A transposed Conv1d as the transposed conv2d of height 1 it is (transposed_phases.py
+    then runs a strided one as a conv2d over its output phases)."""
+    from tvm import relax
+
+    attrs = call.attrs
+    data, weight = _height_one(builder, call)
+    left, right = (int(p) for p in attrs.padding)
+    conv = builder.emit(
+        relax.op.nn.conv2d_transpose(
+            data,
+            weight,
+            strides=(1, int(attrs.strides[0])),
+            padding=(0, left, 0, right),
+            output_padding=(0, int(attrs.output_padding[0])),
+            dilation=(1, int(attrs.dilation[0])),
+            groups=int(attrs.groups),
+        )
+    )
     return relax.op.squeeze(conv, [2])
 
 
@@ -179,7 +213,11 @@ def conv_as_conv2d_pass() -> Any:
 
     from onnxpress.backends.tvm.fast_math import rewriting_pass
 
-    rewrites = {"relax.nn.conv1d": _conv1d, "relax.nn.conv3d": _conv3d}
+    rewrites = {
+        "relax.nn.conv1d": _conv1d,
+        "relax.nn.conv1d_transpose": _conv1d_transpose,
+        "relax.nn.conv3d": _conv3d,
+    }
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):

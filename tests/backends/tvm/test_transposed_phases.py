@@ -1,5 +1,6 @@
 """transposed_phases.py: a strided ConvTranspose runs as one conv2d over its output phases
-(pose heads' 4x4 stride 2, odd kernels, output padding, unequal strides, stride 1) in the
+(pose heads' 4x4 stride 2, odd kernels, output padding, unequal strides, stride 1; 1-D ones
+through conv_as_conv2d.py's height-1 form, a HiFi-GAN upsampler's 16 / stride 8) in the
 blocked layout, a kernel equal to its stride keeps the blocked upsample kernel, grouped
 ones keep Relax's form, and compiled models match onnxruntime on this CPU and in AVX2
 code."""
@@ -129,3 +130,33 @@ def test_a_quantized_model_s_float_transposed_conv_takes_the_phases_too() -> Non
     with AVX512:
         ops = relax_calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
     assert "relax.nn.conv2d_transpose" not in ops and "conv2d_nchwc" in ops
+
+
+# ConvTranspose1d layers: a HiFi-GAN upsampler (16, stride 8), output padding, stride 1,
+# grouped; (out channels, kernel, attributes); x [1, 16, 9]
+LAYERS_1D = [
+    (12, (16,), {"strides": [8], "pads": [4, 4]}),  # 9 -> 72 samples
+    (8, (4,), {"strides": [2], "pads": [1, 1], "output_padding": [1]}),  # 72 -> 145
+    (8, (3,), {"strides": [1], "pads": [1, 1]}),
+    (8, (4,), {"strides": [2], "pads": [1, 1], "group": 2}),  # 145 -> 290, left to Relax
+]
+
+
+def test_transposed_conv1d_takes_the_phases_as_a_height_one_conv2d() -> None:
+    model = relu_chain("ConvTranspose", LAYERS_1D, [1, 16, 9], [1, 8, 290])
+    mod = import_relax(prepare(model))
+    assert relax_calls(mod).count("relax.nn.conv1d_transpose") == 4
+    with AVX512:
+        ops = relax_calls(tvm.transform.Sequential(layout_passes(AVX512))(mod))
+    assert "relax.nn.conv1d_transpose" not in ops
+    assert ops.count("relax.nn.conv2d_transpose") == 1  # the grouped one, height 1
+    assert [op for op in ops if op.endswith("_nchwc")].count("conv2d_nchwc") == 3
+
+
+@pytest.mark.parametrize("target", ["x86", "avx2"])
+def test_compiled_deconv1d_model_matches_onnxruntime(target: str, tmp_path: Path) -> None:
+    model = relu_chain("ConvTranspose", LAYERS_1D, [1, 16, 9], [1, 8, 290])
+    x = np.random.default_rng(5).standard_normal((1, 16, 9)).astype(np.float32)
+    got, expected = compiled_xy(model, target, tmp_path / "out", x)
+    assert got.shape == expected.shape == (1, 8, 290)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
