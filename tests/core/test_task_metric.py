@@ -78,5 +78,21 @@ def test_a_detector_sized_rank_output_is_judged_on_evenly_spaced_rows() -> None:
     assert score.value == alone.value and 0 < score.value < score.budget
 
 
+def test_the_reference_ranks_kept_between_judgements_change_no_score() -> None:
+    from onnxpress.core import task_metric
+
+    rng = np.random.default_rng(6)
+    refs = [rng.random((2, 300, 32)).astype(np.float32) for _ in range(2)]
+    news = [r + 0.05 * rng.standard_normal(r.shape).astype(np.float32) for r in refs]
+    task_metric._REFERENCE_RANKS.clear()
+    fresh = [task_score(r, n).value for r, n in zip(refs, news, strict=True)]
+    assert len(task_metric._REFERENCE_RANKS) == 2
+    again = [task_score(r, n).value for r, n in zip(refs, news, strict=True)]
+    crossed = task_score(refs[0], news[1]).value  # another candidate, same kept reference
+    task_metric._REFERENCE_RANKS.clear()
+    assert again == fresh and crossed == task_score(refs[0], news[1]).value
+    assert fresh[0] != fresh[1]
+
+
 def _ok(ref: np.ndarray, new: np.ndarray) -> bool:
     return compare_metric(["y"], [[ref]], [[new]], "task", None).ok
