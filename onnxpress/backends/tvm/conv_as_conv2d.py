@@ -39,6 +39,7 @@ import numpy as np
 from onnxpress.backends.tvm.matmul_legalize import static_shape
 
 __all__ = [
+    "constant_conv_shapes",
     "conv_as_conv2d_pass",
     "depth_taps",
     "from_taps",
@@ -68,6 +69,25 @@ def height_one_conv2d(data: Any, weight: Any, attrs: Any) -> Any:
         dilation=(1, int(attrs.dilation[0])),
         groups=int(attrs.groups),
     )
+
+
+def constant_conv_shapes(call: Any, kernel_layout: str) -> list[list[int]] | None:
+    """[input, weight, output] shapes of a float32 2-D convolution ``call`` (conv2d or
+    conv2d_transpose) in NCHW / ``kernel_layout`` with static shapes and a constant
+    weight, else None."""
+    import tvm
+
+    attrs = call.attrs
+    data, weight = call.args
+    found = [static_shape(x) for x in (data, weight, call)]
+    shapes = [s for s in found if s is not None and len(s) == 4]
+    layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+    dtypes = {str(getattr(getattr(x, "ty", None), "dtype", "")) for x in (data, weight, call)}
+    if len(shapes) != 3 or not isinstance(weight, tvm.ir.Constant):
+        return None
+    if layouts != ("NCHW", kernel_layout, "NCHW") or dtypes != {"float32"}:
+        return None
+    return shapes
 
 
 def _rewritable(call: Any, name: str) -> bool:

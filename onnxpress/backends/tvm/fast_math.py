@@ -99,6 +99,23 @@ def rewriting_pass(name: str, rewriter: Any) -> Any:
     return _pass
 
 
+def op_rewriting_pass(name: str, op: str, rewrite: Any) -> Any:
+    """A module pass that replaces each call of ``op`` by ``rewrite(builder, call)``, where
+    that returns an expression (None: the call stays)."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if str(getattr(call.op, "name", "")) != op:
+                return call
+            new = rewrite(self.builder_, call)
+            return call if new is None else new
+
+    return rewriting_pass(name, _Rewriter)
+
+
 def _by_reciprocal(call: Any) -> Any:
     """``x / c`` for a float32 constant ``c`` as ``x * (1 / c)`` where every reciprocal is a
     normal number (a vector division costs about 7 multiplies: GELU's ``x / sqrt(2)`` took

@@ -6,7 +6,9 @@ naive single-threaded loop nest. This pipeline
 0. ``BlockedLayout`` (blocked_layout.py), after ``ConvAsConv2d`` (conv_as_conv2d.py: Conv1d
    and Conv3d as conv2d), ``SinkSqueeze`` (height_one.py: the ops between Conv1d layers on
    their 4-D tensors), ``TransposedAsPhases`` (transposed_phases.py: a strided transposed
-   conv as one conv2d over its output phases) and folding constants: float convolutions and
+   conv as one conv2d over its output phases), ``DilatedTapRegions`` (dilated_taps.py: a
+   dilated conv whose taps mostly read padding as one 1x1 conv per tap over the region it
+   reaches) and folding constants: float convolutions and
    the ops between them in NCHWc (with ``blocked``, the default), 3x3 stride-1 convs as
    Winograd kernels (winograd.py); what it leaves in NCHW goes on through step 1;
 1. ``ConvKernelLayout`` (tile_schedule.py), before legalization:
@@ -48,6 +50,7 @@ from onnxpress.backends.tvm.blocked_layout import blocked_layout_pass
 from onnxpress.backends.tvm.conv_as_conv2d import conv_as_conv2d_pass
 from onnxpress.backends.tvm.conv_packed import conv_kernel_layout_pass, legalize_passes
 from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
+from onnxpress.backends.tvm.dilated_taps import dilated_tap_regions_pass
 from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.height_one import sink_squeeze_pass
 from onnxpress.backends.tvm.int8_gemm import epilogue_rule
@@ -272,6 +275,8 @@ def layout_passes(target: Any, *, blocked: bool = True) -> list[Any]:
         # strided transposed convs as a conv2d per output phase; after the folding, so the
         # float weights of a QDQ model's transposed convs (kept float by int8.py) qualify
         transposed_as_phases_pass(),
+        dilated_tap_regions_pass(),  # ASPP-like dilated convs: one 1x1 conv per tap region
+        transform.CanonicalizeBindings(),
         *layout,
     ]
 

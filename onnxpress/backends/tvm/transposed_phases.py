@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpress.backends.tvm.matmul_legalize import static_shape
+from onnxpress.backends.tvm.conv_as_conv2d import constant_conv_shapes
+from onnxpress.backends.tvm.fast_math import op_rewriting_pass
 
 __all__ = ["phase_weight", "transposed_as_phases_pass"]
 
@@ -61,18 +62,10 @@ def _ints(values: Any) -> list[int]:
 
 def _plan(call: Any) -> tuple[np.ndarray, list[int], list[int]] | None:
     """(constant weight, input shape, output shape) when ``call`` is rewritten, else None."""
-    import tvm
-
+    shapes = constant_conv_shapes(call, "IOHW")
+    if shapes is None:
+        return None
     attrs = call.attrs
-    data, weight = call.args
-    found = [static_shape(x) for x in (data, weight, call)]
-    shapes = [s for s in found if s is not None and len(s) == 4]
-    if len(shapes) != 3 or not isinstance(weight, tvm.ir.Constant):
-        return None
-    layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
-    dtypes = {str(getattr(getattr(x, "ty", None), "dtype", "")) for x in (data, weight, call)}
-    if layouts != ("NCHW", "IOHW", "NCHW") or dtypes != {"float32"}:
-        return None
     if int(attrs.groups) != 1 or _ints(attrs.dilation) != [1, 1]:
         return None
     in_shape, w_shape, out_shape = shapes
@@ -84,7 +77,7 @@ def _plan(call: Any) -> tuple[np.ndarray, list[int], list[int]] | None:
         covered = (in_shape[2 + axis] + math.ceil(k / s) - 1) * s
         if padding[axis] + out_shape[2 + axis] > covered:
             return None  # output padding past the phases' rows
-    return weight.value.numpy(), in_shape, out_shape
+    return call.args[1].value.numpy(), in_shape, out_shape
 
 
 def _phases(
@@ -113,19 +106,11 @@ def _phases(
     )
 
 
+def _rewrite(builder: Any, call: Any) -> Any | None:
+    plan = _plan(call)
+    return None if plan is None else _phases(builder, call, *plan)
+
+
 def transposed_as_phases_pass() -> Any:
     """The relax module pass ``TransposedAsPhases`` (see the module docstring)."""
-    from tvm import relax
-
-    from onnxpress.backends.tvm.fast_math import rewriting_pass
-
-    @relax.expr_functor.mutator
-    class _Rewriter(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:
-            call = super().visit_call_(call)
-            if str(getattr(call.op, "name", "")) != "relax.nn.conv2d_transpose":
-                return call
-            plan = _plan(call)
-            return call if plan is None else _phases(self.builder_, call, *plan)
-
-    return rewriting_pass("TransposedAsPhases", _Rewriter)
+    return op_rewriting_pass("TransposedAsPhases", "relax.nn.conv2d_transpose", _rewrite)
