@@ -113,3 +113,13 @@ def relu_chain(
         nodes.append(helper.make_node("Relu", [f"c{index}"], [name]))
         channels = out
     return xy_model(nodes, inits, x, y)
+
+
+def run_relax(module: Any, *arrays: np.ndarray) -> np.ndarray:
+    """``module``'s main built for llvm and run on ``arrays``: its (first) output."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(module, target="llvm"), tvm.cpu())
+    out = vm["main"](*(tvm.runtime.tensor(a) for a in arrays))
+    return (out if hasattr(out, "numpy") else out[0]).numpy()

@@ -1,7 +1,8 @@
 """dilated_taps.py: a dilated conv whose taps mostly read padding (DeepLab's ASPP on a small
 map) becomes one 1x1 conv per tap over the output region that tap reaches; taps that
-reach nothing are dropped (dilation past the map: only the centre is left), dense ones
-are left alone, and compiled models match onnxruntime on this CPU and in AVX2 code."""
+reach nothing are dropped (dilation past the map: only the centre is left), the tap sum
+matches Relax's dilated conv, dense, strided, grouped and undilated convs are left alone,
+and compiled models match onnxruntime on this CPU and in AVX2 code."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tvm_kernels import compiled_xy, relax_calls, relu_chain
+from tvm_kernels import compiled_xy, relax_calls, relu_chain, run_relax
 
 tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
 
 from onnxpress.backends.tvm.build import import_relax  # noqa: E402
 from onnxpress.backends.tvm.dilated_taps import (  # noqa: E402
@@ -47,6 +50,33 @@ def test_sparse_dilated_convs_become_tap_regions() -> None:
     assert ops.count("relax.nn.conv2d") == 9 + 1 + 1 + 9
     assert ops.count("relax.add") == 8 + 8 + 4  # the taps' sums, then the four biases
     assert ops.count("relax.nn.pad") == 8 + 8  # every tap but a full centre is a region
+
+
+def test_the_tap_sum_matches_relax_s_dilated_conv() -> None:
+    mod = import_relax(prepare(aspp_net()))
+    rewritten = dilated_tap_regions_pass()(mod)
+    x = np.random.default_rng(7).standard_normal((1, 8, 12, 12)).astype(np.float32)
+    np.testing.assert_allclose(run_relax(rewritten, x), run_relax(mod, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("strides", "groups", "dilation"),
+    [((2, 2), 1, 8), ((1, 1), 2, 8), ((1, 1), 1, 1), ((1, 1), 1, 3)],
+    ids=["strided", "grouped", "undilated", "dense"],
+)
+def test_other_convs_are_left_alone(strides: tuple[int, int], groups: int, dilation: int) -> None:
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 12, 12), "float32"))
+    w = relax.const(np.ones((8, 8 // groups, 3, 3), np.float32))
+    with builder.function("main", [x]):
+        with builder.dataflow():
+            conv = relax.op.nn.conv2d(
+                x, w, strides=strides, padding=dilation, dilation=dilation, groups=groups
+            )
+            out = builder.emit_output(conv)
+        builder.emit_func_output(out)
+    ops = relax_calls(dilated_tap_regions_pass()(builder.get()))
+    assert ops == ["relax.nn.conv2d"]
 
 
 @pytest.mark.parametrize("target", ["x86", "avx2"])
