@@ -5,7 +5,8 @@ test_prefetch) a Relax matmul by constant weights and a relu; for the layout tes
 (test_blocked_layout, test_conv_as_conv2d) the ops and kernels a Relax ``main`` calls, and
 an ONNX model from float "x" to float "y" (test_conv_as_conv2d, test_schedule), and such a
 model compiled and run beside onnxruntime (test_conv_as_conv2d, test_height_one), and chains
-of Conv / ConvTranspose layers (test_conv_as_conv2d, test_transposed_phases). TVM is
+of Conv / ConvTranspose layers (test_conv_as_conv2d, test_transposed_phases, test_dilated_taps),
+and a Relax module built for llvm and run (test_transposed_phases, test_dilated_taps). TVM is
 imported inside, so importing this module does not need it."""
 
 from __future__ import annotations
