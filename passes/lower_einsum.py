@@ -89,8 +89,10 @@ def parse_equation(equation: str, ranks: list[int]) -> tuple[list[str], str]:
 class Lowering:
     """Emits the nodes of one Einsum; the last one writes the Einsum's output."""
 
-    def __init__(self, graph: gs.Graph, node: gs.Node, sizes: dict[str, int]) -> None:
-        self.graph, self.node, self.sizes = graph, node, sizes
+    def __init__(
+        self, graph: gs.Graph, node: gs.Node, sizes: dict[str, int], opset: int = 13
+    ) -> None:
+        self.graph, self.node, self.sizes, self.opset = graph, node, sizes, opset
         self.taken = set(graph.tensors()) | {n.name for n in graph.nodes}
 
     def _name(self, base: str) -> str:
@@ -120,8 +122,11 @@ class Lowering:
         gone = [i for i, c in enumerate(term.letters) if c not in keep]
         if not gone:
             return term
-        axes = gs.Constant(self._name("axes"), np.array(gone, np.int64))
-        summed = self.op("ReduceSum", [term.tensor, axes], keepdims=0)
+        if self.opset < 13:  # Einsum's opset 12: ReduceSum takes its axes as an attribute
+            summed = self.op("ReduceSum", [term.tensor], axes=gone, keepdims=0)
+        else:
+            axes = gs.Constant(self._name("axes"), np.array(gone, np.int64))
+            summed = self.op("ReduceSum", [term.tensor, axes], keepdims=0)
         return Term(summed, "".join(c for c in term.letters if c in keep))
 
     def reshape(self, term: Term, groups: list[str]) -> gs.Tensor:
@@ -219,12 +224,16 @@ class LowerEinsum(Pass[LowerEinsumOptions]):
         if not found:
             return result
         shapes = ctx.analysis(TensorShapes, graph)
+        opset = max(
+            (o.version for o in ctx.template.opset_import if o.domain in ("", "ai.onnx")),
+            default=13,
+        )
         for node in found:
             reason, terms, out, sizes = refusal(node, shapes)
             if reason:
                 result.refuse(node.name, reason)
                 continue
-            matmuls = Lowering(graph, node, sizes).emit(terms, out)
+            matmuls = Lowering(graph, node, sizes, opset).emit(terms, out)
             node.outputs.clear()
             node.inputs.clear()
             result.count("einsum_lowered")

@@ -81,6 +81,19 @@ def test_lowered_einsum_matches_onnxruntime_and_numpy(
     np.testing.assert_allclose(got, np.einsum(equation, *values), rtol=1e-4, atol=1e-5)
 
 
+def test_opset_12_sums_with_reduce_sum_s_attribute(kit: SimpleNamespace) -> None:
+    model = kit.model(
+        [node("Einsum", ["x0", "x1"], ["y"], equation="abc,cd->ad")],
+        {"x0": [2, 3, 4], "x1": [4, 5]},
+        {"y": None},
+        opset=12,
+    )
+    lowered, _ = onnxpress.optimize(model, passes="lower-einsum")
+    (reduce,) = [n for n in lowered.graph.node if n.op_type == "ReduceSum"]
+    assert len(reduce.input) == 1 and [a.name for a in reduce.attribute] == ["axes", "keepdims"]
+    kit.same_outputs(model, lowered)
+
+
 def test_the_smallest_intermediate_is_contracted_first(kit: SimpleNamespace) -> None:
     """x0 [64, 2] . x1 [2, 64] . x2 [64, 3]: (x1 x2) is 2 x 3, (x0 x1) would be 64 x 64."""
     model = einsum_model(kit, "ij,jk,kl->il", [(64, 2), (2, 64), (64, 3)], None)
