@@ -224,16 +224,12 @@ class LowerEinsum(Pass[LowerEinsumOptions]):
         if not found:
             return result
         shapes = ctx.analysis(TensorShapes, graph)
-        opset = max(
-            (o.version for o in ctx.template.opset_import if o.domain in ("", "ai.onnx")),
-            default=13,
-        )
         for node in found:
             reason, terms, out, sizes = refusal(node, shapes)
             if reason:
                 result.refuse(node.name, reason)
                 continue
-            matmuls = Lowering(graph, node, sizes, opset).emit(terms, out)
+            matmuls = Lowering(graph, node, sizes, ctx.opset).emit(terms, out)
             node.outputs.clear()
             node.inputs.clear()
             result.count("einsum_lowered")

@@ -50,6 +50,12 @@ class PassContext:
     statistics: StatisticsStore | None = None  # calibration statistics reused across runs
     _analyses: dict[type, Any] = field(default_factory=dict)
 
+    @property
+    def opset(self) -> int:
+        """The model's version of the default ONNX domain (0 when it imports none)."""
+        versions = [o.version for o in self.template.opset_import if o.domain in ("", "ai.onnx")]
+        return max(versions, default=0)
+
     def analysis(self, cls: type[AnalysisT], graph: gs.Graph) -> AnalysisT:
         if cls not in self._analyses:
             self._analyses[cls] = cls.compute(graph, self)  # type: ignore[attr-defined]

@@ -101,7 +101,7 @@ class _Folder:
     ) -> None:
         self.graph, self.ctx, self.options, self.result = graph, ctx, options, result
         self.opsets = [helper.make_opsetid(o.domain, o.version) for o in ctx.template.opset_import]
-        self.opset = next((o.version for o in ctx.template.opset_import if o.domain == ""), 1)
+        self.opset = ctx.opset or 1
         self.refused: set[int] = set()
         self.removed: set[int] = set()
         self.touched: dict[int, gs.Tensor] = {}

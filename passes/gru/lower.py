@@ -72,7 +72,7 @@ def lower_ops(
     found = [n for n in graph.nodes if n.op == op and n.domain in (None, "", "ai.onnx")]
     if not found:
         return result
-    opset = max((v for d, v in _opsets(ctx).items() if d in ("", "ai.onnx")), default=0)
+    opset = ctx.opset
     shapes = ctx.analysis(TensorShapes, graph)
     for node in found:
         reason = refusal(node, shapes, opset, options, defaults) or (extra(node) if extra else "")
@@ -90,10 +90,6 @@ def lower_ops(
     graph.nodes = [n for n in graph.nodes if n.outputs or n.op != op]
     graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
     return result
-
-
-def _opsets(ctx: PassContext) -> dict[str, int]:
-    return {op.domain: op.version for op in ctx.template.opset_import}
 
 
 def refusal(
