@@ -20,6 +20,7 @@ from onnxpress.passes import (
     qdq,
     svd,
     toposort,
+    upgrade_opset,
 )
 from onnxpress.passes.gru import fuse as fuse_gru
 from onnxpress.passes.gru import fuse_lstm, lower_lstm
@@ -41,4 +42,5 @@ __all__ = [
     "qdq",
     "svd",
     "toposort",
+    "upgrade_opset",
 ]

@@ -55,12 +55,7 @@ from onnxpress.passes.qdq.calibrate import (
     tensor_ranges,
 )
 from onnxpress.passes.qdq.convert import ConvertSummary, WeightCache, convert
-from onnxpress.passes.qdq.prepare import (
-    decompose_hardswish,
-    detach_dead_nodes,
-    name_nodes,
-    upgrade_opset,
-)
+from onnxpress.passes.qdq.prepare import decompose_hardswish, detach_dead_nodes, name_nodes
 from onnxpress.passes.qdq.recover import (
     Evaluator,
     FallbackResult,
@@ -77,6 +72,7 @@ from onnxpress.passes.qdq.refit import LINEAR_OPS, apply_solutions, refit_quanti
 from onnxpress.passes.qdq.report import report
 from onnxpress.passes.qdq.saturation import Policy, protect_from_saturation
 from onnxpress.passes.qdq.target_fit import fit_targets
+from onnxpress.passes.upgrade_opset import upgrade_opset
 
 from onnxpress.calibration.observers import RANGE_METHODS, Range
 from onnxpress.core.context import PassContext

@@ -13,12 +13,8 @@ disconnected, and every node gets a unique name (annotations key on node names).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import version_converter
 
 from onnxpress.core.ir import unique_name
 
@@ -69,22 +65,3 @@ def decompose_hardswish(graph: gs.Graph) -> int:
         node.inputs.append(gate)
         count += 1
     return count
-
-
-def upgrade_opset(
-    graph: gs.Graph, export: Callable[[gs.Graph], onnx.ModelProto], version: int
-) -> str | None:
-    """Convert ``graph`` in place to opset ``version`` with onnx's version converter (checked
-    with ``onnx.checker``). None on success, else the converter's complaint in one line."""
-    try:
-        converted = version_converter.convert_version(export(graph), version)
-        onnx.checker.check_model(converted)
-    except Exception as exc:  # the converter raises bare RuntimeErrors from C++
-        lines = str(exc).strip().splitlines()
-        return lines[0] if lines else type(exc).__name__
-    upgraded = gs.import_onnx(converted)
-    graph.nodes = upgraded.nodes
-    graph.inputs = upgraded.inputs
-    graph.outputs = upgraded.outputs
-    graph.opset = version
-    return None

@@ -3,8 +3,9 @@
 specialise:  every graph input gets a static shape (``--input-shape name=1,3,224,224``,
              else the model's own static dims; a symbolic leading axis becomes 1), stale
              value_info is dropped and shapes are inferred again;
-lower:       the pipeline ``PREPARE_PIPELINE`` (GRU -> primitive ops, Einsum -> MatMuls
-             (passes/lower_einsum.py), constant folding of
+lower:       the pipeline ``PREPARE_PIPELINE`` (a model older than opset 10 converted to
+             opset 13 (passes/upgrade_opset.py: Upsample -> Resize and the like), GRU ->
+             primitive ops, Einsum -> MatMuls (passes/lower_einsum.py), constant folding of
              the now-static shape arithmetic, dead-node clean-up) runs under the pass
              manager, so each pass is verified on onnxruntime and reported;
 coverage:    every op the Relax ONNX importer cannot take is listed, with node names, in
@@ -30,9 +31,10 @@ from onnxpress.core.report import Report
 
 logger = logging.getLogger(__name__)
 
-PREPARE_PIPELINE = "lower-gru,fold-constants,lower-einsum,cleanup,toposort"
+UPGRADE = "upgrade-opset{below=10}"  # TVM's importer misreads ops that opset 10 replaced
+PREPARE_PIPELINE = f"{UPGRADE},lower-gru,fold-constants,lower-einsum,cleanup,toposort"
 # GRUs kept for the loop-form converter (onnxpress.backends.tvm.rnn) instead of unrolled.
-LOOP_GRU_PIPELINE = "fold-constants,lower-einsum,cleanup,toposort"
+LOOP_GRU_PIPELINE = f"{UPGRADE},fold-constants,lower-einsum,cleanup,toposort"
 
 
 def with_masked_lowering(model: onnx.ModelProto, pipeline: str) -> str:

@@ -410,7 +410,7 @@ def test_old_opset_is_upgraded_for_per_channel(
     def refuse(*args: object) -> None:
         raise RuntimeError("no adapter for Conv\nmore detail")
 
-    monkeypatch.setattr("onnxpress.passes.qdq.prepare.version_converter.convert_version", refuse)
+    monkeypatch.setattr("onnxpress.passes.upgrade_opset.version_converter.convert_version", refuse)
     result, record = quantize(model)
     assert "QuantizeLinear" not in kit.ops(result)
     (refusal,) = record.result.refusals
