@@ -44,7 +44,10 @@ from onnxpress.core.registry import register_pass
 logger = logging.getLogger(__name__)
 
 MIB = 1 << 20
-_MAX_ROUNDS = 4  # infer shapes again after folding, at most this many rounds in all
+# Rounds of shape inference, each only while folding made a shape argument constant: a chain
+# of shape computations that each read the shape the one before made static (shufflenet_v2's
+# channel shuffles with a dynamic batch) makes one more link static a round.
+_MAX_ROUNDS = 32
 _SMALL_INT_INPUT = 1024  # integer inputs up to this size reach shape inference as values
 _DEFAULT_DOMAINS = (None, "", "ai.onnx")  # graphsurgeon reads the default as None
 _RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}  # fmt: skip
