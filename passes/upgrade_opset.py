@@ -3,12 +3,13 @@ onnx's version converter (``to``, default 13), checked with ``onnx.checker``.
 
 Models exported years ago (the ONNX model zoo's classics, opsets 7-9) use ops that later
 opsets replaced: Upsample (Resize from opset 10), BatchNormalization with ``spatial``,
-Dropout with ``is_test``. Tools that read ONNX follow the newer forms first: TVM's Relax
-importer failed on Upsample-9 (its scales input read as None) and resized Upsample-7
-(scales as an attribute) at the wrong coordinates, max-rel 0.56 against onnxruntime
-(docs/BENCHMARKS.md, run 26). ``onnxpress compile`` runs this pass first with
-``below=10`` (backends/tvm/prepare.py); the qdq pass upgrades to 13 itself, for
-DequantizeLinear's ``axis``.
+Dropout with ``is_test``, Resize-10 (opset 11's Resize took coordinate modes). Tools that
+read ONNX follow the newer forms first: TVM's Relax importer failed on Upsample-9 (its
+scales input read as None) and on Resize-10, and resized Upsample-7 (scales as an
+attribute) at the wrong coordinates, max-rel 0.56 against onnxruntime (docs/BENCHMARKS.md,
+run 26). ``onnxpress compile`` runs this pass first with ``below=11``
+(backends/tvm/prepare.py); the qdq pass upgrades to 13 itself, for DequantizeLinear's
+``axis``.
 
 The converter turns Upsample (and Resize-10) into a Resize without its coordinate mode,
 which opset 11 then reads as half_pixel; this pass sets the modes those ops had (asymmetric,

@@ -12,14 +12,15 @@ from onnx import TensorProto, helper, numpy_helper
 def upsample_model(
     opset: int, mode: str = "nearest", factors: tuple[float, float] = (2.0, 2.0)
 ) -> onnx.ModelProto:
-    """Conv -> Upsample (scales an attribute at opset 7-8, an input at 9) -> Relu."""
+    """Conv -> Upsample (scales an attribute at opset 7-8, an input at 9; Resize at 10) -> Relu."""
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")]
     scales = [1.0, 1.0, *factors]
     size = [1, 4, int(5 * factors[0]), int(6 * factors[1])]
-    if opset >= 9:
+    if opset >= 9:  # Resize-10 has Upsample-9's inputs and coordinates
         inits.append(numpy_helper.from_array(np.array(scales, np.float32), "scales"))
-        upsample = helper.make_node("Upsample", ["c", "scales"], ["u"], mode=mode)
+        op = "Resize" if opset == 10 else "Upsample"
+        upsample = helper.make_node(op, ["c", "scales"], ["u"], mode=mode)
     else:
         upsample = helper.make_node("Upsample", ["c"], ["u"], mode=mode, scales=scales)
     graph = helper.make_graph(

@@ -18,7 +18,7 @@ from onnxpress.core.context import PassContext
 from onnxpress.core.ir import to_graph
 
 
-@pytest.mark.parametrize("opset", [7, 8, 9])
+@pytest.mark.parametrize("opset", [7, 8, 9, 10])
 @pytest.mark.parametrize("mode", ["nearest", "linear"])
 def test_upsample_becomes_resize_with_the_same_outputs(opset: int, mode: str) -> None:
     model = upsample_model(opset, mode)

@@ -1,6 +1,7 @@
-"""Compiling models of opsets 7-9: ``onnxpress compile`` converts them to opset 13 first
-(upgrade-opset in backends/tvm/prepare.py). TVM's importer failed on Upsample-9 and resized
-Upsample-7 at the wrong coordinates; compiled now, they match onnxruntime on the original."""
+"""Compiling models of opsets 7-10: ``onnxpress compile`` converts them to opset 13 first
+(upgrade-opset in backends/tvm/prepare.py). TVM's importer failed on Upsample-9 and Resize-10
+and resized Upsample-7 at the wrong coordinates; compiled now, they match onnxruntime on
+the original."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from onnxpress.backends.tvm.runtime import CompiledModel  # noqa: E402
 from onnxpress.backends.tvm.targets import parse_target  # noqa: E402
 
 
-@pytest.mark.parametrize(("opset", "mode"), [(7, "nearest"), (8, "linear"), (9, "nearest")])
+@pytest.mark.parametrize(
+    ("opset", "mode"), [(7, "nearest"), (8, "linear"), (9, "nearest"), (10, "linear")]
+)
 def test_upsample_models_compile_to_onnxruntime_s_outputs(
     tmp_path: Path, opset: int, mode: str
 ) -> None:
