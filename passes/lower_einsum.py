@@ -229,7 +229,7 @@ class LowerEinsum(Pass[LowerEinsumOptions]):
             if reason:
                 result.refuse(node.name, reason)
                 continue
-            matmuls = Lowering(graph, node, sizes, ctx.opset).emit(terms, out)
+            matmuls = Lowering(graph, node, sizes, ctx.opset_of(graph)).emit(terms, out)
             node.outputs.clear()
             node.inputs.clear()
             result.count("einsum_lowered")

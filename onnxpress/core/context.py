@@ -56,6 +56,11 @@ class PassContext:
         versions = [o.version for o in self.template.opset_import if o.domain in ("", "ai.onnx")]
         return max(versions, default=0)
 
+    def opset_of(self, graph: gs.Graph) -> int:
+        """The default domain's version that ``graph`` is at now: its own ``opset`` (which a
+        pass such as upgrade-opset raises) where set, else the input model's."""
+        return int(graph.opset or 0) or self.opset
+
     def analysis(self, cls: type[AnalysisT], graph: gs.Graph) -> AnalysisT:
         if cls not in self._analyses:
             self._analyses[cls] = cls.compute(graph, self)  # type: ignore[attr-defined]

@@ -103,8 +103,11 @@ class _Folder:
         self, graph: gs.Graph, ctx: PassContext, options: FoldConstantsOptions, result: PassResult
     ) -> None:
         self.graph, self.ctx, self.options, self.result = graph, ctx, options, result
-        self.opsets = [helper.make_opsetid(o.domain, o.version) for o in ctx.template.opset_import]
-        self.opset = ctx.opset or 1
+        self.opset = ctx.opset_of(graph) or 1
+        self.opsets = [
+            helper.make_opsetid(o.domain, self.opset if o.domain in ("", "ai.onnx") else o.version)
+            for o in ctx.template.opset_import
+        ]
         self.refused: set[int] = set()
         self.removed: set[int] = set()
         self.touched: dict[int, gs.Tensor] = {}

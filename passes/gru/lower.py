@@ -72,7 +72,7 @@ def lower_ops(
     found = [n for n in graph.nodes if n.op == op and n.domain in (None, "", "ai.onnx")]
     if not found:
         return result
-    opset = ctx.opset
+    opset = ctx.opset_of(graph)
     shapes = ctx.analysis(TensorShapes, graph)
     for node in found:
         reason = refusal(node, shapes, opset, options, defaults) or (extra(node) if extra else "")

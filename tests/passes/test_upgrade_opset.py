@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from old_opsets import run, upsample_model
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnxpress.passes.upgrade_opset import UpgradeOpset, UpgradeOpsetOptions
 
 import onnxpress
@@ -84,3 +84,25 @@ def test_a_conversion_the_converter_cannot_make_is_refused() -> None:
 def test_bad_options_are_named(text: str, message: str) -> None:
     with pytest.raises(Exception, match=message):
         onnxpress.optimize(upsample_model(9), passes=text)
+
+
+def test_passes_after_an_upgrade_read_the_new_opset() -> None:
+    """Squeeze-9 (axes an attribute) is Squeeze-13 (axes an input) after the upgrade; the
+    fold that follows in the same pipeline evaluates it at opset 13 (ctx.opset_of), where
+    reading the input model's opset it refused the node."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Squeeze", ["c"], ["s"], axes=[0]),
+            helper.make_node("Add", ["x", "s"], ["y"]),
+        ],
+        "squeeze",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(np.arange(3, dtype=np.float32).reshape(1, 1, 3), "c")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    out, report = onnxpress.optimize(model, passes="upgrade-opset,fold-constants")
+    fold = report.passes[1].result
+    assert fold.counts.get("folded") == 1 and not fold.refusals
+    assert [n.op_type for n in out.graph.node] == ["Add"]
