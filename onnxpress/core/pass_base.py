@@ -72,6 +72,8 @@ class Pass(Generic[OptionsT]):
       * ``metric``/``default_budget``: for lossy passes, how the verifier judges the output
         against the original model (see ``onnxpress.core.verify.METRICS``);
       * ``preserves``: analysis classes whose cached results remain valid after the pass;
+      * ``runs_optimized``: a lossless pass exact only as users run the model (onnxruntime's
+        graph optimizations on): it and every pass after it are verified that way;
     and implement ``run``. The first line of the class docstring is the pass description.
     """
 
@@ -82,6 +84,7 @@ class Pass(Generic[OptionsT]):
     default_budget: ClassVar[float | None] = 0.05  # None: the metric's own (task)
     recovery_hint: ClassVar[str] = ""  # what to try when the result misses its budget
     preserves: ClassVar[tuple[type, ...]] = ()
+    runs_optimized: ClassVar[bool] = False
 
     def __init__(self, options: OptionsT | None = None) -> None:
         self.options: OptionsT = options if options is not None else self.options_type()

@@ -1,0 +1,210 @@
+"""qop-to-qdq: quantized operators (QOperator format) rewritten as QDQ: each
+``QLinearX(x, x_scale, x_zero, ..., y_scale, y_zero)`` becomes DequantizeLinear of its
+quantized inputs, the float ``X`` with the same attributes, and a QuantizeLinear that writes
+the op's own output tensor.
+
+Int8 models from onnxruntime's ``quantize_static(quant_format=QOperator)`` and the int8
+models of the ONNX model zoo are in this format; TVM's Relax importer converts none of its
+ops, and ``onnxpress compile`` refused them ("cannot convert these ops: QLinearConv ...",
+docs/BENCHMARKS.md, run 26). In QDQ form, compile's integer lowering (int8.py) takes them
+like any model onnxpress quantized itself. onnxruntime fuses the QDQ groups back into the
+integer kernels the QOperator ops ran: at its default optimization level the result is
+bit-identical (resnet18 and mobilenet_v2 from quantize_static), so the pass is lossless and
+verified that way (``runs_optimized``; without those fusions QDQ runs as float fake-quant,
+one quantization step away in places).
+
+Converted: QLinearConv (a bias is int32 at scale x_scale * w_scale), QLinearMatMul, and the
+com.microsoft QLinearAdd, QLinearMul, QLinearSigmoid, QLinearLeakyRelu,
+QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat and QGemm. Per-channel scales
+dequantize along the weight's output axis (DequantizeLinear's ``axis``, opset 13: an older
+model is upgraded first, as the qdq pass does). Refused, with a reason: channels-last pools,
+scales that are not constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from onnxpress.passes.upgrade_opset import upgrade_opset
+
+from onnxpress.core.context import PassContext
+from onnxpress.core.pass_base import Pass, PassResult
+from onnxpress.core.registry import register_pass
+
+MS = "com.microsoft"
+# op: (domain, float op, indices of (x, scale, zero) triples, output (scale, zero) or None)
+SIMPLE: dict[str, tuple[str, str, tuple[int, ...], tuple[int, int] | None]] = {
+    "QLinearMatMul": ("", "MatMul", (0, 3), (6, 7)),
+    "QLinearAdd": (MS, "Add", (0, 3), (6, 7)),
+    "QLinearMul": (MS, "Mul", (0, 3), (6, 7)),
+    "QLinearSigmoid": (MS, "Sigmoid", (0,), (3, 4)),
+    "QLinearLeakyRelu": (MS, "LeakyRelu", (0,), (3, 4)),
+    "QLinearGlobalAveragePool": (MS, "GlobalAveragePool", (0,), (3, 4)),
+    "QLinearAveragePool": (MS, "AveragePool", (0,), (3, 4)),
+}
+HANDLED = {*SIMPLE, "QLinearConv", "QLinearConcat", "QGemm"}
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis
+
+
+@dataclass(frozen=True)
+class QopToQdqOptions:
+    """No options: every quantized operator that passes the checks is converted."""
+
+
+class Refused(Exception):
+    """Why one node stays as it is."""
+
+
+def _constant(tensor: gs.Tensor, what: str) -> np.ndarray:
+    if not isinstance(tensor, gs.Constant):
+        raise Refused(f"{what} {tensor.name!r} is not a constant")
+    return np.asarray(tensor.values)
+
+
+class Converter:
+    """Emits the QDQ form of one node into ``graph`` (before the node's position)."""
+
+    def __init__(self, graph: gs.Graph, node: gs.Node) -> None:
+        self.graph, self.node = graph, node
+        self.new_nodes: list[gs.Node] = []
+        self.prefix = node.name or node.op
+
+    def _var(self, suffix: str) -> gs.Variable:
+        return gs.Variable(f"{self.prefix}/{suffix}", dtype=np.float32)
+
+    def dequantize(self, x: gs.Tensor, scale: gs.Tensor, zero: gs.Tensor, axis: int) -> gs.Tensor:
+        values = _constant(scale, "scale")
+        out = self._var(f"{x.name}_dq")
+        attrs = {"axis": axis} if values.size > 1 else {}
+        self.new_nodes.append(
+            gs.Node(
+                "DequantizeLinear", f"{self.prefix}/{x.name}_dq", attrs, [x, scale, zero], [out]
+            )
+        )
+        return out
+
+    def quantize(self, y: gs.Tensor, scale: gs.Tensor, zero: gs.Tensor) -> None:
+        _constant(scale, "output scale")
+        out = self.node.outputs[0]
+        self.new_nodes.append(
+            gs.Node("QuantizeLinear", f"{self.prefix}/q", {}, [y, scale, zero], [out])
+        )
+
+    def float_op(self, op: str, inputs: list[gs.Tensor], attrs: dict[str, object]) -> gs.Tensor:
+        out = self._var("float")
+        self.new_nodes.append(gs.Node(op, f"{self.prefix}/float", attrs, inputs, [out]))
+        return out
+
+    def bias(
+        self, b: gs.Tensor, x_scale: gs.Tensor, w_scale: gs.Tensor, factor: float
+    ) -> gs.Tensor:
+        """An int32 bias at scale x_scale * w_scale (* factor), zero point 0, dequantized."""
+        scale = (_constant(x_scale, "scale") * _constant(w_scale, "scale") * factor).astype(
+            np.float32
+        )
+        scale = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
+        zero = np.zeros(scale.shape, np.int32)
+        s = gs.Constant(f"{self.prefix}/bias_scale", scale)
+        z = gs.Constant(f"{self.prefix}/bias_zero", zero)
+        return self.dequantize(b, s, z, 0)
+
+    def convert(self) -> bool:
+        """Emit the QDQ form; True when it needs per-channel DequantizeLinear (opset 13)."""
+        node, ins = self.node, self.node.inputs
+        attrs = dict(node.attrs)
+        if attrs.get("channels_last"):
+            raise Refused("channels_last=1 (a channels-last pool)")
+        attrs.pop("channels_last", None)
+        per_channel = False
+        if node.op in SIMPLE:
+            _, op, triples, out = SIMPLE[node.op]
+            floats = []
+            for i in triples:
+                axis = len(ins[i].shape or [0, 0]) - 1 if node.op == "QLinearMatMul" else 1
+                per_channel |= _constant(ins[i + 1], "scale").size > 1
+                floats.append(self.dequantize(ins[i], ins[i + 1], ins[i + 2], axis))
+            y = self.float_op(op, floats, attrs)
+            if out is not None:
+                self.quantize(y, ins[out[0]], ins[out[1]])
+        elif node.op == "QLinearConv":
+            x = self.dequantize(ins[0], ins[1], ins[2], 1)
+            w = self.dequantize(ins[3], ins[4], ins[5], 0)
+            per_channel = _constant(ins[4], "weight scale").size > 1
+            floats = [x, w]
+            if len(ins) > 8 and ins[8].name:
+                floats.append(self.bias(ins[8], ins[1], ins[4], 1.0))
+            self.quantize(self.float_op("Conv", floats, attrs), ins[6], ins[7])
+        elif node.op == "QLinearConcat":
+            floats = [
+                self.dequantize(ins[i], ins[i + 1], ins[i + 2], 1) for i in range(2, len(ins), 3)
+            ]
+            self.quantize(self.float_op("Concat", floats, attrs), ins[0], ins[1])
+        else:  # QGemm: A, a_scale, a_zero, B, b_scale, b_zero, C?, y_scale?, y_zero?
+            alpha = float(attrs.get("alpha", 1.0))
+            a = self.dequantize(ins[0], ins[1], ins[2], 1)
+            b = self.dequantize(ins[3], ins[4], ins[5], 0 if attrs.get("transB") else 1)
+            per_channel = _constant(ins[4], "scale").size > 1
+            floats = [a, b]
+            if len(ins) > 6 and ins[6].name:
+                floats.append(self.bias(ins[6], ins[1], ins[4], alpha))
+            attrs["beta"] = 1.0
+            y = self.float_op("Gemm", floats, attrs)
+            if len(ins) > 7 and ins[7].name:
+                self.quantize(y, ins[7], ins[8])
+            else:  # a float output: the Gemm writes it
+                self.new_nodes[-1].outputs = [node.outputs[0]]
+        return per_channel
+
+
+@register_pass("qop-to-qdq")
+class QopToQdq(Pass[QopToQdqOptions]):
+    """QLinearConv, QLinearMatMul and com.microsoft's quantized ops as QDQ."""
+
+    options_type = QopToQdqOptions
+    lossless = True
+    runs_optimized = True  # exact once onnxruntime fuses the QDQ groups (module docstring)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        found = [n for n in graph.nodes if n.op in HANDLED and _domain(n) == _expected(n.op)]
+        if not found:
+            return result
+        converted: list[tuple[gs.Node, list[gs.Node]]] = []
+        needs_axis = False
+        for node in found:
+            converter = Converter(graph, node)
+            try:
+                needs_axis |= converter.convert()
+            except Refused as refused:
+                result.refuse(node.name, str(refused))
+                continue
+            converted.append((node, converter.new_nodes))
+        if not converted:
+            return result
+        opset = ctx.opset_of(graph)
+        if needs_axis and opset < PER_CHANNEL_OPSET:
+            failure = upgrade_opset(graph, ctx.export, PER_CHANNEL_OPSET)
+            if failure is not None:
+                result.refuse(
+                    "<model>", f"opset {opset}: per-channel scales need opset 13 ({failure})"
+                )
+                return result
+            return self.run(graph, ctx)  # the upgraded graph holds new node objects
+        for node, new_nodes in converted:
+            position = graph.nodes.index(node)
+            node.outputs.clear()
+            node.inputs.clear()
+            graph.nodes[position : position + 1] = new_nodes
+            result.count(node.op)
+        graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+        return result
+
+
+def _domain(node: gs.Node) -> str:
+    return "" if node.domain in (None, "", "ai.onnx") else str(node.domain)
+
+
+def _expected(op: str) -> str:
+    return "" if op in ("QLinearConv", "QLinearMatMul") else MS

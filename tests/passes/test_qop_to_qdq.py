@@ -1,0 +1,100 @@
+"""qop-to-qdq: onnxruntime's QOperator int8 ops (QLinearConv, QLinearAdd,
+QLinearGlobalAveragePool, QGemm) become DequantizeLinear -> float op -> QuantizeLinear.
+onnxruntime fuses the groups back into its integer kernels, so the result is bit-identical
+run as users run it (the pass's verification) and one quantization step away without the
+fusions (why the pass runs its checks optimized); a channels-last pool is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnxpress.passes.qop_to_qdq import QopToQdq, QopToQdqOptions
+from qop_models import SHAPE, qoperator_net
+
+import onnxpress
+from onnxpress.core.context import PassContext
+from onnxpress.core.ir import to_graph
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, optimized: bool = True) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    session = ort.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def test_quantized_operators_become_qdq_groups_with_identical_outputs(tmp_path: Path) -> None:
+    model = qoperator_net(tmp_path)
+    converted, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified
+    result = report.passes[0].result
+    assert result.counts == {
+        "QLinearConv": 2,
+        "QLinearAdd": 1,
+        "QLinearGlobalAveragePool": 1,
+        "QGemm": 1,
+    }
+    ops = [n.op_type for n in converted.graph.node]
+    assert not [op for op in ops if op.startswith("QLinear") or op == "QGemm"]
+    assert ops.count("Conv") == 2 and ops.count("Gemm") == 1
+    weight_dq = [
+        n
+        for n in converted.graph.node
+        if n.op_type == "DequantizeLinear" and n.name.endswith("_dq")
+    ]
+    assert any(a.name == "axis" for n in weight_dq for a in n.attribute)  # per-channel weights
+    x = np.random.default_rng(2).normal(size=SHAPE).astype(np.float32)
+    np.testing.assert_array_equal(run(converted, x), run(model, x))
+    assert [o.name for o in converted.graph.output] == ["y"]
+
+
+def test_without_onnxruntime_s_fusions_the_qdq_form_is_fake_quant(tmp_path: Path) -> None:
+    """Why the pass is checked optimized: unfused, QDQ rounds in float (a step off)."""
+    model = qoperator_net(tmp_path)
+    converted, _ = onnxpress.optimize(model, passes="qop-to-qdq")
+    x = np.random.default_rng(3).normal(size=SHAPE).astype(np.float32)
+    reference = run(model, x)
+    unfused = run(converted, x, optimized=False)
+    assert np.abs(unfused - reference).max() <= 0.05 * np.abs(reference).max()
+
+
+def test_a_channels_last_pool_is_refused() -> None:
+    node = helper.make_node
+    inits = {
+        "s": np.array(0.1, np.float32),
+        "z": np.array(128, np.uint8),
+    }
+    graph = helper.make_graph(
+        [
+            node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            node(
+                "QLinearGlobalAveragePool",
+                ["q", "s", "z", "s", "z"],
+                ["p"],
+                channels_last=1,
+                domain="com.microsoft",
+                name="pool",
+            ),
+            node("DequantizeLinear", ["p", "s", "z"], ["y"]),
+        ],
+        "nhwc",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 3])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    ctx = PassContext(template=model, original=model)
+    result = QopToQdq(QopToQdqOptions()).run(to_graph(model), ctx)
+    assert not result.changed
+    assert [(r.node, r.reason) for r in result.refusals] == [
+        ("pool", "channels_last=1 (a channels-last pool)")
+    ]
