@@ -64,10 +64,10 @@ def _constant(tensor: gs.Tensor, what: str) -> np.ndarray:
 
 
 class Converter:
-    """Emits the QDQ form of one node into ``graph`` (before the node's position)."""
+    """The QDQ form of one node: ``new_nodes``, which the pass puts in the node's place."""
 
-    def __init__(self, graph: gs.Graph, node: gs.Node) -> None:
-        self.graph, self.node = graph, node
+    def __init__(self, node: gs.Node) -> None:
+        self.node = node
         self.new_nodes: list[gs.Node] = []
         self.prefix = node.name or node.op
 
@@ -174,7 +174,7 @@ class QopToQdq(Pass[QopToQdqOptions]):
         converted: list[tuple[gs.Node, list[gs.Node]]] = []
         needs_axis = False
         for node in found:
-            converter = Converter(graph, node)
+            converter = Converter(node)
             try:
                 needs_axis |= converter.convert()
             except Refused as refused:
