@@ -76,12 +76,11 @@ class Converter:
 
     def dequantize(self, x: gs.Tensor, scale: gs.Tensor, zero: gs.Tensor, axis: int) -> gs.Tensor:
         values = _constant(scale, "scale")
-        out = self._var(f"{x.name}_dq")
+        name = f"{x.name}_dq{len(self.new_nodes)}"  # unique where one tensor comes in twice
+        out = self._var(name)
         attrs = {"axis": axis} if values.size > 1 else {}
         self.new_nodes.append(
-            gs.Node(
-                "DequantizeLinear", f"{self.prefix}/{x.name}_dq", attrs, [x, scale, zero], [out]
-            )
+            gs.Node("DequantizeLinear", f"{self.prefix}/{name}", attrs, [x, scale, zero], [out])
         )
         return out
 

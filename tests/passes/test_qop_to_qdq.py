@@ -45,9 +45,7 @@ def test_quantized_operators_become_qdq_groups_with_identical_outputs(tmp_path: 
     assert not [op for op in ops if op.startswith("QLinear") or op == "QGemm"]
     assert ops.count("Conv") == 2 and ops.count("Gemm") == 1
     weight_dq = [
-        n
-        for n in converted.graph.node
-        if n.op_type == "DequantizeLinear" and n.name.endswith("_dq")
+        n for n in converted.graph.node if n.op_type == "DequantizeLinear" and "_dq" in n.name
     ]
     assert any(a.name == "axis" for n in weight_dq for a in n.attribute)  # per-channel weights
     x = np.random.default_rng(2).normal(size=SHAPE).astype(np.float32)
@@ -98,3 +96,38 @@ def test_a_channels_last_pool_is_refused() -> None:
     assert [(r.node, r.reason) for r in result.refusals] == [
         ("pool", "channels_last=1 (a channels-last pool)")
     ]
+
+
+def test_a_tensor_taken_twice_gets_two_dequantizes() -> None:
+    """QLinearMul(q, q): a square; each operand's DequantizeLinear has its own name."""
+    node = helper.make_node
+    inits = {
+        "s": np.array(0.05, np.float32),
+        "z": np.array(128, np.uint8),
+        "s2": np.array(0.1, np.float32),
+        "z2": np.array(0, np.uint8),
+    }
+    graph = helper.make_graph(
+        [
+            node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            node(
+                "QLinearMul",
+                ["q", "s", "z", "q", "s", "z", "s2", "z2"],
+                ["m"],
+                domain="com.microsoft",
+                name="square",
+            ),
+            node("DequantizeLinear", ["m", "s2", "z2"], ["y"]),
+        ],
+        "square",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    converted, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified
+    assert report.passes[0].result.counts == {"QLinearMul": 1}
+    names = [n.name for n in converted.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(names) == len(set(names)) == 3  # two operands and the output's
