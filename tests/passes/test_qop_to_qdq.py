@@ -63,43 +63,10 @@ def test_without_onnxruntime_s_fusions_the_qdq_form_is_fake_quant(tmp_path: Path
     assert np.abs(unfused - reference).max() <= 0.05 * np.abs(reference).max()
 
 
-def test_a_channels_last_pool_is_refused() -> None:
-    node = helper.make_node
-    inits = {
-        "s": np.array(0.1, np.float32),
-        "z": np.array(128, np.uint8),
-    }
-    graph = helper.make_graph(
-        [
-            node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-            node(
-                "QLinearGlobalAveragePool",
-                ["q", "s", "z", "s", "z"],
-                ["p"],
-                channels_last=1,
-                domain="com.microsoft",
-                name="pool",
-            ),
-            node("DequantizeLinear", ["p", "s", "z"], ["y"]),
-        ],
-        "nhwc",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 3])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    ctx = PassContext(template=model, original=model)
-    result = QopToQdq(QopToQdqOptions()).run(to_graph(model), ctx)
-    assert not result.changed
-    assert [(r.node, r.reason) for r in result.refusals] == [
-        ("pool", "channels_last=1 (a channels-last pool)")
-    ]
-
-
-def test_a_tensor_taken_twice_gets_two_dequantizes() -> None:
-    """QLinearMul(q, q): a square; each operand's DequantizeLinear has its own name."""
+def one_op_model(
+    op: str, inputs: list[str], shapes: tuple[list[int], list[int]], **attrs: object
+) -> onnx.ModelProto:
+    """x -> QuantizeLinear (s, z) -> a com.microsoft ``op`` -> DequantizeLinear (s2, z2) -> y."""
     node = helper.make_node
     inits = {
         "s": np.array(0.05, np.float32),
@@ -110,23 +77,36 @@ def test_a_tensor_taken_twice_gets_two_dequantizes() -> None:
     graph = helper.make_graph(
         [
             node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-            node(
-                "QLinearMul",
-                ["q", "s", "z", "q", "s", "z", "s2", "z2"],
-                ["m"],
-                domain="com.microsoft",
-                name="square",
-            ),
+            node(op, inputs, ["m"], domain="com.microsoft", name="op", **attrs),
             node("DequantizeLinear", ["m", "s2", "z2"], ["y"]),
         ],
-        "square",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        op,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shapes[0])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shapes[1])],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    imports = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=imports)
+
+
+def test_a_channels_last_pool_is_refused() -> None:
+    model = one_op_model(
+        "QLinearGlobalAveragePool",
+        ["q", "s", "z", "s2", "z2"],
+        ([1, 4, 4, 3], [1, 1, 1, 3]),
+        channels_last=1,
     )
+    ctx = PassContext(template=model, original=model)
+    result = QopToQdq(QopToQdqOptions()).run(to_graph(model), ctx)
+    assert not result.changed
+    assert [(r.node, r.reason) for r in result.refusals] == [
+        ("op", "channels_last=1 (a channels-last pool)")
+    ]
+
+
+def test_a_tensor_taken_twice_gets_two_dequantizes() -> None:
+    """QLinearMul(q, q): a square; each operand's DequantizeLinear has its own name."""
+    model = one_op_model("QLinearMul", ["q", "s", "z", "q", "s", "z", "s2", "z2"], ([2, 16],) * 2)
     converted, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified
     assert report.passes[0].result.counts == {"QLinearMul": 1}
     names = [n.name for n in converted.graph.node if n.op_type == "DequantizeLinear"]
