@@ -19,6 +19,12 @@ QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat and QGemm. Per-chann
 dequantize along the weight's output axis (DequantizeLinear's ``axis``, opset 13: an older
 model is upgraded first, as the qdq pass does). Refused, with a reason: channels-last pools,
 scales that are not constants.
+
+The format also runs MaxPool, GlobalMaxPool and nearest Resize on the quantized bytes
+themselves (they only select values). Each such op that reads a QuantizeLinear's output gets
+the same DequantizeLinear / QuantizeLinear pair at that scale, as the QDQ format writes it:
+compile's integer lowering keeps the channels-last layout through a QDQ pool, where an
+integer one sent resnet18's stem back to NCHW (0.35 ms of transposes and a scalar pool).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ SIMPLE: dict[str, tuple[str, str, tuple[int, ...], tuple[int, int] | None]] = {
     "QLinearAveragePool": (MS, "AveragePool", (0,), (3, 4)),
 }
 HANDLED = {*SIMPLE, "QLinearConv", "QLinearConcat", "QGemm"}
+SELECTING = {"MaxPool", "GlobalMaxPool", "Resize"}  # run on the bytes in QOperator models
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis
 
 
@@ -168,8 +175,6 @@ class QopToQdq(Pass[QopToQdqOptions]):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         found = [n for n in graph.nodes if n.op in HANDLED and _domain(n) == _expected(n.op)]
-        if not found:
-            return result
         converted: list[tuple[gs.Node, list[gs.Node]]] = []
         needs_axis = False
         for node in found:
@@ -180,8 +185,6 @@ class QopToQdq(Pass[QopToQdqOptions]):
                 result.refuse(node.name, str(refused))
                 continue
             converted.append((node, converter.new_nodes))
-        if not converted:
-            return result
         opset = ctx.opset_of(graph)
         if needs_axis and opset < PER_CHANNEL_OPSET:
             failure = upgrade_opset(graph, ctx.export, PER_CHANNEL_OPSET)
@@ -192,13 +195,48 @@ class QopToQdq(Pass[QopToQdqOptions]):
                 return result
             return self.run(graph, ctx)  # the upgraded graph holds new node objects
         for node, new_nodes in converted:
-            position = graph.nodes.index(node)
-            node.outputs.clear()
-            node.inputs.clear()
-            graph.nodes[position : position + 1] = new_nodes
+            _replace(graph, node, new_nodes)
             result.count(node.op)
-        graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
+        for node in [n for n in graph.nodes if n.op in SELECTING and not _domain(n)]:
+            try:
+                new_nodes = _selecting(node)
+            except Refused as refused:
+                result.refuse(node.name, str(refused))
+                continue
+            if new_nodes:
+                _replace(graph, node, new_nodes)
+                result.count(f"{node.op} on bytes")
+        if result.changed:
+            graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
         return result
+
+
+def _replace(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> None:
+    position = graph.nodes.index(node)
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes[position : position + 1] = new_nodes
+
+
+def _selecting(node: gs.Node) -> list[gs.Node]:
+    """A pool or nearest Resize on a QuantizeLinear's bytes as DQ -> op -> Q at that scale;
+    [] where the op reads floats."""
+    x = node.inputs[0]
+    producer = x.inputs[0] if x.inputs else None
+    if producer is None or producer.op != "QuantizeLinear":
+        return []
+    if node.op == "Resize" and node.attrs.get("mode", "nearest") != "nearest":
+        raise Refused("a Resize on quantized bytes that is not nearest")
+    if len(node.outputs) > 1 and node.outputs[1].outputs:
+        raise Refused("MaxPool's Indices output is used")
+    scale, zero = producer.inputs[1], producer.inputs[2] if len(producer.inputs) > 2 else None
+    if zero is None or _constant(scale, "scale").size != 1:
+        return []  # per-axis or zero-less quantizers: left to onnxruntime's own handling
+    converter = Converter(node)
+    floats = [converter.dequantize(x, scale, zero, 1), *node.inputs[1:]]
+    y = converter.float_op(node.op, floats, dict(node.attrs))
+    converter.quantize(y, scale, zero)
+    return converter.new_nodes
 
 
 def _domain(node: gs.Node) -> str:

@@ -14,7 +14,7 @@ SHAPE = (1, 3, 12, 12)
 
 
 def float_net() -> onnx.ModelProto:
-    """conv -> relu -> conv + skip (Add) -> global pool -> flatten -> Gemm."""
+    """conv -> relu -> max pool -> conv + skip (Add) -> global pool -> flatten -> Gemm."""
     rng = np.random.default_rng(0)
 
     def init(name: str, *shape: int) -> onnx.TensorProto:
@@ -25,8 +25,9 @@ def float_net() -> onnx.ModelProto:
         [
             node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
             node("Relu", ["c1"], ["r1"], name="relu1"),
-            node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-            node("Add", ["c2", "r1"], ["a"], name="skip"),
+            node("MaxPool", ["r1"], ["m"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="pool1"),
+            node("Conv", ["m", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+            node("Add", ["c2", "m"], ["a"], name="skip"),
             node("GlobalAveragePool", ["a"], ["p"], name="pool"),
             node("Flatten", ["p"], ["f"], name="flatten"),
             node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
@@ -48,7 +49,7 @@ def float_net() -> onnx.ModelProto:
 
 def qoperator_net(folder: Path) -> onnx.ModelProto:
     """float_net quantized by onnxruntime: QLinearConv, QLinearAdd, QLinearGlobalAveragePool
-    and QGemm, per-channel int8 weights, uint8 activations."""
+    and QGemm, a MaxPool on the uint8 bytes, per-channel int8 weights, uint8 activations."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     rng = np.random.default_rng(1)

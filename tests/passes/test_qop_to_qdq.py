@@ -40,8 +40,14 @@ def test_quantized_operators_become_qdq_groups_with_identical_outputs(tmp_path: 
         "QLinearAdd": 1,
         "QLinearGlobalAveragePool": 1,
         "QGemm": 1,
+        "MaxPool on bytes": 1,
     }
     ops = [n.op_type for n in converted.graph.node]
+    assert [n.op_type for n in model.graph.node].count("MaxPool") == 1
+    (pool,) = [n for n in converted.graph.node if n.op_type == "MaxPool"]
+    producers = {o: n.op_type for n in converted.graph.node for o in n.output}
+    consumers = [n.op_type for n in converted.graph.node if pool.output[0] in n.input]
+    assert producers[pool.input[0]] == "DequantizeLinear" and consumers == ["QuantizeLinear"]
     assert not [op for op in ops if op.startswith("QLinear") or op == "QGemm"]
     assert ops.count("Conv") == 2 and ops.count("Gemm") == 1
     weight_dq = [
@@ -111,3 +117,44 @@ def test_a_tensor_taken_twice_gets_two_dequantizes() -> None:
     assert report.passes[0].result.counts == {"QLinearMul": 1}
     names = [n.name for n in converted.graph.node if n.op_type == "DequantizeLinear"]
     assert len(names) == len(set(names)) == 3  # two operands and the output's
+
+
+def resize_on_bytes(mode: str) -> onnx.ModelProto:
+    """x -> QuantizeLinear -> Resize x2 (``mode``) on the uint8 bytes -> DequantizeLinear."""
+    node = helper.make_node
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+    ]
+    graph = helper.make_graph(
+        [
+            node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            node("Resize", ["q", "", "scales"], ["r"], mode=mode, name="up"),
+            node("DequantizeLinear", ["r", "s", "z"], ["y"]),
+        ],
+        "resize",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_nearest_resize_on_bytes_is_wrapped_and_a_linear_one_refused() -> None:
+    converted, report = onnxpress.optimize(resize_on_bytes("nearest"), passes="qop-to-qdq")
+    assert report.passes[0].result.counts == {"Resize on bytes": 1}
+    ops = [n.op_type for n in converted.graph.node]
+    quantize, dequantize = "QuantizeLinear", "DequantizeLinear"
+    assert ops == [quantize, dequantize, "Resize", quantize, dequantize]
+    x = np.random.default_rng(5).normal(size=(1, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(
+        run(converted, x, optimized=False), run(resize_on_bytes("nearest"), x)
+    )
+    linear = resize_on_bytes("linear")
+    ctx = PassContext(template=linear, original=linear)
+    result = QopToQdq(QopToQdqOptions()).run(to_graph(linear), ctx)
+    assert not result.changed
+    assert [r.reason for r in result.refusals] == [
+        "a Resize on quantized bytes that is not nearest"
+    ]
