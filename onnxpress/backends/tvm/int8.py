@@ -51,6 +51,7 @@ from onnxpress.backends.tvm.int8_kernels import (
     KernelChoice,
     choose,
     round_up,
+    winograd_isa,
 )
 from onnxpress.backends.tvm.int8_kernels import kernels as target_kernels
 from onnxpress.backends.tvm.int8_patterns import (
@@ -92,8 +93,8 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
 
     choice: KernelChoice | None = target_kernels(target)
     isa: DotIsa | None = choice.exact if choice is not None else None
-    # exact int16 Winograd for 3x3 convs where the exact kernel is int16 (AVX2 without VNNI)
-    winograd = isa if isa is not None and isa.form == "madd16" else None
+    # exact int16 Winograd for 3x3 convs: AVX2's exact kernel, or VNNI's vpdpwssd
+    winograd = winograd_isa(isa)
     lanes = vector_lanes(target)  # float lanes: int8_depthwise's channel blocks
     result = Int8Lowering(
         "relax" if choice is None else "avx2" if choice.saturation_safe else choice.exact.name
@@ -245,7 +246,9 @@ def lower_qdq_to_integer(mod: Any, target: Any) -> tuple[Any, Int8Lowering]:
             transform = None
             if winograd is not None and groups == 1:
                 out_hw = (out_shape[2], out_shape[3])
-                transform = int8_winograd.choose(w, strides, dilation, out_hw, out_shape[0])
+                transform = int8_winograd.choose(
+                    w, strides, dilation, out_hw, out_shape[0], f2=winograd.form == "madd16"
+                )
             if winograd is not None and transform is not None:
                 suffix = "" if transform.m == 2 else f"-f{transform.m}"
                 result.record("conv2d", w.shape, f"{winograd.name}-winograd{suffix}")

@@ -18,6 +18,8 @@ The L x G inner block is one dot-product step:
   AVX2_S16   x86 AVX2         vpmaddwd on int16        u16 x s16, 8 lanes x 2, exact; its
              int8 weights stay bytes in memory, widened as loaded (vpmovsxbw); Winograd's
              transformed weights, which exceed a byte, are int16 (with_int16_weights)
+  VNNI_S16   x86 AVX512-VNNI  vpdpwssd                 s16 x s16, 16 lanes x 2, exact; only
+             for integer Winograd (winograd_isa), whose transformed operands exceed a byte
 The intrinsics are registered here with the operand types of current LLVM (byte vectors);
 TVM's own VNNI registration still uses the older <16 x i32> signature, which LLVM 22
 rejects. The schedule keeps 16 accumulators (12 with AVX2's 16 registers: rows x up to 4
@@ -86,15 +88,29 @@ AVX2_S16 = DotIsa(
     "avx2-s16", 8, "int16", "llvm.x86.avx2.pmadd.wd", ("avx2",), "madd16", group=2,
     accumulators=12, block_tiles=(2, 1), alternate_tiles=(3,),
 )  # fmt: skip
+# int16 pairs accumulated into int32 lanes (wrapping): half vpdpbusd's products per step, so
+# it pays only where Winograd's transforms cut the products 4x (F(4x4))
+VNNI_S16 = DotIsa(
+    "vnni-s16", 16, "int16", "llvm.x86.avx512.vpdpwssd.512", ("avx512vnni", "avx512bw"),
+    group=2, b_dtype="int16",
+)  # fmt: skip
 PAIR_MADD = "llvm.x86.avx2.pmadd.wd"  # sums the int16 pairs of pairs16 into int32 lanes
 
 
 def with_int16_weights(isa: DotIsa) -> DotIsa:
-    """``isa`` (madd16) with its B operand stored as int16: Winograd's transformed weights
-    exceed a byte."""
-    if isa.form != "madd16":
+    """``isa`` (int16 activations) with its B operand stored as int16: Winograd's transformed
+    weights exceed a byte."""
+    if isa.a_dtype != "int16":
         raise ValueError(f"{isa.name} has no int16 weights")
     return replace(isa, b_dtype="int16")
+
+
+def winograd_isa(exact: DotIsa | None) -> DotIsa | None:
+    """The int16 kernel of integer Winograd where the target's exact kernel has one: AVX2's
+    vpmaddwd, or VNNI's vpdpwssd beside vpdpbusd; None elsewhere (ARM's sdot, Relax's ops)."""
+    if exact is not None and exact.form == "madd16":
+        return exact
+    return VNNI_S16 if exact == VNNI else None
 
 
 @dataclass(frozen=True)

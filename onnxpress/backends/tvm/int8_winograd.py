@@ -128,15 +128,15 @@ def fits(
 
 def choose(
     w: np.ndarray, strides: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int],
-    batch: int = 1,
+    batch: int = 1, f2: bool = True,
 ) -> Transform | None:  # fmt: skip
-    """F(4x4) where the output has enough tiles and the weights keep it exact, else F(2x2)
-    where they keep that exact, else None (the direct kernel)."""
+    """F(4x4) where the output has enough tiles and the weights keep it exact, else (with
+    ``f2``) F(2x2) where they keep that exact, else None (the direct kernel)."""
     tiles_f4 = batch * -(-out_hw[0] // F4.m) * -(-out_hw[1] // F4.m)
     large = min(out_hw) >= MIN_F4_OUTPUT and tiles_f4 >= MIN_F4_ROWS
     if large and fits(w, strides, dilation, F4):
         return F4
-    return F2 if fits(w, strides, dilation, F2) else None
+    return F2 if f2 and fits(w, strides, dilation, F2) else None
 
 
 def transform_weight(w: np.ndarray, transform: Transform = F2) -> np.ndarray:

@@ -25,6 +25,8 @@ from onnxpress.backends.tvm.targets import parse_target  # noqa: E402
 
 AVX2 = parse_target("avx2")
 runs_avx2 = pytest.mark.skipif(not AVX2.runs_here(), reason="this CPU has no AVX2 + FMA")
+VNNI = parse_target("avx512-vnni")
+runs_vnni = pytest.mark.skipif(not VNNI.runs_here(), reason="this CPU has no AVX-512 VNNI")
 
 
 def _wrapped(values: np.ndarray) -> np.ndarray:
@@ -160,16 +162,17 @@ def conv_net(height: int = 13, width: int = 11) -> onnx.ModelProto:
 
 
 def _matches_direct(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hw: tuple[int, int], kernels: list[str]
-) -> None:
-    """Compile conv_net(*hw) with Winograd (its layers on ``kernels``) and without; the two
-    libraries agree bit for bit and stay within one step of onnxruntime."""
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hw: tuple[int, int], kernels: list[str],
+    target: str = "avx2",
+) -> None:  # fmt: skip
+    """Compile conv_net(*hw) for ``target`` with Winograd (its layers on ``kernels``) and
+    without; the two libraries agree bit for bit and stay within one step of onnxruntime."""
     qdq, _ = quantize(conv_net(*hw), "qdq{saturation=off}", targets=["avx512-vnni"])
-    result = compile_model(qdq, "avx2", tmp_path / "winograd")
+    result = compile_model(qdq, target, tmp_path / "winograd")
     assert [layer["kernel"] for layer in result.manifest["int8"]["layers"]] == kernels
     assert result.manifest["verification"]["errors"]["y"] <= 1.0  # one quantization step
     monkeypatch.setattr(int8_winograd, "fits", lambda *args: False)
-    direct = compile_model(qdq, "avx2", tmp_path / "direct")
+    direct = compile_model(qdq, target, tmp_path / "direct")
     assert "winograd" not in str(direct.manifest["int8"]["layers"])
     x = np.random.default_rng(2).standard_normal((2, 16, *hw)).astype(np.float32) * 2
     got = CompiledModel(result.library)(x)[0]
@@ -189,3 +192,16 @@ def test_compiled_winograd_layers_match_the_direct_kernel_bit_for_bit(
     """The first conv's output is 13 x 11 (F(2x2)) or 14 x 13 (F(4x4)), the second's 11 x 9
     or 12 x 11 (F(2x2), valid): ragged tiles both ways."""
     _matches_direct(tmp_path, monkeypatch, hw, [first, "avx2-s16-winograd", "avx2-s16"])
+
+
+@runs_vnni
+def test_vnni_runs_f4_on_vpdpwssd_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With VNNI, F(4x4) runs its int16 GEMM on vpdpwssd (half vpdpbusd's products a step,
+    a quarter of the products); F(2x2) would not pay, so a layer too small for F(4x4) stays
+    on vpdpbusd. Outputs 18 x 17 and 16 x 15 at batch 2: 50 and 32 tiles, ragged."""
+    kernels = ["vnni-s16-winograd-f4", "vnni-s16-winograd-f4", "vnni"]
+    _matches_direct(tmp_path, monkeypatch, (18, 17), kernels, target="avx512-vnni")
+    w = np.full((32, 32, 3, 3), 3, np.int8)
+    assert choose(w, (1, 1), (1, 1), (14, 14), f2=False) is None  # 16 tiles: no F(4x4)
