@@ -69,6 +69,12 @@ def test_one_row_times_fp32_and_int8_side_by_side(zoo: ModuleType, tmp_path: Pat
     assert all(row[k] > 0 for k in ("ort_ms", "tvm_ms", "ort_int8_ms", "tvm_int8_ms"))
     assert row["ratio"] == pytest.approx(row["tvm_ms"] / row["ort_ms"])
     assert row["int8_ratio"] == pytest.approx(row["tvm_int8_ms"] / row["ort_int8_ms"])
+    # onnxruntime's own quantizer's model on both runtimes, timed in the same rounds
+    assert row["ort_quantizer_int8_ms"] > 0 and row["tvm_quantizer_int8_ms"] > 0
+    ratio = row["tvm_quantizer_int8_ms"] / row["ort_quantizer_int8_ms"]
+    assert row["quantizer_int8_ratio"] == pytest.approx(ratio)
+    ratio = row["tvm_int8_ms"] / row["ort_quantizer_int8_ms"]
+    assert row["int8_ratio_vs_ort_quantizer"] == pytest.approx(ratio)
     # compile_model verified both libraries against onnxruntime.
     assert 0 <= row["max_rel_err"] <= 1e-4 and 0 <= row["int8_error_steps"] <= 1
     assert row["compile_s"] > 0 and row["int8_compile_s"] > 0
@@ -81,7 +87,7 @@ def test_fp32_only_rows_leave_the_int8_fields_empty(zoo: ModuleType, tmp_path: P
     feed = {"input": np.ones((1, 3, 16, 16), np.float32)}
     row = zoo.measure(tiny_convnet(1), feed, tmp_path, name="t", batch=1, int8=False, rounds=1)
     assert row["ort_int8_ms"] is row["tvm_int8_ms"] is row["int8_ratio"] is None
-    assert "| - | - | - | - |" in zoo.markdown_row(row)
+    assert "| - | - | - | - | - | - | - |" in zoo.markdown_row(row)
 
 
 def test_runners_are_sampled_in_alternating_order() -> None:
@@ -218,3 +224,20 @@ def test_conv_kernel_bench_row(capsys: pytest.CaptureFixture[str]) -> None:
     assert abs(row["tvm_gflops"] - 2 * macs / row["tvm_ms"] / 1e6) <= 0.01 * row["tvm_gflops"]
     with pytest.raises(SystemExit):
         convs.main(["--shapes", "no-such-shape"])
+
+
+def test_onnxruntime_s_quantizer_gives_int8_weights_and_uint8_activations() -> None:
+    quantizer = _tool("_ort_quantizer")
+    rng = np.random.default_rng(5)
+    batches = [{"input": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(2)]
+    model = quantizer.ort_quantized(tiny_convnet(1), batches)
+    assert model is not None
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    weights = [
+        n.input[0]
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == TensorProto.INT8
+    ]
+    assert len(weights) == 2  # the conv's and the Gemm's
+    assert quantizers and all(inits[n.input[2]] == TensorProto.UINT8 for n in quantizers)
