@@ -23,6 +23,8 @@ weights, in that kernel's K order, cannot saturate for any activation byte; the 
 an exact int16 kernel (vpmaddwd). There, 3x3 stride-1 convs of 16+ channels run as exact
 integer Winograd on that int16 kernel (int8_winograd.py): F(4x4, 3x3) for outputs of 12 x 12
 and more where the weights' sums keep it exact (4x fewer products), else F(2x2, 3x3) (2.25x).
+With VNNI, F(4x4) runs its int16 GEMM on vpdpwssd (half vpdpbusd's products a step, so F(2x2)
+would not pay there).
 Depthwise and grouped convs, which have no dot product for those kernels, sum their products
 exactly in float registers (int8_depthwise.py). Each layer's kernel is
 recorded in the result. Patterns that do not fit (per-channel activation scales, weights

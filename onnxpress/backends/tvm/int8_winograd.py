@@ -2,7 +2,10 @@
 (int8.py).
 
 On x86 AVX2 without VNNI a layer whose weights could saturate vpmaddubsw's int16 pair sums
-runs on the exact int16 kernel (vpmaddwd: 16 products per instruction). Winograd's minimal
+runs on the exact int16 kernel (vpmaddwd: 16 products per instruction). With AVX-512 VNNI,
+vpdpwssd sums int16 pairs into int32 lanes (32 products per instruction, half of vpdpbusd's
+64), so only F(4x4) pays there (resnet18's 56 x 56 and 28 x 28 layers: 0.26 -> 0.20 ms
+each). Winograd's minimal
 filtering computes an m x m output tile from an (m+2) x (m+2) input tile with (m+2)^2
 products per channel pair instead of 9 m^2 (2.25x fewer for m = 2, 4x for m = 4), and stays
 exact in integers when the transforms are scaled to integers:
