@@ -15,10 +15,11 @@ one quantization step away in places).
 
 Converted: QLinearConv (a bias is int32 at scale x_scale * w_scale), QLinearMatMul, and the
 com.microsoft QLinearAdd, QLinearMul, QLinearSigmoid, QLinearLeakyRelu,
-QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat and QGemm. Per-channel scales
-dequantize along the weight's output axis (DequantizeLinear's ``axis``, opset 13: an older
-model is upgraded first, as the qdq pass does). Refused, with a reason: channels-last pools,
-scales that are not constants.
+QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QLinearSoftmax and QGemm.
+Per-channel scales dequantize along the weight's output axis (DequantizeLinear's ``axis``, opset 13: an older
+model is upgraded first, as the qdq pass does, before any node is rewritten). Refused, with a
+reason: channels-last pools, scales that are not constants, a QLinearSoftmax whose axis
+means something else at the graph's opset.
 
 The format also runs MaxPool, GlobalMaxPool and nearest Resize on the quantized bytes
 themselves (they only select values). Each such op that reads a QuantizeLinear's output gets
@@ -49,8 +50,10 @@ SIMPLE: dict[str, tuple[str, str, tuple[int, ...], tuple[int, int] | None]] = {
     "QLinearLeakyRelu": (MS, "LeakyRelu", (0,), (3, 4)),
     "QLinearGlobalAveragePool": (MS, "GlobalAveragePool", (0,), (3, 4)),
     "QLinearAveragePool": (MS, "AveragePool", (0,), (3, 4)),
+    "QLinearSoftmax": (MS, "Softmax", (0,), (3, 4)),
 }
 HANDLED = {*SIMPLE, "QLinearConv", "QLinearConcat", "QGemm"}
+SOFTMAX_PER_AXIS = 13  # Softmax before opset 13 flattens the input to 2-D at its axis
 SELECTING = {"MaxPool", "GlobalMaxPool", "Resize"}  # run on the bytes in QOperator models
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis
 
@@ -70,13 +73,30 @@ def _constant(tensor: gs.Tensor, what: str) -> np.ndarray:
     return np.asarray(tensor.values)
 
 
-class Converter:
-    """The QDQ form of one node: ``new_nodes``, which the pass puts in the node's place."""
+def _scales(node: gs.Node) -> list[gs.Tensor]:
+    """The scale inputs of a quantized operator (inputs and output)."""
+    ins = node.inputs
+    if node.op in SIMPLE:
+        _, _, triples, out = SIMPLE[node.op]
+        return [ins[i + 1] for i in triples] + ([ins[out[0]]] if out else [])
+    if node.op == "QLinearConcat":
+        return [ins[0]] + [ins[i + 1] for i in range(2, len(ins), 3)]
+    return [t for i, t in enumerate(ins) if i in (1, 4, 7 if node.op == "QGemm" else 6)]
 
-    def __init__(self, node: gs.Node) -> None:
+
+def _per_channel(node: gs.Node) -> bool:
+    """Whether any of the node's scales is a vector (DequantizeLinear then needs ``axis``)."""
+    return any(isinstance(t, gs.Constant) and np.size(t.values) > 1 for t in _scales(node))
+
+
+class Converter:
+    """The QDQ form of one node: ``new_nodes``, which the pass puts in the node's place;
+    ``prefix`` names them (unique in the graph: unnamed nodes are numbered)."""
+
+    def __init__(self, node: gs.Node, prefix: str | None = None) -> None:
         self.node = node
         self.new_nodes: list[gs.Node] = []
-        self.prefix = node.name or node.op
+        self.prefix = prefix or node.name or node.op
 
     def _var(self, suffix: str) -> gs.Variable:
         return gs.Variable(f"{self.prefix}/{suffix}", dtype=np.float32)
@@ -116,20 +136,46 @@ class Converter:
         z = gs.Constant(f"{self.prefix}/bias_zero", zero)
         return self.dequantize(b, s, z, 0)
 
-    def convert(self) -> bool:
-        """Emit the QDQ form; True when it needs per-channel DequantizeLinear (opset 13)."""
+    def softmax(self, x: gs.Tensor, attrs: dict[str, object], opset: int) -> gs.Tensor:
+        """The float Softmax at the graph's ``opset``. QLinearSoftmax's ``opset`` says which
+        Softmax it replaced; before opset 13 that one flattened the input to 2-D at its axis,
+        which a later Softmax does only over the last axis: elsewhere it becomes Flatten ->
+        Softmax -> Reshape back (the input's rank may not be known here)."""
+        replaced = int(str(attrs.pop("opset", opset)))
+        axis = int(str(attrs.get("axis", -1 if replaced >= SOFTMAX_PER_AXIS else 1)))
+        rank = len(x.shape) if x.shape is not None else len(self.node.inputs[0].shape or [])
+        last = axis == -1 or (rank > 0 and axis == rank - 1)
+        if last or (replaced >= SOFTMAX_PER_AXIS) == (opset >= SOFTMAX_PER_AXIS):
+            return self.float_op("Softmax", [x], {"axis": axis})
+        if replaced >= SOFTMAX_PER_AXIS:
+            raise Refused(
+                f"a Softmax of opset {replaced} over axis {axis} in an opset {opset} model"
+            )
+        shape = gs.Variable(f"{self.prefix}/shape", dtype=np.int64)
+        flat = self._var("flat")
+        rows = self._var("rows")
+        self.new_nodes += [
+            gs.Node("Shape", f"{self.prefix}/shape", {}, [x], [shape]),
+            gs.Node("Flatten", f"{self.prefix}/flatten", {"axis": axis}, [x], [flat]),
+            gs.Node("Softmax", f"{self.prefix}/rows", {"axis": -1}, [flat], [rows]),
+        ]
+        return self.float_op("Reshape", [rows, shape], {})
+
+    def convert(self, opset: int) -> None:
+        """Emit the QDQ form, its float op at the graph's ``opset``."""
         node, ins = self.node, self.node.inputs
         attrs = dict(node.attrs)
         if attrs.get("channels_last"):
             raise Refused("channels_last=1 (a channels-last pool)")
         attrs.pop("channels_last", None)
-        per_channel = False
-        if node.op in SIMPLE:
+        if node.op == "QLinearSoftmax":
+            x = self.dequantize(ins[0], ins[1], ins[2], 1)
+            self.quantize(self.softmax(x, attrs, opset), ins[3], ins[4])
+        elif node.op in SIMPLE:
             _, op, triples, out = SIMPLE[node.op]
             floats = []
             for i in triples:
                 axis = len(ins[i].shape or [0, 0]) - 1 if node.op == "QLinearMatMul" else 1
-                per_channel |= _constant(ins[i + 1], "scale").size > 1
                 floats.append(self.dequantize(ins[i], ins[i + 1], ins[i + 2], axis))
             y = self.float_op(op, floats, attrs)
             if out is not None:
@@ -137,7 +183,6 @@ class Converter:
         elif node.op == "QLinearConv":
             x = self.dequantize(ins[0], ins[1], ins[2], 1)
             w = self.dequantize(ins[3], ins[4], ins[5], 0)
-            per_channel = _constant(ins[4], "weight scale").size > 1
             floats = [x, w]
             if len(ins) > 8 and ins[8].name:
                 floats.append(self.bias(ins[8], ins[1], ins[4], 1.0))
@@ -151,7 +196,6 @@ class Converter:
             alpha = float(attrs.get("alpha", 1.0))
             a = self.dequantize(ins[0], ins[1], ins[2], 1)
             b = self.dequantize(ins[3], ins[4], ins[5], 0 if attrs.get("transB") else 1)
-            per_channel = _constant(ins[4], "scale").size > 1
             floats = [a, b]
             if len(ins) > 6 and ins[6].name:
                 floats.append(self.bias(ins[6], ins[1], ins[4], alpha))
@@ -161,7 +205,6 @@ class Converter:
                 self.quantize(y, ins[7], ins[8])
             else:  # a float output: the Gemm writes it
                 self.new_nodes[-1].outputs = [node.outputs[0]]
-        return per_channel
 
 
 @register_pass("qop-to-qdq")
@@ -175,31 +218,34 @@ class QopToQdq(Pass[QopToQdqOptions]):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         found = [n for n in graph.nodes if n.op in HANDLED and _domain(n) == _expected(n.op)]
-        converted: list[tuple[gs.Node, list[gs.Node]]] = []
-        needs_axis = False
-        for node in found:
-            converter = Converter(node)
-            try:
-                needs_axis |= converter.convert()
-            except Refused as refused:
-                result.refuse(node.name, str(refused))
-                continue
-            converted.append((node, converter.new_nodes))
         opset = ctx.opset_of(graph)
-        if needs_axis and opset < PER_CHANNEL_OPSET:
-            failure = upgrade_opset(graph, ctx.export, PER_CHANNEL_OPSET)
+        if opset < PER_CHANNEL_OPSET and any(_per_channel(n) for n in found):
+            failure = upgrade_opset(graph, ctx.export, PER_CHANNEL_OPSET)  # before new nodes
             if failure is not None:
                 result.refuse(
                     "<model>", f"opset {opset}: per-channel scales need opset 13 ({failure})"
                 )
                 return result
             return self.run(graph, ctx)  # the upgraded graph holds new node objects
+        converted: list[tuple[gs.Node, list[gs.Node]]] = []
+        prefixes = _Prefixes(graph)
+        for node in found:
+            converter = Converter(node, prefixes.take(node))
+            try:
+                converter.convert(opset)
+            except Refused as refused:
+                for new in converter.new_nodes:  # unhook the half-built nodes
+                    new.outputs.clear()
+                    new.inputs.clear()
+                result.refuse(node.name, str(refused))
+                continue
+            converted.append((node, converter.new_nodes))
         for node, new_nodes in converted:
             _replace(graph, node, new_nodes)
             result.count(node.op)
         for node in [n for n in graph.nodes if n.op in SELECTING and not _domain(n)]:
             try:
-                new_nodes = _selecting(node)
+                new_nodes = _selecting(node, prefixes.take(node))
             except Refused as refused:
                 result.refuse(node.name, str(refused))
                 continue
@@ -218,7 +264,28 @@ def _replace(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> None:
     graph.nodes[position : position + 1] = new_nodes
 
 
-def _selecting(node: gs.Node) -> list[gs.Node]:
+class _Prefixes:
+    """Unique name prefixes for the new nodes: a node's name, or its op numbered where it has
+    none (exporters leave ops unnamed; two unnamed QLinearMul gave one tensor two writers)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.used = {n.name for n in graph.nodes if n.name}
+        self.counts: dict[str, int] = {}
+
+    def take(self, node: gs.Node) -> str:
+        base = node.name or node.op
+        if node.name and self.counts.get(base) is None:
+            self.counts[base] = 0
+            return base
+        while True:
+            self.counts[base] = self.counts.get(base, 0) + 1
+            name = f"{base}_{self.counts[base]}"
+            if name not in self.used:
+                self.used.add(name)
+                return name
+
+
+def _selecting(node: gs.Node, prefix: str) -> list[gs.Node]:
     """A pool or nearest Resize on a QuantizeLinear's bytes as DQ -> op -> Q at that scale;
     [] where the op reads floats."""
     x = node.inputs[0]
@@ -232,7 +299,7 @@ def _selecting(node: gs.Node) -> list[gs.Node]:
     scale, zero = producer.inputs[1], producer.inputs[2] if len(producer.inputs) > 2 else None
     if zero is None or _constant(scale, "scale").size != 1:
         return []  # per-axis or zero-less quantizers: left to onnxruntime's own handling
-    converter = Converter(node)
+    converter = Converter(node, prefix)
     floats = [converter.dequantize(x, scale, zero, 1), *node.inputs[1:]]
     y = converter.float_op(node.op, floats, dict(node.attrs))
     converter.quantize(y, scale, zero)

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 SHAPE = (1, 3, 12, 12)
 
 
-def float_net() -> onnx.ModelProto:
+def float_net(opset: int = 17) -> onnx.ModelProto:
     """conv -> relu -> max pool -> conv + skip (Add) -> global pool -> flatten -> Gemm."""
     rng = np.random.default_rng(0)
 
@@ -44,10 +44,10 @@ def float_net() -> onnx.ModelProto:
             init("bf", 5),
         ],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def qoperator_net(folder: Path) -> onnx.ModelProto:
+def qoperator_net(folder: Path, opset: int = 17) -> onnx.ModelProto:
     """float_net quantized by onnxruntime: QLinearConv, QLinearAdd, QLinearGlobalAveragePool
     and QGemm, a MaxPool on the uint8 bytes, per-channel int8 weights, uint8 activations."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
@@ -63,6 +63,6 @@ def qoperator_net(folder: Path) -> onnx.ModelProto:
             return None if self.left < 0 else {"x": rng.normal(size=SHAPE).astype(np.float32)}
 
     source, target = folder / "float.onnx", folder / "qop.onnx"
-    onnx.save(float_net(), source)
+    onnx.save(float_net(opset), source)
     quantize_static(source, target, Batches(), quant_format=QuantFormat.QOperator, per_channel=True)
     return onnx.load(target)

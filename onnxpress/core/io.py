@@ -127,8 +127,27 @@ def prepare_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx
         onnx.checker.check_model(loaded, full_check=False)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise InvalidModelError(f"{source}: fails the ONNX checker: {first}") from None
+        raise InvalidModelError(
+            f"{source}: fails the ONNX checker: {first}{_checker_hint(loaded, first)}"
+        ) from None
     return loaded, source
+
+
+PER_AXIS_QDQ_OPSET = 13
+
+
+def _checker_hint(model: onnx.ModelProto, message: str) -> str:
+    """What to do about a known checker failure, or ''. onnxruntime's quantize_static with
+    per_channel=True writes per-axis (De)QuantizeLinear into models below opset 13, which
+    neither the checker nor onnxruntime accepts."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    per_axis = "attribute: axis for operator" in message and "uantizeLinear" in message
+    if per_axis and opset < PER_AXIS_QDQ_OPSET:
+        return (
+            f" (per-channel QuantizeLinear/DequantizeLinear need opset 13, the model imports"
+            f" {opset}; onnxruntime refuses it too: quantize a model exported at opset 13+)"
+        )
+    return ""
 
 
 def model_size(model: onnx.ModelProto) -> int:

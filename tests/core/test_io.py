@@ -207,3 +207,31 @@ def test_same_file_sees_hard_links_and_symlinks(tmp_path: Path) -> None:
     (tmp_path / "soft.onnx").symlink_to(src)
     assert same_file(src, tmp_path / "hard.onnx") and same_file(src, tmp_path / "soft.onnx")
     assert not same_file(src, tmp_path / "other.onnx")
+
+
+def test_per_channel_dequantize_below_opset_13_gets_a_hint() -> None:
+    """onnxruntime's quantize_static(per_channel=True) on an opset-11 model writes this."""
+    from onnxpress.core.errors import InvalidModelError
+    from onnxpress.core.io import prepare_model
+
+    inits = [
+        numpy_helper.from_array(np.ones((4, 2), np.int8), "w"),
+        numpy_helper.from_array(np.full(4, 0.1, np.float32), "s"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "z"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=0),
+            helper.make_node("MatMul", ["x", "wf"], ["y"]),
+        ],
+        "per_channel",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    with pytest.raises(InvalidModelError) as raised:
+        prepare_model(model)
+    message = str(raised.value)
+    assert "Unrecognized attribute: axis for operator DequantizeLinear" in message
+    assert "need opset 13, the model imports 11" in message and "\n" not in message

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxpress.passes.qop_to_qdq import QopToQdq, QopToQdqOptions
 from qop_models import SHAPE, qoperator_net
@@ -158,3 +159,61 @@ def test_a_nearest_resize_on_bytes_is_wrapped_and_a_linear_one_refused() -> None
     assert [r.reason for r in result.refusals] == [
         "a Resize on quantized bytes that is not nearest"
     ]
+
+
+@pytest.mark.parametrize(("opset", "axis"), [(11, 1), (13, 1), (11, -1)])
+def test_qlinear_softmax_keeps_the_meaning_of_the_softmax_it_replaced(
+    opset: int, axis: int
+) -> None:
+    """Before opset 13 a Softmax over axis 1 of a [2, 3, 4] input normalizes each row of 12
+    (the input flattened at axis 1); from 13 on, each column of 3. The converted model (graph
+    opset 17) computes what onnxruntime's QLinearSoftmax did, within one output step."""
+    model = one_op_model(
+        "QLinearSoftmax", ["q", "s", "z", "s2", "z2"], ([2, 3, 4], [2, 3, 4]),
+        opset=opset, axis=axis,
+    )  # fmt: skip
+    model.graph.initializer[2].CopyFrom(
+        numpy_helper.from_array(np.array(1 / 256, np.float32), "s2")
+    )
+    converted, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified
+    assert report.passes[0].result.counts == {"QLinearSoftmax": 1}
+    ops = [n.op_type for n in converted.graph.node]
+    assert ("Flatten" in ops) == (opset == 11 and axis == 1)
+    x = np.random.default_rng(6).normal(size=(2, 3, 4)).astype(np.float32) * 2
+    got, expected = run(converted, x, optimized=False), run(model, x)
+    assert np.abs(got - expected).max() <= 1 / 256 + 1e-7
+    rows = expected.reshape(2, 12).sum(axis=1) if opset == 11 and axis == 1 else None
+    if rows is not None:  # each flattened row sums to 1 (within the output steps)
+        np.testing.assert_allclose(rows, 1.0, atol=12 / 256)
+
+
+def test_an_opset_11_model_with_per_channel_weights_is_upgraded_first(tmp_path: Path) -> None:
+    """quantize_static keeps an opset-11 model at 11 (QLinearConv takes per-channel scales
+    there); the per-channel DequantizeLinear needs 13, so the pass upgrades the model before
+    it rewrites a node (afterwards, the rewritten nodes broke the upgrade's export)."""
+    model = qoperator_net(tmp_path, opset=11)
+    assert model.opset_import[0].version == 11
+    converted, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified
+    assert report.passes[0].result.counts["QLinearConv"] == 2
+    assert {o.domain: o.version for o in converted.opset_import}[""] == 13
+    x = np.random.default_rng(7).normal(size=SHAPE).astype(np.float32)
+    np.testing.assert_array_equal(run(converted, x), run(model, x))
+
+
+def test_unnamed_nodes_get_distinct_names() -> None:
+    """Two unnamed QLinearMul (dynamo exports leave quantized ops unnamed): each group's
+    tensors are named apart (both had written 'QLinearMul/float')."""
+    model = one_op_model("QLinearMul", ["q", "s", "z", "q", "s", "z", "s2", "z2"], ([2, 16],) * 2)
+    first = model.graph.node[1]
+    first.name = ""
+    second = onnx.NodeProto()
+    second.CopyFrom(first)
+    second.input[0], second.input[3] = "m", "m"
+    second.input[1], second.input[2] = "s2", "z2"
+    second.output[0] = "m2"
+    model.graph.node.insert(2, second)
+    model.graph.node[3].input[0] = "m2"
+    converted, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified
+    assert report.passes[0].result.counts == {"QLinearMul": 2}
+    outputs = [o for n in converted.graph.node for o in n.output]
+    assert len(outputs) == len(set(outputs))
