@@ -26,6 +26,9 @@ themselves (they only select values). Each such op that reads a QuantizeLinear's
 the same DequantizeLinear / QuantizeLinear pair at that scale, as the QDQ format writes it:
 compile's integer lowering keeps the channels-last layout through a QDQ pool, where an
 integer one sent resnet18's stem back to NCHW (0.35 ms of transposes and a scalar pool).
+A float max pool of a DequantizeLinear's output that feeds anything but a QuantizeLinear at
+the same scale (googlenet's pool feeding another pool) gets that Q / DQ pair after it, exactly,
+so that compile runs every pool on the bytes.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ SIMPLE: dict[str, tuple[str, str, tuple[int, ...], tuple[int, int] | None]] = {
 HANDLED = {*SIMPLE, "QLinearConv", "QLinearConcat", "QGemm"}
 SOFTMAX_PER_AXIS = 13  # Softmax before opset 13 flattens the input to 2-D at its axis
 SELECTING = {"MaxPool", "GlobalMaxPool", "Resize"}  # run on the bytes in QOperator models
+POOLS = {"MaxPool", "GlobalMaxPool"}
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis
 
 
@@ -252,6 +256,9 @@ class QopToQdq(Pass[QopToQdqOptions]):
             if new_nodes:
                 _replace(graph, node, new_nodes)
                 result.count(f"{node.op} on bytes")
+        for node in [n for n in graph.nodes if n.op in POOLS and not _domain(n)]:
+            if _requantize_pool(graph, node, prefixes.take(node)):
+                result.count(f"{node.op} requantized")
         if result.changed:
             graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
         return result
@@ -283,6 +290,52 @@ class _Prefixes:
             if name not in self.used:
                 self.used.add(name)
                 return name
+
+
+def _quantizer(node: gs.Node | None, op: str) -> tuple[gs.Constant, gs.Constant] | None:
+    """(scale, zero point) of a per-tensor ``op`` (QuantizeLinear / DequantizeLinear) with
+    constant parameters, else None."""
+    if node is None or node.op != op or len(node.inputs) < 3:
+        return None
+    scale, zero = node.inputs[1], node.inputs[2]
+    if not (isinstance(scale, gs.Constant) and isinstance(zero, gs.Constant)):
+        return None
+    if np.size(scale.values) != 1 or not float(np.asarray(scale.values).reshape(-1)[0]) > 0:
+        return None
+    return scale, zero
+
+
+def _same(a: tuple[gs.Constant, gs.Constant], b: tuple[gs.Constant, gs.Constant]) -> bool:
+    return all(
+        np.asarray(x.values).dtype == np.asarray(y.values).dtype
+        and np.array_equal(np.asarray(x.values).reshape(-1), np.asarray(y.values).reshape(-1))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _requantize_pool(graph: gs.Graph, node: gs.Node, prefix: str) -> bool:
+    """A float max pool of a DequantizeLinear's output whose result goes anywhere but to a
+    QuantizeLinear with the same parameters (onnxruntime's QOperator googlenet: a pool
+    feeding another pool and a requantize) gets that QuantizeLinear / DequantizeLinear pair
+    after it. Exact: the max of dequantized bytes is one of them. compile's integer
+    lowering then runs each pool on the bytes (int8_unary.pooled_integers)."""
+    x, y = node.inputs[0], node.outputs[0]
+    params = _quantizer(x.inputs[0] if x.inputs else None, "DequantizeLinear")
+    if params is None or y in graph.outputs:
+        return False
+    readers = list(y.outputs)
+    if readers and all(
+        (q := _quantizer(r, "QuantizeLinear")) is not None and _same(q, params) for r in readers
+    ):
+        return False
+    bytes_ = gs.Variable(f"{prefix}/requantized", dtype=np.asarray(params[1].values).dtype)
+    pooled = gs.Variable(f"{prefix}/pooled", dtype=np.float32)
+    node.outputs[0] = pooled  # y is now written by the DequantizeLinear
+    quantize = gs.Node("QuantizeLinear", f"{prefix}/q", {}, [pooled, *params], [bytes_])
+    dequantize = gs.Node("DequantizeLinear", f"{prefix}/dq", {}, [bytes_, *params], [y])
+    position = graph.nodes.index(node) + 1
+    graph.nodes[position:position] = [quantize, dequantize]
+    return True
 
 
 def _selecting(node: gs.Node, prefix: str) -> list[gs.Node]:

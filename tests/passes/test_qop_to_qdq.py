@@ -217,3 +217,49 @@ def test_unnamed_nodes_get_distinct_names() -> None:
     assert report.passes[0].result.counts == {"QLinearMul": 2}
     outputs = [o for n in converted.graph.node for o in n.output]
     assert len(outputs) == len(set(outputs))
+
+
+def pool_chain() -> onnx.ModelProto:
+    """x -> Q -> DQ -> MaxPool (a) -> MaxPool (b) -> Q -> DQ -> y1, and a -> Q -> DQ -> y2:
+    onnxruntime's QOperator googlenet pools this way (a float pool feeding another pool)."""
+    node = helper.make_node
+    pool = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    graph = helper.make_graph(
+        [
+            node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+            node("MaxPool", ["d"], ["a"], name="a", **pool),
+            node("MaxPool", ["a"], ["b"], name="b", **pool),
+            node("QuantizeLinear", ["b", "s", "z"], ["qb"]),
+            node("DequantizeLinear", ["qb", "s", "z"], ["y1"]),
+            node("QuantizeLinear", ["a", "s", "z"], ["qa"]),
+            node("DequantizeLinear", ["qa", "s", "z"], ["y2"]),
+        ],
+        "pools",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 4, 6, 6]) for y in ("y1", "y2")],
+        [
+            numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+            numpy_helper.from_array(np.array(120, np.uint8), "z"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_float_pool_feeding_a_pool_is_requantized_exactly() -> None:
+    model = pool_chain()
+    converted, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified
+    assert report.passes[0].result.counts == {"MaxPool requantized": 1}
+    producers = {o: n.op_type for n in converted.graph.node for o in n.output}
+    pools = [n for n in converted.graph.node if n.op_type == "MaxPool"]
+    assert [producers[p.input[0]] for p in pools] == ["DequantizeLinear"] * 2
+    x = np.random.default_rng(8).normal(size=(1, 4, 6, 6)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def outputs(m: onnx.ModelProto) -> list[np.ndarray]:
+        session = ort.InferenceSession(m.SerializeToString(), options, ["CPUExecutionProvider"])
+        return [np.asarray(y) for y in session.run(None, {"x": x})]
+
+    for got, expected in zip(outputs(converted), outputs(model), strict=True):
+        np.testing.assert_array_equal(got, expected)  # fake-quant too: exact
