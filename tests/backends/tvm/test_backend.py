@@ -42,9 +42,10 @@ def test_mlp_compiles_runs_and_matches_onnxruntime(tmp_path: Path) -> None:
     assert manifest["verification"]["errors"]["y"] <= 1e-4
     assert result.report is not None
     names = [p.name for p in result.report.passes]
-    assert names[:3] == ["upgrade-opset", "qop-to-qdq", "fold-constants"]  # reported
-    # an opset-17 float model: neither upgraded nor holding quantized operators
-    assert not any(p.result.changed for p in result.report.passes[:2])
+    prepare = ["upgrade-opset", "qop-to-qdq", "lower-conv-integer", "fold-constants"]
+    assert names[:4] == prepare  # reported
+    # an opset-17 float model: not upgraded, no quantized operators, no ConvInteger
+    assert not any(p.result.changed for p in result.report.passes[:3])
     x = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
     got = run_compiled(out, {"x": x})["y"]  # 6 rows: three runs of the compiled batch of 2
     w1, b1, w2 = (onnx.numpy_helper.to_array(t) for t in make_mlp().graph.initializer[:3])
