@@ -159,6 +159,7 @@ class PassManager:
             result = self._run_pass(pass_, graph, ctx)
             seconds = time.perf_counter() - t0
             ctx.invalidate(pass_.preserves)
+            before = current
             try:
                 current = to_model(graph, original)
             except OnnxpressError:
@@ -190,6 +191,10 @@ class PassManager:
                     ) from exc
                 if pass_.lossless:
                     baseline = previous if as_users_run else reference
+                    if optimized and not (as_users_run or unchanged):
+                        # a runs_optimized pass: its input as users run it too (a QDQ input
+                        # run unoptimized is float fake-quant, a step away in places)
+                        baseline = run_all(verification_runner(before, True), feeds)
                     cmp = compare_lossless(output_names, baseline, outputs, self.verify.tolerance)
                     as_users_run |= pass_.runs_optimized and not unchanged
                 else:
