@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from onnxpress.core.context import PassContext
+from onnxpress.core.ir import replace_node
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.registry import register_pass
 
@@ -108,10 +109,7 @@ class LowerConvInteger(Pass[LowerConvIntegerOptions]):
             except Refused as refused:
                 result.refuse(node.name, str(refused))
                 continue
-            position = graph.nodes.index(node)
-            node.outputs.clear()
-            node.inputs.clear()
-            graph.nodes[position : position + 1] = new_nodes
+            replace_node(graph, node, new_nodes)
             result.count("ConvInteger")
         if result.changed:
             graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)

@@ -40,6 +40,7 @@ import onnx_graphsurgeon as gs
 from onnxpress.passes.upgrade_opset import upgrade_opset
 
 from onnxpress.core.context import PassContext
+from onnxpress.core.ir import replace_node
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.registry import register_pass
 
@@ -245,7 +246,7 @@ class QopToQdq(Pass[QopToQdqOptions]):
                 continue
             converted.append((node, converter.new_nodes))
         for node, new_nodes in converted:
-            _replace(graph, node, new_nodes)
+            replace_node(graph, node, new_nodes)
             result.count(node.op)
         for node in [n for n in graph.nodes if n.op in SELECTING and not _domain(n)]:
             try:
@@ -254,7 +255,7 @@ class QopToQdq(Pass[QopToQdqOptions]):
                 result.refuse(node.name, str(refused))
                 continue
             if new_nodes:
-                _replace(graph, node, new_nodes)
+                replace_node(graph, node, new_nodes)
                 result.count(f"{node.op} on bytes")
         for node in [n for n in graph.nodes if n.op in POOLS and not _domain(n)]:
             if _requantize_pool(graph, node, prefixes.take(node)):
@@ -262,13 +263,6 @@ class QopToQdq(Pass[QopToQdqOptions]):
         if result.changed:
             graph.cleanup(remove_unused_node_outputs=False, remove_unused_graph_inputs=False)
         return result
-
-
-def _replace(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> None:
-    position = graph.nodes.index(node)
-    node.outputs.clear()
-    node.inputs.clear()
-    graph.nodes[position : position + 1] = new_nodes
 
 
 class _Prefixes:

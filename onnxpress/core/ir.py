@@ -276,6 +276,15 @@ def own_constant(
     return copy
 
 
+def replace_node(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> None:
+    """Put ``new_nodes`` (which already write ``node``'s outputs) in ``node``'s place in the
+    node list, and detach ``node`` from its tensors."""
+    position = graph.nodes.index(node)
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes[position : position + 1] = new_nodes
+
+
 def detach_removed_nodes(graph: gs.Graph) -> int:
     """Drop links from live tensors to nodes that are no longer in ``graph.nodes``.
 
