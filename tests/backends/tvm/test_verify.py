@@ -1,6 +1,7 @@
 """The compile-time check of backends/tvm/verify.py: the quantization step of an output written
 by a normalization is per element (the step above it times |scale| / the row's deviation,
-where that amplifies the error)."""
+where that amplifies the error); a dynamically quantized model's float outputs are held to
+the tolerance beyond onnxruntime's own spread under nudged dynamic quantizers."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ pytest.importorskip("tvm")
 from onnxpress.backends.tvm.backend import compile_model
 from onnxpress.backends.tvm.targets import parse_target
 from onnxpress.backends.tvm.verify import (
+    NUDGE,
+    dynamic_nudged,
+    dynamic_spread,
     normalized_steps,
     nudged,
     onnxruntime_spread,
@@ -137,3 +141,62 @@ def test_spread_counts_a_tie_that_another_float_order_would_round_the_other_way(
     moved = {t.name: numpy_helper.to_array(t) for t in nudged_model.graph.initializer}
     assert quantizer.input[1] != "s" and moved[quantizer.input[1]] < moved["s"]
     assert nudged_model.graph.node[1].input[1] == "s"  # the DequantizeLinear keeps its scale
+
+
+def dynamic_conv_net(folder: Path, layers: int = 6) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(float, quantize_dynamic'd) chain of 3x3 Conv + Relu: DynamicQuantizeLinear before
+    every ConvInteger, the int32 sums scaled back to float after it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x, cin = [], [], "x", 3
+    for i in range(layers):
+        std = (2.0 / (9 * cin)) ** 0.5
+        w = rng.normal(0, std, (8, cin, 3, 3)).astype(np.float32)
+        b = rng.normal(0, 0.1, 8).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes += [
+            helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1] * 4, name=f"cv{i}"),
+            helper.make_node("Relu", [f"c{i}"], [f"r{i}"]),
+        ]
+        x, cin = f"r{i}", 8
+    graph = helper.make_graph(
+        nodes,
+        "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 10, 10])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 8, 10, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, folder / "float.onnx")
+    quantize_dynamic(folder / "float.onnx", folder / "dynamic.onnx", weight_type=QuantType.QInt8)
+    return model, onnx.load(folder / "dynamic.onnx")
+
+
+def test_dynamic_quantizers_are_nudged_and_the_spread_measured(tmp_path: Path) -> None:
+    float_model, model = dynamic_conv_net(tmp_path)
+    quantizers = [n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    assert len(quantizers) == 6
+    moved = dynamic_nudged(model, 1.0 + NUDGE)
+    onnx.checker.check_model(moved)
+    producer = {o: n for n in moved.graph.node for o in n.output}
+    for node in moved.graph.node:
+        if node.op_type == "DynamicQuantizeLinear":
+            assert producer[node.input[0]].op_type == "Mul"
+    assert len(moved.graph.node) == len(model.graph.node) + 6
+    feed = {"x": np.random.default_rng(3).normal(size=(1, 3, 10, 10)).astype(np.float32)}
+    spread = dynamic_spread(model, feed, Runner(model)(feed))
+    assert set(spread) == {"r5"} and 0.0 < spread["r5"] < 0.05
+    assert dynamic_spread(float_model, feed, Runner(float_model)(feed)) == {}
+
+
+def test_compile_holds_a_dynamic_model_to_its_spread(tmp_path: Path) -> None:
+    # lower-conv-integer's scale-1 DequantizeLinear is not a quantization step of the
+    # output: the check was max-abs 1.0 in the output's float units before
+    _, model = dynamic_conv_net(tmp_path)
+    result = compile_model(model, PORTABLE, tmp_path / "lib")
+    check = result.manifest["verification"]
+    assert check["metric"] == "max-rel"
+    spread = check["onnxruntime_spread"]["r5"]
+    assert spread > 0 and check["limits"]["r5"] == pytest.approx(1e-4 + spread)
+    assert check["errors"]["r5"] <= check["limits"]["r5"]
