@@ -22,6 +22,7 @@ from onnxpress.passes import (
     qop_to_qdq,
     svd,
     toposort,
+    upcast_float16,
     upgrade_opset,
 )
 from onnxpress.passes.gru import fuse as fuse_gru
@@ -46,5 +47,6 @@ __all__ = [
     "qop_to_qdq",
     "svd",
     "toposort",
+    "upcast_float16",
     "upgrade_opset",
 ]

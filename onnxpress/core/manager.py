@@ -29,6 +29,7 @@ from onnxpress.core.int8_layers import integer_layers
 from onnxpress.core.ir import copy_model, detach_removed_nodes, to_graph, to_model
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.pipeline import format_pipeline
+from onnxpress.core.precision import compute_dtype
 from onnxpress.core.report import PassRecord, Report, VerifyOutcome
 from onnxpress.core.stats import model_stats
 from onnxpress.core.targets import Target, host_judges, parse_targets
@@ -120,6 +121,7 @@ class PassManager:
             if self.verify.holdout:
                 self.calibration, verification_data = self.calibration.split(self.verify.holdout)
         stats = model_stats(original)
+        compute = compute_dtype(original)  # float16 inside: lossless passes get its rounding
         report = Report(
             pipeline=format_pipeline(self.passes),
             before=stats,
@@ -195,7 +197,9 @@ class PassManager:
                         # a runs_optimized pass: its input as users run it too (a QDQ input
                         # run unoptimized is float fake-quant, a step away in places)
                         baseline = run_all(verification_runner(before, True), feeds)
-                    cmp = compare_lossless(output_names, baseline, outputs, self.verify.tolerance)
+                    cmp = compare_lossless(
+                        output_names, baseline, outputs, self.verify.tolerance, compute
+                    )
                     as_users_run |= pass_.runs_optimized and not unchanged
                 else:
                     as_users_run = True
@@ -318,7 +322,9 @@ def bisect(
             return True
         lossy = [p for p in head if not p.lossless]
         if not lossy:
-            cmp = compare_lossless(runner.output_names, reference, outputs, verify.tolerance)
+            cmp = compare_lossless(
+                runner.output_names, reference, outputs, verify.tolerance, compute_dtype(model)
+            )
         else:
             metric = verify.metric or lossy[0].metric
             budgets = [p.default_budget for p in lossy if p.default_budget is not None]

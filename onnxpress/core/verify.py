@@ -25,6 +25,11 @@ from onnxpress.core.calibration_data import Batch, CalibrationData
 from onnxpress.core.errors import InvalidModelError
 from onnxpress.core.ir import copy_model
 from onnxpress.core.partition import CHUNK_NODES, NotPartitionable, PartitionedRunner
+from onnxpress.core.precision import (  # re-exported: the verifier's tolerances
+    LOSSLESS_TOLERANCE,
+    compute_tolerance,
+    lossless_tolerance,
+)
 from onnxpress.core.random_inputs import (
     HOW_TO_GIVE_DATA,
     NeedsRealDataError,
@@ -35,25 +40,7 @@ from onnxpress.core.task_metric import concatenated, task_score
 
 logger = logging.getLogger(__name__)
 
-LOSSLESS_TOLERANCE = 1e-5
-# Lossless outputs of a low-precision float dtype may move by its rounding: this many
-# machine epsilons (ulps at the top of the output's binade) relative to the output's scale.
-LOW_PRECISION_ULPS = 2
 MAX_CALIBRATION_BATCHES = 4
-
-
-def lossless_tolerance(dtype: np.dtype, tolerance: float = LOSSLESS_TOLERANCE) -> float:
-    """``tolerance``, or for fp16/bf16 (and other coarse floats) a few ulps of that dtype."""
-    try:
-        eps = float(np.finfo(dtype).eps)
-    except (TypeError, ValueError):
-        try:
-            import ml_dtypes
-
-            eps = float(ml_dtypes.finfo(dtype).eps)
-        except (ImportError, TypeError, ValueError):
-            return tolerance
-    return max(tolerance, LOW_PRECISION_ULPS * eps)
 
 
 def _rel_l2(ref: np.ndarray, new: np.ndarray) -> float:
@@ -246,9 +233,13 @@ def compare_lossless(
     reference: list[list[np.ndarray]],
     candidate: list[list[np.ndarray]],
     tolerance: float = LOSSLESS_TOLERANCE,
+    compute: Any | None = None,
 ) -> Comparison:
     """Worst max|ref - new| / max|ref| over outputs and feeds (``max-rel``), against
-    ``tolerance`` or, for an fp16/bf16 output, its dtype's rounding (``lossless_tolerance``)."""
+    ``tolerance`` or, for an fp16/bf16 output, its dtype's rounding (``lossless_tolerance``),
+    and at least the rounding of ``compute``, the float the model computes in
+    (``core.precision.compute_dtype``)."""
+    least = compute_tolerance(compute, tolerance)
     worst = Comparison("max-rel", 0.0, "", tolerance)
     for ref_outs, new_outs in zip(reference, candidate, strict=True):
         for name, ref, new in zip(names, ref_outs, new_outs, strict=True):
@@ -260,7 +251,7 @@ def compare_lossless(
                 return Comparison(
                     "dtype", float("inf"), f"{name} {ref.dtype} vs {new.dtype}", tolerance
                 )
-            limit = lossless_tolerance(ref.dtype, tolerance)
+            limit = max(lossless_tolerance(ref.dtype, tolerance), least)
             if ref.dtype.kind in "fcV":  # V: ml_dtypes (bfloat16, float8)
                 matched = _matching_nonfinite(_as_float64(ref), _as_float64(new))
                 if matched is None:

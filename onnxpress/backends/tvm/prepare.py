@@ -5,6 +5,8 @@ specialise:  every graph input gets a static shape (``--input-shape name=1,3,224
              value_info is dropped and shapes are inferred again;
 lower:       the pipeline ``PREPARE_PIPELINE`` (a model older than opset 11 converted to
              opset 13 (passes/upgrade_opset.py: Upsample and Resize-10 -> Resize-13),
+             float16 / bfloat16 computed in float32 (passes/upcast_float16.py: TVM's
+             code sums them in float16),
              QOperator int8 ops as QDQ (passes/qop_to_qdq.py: QLinearConv and the like),
              ConvInteger as a float Conv of its exact sums (passes/lower_conv_integer.py), GRU ->
              primitive ops, Einsum -> MatMuls (passes/lower_einsum.py), constant folding of
@@ -35,12 +37,13 @@ logger = logging.getLogger(__name__)
 
 UPGRADE = "upgrade-opset{below=11}"  # TVM's importer misreads Upsample and Resize-10
 PREPARE_PIPELINE = (
-    f"{UPGRADE},qop-to-qdq,lower-conv-integer,lower-gru,fold-constants,lower-einsum,cleanup,"
-    "toposort"
+    f"{UPGRADE},upcast-float16,qop-to-qdq,lower-conv-integer,lower-gru,fold-constants,"
+    "lower-einsum,cleanup,toposort"
 )
 # GRUs kept for the loop-form converter (onnxpress.backends.tvm.rnn) instead of unrolled.
 LOOP_GRU_PIPELINE = (
-    f"{UPGRADE},qop-to-qdq,lower-conv-integer,fold-constants,lower-einsum,cleanup,toposort"
+    f"{UPGRADE},upcast-float16,qop-to-qdq,lower-conv-integer,fold-constants,lower-einsum,"
+    "cleanup,toposort"
 )
 
 

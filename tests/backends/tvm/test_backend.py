@@ -42,10 +42,16 @@ def test_mlp_compiles_runs_and_matches_onnxruntime(tmp_path: Path) -> None:
     assert manifest["verification"]["errors"]["y"] <= 1e-4
     assert result.report is not None
     names = [p.name for p in result.report.passes]
-    prepare = ["upgrade-opset", "qop-to-qdq", "lower-conv-integer", "fold-constants"]
-    assert names[:4] == prepare  # reported
+    prepare = [
+        "upgrade-opset",
+        "upcast-float16",
+        "qop-to-qdq",
+        "lower-conv-integer",
+        "fold-constants",
+    ]
+    assert names[:5] == prepare  # reported
     # an opset-17 float model: not upgraded, no quantized operators, no ConvInteger
-    assert not any(p.result.changed for p in result.report.passes[:3])
+    assert not any(p.result.changed for p in result.report.passes[:4])
     x = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
     got = run_compiled(out, {"x": x})["y"]  # 6 rows: three runs of the compiled batch of 2
     w1, b1, w2 = (onnx.numpy_helper.to_array(t) for t in make_mlp().graph.initializer[:3])
