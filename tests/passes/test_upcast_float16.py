@@ -167,3 +167,17 @@ def test_compile_takes_a_float16_model(tmp_path: Path) -> None:
     assert got.dtype == np.float16
     exact = run(conv_net(np.float32), x.astype(np.float32)).astype(np.float64)
     assert np.abs(got - exact).max() <= 2 * np.finfo(np.float16).eps * np.abs(exact).max()
+
+
+def test_default_pipeline_quantizes_a_float16_model() -> None:
+    # qdq refused every layer of a float16 model ("needs a float activation input") before
+    # the default pipeline upcast it first
+    model = conv_net()
+    rng = np.random.default_rng(4)
+    batches = [{"x": rng.normal(size=SHAPE).astype(np.float16)} for _ in range(4)]
+    result, report = onnxpress.optimize(model, calibration=batches)
+    assert [p.name for p in report.passes][:2] == ["upcast-float16", "fold-constants"]
+    (qdq,) = [p for p in report.passes if p.name == "qdq"]
+    assert qdq.result.counts["nodes_quantized"] >= 3
+    assert [vi.type.tensor_type.elem_type for vi in result.graph.output] == [TensorProto.FLOAT16]
+    assert run(result, batches[0]["x"]).dtype == np.float16
