@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 from onnxpress.core.int8_emulation import Batch, layer_output
 from onnxpress.core.int8_layers import IntegerLayer, integer_layers
 from onnxpress.core.targets import Arithmetic
+from onnxpress.core.task_metric import as_array
 from onnxpress.core.verify import session_threads
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class EmulatedRunner:
         for name in self.output_names:
             if name not in values and name in self._constants:
                 values[name] = numpy_helper.to_array(self._constants[name])
-        return [np.asarray(values[name]) for name in self.output_names]
+        return [as_array(values[name]) for name in self.output_names]
 
 
 def _used_constants(

@@ -51,6 +51,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     if optional:
         _restore_optional_types(model.graph, {t.name: kept[k] for k, t in optional.items()})
     _restore_type_attributes(model.graph, _type_attributes(template.graph))
+    _restore_collection_types(model.graph, _collection_types(template.graph))
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name
     model.producer_version = template.producer_version
@@ -86,6 +87,47 @@ def _restore_optional_types(graph: onnx.GraphProto, elem_types: dict[str, object
     for node in graph.node:
         for sub in _subgraphs(node):
             _restore_optional_types(sub, elem_types)
+
+
+def _collection_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    """Value name -> type, for the values of ``graph`` and its subgraphs typed as a sequence,
+    map or optional: graphsurgeon exports a sequence of maps (scikit-learn's ZipMap output)
+    as a sequence of UNDEFINED tensors, which shape inference then rejects."""
+    found: dict[str, onnx.TypeProto] = {}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        if info.type.WhichOneof("value") not in (None, "tensor_type", "sparse_tensor_type"):
+            found[info.name] = info.type
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            found.update(_collection_types(sub))
+    return found
+
+
+def _restore_collection_types(graph: onnx.GraphProto, types: dict[str, onnx.TypeProto]) -> None:
+    """Give back its type to each value that left graphsurgeon with an element type lost."""
+    if not types:
+        return
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        kept = types.get(info.name)
+        if kept is not None and info.type != kept and _lost_element(info.type):
+            info.type.CopyFrom(kept)
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            _restore_collection_types(sub, types)
+
+
+def _lost_element(kind: onnx.TypeProto) -> bool:
+    """Whether ``kind`` holds, at any depth, a tensor of UNDEFINED element type."""
+    which = kind.WhichOneof("value")
+    if which == "tensor_type":
+        return kind.tensor_type.elem_type == onnx.TensorProto.UNDEFINED
+    if which == "sequence_type":
+        return _lost_element(kind.sequence_type.elem_type)
+    if which == "optional_type":
+        return _lost_element(kind.optional_type.elem_type)
+    if which == "map_type":
+        return _lost_element(kind.map_type.value_type)
+    return False
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

@@ -38,6 +38,18 @@ _KEPT_REFERENCES = 4
 MIN_TOP1_ROWS = 50  # fewer predictions say nothing about accuracy: judged by nsr instead
 
 
+def as_array(value: object) -> np.ndarray:
+    """An onnxruntime output as an array. A sequence of maps with the same keys (what
+    scikit-learn's ZipMap writes: one {class: probability} per row) becomes the [rows,
+    classes] float array of its values, keys in sorted order, so that it is judged as the
+    scores it holds; anything else goes through ``np.asarray``."""
+    if isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+        keys = sorted(value[0])
+        if keys and all(sorted(row) == keys for row in value):
+            return np.array([[row[key] for key in keys] for row in value], dtype=np.float64)
+    return np.asarray(value)
+
+
 @dataclass(frozen=True)
 class TaskScore:
     kind: str

@@ -36,7 +36,7 @@ from onnxpress.core.random_inputs import (
     random_inputs,
     unconstrained_integer_inputs,
 )
-from onnxpress.core.task_metric import concatenated, task_score
+from onnxpress.core.task_metric import as_array, concatenated, task_score
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Runner:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, feed: Batch) -> list[np.ndarray]:
-        return [np.asarray(x) for x in self.session.run(None, feed)]
+        return [as_array(x) for x in self.session.run(None, feed)]
 
 
 def verification_inputs(

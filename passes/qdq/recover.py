@@ -32,6 +32,7 @@ from onnxpress.core.calibration_data import Batch
 from onnxpress.core.emulated_runner import EmulatedRunner
 from onnxpress.core.errors import PipelineError
 from onnxpress.core.targets import EXACT, Arithmetic, Target, host_target
+from onnxpress.core.task_metric import as_array
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class Evaluator:
         session = ort.InferenceSession(
             model.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
-        return [[np.asarray(x) for x in session.run(None, b)] for b in self.batches]
+        return [[as_array(x) for x in session.run(None, b)] for b in self.batches]
 
     def drop(self, model: onnx.ModelProto) -> tuple[float, float]:
         """(metric drop vs the float model, relative L2 of the outputs as a tie-breaker)."""

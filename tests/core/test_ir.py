@@ -1,4 +1,5 @@
-"""ir.toposort orders nodes exactly as graphsurgeon's toposort does, in linear time."""
+"""ir.toposort orders nodes exactly as graphsurgeon's toposort does, in linear time; to_model keeps
+the type of a sequence of maps (scikit-learn's ZipMap output), and such a classifier quantizes."""
 
 from __future__ import annotations
 
@@ -123,3 +124,61 @@ def test_remove_dead_nodes_is_linear_with_a_widely_shared_weight() -> None:
     assert time.perf_counter() - start < 5
     assert [n.name for n in graph.nodes] == ["live"]
     assert [n.name for n in w.outputs] == ["live"] and [n.name for n in x.outputs] == ["live"]
+
+
+def zipmap_classifier() -> onnx.ModelProto:
+    """A scikit-learn-style classifier: MatMul -> Softmax -> ai.onnx.ml ZipMap, whose output
+    is a sequence of {class: probability} maps, and an ArgMax label beside it."""
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(8, 3)).astype(np.float32), "w")
+    seq_of_maps = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, None))
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["scores"], name="matmul"),
+            helper.make_node("Softmax", ["scores"], ["p"], axis=1, name="softmax"),
+            helper.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0, name="argmax"),
+            helper.make_node(
+                "ZipMap",
+                ["p"],
+                ["probabilities"],
+                domain="ai.onnx.ml",
+                classlabels_int64s=[4, 1, 7],
+            ),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["n"]),
+            helper.make_value_info("probabilities", seq_of_maps),
+        ],
+        [weights],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)],
+    )
+
+
+def test_a_sequence_of_maps_keeps_its_type() -> None:
+    # graphsurgeon exports it as a sequence of UNDEFINED tensors, which shape inference
+    # rejected after every pass ("type case mismatch ... inferred=map_type")
+    from onnxpress.core.ir import to_model
+
+    model = zipmap_classifier()
+    result = to_model(to_graph(model), model)
+    assert result.graph.output[1].type == model.graph.output[1].type
+    onnx.checker.check_model(result, full_check=True)
+
+
+def test_optimize_quantizes_a_classifier_with_a_zipmap_output() -> None:
+    import onnxpress
+
+    model = zipmap_classifier()
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.normal(size=(16, 8)).astype(np.float32)} for _ in range(4)]
+    result, report = onnxpress.optimize(model, calibration=batches)  # verified, task metric
+    (qdq,) = [p for p in report.passes if p.name == "qdq"]
+    assert qdq.result.counts["nodes_quantized"] == 1
+    assert result.graph.output[1].type == model.graph.output[1].type

@@ -96,3 +96,15 @@ def test_the_reference_ranks_kept_between_judgements_change_no_score() -> None:
 
 def _ok(ref: np.ndarray, new: np.ndarray) -> bool:
     return compare_metric(["y"], [[ref]], [[new]], "task", None).ok
+
+
+def test_a_sequence_of_maps_is_judged_as_its_scores() -> None:
+    from onnxpress.core.task_metric import as_array
+
+    rows = [{7: 0.1, 1: 0.9}, {1: 0.25, 7: 0.75}]
+    got = as_array(rows)
+    assert got.dtype == np.float64 and got.tolist() == [[0.9, 0.1], [0.25, 0.75]]
+    ragged = as_array([{1: 0.5}, {2: 0.5}])
+    assert ragged.dtype == object and ragged.shape == (2,)
+    plain = np.arange(3)
+    assert as_array(plain) is plain
