@@ -13,6 +13,10 @@ bit-identical (resnet18 and mobilenet_v2 from quantize_static), so the pass is l
 verified that way (``runs_optimized``; without those fusions QDQ runs as float fake-quant,
 one quantization step away in places).
 
+com.microsoft QuantizeLinear / DequantizeLinear (onnxruntime's quantizer writes them for 16-bit
+activations below opset 21, ``UseQDQContribOps``) become ONNX's own, the same operators from
+opset 21 for 16-bit and 4-bit types (the model is upgraded first where it is older).
+
 Converted: QLinearConv (a bias is int32 at scale x_scale * w_scale), QLinearMatMul, and the
 com.microsoft QLinearAdd, QLinearMul, QLinearSigmoid, QLinearLeakyRelu,
 QLinearGlobalAveragePool, QLinearAveragePool, QLinearConcat, QLinearSoftmax and QGemm.
@@ -61,6 +65,9 @@ SOFTMAX_PER_AXIS = 13  # Softmax before opset 13 flattens the input to 2-D at it
 SELECTING = {"MaxPool", "GlobalMaxPool", "Resize"}  # run on the bytes in QOperator models
 POOLS = {"MaxPool", "GlobalMaxPool"}
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's axis
+QUANTIZERS = {"QuantizeLinear", "DequantizeLinear"}
+WIDE_TYPES_OPSET = 21  # int16 / uint16 / int4 / uint4 in ONNX's QuantizeLinear
+NARROW = (np.int8, np.uint8)
 
 
 @dataclass(frozen=True)
@@ -223,15 +230,26 @@ class QopToQdq(Pass[QopToQdqOptions]):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult()
         found = [n for n in graph.nodes if n.op in HANDLED and _domain(n) == _expected(n.op)]
+        contrib = [n for n in graph.nodes if n.op in QUANTIZERS and _domain(n) == MS]
         opset = ctx.opset_of(graph)
-        if opset < PER_CHANNEL_OPSET and any(_per_channel(n) for n in found):
-            failure = upgrade_opset(graph, ctx.export, PER_CHANNEL_OPSET)  # before new nodes
+        need = max(
+            PER_CHANNEL_OPSET if any(_per_channel(n) for n in found) else 0,
+            max((_standard_opset(n) for n in contrib), default=0),
+        )
+        if opset < need:
+            failure = upgrade_opset(graph, ctx.export, need)  # before new nodes
             if failure is not None:
-                result.refuse(
-                    "<model>", f"opset {opset}: per-channel scales need opset 13 ({failure})"
+                what = (
+                    "16-bit or 4-bit quantizers"
+                    if need > PER_CHANNEL_OPSET
+                    else "per-channel scales"
                 )
+                result.refuse("<model>", f"opset {opset}: {what} need opset {need} ({failure})")
                 return result
             return self.run(graph, ctx)  # the upgraded graph holds new node objects
+        for node in contrib:  # the same operator as ONNX's at this opset
+            node.domain = None
+            result.count(f"{MS} {node.op}")
         converted: list[tuple[gs.Node, list[gs.Node]]] = []
         prefixes = _Prefixes(graph)
         for node in found:
@@ -351,6 +369,26 @@ def _selecting(node: gs.Node, prefix: str) -> list[gs.Node]:
     y = converter.float_op(node.op, floats, dict(node.attrs))
     converter.quantize(y, scale, zero)
     return converter.new_nodes
+
+
+def _standard_opset(node: gs.Node) -> int:
+    """The opset from which ONNX's own QuantizeLinear / DequantizeLinear compute what this
+    com.microsoft one does: 21 for 16-bit and 4-bit types, 13 for a per-axis scale, else 10."""
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    dtype = zero.dtype if isinstance(zero, gs.Tensor) and zero.dtype is not None else np.uint8
+    if not _numpy(dtype) or np.dtype(dtype) not in [np.dtype(t) for t in NARROW]:
+        return WIDE_TYPES_OPSET
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = getattr(scale, "shape", None) or ()
+    return PER_CHANNEL_OPSET if int(np.prod([int(d) for d in shape])) > 1 else 10
+
+
+def _numpy(dtype: object) -> bool:
+    try:
+        np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:  # an onnx type graphsurgeon has no numpy dtype for (int4)
+        return False
+    return True
 
 
 def _domain(node: gs.Node) -> str:

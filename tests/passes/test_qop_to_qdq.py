@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxpress.passes.qop_to_qdq import QopToQdq, QopToQdqOptions
+from onnxpress.passes.qop_to_qdq import MS, QopToQdq, QopToQdqOptions
 from qop_models import SHAPE, qoperator_net
 
 import onnxpress
@@ -313,3 +313,52 @@ def test_a_qdq_model_is_checked_against_its_input_as_users_run_it(tmp_path: Path
     assert np.abs(run(model, x, optimized=False) - run(model, x)).max() > 0
     converted, _ = onnxpress.optimize(model, passes="qop-to-qdq", calibration=[{"x": x}])
     np.testing.assert_array_equal(run(converted, x), run(model, x))
+
+
+def contrib_qdq_conv(bits: int, opset: int) -> onnx.ModelProto:
+    """x -> com.microsoft Q/DQ (uint{bits} activations) -> Conv of com.microsoft-dequantized
+    per-channel int8 weights -> com.microsoft Q/DQ -> y, as onnxruntime's quantizer writes
+    16-bit models below opset 21 (UseQDQContribOps)."""
+    rng = np.random.default_rng(0)
+    act = np.uint16 if bits == 16 else np.uint8
+    weights = rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    inits = [
+        numpy_helper.from_array(np.float32(0.02 if bits == 8 else 0.0001), "xs"),
+        numpy_helper.from_array(act(2**bits // 2), "xz"),
+        numpy_helper.from_array(weights, "wq"),
+        numpy_helper.from_array(rng.uniform(0.001, 0.01, 4).astype(np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(4, np.int8), "wz"),
+        numpy_helper.from_array(np.float32(0.05 if bits == 8 else 0.0004), "ys"),
+        numpy_helper.from_array(act(2**bits // 2), "yz"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], domain=MS, name="q_x"),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xf"], domain=MS, name="dq_x"),
+        helper.make_node(
+            "DequantizeLinear", ["wq", "ws", "wz"], ["w"], domain=MS, axis=0, name="dq_w"
+        ),
+        helper.make_node("Conv", ["xf", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"], domain=MS, name="q_c"),
+        helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"], domain=MS, name="dq_c"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "contrib",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("bits,opset,upgraded", [(16, 17, 21), (8, 17, 17), (16, 21, 21)])
+def test_contrib_quantizers_become_onnx_ones(bits: int, opset: int, upgraded: int) -> None:
+    model = contrib_qdq_conv(bits, opset)
+    result, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified: exact
+    counts = report.passes[0].result.counts
+    assert counts == {f"{MS} QuantizeLinear": 2, f"{MS} DequantizeLinear": 3}
+    assert not any(n.domain for n in result.graph.node)
+    assert {o.domain: o.version for o in result.opset_import}[""] == upgraded
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(run(result, x), run(model, x))
