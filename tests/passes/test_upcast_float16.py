@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxpress.passes.upcast_float16 import upcast
 
 import onnxpress
-from onnxpress.core.precision import compute_dtype
+from onnxpress.core.precision import COMPUTE_ULPS, compute_dtype
 
 SHAPE = (1, 8, 12, 12)
 
@@ -104,7 +104,8 @@ def test_float16_inside_a_float32_interface() -> None:
     assert compute_dtype(model) == np.float16
     result, report = onnxpress.optimize(model, passes="upcast-float16")
     assert report.passes[0].result.counts == {"constants": 8, "casts": 1}
-    assert report.passes[0].verification.limit == pytest.approx(4 * float(np.finfo(np.float16).eps))
+    eps = float(np.finfo(np.float16).eps)
+    assert report.passes[0].verification.limit == pytest.approx(COMPUTE_ULPS * eps)
     assert compute_dtype(result) is None
     assert result.graph.node[0].attribute[0].i == TensorProto.FLOAT
 
