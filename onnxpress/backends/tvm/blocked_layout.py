@@ -19,6 +19,8 @@ runs blocked:
   blocked tensor and another operand whose NCHW shape broadcasts over channels (a
   constant, a blocked tensor of the same block, a per-channel [N, C, 1, 1] tensor, or a
   scalar), when the result has the blocked operand's shape;
+- quantize and dequantize at one constant scale and zero point (float fake-quant left by
+  the integer lowering, e.g. 16-bit activations) of a blocked tensor;
 - ``mean`` over H and W with keepdims (global average pooling), max and average pooling,
   and ``concat`` along channels when every part is whole blocks.
 
@@ -130,7 +132,7 @@ def blocked_layout_pass(lanes: int) -> Any:
                 isinstance(binding.var, relax.DataflowVar)
                 and isinstance(value, relax.Call)
                 and isinstance(value.op, tvm.ir.Op)
-                and _dtype(value) == "float32"
+                and (_dtype(value) == "float32" or value.op.name == "relax.quantize")
             ):
                 result = self._rewrite(value)
                 if result is not None:
@@ -190,6 +192,8 @@ def blocked_layout_pass(lanes: int) -> Any:
                 args = [held.var, *call.args[1:]]
                 new = relax.Call(call.op, args, call.attrs, call.ty_args)
                 return Blocked(self.builder_.emit(new), held.shape, held.block)
+            if name in ("relax.quantize", "relax.dequantize"):
+                return self._quantizer(call)
             if name in BINARY:
                 return self._binary(call)
             if name == "relax.mean":
@@ -201,6 +205,17 @@ def blocked_layout_pass(lanes: int) -> Any:
             if name == "relax.concat":
                 return self._concat(call)
             return None
+
+        def _quantizer(self, call: Any) -> Blocked | None:
+            """quantize / dequantize of a blocked tensor at one constant scale and zero
+            point (float fake-quant that no integer kernel took, e.g. 16-bit activations):
+            elementwise, and a padded channel's 0 stays 0 through the pair."""
+            held = self.blocked.get(call.args[0])
+            if held is None or not all(_scalar_constant(a) for a in call.args[1:]):
+                return None
+            args = [held.var, *call.args[1:]]
+            new = relax.Call(call.op, args, call.attrs, call.ty_args)
+            return Blocked(self.builder_.emit(new), held.shape, held.block)
 
         def _conv(self, call: Any) -> Blocked | None:
             found = _float_conv(call, "OIHW")
@@ -391,3 +406,10 @@ def _nonzero_constant(expr: Any) -> bool:
     import tvm
 
     return isinstance(expr, tvm.ir.Constant) and bool(np.all(expr.value.numpy() != 0))
+
+
+def _scalar_constant(expr: Any) -> bool:
+    """A constant of one element (a per-tensor scale or zero point)."""
+    import tvm
+
+    return isinstance(expr, tvm.ir.Constant) and int(np.prod(expr.value.shape)) == 1
