@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.ir import to_model
+from onnxpress.core.stats import shape_skeleton
 from onnxpress.core.targets import Target, parse_targets
 
 
@@ -90,7 +91,8 @@ class TensorShapes:
 
     @classmethod
     def compute(cls, graph: gs.Graph, ctx: PassContext) -> TensorShapes:
-        model = ctx.export(graph)
+        # the large weights as typed inputs: inference reads only their shapes
+        model = shape_skeleton(ctx.export(graph))
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
         shapes: dict[str, list[int | None]] = {}
         types: dict[str, int] = {}

@@ -9,7 +9,6 @@ failure raises VerificationError naming the pass; nothing is returned, so nothin
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import signal
 import threading
@@ -170,7 +169,7 @@ class PassManager:
                 raise VerificationError(name, f"graph cannot be exported: {exc}") from exc
             # A model byte-identical to the one the previous pass left (and that passed its
             # checks) keeps that model's verification, outputs and statistics.
-            digest = _digest(current)
+            digest = model_io.model_digest(current)
             unchanged = digest is not None and digest == last_digest
             last_digest = digest
             outcome = VerifyOutcome(level=level)
@@ -382,13 +381,6 @@ def time_limit(seconds: float | None, error: Callable[[], Exception]) -> Iterato
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def _digest(model: onnx.ModelProto) -> bytes | None:
-    """SHA-256 of the serialized model; None when it is too large to serialize in one piece."""
-    if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
-        return None
-    return hashlib.sha256(model.SerializeToString()).digest()
 
 
 def _first_line(exc: BaseException) -> str:

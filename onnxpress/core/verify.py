@@ -36,6 +36,7 @@ from onnxpress.core.random_inputs import (
     random_inputs,
     unconstrained_integer_inputs,
 )
+from onnxpress.core.stats import shape_skeleton
 from onnxpress.core.task_metric import as_array, concatenated, task_score
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _save_with_external_data(model: onnx.ModelProto, path: str) -> None:
 
 def check_structure(model: onnx.ModelProto) -> None:
     """Raise onnx's checker / shape-inference errors for an invalid model."""
-    if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
+    if model_io.too_large_to_serialize(model):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             _save_with_external_data(model, path)
@@ -106,8 +107,12 @@ def check_structure(model: onnx.ModelProto) -> None:
                 data_prop=True,
             )
         return
-    onnx.checker.check_model(model, full_check=True)
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    # the checker's full check is the strict inference below, run on the model without its
+    # large weights' values (typed inputs instead: all inference reads of them)
+    onnx.checker.check_model(model)
+    onnx.shape_inference.infer_shapes(
+        shape_skeleton(model), check_type=True, strict_mode=True, data_prop=True
+    )
 
 
 _THREADS: list[int | None] = [None]  # set_session_threads: None = as many as allowed
@@ -145,7 +150,7 @@ class Runner:
         # first run and pays off only when a shape repeats; planning it is superlinear in
         # the node count (seconds at 80k nodes) and never changes the results.
         options.enable_mem_pattern = False
-        if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
+        if model_io.too_large_to_serialize(model):
             self._tmp = tempfile.TemporaryDirectory()
             path = os.path.join(self._tmp.name, "model.onnx")
             _save_with_external_data(model, path)
@@ -176,10 +181,7 @@ def verification_runner(
     onnxruntime's session creation is superlinear in graph size; chunking keeps the
     verifier's cost linear (docs/BENCHMARKS.md, "Scale").
     """
-    if (
-        len(model.graph.node) > 2 * CHUNK_NODES
-        and model.ByteSize() <= model_io.EXTERNAL_DATA_THRESHOLD
-    ):
+    if len(model.graph.node) > 2 * CHUNK_NODES and not model_io.too_large_to_serialize(model):
         try:
             return PartitionedRunner(model, lambda m: Runner(m, optimized), chunk_nodes=CHUNK_NODES)
         except NotPartitionable as exc:
