@@ -53,6 +53,8 @@ from onnxpress.backends.tvm.blocked_kernels import (
 )
 from onnxpress.backends.tvm.fast_math import rewriting_pass
 from onnxpress.backends.tvm.grouped_kernels import grouped_kernel
+from onnxpress.backends.tvm.int8_patterns import constant_value
+from onnxpress.backends.tvm.layout_sink import static_shape
 from onnxpress.backends.tvm.winograd import emit_winograd, winograd_tile
 
 logger = logging.getLogger(__name__)
@@ -95,14 +97,6 @@ class Blocked:
     @property
     def channels(self) -> int:
         return self.shape[1]
-
-
-def _shape(expr: Any) -> tuple[int, ...] | None:
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    try:
-        return None if shape is None else tuple(int(d) for d in shape)
-    except TypeError:  # symbolic
-        return None
 
 
 def _dtype(expr: Any) -> str:
@@ -167,7 +161,7 @@ def blocked_layout_pass(lanes: int) -> Any:
             held = self.blocked.get(expr)
             if held is not None:
                 return held.var if held.block == block else None
-            shape = _shape(expr)
+            shape = static_shape(expr)
             if shape is None or len(shape) > 4:
                 return None
             if isinstance(expr, tvm.ir.Constant):
@@ -207,11 +201,11 @@ def blocked_layout_pass(lanes: int) -> Any:
             return None
 
         def _quantizer(self, call: Any) -> Blocked | None:
-            """quantize / dequantize of a blocked tensor at one constant scale and zero
-            point (float fake-quant that no integer kernel took, e.g. 16-bit activations):
-            elementwise, and a padded channel's 0 stays 0 through the pair."""
+            """Elementwise quantize / dequantize at one constant scale and zero point: a
+            padded channel's 0 comes back 0 through the pair."""
             held = self.blocked.get(call.args[0])
-            if held is None or not all(_scalar_constant(a) for a in call.args[1:]):
+            values = [constant_value(a) for a in call.args[1:]]
+            if held is None or any(v is None or v.size != 1 for v in values):
                 return None
             args = [held.var, *call.args[1:]]
             new = relax.Call(call.op, args, call.attrs, call.ty_args)
@@ -284,13 +278,15 @@ def blocked_layout_pass(lanes: int) -> Any:
 
         def _binary(self, call: Any) -> Blocked | None:
             lhs, rhs = call.args
-            out_shape = _shape(call)
+            out_shape = static_shape(call)
             held = [self.blocked[a] for a in (lhs, rhs) if a in self.blocked]
             first = next((h for h in held if h.shape == out_shape), None)
             if first is None:
                 return None
             divide = call.op.name == "relax.divide"
-            if divide and (self.blocked.get(lhs) is None or not _nonzero_constant(rhs)):
+            value = constant_value(rhs)
+            nonzero = value is not None and bool(np.all(value != 0))
+            if divide and (self.blocked.get(lhs) is None or not nonzero):
                 return None  # padded channels: 0 / 0
             operands = []
             for arg in (lhs, rhs):
@@ -302,7 +298,7 @@ def blocked_layout_pass(lanes: int) -> Any:
             return Blocked(self.builder_.emit(new), first.shape, first.block)
 
         def _operand(self, arg: Any, like: Blocked, fill: float) -> Any | None:
-            shape = _shape(arg)
+            shape = static_shape(arg)
             if shape is None or len(shape) > 4:
                 return None
             four = (1,) * (4 - len(shape)) + shape
@@ -323,12 +319,12 @@ def blocked_layout_pass(lanes: int) -> Any:
             if sorted(int(a) % 4 for a in axes) != [2, 3]:
                 return None
             new = relax.op.mean(held.var, axis=[2, 3], keepdims=True)
-            return Blocked(self.builder_.emit(new), _shape(call) or (), held.block)
+            return Blocked(self.builder_.emit(new), static_shape(call) or (), held.block)
 
         def _max_pool(self, call: Any) -> Blocked | None:
             attrs = call.attrs
             held = self.blocked.get(call.args[0])
-            out_shape = _shape(call)
+            out_shape = static_shape(call)
             if held is None or out_shape is None:
                 return None
             if (attrs.layout, attrs.out_layout) != ("NCHW", "NCHW"):
@@ -355,11 +351,11 @@ def blocked_layout_pass(lanes: int) -> Any:
                 _ints(attrs.dilation), bool(attrs.ceil_mode), bool(attrs.count_include_pad),
                 layout, layout,
             )  # fmt: skip
-            return Blocked(self.builder_.emit(new), _shape(call) or (), held.block)
+            return Blocked(self.builder_.emit(new), static_shape(call) or (), held.block)
 
         def _concat(self, call: Any) -> Blocked | None:
             parts = list(call.args[0].fields) if isinstance(call.args[0], relax.Tuple) else None
-            out_shape = _shape(call)
+            out_shape = static_shape(call)
             if parts is None or out_shape is None or len(out_shape) != 4:
                 return None
             if int(call.attrs.axis) % 4 != 1:
@@ -368,7 +364,7 @@ def blocked_layout_pass(lanes: int) -> Any:
             if not found or len({h.block for h in found}) != 1:
                 return None
             block = found[0].block
-            shapes = [_shape(p) for p in parts]
+            shapes = [static_shape(p) for p in parts]
             if any(s is None or s[1] % block for s in shapes):
                 return None
             converted = [self._as_blocked(p, block) for p in parts]
@@ -387,7 +383,7 @@ def _float_conv(call: Any, kernel_layout: str) -> tuple[Any, np.ndarray, Any, An
 
     attrs = call.attrs
     data, weight = call.args
-    in_shape, out_shape = _shape(data), _shape(call)
+    in_shape, out_shape = static_shape(data), static_shape(call)
     if (
         not isinstance(weight, tvm.ir.Constant)
         or in_shape is None
@@ -400,16 +396,3 @@ def _float_conv(call: Any, kernel_layout: str) -> tuple[Any, np.ndarray, Any, An
     ):
         return None
     return data, weight.value.numpy(), in_shape, out_shape
-
-
-def _nonzero_constant(expr: Any) -> bool:
-    import tvm
-
-    return isinstance(expr, tvm.ir.Constant) and bool(np.all(expr.value.numpy() != 0))
-
-
-def _scalar_constant(expr: Any) -> bool:
-    """A constant of one element (a per-tensor scale or zero point)."""
-    import tvm
-
-    return isinstance(expr, tvm.ir.Constant) and int(np.prod(expr.value.shape)) == 1

@@ -60,7 +60,8 @@ SMALL = 1 << 12  # a non-constant operand up to this many elements is transposed
 
 
 def static_shape(expr: Any) -> tuple[int, ...] | None:
-    shape = getattr(expr.ty, "shape", None)
+    """The static shape of ``expr``'s type; None without a shape or with a symbolic one."""
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
     if shape is None:
         return None
     try:
