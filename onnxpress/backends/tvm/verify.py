@@ -30,6 +30,11 @@ another order rounds: a RoBERTa encoder's embedding LayerNorm put one value one 
 its quantizer in TVM, 1.95 steps at the output where the exact reference read 2e-5 (with
 the nudge, 1.92). It is recorded with the error.
 
+Every float output is also held to ``tolerance`` beyond how far onnxruntime's own output moves
+when the float inputs move by ``NUDGE`` (``input_spread``): a model that amplifies rounding
+that much (random weights without trained normalization statistics) cannot be checked
+tighter by any float implementation; a well-scaled model moves by about 1e-7.
+
 Dynamically quantized models (``DynamicQuantizeLinear``, as onnxruntime's ``quantize_dynamic``
 writes them) have no constant step: each quantizer takes its scale from the tensor it reads,
 at run time, and its rounding ties move with any change in the float sums before it. Their
@@ -168,7 +173,8 @@ def differential_check(
     and its limit. ``in_steps`` (integer-lowered models): max-abs in quantization steps, limit
     one step, for every output with a step; otherwise max-rel, limit ``tolerance``."""
     feed = random_inputs(reference_model, seed)[0]
-    expected = Runner(reference_model)(feed)
+    runner = Runner(reference_model)
+    expected = runner(feed)
     compiled = CompiledModel(library)
     got = compiled(*[feed[vi.name] for vi in graph_inputs(reference_model)])
     names = [o.name for o in reference_model.graph.output]
@@ -182,15 +188,17 @@ def differential_check(
             logger.warning("int8 check: no per-element steps for normalized outputs (%s)", exc)
     spread = onnxruntime_spread(reference_model, feed, expected, steps) if steps else {}
     dynamic = dynamic_spread(reference_model, feed, expected)
+    conditioning = input_spread(runner, feed, expected)
     checks: dict[str, dict[str, Any]] = {}
     for name, ref, new in zip(names, expected, got, strict=True):
         step = steps.get(name)
         if step is None or ref.shape != new.shape:
             limit = lossless_tolerance(ref.dtype, tolerance)  # a float16 output: its rounding
             checks[name] = {"metric": "max-rel", "error": max_rel(ref, new), "limit": limit}
-            if name in dynamic:
-                checks[name]["limit"] = limit + dynamic[name]
-                checks[name]["onnxruntime_spread"] = dynamic[name]
+            if name in dynamic or name in conditioning:
+                own = max(dynamic.get(name, 0.0), conditioning.get(name, 0.0))
+                checks[name]["limit"] = limit + own
+                checks[name]["onnxruntime_spread"] = own
         else:
             per_element = isinstance(step, np.ndarray)
             checks[name] = {
@@ -261,6 +269,27 @@ def nudged(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
             result.graph.initializer.append(numpy_helper.from_array(moved, made[name]))
         node.input[1] = made[name]
     return result
+
+
+def input_spread(
+    runner: Runner, feed: dict[str, np.ndarray], expected: list[np.ndarray]
+) -> dict[str, float]:
+    """Per float output: the largest max-rel distance between onnxruntime's run
+    (``expected``) and its runs with every float input moved by ``NUDGE`` either way, the
+    model's own conditioning. A trained or well-scaled model moves by about 1e-7 and its
+    limit stays ``tolerance``; timm's efficientnetv2_rw_t at random weights moves by 0.28
+    (onnxruntime's own optimization levels differ by 0.17 on it), where no float
+    implementation can be held to 1e-4 (docs/BENCHMARKS.md, run 28)."""
+    floats = [k for k, v in feed.items() if np.issubdtype(v.dtype, np.floating)]
+    spread: dict[str, float] = {}
+    for factor in (1.0 + NUDGE, 1.0 - NUDGE) if floats else ():
+        moved = dict(feed)
+        for key in floats:
+            moved[key] = (feed[key].astype(np.float64) * factor).astype(feed[key].dtype)
+        for name, ref, own in zip(runner.output_names, expected, runner(moved), strict=False):
+            if ref.shape == own.shape and ref.size and np.issubdtype(ref.dtype, np.floating):
+                spread[name] = max(spread.get(name, 0.0), max_rel(ref, own))
+    return spread
 
 
 def dynamic_spread(

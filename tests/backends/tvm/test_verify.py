@@ -21,6 +21,7 @@ from onnxpress.backends.tvm.verify import (
     NUDGE,
     dynamic_nudged,
     dynamic_spread,
+    input_spread,
     normalized_steps,
     nudged,
     onnxruntime_spread,
@@ -200,3 +201,54 @@ def test_compile_holds_a_dynamic_model_to_its_spread(tmp_path: Path) -> None:
     spread = check["onnxruntime_spread"]["r5"]
     assert spread > 0 and check["limits"]["r5"] == pytest.approx(1e-4 + spread)
     assert check["errors"]["r5"] <= check["limits"]["r5"]
+
+
+def cancelling_matmuls(cancel: bool) -> onnx.ModelProto:
+    """y = x @ w1 + x @ w2, with w2 = -w1 + 1e-4 noise when ``cancel`` (the sums cancel to
+    about 1e-4 of their size: their rounding is most of the result), else w2 = w1."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(256, 16)).astype(np.float32)
+    w2 = (-w1 + 1e-4 * rng.normal(size=(256, 16))).astype(np.float32) if cancel else w1
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["a"]),
+            helper.make_node("MatMul", ["x", "w2"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        "cancel",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_input_spread_measures_how_far_rounding_at_the_inputs_moves_the_outputs() -> None:
+    feed = {"x": np.random.default_rng(1).normal(size=(4, 256)).astype(np.float32)}
+    for cancel, low, high in ((True, 1e-3, 0.1), (False, 0.0, 1e-5)):
+        runner = Runner(cancelling_matmuls(cancel))
+        spread = input_spread(runner, feed, runner(feed))
+        assert low < spread["y"] < high, (cancel, spread)
+    ids = {"x": np.arange(4, dtype=np.int64)}  # no float input: nothing to move
+    gather = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Gather", ["table", "x"], ["y"])],
+            "lookup",
+            [helper.make_tensor_value_info("x", TensorProto.INT64, [4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+            [numpy_helper.from_array(np.ones((8, 3), np.float32), "table")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    runner = Runner(gather)
+    assert input_spread(runner, ids, runner(ids)) == {}
+
+
+def test_compile_holds_an_ill_conditioned_output_to_the_tolerance_beyond_its_spread(
+    tmp_path: Path,
+) -> None:
+    result = compile_model(cancelling_matmuls(True), PORTABLE, tmp_path / "lib")
+    check = result.manifest["verification"]
+    spread = check["onnxruntime_spread"]["y"]
+    assert spread > 1e-3 and check["limits"]["y"] == pytest.approx(1e-4 + spread)
+    assert check["errors"]["y"] <= check["limits"]["y"]
