@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxpress.core.context import PassContext
+from onnxpress.core.ir import adopt
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.precision import LOW_PRECISION
 from onnxpress.core.registry import register_pass
@@ -63,10 +64,7 @@ class UpcastFloat16(Pass[UpcastFloat16Options]):
         for key, value in counts.items():
             result.count(key, value)
         if result.changed:
-            upcast_graph = gs.import_onnx(model)
-            graph.nodes = upcast_graph.nodes
-            graph.inputs = upcast_graph.inputs
-            graph.outputs = upcast_graph.outputs
+            adopt(graph, model)
         return result
 
 

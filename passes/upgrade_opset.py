@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, version_converter
 
 from onnxpress.core.context import PassContext
+from onnxpress.core.ir import adopt
 from onnxpress.core.pass_base import Pass, PassResult
 from onnxpress.core.registry import register_pass
 
@@ -67,10 +68,7 @@ def upgrade_opset(
     except Exception as exc:  # the converter raises bare RuntimeErrors from C++
         lines = str(exc).strip().splitlines()
         return lines[0] if lines else type(exc).__name__
-    upgraded = gs.import_onnx(converted)
-    graph.nodes = upgraded.nodes
-    graph.inputs = upgraded.inputs
-    graph.outputs = upgraded.outputs
+    adopt(graph, converted)
     graph.opset = version
     return None
 

@@ -318,6 +318,14 @@ def own_constant(
     return copy
 
 
+def adopt(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Make ``graph`` hold ``model``'s graph (a pass that rewrote the exported proto)."""
+    rewritten = gs.import_onnx(model)
+    graph.nodes = rewritten.nodes
+    graph.inputs = rewritten.inputs
+    graph.outputs = rewritten.outputs
+
+
 def replace_node(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> None:
     """Put ``new_nodes`` (which already write ``node``'s outputs) in ``node``'s place in the
     node list, and detach ``node`` from its tensors."""
