@@ -10,7 +10,6 @@ folder and renames it, so a failed or interrupted save leaves nothing behind; mo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import tempfile
@@ -29,12 +28,11 @@ from onnxpress.core.errors import (
 )
 from onnxpress.core.ir import ensure_acyclic_sorted
 from onnxpress.core.model_checks import check_model
+from onnxpress.core.sizing import EXTERNAL_DATA_THRESHOLD, serialized_size
 
 logger = logging.getLogger(__name__)
 
 PROTOBUF_LIMIT = 2**31 - 1
-# Leave headroom under protobuf's 2 GB limit for the graph structure itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -149,69 +147,6 @@ def _checker_hint(model: onnx.ModelProto, message: str) -> str:
             f" {opset}; onnxruntime refuses it too: quantize a model exported at opset 13+)"
         )
     return ""
-
-
-def too_large_to_serialize(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` passes ``EXTERNAL_DATA_THRESHOLD`` serialized. Decided from its
-    tensors' shapes while they hold less than half of it: ``ByteSize`` serializes the whole
-    model (1.1 s for a 430 MB BERT-base, paid for every pass the manager verified)."""
-    if _tensor_bytes(model.graph) < EXTERNAL_DATA_THRESHOLD // 2:
-        return False
-    return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-
-
-def _tensor_bytes(graph: onnx.GraphProto) -> int:
-    """Bytes of the tensors of ``graph`` and its subgraphs (initializers, Constant values),
-    from their shapes and element types (16 bytes a string element), plus 1 KiB a node."""
-    total = len(graph.node) * 1024
-    tensors = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                tensors.append(attr.t)
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                total += _tensor_bytes(sub)
-    for tensor in tensors:
-        count = 1
-        for dim in tensor.dims:
-            count *= int(dim)
-        if tensor.data_type == onnx.TensorProto.STRING:
-            total += 16 * count
-        else:
-            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return total
-
-
-def model_digest(model: onnx.ModelProto) -> bytes | None:
-    """SHA-256 of the model: everything but the initializers' raw bytes serialized, then
-    those bytes as they are (serializing a 430 MB BERT-base whole took 0.9 s of the 1.2 s,
-    for every pass); None when it is too large to serialize in one piece."""
-    if too_large_to_serialize(model):
-        return None
-    graph = model.graph
-    skeleton = onnx.GraphProto(name=graph.name, doc_string=graph.doc_string)
-    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(skeleton, field).extend(getattr(graph, field))
-    shell = onnx.ModelProto(ir_version=model.ir_version, graph=skeleton)
-    shell.opset_import.extend(model.opset_import)
-    shell.functions.extend(model.functions)
-    digest = hashlib.sha256(shell.SerializeToString())
-    for tensor in graph.initializer:
-        raw = tensor.raw_data
-        if not raw:
-            digest.update(tensor.SerializeToString())
-            continue
-        header = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type)
-        header.dims.extend(tensor.dims)
-        digest.update(header.SerializeToString())
-        digest.update(len(raw).to_bytes(8, "little"))
-        digest.update(raw)
-    return digest.digest()
-
-
-def model_size(model: onnx.ModelProto) -> int:
-    """Serialized size in bytes, counting tensors whatever their storage."""
-    return int(model.ByteSize())
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -329,7 +264,7 @@ def save_model(
         raise ModelSaveError(f"{out}: folder '{folder}' does not exist")
     if out.is_dir():
         raise ModelSaveError(f"{out}: the output path is a folder")
-    size = model_size(model)
+    size = serialized_size(model)
     use_external = external_data if external_data is not None else size > EXTERNAL_DATA_THRESHOLD
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from onnxpress.core import io as model_io
+from onnxpress.core import sizing
 from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.context import PassContext, StatisticsStore
 from onnxpress.core.errors import OnnxpressError, PassError, PipelineError, VerificationError
@@ -169,7 +169,7 @@ class PassManager:
                 raise VerificationError(name, f"graph cannot be exported: {exc}") from exc
             # A model byte-identical to the one the previous pass left (and that passed its
             # checks) keeps that model's verification, outputs and statistics.
-            digest = model_io.model_digest(current)
+            digest = sizing.model_digest(current)
             unchanged = digest is not None and digest == last_digest
             last_digest = digest
             outcome = VerifyOutcome(level=level)

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxpress.core.sizing import serialized_size, tensor_size
+
 logger = logging.getLogger(__name__)
 
 
@@ -73,7 +75,7 @@ def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     such as Reshape shapes, are small and stay). Inferring a 90 MB encoder's shapes then
     does not copy its weights twice."""
     graph = model.graph
-    large = [t for t in graph.initializer if t.ByteSize() >= SKELETON_BYTES]
+    large = [t for t in graph.initializer if tensor_size(t) >= SKELETON_BYTES]
     if not large:
         return model
     names = {t.name for t in large}
@@ -218,7 +220,7 @@ def model_stats(model: onnx.ModelProto, with_macs: bool = True) -> ModelStats:
         nodes=len(model.graph.node),
         params=count_params(model),
         macs=int(sum(macs_by_op.values())),
-        bytes=int(model.ByteSize()),
+        bytes=serialized_size(model),
         op_histogram=dict(histogram.most_common()),
         macs_by_op=dict(macs_by_op.most_common()),
     )

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxpress.core import io as model_io
+from onnxpress.core import sizing
 from onnxpress.core.calibration_data import Batch, CalibrationData
 from onnxpress.core.errors import InvalidModelError
 from onnxpress.core.ir import copy_model
@@ -94,7 +94,7 @@ def _save_with_external_data(model: onnx.ModelProto, path: str) -> None:
 
 def check_structure(model: onnx.ModelProto) -> None:
     """Raise onnx's checker / shape-inference errors for an invalid model."""
-    if model_io.too_large_to_serialize(model):
+    if sizing.too_large_to_serialize(model):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             _save_with_external_data(model, path)
@@ -150,7 +150,7 @@ class Runner:
         # first run and pays off only when a shape repeats; planning it is superlinear in
         # the node count (seconds at 80k nodes) and never changes the results.
         options.enable_mem_pattern = False
-        if model_io.too_large_to_serialize(model):
+        if sizing.too_large_to_serialize(model):
             self._tmp = tempfile.TemporaryDirectory()
             path = os.path.join(self._tmp.name, "model.onnx")
             _save_with_external_data(model, path)
@@ -181,7 +181,7 @@ def verification_runner(
     onnxruntime's session creation is superlinear in graph size; chunking keeps the
     verifier's cost linear (docs/BENCHMARKS.md, "Scale").
     """
-    if len(model.graph.node) > 2 * CHUNK_NODES and not model_io.too_large_to_serialize(model):
+    if len(model.graph.node) > 2 * CHUNK_NODES and not sizing.too_large_to_serialize(model):
         try:
             return PartitionedRunner(model, lambda m: Runner(m, optimized), chunk_nodes=CHUNK_NODES)
         except NotPartitionable as exc:

@@ -28,6 +28,7 @@ import onnx
 
 from onnxpress.core.calibration_data import CalibrationData, check_npz_headers
 from onnxpress.core.errors import OnnxpressError
+from onnxpress.core.sizing import serialized_size
 from onnxpress.core.task_metric import concatenated, task_score
 from onnxpress.core.verify import Runner, run_all
 
@@ -183,4 +184,4 @@ def negative_rmse(outputs: list[np.ndarray], labels: np.ndarray | None) -> float
 
 def file_size(model: onnx.ModelProto) -> int:
     """Bytes of the serialized model, as written to disk."""
-    return int(model.ByteSize())
+    return serialized_size(model)

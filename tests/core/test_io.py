@@ -235,34 +235,3 @@ def test_per_channel_dequantize_below_opset_13_gets_a_hint() -> None:
     message = str(raised.value)
     assert "Unrecognized attribute: axis for operator DequantizeLinear" in message
     assert "need opset 13, the model imports 11" in message and "\n" not in message
-
-
-def test_model_digest_sees_weights_and_structure_without_serializing_them_whole() -> None:
-    from onnxpress.core.io import model_digest
-
-    model = make_mlp()
-    same = onnx.ModelProto()
-    same.CopyFrom(model)
-    assert model_digest(model) == model_digest(same)
-    weight = same.graph.initializer[0]
-    values = numpy_helper.to_array(weight).copy()
-    values.flat[0] += 1.0  # one value of one weight
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    assert model_digest(model) != model_digest(same)
-    renamed = onnx.ModelProto()
-    renamed.CopyFrom(model)
-    renamed.graph.node[0].name = "other"
-    assert model_digest(model) != model_digest(renamed)
-
-
-def test_too_large_to_serialize_counts_tensor_bytes_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxpress.core import io as model_io
-
-    model = make_mlp()
-    size = model.ByteSize()
-    assert not model_io.too_large_to_serialize(model)
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", size - 1)  # then the exact size
-    assert model_io.too_large_to_serialize(model)
-    assert model_io.model_digest(model) is None
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", size + 1)
-    assert not model_io.too_large_to_serialize(model)
