@@ -71,8 +71,9 @@ def report(
                 if step.drop_after is not None
                 else f"drop {fallback.final_drop:.4f} with the {kept} most sensitive in float"
             )
+            alone = "alone" if step.group == 1 else f"with its group of {step.group} layers"
             reason = (
-                f"accuracy fallback: rank {rank}, alone in float it recovers {step.gain:.4f} "
+                f"accuracy fallback: rank {rank}, {alone} in float it recovers {step.gain:.4f} "
                 f"of {metric}; {measured} (budget {budget})"
             )
             result.refuse(step.node, reason)
@@ -82,6 +83,7 @@ def report(
                     "op": step.op,
                     "fallback": True,
                     "sensitivity": step.gain,
+                    "sensitivity_group": step.group,
                     "drop_after": step.drop_after,
                 }
             )

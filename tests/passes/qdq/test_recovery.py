@@ -16,7 +16,7 @@ import pytest
 from onnx import helper
 from onnxpress.passes.qdq import MetricInputs, register_metric
 from onnxpress.passes.qdq.calibrate import observe
-from onnxpress.passes.qdq.recover import Evaluator, greedy_fallback
+from onnxpress.passes.qdq.recover import Evaluator, FallbackResult, greedy_fallback
 from qdq_helpers import View, batches, conv_relu_model, quantize, weights
 
 import onnxpress
@@ -227,16 +227,16 @@ class _Additive(Evaluator):
         return sum(v for k, v in self.costs.items() if k not in excluded), 0.0
 
 
+def _fallback(costs: dict[str, float], budget: float) -> tuple[_Additive, FallbackResult]:
+    judge = _Additive(costs)
+    candidates = {name: "Conv" for name in costs}
+    return judge, greedy_fallback(candidates, lambda excluded: excluded, judge, budget)  # type: ignore[arg-type,return-value]
+
+
 def test_fallback_finds_the_shortest_prefix_in_logarithmic_evaluations() -> None:
     costs = {f"layer{i:02d}": 0.01 * (i % 7) for i in range(60)}
     costs.update(big1=0.5, big2=0.4, big3=0.3)
-    judge = _Additive(costs)
-    result = greedy_fallback(
-        {name: "Conv" for name in costs},
-        lambda excluded: excluded,  # type: ignore[arg-type,return-value]
-        judge,
-        0.2,
-    )
+    judge, result = _fallback(costs, 0.2)
     assert result.excluded[:3] == ["big1", "big2", "big3"] and result.within_budget
     # the three big ones and the costliest small layers until the rest is within 0.2
     rest = sorted((v for k, v in costs.items() if not k.startswith("big")), reverse=True)
@@ -253,3 +253,20 @@ def test_fallback_finds_the_shortest_prefix_in_logarithmic_evaluations() -> None
         0.2,  # type: ignore[arg-type,return-value]
     )
     assert hopeless.excluded == ["a"] and not hopeless.within_budget
+
+
+def test_fallback_ranks_a_deep_model_by_groups_first() -> None:
+    """300 layers: groups are scored, then the layers of the most sensitive groups alone;
+    the sensitive layers still lead, at about a fifth of the runs of one per layer."""
+    from onnxpress.passes.qdq.recover import RANK_GROUPS, REFINED_LAYERS
+
+    costs = {f"layer{i:03d}": 0.001 for i in range(300)}
+    costs.update(layer017=0.5, layer018=0.3, layer250=0.4)
+    judge, result = _fallback(costs, 0.2)
+    assert result.excluded[:3] == ["layer017", "layer250", "layer018"] and result.within_budget
+    assert all(step.group == 1 for step in result.steps[:3])
+    one_fewer = frozenset(result.excluded[:-1])
+    assert result.final_drop <= 0.2 < _Additive(costs).drop(one_fewer)[0]  # shortest prefix
+    assert result.evaluations == judge.evaluations <= 1 + RANK_GROUPS + REFINED_LAYERS + 2 * 9
+    unrefined = [step for step in result.steps if step.group > 1]
+    assert unrefined and all(step.group == 10 for step in unrefined)
