@@ -300,6 +300,13 @@ def _matching_nonfinite(ref: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, n
     return np.where(ref_bad, 0.0, ref), np.where(new_bad, 0.0, new)
 
 
+def max_rel_error(ref: np.ndarray, new: np.ndarray) -> float:
+    """``max-rel`` of two float outputs; the NaN/inf they share (a -inf log-probability)
+    match, and infinite where they differ in them."""
+    matched = _matching_nonfinite(ref.astype(np.float64), new.astype(np.float64))
+    return float("inf") if matched is None else _max_rel(*matched)
+
+
 def _ratio(value: float, limit: float) -> float:
     if limit > 0:
         return value / limit

@@ -33,9 +33,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.inline import inline_elementwise
 from onnxpress.backends.tvm.tile_schedule import (
     inline_consumers,
-    inline_elementwise,
     reduction_rule,
 )
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxpress.backends.tvm.inline import inline_elementwise
 from onnxpress.backends.tvm.int8_kernels import (
     GROUP,
     DotIsa,
@@ -34,7 +35,7 @@ from onnxpress.backends.tvm.int8_kernels import (
     tiles,
 )
 from onnxpress.backends.tvm.int8_patterns import Dequantized, Window
-from onnxpress.backends.tvm.tile_schedule import inline_elementwise, schedule_elementwise
+from onnxpress.backends.tvm.tile_schedule import schedule_elementwise
 
 logger = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from onnxpress.backends.tvm.attention_schedule import fused_attention_pass
@@ -53,12 +54,12 @@ from onnxpress.backends.tvm.depthwise_schedule import depthwise_rule
 from onnxpress.backends.tvm.dilated_taps import dilated_tap_regions_pass
 from onnxpress.backends.tvm.fast_math import fast_math_pass
 from onnxpress.backends.tvm.height_one import sink_squeeze_pass
+from onnxpress.backends.tvm.inline import inline_elementwise
 from onnxpress.backends.tvm.int8_gemm import epilogue_rule
 from onnxpress.backends.tvm.sibling_matmul import sibling_matmul_pass
 from onnxpress.backends.tvm.strided_schedule import deinterleaved_rule
 from onnxpress.backends.tvm.tile_schedule import (
     MIN_PARALLEL_MACS,
-    inline_elementwise,
     reverse_inline,
     schedule_elementwise,
     tiled_reduction_rule,
@@ -217,32 +218,50 @@ def schedule_rules(target: Any) -> list[Any]:
         deinterleaved_rule(lanes, vector_registers(target)),
         tiled_reduction_rule(lanes, vector_registers(target)),
         _row_reduction_rule(lanes),
-        dl.cpu.GEMV(),
-        _only_big_kernels(dl.cpu.Reduction()),
+        _with_reduction(dl.cpu.GEMV()),
+        _only_big_kernels(_with_reduction(dl.cpu.Reduction())),
         tiled_transpose_rule(lanes),
         _loop_parallel_rule(lanes),
     ]
+
+
+def _restricted(rule: Any, accepts: Callable[[Any], bool]) -> Any:
+    """``rule`` for the block kernels whose schedule ``accepts``; None for the others."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+
+    class Restricted(dl.ScheduleRule):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not isinstance(func, tirx.PrimFunc):
+                return None
+            try:
+                accepted = accepts(s_tir.Schedule(func))
+            except Exception as exc:  # no root block: a hand-written kernel
+                logger.debug("not a block kernel: %s", exc)
+                return None
+            return rule.apply(func, target, tunable) if accepted else None
+
+    return Restricted()
+
+
+def _with_reduction(rule: Any) -> Any:
+    """``rule`` restricted to kernels with a reduction block. dlight's GEMV and Reduction
+    inline every spatial block before they look at the kernel, which a long elementwise
+    chain that reads each value twice cannot afford (inline.py); a kernel without a
+    reduction is neither's to schedule."""
+
+    def has_reduction(sch: Any) -> bool:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        return any(sch.get(block).init is not None for block in blocks)
+
+    return _restricted(rule, has_reduction)
 
 
 def _only_big_kernels(rule: Any) -> Any:
     """``rule`` restricted to kernels with at least MIN_PARALLEL_MACS loop iterations in
     one block: dlight's CPU Reduction parallelizes unconditionally, which costs more than
     it saves on a kernel of a few microseconds."""
-    from tvm import s_tir, tirx
-    from tvm.s_tir import dlight as dl
-
-    class OnlyBigKernels(dl.ScheduleRule):
-        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            if not isinstance(func, tirx.PrimFunc):
-                return None
-            try:
-                largest = _largest_block(s_tir.Schedule(func))
-            except Exception as exc:  # no root block: a hand-written kernel
-                logger.debug("not a block kernel: %s", exc)
-                return None
-            return rule.apply(func, target, tunable) if largest >= MIN_PARALLEL_MACS else None
-
-    return OnlyBigKernels()
+    return _restricted(rule, lambda sch: _largest_block(sch) >= MIN_PARALLEL_MACS)
 
 
 def _largest_block(sch: Any) -> int:

@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from onnxpress.backends.tvm.inline import inline_elementwise
 from onnxpress.backends.tvm.reduction_split import plan_split, split_reduction
 from onnxpress.backends.tvm.tile_plan import (
     MAX_UNROLLED_RAGGED,
@@ -45,7 +46,6 @@ __all__ = [
     "MIN_PARALLEL_MACS",
     "TilePlan",
     "inline_consumers",
-    "inline_elementwise",
     "lane_strides",
     "one_reduction",
     "plan_tile",
@@ -227,28 +227,6 @@ def _vectorize_tail(sch: Any, block: Any, width: int, unroll: bool, outer: int =
         loops = loops[:-1]
     for loop in loops if unroll else []:
         sch.unroll(loop)
-
-
-def inline_elementwise(sch: Any) -> bool:
-    """Inline every spatial block whose consumers are all spatial blocks (BN, GELU chains)."""
-    changed = False
-    progress = True
-    while progress:
-        progress = False
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            consumers = sch.get_consumers(block)
-            if not consumers or sch.get(block).init is not None:
-                continue
-            if any(sch.get(c).init is not None for c in consumers):
-                continue
-            try:
-                sch.compute_inline(block)
-            except Exception as exc:  # writes an output, or not inlinable
-                logger.debug("not inlined: %s", exc)
-                continue
-            changed = progress = True
-            break
-    return changed
 
 
 def _inline_copies(sch: Any, block: Any) -> None:

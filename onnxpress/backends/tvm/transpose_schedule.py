@@ -29,8 +29,9 @@ import logging
 import math
 from typing import Any
 
+from onnxpress.backends.tvm.inline import inline_elementwise
 from onnxpress.backends.tvm.tile_plan import row_tile, vector_width
-from onnxpress.backends.tvm.tile_schedule import MIN_PARALLEL_ELEMENTS, inline_elementwise
+from onnxpress.backends.tvm.tile_schedule import MIN_PARALLEL_ELEMENTS
 
 logger = logging.getLogger(__name__)
 

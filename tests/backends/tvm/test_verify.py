@@ -252,3 +252,16 @@ def test_compile_holds_an_ill_conditioned_output_to_the_tolerance_beyond_its_spr
     spread = check["onnxruntime_spread"]["y"]
     assert spread > 1e-3 and check["limits"]["y"] == pytest.approx(1e-4 + spread)
     assert check["errors"]["y"] <= check["limits"]["y"]
+
+
+def test_max_rel_matches_shared_infinities_and_refuses_others() -> None:
+    """A -inf that both runtimes give (a log of zero) is no error; one that only one gives,
+    or a NaN against a value, is infinite. The scale is the finite values' largest."""
+    from onnxpress.backends.tvm.runtime import max_rel
+
+    ref = np.array([-np.inf, 2.0, -4.0, np.nan], np.float32)
+    new = np.array([-np.inf, 2.0, -4.0004, np.nan], np.float32)
+    assert max_rel(ref, new) == pytest.approx(1e-4, rel=1e-3)
+    assert max_rel(ref, np.array([np.inf, 2.0, -4.0, np.nan], np.float32)) == np.inf
+    assert max_rel(ref, np.array([-np.inf, np.nan, -4.0, np.nan], np.float32)) == np.inf
+    assert max_rel(ref, np.array([-np.inf, 2.0, -4.0, 1.0], np.float32)) == np.inf
