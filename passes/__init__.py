@@ -26,7 +26,7 @@ from onnxpress.passes import (
     upgrade_opset,
 )
 from onnxpress.passes.gru import fuse as fuse_gru
-from onnxpress.passes.gru import fuse_lstm, lower_lstm
+from onnxpress.passes.gru import fuse_lstm, lower_dynamic_lstm, lower_lstm
 from onnxpress.passes.gru import lower as lower_gru
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "fuse_gru",
     "fuse_lstm",
     "lower_conv_integer",
+    "lower_dynamic_lstm",
     "lower_einsum",
     "lower_gru",
     "lower_lstm",

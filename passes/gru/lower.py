@@ -66,10 +66,11 @@ def lower_ops(
     lowering: type[Lowering],
     defaults: tuple[str, ...] = _DEFAULT_ACTIVATIONS,
     extra: Callable[[gs.Node], str] | None = None,
+    domains: tuple[str | None, ...] = (None, "", "ai.onnx"),
 ) -> PassResult:
     """Unroll every ``op`` node (GRU or LSTM) that passes the checks; refuse the others."""
     result = PassResult()
-    found = [n for n in graph.nodes if n.op == op and n.domain in (None, "", "ai.onnx")]
+    found = [n for n in graph.nodes if n.op == op and n.domain in domains]
     if not found:
         return result
     opset = ctx.opset_of(graph)

@@ -18,6 +18,7 @@ input_forget=1, and peepholes that are not a constant.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,7 @@ class LowerLstmOptions(LowerGruOptions):
     pass
 
 
-def _lstm_refusal(node: gs.Node) -> str:
+def lstm_refusal(node: gs.Node) -> str:
     if node.attrs.get("clip") is not None:
         return "clip is not lowered"
     if int(node.attrs.get("input_forget", 0)):
@@ -72,10 +73,8 @@ class LstmLowering(Lowering):
             if len(node.inputs) > 7 and node.inputs[7].name
             else None
         )
-        xw = self.op("MatMul", f"{p}/xw", [x, self.const(f"{p}/W_T", w.T.copy())])[0]
-        bias = self.const(f"{p}/bias", b[: 4 * hidden] + b[4 * hidden :])
-        xw = self.op("Add", f"{p}/xw_bias", [xw, bias])[0]
-        r_t = self.const(f"{p}/R_T", r.T.copy())
+        xw = self.projection(d, x, w, b)
+        recurrent = self.recurrence(d, r)
         split = self.const(f"{p}/split", np.array([hidden] * 4, np.int64))
         peep = (
             [self.const(f"{p}/P{k}", peepholes[k * hidden : (k + 1) * hidden]) for k in range(3)]
@@ -90,7 +89,7 @@ class LstmLowering(Lowering):
             s = f"{p}/t{t}"
             index = self.const(f"{s}/index", np.array(t, np.int64))
             xt = self.op("Gather", f"{s}/x", [xw, index], {"axis": 0})[0]
-            hr = self.op("MatMul", f"{s}/hr", [h, r_t])[0]
+            hr = recurrent(s, h)
             pre = self.op("Add", f"{s}/gates", [xt, hr])[0]
             i, o, f, g = self.op("Split", f"{s}/split", [pre, split], {"axis": 1}, outputs=4)
             if peep is not None:
@@ -115,6 +114,18 @@ class LstmLowering(Lowering):
         given = inits[0] is not None or inits[1] is not None
         return [states[t] for t in range(self.steps)], self.finals(d, [h, c], given)
 
+    def projection(self, d: int, x: gs.Tensor, w: np.ndarray, b: np.ndarray) -> gs.Variable:
+        """X W^T + Wb + Rb for every step at once: [T, B, 4H]."""
+        p, hidden = f"d{d}", self.hidden
+        xw = self.op("MatMul", f"{p}/xw", [x, self.const(f"{p}/W_T", w.T.copy())])[0]
+        bias = self.const(f"{p}/bias", b[: 4 * hidden] + b[4 * hidden :])
+        return self.op("Add", f"{p}/xw_bias", [xw, bias])[0]
+
+    def recurrence(self, d: int, r: np.ndarray) -> Callable[[str, gs.Tensor], gs.Variable]:
+        """The step's H R^T, as a function of the step's name and H."""
+        r_t = self.const(f"d{d}/R_T", r.T.copy())
+        return lambda s, h: self.op("MatMul", f"{s}/hr", [h, r_t])[0]
+
 
 @register_pass("lower-lstm")
 class LowerLstm(Pass[LowerLstmOptions]):
@@ -125,5 +136,5 @@ class LowerLstm(Pass[LowerLstmOptions]):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         return lower_ops(
-            graph, ctx, self.options, "LSTM", LstmLowering, LSTM_ACTIVATIONS, _lstm_refusal
+            graph, ctx, self.options, "LSTM", LstmLowering, LSTM_ACTIVATIONS, lstm_refusal
         )

@@ -38,12 +38,14 @@ logger = logging.getLogger(__name__)
 UPGRADE = "upgrade-opset{below=11}"  # TVM's importer misreads Upsample and Resize-10
 PREPARE_PIPELINE = (
     f"{UPGRADE},upcast-float16,qop-to-qdq,lower-conv-integer,lower-gru,fold-constants,"
-    "lower-einsum,cleanup,toposort"
+    "lower-dynamic-lstm,lower-einsum,cleanup,toposort"
 )
 # GRUs kept for the loop-form converter (onnxpress.backends.tvm.rnn) instead of unrolled.
+# lower-dynamic-lstm after fold-constants: a stacked LSTM's initial states (Expand of a
+# Shape) must be static for its second layer's input shape to be known.
 LOOP_GRU_PIPELINE = (
-    f"{UPGRADE},upcast-float16,qop-to-qdq,lower-conv-integer,fold-constants,lower-einsum,"
-    "cleanup,toposort"
+    f"{UPGRADE},upcast-float16,qop-to-qdq,lower-conv-integer,fold-constants,"
+    "lower-dynamic-lstm,lower-einsum,cleanup,toposort"
 )
 
 

@@ -175,3 +175,28 @@ def test_fast_activations_and_packed_weights() -> None:
     assert packed.shape == (2, 32, 4, 16)  # 16-unit blocks
     block, k, gate, unit = 1, 5, 2, 3
     assert packed[block, k, gate, unit] == r[gate * 32 + block * 16 + unit, k]
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_dynamically_quantized_lstm_compiles_as_onnxruntime_runs_it(
+    tmp_path: Path, per_channel: bool
+) -> None:
+    """quantize_dynamic's DynamicQuantizeLSTM: lowered by lower-dynamic-lstm at prepare, and
+    the library matches onnxruntime's contrib kernel (not the float LSTM)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx.save(lstm_model("bidirectional", states=True), tmp_path / "float.onnx")
+    quantize_dynamic(
+        tmp_path / "float.onnx",
+        tmp_path / "dynamic.onnx",
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+    )
+    model = onnx.load(tmp_path / "dynamic.onnx")
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in model.graph.node}
+    result = compile_model(model, "x86", tmp_path / "dynamic")
+    assert result.report is not None
+    lowering = next(p for p in result.report.passes if p.name == "lower-dynamic-lstm")
+    assert lowering.result.counts["dynamicquantizelstm_lowered"] == 1
+    errors = result.manifest["verification"]["errors"]
+    assert set(errors) == {"Y", "Y_h", "Y_c"} and max(errors.values()) <= 1e-4
