@@ -41,6 +41,7 @@ from onnxpress.backends.tvm.prepare import (
     PREPARE_PIPELINE,
     graph_inputs,
     prepare,
+    with_dynamic_lstm,
     with_masked_lowering,
 )
 from onnxpress.backends.tvm.runtime import (  # re-exported: the runtime half of compile/run
@@ -168,8 +169,9 @@ def compile_model(
     if gru == "loop" and spec.is_gpu:
         gru = "unroll"  # the recurrence kernel is a CPU loop nest; GPUs get dlight's schedules
         gru_notes.append("GRU ops unrolled by lower-gru on GPU targets (no GPU loop kernel)")
-    pipeline = with_masked_lowering(
-        loaded, LOOP_GRU_PIPELINE if gru == "loop" else PREPARE_PIPELINE
+    pipeline = with_dynamic_lstm(
+        loaded,
+        with_masked_lowering(loaded, LOOP_GRU_PIPELINE if gru == "loop" else PREPARE_PIPELINE),
     )
     # --no-verify: no onnxruntime run anywhere, the prepare pipeline's checks included
     prepare_checks = VerifyConfig(level="numeric" if verify else "structure")

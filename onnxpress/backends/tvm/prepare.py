@@ -38,15 +38,25 @@ logger = logging.getLogger(__name__)
 UPGRADE = "upgrade-opset{below=11}"  # TVM's importer misreads Upsample and Resize-10
 PREPARE_PIPELINE = (
     f"{UPGRADE},upcast-float16,qop-to-qdq,lower-conv-integer,lower-gru,fold-constants,"
-    "lower-dynamic-lstm,lower-einsum,cleanup,toposort"
+    "lower-einsum,cleanup,toposort"
 )
 # GRUs kept for the loop-form converter (onnxpress.backends.tvm.rnn) instead of unrolled.
-# lower-dynamic-lstm after fold-constants: a stacked LSTM's initial states (Expand of a
-# Shape) must be static for its second layer's input shape to be known.
 LOOP_GRU_PIPELINE = (
-    f"{UPGRADE},upcast-float16,qop-to-qdq,lower-conv-integer,fold-constants,"
-    "lower-dynamic-lstm,lower-einsum,cleanup,toposort"
+    f"{UPGRADE},upcast-float16,qop-to-qdq,lower-conv-integer,fold-constants,lower-einsum,"
+    "cleanup,toposort"
 )
+
+
+def with_dynamic_lstm(model: onnx.ModelProto, pipeline: str) -> str:
+    """``pipeline`` with lower-dynamic-lstm after its fold-constants where the model has a
+    com.microsoft DynamicQuantizeLSTM (quantize_dynamic's LSTM), which TVM cannot import.
+    After fold-constants: a stacked LSTM's initial states (an Expand of a Shape) must be
+    static for the second layer's input shape to be known. Only then: the pass is lossy, and
+    a lossy pass in the pipeline changes how the passes after it are judged."""
+    if not any(n.op_type == "DynamicQuantizeLSTM" for n in model.graph.node):
+        return pipeline
+    head, found, tail = pipeline.partition("fold-constants,")
+    return f"{head}fold-constants,lower-dynamic-lstm,{tail}" if found else pipeline
 
 
 def with_masked_lowering(model: onnx.ModelProto, pipeline: str) -> str:

@@ -15,7 +15,13 @@ pytest.importorskip("tvm")
 
 from onnxpress.backends.tvm.backend import compile_model
 from onnxpress.backends.tvm.build import build, export, import_relax
-from onnxpress.backends.tvm.prepare import LOOP_GRU_PIPELINE, UnsupportedOpsError, prepare
+from onnxpress.backends.tvm.prepare import (
+    LOOP_GRU_PIPELINE,
+    PREPARE_PIPELINE,
+    UnsupportedOpsError,
+    prepare,
+    with_dynamic_lstm,
+)
 from onnxpress.backends.tvm.runtime import CompiledModel, run_compiled
 from onnxpress.backends.tvm.targets import parse_target
 from onnxpress.core.manager import VerifyConfig
@@ -200,3 +206,19 @@ def test_a_dynamically_quantized_lstm_compiles_as_onnxruntime_runs_it(
     assert lowering.result.counts["dynamicquantizelstm_lowered"] == 1
     errors = result.manifest["verification"]["errors"]
     assert set(errors) == {"Y", "Y_h", "Y_c"} and max(errors.values()) <= 1e-4
+
+
+def test_only_a_model_with_the_contrib_lstm_gets_its_lossy_lowering() -> None:
+    """lower-dynamic-lstm is lossy: in every compile's pipeline it would switch the passes
+    after it to onnxruntime's integer kernels on a QDQ model (a QDQ conv net then failed
+    cleanup's check against fake-quant outputs). It runs after fold-constants, and only
+    where the op is."""
+    plain = lstm_model("forward")
+    assert with_dynamic_lstm(plain, LOOP_GRU_PIPELINE) == LOOP_GRU_PIPELINE
+    contrib = onnx.ModelProto()
+    contrib.CopyFrom(plain)
+    contrib.graph.node[0].op_type = "DynamicQuantizeLSTM"
+    contrib.graph.node[0].domain = "com.microsoft"
+    for pipeline in (LOOP_GRU_PIPELINE, PREPARE_PIPELINE):
+        passes = with_dynamic_lstm(contrib, pipeline).split(",")
+        assert passes[passes.index("fold-constants") + 1] == "lower-dynamic-lstm"
