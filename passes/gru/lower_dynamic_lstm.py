@@ -116,13 +116,17 @@ class DynamicLstmLowering(LstmLowering):
     ) -> gs.Variable:
         """((Hq - z) (R - zr)) * (s sr), H quantized row by row."""
         zero = self.const(f"{s}/zero_f", np.zeros((), self.dtype))
-        low = self.op("Min", f"{s}/h_low", [self._reduce("ReduceMin", f"{s}/h_min", h), zero])[0]
-        high = self.op("Max", f"{s}/h_high", [self._reduce("ReduceMax", f"{s}/h_max", h), zero])[0]
+        # Clip, not Min/Max with 0: TVM imports the variadic Min/Max as a stack and a
+        # reduction, two more kernels a step; Clip fuses into the scale's arithmetic
+        lowest = self._reduce("ReduceMin", f"{s}/h_min", h)
+        low = self.op("Clip", f"{s}/h_low", [lowest, gs.Variable.empty(), zero])[0]
+        highest = self._reduce("ReduceMax", f"{s}/h_max", h)
+        high = self.op("Clip", f"{s}/h_high", [highest, zero])[0]
         span = self.op("Sub", f"{s}/h_span", [high, low])[0]
         levels = self.const(f"{s}/levels", np.array(LEVELS, self.dtype))
         scale = self.op("Div", f"{s}/h_scale_raw", [span, levels])[0]
         tiny = self.const(f"{s}/tiny", np.array(np.finfo(np.float32).tiny, self.dtype))
-        scale = self.op("Max", f"{s}/h_scale", [scale, tiny])[0]  # a row of zeros: any scale
+        scale = self.op("Clip", f"{s}/h_scale", [scale, tiny])[0]  # a row of zeros: any scale
         negative = self.op("Neg", f"{s}/h_neg_low", [low])[0]
         top = self.const(f"{s}/top", np.array(LEVELS, self.dtype))
         zp = self.op(
