@@ -52,8 +52,8 @@ def _first_line(exc: BaseException) -> str:
 def importer_overrides(loop_rnn: bool) -> Iterator[None]:
     """TVM's ONNX importer, for the duration of the block, with Clip as Relax maximum and
     minimum ops when its bounds are constants (the stock converter emits TE kernels, which
-    no Relax pass sees through: blocked_layout.py) and, with ``loop_rnn``, the GRU and LSTM
-    loop converters."""
+    no Relax pass sees through: blocked_layout.py), Min/Max/Sum/Mean as pairwise ops and,
+    with ``loop_rnn``, the GRU and LSTM loop converters."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
@@ -99,11 +99,27 @@ def importer_overrides(loop_rnn: bool) -> Iterator[None]:
             x = bb.emit(relax.op.minimum(x, relax.const(float(high), "float32")))
         return x
 
+    def pairwise(base: Any) -> Any:
+        """Min/Max/Sum/Mean of tensors folded pairwise (minimum, maximum, add): the stock
+        converter broadcasts the inputs, stacks them and reduces the stack, a reduction
+        kernel that fuses with nothing, for every two-input clamp."""
+
+        class Pairwise(base):
+            @classmethod
+            def _impl_v1(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+                if all(isinstance(i, tvm.ir.GenericConst) for i in inputs):
+                    return super()._impl_v1(bb, inputs, attr, params)
+                return cls._impl_dynamic(bb, list(inputs))
+
+        return Pairwise
+
     original = frontend._get_convert_map
 
     def overridden() -> dict[str, Any]:
         table = dict(original())
         table["Clip"] = Clip
+        for name in ("Min", "Max", "Sum", "Mean"):
+            table[name] = pairwise(table[name])
         if loop_rnn:
             table.update({"GRU": Gru, "LSTM": Lstm})
         return table

@@ -236,3 +236,36 @@ def test_cli_names_a_qdq_node_with_a_zero_or_infinite_scale(scale: float, tmp_pa
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("onnxpress: error: DequantizeLinear 'dequant': scale 's1' has 1 zero")
     assert not (tmp_path / "out").exists()
+
+
+def test_min_max_sum_mean_import_as_pairwise_elementwise_ops(tmp_path: Path) -> None:
+    """Min/Max/Sum/Mean of tensors become minimum/maximum/add (they fuse with their
+    neighbours), not TVM's stack-and-reduce; the library matches onnxruntime, broadcasting
+    included."""
+    from onnxpress.backends.tvm.build import import_relax
+    from onnxpress.backends.tvm.prepare import prepare
+
+    nodes = [
+        helper.make_node("Max", ["x", "zero"], ["floor"]),
+        helper.make_node("Min", ["floor", "six"], ["clamped"]),
+        helper.make_node("Sum", ["clamped", "x", "row"], ["summed"]),
+        helper.make_node("Mean", ["summed", "x"], ["y"]),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        onnx.numpy_helper.from_array(np.array([6.0], np.float32), "six"),
+        onnx.numpy_helper.from_array(np.linspace(-1, 1, 8).astype(np.float32), "row"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pairwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    text = import_relax(prepare(model)).script()
+    assert "R.stack" not in text and "R.max(" not in text and "R.min(" not in text
+    assert "R.maximum" in text and "R.minimum" in text
+    result = compile_model(model, "x86", tmp_path / "pairwise")
+    assert result.manifest["verification"]["errors"]["y"] <= 1e-6
