@@ -71,6 +71,7 @@ class DynamicLstmLowering(LstmLowering):
         self.dtype = np.dtype(np.float32) if bias is None else np.asarray(bias).dtype
         self.quantized_x: tuple[gs.Tensor, gs.Tensor] | None = None
         self.opset = 13
+        self.shared: dict[str, gs.Constant] = {}  # the steps' scalar constants, made once
 
     def _params(self, d: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
         scale, zero = (np.asarray(constant_value(self.node.inputs[offset + k])) for k in (0, 1))
@@ -105,6 +106,11 @@ class DynamicLstmLowering(LstmLowering):
         r_scale = self.const(f"d{d}/R_scale", scale)
         return lambda s, h: self._step_product(s, h, weights, r_scale)
 
+    def _scalar(self, base: str, value: float) -> gs.Constant:
+        if base not in self.shared:
+            self.shared[base] = self.const(base, np.array(value, self.dtype))
+        return self.shared[base]
+
     def _reduce(self, op: str, base: str, h: gs.Tensor) -> gs.Variable:
         if self.opset >= 18:
             axes = self.const(f"{base}/axes", np.array([1], np.int64))
@@ -115,20 +121,17 @@ class DynamicLstmLowering(LstmLowering):
         self, s: str, h: gs.Tensor, weights: gs.Constant, r_scale: gs.Constant
     ) -> gs.Variable:
         """((Hq - z) (R - zr)) * (s sr), H quantized row by row."""
-        zero = self.const(f"{s}/zero_f", np.zeros((), self.dtype))
-        # Clip, not Min/Max with 0: TVM imports the variadic Min/Max as a stack and a
-        # reduction, two more kernels a step; Clip fuses into the scale's arithmetic
+        zero, top = self._scalar("zero_level", 0.0), self._scalar("top_level", LEVELS)
+        # min(h, 0) and max(h, 0) as Clip: elementwise, fused with the scale's arithmetic
         lowest = self._reduce("ReduceMin", f"{s}/h_min", h)
         low = self.op("Clip", f"{s}/h_low", [lowest, gs.Variable.empty(), zero])[0]
         highest = self._reduce("ReduceMax", f"{s}/h_max", h)
         high = self.op("Clip", f"{s}/h_high", [highest, zero])[0]
         span = self.op("Sub", f"{s}/h_span", [high, low])[0]
-        levels = self.const(f"{s}/levels", np.array(LEVELS, self.dtype))
-        scale = self.op("Div", f"{s}/h_scale_raw", [span, levels])[0]
-        tiny = self.const(f"{s}/tiny", np.array(np.finfo(np.float32).tiny, self.dtype))
+        scale = self.op("Div", f"{s}/h_scale_raw", [span, top])[0]
+        tiny = self._scalar("tiny_scale", float(np.finfo(np.float32).tiny))
         scale = self.op("Clip", f"{s}/h_scale", [scale, tiny])[0]  # a row of zeros: any scale
         negative = self.op("Neg", f"{s}/h_neg_low", [low])[0]
-        top = self.const(f"{s}/top", np.array(LEVELS, self.dtype))
         zp = self.op(
             "Round", f"{s}/h_zero_raw", [self.op("Div", f"{s}/h_zr", [negative, scale])[0]]
         )
