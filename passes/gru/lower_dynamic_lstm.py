@@ -16,15 +16,18 @@ The integer products run as float MatMuls of the centred integers, exact while a
 product stays under 2^24 in magnitude (a 255 x 128 product summed over up to 513 inputs at
 worst). Declared lossy, judged at max-rel ``DEFAULT_BUDGET``: where H lies within a rounding
 of a quantization tie, another order of the same float operations (onnxruntime's kernel
-against its Sigmoid/Tanh/MatMul ops) can round it to the neighbouring level. Refused as
-lower-lstm refuses, and where a scale or zero point is not a constant.
+against its Sigmoid/Tanh/MatMul ops) can round it to the neighbouring level. On AVX2
+without VNNI, onnxruntime's kernel sums u8 x s8 pairs in int16, which 8-bit weights can
+saturate (255 * 127 * 2 > 32767); the lowering keeps the exact sums, so there the check
+against onnxruntime may refuse it in one line (``quantize_dynamic(reduce_range=True)``
+weights cannot saturate). Refused as lower-lstm refuses, and where a scale or zero point
+is not a constant.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -70,7 +73,8 @@ class DynamicLstmLowering(LstmLowering):
         bias = constant_value(node.inputs[3]) if len(node.inputs) > 3 else None
         self.dtype = np.dtype(np.float32) if bias is None else np.asarray(bias).dtype
         self.quantized_x: tuple[gs.Tensor, gs.Tensor] | None = None
-        self.opset = 13
+        # ReduceMin/Max take their axes as an input from opset 18
+        self.opset = int(graph.opset or 13)
         self.shared: dict[str, gs.Constant] = {}  # the steps' scalar constants, made once
 
     def _params(self, d: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,18 +151,6 @@ class DynamicLstmLowering(LstmLowering):
         return self.op("Mul", f"{s}/hr", [sums, step])[0]
 
 
-def _bound(opset: int) -> type[DynamicLstmLowering]:
-    """The lowering for a graph of ``opset`` (ReduceMin/Max take their axes as an input
-    from opset 18)."""
-
-    class Bound(DynamicLstmLowering):
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
-            self.opset = opset
-
-    return Bound
-
-
 @register_pass("lower-dynamic-lstm")
 class LowerDynamicLstm(Pass[LowerDynamicLstmOptions]):
     """Unroll com.microsoft DynamicQuantizeLSTM ops into per-step cells quantized as
@@ -174,10 +166,16 @@ class LowerDynamicLstm(Pass[LowerDynamicLstmOptions]):
         second layer has a static input shape only once the first is lowered (shape
         inference does not know the contrib op)."""
         total = PassResult()
-        lowering = _bound(ctx.opset_of(graph))
         while True:
             result = lower_ops(
-                graph, ctx, self.options, OP, lowering, LSTM_ACTIVATIONS, _refusal, (DOMAIN,)
+                graph,
+                ctx,
+                self.options,
+                OP,
+                DynamicLstmLowering,
+                LSTM_ACTIVATIONS,
+                _refusal,
+                (DOMAIN,),
             )
             for key, amount in result.counts.items():
                 total.count(key, amount)

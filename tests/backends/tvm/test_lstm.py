@@ -197,6 +197,7 @@ def test_a_dynamically_quantized_lstm_compiles_as_onnxruntime_runs_it(
         tmp_path / "dynamic.onnx",
         weight_type=QuantType.QInt8,
         per_channel=per_channel,
+        reduce_range=True,  # no int16 saturation in onnxruntime's AVX2 kernel (see passes)
     )
     model = onnx.load(tmp_path / "dynamic.onnx")
     assert "DynamicQuantizeLSTM" in {n.op_type for n in model.graph.node}
