@@ -135,10 +135,16 @@ def session_threads() -> int:
 
 class Runner:
     """An onnxruntime session over a ModelProto: graph optimizations off, or with
-    ``optimized`` at onnxruntime's default level, as users run it (QDQ on integer kernels)."""
+    ``optimized`` at onnxruntime's default level, as users run it (QDQ on integer kernels).
+    ``exact_int8`` asks for its exact u8 x u8 kernels where the default ones sum u8 x s8 pairs
+    in int16 (x86 without VNNI: ``session.x64quantprecision``)."""
 
-    def __init__(self, model: onnx.ModelProto, optimized: bool = False) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, optimized: bool = False, exact_int8: bool = False
+    ) -> None:
         options = ort.SessionOptions()
+        if exact_int8:
+            options.add_session_config_entry("session.x64quantprecision", "1")
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             if optimized
@@ -174,7 +180,7 @@ def verification_inputs(
 
 
 def verification_runner(
-    model: onnx.ModelProto, optimized: bool = False
+    model: onnx.ModelProto, optimized: bool = False, exact_int8: bool = False
 ) -> Runner | PartitionedRunner:
     """A Runner, or for very large graphs a PartitionedRunner with the same outputs.
 
@@ -183,10 +189,24 @@ def verification_runner(
     """
     if len(model.graph.node) > 2 * CHUNK_NODES and not sizing.too_large_to_serialize(model):
         try:
-            return PartitionedRunner(model, lambda m: Runner(m, optimized), chunk_nodes=CHUNK_NODES)
+            return PartitionedRunner(
+                model, lambda m: Runner(m, optimized, exact_int8), chunk_nodes=CHUNK_NODES
+            )
         except NotPartitionable as exc:
             logger.debug("running the model in one session: %s", exc)
-    return Runner(model, optimized)
+    return Runner(model, optimized, exact_int8)
+
+
+def exact_int8_outputs(model: onnx.ModelProto, feeds: list[Batch]) -> list[list[np.ndarray]]:
+    """The model's outputs as users run it, on onnxruntime's exact int8 kernels where this
+    CPU's default ones saturate int16 pair sums. Some models cannot load that way (its u8
+    weights leave QGemm with no kernel): those run on the default kernels."""
+    try:
+        runner = verification_runner(model, True, exact_int8=True)
+    except Exception as exc:
+        logger.info("exact int8 kernels refused (%s): default kernels", _first_line(exc))
+        runner = verification_runner(model, True)
+    return run_all(runner, feeds)
 
 
 def reference_outputs(
