@@ -9,6 +9,11 @@ the layers of levels <= L and the tensors of earlier segments, and returns what 
 segments, layers and the graph's outputs read. So each node runs once per call, however
 deep the model (a whole-graph run per level made a 50-layer chain 50 times slower).
 Segments are built on the first call, with the dtypes of the values they receive.
+
+``exact_int8_runner``: onnxruntime itself on exact int8 kernels, where this CPU's default
+ones sum u8 x s8 pairs in int16 with saturation (x86 without VNNI): what VNNI, ARM and
+compiled TVM code compute for its integer-kernel ops (``INTEGER_KERNEL_OPS``), which run on
+those kernels whatever the optimization level, unlike QDQ groups.
 """
 
 from __future__ import annotations
@@ -23,11 +28,61 @@ from onnx import helper, numpy_helper
 
 from onnxpress.core.int8_emulation import Batch, layer_output
 from onnxpress.core.int8_layers import IntegerLayer, integer_layers
+from onnxpress.core.partition import PartitionedRunner
 from onnxpress.core.targets import Arithmetic
 from onnxpress.core.task_metric import as_array
-from onnxpress.core.verify import session_threads
+from onnxpress.core.verify import Runner, session_threads, verification_runner
 
 logger = logging.getLogger(__name__)
+
+INTEGER_KERNEL_OPS = frozenset(
+    (
+        *("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "QGemm"),
+        *("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "DynamicQuantizeLSTM", "QAttention"),
+    )
+)
+
+
+def exact_int8_runner(model: onnx.ModelProto) -> Runner | PartitionedRunner:
+    """The model as users run it, on onnxruntime's exact u8 x u8 kernels where this CPU's
+    default u8 x s8 ones saturate (``session.x64quantprecision``: applied by a graph rewrite,
+    so only with the optimizations on). That rewrite fails on an 8-bit initializer two
+    integer ops share (a zero point deduplicated by cleanup), so each gets its own copy. A
+    model that still cannot load that way (u8 weights leave QGemm with no kernel) runs on the
+    default kernels."""
+    try:
+        return verification_runner(_unshared_bytes(model), True, exact_int8=True)
+    except Exception as exc:
+        logger.info("exact int8 kernels refused (%s): default kernels", str(exc).split("\n")[0])
+        return verification_runner(model, True)
+
+
+def _unshared_bytes(model: onnx.ModelProto) -> onnx.ModelProto:
+    eight_bit = {
+        t.name
+        for t in model.graph.initializer
+        if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    }
+    seen: dict[str, int] = {}
+    copies: list[tuple[int, int, str]] = []  # node index, input index, shared initializer
+    for index, node in enumerate(model.graph.node):
+        for slot, name in enumerate(node.input):
+            if name in eight_bit and node.op_type in INTEGER_KERNEL_OPS:
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] > 1:
+                    copies.append((index, slot, name))
+    if not copies:
+        return model
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    for k, (index, slot, name) in enumerate(copies):
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = f"{name}_onnxpress_exact_{k}"
+        result.graph.initializer.append(copy)
+        result.graph.node[index].input[slot] = copy.name
+    return result
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:

@@ -23,6 +23,7 @@ import onnx
 from onnxpress.core import sizing
 from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.context import PassContext, StatisticsStore
+from onnxpress.core.emulated_runner import exact_int8_runner
 from onnxpress.core.errors import OnnxpressError, PassError, PipelineError, VerificationError
 from onnxpress.core.int8_layers import integer_layers
 from onnxpress.core.ir import copy_model, detach_removed_nodes, to_graph, to_model
@@ -39,7 +40,6 @@ from onnxpress.core.verify import (
     check_structure,
     compare_lossless,
     compare_metric,
-    exact_int8_outputs,
     reference_outputs,
     run_all,
     verification_inputs,
@@ -200,7 +200,7 @@ class PassManager:
                         # CPU whose int8 kernels saturate, each format may get other kernels
                         if pass_.runs_optimized and host_target().saturates:
                             baseline, checked = (
-                                exact_int8_outputs(m, feeds) for m in (before, current)
+                                run_all(exact_int8_runner(m), feeds) for m in (before, current)
                             )
                         else:
                             baseline = run_all(verification_runner(before, True), feeds)
@@ -216,7 +216,9 @@ class PassManager:
                         if self.verify.budget is not None
                         else pass_.default_budget
                     )
-                    cmp = compare_metric(output_names, reference, outputs, metric, budget)
+                    exact = pass_.exact_int8 and host_target().saturates
+                    expected = run_all(exact_int8_runner(original), feeds) if exact else reference
+                    cmp = compare_metric(output_names, expected, outputs, metric, budget)
                 outcome = VerifyOutcome(level, cmp.metric, cmp.value, cmp.limit, cmp.output)
                 hint = f"; {pass_.recovery_hint}" if pass_.recovery_hint else ""
                 # an unchanged model keeps its targets' verdict, unless this CPU cannot judge it

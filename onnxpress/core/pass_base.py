@@ -74,6 +74,9 @@ class Pass(Generic[OptionsT]):
       * ``preserves``: analysis classes whose cached results remain valid after the pass;
       * ``runs_optimized``: a lossless pass exact only as users run the model (onnxruntime's
         graph optimizations on): it and every pass after it are verified that way;
+      * ``exact_int8``: a lossy pass that computes onnxruntime's integer kernels with exact
+        sums: where this CPU's default kernels saturate int16 pairs, it is judged against
+        onnxruntime's exact kernels (``core.emulated_runner.exact_int8_runner``);
     and implement ``run``. The first line of the class docstring is the pass description.
     """
 
@@ -85,6 +88,7 @@ class Pass(Generic[OptionsT]):
     recovery_hint: ClassVar[str] = ""  # what to try when the result misses its budget
     preserves: ClassVar[tuple[type, ...]] = ()
     runs_optimized: ClassVar[bool] = False
+    exact_int8: ClassVar[bool] = False
 
     def __init__(self, options: OptionsT | None = None) -> None:
         self.options: OptionsT = options if options is not None else self.options_type()

@@ -197,18 +197,6 @@ def verification_runner(
     return Runner(model, optimized, exact_int8)
 
 
-def exact_int8_outputs(model: onnx.ModelProto, feeds: list[Batch]) -> list[list[np.ndarray]]:
-    """The model's outputs as users run it, on onnxruntime's exact int8 kernels where this
-    CPU's default ones saturate int16 pair sums. Some models cannot load that way (its u8
-    weights leave QGemm with no kernel): those run on the default kernels."""
-    try:
-        runner = verification_runner(model, True, exact_int8=True)
-    except Exception as exc:
-        logger.info("exact int8 kernels refused (%s): default kernels", _first_line(exc))
-        runner = verification_runner(model, True)
-    return run_all(runner, feeds)
-
-
 def reference_outputs(
     model: onnx.ModelProto,
     feeds: list[Batch],
