@@ -139,8 +139,9 @@ class Converter:
         self, b: gs.Tensor, x_scale: gs.Tensor, w_scale: gs.Tensor, factor: float
     ) -> gs.Tensor:
         """An int32 bias at scale x_scale * w_scale (* factor), zero point 0, dequantized."""
-        scale = (_constant(x_scale, "scale") * _constant(w_scale, "scale") * factor).astype(
-            np.float32
+        # asarray: the product of two 0-d arrays is a numpy scalar, which gs.Constant refuses
+        scale = np.asarray(
+            _constant(x_scale, "scale") * _constant(w_scale, "scale") * factor, np.float32
         )
         scale = scale.reshape(-1) if scale.size > 1 else scale.reshape(())
         zero = np.zeros(scale.shape, np.int32)

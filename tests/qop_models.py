@@ -47,9 +47,9 @@ def float_net(opset: int = 17) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def qoperator_net(folder: Path, opset: int = 17) -> onnx.ModelProto:
+def qoperator_net(folder: Path, opset: int = 17, per_channel: bool = True) -> onnx.ModelProto:
     """float_net quantized by onnxruntime: QLinearConv, QLinearAdd, QLinearGlobalAveragePool
-    and QGemm, a MaxPool on the uint8 bytes, per-channel int8 weights, uint8 activations."""
+    and QGemm, a MaxPool on the 8-bit bytes, int8 weights (per channel by default)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     rng = np.random.default_rng(1)
@@ -64,5 +64,7 @@ def qoperator_net(folder: Path, opset: int = 17) -> onnx.ModelProto:
 
     source, target = folder / "float.onnx", folder / "qop.onnx"
     onnx.save(float_net(opset), source)
-    quantize_static(source, target, Batches(), quant_format=QuantFormat.QOperator, per_channel=True)
+    quantize_static(
+        source, target, Batches(), quant_format=QuantFormat.QOperator, per_channel=per_channel
+    )
     return onnx.load(target)

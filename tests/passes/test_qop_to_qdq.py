@@ -69,6 +69,17 @@ def test_quantized_operators_become_qdq_groups_with_identical_outputs(tmp_path: 
     assert [o.name for o in converted.graph.output] == ["y"]
 
 
+def test_per_tensor_weights_convert(tmp_path: Path) -> None:
+    """A QLinearConv with one weight scale: its bias scale (x_scale * w_scale) came out a numpy
+    scalar, which onnx-graphsurgeon refused, and the pass failed on every such model."""
+    model = qoperator_net(tmp_path, per_channel=False)
+    converted, report = onnxpress.optimize(model, passes="qop-to-qdq")  # verified
+    assert report.passes[0].result.counts["QLinearConv"] == 2
+    x = np.random.default_rng(5).normal(size=SHAPE).astype(np.float32)
+    exact = host_target().saturates  # as in the first test
+    np.testing.assert_array_equal(run(converted, x, exact_int8=exact), run(model, x))
+
+
 def test_where_int8_kernels_saturate_the_check_runs_onnxruntimes_exact_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
