@@ -23,7 +23,7 @@ import onnx
 from onnxpress.core import sizing
 from onnxpress.core.calibration_data import CalibrationData
 from onnxpress.core.context import PassContext, StatisticsStore
-from onnxpress.core.emulated_runner import exact_int8_runner
+from onnxpress.core.emulated_runner import exact_int8_runner, exact_spread
 from onnxpress.core.errors import OnnxpressError, PassError, PipelineError, VerificationError
 from onnxpress.core.int8_layers import integer_layers
 from onnxpress.core.ir import copy_model, detach_removed_nodes, to_graph, to_model
@@ -193,20 +193,21 @@ class PassManager:
                     ) from exc
                 if pass_.lossless:
                     baseline = previous if as_users_run else reference
-                    checked = outputs
+                    checked, spread = outputs, 0.0
                     if optimized and not (as_users_run or unchanged):
                         # a runs_optimized pass: its input as users run it too (a QDQ input
-                        # run unoptimized is float fake-quant, a step away in places); on a
-                        # CPU whose int8 kernels saturate, each format may get other kernels
-                        if pass_.runs_optimized and host_target().saturates:
+                        # run unoptimized is float fake-quant, a step away in places); where
+                        # int8 kernels saturate, each format may get other kernels; and two
+                        # integer implementations may round ties apart (exact_spread)
+                        if host_target().saturates:
                             baseline, checked = (
                                 run_all(exact_int8_runner(m), feeds) for m in (before, current)
                             )
                         else:
                             baseline = run_all(verification_runner(before, True), feeds)
-                    cmp = compare_lossless(
-                        output_names, baseline, checked, self.verify.tolerance, compute
-                    )
+                        spread = exact_spread(current, feeds, baseline)
+                    tolerance = self.verify.tolerance + spread
+                    cmp = compare_lossless(output_names, baseline, checked, tolerance, compute)
                     as_users_run |= pass_.runs_optimized and not unchanged
                 else:
                     as_users_run = True
