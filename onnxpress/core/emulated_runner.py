@@ -63,10 +63,11 @@ def exact_spread(
     """The largest max-rel distance, over feeds and float outputs, between ``outputs``
     (onnxruntime's run of a model) and the exact integer result of the QDQ ``model``
     (``EmulatedRunner``, exact int32 sums); 0 where it has no integer layers or the emulation
-    cannot run it. A format conversion (qop-to-qdq) is held within this beyond its tolerance:
-    two integer implementations of one model round requantization ties apart (onnxruntime's
-    QOperator and QDQ runs of a per-tensor int8 resnet18 stem differ by one level in 3 of
-    802,816 values, and the exact result is a level from both)."""
+    cannot run it. A format conversion (qop-to-qdq) that its tolerance alone refuses is held
+    within this beyond it (computed only then): two integer implementations of one model
+    round requantization ties apart (onnxruntime's QOperator and QDQ runs of a per-tensor
+    int8 resnet18 stem differ by one level in 3 of 802,816 values, and the exact result is a
+    level from both)."""
     try:
         runner = EmulatedRunner(model, EXACT)
         if not runner.layers:
